@@ -1,0 +1,512 @@
+//! Building a zTOC from a layer stream in one pass.
+//!
+//! The layer is read once, front to back, through a decoder that also records checkpoints and
+//! hashes compressed spans; the tar headers are read from the decoder's output and file data is
+//! skipped without copying. Memory is bounded by the decoder buffers plus the zTOC itself;
+//! nothing is written to disk.
+
+use std::io::{BufRead, BufReader, Read};
+
+use sha2::{Digest, Sha256};
+
+use crate::entry::{Entry, EntryKind, clean_path, go_time_text};
+use crate::gotar::{Header, TarReader};
+use crate::inflate::{self, Flush, Inflater};
+use crate::zinfo::{Compression, GzipBlobWriter, WINDOW_SIZE, tar_blob, zstd_blob};
+use crate::ztoc::{DEFAULT_SPAN_SIZE, Parts, SOCI_BUILD_TOOL_IDENTIFIER, Ztoc, digest_string};
+use crate::{Error, Result};
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Target uncompressed distance between checkpoints.
+    pub span_size: u64,
+    /// Stored in the zTOC; soci's default gives byte-identical output to soci.
+    pub build_tool_identifier: String,
+    /// `None` detects gzip and zstd by their magic bytes, else plain tar.
+    pub compression: Option<Compression>,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            span_size: DEFAULT_SPAN_SIZE,
+            build_tool_identifier: SOCI_BUILD_TOOL_IDENTIFIER.to_owned(),
+            compression: None,
+        }
+    }
+}
+
+const INPUT_CHUNK: usize = 128 * 1024;
+const OUTPUT_CHUNK: usize = 256 * 1024;
+
+/// Build a zTOC from a layer blob read front to back.
+pub fn build<R: Read>(layer: R, options: &BuildOptions) -> Result<Ztoc> {
+    if options.span_size == 0 || options.span_size > i64::MAX as u64 {
+        return Err(Error::InvalidSpanSize(options.span_size));
+    }
+    let mut layer = BufReader::with_capacity(INPUT_CHUNK, layer);
+    let compression = match options.compression {
+        Some(c) => c,
+        None => detect(layer.fill_buf()?),
+    };
+    let (entries, uncompressed_archive_size, encoded) = match compression {
+        Compression::Gzip => read_toc(GzipIndexer::new(layer, options.span_size)?)?,
+        Compression::Zstd => read_toc(ZstdIndexer::new(layer, options.span_size)?)?,
+        Compression::Uncompressed => read_toc(PlainIndexer::new(layer, options.span_size))?,
+    };
+    if encoded.compressed_size == 0 {
+        return Err(Error::EmptyLayer);
+    }
+    Ztoc::from_parts(Parts {
+        build_tool_identifier: options.build_tool_identifier.clone(),
+        compressed_archive_size: encoded.compressed_size,
+        uncompressed_archive_size,
+        entries,
+        compression,
+        span_digests: encoded.span_digests,
+        checkpoints: encoded.checkpoints,
+    })
+}
+
+/// Guess the encoding from the first bytes of a layer.
+pub fn detect(head: &[u8]) -> Compression {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        || (head.len() >= 4 && u32::from_le_bytes([head[0], head[1], head[2], head[3]]) & 0xffff_fff0 == 0x184d_2a50)
+    {
+        Compression::Zstd
+    } else {
+        Compression::Uncompressed
+    }
+}
+
+/// What a decoder knows once the whole blob has been read.
+struct Encoded {
+    compressed_size: u64,
+    span_digests: Vec<String>,
+    checkpoints: Vec<u8>,
+}
+
+/// A decoder that indexes as it goes.
+trait Indexer: BufRead {
+    /// Read the rest of the blob and return the checkpoints and span digests.
+    fn finish(self) -> Result<Encoded>;
+}
+
+fn read_toc<I: Indexer>(decoder: I) -> Result<(Vec<Entry>, u64, Encoded)> {
+    let mut tar = TarReader::new(decoder);
+    let mut entries = Vec::new();
+    while let Some(hdr) = tar.next_header()? {
+        entries.push(entry_from_header(hdr)?);
+    }
+    let size = tar.position();
+    let mut decoder = tar.into_inner();
+    // The checkpoints cover the whole stream, including padding after the end-of-archive marker.
+    loop {
+        let n = decoder.fill_buf()?.len();
+        if n == 0 {
+            break;
+        }
+        decoder.consume(n);
+    }
+    Ok((entries, size, decoder.finish()?))
+}
+
+fn entry_from_header(hdr: Header) -> Result<Entry> {
+    let name_str = || String::from_utf8_lossy(&hdr.name).into_owned();
+    let unsupported = |kind: String| Error::UnsupportedEntry { name: name_str(), kind, offset: hdr.data_offset };
+    if hdr.pax.keys().any(|k| k.starts_with(b"GNU.sparse.")) {
+        return Err(unsupported("GNU sparse file".into()));
+    }
+    let kind = EntryKind::from_typeflag(hdr.typeflag).ok_or_else(|| {
+        unsupported(match hdr.typeflag {
+            b'g' => "PAX global header ('g')".into(),
+            b'S' => "GNU sparse file ('S')".into(),
+            c if c.is_ascii_graphic() => format!("'{}'", c as char),
+            c => format!("0x{c:02x}"),
+        })
+    })?;
+    let unsafe_path = |name: &[u8]| Error::UnsafePath {
+        name: String::from_utf8_lossy(name).into_owned(),
+        offset: hdr.data_offset,
+    };
+    if clean_path(&hdr.name).is_none() {
+        return Err(unsafe_path(&hdr.name));
+    }
+    if kind == EntryKind::Hardlink && !matches!(clean_path(&hdr.linkname), Some(Some(_))) {
+        return Err(unsafe_path(&hdr.linkname));
+    }
+    Ok(Entry {
+        kind,
+        offset: hdr.data_offset,
+        size: hdr.size as u64,
+        mode: hdr.mode,
+        // Go converts int to uint32, wrapping.
+        uid: hdr.uid as u32,
+        gid: hdr.gid as u32,
+        mod_time: go_time_text(hdr.mtime_secs, hdr.mtime_nanos),
+        devmajor: hdr.devmajor,
+        devminor: hdr.devminor,
+        pax: hdr.pax.into_iter().collect(),
+        name: hdr.name,
+        linkname: hdr.linkname,
+        uname: hdr.uname,
+        gname: hdr.gname,
+    })
+}
+
+/// Hashes compressed spans as their bytes go by.
+#[derive(Default)]
+struct SpanHasher {
+    current: Option<Sha256>,
+    digests: Vec<String>,
+}
+
+impl SpanHasher {
+    fn update(&mut self, bytes: &[u8]) {
+        if let Some(h) = &mut self.current {
+            h.update(bytes);
+        }
+    }
+
+    /// Close the current span and open the next, which starts with `carry` (a shared byte).
+    fn next_span(&mut self, carry: &[u8]) {
+        self.close();
+        let mut h = Sha256::new();
+        h.update(carry);
+        self.current = Some(h);
+    }
+
+    fn close(&mut self) {
+        if let Some(h) = self.current.take() {
+            self.digests.push(digest_string(&h.finalize()));
+        }
+    }
+}
+
+/// Output buffer that keeps the last 32 KiB of history in front of fresh output.
+struct OutBuf {
+    buf: Vec<u8>,
+    /// Consumer position.
+    pos: usize,
+    /// End of decoded data.
+    end: usize,
+}
+
+impl OutBuf {
+    fn new() -> Self {
+        // Starts with a zero window, as zlib's zran does before any output.
+        Self { buf: vec![0; WINDOW_SIZE + OUTPUT_CHUNK], pos: WINDOW_SIZE, end: WINDOW_SIZE }
+    }
+
+    /// Make room for more output once everything has been consumed.
+    fn recycle(&mut self) {
+        debug_assert_eq!(self.pos, self.end);
+        self.buf.copy_within(self.end - WINDOW_SIZE..self.end, 0);
+        self.pos = WINDOW_SIZE;
+        self.end = WINDOW_SIZE;
+    }
+
+    fn window(&self) -> &[u8] {
+        &self.buf[self.end - WINDOW_SIZE..self.end]
+    }
+}
+
+/// Input side shared by the compressed indexers: a buffered source and running totals.
+struct Input<R> {
+    src: R,
+    /// Total compressed bytes consumed by the decoder.
+    total: u64,
+    last_byte: u8,
+}
+
+impl<R: BufRead> Input<R> {
+    /// The unconsumed input, refilled when empty (empty only at end of stream).
+    fn available(&mut self) -> Result<&[u8]> {
+        Ok(self.src.fill_buf()?)
+    }
+
+    fn consume(&mut self, n: usize, hasher: &mut SpanHasher) -> Result<()> {
+        if n > 0 {
+            let buf = self.src.fill_buf()?;
+            hasher.update(&buf[..n]);
+            self.last_byte = buf[n - 1];
+            self.src.consume(n);
+            self.total += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// gzip: inflate with `Z_BLOCK` stops and place checkpoints exactly as soci's zinfo builder.
+struct GzipIndexer<R> {
+    input: Input<R>,
+    out: OutBuf,
+    inflater: Inflater,
+    total_out: u64,
+    last_checkpoint_out: u64,
+    span_size: u64,
+    blob: GzipBlobWriter,
+    hasher: SpanHasher,
+    done: bool,
+}
+
+impl<R: BufRead> GzipIndexer<R> {
+    fn new(src: R, span_size: u64) -> Result<Self> {
+        Ok(Self {
+            input: Input { src, total: 0, last_byte: 0 },
+            out: OutBuf::new(),
+            inflater: Inflater::new(inflate::GZIP_OR_ZLIB).map_err(|e| Error::Gzip { offset: 0, message: e.to_string() })?,
+            total_out: 0,
+            last_checkpoint_out: 0,
+            span_size,
+            blob: GzipBlobWriter::new(span_size),
+            hasher: SpanHasher::default(),
+            done: false,
+        })
+    }
+
+    fn gzip_error(&self, e: inflate::ZError) -> Error {
+        Error::Gzip { offset: self.input.total, message: e.to_string() }
+    }
+
+    /// Inflate until the output buffer is full or the stream ends.
+    fn decode_more(&mut self) -> Result<()> {
+        while !self.done && self.out.end < self.out.buf.len() {
+            let input = self.input.available()?;
+            if input.is_empty() {
+                return Err(Error::Truncated { offset: self.input.total });
+            }
+            let step = self
+                .inflater
+                .inflate(input, &mut self.out.buf[self.out.end..], Flush::Block)
+                .map_err(|e| Error::Gzip { offset: self.input.total, message: e.to_string() })?;
+            self.input.consume(step.consumed, &mut self.hasher)?;
+            self.out.end += step.produced;
+            self.total_out += step.produced as u64;
+            if step.stream_end {
+                // Another member follows if there is more input (pigz, mgzip, concatenation).
+                if self.input.available()?.is_empty() {
+                    self.done = true;
+                } else {
+                    self.inflater.reset(inflate::GZIP_OR_ZLIB).map_err(|e| self.gzip_error(e))?;
+                }
+                continue;
+            }
+            if step.consumed == 0 && step.produced == 0 && step.data_type & 128 == 0 {
+                return Err(Error::Gzip { offset: self.input.total, message: "no progress".into() });
+            }
+            let at_boundary = step.data_type & 128 != 0 && step.data_type & 64 == 0;
+            if at_boundary
+                && (self.total_out == 0 || self.total_out - self.last_checkpoint_out > self.span_size)
+            {
+                let bits = (step.data_type & 7) as u8;
+                self.blob.push(self.input.total, self.total_out, bits, self.out.window());
+                let carry = [self.input.last_byte];
+                self.hasher.next_span(if bits != 0 { &carry } else { &[] });
+                self.last_checkpoint_out = self.total_out;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: BufRead> Read for GzipIndexer<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for GzipIndexer<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.out.pos == self.out.end && !self.done {
+            self.out.recycle();
+            self.decode_more().map_err(std::io::Error::other)?;
+        }
+        Ok(&self.out.buf[self.out.pos..self.out.end])
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.out.pos = (self.out.pos + amt).min(self.out.end);
+    }
+}
+
+impl<R: BufRead> Indexer for GzipIndexer<R> {
+    fn finish(mut self) -> Result<Encoded> {
+        self.hasher.close();
+        Ok(Encoded {
+            compressed_size: self.input.total,
+            span_digests: self.hasher.digests,
+            checkpoints: self.blob.finish(),
+        })
+    }
+}
+
+/// zstd: checkpoints at frame boundaries at least a span apart.
+struct ZstdIndexer<R> {
+    input: Input<R>,
+    out: OutBuf,
+    decoder: zstd::stream::raw::Decoder<'static>,
+    total_out: u64,
+    last_checkpoint_out: u64,
+    span_size: u64,
+    points: Vec<(u64, u64)>,
+    frames: u64,
+    hasher: SpanHasher,
+    done: bool,
+}
+
+impl<R: BufRead> ZstdIndexer<R> {
+    fn new(src: R, span_size: u64) -> Result<Self> {
+        let mut hasher = SpanHasher::default();
+        hasher.next_span(&[]);
+        Ok(Self {
+            input: Input { src, total: 0, last_byte: 0 },
+            out: OutBuf::new(),
+            decoder: zstd::stream::raw::Decoder::new().map_err(|source| Error::Zstd { offset: 0, source })?,
+            total_out: 0,
+            last_checkpoint_out: 0,
+            span_size,
+            points: vec![(0, 0)],
+            frames: 0,
+            hasher,
+            done: false,
+        })
+    }
+
+    fn decode_more(&mut self) -> Result<()> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        while !self.done && self.out.end < self.out.buf.len() {
+            let offset = self.input.total;
+            let input = self.input.available()?;
+            if input.is_empty() {
+                return Err(Error::Truncated { offset });
+            }
+            let mut src = InBuffer::around(input);
+            let mut dst = OutBuffer::around(&mut self.out.buf[self.out.end..]);
+            let hint = self
+                .decoder
+                .run(&mut src, &mut dst)
+                .map_err(|source| Error::Zstd { offset, source })?;
+            let (consumed, produced) = (src.pos(), dst.pos());
+            self.input.consume(consumed, &mut self.hasher)?;
+            self.out.end += produced;
+            self.total_out += produced as u64;
+            if hint == 0 {
+                // A frame ended here; the next one (if any) can be decoded from this point.
+                self.frames += 1;
+                if self.input.available()?.is_empty() {
+                    self.done = true;
+                } else if self.total_out - self.last_checkpoint_out > self.span_size {
+                    self.points.push((self.input.total, self.total_out));
+                    self.hasher.next_span(&[]);
+                    self.last_checkpoint_out = self.total_out;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: BufRead> Read for ZstdIndexer<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for ZstdIndexer<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.out.pos == self.out.end && !self.done {
+            self.out.recycle();
+            self.decode_more().map_err(std::io::Error::other)?;
+        }
+        Ok(&self.out.buf[self.out.pos..self.out.end])
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.out.pos = (self.out.pos + amt).min(self.out.end);
+    }
+}
+
+impl<R: BufRead> Indexer for ZstdIndexer<R> {
+    fn finish(mut self) -> Result<Encoded> {
+        if self.frames <= 1 {
+            return Err(Error::ZstdNotSeekable);
+        }
+        self.hasher.close();
+        Ok(Encoded {
+            compressed_size: self.input.total,
+            span_digests: self.hasher.digests,
+            checkpoints: zstd_blob(self.span_size, &self.points),
+        })
+    }
+}
+
+/// Plain tar: fixed spans over the raw bytes.
+struct PlainIndexer<R> {
+    src: R,
+    span_size: u64,
+    total: u64,
+    hasher: SpanHasher,
+}
+
+impl<R: BufRead> PlainIndexer<R> {
+    fn new(src: R, span_size: u64) -> Self {
+        Self { src, span_size, total: 0, hasher: SpanHasher::default() }
+    }
+}
+
+impl<R: BufRead> Read for PlainIndexer<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for PlainIndexer<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.src.fill_buf()
+    }
+
+    fn consume(&mut self, amt: usize) {
+        // Hash what is consumed, cutting spans at multiples of the span size.
+        let Ok(buf) = self.src.fill_buf() else { return };
+        let mut rest = &buf[..amt.min(buf.len())];
+        let consumed = rest.len();
+        while !rest.is_empty() {
+            if self.total % self.span_size == 0 {
+                self.hasher.next_span(&[]);
+            }
+            let room = self.span_size - self.total % self.span_size;
+            let take = rest.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+            self.hasher.update(&rest[..take]);
+            self.total += take as u64;
+            rest = &rest[take..];
+        }
+        self.src.consume(consumed);
+    }
+}
+
+impl<R: BufRead> Indexer for PlainIndexer<R> {
+    fn finish(mut self) -> Result<Encoded> {
+        self.hasher.close();
+        Ok(Encoded {
+            compressed_size: self.total,
+            span_digests: self.hasher.digests,
+            checkpoints: tar_blob(self.span_size, self.total),
+        })
+    }
+}

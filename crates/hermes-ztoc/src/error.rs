@@ -1,0 +1,171 @@
+//! The crate's one error type.
+
+use std::io;
+
+/// Everything that can go wrong building, parsing or reading through a zTOC.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading the layer stream failed.
+    #[error("reading the layer failed")]
+    Io(#[from] io::Error),
+
+    /// The layer ended before its compressed stream did.
+    #[error("layer is truncated: the compressed stream ends early at compressed offset {offset}")]
+    Truncated {
+        /// Compressed bytes read when the input ran out.
+        offset: u64,
+    },
+
+    /// zlib rejected the gzip stream.
+    #[error("gzip stream is corrupt near compressed offset {offset}: {message}")]
+    Gzip {
+        /// Compressed offset where decoding failed.
+        offset: u64,
+        /// zlib's description.
+        message: String,
+    },
+
+    /// The zstd decoder rejected the stream.
+    #[error("zstd stream is corrupt near compressed offset {offset}")]
+    Zstd {
+        /// Compressed offset where decoding failed.
+        offset: u64,
+        /// The decoder's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A zstd layer with a single frame can only be decoded from its start.
+    #[error(
+        "zstd layer is a single frame and is not seekable: it cannot be loaded lazily and must be pulled normally"
+    )]
+    ZstdNotSeekable,
+
+    /// A tar header failed to parse.
+    #[error("invalid tar header at uncompressed offset {offset}: {what}")]
+    TarHeader {
+        /// Offset of the 512-byte header block.
+        offset: u64,
+        /// What was wrong with it.
+        what: &'static str,
+    },
+
+    /// The tar stream ended inside an entry.
+    #[error("tar stream is truncated at uncompressed offset {offset}")]
+    TarTruncated {
+        /// Uncompressed bytes read when the stream ended.
+        offset: u64,
+    },
+
+    /// A tar entry of a type SOCI cannot describe (e.g. PAX global header, GNU sparse file).
+    #[error("tar entry {name:?} at uncompressed offset {offset} has unsupported type {kind}")]
+    UnsupportedEntry {
+        /// The entry's name.
+        name: String,
+        /// The type flag or format feature.
+        kind: String,
+        /// Offset of its data.
+        offset: u64,
+    },
+
+    /// A tar entry (or hardlink target) that is absolute or escapes the layer root through `..`.
+    #[error("tar entry {name:?} at uncompressed offset {offset} escapes the layer root; refusing the layer")]
+    UnsafePath {
+        /// The offending name or link target.
+        name: String,
+        /// Offset of the entry's data.
+        offset: u64,
+    },
+
+    /// The build options are unusable.
+    #[error("invalid span size {0}: it must be at least 1 byte")]
+    InvalidSpanSize(u64),
+
+    /// The layer has no bytes at all.
+    #[error("layer is empty")]
+    EmptyLayer,
+
+    /// A zTOC (or checkpoint blob) is not a well-formed buffer.
+    #[error("zTOC is malformed at byte {at}: bad {what}")]
+    Malformed {
+        /// Byte position of the bad structure.
+        at: usize,
+        /// Which structure.
+        what: &'static str,
+    },
+
+    /// A well-formed zTOC whose fields contradict each other.
+    #[error("zTOC is invalid: {what} (item {index})")]
+    Invalid {
+        /// What is inconsistent.
+        what: &'static str,
+        /// Entry, span or checkpoint number concerned.
+        index: u64,
+    },
+
+    /// The zTOC's compression algorithm is one Hermes cannot decode.
+    #[error("zTOC uses unknown compression algorithm {0}")]
+    UnknownCompression(i8),
+
+    /// A span's compressed bytes do not match the zTOC's digest.
+    #[error("span {span} failed verification: expected {expected}, got {actual}")]
+    SpanDigestMismatch {
+        /// The span.
+        span: u32,
+        /// Digest in the zTOC.
+        expected: String,
+        /// Digest of the bytes read.
+        actual: String,
+    },
+
+    /// Reading a compressed byte range from the layer failed.
+    #[error("reading compressed bytes {offset}..{end} of the layer failed", end = offset + len)]
+    RangeRead {
+        /// First byte.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The reader's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A span decoded to fewer bytes than the zTOC says it holds.
+    #[error("span {span} is corrupt: {message}")]
+    SpanDecode {
+        /// The span.
+        span: u32,
+        /// The decoder's description.
+        message: String,
+    },
+
+    /// A requested uncompressed range lies outside the layer or file.
+    #[error("range {start}..{end} is outside the {what} ({size} bytes)")]
+    OutOfRange {
+        /// Start of the request.
+        start: u64,
+        /// End of the request.
+        end: u64,
+        /// Size of what was addressed.
+        size: u64,
+        /// What was addressed.
+        what: &'static str,
+    },
+
+    /// No entry with that path.
+    #[error("no entry {0:?} in the layer")]
+    NotFound(String),
+
+    /// The path is not something with file contents.
+    #[error("{path:?} is a {kind}, not a regular file")]
+    NotAFile {
+        /// The path asked for.
+        path: String,
+        /// What it is.
+        kind: &'static str,
+    },
+}
+
+/// Shorthand for this crate's results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,30 @@
+//! SOCI-compatible zTOCs for unmodified image layers.
+//!
+//! A zTOC is a table of contents of a tar layer plus checkpoints into its compressed stream, so
+//! that any file can be read by fetching and decoding only a few compressed byte ranges. This
+//! crate:
+//! - builds a zTOC from a layer stream in one pass ([`build`]): gzip (checkpoints with 32 KiB
+//!   windows at deflate block boundaries), plain tar, and multi-frame zstd (a Hermes extension);
+//! - serializes and parses zTOCs byte-for-byte as soci-snapshotter does ([`Ztoc::to_bytes`],
+//!   [`Ztoc::from_bytes`]); parsing untrusted bytes never panics;
+//! - plans and performs random reads through a [`RangeReader`], verifying every span against the
+//!   zTOC's digest before decoding it ([`Ztoc::plan`], [`Ztoc::read_planned`], [`Ztoc::extract`]).
+//!
+//! It is pure: `std::io` traits only, no async, no network, no files except through the caller.
+
+mod build;
+mod entry;
+mod error;
+mod extract;
+mod fbread;
+mod gotar;
+mod inflate;
+mod zinfo;
+mod ztoc;
+
+pub use build::{BuildOptions, build, detect};
+pub use entry::{Entry, EntryKind, XATTR_PAX_PREFIX, clean_path};
+pub use error::{Error, Result};
+pub use extract::{CountingReader, RangeReader, ReadPlan};
+pub use zinfo::{Compression, WINDOW_SIZE};
+pub use ztoc::{DEFAULT_SPAN_SIZE, SOCI_BUILD_TOOL_IDENTIFIER, Span, SpanId, ZTOC_VERSION, Ztoc};

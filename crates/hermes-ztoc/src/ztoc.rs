@@ -1,0 +1,403 @@
+//! The zTOC: SOCI's flatbuffer (spec §1), its validation, and its span geometry.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use flatbuffers::{FlatBufferBuilder, WIPOffset};
+
+use crate::entry::{Entry, EntryKind};
+use crate::fbread::Table;
+use crate::zinfo::{Compression, Zinfo};
+use crate::{Error, Result};
+
+/// The only zTOC version soci writes and reads.
+pub const ZTOC_VERSION: &str = "0.9";
+/// soci's default build tool identifier; use it to get byte-identical zTOCs.
+pub const SOCI_BUILD_TOOL_IDENTIFIER: &str = "AWS SOCI CLI v0.2";
+/// Default span size (4 MiB), as soci.
+pub const DEFAULT_SPAN_SIZE: u64 = 4 << 20;
+
+/// Index of a span: `0..=max_span_id`.
+pub type SpanId = u32;
+
+/// A contiguous piece of the layer that can be decoded on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    /// Which span.
+    pub id: SpanId,
+    /// Its bytes in the layer blob.
+    pub compressed: Range<u64>,
+    /// The tar bytes it decodes to.
+    pub uncompressed: Range<u64>,
+}
+
+/// A table of contents of one layer plus what is needed to decode any span of it.
+#[derive(Debug, Clone)]
+pub struct Ztoc {
+    version: String,
+    build_tool_identifier: String,
+    compressed_archive_size: u64,
+    uncompressed_archive_size: u64,
+    entries: Vec<Entry>,
+    compression: Compression,
+    span_digests: Vec<String>,
+    checkpoints: Vec<u8>,
+    zinfo: Zinfo,
+}
+
+/// The parts a builder hands over; [`Ztoc::from_parts`] validates them.
+#[derive(Debug)]
+pub(crate) struct Parts {
+    pub build_tool_identifier: String,
+    pub compressed_archive_size: u64,
+    pub uncompressed_archive_size: u64,
+    pub entries: Vec<Entry>,
+    pub compression: Compression,
+    pub span_digests: Vec<String>,
+    pub checkpoints: Vec<u8>,
+}
+
+// Flatbuffer vtable slots: 4 + 2 * field id.
+mod slot {
+    pub const ZTOC_VERSION: u16 = 4;
+    pub const ZTOC_BTI: u16 = 6;
+    pub const ZTOC_CSIZE: u16 = 8;
+    pub const ZTOC_USIZE: u16 = 10;
+    pub const ZTOC_TOC: u16 = 12;
+    pub const ZTOC_CINFO: u16 = 14;
+    pub const TOC_METADATA: u16 = 4;
+    pub const CI_ALGORITHM: u16 = 4;
+    pub const CI_MAX_SPAN: u16 = 6;
+    pub const CI_DIGESTS: u16 = 8;
+    pub const CI_CHECKPOINTS: u16 = 10;
+    pub const XATTR_KEY: u16 = 4;
+    pub const XATTR_VALUE: u16 = 6;
+}
+
+impl Ztoc {
+    pub(crate) fn from_parts(parts: Parts) -> Result<Self> {
+        let zinfo = Zinfo::parse(parts.compression, &parts.checkpoints)?;
+        let ztoc = Self {
+            version: ZTOC_VERSION.to_owned(),
+            build_tool_identifier: parts.build_tool_identifier,
+            compressed_archive_size: parts.compressed_archive_size,
+            uncompressed_archive_size: parts.uncompressed_archive_size,
+            entries: parts.entries,
+            compression: parts.compression,
+            span_digests: parts.span_digests,
+            checkpoints: parts.checkpoints,
+            zinfo,
+        };
+        ztoc.validate()?;
+        Ok(ztoc)
+    }
+
+    /// The zTOC format version (`"0.9"`).
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+    /// Who built it.
+    pub fn build_tool_identifier(&self) -> &str {
+        &self.build_tool_identifier
+    }
+    /// Size of the layer blob.
+    pub fn compressed_archive_size(&self) -> u64 {
+        self.compressed_archive_size
+    }
+    /// Size of the tar stream up to and including its end-of-archive marker.
+    pub fn uncompressed_archive_size(&self) -> u64 {
+        self.uncompressed_archive_size
+    }
+    /// Tar entries in archive order.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+    /// How the layer is compressed.
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+    /// Span size the zTOC was built with.
+    pub fn span_size(&self) -> u64 {
+        self.zinfo.span_size()
+    }
+    /// Number of spans (`max_span_id + 1`).
+    pub fn span_count(&self) -> u32 {
+        self.zinfo.span_count() as u32
+    }
+    /// `sha256:<hex>` of each span's compressed bytes.
+    pub fn span_digests(&self) -> &[String] {
+        &self.span_digests
+    }
+    /// The raw checkpoint blob.
+    pub fn checkpoints(&self) -> &[u8] {
+        &self.checkpoints
+    }
+
+    /// Span `id`'s compressed and uncompressed ranges.
+    pub fn span(&self, id: SpanId) -> Option<Span> {
+        let i = u64::from(id);
+        (i < self.zinfo.span_count()).then(|| Span {
+            id,
+            compressed: self.zinfo.compressed_range(i, self.compressed_archive_size),
+            uncompressed: self.zinfo.uncompressed_range(
+                i,
+                self.uncompressed_archive_size,
+                self.compressed_archive_size,
+            ),
+        })
+    }
+
+    /// All spans in order.
+    pub fn spans(&self) -> impl Iterator<Item = Span> + '_ {
+        (0..self.span_count()).filter_map(|id| self.span(id))
+    }
+
+    /// The span that holds uncompressed offset `off`.
+    pub fn span_of(&self, off: u64) -> SpanId {
+        self.zinfo.span_of(off) as SpanId
+    }
+
+    pub(crate) fn zinfo(&self) -> &Zinfo {
+        &self.zinfo
+    }
+
+    /// The gzip history window checkpoint `id` resumes with (`None`: all zeros).
+    pub(crate) fn window(&self, id: SpanId) -> Option<&[u8]> {
+        let at = self.zinfo.point(u64::from(id)).window?;
+        self.checkpoints.get(at..at + crate::zinfo::WINDOW_SIZE)
+    }
+
+    /// Map of cleaned path → entry index; later entries win, as when unpacking.
+    pub fn path_index(&self) -> Result<HashMap<Vec<u8>, usize>> {
+        let mut index = HashMap::with_capacity(self.entries.len());
+        for (i, e) in self.entries.iter().enumerate() {
+            if let Some(path) = e.path()? {
+                index.insert(path, i);
+            }
+        }
+        Ok(index)
+    }
+
+    /// Check everything a reader relies on (spec §1.2, §5.3 and bounds).
+    fn validate(&self) -> Result<()> {
+        if self.version != ZTOC_VERSION {
+            return Err(Error::Invalid { what: "unsupported zTOC version", index: 0 });
+        }
+        self.zinfo.validate(self.compressed_archive_size)?;
+        if self.span_digests.len() as u64 != self.zinfo.span_count() {
+            return Err(Error::Invalid {
+                what: "span digest count differs from the span count",
+                index: self.span_digests.len() as u64,
+            });
+        }
+        for (i, d) in self.span_digests.iter().enumerate() {
+            if !is_sha256_digest(d) {
+                return Err(Error::Invalid { what: "span digest is not sha256:<64 hex>", index: i as u64 });
+            }
+        }
+        if self.uncompressed_archive_size > 0 && self.compression == Compression::Uncompressed
+            && self.uncompressed_archive_size > self.compressed_archive_size
+        {
+            return Err(Error::Invalid { what: "tar larger than its blob", index: 0 });
+        }
+        // Readers derive each header offset from the previous entry's end (spec §1.2).
+        let mut order: Vec<usize> = (0..self.entries.len()).collect();
+        order.sort_by_key(|&i| self.entries[i].offset);
+        let mut next_header = 0u64;
+        for i in order {
+            let e = &self.entries[i];
+            let end = e.offset.checked_add(e.size).ok_or(Error::Invalid {
+                what: "entry size overflows",
+                index: i as u64,
+            })?;
+            if next_header > e.offset {
+                return Err(Error::Invalid { what: "entry overlaps the previous entry", index: i as u64 });
+            }
+            if e.kind.has_data() && end > self.uncompressed_archive_size {
+                return Err(Error::Invalid { what: "entry data beyond the end of the tar", index: i as u64 });
+            }
+            next_header = end.div_ceil(512) * 512;
+        }
+        Ok(())
+    }
+
+    /// Serialize exactly as soci's Go marshaler does (spec §1.3).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = FlatBufferBuilder::with_capacity(self.checkpoints.len() + 256 * self.entries.len() + 1024);
+        let version = b.create_byte_string(self.version.as_bytes());
+        let bti = b.create_byte_string(self.build_tool_identifier.as_bytes());
+
+        let mut metadata = vec![WIPOffset::new(0); self.entries.len()];
+        for (i, e) in self.entries.iter().enumerate().rev() {
+            metadata[i] = write_entry(&mut b, e);
+        }
+        let metadata = b.create_vector(&metadata);
+        let toc_start = b.start_table();
+        b.push_slot_always(slot::TOC_METADATA, metadata);
+        let toc = b.end_table(toc_start);
+
+        let checkpoints = b.create_vector(&self.checkpoints);
+        let digests: Vec<_> = self.span_digests.iter().map(|d| b.create_byte_string(d.as_bytes())).collect();
+        let digests = b.create_vector(&digests);
+        let ci_start = b.start_table();
+        b.push_slot::<i32>(slot::CI_MAX_SPAN, self.span_count() as i32 - 1, 0);
+        b.push_slot_always(slot::CI_DIGESTS, digests);
+        b.push_slot_always(slot::CI_CHECKPOINTS, checkpoints);
+        b.push_slot::<i8>(slot::CI_ALGORITHM, self.compression.to_fb(), Compression::Gzip.to_fb());
+        let ci = b.end_table(ci_start);
+
+        let root_start = b.start_table();
+        b.push_slot_always(slot::ZTOC_VERSION, version);
+        b.push_slot_always(slot::ZTOC_BTI, bti);
+        b.push_slot_always(slot::ZTOC_TOC, toc);
+        b.push_slot::<i64>(slot::ZTOC_CSIZE, self.compressed_archive_size as i64, 0);
+        b.push_slot::<i64>(slot::ZTOC_USIZE, self.uncompressed_archive_size as i64, 0);
+        b.push_slot_always(slot::ZTOC_CINFO, ci);
+        let root = b.end_table(root_start);
+        b.finish_minimal(root);
+        b.finished_data().to_vec()
+    }
+
+    /// Parse and validate a zTOC. Hostile input yields an error, never a panic; memory use is
+    /// bounded by a small multiple of the input size.
+    pub fn from_bytes(buf: &[u8]) -> Result<Self> {
+        let root = Table::root(buf)?;
+        let version = utf8(root.bytes(0, "version")?, "version")?;
+        if version != ZTOC_VERSION {
+            return Err(Error::Invalid { what: "unsupported zTOC version", index: 0 });
+        }
+        let build_tool_identifier = utf8(root.bytes(1, "build tool identifier")?, "build tool identifier")?;
+        let compressed_archive_size = non_negative(root.i64(2, 0, "compressed archive size")?, "compressed archive size")?;
+        let uncompressed_archive_size =
+            non_negative(root.i64(3, 0, "uncompressed archive size")?, "uncompressed archive size")?;
+        let entries = match root.table(4, "toc")? {
+            None => Vec::new(),
+            Some(toc) => {
+                let list = toc.vector(0, "toc metadata")?;
+                let mut entries = Vec::with_capacity(list.len());
+                for i in 0..list.len() {
+                    entries.push(read_entry(&list.table(i)?, i)?);
+                }
+                entries
+            }
+        };
+        let ci = root.table(5, "compression info")?.ok_or(Error::Invalid { what: "no compression info", index: 0 })?;
+        let compression = Compression::from_fb(ci.i8(0, Compression::Gzip.to_fb(), "compression algorithm")?)?;
+        let max_span_id = ci.i32(1, 0, "max span id")?;
+        let list = ci.vector(2, "span digests")?;
+        let mut span_digests = Vec::with_capacity(list.len());
+        for i in 0..list.len() {
+            span_digests.push(utf8(list.bytes(i)?, "span digest")?);
+        }
+        let checkpoints = ci.bytes(3, "checkpoints")?.to_vec();
+        let zinfo = Zinfo::parse(compression, &checkpoints)?;
+        if i64::from(max_span_id) + 1 != zinfo.span_count() as i64 {
+            return Err(Error::Invalid { what: "max_span_id differs from the checkpoint count", index: max_span_id as u64 });
+        }
+        let ztoc = Self {
+            version,
+            build_tool_identifier,
+            compressed_archive_size,
+            uncompressed_archive_size,
+            entries,
+            compression,
+            span_digests,
+            checkpoints,
+            zinfo,
+        };
+        ztoc.validate()?;
+        Ok(ztoc)
+    }
+}
+
+fn write_entry<'b>(b: &mut FlatBufferBuilder<'b>, e: &Entry) -> WIPOffset<flatbuffers::TableFinishedWIPOffset> {
+    let name = b.create_byte_string(&e.name);
+    let kind = b.create_byte_string(e.kind.as_str().as_bytes());
+    let linkname = b.create_byte_string(&e.linkname);
+    let uname = b.create_byte_string(&e.uname);
+    let gname = b.create_byte_string(&e.gname);
+    let mod_time = b.create_byte_string(&e.mod_time);
+    let mut xattrs = Vec::with_capacity(e.pax.len());
+    for (k, v) in &e.pax {
+        let key = b.create_byte_string(k);
+        let value = b.create_byte_string(v);
+        let start = b.start_table();
+        b.push_slot_always(slot::XATTR_KEY, key);
+        b.push_slot_always(slot::XATTR_VALUE, value);
+        xattrs.push(b.end_table(start));
+    }
+    let xattrs = b.create_vector(&xattrs);
+    let start = b.start_table();
+    b.push_slot_always(4, name);
+    b.push_slot_always(6, kind);
+    b.push_slot::<i64>(8, e.offset as i64, 0);
+    b.push_slot::<i64>(10, e.size as i64, 0);
+    b.push_slot_always(12, linkname);
+    b.push_slot::<i64>(14, e.mode, 0);
+    b.push_slot::<u32>(16, e.uid, 0);
+    b.push_slot::<u32>(18, e.gid, 0);
+    b.push_slot_always(20, uname);
+    b.push_slot_always(22, gname);
+    b.push_slot_always(24, mod_time);
+    b.push_slot::<i64>(26, e.devmajor, 0);
+    b.push_slot::<i64>(28, e.devminor, 0);
+    b.push_slot_always(30, xattrs);
+    b.end_table(start)
+}
+
+fn read_entry(t: &Table<'_>, index: usize) -> Result<Entry> {
+    let kind = EntryKind::from_bytes(t.bytes(1, "entry type")?)
+        .ok_or(Error::Invalid { what: "unknown entry type", index: index as u64 })?;
+    let list = t.vector(13, "xattrs")?;
+    let mut pax = Vec::with_capacity(list.len());
+    for i in 0..list.len() {
+        let x = list.table(i)?;
+        pax.push((x.bytes(0, "xattr key")?.to_vec(), x.bytes(1, "xattr value")?.to_vec()));
+    }
+    let offset = t.i64(2, 0, "entry offset")?;
+    let size = t.i64(3, 0, "entry size")?;
+    let (Ok(offset), Ok(size)) = (u64::try_from(offset), u64::try_from(size)) else {
+        return Err(Error::Invalid { what: "negative entry offset or size", index: index as u64 });
+    };
+    Ok(Entry {
+        name: t.bytes(0, "entry name")?.to_vec(),
+        kind,
+        offset,
+        size,
+        linkname: t.bytes(4, "entry linkname")?.to_vec(),
+        mode: t.i64(5, 0, "entry mode")?,
+        uid: t.u32(6, 0, "entry uid")?,
+        gid: t.u32(7, 0, "entry gid")?,
+        uname: t.bytes(8, "entry uname")?.to_vec(),
+        gname: t.bytes(9, "entry gname")?.to_vec(),
+        mod_time: t.bytes(10, "entry mod time")?.to_vec(),
+        devmajor: t.i64(11, 0, "entry devmajor")?,
+        devminor: t.i64(12, 0, "entry devminor")?,
+        pax,
+    })
+}
+
+fn utf8(b: &[u8], what: &'static str) -> Result<String> {
+    String::from_utf8(b.to_vec()).map_err(|_| Error::Malformed { at: 0, what })
+}
+
+fn non_negative(v: i64, what: &'static str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| Error::Malformed { at: 0, what })
+}
+
+/// `sha256:` followed by 64 lower-case hex digits.
+pub(crate) fn is_sha256_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)))
+}
+
+/// Format a SHA-256 as `sha256:<hex>`.
+pub(crate) fn digest_string(hash: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(7 + 64);
+    s.push_str("sha256:");
+    for b in hash {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}

@@ -1,0 +1,4 @@
+//! Integration tests for hermes-ztoc (one binary, modules per concern).
+
+mod golden;
+mod support;
