@@ -1,4 +1,5 @@
 //! Integration tests for hermes-ztoc (one binary, modules per concern).
 
 mod golden;
+mod roundtrip;
 mod support;
