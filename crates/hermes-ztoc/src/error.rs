@@ -8,7 +8,7 @@ use std::io;
 pub enum Error {
     /// Reading the layer stream failed.
     #[error("reading the layer failed")]
-    Io(#[from] io::Error),
+    Io(#[source] io::Error),
 
     /// The layer ended before its compressed stream did.
     #[error("layer is truncated: the compressed stream ends early at compressed offset {offset}")]
@@ -169,3 +169,18 @@ pub enum Error {
 
 /// Shorthand for this crate's results.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<io::Error> for Error {
+    /// Decoders report through `io::Read`; unwrap our own errors that travelled that way.
+    fn from(err: io::Error) -> Self {
+        if !err.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            return Error::Io(err);
+        }
+        let kind = err.kind();
+        match err.into_inner().map(|b| b.downcast::<Error>()) {
+            Some(Ok(inner)) => *inner,
+            Some(Err(other)) => Error::Io(io::Error::new(kind, other)),
+            None => Error::Io(io::Error::from(kind)),
+        }
+    }
+}

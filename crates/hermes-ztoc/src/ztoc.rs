@@ -223,6 +223,10 @@ impl Ztoc {
 
     /// Serialize exactly as soci's Go marshaler does (spec §1.3).
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.serialize(self.span_count() as i32 - 1)
+    }
+
+    fn serialize(&self, max_span_id: i32) -> Vec<u8> {
         let mut b = FlatBufferBuilder::with_capacity(self.checkpoints.len() + 256 * self.entries.len() + 1024);
         let version = b.create_byte_string(self.version.as_bytes());
         let bti = b.create_byte_string(self.build_tool_identifier.as_bytes());
@@ -240,7 +244,7 @@ impl Ztoc {
         let digests: Vec<_> = self.span_digests.iter().map(|d| b.create_byte_string(d.as_bytes())).collect();
         let digests = b.create_vector(&digests);
         let ci_start = b.start_table();
-        b.push_slot::<i32>(slot::CI_MAX_SPAN, self.span_count() as i32 - 1, 0);
+        b.push_slot::<i32>(slot::CI_MAX_SPAN, max_span_id, 0);
         b.push_slot_always(slot::CI_DIGESTS, digests);
         b.push_slot_always(slot::CI_CHECKPOINTS, checkpoints);
         b.push_slot::<i8>(slot::CI_ALGORITHM, self.compression.to_fb(), Compression::Gzip.to_fb());
@@ -400,4 +404,113 @@ pub(crate) fn digest_string(hash: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::zinfo::{GZIP_HEADER_LEN, GZIP_RECORD_LEN};
+
+    fn golden(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/soci").join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn pax_gz() -> (Ztoc, Vec<u8>) {
+        (Ztoc::from_bytes(&golden("pax.tar.gz.65536.ztoc")).expect("golden"), golden("pax.tar.gz"))
+    }
+
+    fn reg_files(z: &Ztoc) -> Vec<(String, u64)> {
+        z.entries()
+            .iter()
+            .filter(|e| e.kind == EntryKind::Reg)
+            .map(|e| (String::from_utf8_lossy(&e.name).into_owned(), e.offset))
+            .collect()
+    }
+
+    #[test]
+    fn legacy_v1_checkpoints_read_and_round_trip() {
+        // v1 implies checkpoint 0 at compressed offset 10: a gzip header without a file name.
+        let z = Ztoc::from_bytes(&golden("multi.tar.gz.65536.ztoc")).expect("golden");
+        let layer = golden("multi.tar.gz");
+        assert_eq!(z.span(0).expect("span 0").compressed.start, 10);
+        let count = z.span_count() as usize;
+        // v1 drops checkpoint 0 but keeps the count.
+        let mut v1 = z.checkpoints()[..GZIP_HEADER_LEN].to_vec();
+        v1.extend_from_slice(&z.checkpoints()[GZIP_HEADER_LEN + GZIP_RECORD_LEN..]);
+        assert_eq!(v1.len(), GZIP_HEADER_LEN + GZIP_RECORD_LEN * (count - 1));
+        let mut legacy = z.clone();
+        legacy.checkpoints = v1;
+        let bytes = legacy.to_bytes();
+        let parsed = Ztoc::from_bytes(&bytes).expect("v1 zTOC parses");
+        assert!(parsed.to_bytes() == bytes, "re-serializing a v1 zTOC keeps v1 bytes");
+        assert_eq!(parsed.span(0), z.span(0), "implied checkpoint 0");
+        for (name, _) in reg_files(&parsed) {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            parsed.extract(layer.as_slice(), &name, &mut a).expect("v1 extract");
+            z.extract(layer.as_slice(), &name, &mut b).expect("v2 extract");
+            assert!(a == b, "{name} differs between v1 and v2");
+        }
+    }
+
+    #[test]
+    fn wrong_max_span_id_is_rejected() {
+        let (z, _) = pax_gz();
+        for wrong in [z.span_count() as i32, z.span_count() as i32 - 2, -1, i32::MAX] {
+            let err = Ztoc::from_bytes(&z.serialize(wrong)).expect_err("must reject");
+            assert!(matches!(err, Error::Invalid { what, .. } if what.contains("max_span_id")), "{wrong}: {err}");
+        }
+    }
+
+    #[test]
+    fn short_digest_list_is_rejected() {
+        let (mut z, _) = pax_gz();
+        z.span_digests.pop();
+        let err = Ztoc::from_bytes(&z.to_bytes()).expect_err("must reject");
+        assert!(err.to_string().contains("span digest count"), "{err}");
+    }
+
+    #[test]
+    fn non_monotonic_checkpoints_are_rejected() {
+        let (mut z, _) = pax_gz();
+        let (a, b) = (GZIP_HEADER_LEN + GZIP_RECORD_LEN, GZIP_HEADER_LEN + 2 * GZIP_RECORD_LEN);
+        let first: Vec<u8> = z.checkpoints[a..b].to_vec();
+        let second: Vec<u8> = z.checkpoints[b..b + GZIP_RECORD_LEN].to_vec();
+        z.checkpoints[a..b].copy_from_slice(&second);
+        z.checkpoints[b..b + GZIP_RECORD_LEN].copy_from_slice(&first);
+        let err = Ztoc::from_bytes(&z.to_bytes()).expect_err("must reject");
+        assert!(err.to_string().contains("strictly increase"), "{err}");
+    }
+
+    #[test]
+    fn overlapping_entries_are_rejected() {
+        let (mut z, _) = pax_gz();
+        let i = z.entries.iter().position(|e| e.kind == EntryKind::Reg && e.size > 1024).expect("a file");
+        z.entries[i].size += 4096;
+        let err = Ztoc::from_bytes(&z.to_bytes()).expect_err("must reject");
+        assert!(err.to_string().contains("overlaps"), "{err}");
+    }
+
+    #[test]
+    fn a_flipped_span_byte_is_never_served() {
+        let (z, mut layer) = pax_gz();
+        let (name, offset) = reg_files(&z).into_iter().find(|(_, off)| *off > 200_000).expect("a file");
+        let span = z.span(z.span_of(offset)).expect("span");
+        layer[(span.compressed.start + span.compressed.end) as usize / 2] ^= 0x40;
+        let mut out = Vec::new();
+        let err = z.extract(layer.as_slice(), &name, &mut out).expect_err("corrupt span must fail");
+        assert!(matches!(err, Error::SpanDigestMismatch { span: s, .. } if s == span.id), "{err}");
+        assert!(out.is_empty(), "no bytes of a failed span are written");
+    }
+
+    #[test]
+    fn uncompressed_golden_decodes_per_span() {
+        let z = Ztoc::from_bytes(&golden("pax.tar.1048576.ztoc")).expect("golden");
+        let layer = golden("pax.tar");
+        for span in z.spans() {
+            let bytes = &layer[span.compressed.start as usize..span.compressed.end as usize];
+            let decoded = z.decode_span(span.id, bytes).expect("decode");
+            assert!(decoded == bytes, "plain span {} decodes to itself", span.id);
+        }
+    }
 }

@@ -1,5 +1,8 @@
 //! Integration tests for hermes-ztoc (one binary, modules per concern).
 
+mod errors;
 mod golden;
+mod real_layers;
+mod robustness;
 mod roundtrip;
 mod support;
