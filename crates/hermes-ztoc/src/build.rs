@@ -74,7 +74,9 @@ pub fn detect(head: &[u8]) -> Compression {
     if head.starts_with(&[0x1f, 0x8b]) {
         Compression::Gzip
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
-        || (head.len() >= 4 && u32::from_le_bytes([head[0], head[1], head[2], head[3]]) & 0xffff_fff0 == 0x184d_2a50)
+        || (head.len() >= 4
+            && u32::from_le_bytes([head[0], head[1], head[2], head[3]]) & 0xffff_fff0
+                == 0x184d_2a50)
     {
         Compression::Zstd
     } else {
@@ -116,7 +118,11 @@ fn read_toc<I: Indexer>(decoder: I) -> Result<(Vec<Entry>, u64, Encoded)> {
 
 fn entry_from_header(hdr: Header) -> Result<Entry> {
     let name_str = || String::from_utf8_lossy(&hdr.name).into_owned();
-    let unsupported = |kind: String| Error::UnsupportedEntry { name: name_str(), kind, offset: hdr.data_offset };
+    let unsupported = |kind: String| Error::UnsupportedEntry {
+        name: name_str(),
+        kind,
+        offset: hdr.data_offset,
+    };
     if hdr.pax.keys().any(|k| k.starts_with(b"GNU.sparse.")) {
         return Err(unsupported("GNU sparse file".into()));
     }
@@ -198,7 +204,11 @@ struct OutBuf {
 impl OutBuf {
     fn new() -> Self {
         // Starts with a zero window, as zlib's zran does before any output.
-        Self { buf: vec![0; WINDOW_SIZE + OUTPUT_CHUNK], pos: WINDOW_SIZE, end: WINDOW_SIZE }
+        Self {
+            buf: vec![0; WINDOW_SIZE + OUTPUT_CHUNK],
+            pos: WINDOW_SIZE,
+            end: WINDOW_SIZE,
+        }
     }
 
     /// Make room for more output once everything has been consumed.
@@ -256,9 +266,16 @@ struct GzipIndexer<R> {
 impl<R: BufRead> GzipIndexer<R> {
     fn new(src: R, span_size: u64) -> Result<Self> {
         Ok(Self {
-            input: Input { src, total: 0, last_byte: 0 },
+            input: Input {
+                src,
+                total: 0,
+                last_byte: 0,
+            },
             out: OutBuf::new(),
-            inflater: Inflater::new(inflate::GZIP_OR_ZLIB).map_err(|e| Error::Gzip { offset: 0, message: e.to_string() })?,
+            inflater: Inflater::new(inflate::GZIP_OR_ZLIB).map_err(|e| Error::Gzip {
+                offset: 0,
+                message: e.to_string(),
+            })?,
             total_out: 0,
             last_checkpoint_out: 0,
             span_size,
@@ -269,7 +286,10 @@ impl<R: BufRead> GzipIndexer<R> {
     }
 
     fn gzip_error(&self, e: inflate::ZError) -> Error {
-        Error::Gzip { offset: self.input.total, message: e.to_string() }
+        Error::Gzip {
+            offset: self.input.total,
+            message: e.to_string(),
+        }
     }
 
     /// Inflate until the output buffer is full or the stream ends.
@@ -277,12 +297,17 @@ impl<R: BufRead> GzipIndexer<R> {
         while !self.done && self.out.end < self.out.buf.len() {
             let input = self.input.available()?;
             if input.is_empty() {
-                return Err(Error::Truncated { offset: self.input.total });
+                return Err(Error::Truncated {
+                    offset: self.input.total,
+                });
             }
             let step = self
                 .inflater
                 .inflate(input, &mut self.out.buf[self.out.end..], Flush::Block)
-                .map_err(|e| Error::Gzip { offset: self.input.total, message: e.to_string() })?;
+                .map_err(|e| Error::Gzip {
+                    offset: self.input.total,
+                    message: e.to_string(),
+                })?;
             self.input.consume(step.consumed, &mut self.hasher)?;
             self.out.end += step.produced;
             self.total_out += step.produced as u64;
@@ -291,19 +316,26 @@ impl<R: BufRead> GzipIndexer<R> {
                 if self.input.available()?.is_empty() {
                     self.done = true;
                 } else {
-                    self.inflater.reset(inflate::GZIP_OR_ZLIB).map_err(|e| self.gzip_error(e))?;
+                    self.inflater
+                        .reset(inflate::GZIP_OR_ZLIB)
+                        .map_err(|e| self.gzip_error(e))?;
                 }
                 continue;
             }
             if step.consumed == 0 && step.produced == 0 && step.data_type & 128 == 0 {
-                return Err(Error::Gzip { offset: self.input.total, message: "no progress".into() });
+                return Err(Error::Gzip {
+                    offset: self.input.total,
+                    message: "no progress".into(),
+                });
             }
             let at_boundary = step.data_type & 128 != 0 && step.data_type & 64 == 0;
             if at_boundary
-                && (self.total_out == 0 || self.total_out - self.last_checkpoint_out > self.span_size)
+                && (self.total_out == 0
+                    || self.total_out - self.last_checkpoint_out > self.span_size)
             {
                 let bits = (step.data_type & 7) as u8;
-                self.blob.push(self.input.total, self.total_out, bits, self.out.window());
+                self.blob
+                    .push(self.input.total, self.total_out, bits, self.out.window());
                 let carry = [self.input.last_byte];
                 self.hasher.next_span(if bits != 0 { &carry } else { &[] });
                 self.last_checkpoint_out = self.total_out;
@@ -367,9 +399,14 @@ impl<R: BufRead> ZstdIndexer<R> {
         let mut hasher = SpanHasher::default();
         hasher.next_span(&[]);
         Ok(Self {
-            input: Input { src, total: 0, last_byte: 0 },
+            input: Input {
+                src,
+                total: 0,
+                last_byte: 0,
+            },
             out: OutBuf::new(),
-            decoder: zstd::stream::raw::Decoder::new().map_err(|source| Error::Zstd { offset: 0, source })?,
+            decoder: zstd::stream::raw::Decoder::new()
+                .map_err(|source| Error::Zstd { offset: 0, source })?,
             total_out: 0,
             last_checkpoint_out: 0,
             span_size,
@@ -462,7 +499,12 @@ struct PlainIndexer<R> {
 
 impl<R: BufRead> PlainIndexer<R> {
     fn new(src: R, span_size: u64) -> Self {
-        Self { src, span_size, total: 0, hasher: SpanHasher::default() }
+        Self {
+            src,
+            span_size,
+            total: 0,
+            hasher: SpanHasher::default(),
+        }
     }
 }
 
@@ -487,7 +529,7 @@ impl<R: BufRead> BufRead for PlainIndexer<R> {
         let mut rest = &buf[..amt.min(buf.len())];
         let consumed = rest.len();
         while !rest.is_empty() {
-            if self.total % self.span_size == 0 {
+            if self.total.is_multiple_of(self.span_size) {
                 self.hasher.next_span(&[]);
             }
             let room = self.span_size - self.total % self.span_size;

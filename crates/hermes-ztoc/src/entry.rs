@@ -120,9 +120,10 @@ pub struct Entry {
 impl Entry {
     /// The entry's real extended attributes: `SCHILY.xattr.*` PAX records, prefix removed.
     pub fn xattrs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.pax
-            .iter()
-            .filter_map(|(k, v)| k.strip_prefix(XATTR_PAX_PREFIX).map(|name| (name, v.as_slice())))
+        self.pax.iter().filter_map(|(k, v)| {
+            k.strip_prefix(XATTR_PAX_PREFIX)
+                .map(|name| (name, v.as_slice()))
+        })
     }
 
     /// The name cleaned to a path relative to the layer root (`None` for the root itself).
@@ -205,18 +206,29 @@ mod tests {
 
     #[test]
     fn go_time_matches_go_marshal_text() {
-        assert_eq!(go_time_text(1_700_000_000, 250_000_000), b"2023-11-14T22:13:20.25Z");
+        assert_eq!(
+            go_time_text(1_700_000_000, 250_000_000),
+            b"2023-11-14T22:13:20.25Z"
+        );
         assert_eq!(go_time_text(1_700_000_001, 0), b"2023-11-14T22:13:21Z");
         assert_eq!(go_time_text(0, 1), b"1970-01-01T00:00:00.000000001Z");
         assert_eq!(go_time_text(-1, 500_000_000), b"1969-12-31T23:59:59.5Z");
         assert_eq!(go_time_text(951_782_400, 0), b"2000-02-29T00:00:00Z");
         assert_eq!(go_time_text(-62_135_596_800, 0), b"0001-01-01T00:00:00Z");
-        assert_eq!(go_time_text(253_402_300_800, 0), b"", "year 10000 is out of Go's range");
+        assert_eq!(
+            go_time_text(253_402_300_800, 0),
+            b"",
+            "year 10000 is out of Go's range"
+        );
     }
 
     #[test]
     fn clean_path_follows_containerd() {
-        let ok = |n: &[u8]| clean_path(n).unwrap().map(|p| String::from_utf8(p).unwrap());
+        let ok = |n: &[u8]| {
+            clean_path(n)
+                .unwrap()
+                .map(|p| String::from_utf8(p).unwrap())
+        };
         assert_eq!(ok(b"./usr/bin/"), Some("usr/bin".into()));
         assert_eq!(ok(b"a//b/./c"), Some("a/b/c".into()));
         assert_eq!(ok(b"a/../b"), Some("b".into()));

@@ -70,7 +70,9 @@ pub enum Error {
     },
 
     /// A tar entry (or hardlink target) that is absolute or escapes the layer root through `..`.
-    #[error("tar entry {name:?} at uncompressed offset {offset} escapes the layer root; refusing the layer")]
+    #[error(
+        "tar entry {name:?} at uncompressed offset {offset} escapes the layer root; refusing the layer"
+    )]
     UnsafePath {
         /// The offending name or link target.
         name: String,

@@ -35,7 +35,12 @@ impl RangeReader for [u8] {
         let end = start.checked_add(usize::try_from(len).map_err(io::Error::other)?);
         end.and_then(|end| self.get(start..end))
             .map(<[u8]>::to_vec)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "range beyond the end of the blob"))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "range beyond the end of the blob",
+                )
+            })
     }
 }
 
@@ -58,7 +63,11 @@ impl<R: ?Sized> std::fmt::Debug for CountingReader<'_, R> {
 impl<'a, R: ?Sized> CountingReader<'a, R> {
     /// Wrap `inner`.
     pub fn new(inner: &'a R) -> Self {
-        Self { inner, bytes: AtomicU64::new(0), requests: AtomicU64::new(0) }
+        Self {
+            inner,
+            bytes: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
     }
     /// Bytes read so far.
     pub fn bytes(&self) -> u64 {
@@ -95,8 +104,19 @@ impl Ztoc {
     /// compressed bytes. `None` for an empty range.
     pub fn plan(&self, range: Range<u64>) -> Result<Option<ReadPlan>> {
         let size = self.uncompressed_archive_size();
-        if range.start > range.end || range.end > size.max(self.span(self.span_count().saturating_sub(1)).map_or(0, |s| s.uncompressed.end)) {
-            return Err(Error::OutOfRange { start: range.start, end: range.end, size, what: "layer" });
+        if range.start > range.end
+            || range.end
+                > size.max(
+                    self.span(self.span_count().saturating_sub(1))
+                        .map_or(0, |s| s.uncompressed.end),
+                )
+        {
+            return Err(Error::OutOfRange {
+                start: range.start,
+                end: range.end,
+                size,
+                what: "layer",
+            });
         }
         if range.is_empty() {
             return Ok(None);
@@ -104,26 +124,51 @@ impl Ztoc {
         let first = self.span_of(range.start);
         let last = self.span_of(range.end - 1);
         let (Some(a), Some(b)) = (self.span(first), self.span(last)) else {
-            return Err(Error::OutOfRange { start: range.start, end: range.end, size, what: "layer" });
+            return Err(Error::OutOfRange {
+                start: range.start,
+                end: range.end,
+                size,
+                what: "layer",
+            });
         };
-        Ok(Some(ReadPlan { spans: first..=last, compressed: a.compressed.start..b.compressed.end, uncompressed: range }))
+        Ok(Some(ReadPlan {
+            spans: first..=last,
+            compressed: a.compressed.start..b.compressed.end,
+            uncompressed: range,
+        }))
     }
 
     /// Plan the read of bytes `range` of entry `index`'s data.
     pub fn plan_entry(&self, index: usize, range: Range<u64>) -> Result<Option<ReadPlan>> {
-        let entry = self.entries().get(index).ok_or_else(|| Error::NotFound(format!("entry #{index}")))?;
+        let entry = self
+            .entries()
+            .get(index)
+            .ok_or_else(|| Error::NotFound(format!("entry #{index}")))?;
         if range.start > range.end || range.end > entry.size {
-            return Err(Error::OutOfRange { start: range.start, end: range.end, size: entry.size, what: "file" });
+            return Err(Error::OutOfRange {
+                start: range.start,
+                end: range.end,
+                size: entry.size,
+                what: "file",
+            });
         }
         self.plan(entry.offset + range.start..entry.offset + range.end)
     }
 
     /// Check a span's compressed bytes against its digest and decode the whole span.
     pub fn decode_span(&self, id: SpanId, compressed: &[u8]) -> Result<Vec<u8>> {
-        let span = self.span(id).ok_or(Error::Invalid { what: "no such span", index: u64::from(id) })?;
+        let span = self.span(id).ok_or(Error::Invalid {
+            what: "no such span",
+            index: u64::from(id),
+        })?;
         self.verify_span(&span, compressed)?;
-        let len = usize::try_from(span.uncompressed.end - span.uncompressed.start)
-            .map_err(|_| Error::Invalid { what: "span too large", index: u64::from(id) })?;
+        let len =
+            usize::try_from(span.uncompressed.end - span.uncompressed.start).map_err(|_| {
+                Error::Invalid {
+                    what: "span too large",
+                    index: u64::from(id),
+                }
+            })?;
         match self.compression() {
             Compression::Uncompressed => Ok(compressed[..len.min(compressed.len())].to_vec()),
             Compression::Gzip => self.inflate_span(&span, compressed, len),
@@ -137,40 +182,58 @@ impl Ztoc {
         let want_len = span.compressed.end - span.compressed.start;
         let actual = digest_string(&Sha256::digest(compressed));
         if compressed.len() as u64 != want_len || &actual != expected {
-            return Err(Error::SpanDigestMismatch { span: span.id, expected: expected.clone(), actual });
+            return Err(Error::SpanDigestMismatch {
+                span: span.id,
+                expected: expected.clone(),
+                actual,
+            });
         }
         Ok(())
     }
 
     fn inflate_span(&self, span: &Span, compressed: &[u8], len: usize) -> Result<Vec<u8>> {
-        let corrupt = |message: String| Error::SpanDecode { span: span.id, message };
+        let corrupt = |message: String| Error::SpanDecode {
+            span: span.id,
+            message,
+        };
         let point = self.zinfo().point(u64::from(span.id));
         let mut z = Inflater::new(inflate::RAW).map_err(|e| corrupt(e.to_string()))?;
         let mut input = compressed;
         if point.bits != 0 {
-            let (&first, rest) = input.split_first().ok_or_else(|| corrupt("empty span".into()))?;
-            z.prime(point.bits, first >> (8 - point.bits)).map_err(|e| corrupt(e.to_string()))?;
+            let (&first, rest) = input
+                .split_first()
+                .ok_or_else(|| corrupt("empty span".into()))?;
+            z.prime(point.bits, first >> (8 - point.bits))
+                .map_err(|e| corrupt(e.to_string()))?;
             input = rest;
         }
         let zeros = [0u8; WINDOW_SIZE];
-        z.set_dictionary(self.window(span.id).unwrap_or(&zeros)).map_err(|e| corrupt(e.to_string()))?;
+        z.set_dictionary(self.window(span.id).unwrap_or(&zeros))
+            .map_err(|e| corrupt(e.to_string()))?;
         let mut out = vec![0u8; len];
         let mut produced = 0;
         let mut raw = true;
         while produced < len {
-            let step = z.inflate(input, &mut out[produced..], Flush::None).map_err(|e| corrupt(e.to_string()))?;
+            let step = z
+                .inflate(input, &mut out[produced..], Flush::None)
+                .map_err(|e| corrupt(e.to_string()))?;
             input = &input[step.consumed..];
             produced += step.produced;
             if step.stream_end && produced < len {
                 // A member ended inside the span: skip the trailer once (raw mode does not read
                 // it), then let zlib parse the following headers and trailers itself.
                 if raw {
-                    input = input.get(8..).ok_or_else(|| corrupt("gzip trailer cut off".into()))?;
+                    input = input
+                        .get(8..)
+                        .ok_or_else(|| corrupt("gzip trailer cut off".into()))?;
                     raw = false;
                 }
-                z.reset(inflate::GZIP_OR_ZLIB).map_err(|e| corrupt(e.to_string()))?;
+                z.reset(inflate::GZIP_OR_ZLIB)
+                    .map_err(|e| corrupt(e.to_string()))?;
             } else if step.consumed == 0 && step.produced == 0 {
-                return Err(corrupt(format!("compressed data ends after {produced} of {len} bytes")));
+                return Err(corrupt(format!(
+                    "compressed data ends after {produced} of {len} bytes"
+                )));
             }
         }
         Ok(out)
@@ -178,11 +241,20 @@ impl Ztoc {
 
     /// Copy uncompressed bytes `plan.uncompressed` to `out`, reading only the planned
     /// compressed range (one request) and verifying every span. Returns compressed bytes read.
-    pub fn read_planned<R: RangeReader + ?Sized>(&self, reader: &R, plan: &ReadPlan, out: &mut dyn Write) -> Result<u64> {
+    pub fn read_planned<R: RangeReader + ?Sized>(
+        &self,
+        reader: &R,
+        plan: &ReadPlan,
+        out: &mut dyn Write,
+    ) -> Result<u64> {
         let len = plan.compressed.end - plan.compressed.start;
         let data = reader
             .read_at(plan.compressed.start, len)
-            .map_err(|source| Error::RangeRead { offset: plan.compressed.start, len, source })?;
+            .map_err(|source| Error::RangeRead {
+                offset: plan.compressed.start,
+                len,
+                source,
+            })?;
         if data.len() as u64 != len {
             return Err(Error::RangeRead {
                 offset: plan.compressed.start,
@@ -191,7 +263,10 @@ impl Ztoc {
             });
         }
         for id in plan.spans.clone() {
-            let span = self.span(id).ok_or(Error::Invalid { what: "no such span", index: u64::from(id) })?;
+            let span = self.span(id).ok_or(Error::Invalid {
+                what: "no such span",
+                index: u64::from(id),
+            })?;
             let at = (span.compressed.start - plan.compressed.start) as usize;
             let bytes = &data[at..at + (span.compressed.end - span.compressed.start) as usize];
             let decoded = self.decode_span(id, bytes)?;
@@ -212,24 +287,38 @@ impl Ztoc {
 
     /// Read a whole file by its path in the layer (hardlinks followed) into `out`.
     /// Returns the number of compressed bytes read.
-    pub fn extract<R: RangeReader + ?Sized>(&self, reader: &R, path: &str, out: &mut dyn Write) -> Result<u64> {
+    pub fn extract<R: RangeReader + ?Sized>(
+        &self,
+        reader: &R,
+        path: &str,
+        out: &mut dyn Write,
+    ) -> Result<u64> {
         let index = self.path_index()?;
         let wanted = crate::entry::clean_path(path.as_bytes())
             .flatten()
             .ok_or_else(|| Error::NotFound(path.to_owned()))?;
-        let mut i = *index.get(&wanted).ok_or_else(|| Error::NotFound(path.to_owned()))?;
+        let mut i = *index
+            .get(&wanted)
+            .ok_or_else(|| Error::NotFound(path.to_owned()))?;
         // Follow hardlinks (bounded: a link may only point at an earlier entry).
         for _ in 0..self.entries().len() {
             let e = &self.entries()[i];
             if e.kind != EntryKind::Hardlink {
                 break;
             }
-            let target = crate::entry::clean_path(&e.linkname).flatten().unwrap_or_default();
-            i = *index.get(&target).ok_or_else(|| Error::NotFound(String::from_utf8_lossy(&e.linkname).into_owned()))?;
+            let target = crate::entry::clean_path(&e.linkname)
+                .flatten()
+                .unwrap_or_default();
+            i = *index.get(&target).ok_or_else(|| {
+                Error::NotFound(String::from_utf8_lossy(&e.linkname).into_owned())
+            })?;
         }
         let e = &self.entries()[i];
         if e.kind != EntryKind::Reg {
-            return Err(Error::NotAFile { path: path.to_owned(), kind: e.kind.as_str() });
+            return Err(Error::NotAFile {
+                path: path.to_owned(),
+                kind: e.kind.as_str(),
+            });
         }
         match self.plan_entry(i, 0..e.size)? {
             None => Ok(0),
@@ -240,7 +329,10 @@ impl Ztoc {
 
 fn decode_zstd_span(span: &Span, compressed: &[u8], len: usize) -> Result<Vec<u8>> {
     use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-    let corrupt = |message: String| Error::SpanDecode { span: span.id, message };
+    let corrupt = |message: String| Error::SpanDecode {
+        span: span.id,
+        message,
+    };
     let mut d = Decoder::new().map_err(|e| corrupt(e.to_string()))?;
     let mut out = vec![0u8; len];
     let mut src = InBuffer::around(compressed);
@@ -248,11 +340,14 @@ fn decode_zstd_span(span: &Span, compressed: &[u8], len: usize) -> Result<Vec<u8
     while produced < len {
         let mut dst = OutBuffer::around(&mut out[produced..]);
         let before = src.pos();
-        d.run(&mut src, &mut dst).map_err(|e| corrupt(e.to_string()))?;
+        d.run(&mut src, &mut dst)
+            .map_err(|e| corrupt(e.to_string()))?;
         let n = dst.pos();
         produced += n;
         if n == 0 && src.pos() == before {
-            return Err(corrupt(format!("compressed data ends after {produced} of {len} bytes")));
+            return Err(corrupt(format!(
+                "compressed data ends after {produced} of {len} bytes"
+            )));
         }
     }
     Ok(out)

@@ -59,7 +59,12 @@ impl<'a> Table<'a> {
         if vtable_len < 4 || vtable_len % 2 != 0 || vtable + vtable_len > buf.len() {
             return Err(malformed(vtable, "vtable length"));
         }
-        Ok(Self { buf, pos, vtable, vtable_len })
+        Ok(Self {
+            buf,
+            pos,
+            vtable,
+            vtable_len,
+        })
     }
 
     /// Position of field `id`, or `None` when absent.
@@ -75,7 +80,11 @@ impl<'a> Table<'a> {
         Ok(Some(self.pos + off))
     }
 
-    fn scalar<const N: usize>(&self, id: usize, what: &'static str) -> Result<Option<[u8; N]>, Error> {
+    fn scalar<const N: usize>(
+        &self,
+        id: usize,
+        what: &'static str,
+    ) -> Result<Option<[u8; N]>, Error> {
         match self.field(id)? {
             None => Ok(None),
             Some(at) => read_array::<N>(self.buf, at, what).map(Some),
@@ -83,19 +92,27 @@ impl<'a> Table<'a> {
     }
 
     pub(crate) fn i64(&self, id: usize, default: i64, what: &'static str) -> Result<i64, Error> {
-        Ok(self.scalar::<8>(id, what)?.map_or(default, i64::from_le_bytes))
+        Ok(self
+            .scalar::<8>(id, what)?
+            .map_or(default, i64::from_le_bytes))
     }
 
     pub(crate) fn i32(&self, id: usize, default: i32, what: &'static str) -> Result<i32, Error> {
-        Ok(self.scalar::<4>(id, what)?.map_or(default, i32::from_le_bytes))
+        Ok(self
+            .scalar::<4>(id, what)?
+            .map_or(default, i32::from_le_bytes))
     }
 
     pub(crate) fn u32(&self, id: usize, default: u32, what: &'static str) -> Result<u32, Error> {
-        Ok(self.scalar::<4>(id, what)?.map_or(default, u32::from_le_bytes))
+        Ok(self
+            .scalar::<4>(id, what)?
+            .map_or(default, u32::from_le_bytes))
     }
 
     pub(crate) fn i8(&self, id: usize, default: i8, what: &'static str) -> Result<i8, Error> {
-        Ok(self.scalar::<1>(id, what)?.map_or(default, i8::from_le_bytes))
+        Ok(self
+            .scalar::<1>(id, what)?
+            .map_or(default, i8::from_le_bytes))
     }
 
     /// A string or `[ubyte]` field as raw bytes (empty when absent).
@@ -116,7 +133,12 @@ impl<'a> Table<'a> {
     /// A vector of tables or strings (4-byte offsets); empty when absent.
     pub(crate) fn vector(&self, id: usize, what: &'static str) -> Result<Vector<'a>, Error> {
         match self.field(id)? {
-            None => Ok(Vector { buf: self.buf, start: 0, len: 0, what }),
+            None => Ok(Vector {
+                buf: self.buf,
+                start: 0,
+                len: 0,
+                what,
+            }),
             Some(at) => Vector::at(self.buf, follow(self.buf, at, what)?, 4, what),
         }
     }
@@ -135,11 +157,18 @@ impl<'a> Vector<'a> {
     fn at(buf: &'a [u8], pos: usize, elem_size: usize, what: &'static str) -> Result<Self, Error> {
         let len = read_u32(buf, pos, what)? as usize;
         let start = pos + 4;
-        let bytes = len.checked_mul(elem_size).ok_or_else(|| malformed(pos, what))?;
+        let bytes = len
+            .checked_mul(elem_size)
+            .ok_or_else(|| malformed(pos, what))?;
         if start.checked_add(bytes).is_none_or(|end| end > buf.len()) {
             return Err(malformed(pos, what));
         }
-        Ok(Self { buf, start, len, what })
+        Ok(Self {
+            buf,
+            start,
+            len,
+            what,
+        })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -147,7 +176,9 @@ impl<'a> Vector<'a> {
     }
 
     fn raw(&self) -> Result<&'a [u8], Error> {
-        self.buf.get(self.start..self.start + self.len).ok_or_else(|| malformed(self.start, self.what))
+        self.buf
+            .get(self.start..self.start + self.len)
+            .ok_or_else(|| malformed(self.start, self.what))
     }
 
     fn element(&self, i: usize) -> Result<usize, Error> {

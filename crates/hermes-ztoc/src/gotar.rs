@@ -54,7 +54,13 @@ fn header_err(offset: u64, what: &'static str) -> Error {
 
 impl<R: BufRead> TarReader<R> {
     pub(crate) fn new(r: R) -> Self {
-        Self { r, pos: 0, remaining: 0, pad: 0, done: false }
+        Self {
+            r,
+            pos: 0,
+            remaining: 0,
+            pad: 0,
+            done: false,
+        }
     }
 
     /// Bytes consumed so far; after the end this is soci's `uncompressed_archive_size`.
@@ -153,7 +159,8 @@ impl<R: BufRead> TarReader<R> {
             self.set_data(&hdr, header_offset)?;
             match hdr.typeflag {
                 b'x' | b'g' => {
-                    let records = parse_pax(&self.read_special(hdr.size, header_offset)?, header_offset)?;
+                    let records =
+                        parse_pax(&self.read_special(hdr.size, header_offset)?, header_offset)?;
                     if hdr.typeflag == b'g' {
                         hdr.pax = records;
                         hdr.data_offset = self.pos;
@@ -193,7 +200,11 @@ impl<R: BufRead> TarReader<R> {
     }
 
     fn set_data(&mut self, hdr: &Header, offset: u64) -> Result<()> {
-        let size = if is_header_only(hdr.typeflag) { 0 } else { hdr.size };
+        let size = if is_header_only(hdr.typeflag) {
+            0
+        } else {
+            hdr.size
+        };
         if size < 0 {
             return Err(header_err(offset, "negative size"));
         }
@@ -205,14 +216,21 @@ impl<R: BufRead> TarReader<R> {
     /// Go's `readHeader`: one header block, or the end-of-archive marker.
     fn read_header(&mut self) -> Result<Option<Header>> {
         let offset = self.pos;
-        let Some(blk) = self.read_block()? else { return Ok(None) };
+        let Some(blk) = self.read_block()? else {
+            return Ok(None);
+        };
         if blk.iter().all(|&b| b == 0) {
             // Exactly one zero block then EOF, or two zero blocks: the end.
-            let Some(second) = self.read_block()? else { return Ok(None) };
+            let Some(second) = self.read_block()? else {
+                return Ok(None);
+            };
             if second.iter().all(|&b| b == 0) {
                 return Ok(None);
             }
-            return Err(header_err(offset, "zero block followed by a non-zero block"));
+            return Err(header_err(
+                offset,
+                "zero block followed by a non-zero block",
+            ));
         }
         let format = Format::of(&blk).ok_or_else(|| header_err(offset, "checksum mismatch"))?;
         let mut p = Parser::default();
@@ -256,7 +274,11 @@ impl<R: BufRead> TarReader<R> {
                         p2.numeric(&blk[357..369]);
                     }
                     let prefix = cstr(&blk[345..500]);
-                    if p2.failed && prefix.is_ascii() { prefix } else { &[] }
+                    if p2.failed && prefix.is_ascii() {
+                        prefix
+                    } else {
+                        &[]
+                    }
                 }
                 Format::V7 => &[],
             };
@@ -404,7 +426,11 @@ fn parse_int(s: &[u8]) -> Option<i64> {
     };
     let x = parse_uint(digits, 10)?;
     if neg {
-        if x > i64::MAX as u64 + 1 { None } else { Some((x as i64).wrapping_neg()) }
+        if x > i64::MAX as u64 + 1 {
+            None
+        } else {
+            Some((x as i64).wrapping_neg())
+        }
     } else {
         i64::try_from(x).ok()
     }
@@ -442,7 +468,7 @@ fn parse_pax(mut s: &[u8], offset: u64) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
         }
         match key {
             b"GNU.sparse.offset" | b"GNU.sparse.numbytes" => {
-                let expect_offset = sparse.len() % 2 == 0;
+                let expect_offset = sparse.len().is_multiple_of(2);
                 if (expect_offset != (key == b"GNU.sparse.offset")) || value.contains(&b',') {
                     return Err(bad());
                 }
@@ -477,7 +503,11 @@ fn parse_pax_time(s: &[u8]) -> Option<(i64, u32)> {
     for i in 0..9 {
         nanos = nanos * 10 + frac.get(i).map_or(0, |&d| i64::from(d - b'0'));
     }
-    let nanos = if secs.first() == Some(&b'-') { -nanos } else { nanos };
+    let nanos = if secs.first() == Some(&b'-') {
+        -nanos
+    } else {
+        nanos
+    };
     // time.Unix normalises the nanoseconds into [0, 1e9).
     let total_secs = whole.checked_add(nanos.div_euclid(1_000_000_000))?;
     Some((total_secs, nanos.rem_euclid(1_000_000_000) as u32))
@@ -517,7 +547,10 @@ mod tests {
 
     #[test]
     fn pax_time_normalises_like_go() {
-        assert_eq!(parse_pax_time(b"1700000000.25"), Some((1_700_000_000, 250_000_000)));
+        assert_eq!(
+            parse_pax_time(b"1700000000.25"),
+            Some((1_700_000_000, 250_000_000))
+        );
         assert_eq!(parse_pax_time(b"-1.5"), Some((-2, 500_000_000)));
         assert_eq!(parse_pax_time(b"5.1234567891"), Some((5, 123_456_789)));
         assert_eq!(parse_pax_time(b"5.x"), None);
@@ -540,6 +573,9 @@ mod tests {
         assert!(parse_pax(b"11 path=ab\n", 0).is_ok());
         assert!(parse_pax(b"12 path=ab\n", 0).is_err());
         assert!(parse_pax(b"3 a=\n", 0).is_err());
-        assert_eq!(parse_pax(b"7 a=\x00b\n", 0).unwrap()[&b"a".to_vec()], b"\0b");
+        assert_eq!(
+            parse_pax(b"7 a=\x00b\n", 0).unwrap()[&b"a".to_vec()],
+            b"\0b"
+        );
     }
 }

@@ -86,7 +86,9 @@ impl Inflater {
             String::new()
         } else {
             // SAFETY: zlib sets `msg` to null or to a static NUL-terminated string.
-            unsafe { CStr::from_ptr(self.strm.msg) }.to_string_lossy().into_owned()
+            unsafe { CStr::from_ptr(self.strm.msg) }
+                .to_string_lossy()
+                .into_owned()
         };
         ZError { code, message }
     }
@@ -142,8 +144,13 @@ impl Inflater {
     /// Insert `bits` bits of `value` into the bit buffer (resuming mid-byte).
     pub(crate) fn prime(&mut self, bits: u8, value: u8) -> Result<(), ZError> {
         // SAFETY: the stream was initialised in `new`; no buffers are referenced.
-        let ret = unsafe { z::inflatePrime(&mut *self.strm, c_int::from(bits), c_int::from(value)) };
-        if ret == z::Z_OK { Ok(()) } else { Err(self.error(ret)) }
+        let ret =
+            unsafe { z::inflatePrime(&mut *self.strm, c_int::from(bits), c_int::from(value)) };
+        if ret == z::Z_OK {
+            Ok(())
+        } else {
+            Err(self.error(ret))
+        }
     }
 
     /// Set the 32 KiB history a raw stream resumes with.
@@ -151,14 +158,22 @@ impl Inflater {
         let len = u32::try_from(window.len()).unwrap_or(u32::MAX);
         // SAFETY: `window` is a live slice of at least `len` bytes; zlib copies it.
         let ret = unsafe { z::inflateSetDictionary(&mut *self.strm, window.as_ptr(), len) };
-        if ret == z::Z_OK { Ok(()) } else { Err(self.error(ret)) }
+        if ret == z::Z_OK {
+            Ok(())
+        } else {
+            Err(self.error(ret))
+        }
     }
 
     /// Start over (e.g. for the next gzip member), keeping the allocation.
     pub(crate) fn reset(&mut self, window_bits: c_int) -> Result<(), ZError> {
         // SAFETY: the stream was initialised in `new`.
         let ret = unsafe { z::inflateReset2(&mut *self.strm, window_bits) };
-        if ret == z::Z_OK { Ok(()) } else { Err(self.error(ret)) }
+        if ret == z::Z_OK {
+            Ok(())
+        } else {
+            Err(self.error(ret))
+        }
     }
 }
 

@@ -88,7 +88,11 @@ pub(crate) enum Zinfo {
     /// Points parsed from a gzip blob.
     Gzip { span_size: u64, points: Vec<Point> },
     /// Fixed spans over a plain tar.
-    Tar { span_size: u64, size: u64, count: u64 },
+    Tar {
+        span_size: u64,
+        size: u64,
+        count: u64,
+    },
     /// Frame-boundary points of a zstd layer.
     Zstd { span_size: u64, points: Vec<Point> },
 }
@@ -123,9 +127,9 @@ impl Zinfo {
 
     pub(crate) fn span_size(&self) -> u64 {
         match self {
-            Self::Gzip { span_size, .. } | Self::Tar { span_size, .. } | Self::Zstd { span_size, .. } => {
-                *span_size
-            }
+            Self::Gzip { span_size, .. }
+            | Self::Tar { span_size, .. }
+            | Self::Zstd { span_size, .. } => *span_size,
         }
     }
 
@@ -162,7 +166,12 @@ impl Zinfo {
     }
 
     /// Uncompressed byte range of span `i` (`i < span_count`).
-    pub(crate) fn uncompressed_range(&self, i: u64, uncompressed_size: u64, compressed_size: u64) -> Range<u64> {
+    pub(crate) fn uncompressed_range(
+        &self,
+        i: u64,
+        uncompressed_size: u64,
+        compressed_size: u64,
+    ) -> Range<u64> {
         let p = self.point(i);
         let end = if i + 1 == self.span_count() {
             match self {
@@ -179,7 +188,9 @@ impl Zinfo {
     /// The span holding uncompressed offset `off` (the last span whose start is `<= off`).
     pub(crate) fn span_of(&self, off: u64) -> u64 {
         match self {
-            Self::Tar { span_size, count, .. } => (off / span_size).min(count.saturating_sub(1)),
+            Self::Tar {
+                span_size, count, ..
+            } => (off / span_size).min(count.saturating_sub(1)),
             Self::Gzip { points, .. } | Self::Zstd { points, .. } => {
                 (points.partition_point(|p| p.output <= off) as u64).saturating_sub(1)
             }
@@ -189,39 +200,65 @@ impl Zinfo {
     /// Check the points against the archive sizes (spec §5.3 checks, plus bounds).
     pub(crate) fn validate(&self, compressed_size: u64) -> Result<()> {
         let points = match self {
-            Self::Tar { span_size, size, .. } => {
+            Self::Tar {
+                span_size, size, ..
+            } => {
                 if *span_size == 0 {
-                    return Err(Error::Invalid { what: "span size is zero", index: 0 });
+                    return Err(Error::Invalid {
+                        what: "span size is zero",
+                        index: 0,
+                    });
                 }
                 if *size != compressed_size {
-                    return Err(Error::Invalid { what: "tar zinfo size differs from the archive size", index: 0 });
+                    return Err(Error::Invalid {
+                        what: "tar zinfo size differs from the archive size",
+                        index: 0,
+                    });
                 }
                 return Ok(());
             }
             Self::Gzip { points, .. } | Self::Zstd { points, .. } => points,
         };
         let Some(first) = points.first() else {
-            return Err(Error::Invalid { what: "no checkpoints", index: 0 });
+            return Err(Error::Invalid {
+                what: "no checkpoints",
+                index: 0,
+            });
         };
         if first.output != 0 {
-            return Err(Error::Invalid { what: "first checkpoint does not start at uncompressed offset 0", index: 0 });
+            return Err(Error::Invalid {
+                what: "first checkpoint does not start at uncompressed offset 0",
+                index: 0,
+            });
         }
         for (i, pair) in points.windows(2).enumerate() {
             if pair[1].input <= pair[0].input || pair[1].output <= pair[0].output {
-                return Err(Error::Invalid { what: "checkpoint offsets do not strictly increase", index: i as u64 + 1 });
+                return Err(Error::Invalid {
+                    what: "checkpoint offsets do not strictly increase",
+                    index: i as u64 + 1,
+                });
             }
         }
         for (i, p) in points.iter().enumerate() {
             if p.bits > 7 || (p.bits != 0 && p.input == 0) {
-                return Err(Error::Invalid { what: "checkpoint bit count", index: i as u64 });
+                return Err(Error::Invalid {
+                    what: "checkpoint bit count",
+                    index: i as u64,
+                });
             }
             if p.input > compressed_size {
-                return Err(Error::Invalid { what: "checkpoint beyond the end of the layer", index: i as u64 });
+                return Err(Error::Invalid {
+                    what: "checkpoint beyond the end of the layer",
+                    index: i as u64,
+                });
             }
         }
         if matches!(self, Self::Gzip { .. }) && first.input < 10 {
             // Checkpoint 0 follows the gzip header, which is at least 10 bytes.
-            return Err(Error::Invalid { what: "checkpoint 0 lies inside the gzip header", index: 0 });
+            return Err(Error::Invalid {
+                what: "checkpoint 0 lies inside the gzip header",
+                index: 0,
+            });
         }
         Ok(())
     }
@@ -230,9 +267,15 @@ impl Zinfo {
 fn parse_gzip(blob: &[u8]) -> Result<Zinfo> {
     let count = i32_at(blob, 0, "gzip checkpoint count")?;
     let span_size = offset(i64_at(blob, 4, "gzip span size")?, 4, "gzip span size")?;
-    let count = usize::try_from(count).map_err(|_| Error::Malformed { at: 0, what: "gzip checkpoint count" })?;
+    let count = usize::try_from(count).map_err(|_| Error::Malformed {
+        at: 0,
+        what: "gzip checkpoint count",
+    })?;
     if count == 0 {
-        return Err(Error::Malformed { at: 0, what: "gzip checkpoint count" });
+        return Err(Error::Malformed {
+            at: 0,
+            what: "gzip checkpoint count",
+        });
     }
     let body = blob.len() - GZIP_HEADER_LEN.min(blob.len());
     let stored = if body == GZIP_RECORD_LEN * count {
@@ -240,18 +283,39 @@ fn parse_gzip(blob: &[u8]) -> Result<Zinfo> {
     } else if body == GZIP_RECORD_LEN * (count - 1) {
         count - 1 // legacy v1: checkpoint 0 (in 10, out 0, no bits, zero window) implied
     } else {
-        return Err(Error::Malformed { at: 0, what: "gzip checkpoint blob length" });
+        return Err(Error::Malformed {
+            at: 0,
+            what: "gzip checkpoint blob length",
+        });
     };
     let mut points = Vec::with_capacity(count);
     if stored < count {
-        points.push(Point { input: 10, output: 0, bits: 0, window: None });
+        points.push(Point {
+            input: 10,
+            output: 0,
+            bits: 0,
+            window: None,
+        });
     }
     for k in 0..stored {
         let at = GZIP_HEADER_LEN + GZIP_RECORD_LEN * k;
-        let input = offset(i64_at(blob, at, "checkpoint offset")?, at, "checkpoint offset")?;
-        let output = offset(i64_at(blob, at + 8, "checkpoint offset")?, at + 8, "checkpoint offset")?;
+        let input = offset(
+            i64_at(blob, at, "checkpoint offset")?,
+            at,
+            "checkpoint offset",
+        )?;
+        let output = offset(
+            i64_at(blob, at + 8, "checkpoint offset")?,
+            at + 8,
+            "checkpoint offset",
+        )?;
         let bits = blob[at + 16];
-        points.push(Point { input, output, bits, window: Some(at + 17) });
+        points.push(Point {
+            input,
+            output,
+            bits,
+            window: Some(at + 17),
+        });
     }
     Ok(Zinfo::Gzip { span_size, points })
 }
@@ -260,35 +324,75 @@ fn parse_tar(blob: &[u8]) -> Result<Zinfo> {
     let table = Table::root(blob)?;
     let version = table.i32(0, 0, "tar zinfo version")?;
     if version != TAR_ZINFO_VERSION {
-        return Err(Error::Invalid { what: "unsupported tar zinfo version", index: version as u64 });
+        return Err(Error::Invalid {
+            what: "unsupported tar zinfo version",
+            index: version as u64,
+        });
     }
-    let span_size = offset(table.i64(1, 0, "tar zinfo span size")?, 0, "tar zinfo span size")?;
+    let span_size = offset(
+        table.i64(1, 0, "tar zinfo span size")?,
+        0,
+        "tar zinfo span size",
+    )?;
     let size = offset(table.i64(2, 0, "tar zinfo size")?, 0, "tar zinfo size")?;
     if span_size == 0 {
-        return Err(Error::Invalid { what: "span size is zero", index: 0 });
+        return Err(Error::Invalid {
+            what: "span size is zero",
+            index: 0,
+        });
     }
-    Ok(Zinfo::Tar { span_size, size, count: size.div_ceil(span_size) })
+    Ok(Zinfo::Tar {
+        span_size,
+        size,
+        count: size.div_ceil(span_size),
+    })
 }
 
 fn parse_zstd(blob: &[u8]) -> Result<Zinfo> {
     if blob.get(..4) != Some(ZSTD_MAGIC.as_slice()) {
-        return Err(Error::Malformed { at: 0, what: "zstd checkpoint magic" });
+        return Err(Error::Malformed {
+            at: 0,
+            what: "zstd checkpoint magic",
+        });
     }
     if i32_at(blob, 4, "zstd checkpoint version")? != 1 {
-        return Err(Error::Malformed { at: 4, what: "zstd checkpoint version" });
+        return Err(Error::Malformed {
+            at: 4,
+            what: "zstd checkpoint version",
+        });
     }
     let span_size = offset(i64_at(blob, 8, "zstd span size")?, 8, "zstd span size")?;
-    let count = usize::try_from(i32_at(blob, 16, "zstd checkpoint count")?)
-        .map_err(|_| Error::Malformed { at: 16, what: "zstd checkpoint count" })?;
+    let count = usize::try_from(i32_at(blob, 16, "zstd checkpoint count")?).map_err(|_| {
+        Error::Malformed {
+            at: 16,
+            what: "zstd checkpoint count",
+        }
+    })?;
     if blob.len() != ZSTD_HEADER_LEN + 16 * count {
-        return Err(Error::Malformed { at: 16, what: "zstd checkpoint blob length" });
+        return Err(Error::Malformed {
+            at: 16,
+            what: "zstd checkpoint blob length",
+        });
     }
     let mut points = Vec::with_capacity(count);
     for k in 0..count {
         let at = ZSTD_HEADER_LEN + 16 * k;
-        let input = offset(i64_at(blob, at, "checkpoint offset")?, at, "checkpoint offset")?;
-        let output = offset(i64_at(blob, at + 8, "checkpoint offset")?, at + 8, "checkpoint offset")?;
-        points.push(Point { input, output, bits: 0, window: None });
+        let input = offset(
+            i64_at(blob, at, "checkpoint offset")?,
+            at,
+            "checkpoint offset",
+        )?;
+        let output = offset(
+            i64_at(blob, at + 8, "checkpoint offset")?,
+            at + 8,
+            "checkpoint offset",
+        )?;
+        points.push(Point {
+            input,
+            output,
+            bits: 0,
+            window: None,
+        });
     }
     Ok(Zinfo::Zstd { span_size, points })
 }

@@ -181,7 +181,10 @@ impl Ztoc {
     /// Check everything a reader relies on (spec §1.2, §5.3 and bounds).
     fn validate(&self) -> Result<()> {
         if self.version != ZTOC_VERSION {
-            return Err(Error::Invalid { what: "unsupported zTOC version", index: 0 });
+            return Err(Error::Invalid {
+                what: "unsupported zTOC version",
+                index: 0,
+            });
         }
         self.zinfo.validate(self.compressed_archive_size)?;
         if self.span_digests.len() as u64 != self.zinfo.span_count() {
@@ -192,13 +195,20 @@ impl Ztoc {
         }
         for (i, d) in self.span_digests.iter().enumerate() {
             if !is_sha256_digest(d) {
-                return Err(Error::Invalid { what: "span digest is not sha256:<64 hex>", index: i as u64 });
+                return Err(Error::Invalid {
+                    what: "span digest is not sha256:<64 hex>",
+                    index: i as u64,
+                });
             }
         }
-        if self.uncompressed_archive_size > 0 && self.compression == Compression::Uncompressed
+        if self.uncompressed_archive_size > 0
+            && self.compression == Compression::Uncompressed
             && self.uncompressed_archive_size > self.compressed_archive_size
         {
-            return Err(Error::Invalid { what: "tar larger than its blob", index: 0 });
+            return Err(Error::Invalid {
+                what: "tar larger than its blob",
+                index: 0,
+            });
         }
         // Readers derive each header offset from the previous entry's end (spec §1.2).
         let mut order: Vec<usize> = (0..self.entries.len()).collect();
@@ -211,10 +221,16 @@ impl Ztoc {
                 index: i as u64,
             })?;
             if next_header > e.offset {
-                return Err(Error::Invalid { what: "entry overlaps the previous entry", index: i as u64 });
+                return Err(Error::Invalid {
+                    what: "entry overlaps the previous entry",
+                    index: i as u64,
+                });
             }
             if e.kind.has_data() && end > self.uncompressed_archive_size {
-                return Err(Error::Invalid { what: "entry data beyond the end of the tar", index: i as u64 });
+                return Err(Error::Invalid {
+                    what: "entry data beyond the end of the tar",
+                    index: i as u64,
+                });
             }
             next_header = end.div_ceil(512) * 512;
         }
@@ -227,7 +243,9 @@ impl Ztoc {
     }
 
     fn serialize(&self, max_span_id: i32) -> Vec<u8> {
-        let mut b = FlatBufferBuilder::with_capacity(self.checkpoints.len() + 256 * self.entries.len() + 1024);
+        let mut b = FlatBufferBuilder::with_capacity(
+            self.checkpoints.len() + 256 * self.entries.len() + 1024,
+        );
         let version = b.create_byte_string(self.version.as_bytes());
         let bti = b.create_byte_string(self.build_tool_identifier.as_bytes());
 
@@ -241,13 +259,21 @@ impl Ztoc {
         let toc = b.end_table(toc_start);
 
         let checkpoints = b.create_vector(&self.checkpoints);
-        let digests: Vec<_> = self.span_digests.iter().map(|d| b.create_byte_string(d.as_bytes())).collect();
+        let digests: Vec<_> = self
+            .span_digests
+            .iter()
+            .map(|d| b.create_byte_string(d.as_bytes()))
+            .collect();
         let digests = b.create_vector(&digests);
         let ci_start = b.start_table();
         b.push_slot::<i32>(slot::CI_MAX_SPAN, max_span_id, 0);
         b.push_slot_always(slot::CI_DIGESTS, digests);
         b.push_slot_always(slot::CI_CHECKPOINTS, checkpoints);
-        b.push_slot::<i8>(slot::CI_ALGORITHM, self.compression.to_fb(), Compression::Gzip.to_fb());
+        b.push_slot::<i8>(
+            slot::CI_ALGORITHM,
+            self.compression.to_fb(),
+            Compression::Gzip.to_fb(),
+        );
         let ci = b.end_table(ci_start);
 
         let root_start = b.start_table();
@@ -268,12 +294,23 @@ impl Ztoc {
         let root = Table::root(buf)?;
         let version = utf8(root.bytes(0, "version")?, "version")?;
         if version != ZTOC_VERSION {
-            return Err(Error::Invalid { what: "unsupported zTOC version", index: 0 });
+            return Err(Error::Invalid {
+                what: "unsupported zTOC version",
+                index: 0,
+            });
         }
-        let build_tool_identifier = utf8(root.bytes(1, "build tool identifier")?, "build tool identifier")?;
-        let compressed_archive_size = non_negative(root.i64(2, 0, "compressed archive size")?, "compressed archive size")?;
-        let uncompressed_archive_size =
-            non_negative(root.i64(3, 0, "uncompressed archive size")?, "uncompressed archive size")?;
+        let build_tool_identifier = utf8(
+            root.bytes(1, "build tool identifier")?,
+            "build tool identifier",
+        )?;
+        let compressed_archive_size = non_negative(
+            root.i64(2, 0, "compressed archive size")?,
+            "compressed archive size",
+        )?;
+        let uncompressed_archive_size = non_negative(
+            root.i64(3, 0, "uncompressed archive size")?,
+            "uncompressed archive size",
+        )?;
         let entries = match root.table(4, "toc")? {
             None => Vec::new(),
             Some(toc) => {
@@ -285,8 +322,12 @@ impl Ztoc {
                 entries
             }
         };
-        let ci = root.table(5, "compression info")?.ok_or(Error::Invalid { what: "no compression info", index: 0 })?;
-        let compression = Compression::from_fb(ci.i8(0, Compression::Gzip.to_fb(), "compression algorithm")?)?;
+        let ci = root.table(5, "compression info")?.ok_or(Error::Invalid {
+            what: "no compression info",
+            index: 0,
+        })?;
+        let compression =
+            Compression::from_fb(ci.i8(0, Compression::Gzip.to_fb(), "compression algorithm")?)?;
         let max_span_id = ci.i32(1, 0, "max span id")?;
         let list = ci.vector(2, "span digests")?;
         let mut span_digests = Vec::with_capacity(list.len());
@@ -296,7 +337,10 @@ impl Ztoc {
         let checkpoints = ci.bytes(3, "checkpoints")?.to_vec();
         let zinfo = Zinfo::parse(compression, &checkpoints)?;
         if i64::from(max_span_id) + 1 != zinfo.span_count() as i64 {
-            return Err(Error::Invalid { what: "max_span_id differs from the checkpoint count", index: max_span_id as u64 });
+            return Err(Error::Invalid {
+                what: "max_span_id differs from the checkpoint count",
+                index: max_span_id as u64,
+            });
         }
         let ztoc = Self {
             version,
@@ -314,7 +358,10 @@ impl Ztoc {
     }
 }
 
-fn write_entry<'b>(b: &mut FlatBufferBuilder<'b>, e: &Entry) -> WIPOffset<flatbuffers::TableFinishedWIPOffset> {
+fn write_entry<'b>(
+    b: &mut FlatBufferBuilder<'b>,
+    e: &Entry,
+) -> WIPOffset<flatbuffers::TableFinishedWIPOffset> {
     let name = b.create_byte_string(&e.name);
     let kind = b.create_byte_string(e.kind.as_str().as_bytes());
     let linkname = b.create_byte_string(&e.linkname);
@@ -350,18 +397,26 @@ fn write_entry<'b>(b: &mut FlatBufferBuilder<'b>, e: &Entry) -> WIPOffset<flatbu
 }
 
 fn read_entry(t: &Table<'_>, index: usize) -> Result<Entry> {
-    let kind = EntryKind::from_bytes(t.bytes(1, "entry type")?)
-        .ok_or(Error::Invalid { what: "unknown entry type", index: index as u64 })?;
+    let kind = EntryKind::from_bytes(t.bytes(1, "entry type")?).ok_or(Error::Invalid {
+        what: "unknown entry type",
+        index: index as u64,
+    })?;
     let list = t.vector(13, "xattrs")?;
     let mut pax = Vec::with_capacity(list.len());
     for i in 0..list.len() {
         let x = list.table(i)?;
-        pax.push((x.bytes(0, "xattr key")?.to_vec(), x.bytes(1, "xattr value")?.to_vec()));
+        pax.push((
+            x.bytes(0, "xattr key")?.to_vec(),
+            x.bytes(1, "xattr value")?.to_vec(),
+        ));
     }
     let offset = t.i64(2, 0, "entry offset")?;
     let size = t.i64(3, 0, "entry size")?;
     let (Ok(offset), Ok(size)) = (u64::try_from(offset), u64::try_from(size)) else {
-        return Err(Error::Invalid { what: "negative entry offset or size", index: index as u64 });
+        return Err(Error::Invalid {
+            what: "negative entry offset or size",
+            index: index as u64,
+        });
     };
     Ok(Entry {
         name: t.bytes(0, "entry name")?.to_vec(),
@@ -391,8 +446,12 @@ fn non_negative(v: i64, what: &'static str) -> Result<u64> {
 
 /// `sha256:` followed by 64 lower-case hex digits.
 pub(crate) fn is_sha256_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:")
-        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)))
+    d.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    })
 }
 
 /// Format a SHA-256 as `sha256:<hex>`.
@@ -412,12 +471,17 @@ mod tests {
     use crate::zinfo::{GZIP_HEADER_LEN, GZIP_RECORD_LEN};
 
     fn golden(name: &str) -> Vec<u8> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/soci").join(name);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/soci")
+            .join(name);
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     fn pax_gz() -> (Ztoc, Vec<u8>) {
-        (Ztoc::from_bytes(&golden("pax.tar.gz.65536.ztoc")).expect("golden"), golden("pax.tar.gz"))
+        (
+            Ztoc::from_bytes(&golden("pax.tar.gz.65536.ztoc")).expect("golden"),
+            golden("pax.tar.gz"),
+        )
     }
 
     fn reg_files(z: &Ztoc) -> Vec<(String, u64)> {
@@ -443,12 +507,18 @@ mod tests {
         legacy.checkpoints = v1;
         let bytes = legacy.to_bytes();
         let parsed = Ztoc::from_bytes(&bytes).expect("v1 zTOC parses");
-        assert!(parsed.to_bytes() == bytes, "re-serializing a v1 zTOC keeps v1 bytes");
+        assert!(
+            parsed.to_bytes() == bytes,
+            "re-serializing a v1 zTOC keeps v1 bytes"
+        );
         assert_eq!(parsed.span(0), z.span(0), "implied checkpoint 0");
         for (name, _) in reg_files(&parsed) {
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            parsed.extract(layer.as_slice(), &name, &mut a).expect("v1 extract");
-            z.extract(layer.as_slice(), &name, &mut b).expect("v2 extract");
+            parsed
+                .extract(layer.as_slice(), &name, &mut a)
+                .expect("v1 extract");
+            z.extract(layer.as_slice(), &name, &mut b)
+                .expect("v2 extract");
             assert!(a == b, "{name} differs between v1 and v2");
         }
     }
@@ -456,9 +526,17 @@ mod tests {
     #[test]
     fn wrong_max_span_id_is_rejected() {
         let (z, _) = pax_gz();
-        for wrong in [z.span_count() as i32, z.span_count() as i32 - 2, -1, i32::MAX] {
+        for wrong in [
+            z.span_count() as i32,
+            z.span_count() as i32 - 2,
+            -1,
+            i32::MAX,
+        ] {
             let err = Ztoc::from_bytes(&z.serialize(wrong)).expect_err("must reject");
-            assert!(matches!(err, Error::Invalid { what, .. } if what.contains("max_span_id")), "{wrong}: {err}");
+            assert!(
+                matches!(err, Error::Invalid { what, .. } if what.contains("max_span_id")),
+                "{wrong}: {err}"
+            );
         }
     }
 
@@ -473,7 +551,10 @@ mod tests {
     #[test]
     fn non_monotonic_checkpoints_are_rejected() {
         let (mut z, _) = pax_gz();
-        let (a, b) = (GZIP_HEADER_LEN + GZIP_RECORD_LEN, GZIP_HEADER_LEN + 2 * GZIP_RECORD_LEN);
+        let (a, b) = (
+            GZIP_HEADER_LEN + GZIP_RECORD_LEN,
+            GZIP_HEADER_LEN + 2 * GZIP_RECORD_LEN,
+        );
         let first: Vec<u8> = z.checkpoints[a..b].to_vec();
         let second: Vec<u8> = z.checkpoints[b..b + GZIP_RECORD_LEN].to_vec();
         z.checkpoints[a..b].copy_from_slice(&second);
@@ -485,7 +566,11 @@ mod tests {
     #[test]
     fn overlapping_entries_are_rejected() {
         let (mut z, _) = pax_gz();
-        let i = z.entries.iter().position(|e| e.kind == EntryKind::Reg && e.size > 1024).expect("a file");
+        let i = z
+            .entries
+            .iter()
+            .position(|e| e.kind == EntryKind::Reg && e.size > 1024)
+            .expect("a file");
         z.entries[i].size += 4096;
         let err = Ztoc::from_bytes(&z.to_bytes()).expect_err("must reject");
         assert!(err.to_string().contains("overlaps"), "{err}");
@@ -494,12 +579,20 @@ mod tests {
     #[test]
     fn a_flipped_span_byte_is_never_served() {
         let (z, mut layer) = pax_gz();
-        let (name, offset) = reg_files(&z).into_iter().find(|(_, off)| *off > 200_000).expect("a file");
+        let (name, offset) = reg_files(&z)
+            .into_iter()
+            .find(|(_, off)| *off > 200_000)
+            .expect("a file");
         let span = z.span(z.span_of(offset)).expect("span");
         layer[(span.compressed.start + span.compressed.end) as usize / 2] ^= 0x40;
         let mut out = Vec::new();
-        let err = z.extract(layer.as_slice(), &name, &mut out).expect_err("corrupt span must fail");
-        assert!(matches!(err, Error::SpanDigestMismatch { span: s, .. } if s == span.id), "{err}");
+        let err = z
+            .extract(layer.as_slice(), &name, &mut out)
+            .expect_err("corrupt span must fail");
+        assert!(
+            matches!(err, Error::SpanDigestMismatch { span: s, .. } if s == span.id),
+            "{err}"
+        );
         assert!(out.is_empty(), "no bytes of a failed span are written");
     }
 

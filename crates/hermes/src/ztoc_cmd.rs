@@ -92,9 +92,11 @@ pub fn run(cmd: ZtocCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn load(path: &Path) -> anyhow::Result<(Ztoc, String)> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read zTOC {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read zTOC {}", path.display()))?;
     let digest = sha256(&bytes);
-    let ztoc = Ztoc::from_bytes(&bytes).with_context(|| format!("{} is not a usable zTOC", path.display()))?;
+    let ztoc = Ztoc::from_bytes(&bytes)
+        .with_context(|| format!("{} is not a usable zTOC", path.display()))?;
     Ok((ztoc, digest))
 }
 
@@ -105,7 +107,8 @@ fn sha256(bytes: &[u8]) -> String {
 }
 
 fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
-    let file = File::open(&args.layer).with_context(|| format!("cannot open layer {}", args.layer.display()))?;
+    let file = File::open(&args.layer)
+        .with_context(|| format!("cannot open layer {}", args.layer.display()))?;
     let options = BuildOptions {
         span_size: args.span_size,
         build_tool_identifier: args.build_tool_identifier,
@@ -150,7 +153,10 @@ fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
 
 /// Temp file in the same directory, fsync, rename: readers never see a partial zTOC.
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp-{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
@@ -169,7 +175,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 
 fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
     let (ztoc, digest) = load(&args.ztoc)?;
-    let files = ztoc.entries().iter().filter(|e| e.kind == EntryKind::Reg).count();
+    let files = ztoc
+        .entries()
+        .iter()
+        .filter(|e| e.kind == EntryKind::Reg)
+        .count();
     if args.json {
         let value = serde_json::json!({
             "digest": digest,
@@ -191,11 +201,30 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
         writeln!(out, "version:             {}", ztoc.version())?;
         writeln!(out, "build tool:          {}", ztoc.build_tool_identifier())?;
         writeln!(out, "compression:         {}", ztoc.compression())?;
-        writeln!(out, "compressed size:     {} ({})", ztoc.compressed_archive_size(), human(ztoc.compressed_archive_size()))?;
-        writeln!(out, "uncompressed size:   {} ({})", ztoc.uncompressed_archive_size(), human(ztoc.uncompressed_archive_size()))?;
-        writeln!(out, "span size:           {} ({})", ztoc.span_size(), human(ztoc.span_size()))?;
+        writeln!(
+            out,
+            "compressed size:     {} ({})",
+            ztoc.compressed_archive_size(),
+            human(ztoc.compressed_archive_size())
+        )?;
+        writeln!(
+            out,
+            "uncompressed size:   {} ({})",
+            ztoc.uncompressed_archive_size(),
+            human(ztoc.uncompressed_archive_size())
+        )?;
+        writeln!(
+            out,
+            "span size:           {} ({})",
+            ztoc.span_size(),
+            human(ztoc.span_size())
+        )?;
         writeln!(out, "spans:               {}", ztoc.span_count())?;
-        writeln!(out, "entries:             {} ({files} regular files)", ztoc.entries().len())?;
+        writeln!(
+            out,
+            "entries:             {} ({files} regular files)",
+            ztoc.entries().len()
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -203,7 +232,17 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
 fn mode_string(kind: EntryKind, mode: i64) -> String {
     let mut s = String::with_capacity(10);
     s.push(kind.type_char());
-    let bits = [(0o400, 'r'), (0o200, 'w'), (0o100, 'x'), (0o40, 'r'), (0o20, 'w'), (0o10, 'x'), (0o4, 'r'), (0o2, 'w'), (0o1, 'x')];
+    let bits = [
+        (0o400, 'r'),
+        (0o200, 'w'),
+        (0o100, 'x'),
+        (0o40, 'r'),
+        (0o20, 'w'),
+        (0o10, 'x'),
+        (0o4, 'r'),
+        (0o2, 'w'),
+        (0o1, 'x'),
+    ];
     for (i, (bit, c)) in bits.iter().enumerate() {
         let set = mode & bit != 0;
         let special = match i {
@@ -228,19 +267,37 @@ fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
     let (ztoc, _) = load(&args.ztoc)?;
     let mut out = BufWriter::new(io::stdout().lock());
     for e in ztoc.entries() {
-        let owner = if e.uname.is_empty() { e.uid.to_string() } else { String::from_utf8_lossy(&e.uname).into_owned() };
-        let group = if e.gname.is_empty() { e.gid.to_string() } else { String::from_utf8_lossy(&e.gname).into_owned() };
+        let owner = if e.uname.is_empty() {
+            e.uid.to_string()
+        } else {
+            String::from_utf8_lossy(&e.uname).into_owned()
+        };
+        let group = if e.gname.is_empty() {
+            e.gid.to_string()
+        } else {
+            String::from_utf8_lossy(&e.gname).into_owned()
+        };
         let size = match e.kind {
             EntryKind::Char | EntryKind::Block => format!("{},{}", e.devmajor, e.devminor),
             _ => e.size.to_string(),
         };
         // "2023-11-14T22:13:20.25Z" → "2023-11-14 22:13"
         let time = String::from_utf8_lossy(&e.mod_time);
-        let time = time.get(..16).map(|t| t.replacen('T', " ", 1)).unwrap_or_else(|| time.to_string());
-        write!(out, "{} {owner}/{group} {size:>9} {time} {}", mode_string(e.kind, e.mode), e.display_name())?;
+        let time = time
+            .get(..16)
+            .map(|t| t.replacen('T', " ", 1))
+            .unwrap_or_else(|| time.to_string());
+        write!(
+            out,
+            "{} {owner}/{group} {size:>9} {time} {}",
+            mode_string(e.kind, e.mode),
+            e.display_name()
+        )?;
         match e.kind {
             EntryKind::Symlink => write!(out, " -> {}", String::from_utf8_lossy(&e.linkname))?,
-            EntryKind::Hardlink => write!(out, " link to {}", String::from_utf8_lossy(&e.linkname))?,
+            EntryKind::Hardlink => {
+                write!(out, " link to {}", String::from_utf8_lossy(&e.linkname))?
+            }
             _ => {}
         }
         writeln!(out)?;
@@ -251,7 +308,8 @@ fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
 
 fn extract(args: ExtractArgs) -> anyhow::Result<ExitCode> {
     let (ztoc, _) = load(&args.ztoc)?;
-    let layer = File::open(&args.layer).with_context(|| format!("cannot open layer {}", args.layer.display()))?;
+    let layer = File::open(&args.layer)
+        .with_context(|| format!("cannot open layer {}", args.layer.display()))?;
     let size = layer.metadata()?.len();
     if size != ztoc.compressed_archive_size() {
         bail!(
@@ -268,7 +326,13 @@ fn extract(args: ExtractArgs) -> anyhow::Result<ExitCode> {
         None => Box::new(BufWriter::new(io::stdout().lock())),
     };
     ztoc.extract(&reader, &args.path, &mut out)
-        .with_context(|| format!("cannot extract {:?} from {}", args.path, args.layer.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot extract {:?} from {}",
+                args.path,
+                args.layer.display()
+            )
+        })?;
     out.flush()?;
     eprintln!(
         "read {} compressed bytes in {} request(s), {:.2}% of the {} layer",

@@ -19,7 +19,15 @@ fn tar_with_raw_name(name: &[u8], typeflag: u8, link: &[u8]) -> Vec<u8> {
     h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
     h.set_cksum();
     let mut b = tar::Builder::new(Vec::new());
-    b.append(&h, if typeflag == b'0' { &b"hello"[..] } else { &b""[..] }).expect("append");
+    b.append(
+        &h,
+        if typeflag == b'0' {
+            &b"hello"[..]
+        } else {
+            &b""[..]
+        },
+    )
+    .expect("append");
     b.into_inner().expect("tar")
 }
 
@@ -29,12 +37,21 @@ fn names_escaping_the_root_are_refused_by_name() {
         let tar = tar_with_raw_name(name, b'0', b"");
         let err = hermes_ztoc::build(tar.as_slice(), &options(65536)).expect_err("must refuse");
         let shown = String::from_utf8_lossy(name).into_owned();
-        assert!(matches!(&err, Error::UnsafePath { name, .. } if *name == shown), "{err}");
-        assert!(err.to_string().contains(&shown), "message names the entry: {err}");
+        assert!(
+            matches!(&err, Error::UnsafePath { name, .. } if *name == shown),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&shown),
+            "message names the entry: {err}"
+        );
     }
     // A hardlink whose target escapes is refused too; a symlink may point anywhere.
     let tar = tar_with_raw_name(b"link", b'1', b"../../etc/passwd");
-    assert!(matches!(hermes_ztoc::build(tar.as_slice(), &options(65536)), Err(Error::UnsafePath { .. })));
+    assert!(matches!(
+        hermes_ztoc::build(tar.as_slice(), &options(65536)),
+        Err(Error::UnsafePath { .. })
+    ));
     let tar = tar_with_raw_name(b"link", b'2', b"/etc/passwd");
     hermes_ztoc::build(tar.as_slice(), &options(65536)).expect("absolute symlink targets are fine");
     // `./` and inner `..` that stay inside are fine.
@@ -46,7 +63,10 @@ fn names_escaping_the_root_are_refused_by_name() {
 fn unsupported_entry_types_are_named() {
     let tar = tar_with_raw_name(b"contig", b'7', b"");
     let err = hermes_ztoc::build(tar.as_slice(), &options(65536)).expect_err("type 7");
-    assert!(err.to_string().contains("contig") && err.to_string().contains("'7'"), "{err}");
+    assert!(
+        err.to_string().contains("contig") && err.to_string().contains("'7'"),
+        "{err}"
+    );
 
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_ustar();
@@ -63,7 +83,11 @@ fn unsupported_entry_types_are_named() {
 
 fn sample_tar() -> Vec<u8> {
     let items: Vec<Item> = (0..20)
-        .map(|i| Item::File { name: format!("f{i}"), body: vec![i as u8; 30_000 + i * 1000], xattr: None })
+        .map(|i| Item::File {
+            name: format!("f{i}"),
+            body: vec![i as u8; 30_000 + i * 1000],
+            xattr: None,
+        })
         .collect();
     make_tar(&items, false)
 }
@@ -78,7 +102,13 @@ fn single_frame_zstd_is_not_seekable() {
 
 #[test]
 fn truncated_and_corrupt_gzip_fail() {
-    let layer = encode(&sample_tar(), Encoding::Gzip { level: 6, members: 1 });
+    let layer = encode(
+        &sample_tar(),
+        Encoding::Gzip {
+            level: 6,
+            members: 1,
+        },
+    );
     let truncated = &layer[..layer.len() / 2];
     let err = hermes_ztoc::build(truncated, &options(65536)).expect_err("truncated");
     assert!(err.to_string().contains("truncated"), "{err}");
@@ -90,7 +120,8 @@ fn truncated_and_corrupt_gzip_fail() {
 
     let mut trailing = layer.clone();
     trailing.write_all(&[0u8; 100]).expect("pad");
-    let err = hermes_ztoc::build(trailing.as_slice(), &options(65536)).expect_err("trailing garbage");
+    let err =
+        hermes_ztoc::build(trailing.as_slice(), &options(65536)).expect_err("trailing garbage");
     assert!(matches!(err, Error::Gzip { .. }), "{err}");
 }
 
@@ -99,8 +130,14 @@ fn truncated_tar_fails_and_empty_layer_fails() {
     let tar = sample_tar();
     let err = hermes_ztoc::build(&tar[..100_000], &options(65536)).expect_err("cut inside a file");
     assert!(matches!(err, Error::TarTruncated { .. }), "{err}");
-    assert!(matches!(hermes_ztoc::build(&[][..], &options(65536)), Err(Error::EmptyLayer)));
-    assert!(matches!(hermes_ztoc::build(tar.as_slice(), &options(0)), Err(Error::InvalidSpanSize(0))));
+    assert!(matches!(
+        hermes_ztoc::build(&[][..], &options(65536)),
+        Err(Error::EmptyLayer)
+    ));
+    assert!(matches!(
+        hermes_ztoc::build(tar.as_slice(), &options(0)),
+        Err(Error::InvalidSpanSize(0))
+    ));
 }
 
 #[test]

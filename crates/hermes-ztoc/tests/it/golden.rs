@@ -16,19 +16,43 @@ fn builds_byte_identical_ztocs_to_soci() {
     for &(layer, span) in GOLDENS {
         let blob = read(&format!("soci/{layer}"));
         let golden = read(&format!("soci/{layer}.{span}.ztoc"));
-        let ours = hermes_ztoc::build(blob.as_slice(), &options(span)).unwrap_or_else(|e| panic!("{layer}: {e}"));
+        let ours = hermes_ztoc::build(blob.as_slice(), &options(span))
+            .unwrap_or_else(|e| panic!("{layer}: {e}"));
         let bytes = ours.to_bytes();
         if bytes != golden {
             let theirs = Ztoc::from_bytes(&golden).expect("golden parses");
-            assert_eq!(ours.compressed_archive_size(), theirs.compressed_archive_size(), "{layer}: compressed size");
-            assert_eq!(ours.uncompressed_archive_size(), theirs.uncompressed_archive_size(), "{layer}: uncompressed size");
-            assert_eq!(ours.entries().len(), theirs.entries().len(), "{layer}: entry count");
+            assert_eq!(
+                ours.compressed_archive_size(),
+                theirs.compressed_archive_size(),
+                "{layer}: compressed size"
+            );
+            assert_eq!(
+                ours.uncompressed_archive_size(),
+                theirs.uncompressed_archive_size(),
+                "{layer}: uncompressed size"
+            );
+            assert_eq!(
+                ours.entries().len(),
+                theirs.entries().len(),
+                "{layer}: entry count"
+            );
             for (a, b) in ours.entries().iter().zip(theirs.entries()) {
                 assert_eq!(a, b, "{layer}: entry differs");
             }
-            assert_eq!(ours.span_digests(), theirs.span_digests(), "{layer}: span digests");
-            assert!(ours.checkpoints() == theirs.checkpoints(), "{layer}: checkpoint blobs differ");
-            panic!("{layer}: decoded fields agree but bytes differ ({} vs {} bytes)", bytes.len(), golden.len());
+            assert_eq!(
+                ours.span_digests(),
+                theirs.span_digests(),
+                "{layer}: span digests"
+            );
+            assert!(
+                ours.checkpoints() == theirs.checkpoints(),
+                "{layer}: checkpoint blobs differ"
+            );
+            panic!(
+                "{layer}: decoded fields agree but bytes differ ({} vs {} bytes)",
+                bytes.len(),
+                golden.len()
+            );
         }
     }
 }
@@ -40,7 +64,10 @@ fn soci_ztocs_parse_and_round_trip() {
         let ztoc = Ztoc::from_bytes(&golden).unwrap_or_else(|e| panic!("{layer}: {e}"));
         assert_eq!(ztoc.span_size(), span, "{layer}");
         assert_eq!(ztoc.build_tool_identifier(), "AWS SOCI CLI v0.2");
-        assert!(ztoc.to_bytes() == golden, "{layer}: re-serialized zTOC differs from soci's");
+        assert!(
+            ztoc.to_bytes() == golden,
+            "{layer}: re-serialized zTOC differs from soci's"
+        );
     }
 }
 

@@ -7,7 +7,11 @@ use std::process::{Command, Stdio};
 use crate::roundtrip::check_layer;
 
 fn require(tool: &str) {
-    let ok = Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let ok = Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     assert!(
         ok.is_ok_and(|s| s.success()),
         "{tool} is required for the real-layer tests: run scripts/install-deps.sh (apt-get install tar gzip zstd)"
@@ -16,8 +20,16 @@ fn require(tool: &str) {
 
 /// Files installed by a few Debian packages (`dpkg -L`), existing regular files, dirs and links.
 fn package_files(packages: &[&str]) -> Vec<String> {
-    let out = Command::new("dpkg").arg("-L").args(packages).output().expect("dpkg -L: is this Debian?");
-    assert!(out.status.success(), "dpkg -L {packages:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("dpkg")
+        .arg("-L")
+        .args(packages)
+        .output()
+        .expect("dpkg -L: is this Debian?");
+    assert!(
+        out.status.success(),
+        "dpkg -L {packages:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut files: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.starts_with('/') && l.len() > 1)
@@ -26,7 +38,11 @@ fn package_files(packages: &[&str]) -> Vec<String> {
         .collect();
     files.sort();
     files.dedup();
-    assert!(files.len() > 100, "expected a real package tree, got {} paths", files.len());
+    assert!(
+        files.len() > 100,
+        "expected a real package tree, got {} paths",
+        files.len()
+    );
     files
 }
 
@@ -35,19 +51,39 @@ fn gnu_tar(paths: &[String], format: &str, dir: &Path) -> Vec<u8> {
     let list = dir.join(format!("files-{format}"));
     std::fs::write(&list, paths.join("\n")).expect("file list");
     let out = Command::new("tar")
-        .args(["-C", "/", "--no-recursion", &format!("--format={format}"), "-cf", "-", "-T"])
+        .args([
+            "-C",
+            "/",
+            "--no-recursion",
+            &format!("--format={format}"),
+            "-cf",
+            "-",
+            "-T",
+        ])
         .arg(&list)
         .output()
         .expect("tar");
-    assert!(out.status.success(), "tar failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tar failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
 fn pipe(tool: &str, args: &[&str], input: &[u8], dir: &Path) -> Vec<u8> {
     let path = dir.join("pipe-input");
     std::fs::write(&path, input).expect("write");
-    let out = Command::new(tool).args(args).stdin(std::fs::File::open(&path).expect("open")).output().expect(tool);
-    assert!(out.status.success(), "{tool} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(tool)
+        .args(args)
+        .stdin(std::fs::File::open(&path).expect("open"))
+        .output()
+        .expect(tool);
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -60,11 +96,19 @@ fn debian_package_trees_index_and_read_back() {
     let files = package_files(&["coreutils", "bash", "tar"]);
     for format in ["gnu", "posix"] {
         let tar = gnu_tar(&files, format, dir.path());
-        assert!(tar.len() > 5 << 20, "{format}: layer of {} bytes is too small to be real", tar.len());
+        assert!(
+            tar.len() > 5 << 20,
+            "{format}: layer of {} bytes is too small to be real",
+            tar.len()
+        );
 
         let gz = pipe("gzip", &["-6", "-n", "-c"], &tar, dir.path());
         let ztoc = check_layer(&tar, &gz, 1 << 20);
-        assert!(ztoc.span_count() > 3, "{format}.gz: {} spans", ztoc.span_count());
+        assert!(
+            ztoc.span_count() > 3,
+            "{format}.gz: {} spans",
+            ztoc.span_count()
+        );
 
         check_layer(&tar, &tar, 1 << 20);
 

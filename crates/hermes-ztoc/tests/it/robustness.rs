@@ -7,11 +7,14 @@ use crate::support::read;
 
 /// Everything a reader might do with a parsed zTOC must also be panic-free.
 fn exercise(bytes: &[u8], layer: &[u8]) {
-    let Ok(z) = Ztoc::from_bytes(bytes) else { return };
+    let Ok(z) = Ztoc::from_bytes(bytes) else {
+        return;
+    };
     let _ = z.to_bytes();
     let _ = z.path_index();
     for span in z.spans().take(4) {
-        if let Some(bytes) = layer.get(span.compressed.start as usize..span.compressed.end as usize) {
+        if let Some(bytes) = layer.get(span.compressed.start as usize..span.compressed.end as usize)
+        {
             let _ = z.decode_span(span.id, bytes);
         }
     }
@@ -61,6 +64,9 @@ proptest! {
 fn truncations_of_a_gzip_ztoc_all_fail_cleanly() {
     let golden = read("soci/gnu.tar.gz.65536.ztoc");
     for cut in (0..golden.len()).step_by(997) {
-        assert!(Ztoc::from_bytes(&golden[..cut]).is_err(), "a zTOC cut at {cut} bytes must not parse");
+        assert!(
+            Ztoc::from_bytes(&golden[..cut]).is_err(),
+            "a zTOC cut at {cut} bytes must not parse"
+        );
     }
 }

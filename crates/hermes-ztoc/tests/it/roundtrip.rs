@@ -11,11 +11,22 @@ use crate::support::{options, tar_files};
 /// One generated tar entry.
 #[derive(Debug, Clone)]
 pub enum Item {
-    File { name: String, body: Vec<u8>, xattr: Option<Vec<u8>> },
-    Dir { name: String },
-    Symlink { name: String, target: String },
+    File {
+        name: String,
+        body: Vec<u8>,
+        xattr: Option<Vec<u8>>,
+    },
+    Dir {
+        name: String,
+    },
+    Symlink {
+        name: String,
+        target: String,
+    },
     /// A hard link to the file generated just before it.
-    Hardlink { name: String },
+    Hardlink {
+        name: String,
+    },
 }
 
 /// Contents that compress like real files: runs of text mixed with noise.
@@ -32,7 +43,13 @@ fn body(max: usize) -> impl Strategy<Value = Vec<u8>> {
             .map(|i| match kind {
                 0 => (next() & 0xff) as u8,
                 1 => b"the quick brown fox jumps over the lazy dog\n"[i % 44],
-                2 => if next() % 8 == 0 { (next() & 0xff) as u8 } else { b'a' + (i % 7) as u8 },
+                2 => {
+                    if next() % 8 == 0 {
+                        (next() & 0xff) as u8
+                    } else {
+                        b'a' + (i % 7) as u8
+                    }
+                }
                 _ => 0,
             })
             .collect()
@@ -62,7 +79,11 @@ pub fn make_tar(items: &[Item], pax: bool) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut last_file: Option<String> = None;
     for (i, item) in items.iter().enumerate() {
-        let mut h = if pax { tar::Header::new_ustar() } else { tar::Header::new_gnu() };
+        let mut h = if pax {
+            tar::Header::new_ustar()
+        } else {
+            tar::Header::new_gnu()
+        };
         h.set_mtime(1_700_000_000 + i as u64);
         h.set_uid(i as u64 % 3);
         h.set_gid(1000);
@@ -73,29 +94,34 @@ pub fn make_tar(items: &[Item], pax: bool) -> Vec<u8> {
                 h.set_mode(0o644);
                 h.set_size(body.len() as u64);
                 if let (true, Some(x)) = (pax, xattr) {
-                    b.append_pax_extensions([("SCHILY.xattr.user.test", x.as_slice())]).expect("pax");
+                    b.append_pax_extensions([("SCHILY.xattr.user.test", x.as_slice())])
+                        .expect("pax");
                 }
-                b.append_data(&mut h, &name, body.as_slice()).expect("append file");
+                b.append_data(&mut h, &name, body.as_slice())
+                    .expect("append file");
                 last_file = Some(name);
             }
             Item::Dir { name } => {
                 h.set_entry_type(tar::EntryType::Directory);
                 h.set_mode(0o755);
                 h.set_size(0);
-                b.append_data(&mut h, format!("{name}.{i}/"), std::io::empty()).expect("append dir");
+                b.append_data(&mut h, format!("{name}.{i}/"), std::io::empty())
+                    .expect("append dir");
             }
             Item::Symlink { name, target } => {
                 h.set_entry_type(tar::EntryType::Symlink);
                 h.set_mode(0o777);
                 h.set_size(0);
-                b.append_link(&mut h, format!("{name}.{i}"), target).expect("append symlink");
+                b.append_link(&mut h, format!("{name}.{i}"), target)
+                    .expect("append symlink");
             }
             Item::Hardlink { name } => {
                 let Some(target) = &last_file else { continue };
                 h.set_entry_type(tar::EntryType::Link);
                 h.set_mode(0o644);
                 h.set_size(0);
-                b.append_link(&mut h, format!("{name}.{i}"), target).expect("append hardlink");
+                b.append_link(&mut h, format!("{name}.{i}"), target)
+                    .expect("append hardlink");
             }
         }
     }
@@ -112,7 +138,8 @@ pub enum Encoding {
 fn encoding() -> impl Strategy<Value = Encoding> {
     prop_oneof![
         Just(Encoding::Plain),
-        (prop_oneof![Just(1u32), Just(6), Just(9)], 1usize..4).prop_map(|(level, members)| Encoding::Gzip { level, members }),
+        (prop_oneof![Just(1u32), Just(6), Just(9)], 1usize..4)
+            .prop_map(|(level, members)| Encoding::Gzip { level, members }),
         (2usize..6).prop_map(|frames| Encoding::Zstd { frames }),
     ]
 }
@@ -129,7 +156,8 @@ pub fn encode(tar: &[u8], encoding: Encoding) -> Vec<u8> {
         Encoding::Gzip { level, members } => {
             let mut out = Vec::new();
             for piece in pieces(tar, members) {
-                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
                 gz.write_all(piece).expect("gzip");
                 out.extend(gz.finish().expect("gzip"));
             }
@@ -149,7 +177,10 @@ pub fn encode(tar: &[u8], encoding: Encoding) -> Vec<u8> {
 pub fn check_layer(tar: &[u8], layer: &[u8], span: u64) -> Ztoc {
     let ztoc = hermes_ztoc::build(layer, &options(span)).expect("build");
     let reparsed = Ztoc::from_bytes(&ztoc.to_bytes()).expect("parse our own zTOC");
-    assert!(reparsed.to_bytes() == ztoc.to_bytes(), "serialization is not stable");
+    assert!(
+        reparsed.to_bytes() == ztoc.to_bytes(),
+        "serialization is not stable"
+    );
     assert_eq!(reparsed.entries(), ztoc.entries());
 
     let files = tar_files(tar);
@@ -157,8 +188,14 @@ pub fn check_layer(tar: &[u8], layer: &[u8], span: u64) -> Ztoc {
     for (path, want) in &files {
         let counting = CountingReader::new(layer);
         let mut got = Vec::new();
-        ztoc.extract(&counting, path, &mut got).unwrap_or_else(|e| panic!("extract {path}: {e}"));
-        assert!(&got == want, "{path}: {} bytes extracted, {} expected", got.len(), want.len());
+        ztoc.extract(&counting, path, &mut got)
+            .unwrap_or_else(|e| panic!("extract {path}: {e}"));
+        assert!(
+            &got == want,
+            "{path}: {} bytes extracted, {} expected",
+            got.len(),
+            want.len()
+        );
 
         // Bytes read are exactly the compressed spans overlapping the file.
         let entry = &ztoc.entries()[index[path.as_bytes()]];
@@ -172,10 +209,16 @@ pub fn check_layer(tar: &[u8], layer: &[u8], span: u64) -> Ztoc {
             b - a
         };
         assert_eq!(counting.bytes(), expected, "{path}: compressed bytes read");
-        assert!(counting.requests() <= 1, "{path}: one range request per file");
+        assert!(
+            counting.requests() <= 1,
+            "{path}: one range request per file"
+        );
     }
     assert_eq!(
-        ztoc.entries().iter().filter(|e| e.kind == EntryKind::Reg).count(),
+        ztoc.entries()
+            .iter()
+            .filter(|e| e.kind == EntryKind::Reg)
+            .count(),
         tar_regular_count(tar),
         "regular file count"
     );
@@ -216,23 +259,56 @@ proptest! {
 #[test]
 fn thousands_of_entries_and_multi_span_files() {
     let mut items: Vec<Item> = (0..3000)
-        .map(|i| Item::File { name: format!("d{}/f", i % 50), body: vec![(i % 251) as u8; i % 700], xattr: None })
+        .map(|i| Item::File {
+            name: format!("d{}/f", i % 50),
+            body: vec![(i % 251) as u8; i % 700],
+            xattr: None,
+        })
         .collect();
-    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    items.push(Item::File { name: "big/blob".into(), body: big, xattr: Some(b"v".to_vec()) });
-    items.push(Item::File { name: "empty".into(), body: Vec::new(), xattr: None });
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    items.push(Item::File {
+        name: "big/blob".into(),
+        body: big,
+        xattr: Some(b"v".to_vec()),
+    });
+    items.push(Item::File {
+        name: "empty".into(),
+        body: Vec::new(),
+        xattr: None,
+    });
     let tar = make_tar(&items, true);
-    for encoding in [Encoding::Gzip { level: 6, members: 3 }, Encoding::Plain, Encoding::Zstd { frames: 8 }] {
+    for encoding in [
+        Encoding::Gzip {
+            level: 6,
+            members: 3,
+        },
+        Encoding::Plain,
+        Encoding::Zstd { frames: 8 },
+    ] {
         let layer = encode(&tar, encoding);
         let ztoc = check_layer(&tar, &layer, 65536);
-        assert!(ztoc.entries().len() >= 3002, "{encoding:?}: {} entries", ztoc.entries().len());
-        assert!(ztoc.span_count() > 4, "{encoding:?}: {} spans", ztoc.span_count());
+        assert!(
+            ztoc.entries().len() >= 3002,
+            "{encoding:?}: {} entries",
+            ztoc.entries().len()
+        );
+        assert!(
+            ztoc.span_count() > 4,
+            "{encoding:?}: {} spans",
+            ztoc.span_count()
+        );
     }
 }
 
 #[test]
 fn xattrs_come_from_schily_pax_records() {
-    let items = vec![Item::File { name: "x".into(), body: b"data".to_vec(), xattr: Some(vec![0, 1, 255, b'=']) }];
+    let items = vec![Item::File {
+        name: "x".into(),
+        body: b"data".to_vec(),
+        xattr: Some(vec![0, 1, 255, b'=']),
+    }];
     let tar = make_tar(&items, true);
     let ztoc = hermes_ztoc::build(tar.as_slice(), &options(65536)).expect("build");
     let entry = &ztoc.entries()[0];

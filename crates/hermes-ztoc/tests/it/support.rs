@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use hermes_ztoc::{BuildOptions, Compression, Ztoc};
 
 pub fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
 }
 
 pub fn read(name: &str) -> Vec<u8> {
@@ -15,7 +17,10 @@ pub fn read(name: &str) -> Vec<u8> {
 }
 
 pub fn options(span_size: u64) -> BuildOptions {
-    BuildOptions { span_size, ..BuildOptions::default() }
+    BuildOptions {
+        span_size,
+        ..BuildOptions::default()
+    }
 }
 
 /// Decompress a layer with independent decoders (flate2, zstd) to its tar bytes.
@@ -23,10 +28,15 @@ pub fn decompress(layer: &[u8]) -> Vec<u8> {
     let mut tar = Vec::new();
     match hermes_ztoc::detect(layer) {
         Compression::Gzip => {
-            flate2::read::MultiGzDecoder::new(layer).read_to_end(&mut tar).expect("gunzip");
+            flate2::read::MultiGzDecoder::new(layer)
+                .read_to_end(&mut tar)
+                .expect("gunzip");
         }
         Compression::Zstd => {
-            zstd::stream::read::Decoder::new(layer).expect("zstd").read_to_end(&mut tar).expect("unzstd");
+            zstd::stream::read::Decoder::new(layer)
+                .expect("zstd")
+                .read_to_end(&mut tar)
+                .expect("unzstd");
         }
         Compression::Uncompressed => tar.extend_from_slice(layer),
     }
@@ -46,7 +56,9 @@ pub fn tar_files(tar_bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
         let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let mut body = Vec::new();
         entry.read_to_end(&mut body).expect("tar body");
-        let clean = hermes_ztoc::clean_path(path.as_bytes()).flatten().expect("safe path");
+        let clean = hermes_ztoc::clean_path(path.as_bytes())
+            .flatten()
+            .expect("safe path");
         files.insert(String::from_utf8_lossy(&clean).into_owned(), body);
     }
     files
@@ -59,8 +71,15 @@ pub fn check_every_file(ztoc: &Ztoc, layer: &[u8], tar_bytes: &[u8]) -> (usize, 
     let mut read = 0;
     for (path, want) in &files {
         let mut got = Vec::new();
-        read += ztoc.extract(layer, path, &mut got).unwrap_or_else(|e| panic!("extract {path}: {e}"));
-        assert!(got == *want, "{path}: extracted {} bytes differ from the tar's {} bytes", got.len(), want.len());
+        read += ztoc
+            .extract(layer, path, &mut got)
+            .unwrap_or_else(|e| panic!("extract {path}: {e}"));
+        assert!(
+            got == *want,
+            "{path}: extracted {} bytes differ from the tar's {} bytes",
+            got.len(),
+            want.len()
+        );
     }
     (files.len(), read)
 }

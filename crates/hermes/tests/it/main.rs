@@ -1,0 +1,3 @@
+//! The `hermes` binary end to end: real processes, real files.
+
+mod ztoc;

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The README's test command: install what is missing, build once, run every check and test.
+# Fails loudly on the first problem. Used by CI (.ci/run) as is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s (%(%H:%M:%S)T)\n' "$*" -1 >&2; }
+
+step "dependencies"
+bash scripts/install-deps.sh
+for p in "$HOME/.cargo/bin" /usr/local/cargo/bin; do [ -d "$p" ] && PATH="$p:$PATH"; done
+export PATH
+
+export CARGO_TERM_COLOR=never RUST_BACKTRACE=1
+# Property tests: a fixed, bounded number of cases in CI; more locally with PROPTEST_CASES=…
+export PROPTEST_CASES="${PROPTEST_CASES:-}"
+[ -z "$PROPTEST_CASES" ] && unset PROPTEST_CASES
+
+step "format"
+cargo fmt --all --check
+
+step "build (tests included)"
+cargo build --workspace --all-targets --locked
+
+step "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests"
+cargo test --workspace --locked
+
+step "benchmark smoke run (small layer, checks the script works; ratios are not judged here)"
+bash bench/ztoc-build.sh --size-mb 64 --release=false
