@@ -5,7 +5,7 @@
 //! skipped without copying. Memory is bounded by the decoder buffers plus the zTOC itself;
 //! nothing is written to disk.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 
 use sha2::{Digest, Sha256};
 
@@ -51,8 +51,8 @@ pub fn build<R: Read>(layer: R, options: &BuildOptions) -> Result<Ztoc> {
         None => detect(layer.fill_buf()?),
     };
     let (entries, uncompressed_archive_size, encoded) = match compression {
-        Compression::Gzip => read_toc(GzipIndexer::new(layer, options.span_size)?)?,
-        Compression::Zstd => read_toc(ZstdIndexer::new(layer, options.span_size)?)?,
+        Compression::Gzip => read_toc(Decoding(GzipIndexer::new(layer, options.span_size)?))?,
+        Compression::Zstd => read_toc(Decoding(ZstdIndexer::new(layer, options.span_size)?))?,
         Compression::Uncompressed => read_toc(PlainIndexer::new(layer, options.span_size))?,
     };
     if encoded.compressed_size == 0 {
@@ -224,6 +224,56 @@ impl OutBuf {
     }
 }
 
+/// A compressed-stream indexer that decodes into its [`OutBuf`] on demand.
+trait Decompressor {
+    fn out(&mut self) -> &mut OutBuf;
+    fn done(&self) -> bool;
+    /// Decode until the output buffer is full or the stream ends.
+    fn decode_more(&mut self) -> Result<()>;
+    fn finish(self) -> Result<Encoded>;
+}
+
+/// Presents a [`Decompressor`]'s output as a `BufRead` for the tar reader.
+struct Decoding<D>(D);
+
+impl<D: Decompressor> Read for Decoding<D> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        read_buffered(self, buf)
+    }
+}
+
+impl<D: Decompressor> BufRead for Decoding<D> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        let d = &mut self.0;
+        if d.out().pos == d.out().end && !d.done() {
+            d.out().recycle();
+            d.decode_more().map_err(io::Error::other)?;
+        }
+        let out = d.out();
+        Ok(&out.buf[out.pos..out.end])
+    }
+
+    fn consume(&mut self, amt: usize) {
+        let out = self.0.out();
+        out.pos = (out.pos + amt).min(out.end);
+    }
+}
+
+impl<D: Decompressor> Indexer for Decoding<D> {
+    fn finish(self) -> Result<Encoded> {
+        self.0.finish()
+    }
+}
+
+/// `Read` in terms of `BufRead`.
+fn read_buffered<B: BufRead>(b: &mut B, buf: &mut [u8]) -> io::Result<usize> {
+    let avail = b.fill_buf()?;
+    let n = avail.len().min(buf.len());
+    buf[..n].copy_from_slice(&avail[..n]);
+    b.consume(n);
+    Ok(n)
+}
+
 /// Input side shared by the compressed indexers: a buffered source and running totals.
 struct Input<R> {
     src: R,
@@ -345,31 +395,19 @@ impl<R: BufRead> GzipIndexer<R> {
     }
 }
 
-impl<R: BufRead> Read for GzipIndexer<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let avail = self.fill_buf()?;
-        let n = avail.len().min(buf.len());
-        buf[..n].copy_from_slice(&avail[..n]);
-        self.consume(n);
-        Ok(n)
-    }
-}
-
-impl<R: BufRead> BufRead for GzipIndexer<R> {
-    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-        if self.out.pos == self.out.end && !self.done {
-            self.out.recycle();
-            self.decode_more().map_err(std::io::Error::other)?;
-        }
-        Ok(&self.out.buf[self.out.pos..self.out.end])
+impl<R: BufRead> Decompressor for GzipIndexer<R> {
+    fn out(&mut self) -> &mut OutBuf {
+        &mut self.out
     }
 
-    fn consume(&mut self, amt: usize) {
-        self.out.pos = (self.out.pos + amt).min(self.out.end);
+    fn done(&self) -> bool {
+        self.done
     }
-}
 
-impl<R: BufRead> Indexer for GzipIndexer<R> {
+    fn decode_more(&mut self) -> Result<()> {
+        GzipIndexer::decode_more(self)
+    }
+
     fn finish(mut self) -> Result<Encoded> {
         self.hasher.close();
         Ok(Encoded {
@@ -451,31 +489,19 @@ impl<R: BufRead> ZstdIndexer<R> {
     }
 }
 
-impl<R: BufRead> Read for ZstdIndexer<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let avail = self.fill_buf()?;
-        let n = avail.len().min(buf.len());
-        buf[..n].copy_from_slice(&avail[..n]);
-        self.consume(n);
-        Ok(n)
-    }
-}
-
-impl<R: BufRead> BufRead for ZstdIndexer<R> {
-    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-        if self.out.pos == self.out.end && !self.done {
-            self.out.recycle();
-            self.decode_more().map_err(std::io::Error::other)?;
-        }
-        Ok(&self.out.buf[self.out.pos..self.out.end])
+impl<R: BufRead> Decompressor for ZstdIndexer<R> {
+    fn out(&mut self) -> &mut OutBuf {
+        &mut self.out
     }
 
-    fn consume(&mut self, amt: usize) {
-        self.out.pos = (self.out.pos + amt).min(self.out.end);
+    fn done(&self) -> bool {
+        self.done
     }
-}
 
-impl<R: BufRead> Indexer for ZstdIndexer<R> {
+    fn decode_more(&mut self) -> Result<()> {
+        ZstdIndexer::decode_more(self)
+    }
+
     fn finish(mut self) -> Result<Encoded> {
         if self.frames <= 1 {
             return Err(Error::ZstdNotSeekable);
@@ -509,17 +535,13 @@ impl<R: BufRead> PlainIndexer<R> {
 }
 
 impl<R: BufRead> Read for PlainIndexer<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let avail = self.fill_buf()?;
-        let n = avail.len().min(buf.len());
-        buf[..n].copy_from_slice(&avail[..n]);
-        self.consume(n);
-        Ok(n)
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        read_buffered(self, buf)
     }
 }
 
 impl<R: BufRead> BufRead for PlainIndexer<R> {
-    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         self.src.fill_buf()
     }
 

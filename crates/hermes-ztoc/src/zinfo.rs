@@ -115,6 +115,15 @@ fn offset(value: i64, at: usize, what: &'static str) -> Result<u64> {
     u64::try_from(value).map_err(|_| Error::Malformed { at, what })
 }
 
+/// A checkpoint's (compressed, uncompressed) offsets stored as two little-endian i64s at `at`.
+fn offsets_at(blob: &[u8], at: usize) -> Result<(u64, u64)> {
+    let what = "checkpoint offset";
+    Ok((
+        offset(i64_at(blob, at, what)?, at, what)?,
+        offset(i64_at(blob, at + 8, what)?, at + 8, what)?,
+    ))
+}
+
 impl Zinfo {
     /// Parse a blob of the given algorithm.
     pub(crate) fn parse(compression: Compression, blob: &[u8]) -> Result<Self> {
@@ -299,16 +308,7 @@ fn parse_gzip(blob: &[u8]) -> Result<Zinfo> {
     }
     for k in 0..stored {
         let at = GZIP_HEADER_LEN + GZIP_RECORD_LEN * k;
-        let input = offset(
-            i64_at(blob, at, "checkpoint offset")?,
-            at,
-            "checkpoint offset",
-        )?;
-        let output = offset(
-            i64_at(blob, at + 8, "checkpoint offset")?,
-            at + 8,
-            "checkpoint offset",
-        )?;
+        let (input, output) = offsets_at(blob, at)?;
         let bits = blob[at + 16];
         points.push(Point {
             input,
@@ -377,16 +377,7 @@ fn parse_zstd(blob: &[u8]) -> Result<Zinfo> {
     let mut points = Vec::with_capacity(count);
     for k in 0..count {
         let at = ZSTD_HEADER_LEN + 16 * k;
-        let input = offset(
-            i64_at(blob, at, "checkpoint offset")?,
-            at,
-            "checkpoint offset",
-        )?;
-        let output = offset(
-            i64_at(blob, at + 8, "checkpoint offset")?,
-            at + 8,
-            "checkpoint offset",
-        )?;
+        let (input, output) = offsets_at(blob, at)?;
         points.push(Point {
             input,
             output,
