@@ -1,0 +1,334 @@
+//! The `hermes modules …` subcommands: argument structs (clap derive) and their entry point.
+//!
+//! The binary only parses and calls [`run_command`]; everything else is here so that the same
+//! commands can be exercised without the `hermes` binary (see `examples/hermes-modules.rs`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::plan::{PlanSource, PlanStatus};
+use crate::registry::{ModuleKind, Registry};
+use crate::resolve::{DEFAULT_SCRIPT_PATH, ResolveOptions, pod_metadata_env, resolve_phase};
+use crate::script::{DEFAULT_OUTPUT_LIMIT, ScriptOptions};
+use crate::static_config::{DEFAULT_STATIC_PATH, OnScriptError};
+
+/// Exit code of `resolve --fail-on-drift` when this phase's resolution differs from the plan.
+pub const EXIT_DRIFT: u8 = 3;
+
+/// Memory module installer: decide which memory sidecar modules load, and run them.
+#[derive(Debug, clap::Subcommand)]
+pub enum ModulesCommand {
+    /// Decide the module plan for this pod (an init phase) and record it in the state file.
+    ///
+    /// If the loader script exists it is run (with /bin/bash, else /bin/sh) and its output lines
+    /// `module=NAME[,config=PROFILE][,KEY=VALUE…]` select the modules. Without a script the
+    /// static configuration is used: --static FILE, else HERMES_MODULES
+    /// (`mem-logger,mem-tracer:staging-tunings`), else /etc/hermes/modules.yaml.
+    ///
+    /// The first phase creates the state file; later phases, restarts and repeated runs converge
+    /// on the same plan. A phase whose resolution differs reports the drift and keeps the plan.
+    Resolve(ResolveArgs),
+    /// Supervise the planned modules against target processes, serve /metrics, write reports.
+    ///
+    /// Each module runs isolated (a crash is restarted with exponential backoff); SIGTERM or
+    /// SIGINT stops all modules, writes final reports and exits 0.
+    Run(RunArgs),
+    /// List the built-in modules and the tuning profiles (with a profiles file applied).
+    Profiles(ProfilesArgs),
+}
+
+/// Arguments of `hermes modules resolve`.
+#[derive(Debug, clap::Args)]
+pub struct ResolveArgs {
+    /// Loader script; run if it exists.
+    #[arg(long, value_name = "PATH", env = "HERMES_MODULE_SCRIPT", default_value = DEFAULT_SCRIPT_PATH)]
+    pub script: PathBuf,
+    /// Static configuration file (YAML); used when there is no script, must exist if given.
+    /// Without it, HERMES_MODULES and then /etc/hermes/modules.yaml are used.
+    #[arg(long = "static", value_name = "FILE")]
+    pub static_file: Option<PathBuf>,
+    /// Static module list: comma-separated NAME[:PROFILE].
+    #[arg(long, value_name = "LIST", env = "HERMES_MODULES")]
+    pub modules: Option<String>,
+    /// Profiles file (YAML, `profiles: {NAME: {SETTING: VALUE}}`) over the built-in profiles.
+    #[arg(long, value_name = "FILE", env = "HERMES_MODULE_PROFILES")]
+    pub profiles: Option<PathBuf>,
+    /// State file shared by all phases (written atomically; the plan in force).
+    #[arg(long, value_name = "FILE", env = "HERMES_MODULE_STATE")]
+    pub state: PathBuf,
+    /// Name of this init phase, recorded in STATE.phases.
+    #[arg(long, value_name = "NAME", default_value = "init")]
+    pub phase: String,
+    /// What to do when the script fails: fail, use the static configuration, or load nothing.
+    /// Default: the static file's `onScriptError`, else `fail`.
+    #[arg(long, value_enum, env = "HERMES_ON_SCRIPT_ERROR")]
+    pub on_script_error: Option<OnScriptError>,
+    /// Kill the script (and its process group) after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+    pub script_timeout: Duration,
+    /// Kill the script when its output exceeds this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_OUTPUT_LIMIT)]
+    pub max_output: usize,
+    /// Exit with code 3 when this phase's resolution differs from the stored plan.
+    #[arg(long)]
+    pub fail_on_drift: bool,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which processes `run` observes.
+#[derive(Debug, Clone, clap::Args)]
+#[group(required = false, multiple = false)]
+pub struct TargetArgs {
+    /// One process.
+    #[arg(long, value_name = "PID")]
+    pub target_pid: Option<u32>,
+    /// Every process of a cgroup (a directory under /sys/fs/cgroup).
+    #[arg(long, value_name = "PATH")]
+    pub target_cgroup: Option<PathBuf>,
+    /// Every process visible in /proc (the default; with shareProcessNamespace, the pod).
+    #[arg(long)]
+    pub all_processes: bool,
+}
+
+/// Arguments of `hermes modules run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// State file written by `resolve`.
+    #[arg(long, value_name = "FILE", env = "HERMES_MODULE_STATE")]
+    pub state: PathBuf,
+    /// Target selection.
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Address of the Prometheus /metrics endpoint (port 0 picks one; printed on start).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9477")]
+    pub metrics_addr: String,
+    /// Directory for the JSON reports (one file per module).
+    #[arg(long, value_name = "DIR", default_value = "/var/run/hermes/reports")]
+    pub report_dir: PathBuf,
+    /// Directory where the LD_PRELOAD interposer writes its statistics (HERMES_MEMPROF_OUT).
+    #[arg(long, value_name = "DIR", default_value = "/var/run/hermes/memprof")]
+    pub memprof_dir: PathBuf,
+    /// Stop by itself after this many seconds (default: run until SIGTERM).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub duration: Option<Duration>,
+}
+
+/// Arguments of `hermes modules profiles`.
+#[derive(Debug, clap::Args)]
+pub struct ProfilesArgs {
+    /// Profiles file applied over the built-in table.
+    #[arg(long, value_name = "FILE", env = "HERMES_MODULE_PROFILES")]
+    pub profiles: Option<PathBuf>,
+}
+
+fn parse_seconds(s: &str) -> std::result::Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|x| x.is_finite() && *x > 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("`{s}` is not a positive number of seconds"))
+}
+
+/// Runs a `hermes modules` subcommand.
+pub fn run_command(cmd: ModulesCommand) -> Result<ExitCode> {
+    match cmd {
+        ModulesCommand::Resolve(a) => resolve_cmd(a),
+        ModulesCommand::Run(a) => crate::supervisor::run_cmd(a),
+        ModulesCommand::Profiles(a) => profiles_cmd(a),
+    }
+}
+
+fn resolve_cmd(a: ResolveArgs) -> Result<ExitCode> {
+    let opts = ResolveOptions {
+        script: a.script,
+        static_file: a.static_file,
+        default_static_file: PathBuf::from(DEFAULT_STATIC_PATH),
+        profiles_file: a.profiles,
+        modules_env: a.modules,
+        on_script_error: a.on_script_error,
+        script_options: ScriptOptions {
+            timeout: a.script_timeout,
+            output_limit: a.max_output,
+            env: pod_metadata_env(|k| std::env::var(k).ok()),
+            shell: None,
+        },
+    };
+    let outcome = resolve_phase(&opts, &a.state, &a.phase)?;
+    let drifted = matches!(outcome.status, PlanStatus::Drifted { .. });
+    if let PlanStatus::Drifted { added, removed } = &outcome.status {
+        tracing::warn!(phase = %outcome.phase, ?added, ?removed, "this phase resolved a different module set; keeping the stored plan");
+    }
+    let mut out = std::io::stdout().lock();
+    let text = if a.json {
+        serde_json::to_string_pretty(&outcome).unwrap_or_default() + "\n"
+    } else {
+        let mut s = format!(
+            "phase {}: plan {} (created by phase {}, source: {})\n",
+            outcome.phase,
+            match &outcome.status {
+                PlanStatus::Created => "created",
+                PlanStatus::Unchanged => "unchanged",
+                PlanStatus::Drifted { .. } => "kept despite drift",
+                PlanStatus::Replaced { .. } => "replaced (state file was damaged)",
+            },
+            outcome.plan.created_by_phase,
+            describe_source(&outcome.plan.source),
+        );
+        for m in &outcome.plan.modules {
+            s.push_str(&format!("  {}\n", m.key()));
+        }
+        if let PlanStatus::Drifted { added, removed } = &outcome.status {
+            s.push_str(&format!(
+                "  drift: this phase would add [{}] and remove [{}]\n",
+                added.join(", "),
+                removed.join(", ")
+            ));
+        }
+        s
+    };
+    write_out(&mut out, &text)?;
+    Ok(if drifted && a.fail_on_drift {
+        ExitCode::from(EXIT_DRIFT)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn describe_source(s: &PlanSource) -> String {
+    match s {
+        PlanSource::Script { path } => format!("script {}", path.display()),
+        PlanSource::StaticFile { path } => format!("static file {}", path.display()),
+        PlanSource::Env => "HERMES_MODULES".to_owned(),
+        PlanSource::Nothing => "nothing configured".to_owned(),
+        PlanSource::ScriptFailed { path, fallback, .. } => format!(
+            "script {} failed, fell back to {}",
+            path.display(),
+            describe_source(fallback)
+        ),
+    }
+}
+
+fn profiles_cmd(a: ProfilesArgs) -> Result<ExitCode> {
+    let mut reg = Registry::builtin();
+    if let Some(p) = &a.profiles {
+        reg = reg.with_overrides(&crate::registry::ProfilesFile::load(p)?)?;
+    }
+    let mut s = String::from("modules:\n");
+    for m in ModuleKind::ALL {
+        s.push_str(&format!("  {m}\n"));
+    }
+    s.push_str("profiles:\n");
+    for name in reg.profile_names() {
+        if let Some(p) = reg.profile(name) {
+            s.push_str(&format!(
+                "  {name}: interval_ms={} window={} growth_threshold_kib_per_min={} report_interval_ms={} alloc_sample_every={} top_mappings={}\n",
+                p.interval_ms,
+                p.window,
+                p.growth_threshold_kib_per_min,
+                p.report_interval_ms,
+                p.alloc_sample_every,
+                p.top_mappings
+            ));
+        }
+    }
+    write_out(&mut std::io::stdout().lock(), &s)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+pub(crate) fn write_out(out: &mut impl Write, s: &str) -> Result<()> {
+    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(|source| Error::Stdout { source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: ModulesCommand,
+    }
+
+    #[test]
+    fn resolve_flags_parse() {
+        let c = Cli::try_parse_from([
+            "m",
+            "resolve",
+            "--script",
+            "/s.sh",
+            "--static",
+            "/m.yaml",
+            "--state",
+            "/st",
+            "--phase",
+            "p2",
+            "--json",
+            "--on-script-error",
+            "static",
+            "--script-timeout",
+            "0.5",
+        ])
+        .unwrap();
+        let ModulesCommand::Resolve(a) = c.cmd else {
+            panic!("expected resolve")
+        };
+        assert_eq!(a.script, PathBuf::from("/s.sh"));
+        assert_eq!(a.static_file, Some(PathBuf::from("/m.yaml")));
+        assert_eq!(a.phase, "p2");
+        assert!(a.json);
+        assert_eq!(a.on_script_error, Some(OnScriptError::Static));
+        assert_eq!(a.script_timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn run_targets_are_mutually_exclusive() {
+        let e = Cli::try_parse_from([
+            "m",
+            "run",
+            "--state",
+            "/s",
+            "--target-pid",
+            "1",
+            "--all-processes",
+        ])
+        .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let c = Cli::try_parse_from([
+            "m",
+            "run",
+            "--state",
+            "/s",
+            "--target-cgroup",
+            "/sys/fs/cgroup/x",
+        ])
+        .unwrap();
+        let ModulesCommand::Run(a) = c.cmd else {
+            panic!("expected run")
+        };
+        assert_eq!(
+            a.target.target_cgroup,
+            Some(PathBuf::from("/sys/fs/cgroup/x"))
+        );
+    }
+
+    #[test]
+    fn bad_timeout_is_rejected() {
+        let e = Cli::try_parse_from(["m", "resolve", "--state", "/s", "--script-timeout=-1"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`-1` is not a positive number of seconds"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,30 @@
+//! The memory module installer: decides at start-up which memory sidecar modules a workload
+//! gets, keeps that decision stable across init phases, and runs the modules.
+//!
+//! - [`directive`]: the loader script's output language (`module=NAME[,config=PROFILE][,K=V…]`);
+//! - [`registry`]: built-in modules and tuning profiles, directive validation;
+//! - [`static_config`]: `modules.yaml`, `HERMES_MODULES`, `onScriptError`;
+//! - [`script`]: running the loader script (shell, timeout, process group, bounded output);
+//! - [`resolve`] and [`plan`]: resolution and the phase-idempotent state file;
+//! - [`supervisor`], [`modules`], [`procfs`], [`trend`], [`metrics`]: running the built-in
+//!   modules on real processes, `/metrics` and JSON reports;
+//! - [`cli`]: the `hermes modules …` subcommands.
+//!
+//! It does not inject anything into pods (the admission webhook lives elsewhere).
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod directive;
+mod error;
+pub mod metrics;
+pub mod modules;
+pub mod plan;
+pub mod procfs;
+pub mod registry;
+pub mod resolve;
+pub mod script;
+pub mod static_config;
+pub mod supervisor;
+pub mod trend;
+
+pub use error::{At, Error, Result, SyntaxProblem};
