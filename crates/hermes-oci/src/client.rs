@@ -1,0 +1,1067 @@
+//! The OCI distribution client: authentication, retries, manifests, range reads, resumable
+//! blob streams and pushes. Async (tokio + reqwest); request shaping and decisions are small
+//! pure functions so they can be tested without a server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, LOCATION, RANGE,
+    RETRY_AFTER, WWW_AUTHENTICATE,
+};
+use reqwest::{Method, Response, StatusCode};
+use tracing::{debug, warn};
+
+use crate::auth::{Challenge, Credential, Credentials, Token, TokenResponse};
+use crate::manifest::{Descriptor, Index, Manifest, Platform, media};
+use crate::{Digest, Error, Hasher, Reference, Result};
+
+/// How hard to retry transient failures (connection drops, 5xx, 429).
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// First backoff; doubles each retry.
+    pub initial_backoff: Duration,
+    /// Backoff ceiling.
+    pub max_backoff: Duration,
+    /// Longest `Retry-After` honoured; longer ones give up.
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 6,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Backoff before retry number `retry` (1-based), honouring `Retry-After` when given.
+    pub fn delay(&self, retry: u32, retry_after: Option<Duration>) -> Option<Duration> {
+        if let Some(after) = retry_after {
+            return (after <= self.max_retry_after).then_some(after);
+        }
+        let exp = self
+            .initial_backoff
+            .saturating_mul(1 << retry.saturating_sub(1).min(16));
+        Some(exp.min(self.max_backoff))
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Talk plain HTTP instead of HTTPS (local and insecure registries).
+    pub plain_http: bool,
+    /// Credentials by registry.
+    pub credentials: Credentials,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Longest wait for the next bytes of a response before the connection counts as dropped.
+    pub read_timeout: Duration,
+    /// Blobs larger than this are uploaded in chunks (PATCH) rather than in one PUT.
+    pub upload_chunk_size: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            plain_http: false,
+            credentials: Credentials::none(),
+            retry: RetryPolicy::default(),
+            read_timeout: Duration::from_secs(30),
+            upload_chunk_size: 16 << 20,
+        }
+    }
+}
+
+/// A manifest as fetched.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    /// The exact bytes.
+    pub bytes: Bytes,
+    /// `Content-Type` (or the body's `mediaType`).
+    pub media_type: String,
+    /// Digest of the bytes.
+    pub digest: Digest,
+}
+
+/// An image reference resolved to one platform's manifest.
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    /// What was asked for.
+    pub reference: Reference,
+    /// The platform-specific manifest.
+    pub manifest: Manifest,
+    /// Its bytes, media type and digest.
+    pub fetched: FetchedManifest,
+    /// Platform chosen from an index (from the config otherwise unknown).
+    pub platform: Option<Platform>,
+    /// The index or manifest list the reference pointed at, if any.
+    pub index: Option<FetchedManifest>,
+}
+
+/// A registry client; cheap to clone (shared connection pool and token cache).
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    http: reqwest::Client,
+    options: ClientOptions,
+    /// Bearer tokens by (registry, scope); `Basic` auth marked by registry.
+    tokens: Mutex<HashMap<(String, String), Token>>,
+    basic: Mutex<HashMap<String, bool>>,
+}
+
+/// One request as data, so it can be re-sent on retry and after authentication.
+#[derive(Debug, Clone)]
+struct Req {
+    method: Method,
+    registry: String,
+    repository: String,
+    /// Path starting with `/v2/` or an absolute URL (upload locations).
+    target: String,
+    headers: Vec<(reqwest::header::HeaderName, String)>,
+    body: Option<Bytes>,
+    push: bool,
+}
+
+impl Req {
+    fn new(method: Method, r: &Reference, target: String) -> Self {
+        Self {
+            method,
+            registry: r.api_host().to_owned(),
+            repository: r.repository.clone(),
+            target,
+            headers: Vec::new(),
+            body: None,
+            push: false,
+        }
+    }
+
+    fn header(mut self, name: reqwest::header::HeaderName, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    fn scope(&self) -> String {
+        format!(
+            "repository:{}:{}",
+            self.repository,
+            if self.push { "pull,push" } else { "pull" }
+        )
+    }
+}
+
+/// Minimal percent-encoding for query values.
+fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Parse `Retry-After` seconds (HTTP dates are treated as "unknown").
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+fn is_retryable_status(s: StatusCode) -> bool {
+    s == StatusCode::TOO_MANY_REQUESTS || matches!(s.as_u16(), 500 | 502 | 503 | 504)
+}
+
+impl Client {
+    /// A client with these options. Installs the ring crypto provider for rustls once.
+    pub fn new(options: ClientOptions) -> Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("hermes/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(options.read_timeout)
+            .build()
+            .map_err(Error::Client)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                options,
+                tokens: Mutex::new(HashMap::new()),
+                basic: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.options
+    }
+
+    fn base(&self, registry: &str) -> String {
+        let scheme = if self.inner.options.plain_http {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{registry}")
+    }
+
+    fn url(&self, req: &Req) -> String {
+        if req.target.starts_with("http://") || req.target.starts_with("https://") {
+            req.target.clone()
+        } else {
+            format!("{}{}", self.base(&req.registry), req.target)
+        }
+    }
+
+    fn auth_header(&self, req: &Req) -> Option<String> {
+        let key = (req.registry.clone(), req.scope());
+        if let Some(t) = self.inner.tokens.lock().ok()?.get(&key)
+            && t.expires > Instant::now()
+        {
+            return Some(format!("Bearer {}", t.value));
+        }
+        if self
+            .inner
+            .basic
+            .lock()
+            .ok()?
+            .get(&req.registry)
+            .copied()
+            .unwrap_or(false)
+        {
+            return self
+                .inner
+                .options
+                .credentials
+                .get(&req.registry)?
+                .basic_header();
+        }
+        None
+    }
+
+    /// Answer a 401 challenge: fetch a token or switch to Basic. `Ok(false)` when there is
+    /// nothing more we can try.
+    async fn authenticate(&self, req: &Req, challenge: Option<&str>) -> Result<bool> {
+        let credential = self.inner.options.credentials.get(&req.registry).cloned();
+        match challenge.and_then(Challenge::parse) {
+            Some(Challenge::Basic { .. }) => {
+                if credential
+                    .as_ref()
+                    .and_then(Credential::basic_header)
+                    .is_none()
+                {
+                    return Ok(false);
+                }
+                if let Ok(mut basic) = self.inner.basic.lock() {
+                    let already = basic.insert(req.registry.clone(), true).unwrap_or(false);
+                    return Ok(!already);
+                }
+                Ok(false)
+            }
+            Some(Challenge::Bearer { realm, service, .. }) => {
+                let scope = req.scope();
+                let mut url = format!(
+                    "{realm}{}scope={}",
+                    if realm.contains('?') { '&' } else { '?' },
+                    encode_query(&scope)
+                );
+                if let Some(s) = &service {
+                    url.push_str(&format!("&service={}", encode_query(s)));
+                }
+                let request = match &credential {
+                    Some(Credential::IdentityToken(token)) => {
+                        let body = format!(
+                            "grant_type=refresh_token&client_id=hermes&refresh_token={}&scope={}{}",
+                            encode_query(token),
+                            encode_query(&scope),
+                            service
+                                .as_deref()
+                                .map(|s| format!("&service={}", encode_query(s)))
+                                .unwrap_or_default()
+                        );
+                        self.inner
+                            .http
+                            .post(&realm)
+                            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                            .body(body)
+                    }
+                    Some(c @ Credential::Basic { .. }) => self
+                        .inner
+                        .http
+                        .get(&url)
+                        .header(AUTHORIZATION, c.basic_header().unwrap_or_default()),
+                    None => self.inner.http.get(&url),
+                };
+                let resp = request.send().await.map_err(|source| Error::Unreachable {
+                    registry: realm.clone(),
+                    source,
+                })?;
+                if !resp.status().is_success() {
+                    debug!(status = %resp.status(), %realm, "token endpoint refused");
+                    return Ok(false);
+                }
+                let body = resp.bytes().await.map_err(|source| Error::Unreachable {
+                    registry: realm.clone(),
+                    source,
+                })?;
+                let token = serde_json::from_slice::<TokenResponse>(&body)
+                    .ok()
+                    .and_then(|t| t.into_token(Instant::now()));
+                let Some(token) = token else { return Ok(false) };
+                if let Ok(mut tokens) = self.inner.tokens.lock() {
+                    tokens.insert((req.registry.clone(), scope), token);
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Send with authentication and retries. Returns any non-retryable response (the caller
+    /// interprets 404 and friends); 401/403 after authenticating become [`Error::Unauthorized`].
+    async fn send(&self, req: &Req) -> Result<Response> {
+        let policy = &self.inner.options.retry;
+        let mut attempt = 0u32;
+        let mut authenticated = false;
+        let mut connected = false;
+        loop {
+            attempt += 1;
+            let mut builder = self.inner.http.request(req.method.clone(), self.url(req));
+            for (k, v) in &req.headers {
+                builder = builder.header(k, v);
+            }
+            if let Some(auth) = self.auth_header(req) {
+                builder = builder.header(AUTHORIZATION, auth);
+            }
+            if let Some(body) = &req.body {
+                builder = builder.body(body.clone());
+            } else if req.method == Method::PUT
+                || req.method == Method::POST
+                || req.method == Method::PATCH
+            {
+                builder = builder.header(CONTENT_LENGTH, "0");
+            }
+            let (failure, wait) = match builder.send().await {
+                Ok(resp) => {
+                    connected = true;
+                    let status = resp.status();
+                    if status == StatusCode::UNAUTHORIZED && !authenticated {
+                        authenticated = true;
+                        let challenge = resp
+                            .headers()
+                            .get(WWW_AUTHENTICATE)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        if self.authenticate(req, challenge.as_deref()).await? {
+                            attempt -= 1; // authenticating is not a failure
+                            continue;
+                        }
+                    }
+                    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                        return Err(Error::Unauthorized {
+                            registry: req.registry.clone(),
+                            repository: req.repository.clone(),
+                            status: status.as_u16(),
+                            action: if req.push { "push" } else { "pull" },
+                        });
+                    }
+                    if !is_retryable_status(status) {
+                        return Ok(resp);
+                    }
+                    let after = retry_after(resp.headers());
+                    (format!("{status} for {} {}", req.method, req.target), after)
+                }
+                // A registry that never answered is down or misnamed: fail fast. Drops after a
+                // successful exchange are transient and retried.
+                Err(e) if e.is_connect() && !connected => {
+                    return Err(Error::Unreachable {
+                        registry: req.registry.clone(),
+                        source: e,
+                    });
+                }
+                Err(e) => (e.to_string(), None),
+            };
+            let delay = policy.delay(attempt, wait);
+            match delay {
+                Some(d) if attempt < policy.max_attempts => {
+                    warn!(registry = %req.registry, attempt, "retrying in {d:?}: {failure}");
+                    tokio::time::sleep(d).await;
+                }
+                _ => {
+                    return Err(Error::RetriesExhausted {
+                        registry: req.registry.clone(),
+                        attempts: attempt,
+                        last: failure,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn status_error(req: &Req, resp: Response) -> Error {
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        Error::Status {
+            registry: req.registry.clone(),
+            method: req.method.to_string(),
+            path: req.target.clone(),
+            status,
+            body: body.chars().take(300).collect(),
+        }
+    }
+
+    /// Fetch a manifest or index by tag or digest; a digest reference is verified.
+    pub async fn get_manifest(&self, r: &Reference) -> Result<FetchedManifest> {
+        let req = Req::new(
+            Method::GET,
+            r,
+            format!("/v2/{}/manifests/{}", r.repository, r.manifest_ref()),
+        )
+        .header(ACCEPT, media::MANIFEST_ACCEPT);
+        let resp = self.send(&req).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Err(Error::NotFound {
+                what: "manifest",
+                name: r.manifest_ref(),
+                registry: r.registry.clone(),
+                repository: r.repository.clone(),
+            });
+        }
+        if !resp.status().is_success() {
+            return Err(Self::status_error(&req, resp).await);
+        }
+        let content_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned());
+        let bytes = resp.bytes().await.map_err(|source| Error::Unreachable {
+            registry: r.registry.clone(),
+            source,
+        })?;
+        let digest = Digest::of(&bytes);
+        if let Some(expected) = &r.digest
+            && *expected != digest
+        {
+            return Err(Error::DigestMismatch {
+                registry: r.registry.clone(),
+                expected: expected.clone(),
+                actual: digest,
+            });
+        }
+        // The body's own mediaType wins over a generic Content-Type.
+        #[derive(serde::Deserialize)]
+        struct Peek {
+            #[serde(rename = "mediaType")]
+            media_type: Option<String>,
+        }
+        let declared = serde_json::from_slice::<Peek>(&bytes)
+            .ok()
+            .and_then(|p| p.media_type);
+        let media_type = declared.or(content_type).unwrap_or_default();
+        Ok(FetchedManifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// Resolve a reference to one platform's image manifest.
+    pub async fn resolve(&self, r: &Reference, platform: &Platform) -> Result<ResolvedImage> {
+        let top = self.get_manifest(r).await?;
+        let parse_manifest = |m: &FetchedManifest| -> Result<Manifest> {
+            serde_json::from_slice(&m.bytes).map_err(|source| Error::MalformedManifest {
+                digest: m.digest.clone(),
+                source,
+            })
+        };
+        match top.media_type.as_str() {
+            media::OCI_MANIFEST | media::DOCKER_MANIFEST => {
+                let manifest = parse_manifest(&top)?;
+                Ok(ResolvedImage {
+                    reference: r.clone(),
+                    manifest,
+                    fetched: top,
+                    platform: None,
+                    index: None,
+                })
+            }
+            media::OCI_INDEX | media::DOCKER_LIST => {
+                let index: Index = serde_json::from_slice(&top.bytes).map_err(|source| {
+                    Error::MalformedManifest {
+                        digest: top.digest.clone(),
+                        source,
+                    }
+                })?;
+                let chosen = index
+                    .manifests
+                    .iter()
+                    .filter(|d| {
+                        d.artifact_type.is_none()
+                            && matches!(
+                                d.media_type.as_str(),
+                                media::OCI_MANIFEST | media::DOCKER_MANIFEST
+                            )
+                    })
+                    .find(|d| d.platform.as_ref().is_some_and(|p| platform.matches(p)));
+                let Some(chosen) = chosen else {
+                    let available: Vec<String> = index
+                        .manifests
+                        .iter()
+                        .filter_map(|d| d.platform.as_ref().map(Platform::to_string))
+                        .collect();
+                    return Err(Error::PlatformNotFound {
+                        reference: r.to_string(),
+                        platform: platform.to_string(),
+                        available: if available.is_empty() {
+                            "none".into()
+                        } else {
+                            available.join(", ")
+                        },
+                    });
+                };
+                let fetched = self
+                    .get_manifest(&r.with_digest(chosen.digest.clone()))
+                    .await?;
+                let manifest = parse_manifest(&fetched)?;
+                Ok(ResolvedImage {
+                    reference: r.clone(),
+                    manifest,
+                    fetched,
+                    platform: chosen.platform.clone(),
+                    index: Some(top),
+                })
+            }
+            other => Err(Error::UnsupportedManifest {
+                reference: r.to_string(),
+                media_type: other.to_owned(),
+            }),
+        }
+    }
+
+    fn blob_req(r: &Reference, digest: &Digest) -> Req {
+        Req::new(
+            Method::GET,
+            r,
+            format!("/v2/{}/blobs/{}", r.repository, digest),
+        )
+    }
+
+    fn not_found_blob(r: &Reference, digest: &Digest) -> Error {
+        Error::NotFound {
+            what: "blob",
+            name: digest.to_string(),
+            registry: r.registry.clone(),
+            repository: r.repository.clone(),
+        }
+    }
+
+    /// Read `len` bytes at `offset` of a blob with an HTTP Range GET. A registry that ignores
+    /// `Range` and sends the whole blob is detected (the wanted slice is cut from it).
+    pub async fn blob_range(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let req = Self::blob_req(r, digest)
+            .header(RANGE, format!("bytes={}-{}", offset, offset + len - 1));
+        let policy = &self.inner.options.retry;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let resp = self.send(&req).await?;
+            let status = resp.status();
+            if status == StatusCode::NOT_FOUND {
+                return Err(Self::not_found_blob(r, digest));
+            }
+            if status != StatusCode::PARTIAL_CONTENT && status != StatusCode::OK {
+                return Err(Self::status_error(&req, resp).await);
+            }
+            let body = resp.bytes().await;
+            let failure = match body {
+                Ok(body) if status == StatusCode::PARTIAL_CONTENT && body.len() as u64 == len => {
+                    return Ok(body);
+                }
+                Ok(body) if status == StatusCode::OK && body.len() as u64 >= offset + len => {
+                    warn!(registry = %r.registry, "registry ignored Range and sent the whole blob");
+                    return Ok(body.slice(offset as usize..(offset + len) as usize));
+                }
+                Ok(body) => format!("range read returned {} of {len} bytes", body.len()),
+                Err(e) => e.to_string(),
+            };
+            match policy.delay(attempt, None) {
+                Some(d) if attempt < policy.max_attempts => {
+                    warn!(registry = %r.registry, attempt, "retrying range read in {d:?}: {failure}");
+                    tokio::time::sleep(d).await;
+                }
+                _ => {
+                    return Err(Error::RetriesExhausted {
+                        registry: r.registry.clone(),
+                        attempts: attempt,
+                        last: failure,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Fetch a whole (small) blob, verified against its digest.
+    pub async fn get_blob(&self, r: &Reference, digest: &Digest) -> Result<Bytes> {
+        let mut stream = self.blob_stream(r, digest, None);
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// Stream a whole blob, resuming from the last byte received after a dropped connection,
+    /// and verifying size and digest at the end (the last item is an error on mismatch).
+    pub fn blob_stream(&self, r: &Reference, digest: &Digest, size: Option<u64>) -> BlobStream {
+        BlobStream {
+            client: self.clone(),
+            reference: r.clone(),
+            digest: digest.clone(),
+            size,
+            received: 0,
+            hasher: Some(Hasher::new()),
+            response: None,
+            skip: 0,
+            attempt: 0,
+            done: false,
+        }
+    }
+
+    /// Whether the repository has a blob.
+    pub async fn blob_exists(&self, r: &Reference, digest: &Digest) -> Result<bool> {
+        let mut req = Req::new(
+            Method::HEAD,
+            r,
+            format!("/v2/{}/blobs/{}", r.repository, digest),
+        );
+        req.push = true;
+        let resp = self.send(&req).await?;
+        Ok(resp.status().is_success())
+    }
+
+    fn location(&self, req: &Req, resp: &Response) -> Result<String> {
+        let loc = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if loc.is_empty() {
+            return Err(Error::Status {
+                registry: req.registry.clone(),
+                method: req.method.to_string(),
+                path: req.target.clone(),
+                status: resp.status().as_u16(),
+                body: "upload response has no Location header".into(),
+            });
+        }
+        Ok(
+            if loc.starts_with("http://") || loc.starts_with("https://") {
+                loc.to_owned()
+            } else {
+                format!("{}{loc}", self.base(&req.registry))
+            },
+        )
+    }
+
+    /// Upload a blob unless the repository has it already: cross-repository mount from
+    /// `mount_from` when given, else a monolithic PUT, or PATCH chunks for big blobs.
+    pub async fn push_blob(
+        &self,
+        r: &Reference,
+        bytes: Bytes,
+        mount_from: Option<&str>,
+    ) -> Result<Digest> {
+        let digest = Digest::of(&bytes);
+        if self.blob_exists(r, &digest).await? {
+            return Ok(digest);
+        }
+        let mut target = format!("/v2/{}/blobs/uploads/", r.repository);
+        if let Some(from) = mount_from.filter(|f| *f != r.repository) {
+            target.push_str(&format!(
+                "?mount={}&from={}",
+                encode_query(digest.as_str()),
+                encode_query(from)
+            ));
+        }
+        let mut start = Req::new(Method::POST, r, target);
+        start.push = true;
+        let resp = self.send(&start).await?;
+        if resp.status() == StatusCode::CREATED {
+            debug!(%digest, "blob mounted");
+            return Ok(digest);
+        }
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(Self::status_error(&start, resp).await);
+        }
+        let mut location = self.location(&start, &resp)?;
+        let chunk = self.inner.options.upload_chunk_size.max(1);
+        let mut offset = 0usize;
+        if bytes.len() > chunk {
+            while offset < bytes.len() {
+                let end = (offset + chunk).min(bytes.len());
+                let mut patch = Req::new(Method::PATCH, r, location.clone())
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(CONTENT_RANGE, format!("{}-{}", offset, end - 1));
+                patch.push = true;
+                patch.body = Some(bytes.slice(offset..end));
+                let resp = self.send(&patch).await?;
+                if resp.status() != StatusCode::ACCEPTED {
+                    return Err(Self::status_error(&patch, resp).await);
+                }
+                location = self.location(&patch, &resp)?;
+                offset = end;
+            }
+        }
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let mut put = Req::new(
+            Method::PUT,
+            r,
+            format!("{location}{sep}digest={}", encode_query(digest.as_str())),
+        )
+        .header(CONTENT_TYPE, "application/octet-stream");
+        put.push = true;
+        put.body = Some(bytes.slice(offset..));
+        let resp = self.send(&put).await?;
+        if resp.status() != StatusCode::CREATED {
+            return Err(Self::status_error(&put, resp).await);
+        }
+        Ok(digest)
+    }
+
+    /// Mount a blob from another repository of the same registry; falls back to copying it.
+    pub async fn push_blob_mount(&self, r: &Reference, digest: &Digest, from: &str) -> Result<()> {
+        let mut req = Req::new(
+            Method::POST,
+            r,
+            format!(
+                "/v2/{}/blobs/uploads/?mount={}&from={}",
+                r.repository,
+                encode_query(digest.as_str()),
+                encode_query(from)
+            ),
+        );
+        req.push = true;
+        let resp = self.send(&req).await?;
+        if resp.status() == StatusCode::CREATED {
+            return Ok(());
+        }
+        let source = Reference {
+            repository: from.to_owned(),
+            ..r.clone()
+        };
+        let blob = self.get_blob(&source, digest).await?;
+        self.push_blob(r, blob, None).await.map(|_| ())
+    }
+
+    /// Put a manifest or index under a tag or digest; returns its digest.
+    pub async fn push_manifest(
+        &self,
+        r: &Reference,
+        reference: &str,
+        bytes: Bytes,
+        media_type: &str,
+    ) -> Result<Digest> {
+        let digest = Digest::of(&bytes);
+        let mut req = Req::new(
+            Method::PUT,
+            r,
+            format!("/v2/{}/manifests/{reference}", r.repository),
+        )
+        .header(CONTENT_TYPE, media_type);
+        req.push = true;
+        req.body = Some(bytes);
+        let resp = self.send(&req).await?;
+        if !resp.status().is_success() {
+            return Err(Self::status_error(&req, resp).await);
+        }
+        Ok(digest)
+    }
+
+    /// Referrers of a manifest with an artifact type: the referrers API, else the fallback tag
+    /// `sha256-<hex>` (distribution spec).
+    pub async fn referrers(
+        &self,
+        r: &Reference,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<Descriptor>> {
+        let req = Req::new(
+            Method::GET,
+            r,
+            format!(
+                "/v2/{}/referrers/{subject}?artifactType={}",
+                r.repository,
+                encode_query(artifact_type)
+            ),
+        )
+        .header(ACCEPT, media::OCI_INDEX);
+        let resp = self.send(&req).await?;
+        let index: Option<Index> = if resp.status().is_success() {
+            let bytes = resp.bytes().await.map_err(|source| Error::Unreachable {
+                registry: r.registry.clone(),
+                source,
+            })?;
+            serde_json::from_slice(&bytes).ok()
+        } else {
+            None
+        };
+        let index = match index {
+            Some(index) => index,
+            None => match self.get_manifest(&r.with_tag(&fallback_tag(subject))).await {
+                Ok(m) => {
+                    serde_json::from_slice(&m.bytes).map_err(|source| Error::MalformedManifest {
+                        digest: m.digest.clone(),
+                        source,
+                    })?
+                }
+                Err(Error::NotFound { .. }) => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(index
+            .manifests
+            .into_iter()
+            .filter(|d| d.artifact_type.as_deref() == Some(artifact_type))
+            .collect())
+    }
+
+    /// Add a referrer to the fallback tag index of `subject` (for registries without the
+    /// referrers API).
+    pub async fn add_referrer_fallback(
+        &self,
+        r: &Reference,
+        subject: &Digest,
+        referrer: Descriptor,
+    ) -> Result<()> {
+        let tag = fallback_tag(subject);
+        let mut index = match self.get_manifest(&r.with_tag(&tag)).await {
+            Ok(m) => serde_json::from_slice::<Index>(&m.bytes).map_err(|source| {
+                Error::MalformedManifest {
+                    digest: m.digest,
+                    source,
+                }
+            })?,
+            Err(Error::NotFound { .. }) => Index {
+                schema_version: 2,
+                media_type: Some(media::OCI_INDEX.into()),
+                artifact_type: None,
+                manifests: Vec::new(),
+                subject: None,
+                annotations: None,
+            },
+            Err(e) => return Err(e),
+        };
+        if index.manifests.iter().any(|d| d.digest == referrer.digest) {
+            return Ok(());
+        }
+        index.manifests.push(referrer);
+        self.push_manifest(
+            r,
+            &tag,
+            Bytes::from(crate::manifest::to_go_json(&index)),
+            media::OCI_INDEX,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// The distribution spec's referrers fallback tag for a subject digest.
+pub fn fallback_tag(subject: &Digest) -> String {
+    format!("sha256-{}", subject.hex())
+}
+
+/// A resumable, verified blob download. Call [`BlobStream::next`] until `None`.
+#[derive(Debug)]
+pub struct BlobStream {
+    client: Client,
+    reference: Reference,
+    digest: Digest,
+    size: Option<u64>,
+    received: u64,
+    hasher: Option<Hasher>,
+    response: Option<Response>,
+    /// Bytes to discard from a response that ignored our Range on resume.
+    skip: u64,
+    attempt: u32,
+    done: bool,
+}
+
+impl BlobStream {
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// The next chunk; `None` after the last one (size and digest verified).
+    pub async fn next(&mut self) -> Option<Result<Bytes>> {
+        if self.done {
+            return None;
+        }
+        let item = self.next_inner().await;
+        if matches!(item, Some(Err(_)) | None) {
+            self.done = true;
+        }
+        item
+    }
+
+    async fn next_inner(&mut self) -> Option<Result<Bytes>> {
+        let registry = self.reference.registry.clone();
+        loop {
+            if self.response.is_none() {
+                let mut req = Client::blob_req(&self.reference, &self.digest);
+                if self.received > 0 {
+                    req = req.header(RANGE, format!("bytes={}-", self.received));
+                }
+                let resp = match self.client.send(&req).await {
+                    Ok(resp) => resp,
+                    Err(e) => return Some(Err(e)),
+                };
+                match resp.status() {
+                    StatusCode::OK => self.skip = self.received,
+                    StatusCode::PARTIAL_CONTENT if self.received > 0 => self.skip = 0,
+                    StatusCode::NOT_FOUND => {
+                        return Some(Err(Client::not_found_blob(&self.reference, &self.digest)));
+                    }
+                    _ => return Some(Err(Client::status_error(&req, resp).await)),
+                }
+                self.response = Some(resp);
+            }
+            let chunk = match self.response.as_mut()?.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => {
+                    self.response = None;
+                    if self.size.is_none_or(|s| self.received >= s) {
+                        return self.finish();
+                    }
+                    if let Err(e) = self.backoff("connection closed early".into()).await {
+                        return Some(Err(e));
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.response = None;
+                    if let Err(e) = self.backoff(e.to_string()).await {
+                        return Some(Err(e));
+                    }
+                    continue;
+                }
+            };
+            let chunk = if self.skip > 0 {
+                let n = (self.skip as usize).min(chunk.len());
+                self.skip -= n as u64;
+                chunk.slice(n..)
+            } else {
+                chunk
+            };
+            if chunk.is_empty() {
+                continue;
+            }
+            self.received += chunk.len() as u64;
+            if let Some(size) = self.size
+                && self.received > size
+            {
+                let actual = Digest::of(b"");
+                return Some(Err(Error::DigestMismatch {
+                    registry,
+                    expected: self.digest.clone(),
+                    actual,
+                }));
+            }
+            if let Some(h) = &mut self.hasher {
+                h.update(&chunk);
+            }
+            return Some(Ok(chunk));
+        }
+    }
+
+    async fn backoff(&mut self, failure: String) -> Result<()> {
+        self.attempt += 1;
+        let policy = &self.client.inner.options.retry;
+        match policy.delay(self.attempt, None) {
+            Some(d) if self.attempt < policy.max_attempts => {
+                warn!(registry = %self.reference.registry, blob = %self.digest, received = self.received, "resuming blob in {d:?}: {failure}");
+                tokio::time::sleep(d).await;
+                Ok(())
+            }
+            _ => Err(Error::RetriesExhausted {
+                registry: self.reference.registry.clone(),
+                attempts: self.attempt,
+                last: failure,
+            }),
+        }
+    }
+
+    fn finish(&mut self) -> Option<Result<Bytes>> {
+        let actual = self.hasher.take()?.finish();
+        if actual != self.digest {
+            return Some(Err(Error::DigestMismatch {
+                registry: self.reference.registry.clone(),
+                expected: self.digest.clone(),
+                actual,
+            }));
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_honours_retry_after() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.delay(1, None), Some(Duration::from_millis(200)));
+        assert_eq!(p.delay(3, None), Some(Duration::from_millis(800)));
+        assert_eq!(p.delay(30, None), Some(Duration::from_secs(5)));
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(2))),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(3600))),
+            None,
+            "a long Retry-After gives up"
+        );
+    }
+
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(
+            encode_query("repository:a/b:pull,push"),
+            "repository%3Aa%2Fb%3Apull%2Cpush"
+        );
+    }
+}

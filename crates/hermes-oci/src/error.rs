@@ -1,0 +1,170 @@
+//! The crate's one error type.
+
+use crate::Digest;
+
+/// Everything that can go wrong talking to a registry, building an index or using the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An image reference that does not parse.
+    #[error("invalid image reference {reference:?}: {what}")]
+    InvalidReference {
+        /// The text given.
+        reference: String,
+        /// What is wrong with it.
+        what: &'static str,
+    },
+
+    /// A digest that is not `sha256:<64 hex>`.
+    #[error("invalid digest {0:?}: expected sha256:<64 lower-case hex digits>")]
+    InvalidDigest(String),
+
+    /// The registry could not be reached (after retries).
+    #[error(
+        "cannot reach registry {registry}: is it running and is the address right? (use --plain-http for a registry without TLS)"
+    )]
+    Unreachable {
+        /// Registry host.
+        registry: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+
+    /// The registry wants credentials we do not have, or rejected them.
+    #[error(
+        "registry {registry} refused access to {repository} ({status}): check the credentials (docker config.json `auths` entry or pull secret) and that they may {action}"
+    )]
+    Unauthorized {
+        /// Registry host.
+        registry: String,
+        /// Repository.
+        repository: String,
+        /// HTTP status.
+        status: u16,
+        /// `pull` or `push`.
+        action: &'static str,
+    },
+
+    /// Manifest or blob not found.
+    #[error("{what} {name} not found in {registry}/{repository}: check the name, tag and digest")]
+    NotFound {
+        /// "manifest" or "blob".
+        what: &'static str,
+        /// Tag or digest.
+        name: String,
+        /// Registry host.
+        registry: String,
+        /// Repository.
+        repository: String,
+    },
+
+    /// Any other unexpected HTTP answer.
+    #[error("registry {registry} answered {status} to {method} {path}: {body}")]
+    Status {
+        /// Registry host.
+        registry: String,
+        /// Request method.
+        method: String,
+        /// Request path.
+        path: String,
+        /// HTTP status.
+        status: u16,
+        /// Start of the response body (registry error JSON).
+        body: String,
+    },
+
+    /// Retries ran out on 5xx, 429 or dropped connections.
+    #[error("giving up on {registry} after {attempts} attempts ({last})")]
+    RetriesExhausted {
+        /// Registry host.
+        registry: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+
+    /// A blob's bytes do not hash to its digest.
+    #[error(
+        "blob {expected} from {registry} is corrupt: its bytes hash to {actual}; nothing was stored"
+    )]
+    DigestMismatch {
+        /// Registry host.
+        registry: String,
+        /// The digest asked for.
+        expected: Digest,
+        /// The digest of what arrived.
+        actual: Digest,
+    },
+
+    /// A manifest of a kind Hermes does not handle.
+    #[error(
+        "unsupported manifest media type {media_type:?} for {reference}: Hermes indexes OCI and Docker v2 images (manifests, indexes and manifest lists)"
+    )]
+    UnsupportedManifest {
+        /// The reference resolved.
+        reference: String,
+        /// Its media type.
+        media_type: String,
+    },
+
+    /// A manifest body that is not valid JSON of the expected shape.
+    #[error("manifest {digest} is malformed")]
+    MalformedManifest {
+        /// Its digest.
+        digest: Digest,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// An image index with no manifest for the requested platform.
+    #[error("{reference} has no image for platform {platform}; it has: {available}")]
+    PlatformNotFound {
+        /// The reference.
+        reference: String,
+        /// Platform asked for.
+        platform: String,
+        /// Platforms present.
+        available: String,
+    },
+
+    /// A docker `config.json` or pull secret that does not parse.
+    #[error("cannot read registry credentials from {source_name}: {what}")]
+    Credentials {
+        /// File or secret.
+        source_name: String,
+        /// What is wrong.
+        what: String,
+    },
+
+    /// Building a layer's zTOC failed.
+    #[error("cannot index layer {layer}")]
+    Ztoc {
+        /// The layer.
+        layer: Digest,
+        /// The cause.
+        #[source]
+        source: hermes_ztoc::Error,
+    },
+
+    /// A local store operation failed.
+    #[error("store {path}: cannot {action}")]
+    Store {
+        /// File or directory.
+        path: String,
+        /// What was attempted.
+        action: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The HTTP client could not be set up.
+    #[error("cannot set up the HTTP client")]
+    Client(#[source] reqwest::Error),
+}
+
+/// Shorthand for this crate's results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,495 @@
+//! Index an image from its registry: resolve the platform's manifest, stream each eligible layer
+//! once into the zTOC builder (layers in parallel, memory bounded), keep zTOCs in the store keyed
+//! by layer digest, and optionally push SOCI artifacts.
+
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hermes_ztoc::{BuildOptions, Compression};
+use tokio::sync::{Semaphore, mpsc};
+use tracing::{info, instrument};
+
+use crate::client::{Client, ResolvedImage};
+use crate::manifest::{Descriptor, LayerEncoding, Platform, media};
+use crate::soci::{self, SociVersion, ZtocRef};
+use crate::store::{ImageRecord, LayerOutcome, LayerRecord, Store};
+use crate::{Digest, Error, Reference, Result};
+
+/// soci's default minimum layer size (10 MiB): smaller layers are pulled whole.
+pub const DEFAULT_MIN_LAYER_SIZE: u64 = 10 << 20;
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct IndexOptions {
+    /// Platform to pick from a multi-platform image.
+    pub platform: Platform,
+    /// Layers smaller than this (compressed) are skipped.
+    pub min_layer_size: u64,
+    /// zTOC span size.
+    pub span_size: u64,
+    /// Build tool identifier stored in zTOCs and the index.
+    pub build_tool_identifier: String,
+    /// Layers indexed at the same time.
+    pub concurrency: usize,
+}
+
+impl Default for IndexOptions {
+    fn default() -> Self {
+        Self {
+            platform: Platform::host(),
+            min_layer_size: DEFAULT_MIN_LAYER_SIZE,
+            span_size: hermes_ztoc::DEFAULT_SPAN_SIZE,
+            build_tool_identifier: hermes_ztoc::SOCI_BUILD_TOOL_IDENTIFIER.to_owned(),
+            concurrency: 2,
+        }
+    }
+}
+
+/// The outcome of indexing one image.
+#[derive(Debug, Clone)]
+pub struct IndexResult {
+    /// What was stored about the image.
+    pub record: ImageRecord,
+    /// The resolved image.
+    pub image: ResolvedImage,
+    /// zTOCs usable in a SOCI index (gzip and plain tar), in layer order.
+    pub soci_ztocs: Vec<ZtocRef>,
+}
+
+/// Feeds a channel of chunks to a synchronous reader (the zTOC builder runs on a blocking thread).
+struct ChannelReader {
+    rx: mpsc::Receiver<Result<Bytes>>,
+    current: Bytes,
+    failure: Arc<Mutex<Option<Error>>>,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(e)) => {
+                    let message = e.to_string();
+                    if let Ok(mut f) = self.failure.lock() {
+                        *f = Some(e);
+                    }
+                    return Err(std::io::Error::other(message));
+                }
+            }
+        }
+        let n = self.current.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current = self.current.slice(n..);
+        Ok(n)
+    }
+}
+
+/// Index `reference` into `store`; `progress` is called as each layer finishes.
+#[instrument(skip(client, store, options, progress), fields(image = %reference))]
+pub async fn build_index(
+    client: &Client,
+    store: &Store,
+    reference: &Reference,
+    options: &IndexOptions,
+    progress: &(dyn Fn(&LayerRecord) + Sync),
+) -> Result<IndexResult> {
+    let image = client.resolve(reference, &options.platform).await?;
+    info!(manifest = %image.fetched.digest, layers = image.manifest.layers.len(), "resolved");
+    let semaphore = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, layer) in image.manifest.layers.iter().cloned().enumerate() {
+        let (client, store, reference, options, semaphore) = (
+            client.clone(),
+            store.clone(),
+            reference.clone(),
+            options.clone(),
+            semaphore.clone(),
+        );
+        tasks.spawn(async move {
+            let _permit = semaphore.acquire_owned().await;
+            (
+                i,
+                index_layer(&client, &store, &reference, &options, &layer).await,
+            )
+        });
+    }
+    let mut layers: Vec<Option<LayerRecord>> = vec![None; image.manifest.layers.len()];
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        let Ok((i, result)) = joined else { continue };
+        match result {
+            Ok(record) => {
+                progress(&record);
+                layers[i] = Some(record);
+            }
+            Err(e) => {
+                if first_error.is_none() {
+                    first_error = Some(e);
+                    tasks.abort_all();
+                }
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let layers: Vec<LayerRecord> = layers.into_iter().flatten().collect();
+    let soci_ztocs: Vec<ZtocRef> = layers
+        .iter()
+        .filter_map(|l| match &l.outcome {
+            LayerOutcome::Indexed {
+                ztoc,
+                ztoc_size,
+                soci_compatible: true,
+                ..
+            } => Some(ZtocRef {
+                ztoc: ztoc.clone(),
+                size: *ztoc_size,
+                layer: l.digest.clone(),
+                layer_media_type: l.media_type.clone(),
+                span_size: options.span_size,
+            }),
+            _ => None,
+        })
+        .collect();
+    let soci_index = if soci_ztocs.is_empty() {
+        None
+    } else {
+        let bytes = soci::index_manifest(
+            SociVersion::V2,
+            &soci_ztocs,
+            &options.build_tool_identifier,
+            None,
+        );
+        Some(store.put_blob(&bytes)?)
+    };
+    let record = ImageRecord {
+        reference: reference.to_string(),
+        manifest_digest: image.fetched.digest.clone(),
+        platform: image.platform.as_ref().map(Platform::to_string),
+        span_size: options.span_size,
+        layers,
+        soci_index,
+        built_at_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    store.put_image(&record)?;
+    Ok(IndexResult {
+        record,
+        image,
+        soci_ztocs,
+    })
+}
+
+fn skipped(layer: &Descriptor, reason: String) -> LayerRecord {
+    LayerRecord {
+        digest: layer.digest.clone(),
+        media_type: layer.media_type.clone(),
+        size: layer.size.max(0) as u64,
+        outcome: LayerOutcome::Skipped { reason },
+    }
+}
+
+#[instrument(skip_all, fields(layer = %layer.digest, size = layer.size))]
+async fn index_layer(
+    client: &Client,
+    store: &Store,
+    reference: &Reference,
+    options: &IndexOptions,
+    layer: &Descriptor,
+) -> Result<LayerRecord> {
+    let size = layer.size.max(0) as u64;
+    let Some(encoding) = LayerEncoding::of(&layer.media_type) else {
+        return Ok(skipped(
+            layer,
+            format!(
+                "media type {} is not a tar, tar+gzip or tar+zstd layer",
+                layer.media_type
+            ),
+        ));
+    };
+    if size < options.min_layer_size {
+        return Ok(skipped(
+            layer,
+            format!(
+                "{size} bytes is below the minimum layer size {}",
+                options.min_layer_size
+            ),
+        ));
+    }
+    if let Some(ztoc_digest) = store.ztoc_for_layer(&layer.digest, options.span_size)?
+        && let Some(bytes) = store.get_blob(&ztoc_digest)?
+        && let Ok(ztoc) = hermes_ztoc::Ztoc::from_bytes(&bytes)
+    {
+        return Ok(indexed(
+            layer,
+            &ztoc,
+            ztoc_digest,
+            bytes.len() as u64,
+            0.0,
+            true,
+        ));
+    }
+
+    let started = Instant::now();
+    let (tx, rx) = mpsc::channel::<Result<Bytes>>(32);
+    let mut stream = client.blob_stream(reference, &layer.digest, Some(size));
+    let feeder = tokio::spawn(async move {
+        while let Some(item) = stream.next().await {
+            if tx.send(item).await.is_err() {
+                break;
+            }
+        }
+    });
+    let failure = Arc::new(Mutex::new(None));
+    let reader = ChannelReader {
+        rx,
+        current: Bytes::new(),
+        failure: failure.clone(),
+    };
+    let build_options = BuildOptions {
+        span_size: options.span_size,
+        build_tool_identifier: options.build_tool_identifier.clone(),
+        compression: Some(match encoding {
+            LayerEncoding::Gzip => Compression::Gzip,
+            LayerEncoding::Tar => Compression::Uncompressed,
+            LayerEncoding::Zstd => Compression::Zstd,
+        }),
+    };
+    let built =
+        tokio::task::spawn_blocking(move || hermes_ztoc::build(reader, &build_options)).await;
+    feeder.abort();
+    // A transport or digest failure is the real cause of a build error: report it, store nothing.
+    if let Some(e) = failure.lock().ok().and_then(|mut f| f.take()) {
+        return Err(e);
+    }
+    let ztoc = match built {
+        Ok(Ok(ztoc)) => ztoc,
+        Ok(Err(hermes_ztoc::Error::ZstdNotSeekable)) => {
+            return Ok(skipped(
+                layer,
+                "zstd layer is a single frame: not seekable, it will be pulled normally".into(),
+            ));
+        }
+        Ok(Err(e)) => return Ok(skipped(layer, format!("layer cannot be indexed: {e}"))),
+        Err(join) => {
+            return Err(Error::Ztoc {
+                layer: layer.digest.clone(),
+                source: hermes_ztoc::Error::Io(std::io::Error::other(join)),
+            });
+        }
+    };
+    if ztoc.compressed_archive_size() != size {
+        return Err(Error::Ztoc {
+            layer: layer.digest.clone(),
+            source: hermes_ztoc::Error::Invalid {
+                what: "layer size differs from its descriptor",
+                index: 0,
+            },
+        });
+    }
+    let bytes = ztoc.to_bytes();
+    let ztoc_digest = store.put_blob(&bytes)?;
+    store.set_ztoc_for_layer(&layer.digest, options.span_size, &ztoc_digest)?;
+    let seconds = started.elapsed().as_secs_f64();
+    info!(ztoc = %ztoc_digest, spans = ztoc.span_count(), seconds, "layer indexed");
+    Ok(indexed(
+        layer,
+        &ztoc,
+        ztoc_digest,
+        bytes.len() as u64,
+        seconds,
+        false,
+    ))
+}
+
+fn indexed(
+    layer: &Descriptor,
+    ztoc: &hermes_ztoc::Ztoc,
+    digest: Digest,
+    ztoc_size: u64,
+    seconds: f64,
+    reused: bool,
+) -> LayerRecord {
+    LayerRecord {
+        digest: layer.digest.clone(),
+        media_type: layer.media_type.clone(),
+        size: layer.size.max(0) as u64,
+        outcome: LayerOutcome::Indexed {
+            ztoc: digest,
+            ztoc_size,
+            spans: ztoc.span_count(),
+            entries: ztoc.entries().len() as u64,
+            seconds,
+            reused,
+            soci_compatible: ztoc.compression().is_soci_compatible(),
+        },
+    }
+}
+
+/// What a push wrote.
+#[derive(Debug, Clone)]
+pub struct PushSummary {
+    /// The SOCI index manifest digest.
+    pub soci_index: Digest,
+    /// v2: the SOCI-enabled image index reference that was tagged.
+    pub tagged: Option<String>,
+    /// zTOC blobs uploaded.
+    pub ztocs: usize,
+}
+
+/// Push SOCI artifacts for an indexed image to `target` (a repository, and for v2 a tag).
+/// zstd zTOCs are never included (SOCI has no zstd).
+pub async fn push_soci(
+    client: &Client,
+    store: &Store,
+    result: &IndexResult,
+    version: SociVersion,
+    target: &Reference,
+    build_tool_identifier: &str,
+) -> Result<PushSummary> {
+    let image = &result.image;
+    let source_repo = (image.reference.registry == target.registry)
+        .then_some(image.reference.repository.as_str());
+    if result.soci_ztocs.is_empty() {
+        return Err(Error::Ztoc {
+            layer: image.fetched.digest.clone(),
+            source: hermes_ztoc::Error::Invalid {
+                what: "no layer of the image has a SOCI-compatible zTOC to push",
+                index: 0,
+            },
+        });
+    }
+    for z in &result.soci_ztocs {
+        let bytes = store.get_blob(&z.ztoc)?.ok_or_else(|| Error::Store {
+            path: store.root().display().to_string(),
+            action: "find a zTOC blob to push",
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
+        client.push_blob(target, Bytes::from(bytes), None).await?;
+    }
+    client
+        .push_blob(target, Bytes::from_static(soci::EMPTY_CONFIG), None)
+        .await?;
+    let subject = Descriptor::new(
+        &image.fetched.media_type,
+        image.fetched.digest.clone(),
+        image.fetched.bytes.len() as u64,
+    );
+    let index_bytes = soci::index_manifest(
+        version,
+        &result.soci_ztocs,
+        build_tool_identifier,
+        Some(subject.clone()),
+    );
+    let index_digest = Digest::of(&index_bytes);
+    let index_len = index_bytes.len() as u64;
+    match version {
+        SociVersion::V1 => {
+            client
+                .push_manifest(
+                    target,
+                    index_digest.as_str(),
+                    Bytes::from(index_bytes),
+                    media::OCI_MANIFEST,
+                )
+                .await?;
+            let mut referrer =
+                Descriptor::new(media::OCI_MANIFEST, index_digest.clone(), index_len);
+            referrer.artifact_type = Some(media::SOCI_INDEX_V1.to_owned());
+            // Registries with the referrers API index the subject themselves; others need the
+            // fallback tag.
+            let listed = client
+                .referrers(target, &image.fetched.digest, media::SOCI_INDEX_V1)
+                .await?;
+            if !listed.iter().any(|d| d.digest == index_digest) {
+                client
+                    .add_referrer_fallback(target, &image.fetched.digest, referrer)
+                    .await?;
+            }
+            Ok(PushSummary {
+                soci_index: index_digest,
+                tagged: None,
+                ztocs: result.soci_ztocs.len(),
+            })
+        }
+        SociVersion::V2 => {
+            let platform = match &image.platform {
+                Some(p) => p.clone(),
+                None => image_platform(client, image).await?,
+            };
+            client
+                .push_manifest(
+                    target,
+                    index_digest.as_str(),
+                    Bytes::from(index_bytes),
+                    media::OCI_MANIFEST,
+                )
+                .await?;
+            // The image's blobs must exist in the target repository too.
+            if target.repository != image.reference.repository
+                || target.registry != image.reference.registry
+            {
+                for d in std::iter::once(&image.manifest.config).chain(&image.manifest.layers) {
+                    if !client.blob_exists(target, &d.digest).await? {
+                        if source_repo.is_some() {
+                            client
+                                .push_blob_mount(target, &d.digest, &image.reference.repository)
+                                .await?;
+                        } else {
+                            let blob = client.get_blob(&image.reference, &d.digest).await?;
+                            client.push_blob(target, blob, None).await?;
+                        }
+                    }
+                }
+            }
+            let converted = soci::convert_v2(image, &index_digest, index_len, &platform);
+            client
+                .push_manifest(
+                    target,
+                    converted.manifest_digest.as_str(),
+                    Bytes::from(converted.manifest),
+                    media::OCI_MANIFEST,
+                )
+                .await?;
+            let tag = target.tag.clone().unwrap_or_else(|| "latest".into());
+            client
+                .push_manifest(target, &tag, Bytes::from(converted.index), media::OCI_INDEX)
+                .await?;
+            Ok(PushSummary {
+                soci_index: index_digest,
+                tagged: Some(target.with_tag(&tag).to_string()),
+                ztocs: result.soci_ztocs.len(),
+            })
+        }
+    }
+}
+
+/// The platform recorded in an image's config blob.
+async fn image_platform(client: &Client, image: &ResolvedImage) -> Result<Platform> {
+    #[derive(serde::Deserialize)]
+    struct Config {
+        architecture: Option<String>,
+        os: Option<String>,
+        variant: Option<String>,
+    }
+    let bytes = client
+        .get_blob(&image.reference, &image.manifest.config.digest)
+        .await?;
+    let c: Config = serde_json::from_slice(&bytes).map_err(|source| Error::MalformedManifest {
+        digest: image.manifest.config.digest.clone(),
+        source,
+    })?;
+    Ok(Platform {
+        architecture: c.architecture.unwrap_or_else(|| "amd64".into()),
+        os: c.os.unwrap_or_else(|| "linux".into()),
+        os_version: None,
+        os_features: None,
+        variant: c.variant,
+        features: None,
+    })
+}

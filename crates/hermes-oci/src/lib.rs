@@ -1,0 +1,29 @@
+//! Hermes' side of the OCI world: a distribution client built for lazy loading (range reads,
+//! resumable verified streams, bearer/basic auth, retries), SOCI index artifacts encoded exactly as
+//! soci does, a content-addressed store, and the image indexer that streams each layer once into
+//! `hermes-ztoc`.
+//!
+//! Not here: containerd, FUSE, Kubernetes. Registry credential helpers are not run; credentials
+//! come from docker `config.json` `auths` or Kubernetes pull secrets.
+
+mod auth;
+mod client;
+mod digest;
+mod error;
+mod indexer;
+pub mod manifest;
+mod reference;
+pub mod soci;
+mod store;
+
+pub use auth::{Challenge, Credential, Credentials};
+pub use client::{
+    BlobStream, Client, ClientOptions, FetchedManifest, ResolvedImage, RetryPolicy, fallback_tag,
+};
+pub use digest::{Digest, Hasher};
+pub use error::{Error, Result};
+pub use indexer::{
+    DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult, PushSummary, build_index, push_soci,
+};
+pub use reference::{DOCKER_HUB, Reference};
+pub use store::{ImageRecord, LayerOutcome, LayerRecord, Store};
