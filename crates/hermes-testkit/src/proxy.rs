@@ -1,0 +1,764 @@
+//! An HTTP/1.1 reverse proxy for reliability tests: it forwards every request to an upstream
+//! (normally a [`Registry`](crate::Registry)), streaming bodies both ways, and applies queued
+//! [`FaultRule`]s, a bandwidth cap and, optionally, a bearer-token auth front (token endpoint,
+//! `WWW-Authenticate` challenges) in front of an anonymous upstream.
+//!
+//! It runs its own single-threaded tokio runtime on its own thread, so sync and async tests can use
+//! it alike. It does not pool upstream connections (one per request) and does not speak TLS.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{Error, Result};
+
+/// The `service` named in bearer challenges and expected on the token endpoint.
+const SERVICE: &str = "hermes-testkit";
+/// After a cut-off body's last bytes are handed over, how long to let them reach the socket before
+/// the connection is closed.
+const FLUSH_GRACE: Duration = Duration::from_millis(100);
+
+/// What to do to a matching request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward, send the response head and the first N body bytes, then close the connection.
+    DropAfter(u64),
+    /// Close the connection with a TCP RST, without sending any response.
+    Reset,
+    /// Wait this long, then handle the request normally.
+    Stall(Duration),
+    /// Answer with this status and an empty body, without forwarding.
+    Status(u16),
+    /// Answer 429 with `Retry-After: retry_after_secs`, without forwarding.
+    TooManyRequests {
+        /// The `Retry-After` value in seconds.
+        retry_after_secs: u64,
+    },
+    /// Forward keeping the upstream `Content-Length`, but send only N body bytes, then close.
+    Truncate(u64),
+    /// Forward, flipping every bit of the body byte at this offset (no-op if the body is shorter).
+    Corrupt {
+        /// Offset in the response body.
+        at: u64,
+    },
+}
+
+/// A fault applied to the next `times` requests that match `method` (any if `None`) and whose path
+/// contains `path_contains`. Rules are consulted in the order they were pushed; the first matching
+/// rule with uses left wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultRule {
+    /// HTTP method to match (case-insensitive), or any.
+    pub method: Option<String>,
+    /// Substring the request path must contain (`""` matches every path).
+    pub path_contains: String,
+    /// What to do.
+    pub fault: Fault,
+    /// How many matching requests get the fault.
+    pub times: u32,
+}
+
+impl FaultRule {
+    /// A rule for the next request of any method whose path contains `path_contains`.
+    pub fn new(path_contains: impl Into<String>, fault: Fault) -> FaultRule {
+        FaultRule {
+            method: None,
+            path_contains: path_contains.into(),
+            fault,
+            times: 1,
+        }
+    }
+
+    /// Restricts the rule to one method.
+    pub fn method(mut self, method: impl Into<String>) -> FaultRule {
+        self.method = Some(method.into());
+        self
+    }
+
+    /// Applies the rule to the next `times` matching requests instead of one.
+    pub fn times(mut self, times: u32) -> FaultRule {
+        self.times = times;
+        self
+    }
+
+    fn matches(&self, method: &str, path: &str) -> bool {
+        self.times > 0
+            && self
+                .method
+                .as_deref()
+                .is_none_or(|m| m.eq_ignore_ascii_case(method))
+            && path.contains(&self.path_contains)
+    }
+}
+
+/// One request the proxy saw, with the status it answered (0 when it answered nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedRequest {
+    /// HTTP method.
+    pub method: String,
+    /// Request path, without the query.
+    pub path: String,
+    /// The `Range` header, if any.
+    pub range: Option<String>,
+    /// Status sent to the client; 0 for [`Fault::Reset`].
+    pub status: u16,
+}
+
+/// A running fault-injecting proxy. Stops its thread (closing all connections) on `Drop`.
+#[derive(Debug)]
+pub struct FaultProxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    upstream: SocketAddr,
+    host: String,
+    auth: Option<BearerAuth>,
+    state: Mutex<State>,
+    tokens_issued: AtomicU64,
+}
+
+#[derive(Debug)]
+struct BearerAuth {
+    user: String,
+    password: String,
+    ttl: Duration,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rules: VecDeque<FaultRule>,
+    log: Vec<LoggedRequest>,
+    bucket: Option<TokenBucket>,
+    /// Issued bearer tokens and when each expires.
+    tokens: HashMap<String, Instant>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy on a free loopback port that forwards to `upstream`.
+    pub fn start(upstream: SocketAddr) -> Result<FaultProxy> {
+        Self::start_inner(upstream, None)
+    }
+
+    /// Starts a proxy that plays a bearer-token registry in front of an anonymous `upstream`:
+    /// `/v2/…` requests need `Authorization: Bearer TOKEN` with an unexpired token from
+    /// `GET /token` (HTTP Basic `user`:`password`), otherwise they get a 401 challenge. Authorized
+    /// requests are forwarded without the `Authorization` header. Tokens live `token_ttl`.
+    pub fn start_with_bearer_auth(
+        upstream: SocketAddr,
+        user: &str,
+        password: &str,
+        token_ttl: Duration,
+    ) -> Result<FaultProxy> {
+        let auth = BearerAuth {
+            user: user.to_owned(),
+            password: password.to_owned(),
+            ttl: token_ttl,
+        };
+        Self::start_inner(upstream, Some(auth))
+    }
+
+    fn start_inner(upstream: SocketAddr, auth: Option<BearerAuth>) -> Result<FaultProxy> {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .map_err(Error::os("bind the proxy's loopback port"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(Error::os("read the proxy's port"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(Error::os("make the proxy's listener non-blocking"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(Error::os("build the proxy's tokio runtime"))?;
+        let shared = Arc::new(Shared {
+            upstream,
+            host: addr.to_string(),
+            auth,
+            state: Mutex::default(),
+            tokens_issued: AtomicU64::new(0),
+        });
+        let (shutdown, stop) = oneshot::channel();
+        let serving = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("testkit-proxy-{}", addr.port()))
+            .spawn(move || runtime.block_on(serve(listener, serving, stop)))
+            .map_err(Error::os("spawn the proxy thread"))?;
+        Ok(FaultProxy {
+            addr,
+            shared,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+
+    /// `127.0.0.1:PORT`, to use as the registry host in image references.
+    pub fn host(&self) -> String {
+        self.shared.host.clone()
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The proxy's socket address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Queues a fault rule (FIFO among matching rules).
+    pub fn push(&self, rule: FaultRule) {
+        if rule.times > 0 {
+            self.shared.state().rules.push_back(rule);
+        }
+    }
+
+    /// Drops all queued fault rules.
+    pub fn clear_faults(&self) {
+        self.shared.state().rules.clear();
+    }
+
+    /// Caps response body bytes per second over all connections together (`None`: no cap).
+    pub fn set_bandwidth(&self, bytes_per_sec: Option<u64>) {
+        self.shared.state().bucket = bytes_per_sec.map(TokenBucket::new);
+    }
+
+    /// The requests seen so far, in the order their responses were decided.
+    pub fn log(&self) -> Vec<LoggedRequest> {
+        self.shared.state().log.clone()
+    }
+
+    /// Forgets the logged requests.
+    pub fn clear_log(&self) {
+        self.shared.state().log.clear();
+    }
+
+    /// How many bearer tokens the token endpoint has issued.
+    pub fn tokens_issued(&self) -> u64 {
+        self.shared.tokens_issued.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn take_fault(&self, method: &str, path: &str) -> Option<Fault> {
+        let mut state = self.state();
+        let index = state
+            .rules
+            .iter()
+            .position(|rule| rule.matches(method, path))?;
+        let rule = &mut state.rules[index];
+        rule.times -= 1;
+        let fault = rule.fault.clone();
+        if rule.times == 0 {
+            state.rules.remove(index);
+        }
+        Some(fault)
+    }
+}
+
+/// Accepts connections until told to stop; dropping the runtime afterwards ends every connection.
+async fn serve(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let Ok((stream, resetter)) = split_for_reset(stream) else { continue };
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let resetter = Arc::new(resetter);
+                    let service = hyper::service::service_fn(move |request| {
+                        handle(request, Arc::clone(&shared), Arc::clone(&resetter))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+/// Returns the stream plus a second handle on the same socket, with which a [`Fault::Reset`] sets
+/// `SO_LINGER` to zero so that closing the connection sends a TCP RST instead of a FIN. The handle
+/// lives as long as the connection's service, so the socket is closed after hyper lets go of it.
+fn split_for_reset(
+    stream: tokio::net::TcpStream,
+) -> std::io::Result<(tokio::net::TcpStream, tokio::net::TcpStream)> {
+    let stream = stream.into_std()?;
+    let handle = stream.try_clone()?;
+    Ok((
+        tokio::net::TcpStream::from_std(stream)?,
+        tokio::net::TcpStream::from_std(handle)?,
+    ))
+}
+
+type ProxyBody = BoxBody<Bytes, std::io::Error>;
+
+/// Handles one request. An `Err` makes hyper close the connection without a response.
+async fn handle(
+    request: Request<Incoming>,
+    shared: Arc<Shared>,
+    resetter: Arc<tokio::net::TcpStream>,
+) -> Result<Response<ProxyBody>, std::io::Error> {
+    let method = request.method().as_str().to_owned();
+    let path = request.uri().path().to_owned();
+    let range = request
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let log = |status: u16| {
+        let entry = LoggedRequest {
+            method: method.clone(),
+            path: path.clone(),
+            range: range.clone(),
+            status,
+        };
+        shared.state().log.push(entry);
+    };
+
+    let fault = shared.take_fault(&method, &path);
+    match fault {
+        Some(Fault::Reset) => {
+            log(0);
+            let _ = resetter.set_zero_linger();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "injected reset",
+            ));
+        }
+        Some(Fault::Status(code)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            log(status.as_u16());
+            return Ok(simple(status, HeaderMap::new(), Bytes::new()));
+        }
+        Some(Fault::TooManyRequests { retry_after_secs }) => {
+            log(429);
+            let mut headers = HeaderMap::new();
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            return Ok(simple(StatusCode::TOO_MANY_REQUESTS, headers, Bytes::new()));
+        }
+        Some(Fault::Stall(delay)) => tokio::time::sleep(delay).await,
+        _ => {}
+    }
+
+    let mut request = request;
+    if let Some(auth) = &shared.auth {
+        if path == "/token" {
+            let response = token_response(&shared, auth, request.headers());
+            log(response.status().as_u16());
+            return Ok(response);
+        }
+        if path == "/v2" || path.starts_with("/v2/") {
+            if !has_valid_token(&shared, request.headers()) {
+                log(401);
+                return Ok(challenge(&shared.host, &method, &path));
+            }
+            request.headers_mut().remove(header::AUTHORIZATION);
+        }
+    }
+
+    let upstream = match forward(request, shared.upstream).await {
+        Ok(response) => response,
+        Err(error) => {
+            log(502);
+            let body = Bytes::from(format!(
+                "hermes-testkit proxy: upstream {}: {error}\n",
+                shared.upstream
+            ));
+            return Ok(simple(StatusCode::BAD_GATEWAY, HeaderMap::new(), body));
+        }
+    };
+    log(upstream.status().as_u16());
+    let (mut parts, body) = upstream.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let shaping = Shaping {
+        cut_after: match fault {
+            Some(Fault::DropAfter(n) | Fault::Truncate(n)) => Some(n),
+            _ => None,
+        },
+        corrupt_at: match fault {
+            Some(Fault::Corrupt { at }) => Some(at),
+            _ => None,
+        },
+    };
+    Ok(Response::from_parts(
+        parts,
+        shape_body(body, shaping, shared),
+    ))
+}
+
+/// Forwards a request on a fresh upstream connection.
+async fn forward(
+    request: Request<Incoming>,
+    upstream: SocketAddr,
+) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
+    let stream = tokio::net::TcpStream::connect(upstream).await?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let (mut parts, body) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::EXPECT);
+    Ok(sender
+        .send_request(Request::from_parts(parts, body))
+        .await?)
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+fn simple(status: StatusCode, headers: HeaderMap, body: Bytes) -> Response<ProxyBody> {
+    let mut response = Response::new(
+        Full::new(body)
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// What to do to a forwarded response body.
+#[derive(Debug, Clone, Copy)]
+struct Shaping {
+    /// Send only this many bytes, then close the connection.
+    cut_after: Option<u64>,
+    /// Flip the byte at this offset.
+    corrupt_at: Option<u64>,
+}
+
+/// A response body fed by a pump task through a small channel (so the pump sees backpressure).
+#[derive(Debug)]
+struct ChannelBody {
+    chunks: mpsc::Receiver<std::io::Result<Bytes>>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::io::Result<Frame<Bytes>>>> {
+        self.chunks
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data)))
+    }
+}
+
+/// Streams `body` to the client through the fault shaping and the bandwidth cap.
+fn shape_body(mut body: Incoming, shaping: Shaping, shared: Arc<Shared>) -> ProxyBody {
+    let (tx, chunks) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut offset = 0u64;
+        while let Some(frame) = body.frame().await {
+            let mut data = match frame.map(Frame::into_data) {
+                Ok(Ok(data)) => data,
+                Ok(Err(_trailers)) => continue,
+                Err(error) => {
+                    let _ = tx.send(Err(std::io::Error::other(error))).await;
+                    return;
+                }
+            };
+            let end = offset + data.len() as u64;
+            if let Some(at) = shaping.corrupt_at.filter(|at| (offset..end).contains(at)) {
+                let mut bytes = BytesMut::from(data);
+                bytes[(at - offset) as usize] ^= 0xff;
+                data = bytes.freeze();
+            }
+            let cut = shaping.cut_after.filter(|&limit| end > limit);
+            if let Some(limit) = cut {
+                data.truncate(limit.saturating_sub(offset) as usize);
+            }
+            offset = end;
+            if !send_throttled(&tx, data, &shared).await {
+                return;
+            }
+            if cut.is_some() {
+                // Let hyper flush what it has, then make it abort the connection.
+                tokio::time::sleep(FLUSH_GRACE).await;
+                let _ = tx
+                    .send(Err(std::io::Error::other("injected connection drop")))
+                    .await;
+                return;
+            }
+        }
+    });
+    ChannelBody { chunks }.boxed()
+}
+
+/// Sends `data` in bucket-sized pieces, waiting for bandwidth tokens. False when the client is gone.
+async fn send_throttled(
+    tx: &mpsc::Sender<std::io::Result<Bytes>>,
+    mut data: Bytes,
+    shared: &Shared,
+) -> bool {
+    while !data.is_empty() {
+        let piece = match shared.state().bucket.as_ref() {
+            Some(bucket) => data.split_to(bucket.piece().min(data.len())),
+            None => std::mem::take(&mut data),
+        };
+        acquire(shared, piece.len()).await;
+        if tx.send(Ok(piece)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Waits until the shared bucket (if any) has `bytes` tokens and takes them.
+async fn acquire(shared: &Shared, bytes: usize) {
+    loop {
+        let wait = match shared.state().bucket.as_mut() {
+            None => return,
+            Some(bucket) => match bucket.take(bytes as f64) {
+                None => return,
+                Some(wait) => wait,
+            },
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Bandwidth cap: `rate` tokens (bytes) per second, burst of one piece.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    fn new(bytes_per_sec: u64) -> TokenBucket {
+        let rate = bytes_per_sec.max(1) as f64;
+        let capacity = (rate / 20.0).clamp(1.0, 16384.0).floor();
+        TokenBucket {
+            rate,
+            capacity,
+            tokens: capacity,
+            refilled: Instant::now(),
+        }
+    }
+
+    /// Bytes to send at once: small enough that the cap is smooth at 50 ms granularity.
+    fn piece(&self) -> usize {
+        self.capacity as usize
+    }
+
+    /// Takes `n` tokens, or says how long to wait until there are enough.
+    fn take(&mut self, n: f64) -> Option<Duration> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.capacity.max(n));
+        self.refilled = now;
+        if self.tokens >= n {
+            self.tokens -= n;
+            None
+        } else {
+            Some(Duration::from_secs_f64((n - self.tokens) / self.rate))
+        }
+    }
+}
+
+/// The repository named in a `/v2/NAME/(manifests|blobs|tags|referrers)/…` path.
+fn repository(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v2/")?;
+    ["/manifests/", "/blobs/", "/tags/", "/referrers/"]
+        .iter()
+        .filter_map(|marker| rest.find(marker))
+        .min()
+        .map(|end| &rest[..end])
+}
+
+fn challenge(host: &str, method: &str, path: &str) -> Response<ProxyBody> {
+    let mut value = format!("Bearer realm=\"http://{host}/token\",service=\"{SERVICE}\"");
+    if let Some(repo) = repository(path) {
+        let actions = if method == "GET" || method == "HEAD" {
+            "pull"
+        } else {
+            "pull,push"
+        };
+        value.push_str(&format!(",scope=\"repository:{repo}:{actions}\""));
+    }
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(header::WWW_AUTHENTICATE, value);
+    }
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let body =
+        r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required","detail":null}]}"#;
+    simple(
+        StatusCode::UNAUTHORIZED,
+        headers,
+        Bytes::from_static(body.as_bytes()),
+    )
+}
+
+fn has_valid_token(shared: &Shared, headers: &HeaderMap) -> bool {
+    let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    shared
+        .state()
+        .tokens
+        .get(token.trim())
+        .is_some_and(|expires| *expires > Instant::now())
+}
+
+fn token_response(shared: &Shared, auth: &BearerAuth, headers: &HeaderMap) -> Response<ProxyBody> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.trim())
+                .ok()
+        });
+    let expected = format!("{}:{}", auth.user, auth.password);
+    if presented.as_deref() != Some(expected.as_bytes()) {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"hermes-testkit\""),
+        );
+        let body = Bytes::from_static(
+            br#"{"errors":[{"code":"UNAUTHORIZED","message":"invalid credentials"}]}"#,
+        );
+        return simple(StatusCode::UNAUTHORIZED, headers, body);
+    }
+    let serial = shared.tokens_issued.fetch_add(1, Ordering::SeqCst);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let token: String = Sha256::digest(format!("{}/{serial}/{nanos}", shared.host))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    shared
+        .state()
+        .tokens
+        .insert(token.clone(), Instant::now() + auth.ttl);
+    let body = serde_json::json!({
+        "token": token,
+        "access_token": token,
+        "expires_in": auth.ttl.as_secs_f64().ceil().max(1.0) as u64,
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    simple(StatusCode::OK, headers, Bytes::from(body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_is_parsed_from_distribution_paths() {
+        assert_eq!(
+            repository("/v2/library/alpine/manifests/latest"),
+            Some("library/alpine")
+        );
+        assert_eq!(repository("/v2/a/blobs/uploads/123"), Some("a"));
+        assert_eq!(repository("/v2/a/b/tags/list"), Some("a/b"));
+        assert_eq!(repository("/v2/"), None);
+    }
+
+    #[test]
+    fn rules_match_method_and_path() {
+        let rule = FaultRule::new("/blobs/", Fault::Reset).method("get");
+        assert!(rule.matches("GET", "/v2/r/blobs/sha256:00"));
+        assert!(!rule.matches("HEAD", "/v2/r/blobs/sha256:00"));
+        assert!(!rule.matches("GET", "/v2/r/manifests/latest"));
+        assert!(!rule.times(0).matches("GET", "/v2/r/blobs/sha256:00"));
+    }
+
+    #[test]
+    fn token_bucket_makes_callers_wait_at_the_rate() {
+        let mut bucket = TokenBucket::new(1000);
+        assert_eq!(bucket.take(50.0), None, "a full bucket pays out its burst");
+        let wait = bucket
+            .take(50.0)
+            .expect("an empty bucket makes the caller wait");
+        assert!(
+            wait > Duration::from_millis(30) && wait <= Duration::from_millis(50),
+            "waited {wait:?}"
+        );
+    }
+}
