@@ -155,6 +155,7 @@ fn resolve_cmd(a: ResolveArgs) -> Result<ExitCode> {
             timeout: a.script_timeout,
             output_limit: a.max_output,
             env: pod_metadata_env(|k| std::env::var(k).ok()),
+            env_remove: Vec::new(),
             shell: None,
         },
     };

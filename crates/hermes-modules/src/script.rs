@@ -30,6 +30,8 @@ pub struct ScriptOptions {
     pub output_limit: usize,
     /// Variables added to the inherited environment.
     pub env: Vec<(String, String)>,
+    /// Variables removed from the inherited environment.
+    pub env_remove: Vec<String>,
     /// The shell; `None` picks `/bin/bash`, else `/bin/sh`.
     pub shell: Option<PathBuf>,
 }
@@ -40,6 +42,7 @@ impl Default for ScriptOptions {
             timeout: DEFAULT_TIMEOUT,
             output_limit: DEFAULT_OUTPUT_LIMIT,
             env: Vec::new(),
+            env_remove: Vec::new(),
             shell: None,
         }
     }
@@ -80,7 +83,11 @@ pub fn run_script(script: &Path, opts: &ScriptOptions) -> Result<ScriptRun> {
     let shell = opts.shell.clone().unwrap_or_else(default_shell);
     let start = Instant::now();
     let deadline = start + opts.timeout;
-    let mut child = Command::new(&shell)
+    let mut cmd = Command::new(&shell);
+    for k in &opts.env_remove {
+        cmd.env_remove(k);
+    }
+    let mut child = cmd
         .arg(script)
         .envs(opts.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())

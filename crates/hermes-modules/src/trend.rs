@@ -2,9 +2,10 @@
 //!
 //! A process leaks when its memory grows steadily. Two robust estimates must both exceed the
 //! threshold: the Theil–Sen slope over all samples of the window (the median of pairwise
-//! slopes, insensitive to outliers), and the Theil–Sen slope of the window's *floor*: the
-//! minimum of each quarter of the window. A sawtooth (allocate, then free back) has a rising
-//! average inside each tooth but a flat floor, so it does not alert; a leak raises the floor.
+//! slopes, insensitive to outliers), and the growth of the window's *floor*: the minimum of its
+//! second half against the minimum of its first half. A sawtooth (allocate, then free back)
+//! has a rising trend inside each tooth but a flat floor as long as each half of the window
+//! holds a trough (choose a window of at least two GC periods); a leak raises the floor.
 
 use serde::Serialize;
 
@@ -41,26 +42,31 @@ pub fn theil_sen(points: &[(f64, f64)]) -> Option<f64> {
 pub struct Trend {
     /// Theil–Sen slope of all samples, KiB per minute.
     pub slope_kib_per_min: f64,
-    /// Theil–Sen slope of the per-quarter minima, KiB per minute.
+    /// Growth of the floor (minimum of the second half over the first), KiB per minute.
     pub floor_slope_kib_per_min: f64,
     /// Both slopes exceed the threshold.
     pub leak_suspected: bool,
 }
 
 /// Analyzes a full window of `(seconds, bytes)` samples against a threshold in KiB/min.
-/// `None` until the window has at least 8 samples (a floor needs several points per quarter).
+/// `None` until the window has at least 8 samples.
 pub fn analyze(samples: &[(f64, f64)], threshold_kib_per_min: f64) -> Option<Trend> {
     if samples.len() < 8 {
         return None;
     }
     let per_min = |bytes_per_s: f64| bytes_per_s * 60.0 / 1024.0;
     let slope = per_min(theil_sen(samples)?);
-    let quarter = samples.len() / 4;
-    let floor: Vec<(f64, f64)> = samples
-        .chunks(quarter.max(2))
-        .filter_map(|c| c.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)))
-        .collect();
-    let floor_slope = per_min(theil_sen(&floor)?);
+    let (first, second) = samples.split_at(samples.len() / 2);
+    let floor = |half: &[(f64, f64)]| {
+        let min = half.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
+        let mid = half.iter().map(|s| s.0).sum::<f64>() / half.len() as f64;
+        (mid, min)
+    };
+    let ((t0, f0), (t1, f1)) = (floor(first), floor(second));
+    if t1 <= t0 {
+        return None;
+    }
+    let floor_slope = per_min((f1 - f0) / (t1 - t0));
     Some(Trend {
         slope_kib_per_min: slope,
         floor_slope_kib_per_min: floor_slope,
