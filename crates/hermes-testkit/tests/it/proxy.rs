@@ -442,3 +442,20 @@ fn skopeo_pushes_through_the_bearer_front_with_credentials() {
     let direct = skopeo_inspect_raw(&format!("{}/secure:v1", registry.host()), None);
     assert_eq!(sha256(&direct), pushed.manifest_digest);
 }
+
+#[tokio::test]
+async fn the_proxy_serves_async_tests_and_drops_inside_a_runtime() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let registry = Registry::start().unwrap();
+    let proxy = FaultProxy::start(registry.addr()).unwrap();
+    proxy.push(FaultRule::new("/v2/", Fault::Status(418)));
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr()).await.unwrap();
+    stream
+        .write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 418 "), "{response}");
+    drop(proxy);
+}
