@@ -499,11 +499,22 @@ impl Client {
         match top.media_type.as_str() {
             media::OCI_MANIFEST | media::DOCKER_MANIFEST => {
                 let manifest = parse_manifest(&top)?;
+                // A single-platform image: its config says which platform it is for.
+                let found = self.config_platform(r, &manifest).await?;
+                if let Some(p) = &found
+                    && !platform.matches(p)
+                {
+                    return Err(Error::PlatformNotFound {
+                        reference: r.to_string(),
+                        platform: platform.to_string(),
+                        available: p.to_string(),
+                    });
+                }
                 Ok(ResolvedImage {
                     reference: r.clone(),
                     manifest,
                     fetched: top,
-                    platform: None,
+                    platform: found,
                     index: None,
                 })
             }
@@ -558,6 +569,39 @@ impl Client {
                 media_type: other.to_owned(),
             }),
         }
+    }
+
+    /// The platform recorded in an image's config blob (`None` if it records none).
+    async fn config_platform(
+        &self,
+        r: &Reference,
+        manifest: &Manifest,
+    ) -> Result<Option<Platform>> {
+        #[derive(serde::Deserialize)]
+        struct Config {
+            architecture: Option<String>,
+            os: Option<String>,
+            variant: Option<String>,
+        }
+        let bytes = self.get_blob(r, &manifest.config.digest).await?;
+        let c: Config =
+            serde_json::from_slice(&bytes).map_err(|source| Error::MalformedManifest {
+                digest: manifest.config.digest.clone(),
+                source,
+            })?;
+        Ok(match (c.os, c.architecture) {
+            (Some(os), Some(architecture)) if !os.is_empty() && !architecture.is_empty() => {
+                Some(Platform {
+                    architecture,
+                    os,
+                    os_version: None,
+                    os_features: None,
+                    variant: c.variant.filter(|v| !v.is_empty()),
+                    features: None,
+                })
+            }
+            _ => None,
+        })
     }
 
     fn blob_req(r: &Reference, digest: &Digest) -> Req {

@@ -88,7 +88,7 @@ impl Read for ChannelReader {
 }
 
 /// Index `reference` into `store`; `progress` is called as each layer finishes.
-#[instrument(skip(client, store, options, progress), fields(image = %reference))]
+#[instrument(skip(client, store, reference, options, progress), fields(image = %reference))]
 pub async fn build_index(
     client: &Client,
     store: &Store,
@@ -418,10 +418,7 @@ pub async fn push_soci(
             })
         }
         SociVersion::V2 => {
-            let platform = match &image.platform {
-                Some(p) => p.clone(),
-                None => image_platform(client, image).await?,
-            };
+            let platform = image.platform.clone().unwrap_or_else(Platform::host);
             client
                 .push_manifest(
                     target,
@@ -467,29 +464,4 @@ pub async fn push_soci(
             })
         }
     }
-}
-
-/// The platform recorded in an image's config blob.
-async fn image_platform(client: &Client, image: &ResolvedImage) -> Result<Platform> {
-    #[derive(serde::Deserialize)]
-    struct Config {
-        architecture: Option<String>,
-        os: Option<String>,
-        variant: Option<String>,
-    }
-    let bytes = client
-        .get_blob(&image.reference, &image.manifest.config.digest)
-        .await?;
-    let c: Config = serde_json::from_slice(&bytes).map_err(|source| Error::MalformedManifest {
-        digest: image.manifest.config.digest.clone(),
-        source,
-    })?;
-    Ok(Platform {
-        architecture: c.architecture.unwrap_or_else(|| "amd64".into()),
-        os: c.os.unwrap_or_else(|| "linux".into()),
-        os_version: None,
-        os_features: None,
-        variant: c.variant,
-        features: None,
-    })
 }

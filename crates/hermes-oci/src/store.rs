@@ -24,14 +24,10 @@ fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(std::io::Erro
 }
 
 impl Store {
-    /// Open (creating if needed) a store at `root`.
+    /// A store at `root`. Nothing is created until the first write, so a failed run leaves
+    /// nothing behind.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
-        let root = root.into();
-        for dir in ["blobs/sha256", "layers", "images", "tmp"] {
-            let d = root.join(dir);
-            fs::create_dir_all(&d).map_err(io_err(&d, "create directory"))?;
-        }
-        Ok(Self { root })
+        Ok(Self { root: root.into() })
     }
 
     /// The store's directory.
@@ -52,6 +48,7 @@ impl Store {
             std::thread::current().id()
         ));
         let result = (|| {
+            fs::create_dir_all(self.root.join("tmp"))?;
             let mut f = File::create(&tmp)?;
             f.write_all(bytes)?;
             f.sync_all()?;
@@ -138,7 +135,12 @@ impl Store {
     pub fn images(&self) -> Result<Vec<ImageRecord>> {
         let dir = self.root.join("images");
         let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_err(&dir, "list images"))? {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err(&dir, "list images")(e)),
+        };
+        for entry in entries {
             let path = entry.map_err(io_err(&dir, "list images"))?.path();
             if path.extension().is_some_and(|e| e == "json")
                 && let Ok(bytes) = fs::read(&path)

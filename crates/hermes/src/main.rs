@@ -1,10 +1,11 @@
 //! `hermes`: the one binary. Parses the command line and hands over to the library crates.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod index_cmd;
 mod size;
 mod ztoc_cmd;
 
@@ -21,14 +22,18 @@ enum Command {
     /// Build, inspect and read through zTOCs (SOCI-compatible layer indexes).
     #[command(subcommand)]
     Ztoc(ztoc_cmd::ZtocCommand),
+    /// Index images from their registry and push SOCI artifacts.
+    #[command(subcommand)]
+    Index(index_cmd::IndexCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {
@@ -44,6 +49,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ztoc(cmd) => ztoc_cmd::run(cmd),
+        Command::Index(cmd) => index_cmd::run(cmd),
     }
 }
 
