@@ -55,7 +55,14 @@ impl Registry {
                 .map_err(Error::io("write", &config))?;
             let log = File::create(&log_path).map_err(Error::io("create", &log_path))?;
             let log_err = log.try_clone().map_err(Error::io("reopen", &log_path))?;
-            let mut child = Command::new(&program)
+            let mut command = Command::new(&program);
+            // `REGISTRY_*` variables override the config file; the test environment must not.
+            for (name, _) in std::env::vars_os() {
+                if name.to_string_lossy().starts_with("REGISTRY_") {
+                    command.env_remove(name);
+                }
+            }
+            let mut child = command
                 .arg("serve")
                 .arg(&config)
                 .stdin(Stdio::null())
@@ -183,4 +190,39 @@ fn config_yaml(dir: &Path, addr: SocketAddr, htpasswd: Option<&Path>) -> String 
         ));
     }
     yaml
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registry_that_exits_is_reported_with_its_status() {
+        let program = find_program("docker-registry", "apt-get install docker-registry").unwrap();
+        let mut child = Command::new(program)
+            .args(["serve", "/nonexistent/config.yml"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port().unwrap()));
+        let reason = wait_ready(&mut child, addr).unwrap_err();
+        assert!(reason.starts_with("exited with"), "{reason}");
+    }
+
+    #[test]
+    fn config_has_loopback_addr_storage_delete_and_htpasswd() {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 5123));
+        let yaml = config_yaml(Path::new("/t"), addr, Some(Path::new("/t/htpasswd")));
+        for expected in [
+            "addr: 127.0.0.1:5123",
+            "rootdirectory: /t/data",
+            "enabled: true",
+            "realm: basic",
+            "path: /t/htpasswd",
+        ] {
+            assert!(yaml.contains(expected), "missing {expected:?} in\n{yaml}");
+        }
+        assert!(!config_yaml(Path::new("/t"), addr, None).contains("auth:"));
+    }
 }
