@@ -253,22 +253,31 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, siz
     r
 }
 
+/// Forwards an `(align, size)` allocation to the real function in `slot` and counts it.
+fn aligned(slot: &AtomicUsize, align: usize, size: usize) -> *mut c_void {
+    ensure_init();
+    let p = slot.load(Acquire);
+    if p == 0 {
+        return null_mut();
+    }
+    // SAFETY: the slot holds the address dlsym returned for aligned_alloc or memalign, both
+    // `void *(size_t, size_t)`.
+    let f = unsafe { core::mem::transmute::<usize, AlignedFn>(p) };
+    // SAFETY: forwarding the caller's arguments to the real function.
+    let q = unsafe { f(align, size) };
+    if !q.is_null() {
+        stats::on_alloc(size, usable(q));
+    }
+    q
+}
+
 /// `aligned_alloc(3)`.
 ///
 /// # Safety
 /// As `aligned_alloc(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
-    ensure_init();
-    let Some(f) = real!(REAL_ALIGNED_ALLOC, AlignedFn) else {
-        return null_mut();
-    };
-    // SAFETY: forwarding the caller's arguments to the real function.
-    let p = unsafe { f(align, size) };
-    if !p.is_null() {
-        stats::on_alloc(size, usable(p));
-    }
-    p
+    aligned(&REAL_ALIGNED_ALLOC, align, size)
 }
 
 /// `memalign(3)`.
@@ -277,14 +286,5 @@ pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void
 /// As `memalign(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
-    ensure_init();
-    let Some(f) = real!(REAL_MEMALIGN, AlignedFn) else {
-        return null_mut();
-    };
-    // SAFETY: forwarding the caller's arguments to the real function.
-    let p = unsafe { f(align, size) };
-    if !p.is_null() {
-        stats::on_alloc(size, usable(p));
-    }
-    p
+    aligned(&REAL_MEMALIGN, align, size)
 }

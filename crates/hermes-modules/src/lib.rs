@@ -8,9 +8,8 @@
 //! - [`resolve`] and [`plan`]: resolution and the phase-idempotent state file;
 //! - [`supervisor`], [`modules`], [`procfs`], [`trend`], [`metrics`]: running the built-in
 //!   modules on real processes, `/metrics` and JSON reports;
+//! - [`webhook`]: the admission webhook's pure patch builder (no server);
 //! - [`cli`]: the `hermes modules …` subcommands.
-//!
-//! It does not inject anything into pods (the admission webhook lives elsewhere).
 #![warn(missing_docs)]
 
 pub mod cli;
@@ -26,5 +25,6 @@ pub mod script;
 pub mod static_config;
 pub mod supervisor;
 pub mod trend;
+pub mod webhook;
 
 pub use error::{At, Error, Result, SyntaxProblem};

@@ -8,3 +8,4 @@ mod profiler;
 mod resolve;
 mod supervisor;
 mod support;
+mod webhook;

@@ -113,6 +113,27 @@ fn python() -> std::path::PathBuf {
     require("python3", "python3 (apt-get install python3)")
 }
 
+/// A python3 process allocating 256 KiB every 20 ms (12.5 MiB/s), and dropping everything
+/// every `reset_every` seconds when given (a GC-like sawtooth). Blocks of 256 KiB are mmap'd
+/// (fixed threshold), so a drop really returns memory.
+fn python_allocator(reset_every: Option<f64>) -> Proc {
+    let reset = reset_every.map_or(String::new(), |s| {
+        format!(
+            "    if time.monotonic() - t >= {s}:\n        x = []\n        t = time.monotonic()\n"
+        )
+    });
+    let code = format!(
+        "import time\nx = []\nt = time.monotonic()\nprint('ready', flush=True)\nwhile True:\n    x.append(b'\\x01' * (256 * 1024))\n{reset}    time.sleep(0.02)\n"
+    );
+    Proc::spawn(
+        Command::new(python())
+            .env("MALLOC_MMAP_THRESHOLD_", "131072")
+            .args(["-c", &code]),
+        Some("ready"),
+    )
+    .0
+}
+
 /// Runs the tracer against `pid` every `interval` and returns (ever flagged, rss min, rss max).
 fn trace(pid: u32, tracer: &mut MemTracer, samples: usize, interval: Duration) -> (bool, u64, u64) {
     let start = Instant::now();
@@ -136,13 +157,7 @@ fn trace(pid: u32, tracer: &mut MemTracer, samples: usize, interval: Duration) -
 
 #[test]
 fn mem_tracer_flags_a_leaking_process() {
-    let (p, _) = Proc::spawn(
-        Command::new(python()).env("MALLOC_MMAP_THRESHOLD_", "131072").args([
-            "-c",
-            "import time\nx = []\nprint('ready', flush=True)\nwhile True:\n    x.append(b'\\x01' * (256 * 1024))\n    time.sleep(0.02)\n",
-        ]),
-        Some("ready"),
-    );
+    let p = python_allocator(None);
     // Up to 12.5 MiB/s (750 MiB/min) of growth against the threshold.
     let mut tracer = MemTracer::new(profile(50, 16, THRESHOLD));
     let (flagged, lo, hi) = trace(p.pid(), &mut tracer, 24, Duration::from_millis(50));
@@ -159,13 +174,7 @@ fn mem_tracer_flags_a_leaking_process() {
 
 #[test]
 fn mem_tracer_does_not_flag_a_sawtooth() {
-    let (p, _) = Proc::spawn(
-        Command::new(python()).env("MALLOC_MMAP_THRESHOLD_", "131072").args([
-            "-c",
-            "import time\nx = []\nt = time.monotonic()\nprint('ready', flush=True)\nwhile True:\n    x.append(b'\\x01' * (256 * 1024))\n    if time.monotonic() - t >= 0.4:\n        x = []\n        t = time.monotonic()\n    time.sleep(0.02)\n",
-        ]),
-        Some("ready"),
-    );
+    let p = python_allocator(Some(0.4));
     // Teeth of 0.4 s growing at up to 12.5 MiB/s; a 60-sample window at 50 ms has halves of
     // 1.5 s, each with several troughs. The threshold sits far above the floor's sampling
     // noise (a trough is seen up to one interval late) and far below the leaker's growth.

@@ -17,6 +17,7 @@ use crate::support::{Proc, compile_c, memprof_so, wait_for};
 const SLACK: u64 = 32;
 
 const PROGRAM: &str = r#"
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -35,6 +36,10 @@ int main(int argc, char **argv) {
     void *r = malloc(10);                                 /* 1 alloc, 1 realloc, 1 free */
     r = realloc(r, 20000);
     free(r);
+    void *a;                                              /* 3 aligned allocs and frees */
+    if (posix_memalign(&a, 64, 1000) == 0) free(a);
+    free(aligned_alloc(64, 1024));
+    free(memalign(64, 1000));
     if (argc > 2) {                                       /* hold: wait for stdin to close */
         write(1, "ready\n", 6);
         char c;
@@ -45,7 +50,7 @@ int main(int argc, char **argv) {
 "#;
 
 fn expected(n: u64) -> (u64, u64) {
-    (1 + n + n / 10 + 1, 3 * n / 4 + n / 10 + 1)
+    (1 + n + n / 10 + 1 + 3, 3 * n / 4 + n / 10 + 1 + 3)
 }
 
 fn kept_bytes(n: u64) -> u64 {

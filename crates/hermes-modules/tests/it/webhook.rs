@@ -1,0 +1,191 @@
+//! The webhook's patch builder: real AdmissionReview v1 JSON in, the patch applied to the pod.
+
+use serde_json::{Value, json};
+
+use hermes_modules::webhook::{
+    INJECTED_ANNOTATION, INSTALLER_NAME, InjectConfig, SUPERVISOR_NAME, review,
+};
+
+fn cfg() -> InjectConfig {
+    InjectConfig {
+        image: "registry.example/hermes:0.1.0".into(),
+        loader_config_map: "hermes-module-loader".into(),
+        metrics_port: 9477,
+    }
+}
+
+fn admission_review(pod: Value) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": { "group": "", "version": "v1", "kind": "Pod" },
+            "resource": { "group": "", "version": "v1", "resource": "pods" },
+            "requestKind": { "group": "", "version": "v1", "kind": "Pod" },
+            "requestResource": { "group": "", "version": "v1", "resource": "pods" },
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": { "username": "system:serviceaccount:kube-system:replicaset-controller" },
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": { "apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions" }
+        }
+    })
+}
+
+fn b64decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("bad base64 byte {c}"),
+    };
+    let mut out = Vec::new();
+    for chunk in s.as_bytes().chunks(4) {
+        let pad = chunk.iter().filter(|c| **c == b'=').count();
+        let n = chunk
+            .iter()
+            .filter(|c| **c != b'=')
+            .fold(0u32, |n, c| (n << 6) | u32::from(val(*c)))
+            << (6 * pad);
+        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
+    }
+    out
+}
+
+/// Applies RFC 6902 `add` / `replace` operations (all the builder emits).
+fn apply(doc: &mut Value, patch: &[Value]) {
+    for op in patch {
+        let path = op["path"].as_str().unwrap();
+        let (parent, last) = path.rsplit_once('/').unwrap();
+        let last = last.replace("~1", "/").replace("~0", "~");
+        let target = doc
+            .pointer_mut(parent)
+            .unwrap_or_else(|| panic!("no parent for {path}"));
+        let value = op["value"].clone();
+        match (op["op"].as_str().unwrap(), target) {
+            ("add", Value::Array(a)) if last == "-" => a.push(value),
+            ("add", Value::Object(o)) => {
+                o.insert(last, value);
+            }
+            ("replace", Value::Object(o)) => {
+                assert!(o.contains_key(&last), "replace of missing {path}");
+                o.insert(last, value);
+            }
+            (other, t) => panic!("unsupported op {other} on {t}"),
+        }
+    }
+}
+
+fn patch_of(response: &Value) -> Option<Vec<Value>> {
+    let p = response["response"]["patch"].as_str()?;
+    assert_eq!(response["response"]["patchType"], "JSONPatch");
+    Some(serde_json::from_slice(&b64decode(p)).unwrap())
+}
+
+fn bare_pod() -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "generateName": "web-", "namespace": "shop", "labels": { "app": "web" } },
+        "spec": { "containers": [{ "name": "web", "image": "nginx:1.27" }] }
+    })
+}
+
+#[test]
+fn injects_into_a_bare_pod_and_is_idempotent() {
+    let mut pod = bare_pod();
+    let resp = review(&admission_review(pod.clone()), &cfg());
+    assert_eq!(resp["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(resp["kind"], "AdmissionReview");
+    assert_eq!(
+        resp["response"]["uid"],
+        "705ab4f5-6393-11e8-b7cc-42010a800002"
+    );
+    assert_eq!(resp["response"]["allowed"], true);
+    let patch = patch_of(&resp).expect("a patch for a bare pod");
+    apply(&mut pod, &patch);
+
+    assert_eq!(
+        pod["metadata"]["annotations"][INJECTED_ANNOTATION],
+        "injected"
+    );
+    assert_eq!(pod["spec"]["shareProcessNamespace"], true);
+    let inits = pod["spec"]["initContainers"].as_array().unwrap();
+    assert_eq!(inits.len(), 2);
+    assert_eq!(inits[0]["name"], INSTALLER_NAME);
+    assert_eq!(inits[0]["args"][1], "resolve");
+    assert!(
+        inits[0].get("restartPolicy").is_none(),
+        "the installer runs to completion"
+    );
+    assert_eq!(inits[1]["name"], SUPERVISOR_NAME);
+    assert_eq!(
+        inits[1]["restartPolicy"], "Always",
+        "the supervisor is a native sidecar"
+    );
+    assert_eq!(inits[1]["args"][1], "run");
+    let vols: Vec<&str> = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vols, ["hermes-module-loader", "hermes-module-state"]);
+    assert_eq!(
+        pod["spec"]["volumes"][0]["configMap"]["name"],
+        "hermes-module-loader"
+    );
+    assert_eq!(inits[0]["volumeMounts"][0]["mountPath"], "/etc/hermes");
+    assert_eq!(
+        pod["spec"]["containers"],
+        bare_pod()["spec"]["containers"],
+        "app containers untouched"
+    );
+
+    // Reinvocation on the injected pod: allowed, no patch.
+    let again = review(&admission_review(pod.clone()), &cfg());
+    assert_eq!(again["response"]["allowed"], true);
+    assert!(patch_of(&again).is_none(), "{again}");
+}
+
+#[test]
+fn appends_to_existing_init_containers_volumes_and_annotations() {
+    let mut pod = bare_pod();
+    pod["metadata"]["annotations"] = json!({ "team": "payments" });
+    pod["spec"]["initContainers"] = json!([{ "name": "migrate", "image": "migrate:1" }]);
+    pod["spec"]["volumes"] = json!([{ "name": "data", "emptyDir": {} }]);
+    pod["spec"]["shareProcessNamespace"] = json!(false);
+    let patch = patch_of(&review(&admission_review(pod.clone()), &cfg())).unwrap();
+    apply(&mut pod, &patch);
+    assert_eq!(pod["metadata"]["annotations"]["team"], "payments");
+    assert_eq!(
+        pod["metadata"]["annotations"][INJECTED_ANNOTATION],
+        "injected"
+    );
+    let names: Vec<&str> = pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["migrate", INSTALLER_NAME, SUPERVISOR_NAME]);
+    assert_eq!(pod["spec"]["volumes"].as_array().unwrap().len(), 3);
+    assert_eq!(pod["spec"]["shareProcessNamespace"], true);
+}
+
+#[test]
+fn non_pods_and_empty_requests_are_allowed_unchanged() {
+    let mut r = admission_review(json!({ "kind": "Deployment" }));
+    r["request"]["kind"]["kind"] = json!("Deployment");
+    let resp = review(&r, &cfg());
+    assert_eq!(resp["response"]["allowed"], true);
+    assert!(patch_of(&resp).is_none());
+    let resp = review(&json!({}), &cfg());
+    assert_eq!(resp["response"]["allowed"], true);
+    assert!(patch_of(&resp).is_none());
+}
