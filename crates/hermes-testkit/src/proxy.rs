@@ -58,6 +58,12 @@ pub enum Fault {
         /// Offset in the response body.
         at: u64,
     },
+    /// Forward without the `Range` header, like a registry that ignores ranges (answers 200 with the
+    /// whole blob).
+    IgnoreRange,
+    /// Answer `307 Temporary Redirect` to the same path and query on the upstream itself, like a
+    /// registry that sends blob reads to a storage backend.
+    Redirect,
 }
 
 /// A fault applied to the next `times` requests that match `method` (any if `None`) and whose path
@@ -387,11 +393,33 @@ async fn handle(
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             return Ok(simple(StatusCode::TOO_MANY_REQUESTS, headers, Bytes::new()));
         }
+        Some(Fault::Redirect) => {
+            log(307);
+            let target = request
+                .uri()
+                .path_and_query()
+                .map_or(path.as_str(), |pq| pq.as_str());
+            let mut headers = HeaderMap::new();
+            if let Ok(location) =
+                HeaderValue::from_str(&format!("http://{}{target}", shared.upstream))
+            {
+                headers.insert(header::LOCATION, location);
+            }
+            return Ok(simple(
+                StatusCode::TEMPORARY_REDIRECT,
+                headers,
+                Bytes::new(),
+            ));
+        }
         Some(Fault::Stall(delay)) => tokio::time::sleep(delay).await,
         _ => {}
     }
 
     let mut request = request;
+    if fault == Some(Fault::IgnoreRange) {
+        request.headers_mut().remove(header::RANGE);
+    }
+
     if let Some(auth) = &shared.auth {
         if path == "/token" {
             let response = token_response(&shared, auth, request.headers());

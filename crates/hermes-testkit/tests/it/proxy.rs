@@ -459,3 +459,33 @@ async fn the_proxy_serves_async_tests_and_drops_inside_a_runtime() {
     assert!(response.starts_with("HTTP/1.1 418 "), "{response}");
     drop(proxy);
 }
+
+#[test]
+fn ignore_range_answers_with_the_whole_blob() {
+    let f = fixture();
+    let proxy = FaultProxy::start(f.registry.addr()).unwrap();
+    proxy.push(FaultRule::new("/blobs/", Fault::IgnoreRange));
+    let whole = request(proxy.addr(), "GET", &f.blob_path, &[("Range", "bytes=0-9")]).unwrap();
+    assert_eq!(whole.status, 200, "the range was not forwarded");
+    assert!(whole.body == f.blob);
+    assert_eq!(
+        proxy.log()[0].range.as_deref(),
+        Some("bytes=0-9"),
+        "the log shows what the client asked"
+    );
+    let part = request(proxy.addr(), "GET", &f.blob_path, &[("Range", "bytes=0-9")]).unwrap();
+    assert_eq!((part.status, part.body.len()), (206, 10));
+}
+
+#[test]
+fn redirect_sends_the_client_to_the_upstream() {
+    let f = fixture();
+    let proxy = FaultProxy::start(f.registry.addr()).unwrap();
+    proxy.push(FaultRule::new("/blobs/", Fault::Redirect));
+    let redirect = get(proxy.addr(), &format!("{}?x=1", f.blob_path));
+    assert_eq!(redirect.status, 307);
+    let expected = format!("http://{}{}?x=1", f.registry.host(), f.blob_path);
+    assert_eq!(redirect.header("location"), Some(expected.as_str()));
+    let followed = get(f.registry.addr(), &format!("{}?x=1", f.blob_path));
+    assert!(followed.status == 200 && followed.body == f.blob);
+}
