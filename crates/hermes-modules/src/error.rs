@@ -236,6 +236,17 @@ pub enum Error {
         /// The cause.
         source: serde_json::Error,
     },
+    /// Another live supervisor already runs the plan of this state file.
+    #[error(
+        "the modules of {state} are already supervised by pid {pid}; \
+         each module is loaded once per plan (stop that supervisor first)"
+    )]
+    AlreadyRunning {
+        /// The state file.
+        state: PathBuf,
+        /// The running supervisor.
+        pid: u32,
+    },
     /// A target process could not be observed.
     #[error("cannot read {path}")]
     Proc {

@@ -63,6 +63,7 @@ pub struct Resolution {
 }
 
 /// Resolves the module set (does not touch the state file).
+#[tracing::instrument(level = "info", skip_all, fields(script = %opts.script.display()))]
 pub fn resolve(opts: &ResolveOptions) -> Result<Resolution> {
     let static_cfg = match &opts.static_file {
         Some(p) => Some((p.clone(), StaticConfig::load(p)?)),
@@ -153,6 +154,7 @@ fn from_static(
 }
 
 /// Resolves and commits to the state file for `phase` (see [`plan::commit`]).
+#[tracing::instrument(level = "info", skip(opts), fields(state = %state.display()))]
 pub fn resolve_phase(opts: &ResolveOptions, state: &Path, phase: &str) -> Result<PlanOutcome> {
     let r = resolve(opts)?;
     plan::commit(state, phase, ModulePlan::new(r.source, phase, r.modules))

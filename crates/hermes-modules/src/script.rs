@@ -79,6 +79,7 @@ enum Stdout {
 
 /// Runs `script` with the shell and returns its output; any failure (spawn, non-zero exit,
 /// signal, timeout, output over the limit) is an error carrying the end of standard error.
+#[tracing::instrument(level = "debug", skip(opts), fields(script = %script.display()))]
 pub fn run_script(script: &Path, opts: &ScriptOptions) -> Result<ScriptRun> {
     let shell = opts.shell.clone().unwrap_or_else(default_shell);
     let start = Instant::now();

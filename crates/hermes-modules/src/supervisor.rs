@@ -353,9 +353,86 @@ impl ModuleCtx {
     }
 }
 
+/// Ensures one supervisor per state file, so each planned module is loaded once: a lock file
+/// `STATE.run.lock` holding the owner's pid, created atomically (written aside, then
+/// hard-linked). A lock whose pid no longer exists (a crashed or restarted supervisor) is taken
+/// over. Released on drop.
+#[derive(Debug)]
+pub struct RunLock {
+    path: PathBuf,
+}
+
+impl RunLock {
+    /// The lock file of a state file.
+    pub fn path_for(state: &Path) -> PathBuf {
+        let mut s = state.as_os_str().to_owned();
+        s.push(".run.lock");
+        PathBuf::from(s)
+    }
+
+    /// Takes the lock, or fails with [`Error::AlreadyRunning`].
+    pub fn acquire(state: &Path) -> Result<Self> {
+        let path = Self::path_for(state);
+        let me = std::process::id();
+        let werr = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| Error::StateWrite { path: p, source }
+        };
+        let tmp = path.with_file_name(format!(
+            ".{}.{me}",
+            path.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        ));
+        fs::write(&tmp, me.to_string()).map_err(werr(&tmp))?;
+        let mut result = Err(Error::AlreadyRunning {
+            state: state.to_path_buf(),
+            pid: 0,
+        });
+        for _ in 0..3 {
+            match fs::hard_link(&tmp, &path) {
+                Ok(()) => {
+                    result = Ok(Self { path: path.clone() });
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let owner = fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u32>().ok());
+                    match owner {
+                        Some(pid) if pid != me && Path::new(&format!("/proc/{pid}")).exists() => {
+                            result = Err(Error::AlreadyRunning {
+                                state: state.to_path_buf(),
+                                pid,
+                            });
+                            break;
+                        }
+                        _ => {
+                            tracing::info!(lock = %path.display(), ?owner, "taking over a stale supervisor lock");
+                            let _ = fs::remove_file(&path);
+                        }
+                    }
+                }
+                Err(e) => {
+                    result = Err(werr(&path)(e));
+                    break;
+                }
+            }
+        }
+        let _ = fs::remove_file(&tmp);
+        result
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
 /// `hermes modules run`: loads the plan, supervises until SIGTERM/SIGINT (or `--duration`).
 pub(crate) fn run_cmd(a: RunArgs) -> Result<ExitCode> {
     let plan = ModulePlan::load(&a.state)?;
+    let _lock = RunLock::acquire(&a.state)?;
     let target = match (a.target.target_pid, a.target.target_cgroup) {
         (Some(p), _) => Target::Pid(p),
         (None, Some(c)) => Target::Cgroup(c),

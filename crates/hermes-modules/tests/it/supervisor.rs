@@ -9,7 +9,7 @@ use std::time::Duration;
 use hermes_modules::directive::{Origin, parse_directives};
 use hermes_modules::plan::{ModulePlan, PlanSource};
 use hermes_modules::registry::Registry;
-use hermes_modules::supervisor::{RunConfig, Supervisor, Target};
+use hermes_modules::supervisor::{RunConfig, RunLock, Supervisor, Target};
 
 use crate::support::{Proc, example_bin, signal, wait_for};
 
@@ -103,6 +103,19 @@ fn run_serves_metrics_writes_reports_and_stops_on_sigterm() {
     );
     assert!(get(&addr, "/healthz").unwrap().ends_with("ok\n"));
 
+    // A second supervisor of the same plan refuses to load the modules again.
+    let second = Command::new(example_bin())
+        .args(["run", "--metrics-addr", "127.0.0.1:0", "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains(&format!("already supervised by pid {}", run.pid())),
+        "{err}"
+    );
+
     for m in ["mem-logger", "mem-tracer"] {
         wait_for("a report", Duration::from_secs(10), || {
             reports.join(format!("{m}.json")).exists().then_some(())
@@ -140,6 +153,39 @@ fn run_serves_metrics_writes_reports_and_stops_on_sigterm() {
         2,
         "only the two reports, no temp files: {leftovers:?}"
     );
+}
+
+#[test]
+fn run_lock_is_exclusive_and_stale_locks_are_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("plan.json");
+    let lock = RunLock::acquire(&state).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(RunLock::path_for(&state)).unwrap(),
+        std::process::id().to_string()
+    );
+    drop(lock);
+    assert!(!RunLock::path_for(&state).exists(), "released on drop");
+    // A live owner (another process) blocks.
+    let holder = sleeper();
+    std::fs::write(RunLock::path_for(&state), holder.pid().to_string()).unwrap();
+    let e = RunLock::acquire(&state).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "the modules of {} are already supervised by pid {}; each module is loaded once per plan (stop that supervisor first)",
+            state.display(),
+            holder.pid()
+        )
+    );
+    // A dead owner's lock is taken over.
+    std::fs::write(RunLock::path_for(&state), "999999999").unwrap();
+    let l = RunLock::acquire(&state).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(RunLock::path_for(&state)).unwrap(),
+        std::process::id().to_string()
+    );
+    drop(l);
 }
 
 #[test]
