@@ -10,6 +10,9 @@ APT_PACKAGES=(
   python3              # benchmark layer generator
   dpkg                 # package trees for the real-layer tests
   gcc libc6-dev        # C toolchain for crates that build C (zstd-sys)
+  docker-registry      # the real registry the registry-client tests push to and read from
+  skopeo               # pushes test images and inspects what Hermes pushed
+  apache2-utils        # htpasswd, for the password-protected registry variant
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

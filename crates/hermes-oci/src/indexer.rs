@@ -260,8 +260,17 @@ async fn index_layer(
             LayerEncoding::Zstd => Compression::Zstd,
         }),
     };
-    let built =
-        tokio::task::spawn_blocking(move || hermes_ztoc::build(reader, &build_options)).await;
+    let built = tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        let built = hermes_ztoc::build(&mut reader, &build_options);
+        if built.is_err() {
+            // A corrupt blob often breaks decoding before its digest can be checked: read the
+            // rest so a digest mismatch is reported as what it is.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        }
+        built
+    })
+    .await;
     feeder.abort();
     // A transport or digest failure is the real cause of a build error: report it, store nothing.
     if let Some(e) = failure.lock().ok().and_then(|mut f| f.take()) {

@@ -149,7 +149,7 @@ impl Store {
                 out.push(record);
             }
         }
-        out.sort_by(|a, b| b.built_at_unix.cmp(&a.built_at_unix));
+        out.sort_by_key(|r| std::cmp::Reverse(r.built_at_unix));
         Ok(out)
     }
 }

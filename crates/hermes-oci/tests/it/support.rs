@@ -1,0 +1,61 @@
+//! Shared helpers.
+
+use std::time::Duration;
+
+use hermes_oci::{
+    Client, ClientOptions, Credentials, Digest, IndexOptions, Reference, RetryPolicy,
+};
+use hermes_ztoc::RangeReader;
+
+/// A client for plain-HTTP loopback registries with quick retries.
+pub fn client(credentials: Credentials) -> Client {
+    Client::new(ClientOptions {
+        plain_http: true,
+        credentials,
+        retry: RetryPolicy {
+            max_attempts: 6,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+            max_retry_after: Duration::from_secs(5),
+        },
+        read_timeout: Duration::from_secs(2),
+        upload_chunk_size: 1 << 20,
+    })
+    .expect("client")
+}
+
+pub fn options(min_layer_size: u64, span_size: u64) -> IndexOptions {
+    IndexOptions {
+        min_layer_size,
+        span_size,
+        ..IndexOptions::default()
+    }
+}
+
+pub fn reference(s: &str) -> Reference {
+    Reference::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+pub fn digest(s: &str) -> Digest {
+    Digest::parse(s).expect("digest")
+}
+
+/// Reads a blob through HTTP range requests (run it on a blocking thread).
+pub struct RegistryRanges {
+    pub client: Client,
+    pub reference: Reference,
+    pub digest: Digest,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl RangeReader for RegistryRanges {
+    fn read_at(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+        self.runtime
+            .block_on(
+                self.client
+                    .blob_range(&self.reference, &self.digest, offset, len),
+            )
+            .map(|b| b.to_vec())
+            .map_err(std::io::Error::other)
+    }
+}
