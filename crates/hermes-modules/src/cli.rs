@@ -50,7 +50,7 @@ pub struct ResolveArgs {
     /// Without it, HERMES_MODULES and then /etc/hermes/modules.yaml are used.
     #[arg(long = "static", value_name = "FILE")]
     pub static_file: Option<PathBuf>,
-    /// Static module list: comma-separated NAME[:PROFILE].
+    /// Static module list: comma-separated entries NAME or NAME:PROFILE.
     #[arg(long, value_name = "LIST", env = "HERMES_MODULES")]
     pub modules: Option<String>,
     /// Profiles file (YAML, `profiles: {NAME: {SETTING: VALUE}}`) over the built-in profiles.

@@ -2,7 +2,7 @@
 //! restarts a failed or panicking module with exponential backoff (the others keep running),
 //! serves `/metrics` and writes JSON reports (`REPORT_DIR/MODULE.json`, atomically).
 //!
-//! Stopping ([`Supervisor::stop`], or SIGTERM/SIGINT in [`run_cmd`]) wakes every module, which
+//! Stopping ([`Supervisor::stop`], or SIGTERM/SIGINT in `hermes modules run`) wakes every module, which
 //! writes a final report and exits.
 
 use std::collections::BTreeMap;

@@ -222,3 +222,33 @@ fn resolve_command_reports_drift_with_exit_code_when_asked() {
         serde_json::json!(["mem-tracer:staging-tunings"])
     );
 }
+
+#[test]
+fn resolve_command_prints_the_plan_for_people() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = write_script(dir.path(), "load-sidecars.sh", SEED_SCRIPT);
+    let state = dir.path().join("plan.json");
+    let text = |phase: &str| {
+        let mut c = Command::new(example_bin());
+        c.args(["resolve", "--phase", phase, "--script"])
+            .arg(&script)
+            .arg("--state")
+            .arg(&state)
+            .env("CLUSTER_ENV", "staging");
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(
+        text("init"),
+        format!(
+            "phase init: plan created (created by phase init, source: script {})\n  mem-tracer:staging-tunings\n",
+            script.display()
+        )
+    );
+    assert!(text("again").starts_with("phase again: plan unchanged (created by phase init"));
+}
