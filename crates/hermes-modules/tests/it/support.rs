@@ -153,7 +153,6 @@ pub fn memprof_so() -> PathBuf {
         let out = Command::new(cargo)
             .args([
                 "build",
-                "--offline",
                 "--release",
                 "-p",
                 "hermes-memprof",
