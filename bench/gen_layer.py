@@ -12,8 +12,9 @@ import tarfile
 
 def main() -> None:
     size_mb = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
+    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     target = size_mb << 20
-    rng = random.Random(20261123)
+    rng = random.Random(20261123 + seed)
     words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz_") for _ in range(rng.randint(2, 10))) for _ in range(5000)]
     text = b" ".join(rng.choice(words) + (b"\n" if rng.random() < 0.1 else b"") for _ in range(400_000))
     noise = rng.randbytes(8 << 20)
@@ -38,7 +39,7 @@ def main() -> None:
         i = 0
         while written < target:
             n = min(int(rng.lognormvariate(9.5, 2.0)), 64 << 20, target - written)
-            info = tarfile.TarInfo(f"usr/lib/python3/site-packages/pkg{i % 97}/mod_{i:06d}.bin")
+            info = tarfile.TarInfo(f"usr/lib/python3/site-packages/pkg{seed}_{i % 97}/mod_{i:06d}.bin")
             info.size = n
             info.mtime = 1_700_000_000
             info.mode = 0o644

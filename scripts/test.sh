@@ -28,5 +28,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "tests"
 cargo test --workspace --locked
 
-step "benchmark smoke run (small layer, checks the script works; ratios are not judged here)"
+step "benchmark smoke runs (small inputs: check the scripts work; ratios are not judged here)"
 bash bench/ztoc-build.sh --size-mb 64 --release=false
+bash bench/index-build.sh --release=false --layers 2 --layer-mb 16 --runs 1

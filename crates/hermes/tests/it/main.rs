@@ -1,3 +1,4 @@
 //! The `hermes` binary end to end: real processes, real files.
 
+mod index;
 mod ztoc;
