@@ -202,11 +202,12 @@ impl Supervisor {
                     metrics: Samples::default(),
                 },
             );
+            let (p, dir) = (planned.clone(), cfg.memprof_dir.clone());
             let ctx = ModuleCtx {
+                make: Box::new(move || instantiate(&p, &dir)),
                 planned: planned.clone(),
                 target: cfg.target.clone(),
                 report_dir: cfg.report_dir.clone(),
-                memprof_dir: cfg.memprof_dir.clone(),
                 stop: stop.clone(),
                 statuses: statuses.clone(),
             };
@@ -252,11 +253,14 @@ impl Supervisor {
     }
 }
 
+/// Creates a fresh module instance (one per incarnation).
+type Factory = Box<dyn Fn() -> Box<dyn Module> + Send>;
+
 struct ModuleCtx {
+    make: Factory,
     planned: PlannedModule,
     target: Target,
     report_dir: PathBuf,
-    memprof_dir: PathBuf,
     stop: Arc<Stop>,
     statuses: Statuses,
 }
@@ -276,7 +280,7 @@ impl ModuleCtx {
                 return;
             }
             let started = Instant::now();
-            let mut module = instantiate(&self.planned, &self.memprof_dir);
+            let mut module = (self.make)();
             let res = catch_unwind(AssertUnwindSafe(|| self.run_once(module.as_mut(), origin)));
             let error = match res {
                 Ok(Ok(())) => return,
@@ -472,4 +476,92 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<ExitCode> {
         .collect();
     crate::cli::write_out(&mut out, &format!("stopped: {}\n", summary.join("; ")))?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{ModuleKind, Registry};
+    use std::sync::atomic::AtomicUsize;
+
+    /// Panics in its first two incarnations' first sample, then works.
+    struct Flaky(Arc<AtomicUsize>);
+
+    impl Module for Flaky {
+        fn kind(&self) -> ModuleKind {
+            ModuleKind::MemLogger
+        }
+        fn sample(&mut self, _: &[u32], _: f64) -> Result<()> {
+            if self.0.fetch_add(1, Ordering::SeqCst) < 2 {
+                panic!("boom");
+            }
+            Ok(())
+        }
+        fn metrics(&self, _: &mut Samples) {}
+        fn report(&self) -> serde_json::Value {
+            json!({})
+        }
+    }
+
+    #[test]
+    fn a_panicking_module_is_isolated_and_restarted_with_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Registry::builtin().profile("dev-tunings").unwrap().clone();
+        settings.interval_ms = 10;
+        let planned = PlannedModule {
+            module: ModuleKind::MemLogger,
+            config: "dev-tunings".into(),
+            overrides: Default::default(),
+            settings,
+        };
+        let statuses: Statuses = Arc::default();
+        lock(&statuses).insert(
+            planned.key(),
+            ModuleStatus {
+                key: planned.key(),
+                module: "mem-logger".into(),
+                up: false,
+                restarts: 0,
+                samples: 0,
+                last_error: None,
+                metrics: Samples::default(),
+            },
+        );
+        let stop = Arc::new(Stop::default());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let ctx = ModuleCtx {
+            make: Box::new(move || Box::new(Flaky(c.clone()))),
+            planned: planned.clone(),
+            target: Target::Pid(std::process::id()),
+            report_dir: dir.path().to_path_buf(),
+            stop: stop.clone(),
+            statuses: statuses.clone(),
+        };
+        let started = Instant::now();
+        let h = thread::spawn(move || ctx.supervise());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let st = lock(&statuses)[&planned.key()].clone();
+            if st.up && st.samples >= 3 {
+                assert_eq!(st.restarts, 2);
+                assert_eq!(st.last_error.as_deref(), Some("panicked: boom"));
+                break;
+            }
+            assert!(Instant::now() < deadline, "module never recovered: {st:?}");
+            thread::sleep(Duration::from_millis(5));
+        }
+        // Two backoffs: 200 ms, then 400 ms.
+        assert!(
+            started.elapsed() >= BASE_BACKOFF * 3,
+            "{:?}",
+            started.elapsed()
+        );
+        stop.trigger();
+        h.join().unwrap();
+        assert!(
+            dir.path().join("mem-logger.json").exists(),
+            "final report on stop"
+        );
+    }
 }
