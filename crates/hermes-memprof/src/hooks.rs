@@ -107,10 +107,13 @@ fn usable(p: *mut c_void) -> usize {
     unsafe { libc::malloc_usable_size(p) }
 }
 
-/// Runs the library constructor: looks up the real functions and reads the environment.
+/// Runs the library constructor: looks up the real functions, reads the environment and
+/// makes sure a child forked while a thread was writing the file can still write its own.
 extern "C" fn on_load() {
     ensure_init();
     stats::init_from_env();
+    // SAFETY: registering a plain function without captured state; it only stores an atomic.
+    unsafe { libc::pthread_atfork(None, None, Some(stats::after_fork_in_child)) };
 }
 
 /// Writes the final statistics when the process exits.

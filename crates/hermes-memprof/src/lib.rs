@@ -15,7 +15,8 @@
 //! `dlsym(RTLD_NEXT)` (which may itself call `calloc`), allocations come from a small static
 //! bootstrap arena that is never freed.
 //!
-//! It does not record call stacks or per-site statistics.
+//! It does not record call stacks or per-site statistics, and does not interpose `valloc` or
+//! `pvalloc` (obsolete; such blocks are counted only when freed).
 
 mod hooks;
 mod stats;

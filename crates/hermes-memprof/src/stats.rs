@@ -143,6 +143,13 @@ pub(crate) fn init_from_env() {
     }
 }
 
+/// In a forked child, no other thread exists any more: release the writer flag a parent's
+/// thread may have held. The child keeps the parent's counters (its heap is a copy) and writes
+/// to its own file when the name contains `%p`.
+pub(crate) extern "C" fn after_fork_in_child() {
+    WRITING.store(false, Relaxed);
+}
+
 /// Writes the statistics file (if configured). Concurrent callers skip instead of waiting.
 pub(crate) fn write_file(is_final: bool) {
     let len = OUT_LEN.load(Relaxed);

@@ -279,6 +279,14 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// A supervisor or server thread could not be started.
+    #[error("cannot start thread {name}")]
+    Thread {
+        /// The thread's name.
+        name: String,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// Installing the signal handlers failed.
     #[error("cannot install SIGTERM/SIGINT handlers")]
     Signals {

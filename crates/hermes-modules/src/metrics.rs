@@ -105,8 +105,8 @@ pub fn serve(addr: &str, body: Arc<dyn Fn() -> String + Send + Sync>) -> Result<
                 let _ = handle(conn, body.as_ref());
             }
         })
-        .map_err(|source| Error::MetricsBind {
-            addr: addr.to_owned(),
+        .map_err(|source| Error::Thread {
+            name: "metrics".to_owned(),
             source,
         })?;
     Ok(local)

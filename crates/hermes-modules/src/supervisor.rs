@@ -214,10 +214,7 @@ impl Supervisor {
             let h = thread::Builder::new()
                 .name(key.clone())
                 .spawn(move || ctx.supervise())
-                .map_err(|source| Error::Report {
-                    path: cfg.report_dir.clone(),
-                    source,
-                })?;
+                .map_err(|source| Error::Thread { name: key, source })?;
             threads.push(h);
         }
         Ok(Self {

@@ -266,3 +266,46 @@ fn periodic_statistics_while_allocating() {
     in_range("allocs so far", s.allocs, 1024, allocs + SLACK);
     assert!(s.frees <= s.allocs, "{s:?}");
 }
+
+#[test]
+fn forked_children_write_their_own_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = compile_c(
+        dir.path(),
+        "forks",
+        r#"
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(void) {
+    for (int i = 0; i < 1000; i++) free(malloc(64));
+    pid_t c = fork();
+    if (c == 0) {                       /* child: 5000 more pairs */
+        for (int i = 0; i < 5000; i++) free(malloc(64));
+        exit(0);
+    }
+    waitpid(c, 0, 0);
+    for (int i = 0; i < 2000; i++) free(malloc(64));
+    return 0;
+}
+"#,
+    );
+    let st = Command::new(&bin)
+        .env("LD_PRELOAD", memprof_so())
+        .env("HERMES_MEMPROF_OUT", dir.path().join("f-%p.json"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut stats: Vec<MemprofStats> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("f-"))
+        .filter_map(|e| MemprofStats::load(&e.path()))
+        .collect();
+    stats.sort_by_key(|s| s.allocs);
+    assert_eq!(stats.len(), 2, "one file per process");
+    // Both inherit the 1000 pre-fork pairs; then 2000 (parent) and 5000 (child) more.
+    in_range("parent allocs", stats[0].allocs, 3000, 3000 + SLACK);
+    in_range("child allocs", stats[1].allocs, 6000, 6000 + SLACK);
+    assert!(stats.iter().all(|s| s.is_final));
+}
