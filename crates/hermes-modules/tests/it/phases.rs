@@ -252,3 +252,28 @@ fn resolve_command_prints_the_plan_for_people() {
     );
     assert!(text("again").starts_with("phase again: plan unchanged (created by phase init"));
 }
+
+#[test]
+fn script_path_comes_from_hermes_module_script() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = write_script(
+        dir.path(),
+        "custom.sh",
+        "echo module=mem-logger,config=dev-tunings\n",
+    );
+    let state = dir.path().join("plan.json");
+    let out = Command::new(example_bin())
+        .args(["resolve", "--json", "--state"])
+        .arg(&state)
+        .env("HERMES_MODULE_SCRIPT", &script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["plan"]["source"]["path"], script.display().to_string());
+    assert_eq!(v["plan"]["modules"][0]["config"], "dev-tunings");
+}

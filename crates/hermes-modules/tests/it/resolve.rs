@@ -249,3 +249,44 @@ fn sh_runs_scripts_when_chosen() {
     o.script_options.shell = Some("/bin/sh".into());
     assert_eq!(keys(&resolve(&o).unwrap().modules), ["mem-logger:default"]);
 }
+
+#[test]
+fn profiles_file_and_static_profiles_override_builtins() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = write_script(
+        dir.path(),
+        "s.sh",
+        "echo module=mem-tracer,config=qa-tunings\necho module=mem-logger,config=staging-tunings\n",
+    );
+    let profiles = dir.path().join("profiles.yaml");
+    std::fs::write(
+        &profiles,
+        "profiles:\n  qa-tunings:\n    base: dev-tunings\n    window: 9\n",
+    )
+    .unwrap();
+    let statics = dir.path().join("modules.yaml");
+    std::fs::write(
+        &statics,
+        "profiles:\n  staging-tunings: {interval_ms: 1234}\n",
+    )
+    .unwrap();
+    let mut o = options(dir.path(), &script, None);
+    // Without the profiles file, qa-tunings does not exist.
+    assert!(matches!(resolve(&o), Err(Error::UnknownProfile { .. })));
+    o.profiles_file = Some(profiles);
+    o.static_file = Some(statics);
+    let r = resolve(&o).unwrap();
+    assert_eq!(
+        keys(&r.modules),
+        ["mem-logger:staging-tunings", "mem-tracer:qa-tunings"]
+    );
+    assert_eq!(
+        r.modules[0].settings.interval_ms, 1234,
+        "from the static file's profiles"
+    );
+    assert_eq!(r.modules[1].settings.window, 9, "from the profiles file");
+    assert_eq!(
+        r.modules[1].settings.interval_ms, 1_000,
+        "inherited from its base"
+    );
+}
