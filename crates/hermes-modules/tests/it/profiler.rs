@@ -309,3 +309,62 @@ int main(void) {
     in_range("child allocs", stats[1].allocs, 6000, 6000 + SLACK);
     assert!(stats.iter().all(|s| s.is_final));
 }
+
+#[test]
+fn mem_profiler_reports_allocation_rate_of_a_running_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = compile_c(
+        dir.path(),
+        "steady",
+        r#"
+#include <stdlib.h>
+#include <unistd.h>
+int main(void) {
+    write(1, "ready\n", 6);
+    for (;;) {                          /* about 1000 pairs per millisecond, forever */
+        for (int i = 0; i < 1000; i++) free(malloc(32));
+        usleep(1000);
+    }
+}
+"#,
+    );
+    let stats_dir = dir.path().join("memprof");
+    std::fs::create_dir(&stats_dir).unwrap();
+    let (p, _out) = Proc::spawn(
+        Command::new(&bin)
+            .env("LD_PRELOAD", memprof_so())
+            .env("HERMES_MEMPROF_OUT", stats_dir.join("%p.json"))
+            .env("HERMES_MEMPROF_INTERVAL_MS", "10"),
+        Some("ready"),
+    );
+    let pid = p.pid();
+    let mut prof = MemProfiler::new(
+        Registry::builtin().profile("dev-tunings").unwrap().clone(),
+        stats_dir,
+    );
+    let t0 = std::time::Instant::now();
+    let first = wait_for("periodic statistics", Duration::from_secs(5), || {
+        prof.sample(&[pid], t0.elapsed().as_secs_f64()).unwrap();
+        prof.stats(pid).map(|s| s.allocs)
+    });
+    let t1 = t0.elapsed().as_secs_f64();
+    let (t2, second) = wait_for("more allocations", Duration::from_secs(5), || {
+        let t = t0.elapsed().as_secs_f64();
+        prof.sample(&[pid], t).unwrap();
+        let a = prof.stats(pid).unwrap().allocs;
+        (a > first).then_some((t, a))
+    });
+    let mut m = hermes_modules::metrics::Samples::default();
+    prof.metrics(&mut m);
+    let rate =
+        m.0.iter()
+            .find(|s| s.family.name == "hermes_alloc_rate_per_second")
+            .map(|s| s.value)
+            .expect("a rate after two samples");
+    assert!(
+        (1e4..1e9).contains(&rate),
+        "rate {rate}/s for about 1e6/s of allocations"
+    );
+    // The rate is over the last two samples (the last one saw new counts).
+    assert!(t2 > t1 && second > first);
+}
