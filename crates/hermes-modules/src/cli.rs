@@ -38,6 +38,26 @@ pub enum ModulesCommand {
     Run(RunArgs),
     /// List the built-in modules and the tuning profiles (with a profiles file applied).
     Profiles(ProfilesArgs),
+    /// Answer an AdmissionReview v1 request (JSON on stdin) with the injection patch (stdout).
+    ///
+    /// This is the admission webhook's logic without its HTTPS server: the response adds the
+    /// installer init container, the supervisor as a native sidecar, shareProcessNamespace, the
+    /// loader ConfigMap at /etc/hermes/ and a shared state volume; an injected pod is unchanged.
+    Review(ReviewArgs),
+}
+
+/// Arguments of `hermes modules review`.
+#[derive(Debug, clap::Args)]
+pub struct ReviewArgs {
+    /// The Hermes image for the injected containers.
+    #[arg(long, value_name = "IMAGE", env = "HERMES_IMAGE")]
+    pub image: String,
+    /// The ConfigMap holding load-sidecars.sh (and optionally modules.yaml).
+    #[arg(long, value_name = "NAME", default_value = "hermes-module-loader")]
+    pub loader_config_map: String,
+    /// The supervisor's metrics port.
+    #[arg(long, value_name = "PORT", default_value_t = 9477)]
+    pub metrics_port: u16,
 }
 
 /// Arguments of `hermes modules resolve`.
@@ -140,6 +160,7 @@ pub fn run_command(cmd: ModulesCommand) -> Result<ExitCode> {
         ModulesCommand::Resolve(a) => resolve_cmd(a),
         ModulesCommand::Run(a) => crate::supervisor::run_cmd(a),
         ModulesCommand::Profiles(a) => profiles_cmd(a),
+        ModulesCommand::Review(a) => review_cmd(a),
     }
 }
 
@@ -238,6 +259,28 @@ fn profiles_cmd(a: ProfilesArgs) -> Result<ExitCode> {
         }
     }
     write_out(&mut std::io::stdout().lock(), &s)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn review_cmd(a: ReviewArgs) -> Result<ExitCode> {
+    let what = "an AdmissionReview JSON document";
+    let mut input = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut input)
+        .map_err(|source| Error::Stdin { what, source })?;
+    let request: serde_json::Value = serde_json::from_str(&input).map_err(|e| Error::Stdin {
+        what,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    let cfg = crate::webhook::InjectConfig {
+        image: a.image,
+        loader_config_map: a.loader_config_map,
+        metrics_port: a.metrics_port,
+    };
+    let response = crate::webhook::review(&request, &cfg);
+    write_out(
+        &mut std::io::stdout().lock(),
+        &(serde_json::to_string(&response).unwrap_or_default() + "\n"),
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -293,6 +293,14 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// Standard input could not be read or is not the expected JSON.
+    #[error("cannot read {what} from stdin")]
+    Stdin {
+        /// What was expected.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// Writing the command's output to stdout failed.
     #[error("cannot write to stdout")]
     Stdout {
@@ -300,3 +308,9 @@ pub enum Error {
         source: std::io::Error,
     },
 }
+
+// The binary converts with `anyhow` (`?`), which needs `Send + Sync + 'static`.
+const _: fn() = || {
+    fn check<T: std::error::Error + Send + Sync + 'static>() {}
+    check::<Error>();
+};
