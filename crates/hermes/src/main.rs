@@ -25,6 +25,9 @@ enum Command {
     /// Index images from their registry and push SOCI artifacts.
     #[command(subcommand)]
     Index(index_cmd::IndexCommand),
+    /// Memory sidecar modules: resolve which load (runtime script or static config), run them.
+    #[command(subcommand)]
+    Modules(hermes_modules::cli::ModulesCommand),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ztoc(cmd) => ztoc_cmd::run(cmd),
         Command::Index(cmd) => index_cmd::run(cmd),
+        Command::Modules(cmd) => Ok(hermes_modules::cli::run_command(cmd)?),
     }
 }
 

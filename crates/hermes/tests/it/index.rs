@@ -6,7 +6,12 @@ use std::process::{Command, Output};
 use hermes_testkit::{Registry, TestImage};
 
 fn hermes(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hermes")).args(args).env_remove("HERMES_STORE").env("HOME", "/nonexistent").output().expect("run hermes")
+    Command::new(env!("CARGO_BIN_EXE_hermes"))
+        .args(args)
+        .env_remove("HERMES_STORE")
+        .env("HOME", "/nonexistent")
+        .output()
+        .expect("run hermes")
 }
 
 fn text(b: &[u8]) -> String {
@@ -24,11 +29,29 @@ fn build_then_info_matches_the_layers() {
         .expect("push");
     let store = tempfile::tempdir().expect("tempdir");
     let s = store.path().to_str().unwrap();
-    let run = hermes(&["index", "build", &pushed.reference, "--plain-http", "--store", s, "--min-layer-size", "1MiB", "--span-size", "1MiB", "--json"]);
+    let run = hermes(&[
+        "index",
+        "build",
+        &pushed.reference,
+        "--plain-http",
+        "--store",
+        s,
+        "--min-layer-size",
+        "1MiB",
+        "--span-size",
+        "1MiB",
+        "--json",
+    ]);
     assert!(run.status.success(), "build failed: {}", text(&run.stderr));
     let progress = text(&run.stderr);
-    assert!(progress.contains("skipped: ") && progress.contains("indexed in "), "per-layer lines: {progress}");
-    assert!(progress.contains("1 of 2 layers indexed"), "summary: {progress}");
+    assert!(
+        progress.contains("skipped: ") && progress.contains("indexed in "),
+        "per-layer lines: {progress}"
+    );
+    assert!(
+        progress.contains("1 of 2 layers indexed"),
+        "summary: {progress}"
+    );
 
     let info = hermes(&["index", "info", &pushed.reference, "--store", s, "--json"]);
     assert!(info.status.success(), "{}", text(&info.stderr));
@@ -39,36 +62,113 @@ fn build_then_info_matches_the_layers() {
     for (l, want) in layers.iter().zip(&pushed.layers) {
         assert_eq!(l["digest"], want.digest.as_str());
         assert_eq!(l["size"], want.size);
-        let status = if want.size >= 1 << 20 { "indexed" } else { "skipped" };
+        let status = if want.size >= 1 << 20 {
+            "indexed"
+        } else {
+            "skipped"
+        };
         assert_eq!(l["outcome"]["status"], status, "{l}");
     }
     let listing = hermes(&["index", "info", s]);
-    assert!(listing.status.success() && text(&listing.stdout).contains(&pushed.manifest_digest), "{}", text(&listing.stdout));
+    assert!(
+        listing.status.success() && text(&listing.stdout).contains(&pushed.manifest_digest),
+        "{}",
+        text(&listing.stdout)
+    );
 }
 
 fn assert_clean_failure(args: &[&str], store: &Path, expect: &str) {
     let run = hermes(args);
     assert!(!run.status.success(), "{args:?} must fail");
     let err = text(&run.stderr);
-    let line = err.lines().find(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("no error line in {err}"));
-    assert!(line.contains(expect), "{args:?}: expected {expect:?} in {line:?}");
-    assert_eq!(err.lines().filter(|l| l.starts_with("error")).count(), 1, "one error line: {err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line in {err}"));
+    assert!(
+        line.contains(expect),
+        "{args:?}: expected {expect:?} in {line:?}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "one error line: {err}"
+    );
     assert!(!store.exists(), "{args:?} left {} behind", store.display());
 }
 
 #[test]
 fn bad_input_fails_with_one_clear_line_and_leaves_nothing() {
     let mut registry = Registry::start().expect("registry");
-    let pushed = TestImage::new().file("a", b"a".to_vec()).push(&registry.host(), "bad/app:v1").expect("push");
+    let pushed = TestImage::new()
+        .file("a", b"a".to_vec())
+        .push(&registry.host(), "bad/app:v1")
+        .expect("push");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
     let s = store.to_str().unwrap();
     let host = registry.host();
-    assert_clean_failure(&["index", "build", &format!("{host}/bad/nothere:v1"), "--plain-http", "--store", s], &store, "not found");
-    assert_clean_failure(&["index", "build", &pushed.reference, "--plain-http", "--store", s, "--platform", "linux/arm64"], &store, "no image for platform linux/arm64");
-    assert_clean_failure(&["index", "build", &pushed.reference, "--plain-http", "--store", s, "--platform", "arm64"], &store, "is not OS/ARCH");
-    assert_clean_failure(&["index", "build", "Bad Ref", "--store", s], &store, "invalid image reference");
+    assert_clean_failure(
+        &[
+            "index",
+            "build",
+            &format!("{host}/bad/nothere:v1"),
+            "--plain-http",
+            "--store",
+            s,
+        ],
+        &store,
+        "not found",
+    );
+    assert_clean_failure(
+        &[
+            "index",
+            "build",
+            &pushed.reference,
+            "--plain-http",
+            "--store",
+            s,
+            "--platform",
+            "linux/arm64",
+        ],
+        &store,
+        "no image for platform linux/arm64",
+    );
+    assert_clean_failure(
+        &[
+            "index",
+            "build",
+            &pushed.reference,
+            "--plain-http",
+            "--store",
+            s,
+            "--platform",
+            "arm64",
+        ],
+        &store,
+        "is not OS/ARCH",
+    );
+    assert_clean_failure(
+        &["index", "build", "Bad Ref", "--store", s],
+        &store,
+        "invalid image reference",
+    );
     registry.stop();
-    assert_clean_failure(&["index", "build", &pushed.reference, "--plain-http", "--store", s], &store, "cannot reach registry");
-    assert_clean_failure(&["index", "info", &pushed.reference, "--store", s], &store, "hermes index build");
+    assert_clean_failure(
+        &[
+            "index",
+            "build",
+            &pushed.reference,
+            "--plain-http",
+            "--store",
+            s,
+        ],
+        &store,
+        "cannot reach registry",
+    );
+    assert_clean_failure(
+        &["index", "info", &pushed.reference, "--store", s],
+        &store,
+        "hermes index build",
+    );
 }

@@ -1,4 +1,5 @@
 //! The `hermes` binary end to end: real processes, real files.
 
 mod index;
+mod modules;
 mod ztoc;
