@@ -463,17 +463,36 @@ async fn blobs_upload_in_chunks_and_mount_across_repositories() {
     let c = client(Credentials::none()); // uploads in 1 MiB chunks
     let a = reference(&format!("{}/up/a:v1", proxy.host()));
     let b = reference(&format!("{}/up/b:v1", proxy.host()));
-    let blob: Vec<u8> = (0..2_600_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
-    let digest = c.push_blob(&a, bytes::Bytes::from(blob.clone()), None).await.expect("chunked upload");
+    let blob: Vec<u8> = (0..2_600_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let digest = c
+        .push_blob(&a, bytes::Bytes::from(blob.clone()), None)
+        .await
+        .expect("chunked upload");
     assert_eq!(digest, hermes_oci::Digest::of(&blob));
     let patches = proxy.log().iter().filter(|l| l.method == "PATCH").count();
     assert_eq!(patches, 3, "2.6 MB in 1 MiB chunks: {:?}", proxy.log());
     assert!(c.get_blob(&a, &digest).await.expect("read back").as_ref() == blob.as_slice());
 
     proxy.clear_log();
-    c.push_blob(&b, bytes::Bytes::from(blob.clone()), Some("up/a")).await.expect("mount");
+    c.push_blob(&b, bytes::Bytes::from(blob.clone()), Some("up/a"))
+        .await
+        .expect("mount");
     let log = proxy.log();
-    assert!(log.iter().any(|l| l.method == "POST" && l.status == 201), "mounted: {log:?}");
-    assert!(!log.iter().any(|l| l.method == "PATCH" || l.method == "PUT"), "no upload when mounted: {log:?}");
-    assert!(c.get_blob(&b, &digest).await.expect("read back from b").as_ref() == blob.as_slice());
+    assert!(
+        log.iter().any(|l| l.method == "POST" && l.status == 201),
+        "mounted: {log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.method == "PATCH" || l.method == "PUT"),
+        "no upload when mounted: {log:?}"
+    );
+    assert!(
+        c.get_blob(&b, &digest)
+            .await
+            .expect("read back from b")
+            .as_ref()
+            == blob.as_slice()
+    );
 }
