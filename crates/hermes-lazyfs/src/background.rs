@@ -1,0 +1,246 @@
+//! The background fetcher: makes a layer fully local and checks its whole digest.
+//!
+//! One low-priority thread per layer walks the blob front to back in span-sized range reads,
+//! pausing whenever reads are fetching. It hashes every compressed byte in order, verifies each
+//! span against the zTOC before using it, stores spans that are not cached yet, and when the
+//! walk is done compares the blob's digest and size with the layer's: a match marks the layer
+//! [`LayerState::FullyLocal`] (and is remembered in the cache for the next process), a mismatch
+//! marks it [`LayerState::Broken`]. Cached spans are read again only to hash them: the cache
+//! holds decoded bytes, the digest is over compressed ones.
+//!
+//! It does not prefetch by a recorded profile or bound concurrency across layers: the node
+//! daemon schedules fetchers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::reader::{LayerReader, LayerState, Priority};
+use crate::{BrokenReason, Error, Result};
+
+/// Attempts per range read before the fetcher gives up for this run (the layer stays lazy).
+const ATTEMPTS: u32 = 3;
+
+/// A layer blob's digest, `sha256:<64 lowercase hex>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LayerDigest(String);
+
+impl LayerDigest {
+    /// Parse `sha256:<64 lowercase hex>`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let hex = s
+            .strip_prefix("sha256:")
+            .ok_or_else(|| Error::InvalidDigest(s.to_owned()))?;
+        if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(Error::InvalidDigest(s.to_owned()));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The digest as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for LayerDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How a background run ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The layer is fully local and its digest matched.
+    FullyLocal,
+    /// The layer was marked broken (by this run or earlier).
+    Broken(BrokenReason),
+    /// Stopped before the end; the layer stays lazy.
+    Stopped,
+    /// The source failed repeatedly; the layer stays lazy and a later run may finish it.
+    Failed(Error),
+}
+
+/// A running background fetch of one layer. Dropping it stops the thread and waits for it.
+#[derive(Debug)]
+pub struct BackgroundFetcher {
+    reader: Arc<LayerReader>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Outcome>>,
+}
+
+impl BackgroundFetcher {
+    /// Start fetching the rest of `reader`'s layer, whose blob has `digest` and `size` bytes.
+    pub fn start(reader: Arc<LayerReader>, digest: LayerDigest, size: u64) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("hermes-bg-fetch".into())
+            .spawn({
+                let reader = Arc::clone(&reader);
+                let stop = Arc::clone(&stop);
+                move || run(&reader, &digest, size, &stop)
+            })
+            .map_err(|source| Error::Thread {
+                what: "background fetch",
+                source,
+            })?;
+        Ok(Self {
+            reader,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Wait for the run to end.
+    pub fn wait(mut self) -> Outcome {
+        self.join()
+    }
+
+    /// Stop the run at the next span and wait for it.
+    pub fn stop(mut self) -> Outcome {
+        self.stop.store(true, Ordering::Relaxed);
+        self.reader.wake();
+        self.join()
+    }
+
+    fn join(&mut self) -> Outcome {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(_)) => Outcome::Failed(Error::Thread {
+                what: "background fetch",
+                source: std::io::Error::other("the thread panicked"),
+            }),
+            None => Outcome::Stopped,
+        }
+    }
+}
+
+impl Drop for BackgroundFetcher {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop.store(true, Ordering::Relaxed);
+            self.reader.wake();
+            self.join();
+        }
+    }
+}
+
+#[tracing::instrument(level = "info", skip(reader, stop), fields(cache = %reader.cache().dir().display()))]
+fn run(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool) -> Outcome {
+    if let LayerState::Broken(reason) = reader.state() {
+        return Outcome::Broken(reason);
+    }
+    let cache = reader.cache();
+    if cache.is_complete() && cache.verified_digest().as_deref() == Some(digest.as_str()) {
+        reader.set_state(LayerState::FullyLocal);
+        tracing::info!("layer already fully local");
+        return Outcome::FullyLocal;
+    }
+    let ztoc = Arc::clone(reader.ztoc());
+    let mut hasher = Sha256::new();
+    let mut pos = 0u64;
+    for span in ztoc.spans() {
+        reader.wait_foreground_idle(stop);
+        if stop.load(Ordering::Relaxed) {
+            return Outcome::Stopped;
+        }
+        if let LayerState::Broken(reason) = reader.state() {
+            return Outcome::Broken(reason);
+        }
+        // Spans of a gzip layer may share a byte, and bytes before the first span (the gzip
+        // header) belong to none: read from wherever hashing stopped.
+        let start = pos.min(span.compressed.start);
+        let fetch = || fetch_verified(reader, start, &span, stop);
+        let data = match fetch() {
+            Ok(Ok(data)) => data,
+            Ok(Err(_)) => {
+                tracing::warn!(
+                    span = span.id,
+                    "span failed verification; fetching it again"
+                );
+                match fetch() {
+                    Ok(Ok(data)) => data,
+                    Ok(Err(e)) => {
+                        let reason = match e {
+                            hermes_ztoc::Error::SpanDigestMismatch {
+                                expected, actual, ..
+                            } => BrokenReason::SpanDigest {
+                                span: span.id,
+                                expected,
+                                actual,
+                            },
+                            other => BrokenReason::SpanDecode {
+                                span: span.id,
+                                message: other.to_string(),
+                            },
+                        };
+                        reader.set_state(LayerState::Broken(reason.clone()));
+                        return Outcome::Broken(reason);
+                    }
+                    Err(e) => return Outcome::Failed(e),
+                }
+            }
+            Err(e) => return Outcome::Failed(e),
+        };
+        hasher.update(&data[(pos - start) as usize..]);
+        pos = span.compressed.end;
+        let at = (span.compressed.start - start) as usize;
+        match reader.install_background(&span, &data[at..]) {
+            Ok(_) => {}
+            Err(Error::Broken(reason)) => return Outcome::Broken(reason),
+            Err(e) => return Outcome::Failed(e),
+        }
+    }
+    let actual = format!("sha256:{}", crate::cache::hex(&hasher.finalize()));
+    if actual == digest.as_str() && pos == size {
+        if let Err(e) = reader.cache().mark_verified(digest.as_str()) {
+            tracing::warn!(error = %e, "could not record the verified layer; it is checked again next time");
+        }
+        reader.set_state(LayerState::FullyLocal);
+        tracing::info!(bytes = pos, "layer is fully local");
+        Outcome::FullyLocal
+    } else {
+        let reason = BrokenReason::LayerDigest {
+            expected: digest.to_string(),
+            actual,
+            expected_size: size,
+            actual_size: pos,
+        };
+        reader.set_state(LayerState::Broken(reason.clone()));
+        Outcome::Broken(reason)
+    }
+}
+
+/// Read blob bytes `start..span.compressed.end` (retrying transport errors) and verify the
+/// span's part. The outer error is the transport's, the inner one the verification's.
+fn fetch_verified(
+    reader: &LayerReader,
+    start: u64,
+    span: &hermes_ztoc::Span,
+    stop: &AtomicBool,
+) -> Result<std::result::Result<Vec<u8>, hermes_ztoc::Error>> {
+    let mut attempt = 1;
+    let data = loop {
+        match reader.fetch(start, span.compressed.end - start, Priority::Background) {
+            Ok(data) => break data,
+            Err(e) if attempt >= ATTEMPTS || stop.load(Ordering::Relaxed) => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, attempt, "background range read failed; retrying");
+                std::thread::sleep(Duration::from_millis(100 << attempt));
+                attempt += 1;
+            }
+        }
+    };
+    let at = (span.compressed.start - start) as usize;
+    match reader.ztoc().verify_span(span, &data[at..]) {
+        Ok(()) => Ok(Ok(data)),
+        Err(e) => {
+            reader.note_verify_failure();
+            Ok(Err(e))
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The on-disk span cache of one layer.
+//!
+//! A directory per layer holds:
+//! - `data`: a sparse file of the layer's tar bytes; each decoded span is written at its
+//!   uncompressed offset, so a cached read is one `pread`;
+//! - `spans`: which spans `data` holds (a bitmap behind a header naming the zTOC it belongs
+//!   to), replaced atomically (temp file, fsync, rename) after the span's bytes are synced, so
+//!   a bit is only ever set for bytes that are on disk;
+//! - `verified`: present once the whole blob was checked against the layer digest.
+//!
+//! A cache written for a different zTOC (other span layout or digests) is discarded on open.
+//! Bytes are verified before they are stored; the cache trusts the local disk. It does not
+//! evict or bound its size: that belongs to whoever owns the cache directories.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use hermes_ztoc::{Span, SpanId, Ztoc};
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+const DATA_FILE: &str = "data";
+const BITMAP_FILE: &str = "spans";
+const VERIFIED_FILE: &str = "verified";
+const MAGIC: &[u8; 8] = b"HRMSPAN1";
+const HEADER_LEN: usize = MAGIC.len() + 4 + 32;
+
+/// Decoded spans of one layer on local disk, with a persisted record of which are present.
+#[derive(Debug)]
+pub struct SpanCache {
+    dir: PathBuf,
+    data: File,
+    span_count: u32,
+    key: [u8; 32],
+    /// The bitmap; its lock also serializes rewrites of the bitmap file.
+    present: Mutex<Vec<u8>>,
+}
+
+impl SpanCache {
+    /// Open (or create) the cache for `ztoc`'s layer in `dir`. Spans recorded by an earlier
+    /// process are kept when the cache was written for the same zTOC, else the cache starts empty.
+    pub fn open(dir: &Path, ztoc: &Ztoc) -> Result<Self> {
+        let err = |path: &Path, what| {
+            let path = path.to_owned();
+            move |source| Error::Cache { path, what, source }
+        };
+        fs::create_dir_all(dir).map_err(err(dir, "creating the directory"))?;
+        let data_path = dir.join(DATA_FILE);
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(err(&data_path, "opening"))?;
+        let span_count = ztoc.span_count();
+        let key = layer_key(ztoc);
+        let bitmap_path = dir.join(BITMAP_FILE);
+        let stored = match fs::read(&bitmap_path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(err(&bitmap_path, "reading")(e)),
+        };
+        let bitmap_len = (span_count as usize).div_ceil(8);
+        let present = match stored {
+            Some(bytes)
+                if bytes.len() == HEADER_LEN + bitmap_len
+                    && bytes[..HEADER_LEN] == header(span_count, &key) =>
+            {
+                bytes[HEADER_LEN..].to_vec()
+            }
+            stored => {
+                if stored.is_some() {
+                    tracing::warn!(dir = %dir.display(), "span cache belongs to another zTOC; starting empty");
+                }
+                data.set_len(0).map_err(err(&data_path, "truncating"))?;
+                remove_if_present(&dir.join(VERIFIED_FILE))?;
+                remove_if_present(&bitmap_path)?;
+                vec![0; bitmap_len]
+            }
+        };
+        let size = ztoc.spans().map(|s| s.uncompressed.end).max().unwrap_or(0);
+        let len = data.metadata().map_err(err(&data_path, "stat"))?.len();
+        if len < size {
+            data.set_len(size).map_err(err(&data_path, "sizing"))?;
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            data,
+            span_count,
+            key,
+            present: Mutex::new(present),
+        })
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Number of spans of the layer.
+    pub fn span_count(&self) -> u32 {
+        self.span_count
+    }
+
+    /// Whether span `id` is cached.
+    pub fn contains(&self, id: SpanId) -> bool {
+        let bitmap = self.bitmap();
+        bit(&bitmap, id)
+    }
+
+    /// Number of cached spans.
+    pub fn present_count(&self) -> u32 {
+        self.bitmap().iter().map(|b| b.count_ones()).sum()
+    }
+
+    /// Whether every span is cached.
+    pub fn is_complete(&self) -> bool {
+        self.present_count() == self.span_count
+    }
+
+    /// Read `len` cached tar bytes at `offset`. The caller checks that the spans are present.
+    pub fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        self.data
+            .read_exact_at(&mut buf, offset)
+            .map_err(|source| Error::Cache {
+                path: self.dir.join(DATA_FILE),
+                what: "reading",
+                source,
+            })?;
+        Ok(buf)
+    }
+
+    /// Store a verified, decoded span and record it as present (data synced first).
+    pub fn store(&self, span: &Span, decoded: &[u8]) -> Result<()> {
+        let data_path = || self.dir.join(DATA_FILE);
+        debug_assert_eq!(
+            decoded.len() as u64,
+            span.uncompressed.end - span.uncompressed.start
+        );
+        self.data
+            .write_all_at(decoded, span.uncompressed.start)
+            .and_then(|()| self.data.sync_data())
+            .map_err(|source| Error::Cache {
+                path: data_path(),
+                what: "writing",
+                source,
+            })?;
+        let mut bitmap = self.bitmap();
+        if bit(&bitmap, span.id) {
+            return Ok(());
+        }
+        let mut next = bitmap.clone();
+        if let Some(byte) = next.get_mut(span.id as usize / 8) {
+            *byte |= 1 << (span.id % 8);
+        }
+        let mut bytes = header(self.span_count, &self.key).to_vec();
+        bytes.extend_from_slice(&next);
+        write_atomic(&self.dir, BITMAP_FILE, &bytes)?;
+        *bitmap = next;
+        Ok(())
+    }
+
+    /// The layer digest recorded by [`SpanCache::mark_verified`], if any.
+    pub fn verified_digest(&self) -> Option<String> {
+        let text = fs::read_to_string(self.dir.join(VERIFIED_FILE)).ok()?;
+        let (key, digest) = text.trim_end().split_once(' ')?;
+        (key == hex(&self.key)).then(|| digest.to_owned())
+    }
+
+    /// Record that the complete cache was checked against the layer `digest`.
+    pub fn mark_verified(&self, digest: &str) -> Result<()> {
+        let text = format!("{} {digest}\n", hex(&self.key));
+        write_atomic(&self.dir, VERIFIED_FILE, text.as_bytes())
+    }
+
+    fn bitmap(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        // A panic while holding the lock cannot leave the bitmap half-updated (it is replaced
+        // whole), so a poisoned lock is still good.
+        self.present.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn bit(bitmap: &[u8], id: SpanId) -> bool {
+    bitmap
+        .get(id as usize / 8)
+        .is_some_and(|b| b & (1 << (id % 8)) != 0)
+}
+
+/// Identifies the zTOC a cache was written for: span layout and digests.
+fn layer_key(ztoc: &Ztoc) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(ztoc.compressed_archive_size().to_le_bytes());
+    h.update(ztoc.uncompressed_archive_size().to_le_bytes());
+    for span in ztoc.spans() {
+        h.update(span.compressed.start.to_le_bytes());
+        h.update(span.uncompressed.start.to_le_bytes());
+    }
+    for d in ztoc.span_digests() {
+        h.update(d.as_bytes());
+    }
+    h.finalize().into()
+}
+
+fn header(span_count: u32, key: &[u8; 32]) -> [u8; HEADER_LEN] {
+    let mut out = [0; HEADER_LEN];
+    out[..8].copy_from_slice(MAGIC);
+    out[8..12].copy_from_slice(&span_count.to_le_bytes());
+    out[12..].copy_from_slice(key);
+    out
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Cache {
+            path: path.to_owned(),
+            what: "removing",
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Replace `dir/name` with `bytes`: temp file, fsync, rename, fsync of the directory.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let target = dir.join(name);
+    let err = |path: &Path, what| {
+        let path = path.to_owned();
+        move |source| Error::Cache { path, what, source }
+    };
+    let mut f = File::create(&tmp).map_err(err(&tmp, "creating"))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(err(&tmp, "writing"))?;
+    fs::rename(&tmp, &target).map_err(err(&target, "renaming into place"))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err(dir, "syncing the directory"))
+}

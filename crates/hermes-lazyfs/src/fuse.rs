@@ -1,0 +1,317 @@
+//! The FUSE edge: a read-only filesystem over a layer's [`Tree`] and [`LayerReader`].
+//!
+//! It only translates: names and attributes come from the tree, file bytes from the reader, and
+//! every reader error becomes `EIO` in [`errno`]. Mounting uses fuser's own mount code (no
+//! libfuse, no fusermount: the node daemon runs as root).
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{
+    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
+};
+
+use crate::tree::{Kind, Node, Tree};
+use crate::{Error, LayerReader, Result};
+
+/// A layer never changes: the kernel may cache names and attributes for long.
+const TTL: Duration = Duration::from_secs(3600);
+const BLOCK: u32 = 4096;
+/// FUSE request threads per mount: reads of different spans proceed in parallel.
+const THREADS: usize = 4;
+
+/// Map a reader error to the errno a process sees. The one place this happens.
+fn errno(e: &Error) -> Errno {
+    tracing::warn!(error = %e, "lazy layer read failed");
+    Errno::EIO
+}
+
+struct LazyFs {
+    tree: Tree,
+    reader: Arc<LayerReader>,
+}
+
+impl LazyFs {
+    fn node(&self, ino: INodeNo) -> std::result::Result<&Node, Errno> {
+        self.tree.get(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    fn attr(&self, ino: u64, node: &Node) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size: node.size,
+            blocks: node.size.div_ceil(512),
+            atime: node.mtime,
+            mtime: node.mtime,
+            ctime: node.mtime,
+            crtime: node.mtime,
+            kind: file_type(node.kind),
+            perm: node.perm,
+            nlink: node.nlink,
+            uid: node.uid,
+            gid: node.gid,
+            rdev: node.rdev,
+            blksize: BLOCK,
+            flags: 0,
+        }
+    }
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Char => FileType::CharDevice,
+        Kind::Block => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+    }
+}
+
+/// Answer an xattr request: the size when asked for it, the bytes when they fit.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+impl Filesystem for LazyFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.node(parent) {
+            Ok(dir) if dir.kind != Kind::Dir => reply.error(Errno::ENOTDIR),
+            Ok(_) => match self.tree.lookup(parent.0, name.as_bytes()) {
+                Some(ino) => match self.tree.get(ino) {
+                    Some(node) => reply.entry(&TTL, &self.attr(ino, node), Generation(0)),
+                    None => reply.error(Errno::ENOENT),
+                },
+                None => reply.error(Errno::ENOENT),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node(ino) {
+            Ok(node) => reply.attr(&TTL, &self.attr(ino.0, node)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node(ino) {
+            Ok(node) if node.kind == Kind::Symlink => reply.data(&node.link),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino) {
+            Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY => reply.error(Errno::EROFS),
+            Ok(node) if node.kind == Kind::Dir => reply.error(Errno::EISDIR),
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let node = match self.node(ino) {
+            Ok(node) if node.kind == Kind::File => node,
+            Ok(_) => return reply.error(Errno::EINVAL),
+            Err(e) => return reply.error(e),
+        };
+        if offset >= node.size {
+            return reply.data(&[]);
+        }
+        let len = u64::from(size).min(node.size - offset);
+        match self.reader.read(node.data_offset + offset, len) {
+            Ok(bytes) => reply.data(&bytes),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dir = match self.node(ino) {
+            Ok(node) if node.kind == Kind::Dir => node,
+            Ok(_) => return reply.error(Errno::ENOTDIR),
+            Err(e) => return reply.error(e),
+        };
+        let dots = [
+            (ino.0, FileType::Directory, &b"."[..]),
+            (dir.parent, FileType::Directory, &b".."[..]),
+        ];
+        let children = dir.children.iter().filter_map(|(name, &child)| {
+            let node = self.tree.get(child)?;
+            Some((child, file_type(node.kind), name.as_slice()))
+        });
+        for (i, (child, kind, name)) in dots.into_iter().chain(children).enumerate() {
+            if (i as u64) < offset {
+                continue;
+            }
+            if reply.add(INodeNo(child), i as u64 + 1, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self
+            .reader
+            .ztoc()
+            .uncompressed_archive_size()
+            .div_ceil(u64::from(BLOCK));
+        reply.statfs(blocks, 0, 0, self.tree.len() as u64, 0, BLOCK, 255, BLOCK);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let node = match self.node(ino) {
+            Ok(node) => node,
+            Err(e) => return reply.error(e),
+        };
+        match node.xattrs().find(|(k, _)| *k == name.as_bytes()) {
+            Some((_, value)) => reply_xattr(reply, size, value),
+            None => reply.error(Errno::ENODATA),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let node = match self.node(ino) {
+            Ok(node) => node,
+            Err(e) => return reply.error(e),
+        };
+        let mut names = Vec::new();
+        for (k, _) in node.xattrs() {
+            names.extend_from_slice(k);
+            names.push(0);
+        }
+        reply_xattr(reply, size, &names);
+    }
+}
+
+/// A mounted lazy layer. Dropping it unmounts.
+#[derive(Debug)]
+pub struct MountHandle {
+    session: Option<BackgroundSession>,
+    mountpoint: PathBuf,
+    /// The FUSE connection's device number, to abort a mount that will not unmount.
+    dev: u64,
+    reader: Arc<LayerReader>,
+}
+
+/// Mount `reader`'s layer read-only at `mountpoint` (an existing directory). Every user may
+/// read it (`allow_other`); the kernel checks permissions against the layer's modes.
+pub fn mount(reader: Arc<LayerReader>, mountpoint: &Path) -> Result<MountHandle> {
+    let mount_err = |source| Error::Mount {
+        path: mountpoint.to_owned(),
+        source,
+    };
+    let tree = Tree::build(reader.ztoc())?;
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName("hermes-lazyfs".into()),
+        MountOption::Subtype("hermes-lazyfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(THREADS);
+    let fs = LazyFs {
+        tree,
+        reader: Arc::clone(&reader),
+    };
+    let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(mount_err)?;
+    let mut handle = MountHandle {
+        session: Some(session),
+        mountpoint: mountpoint.to_owned(),
+        dev: 0,
+        reader,
+    };
+    // The INIT handshake is done: this stat is answered by the new filesystem.
+    handle.dev = std::fs::metadata(mountpoint).map_err(mount_err)?.dev();
+    tracing::info!(mountpoint = %mountpoint.display(), "lazy layer mounted");
+    Ok(handle)
+}
+
+impl MountHandle {
+    /// Where the layer is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// The reader behind the mount.
+    pub fn reader(&self) -> &Arc<LayerReader> {
+        &self.reader
+    }
+
+    /// Unmount and wait for the request threads to end.
+    pub fn unmount(mut self) -> Result<()> {
+        self.unmount_inner()
+    }
+
+    fn unmount_inner(&mut self) -> Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        session.umount_and_join().map_err(|source| Error::Unmount {
+            path: self.mountpoint.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.unmount_inner() {
+            // Busy (a process still has a file open): abort the connection so every pending and
+            // later request fails, and detach the mount so nothing is left in the mount table.
+            tracing::warn!(error = %e, "unmount failed; aborting the FUSE connection and detaching");
+            let minor = (self.dev & 0xff) | ((self.dev >> 12) & 0xfff_ff00);
+            let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
+            if let Err(e) = std::fs::write(&abort, b"1") {
+                tracing::warn!(error = %e, path = abort, "could not abort the FUSE connection");
+            }
+            match std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status()
+            {
+                Ok(status) if status.success() => {}
+                other => tracing::error!(
+                    mountpoint = %self.mountpoint.display(),
+                    result = ?other,
+                    "could not detach the lazy layer"
+                ),
+            }
+        }
+    }
+}

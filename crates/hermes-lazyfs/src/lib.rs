@@ -1,0 +1,27 @@
+//! A lazy, read-only view of one image layer, backed by a span cache on local disk.
+//!
+//! Given a layer's zTOC and a [`RangeReader`](hermes_ztoc::RangeReader) over its blob:
+//! - [`SpanCache`] keeps decoded spans in a sparse file plus a persisted bitmap of present spans;
+//! - [`LayerReader`] serves tar byte ranges from the cache and fetches missing spans on demand
+//!   (coalesced range reads, verification before use, single flight per span, broken on a
+//!   repeated mismatch);
+//! - [`BackgroundFetcher`] fetches the rest in the background, yielding to reads, and checks the
+//!   whole blob's digest before declaring the layer [`LayerState::FullyLocal`];
+//! - [`mount`] presents the layer as a read-only FUSE filesystem, whiteouts as overlayfs
+//!   expects of a lower directory.
+//!
+//! It deliberately does not talk to registries, containerd or the controller: callers pass the
+//! range reader and decide where caches live and when layers are mounted.
+
+mod background;
+mod cache;
+mod error;
+mod fuse;
+mod reader;
+mod tree;
+
+pub use background::{BackgroundFetcher, LayerDigest, Outcome};
+pub use cache::SpanCache;
+pub use error::{BrokenReason, Error, Result};
+pub use fuse::{MountHandle, mount};
+pub use reader::{LayerReader, LayerState, ReaderStats};

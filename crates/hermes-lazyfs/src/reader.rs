@@ -1,0 +1,440 @@
+//! Reads of a layer's tar bytes, served from the span cache and fetched on a miss.
+//!
+//! A miss fetches the request's missing spans with as few range reads as possible (neighbouring
+//! spans are coalesced into one read), verifies each span against the zTOC's digest before it
+//! is decoded, stores it in the cache and then answers from the cache. Concurrent readers of one
+//! span wait for one fetch. A span that fails verification is fetched once more; a second
+//! failure marks the layer broken and every later read fails.
+//!
+//! This is the pure core: no FUSE, no threads of its own. Transport retries belong to the
+//! [`RangeReader`] (the registry client retries; a failed fetch here leaves the layer usable).
+
+use std::collections::HashSet;
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use hermes_ztoc::{RangeReader, Span, SpanId, Ztoc};
+
+use crate::cache::SpanCache;
+use crate::{BrokenReason, Error, Result};
+
+/// Most compressed bytes one coalesced range read asks for.
+const MAX_COALESCED_BYTES: u64 = 32 << 20;
+
+/// Where a layer stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerState {
+    /// Spans are fetched on demand; some may be missing.
+    Lazy,
+    /// Every span is cached and the whole blob matched the layer digest.
+    FullyLocal,
+    /// Verification failed; every read fails.
+    Broken(BrokenReason),
+}
+
+/// Counters of one layer, for metrics. Monotonic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReaderStats {
+    /// Calls of [`LayerReader::read`].
+    pub requests: u64,
+    /// Reads answered from the cache without fetching or waiting for a fetch.
+    pub cache_hits: u64,
+    /// Reads that waited for another reader's fetch of a span they needed.
+    pub waits: u64,
+    /// Range reads issued to the source (foreground and background).
+    pub range_requests: u64,
+    /// Compressed bytes fetched for reads.
+    pub bytes_fetched: u64,
+    /// Spans fetched, verified and stored for reads.
+    pub spans_fetched: u64,
+    /// Compressed bytes fetched by the background fetcher.
+    pub background_bytes_fetched: u64,
+    /// Spans stored by the background fetcher.
+    pub background_spans_fetched: u64,
+    /// Spans whose bytes failed verification (each is fetched once more).
+    pub verify_failures: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    cache_hits: AtomicU64,
+    waits: AtomicU64,
+    range_requests: AtomicU64,
+    bytes_fetched: AtomicU64,
+    spans_fetched: AtomicU64,
+    background_bytes_fetched: AtomicU64,
+    background_spans_fetched: AtomicU64,
+    verify_failures: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// Who asks for a fetch: reads come first, the background fetcher yields to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Priority {
+    Foreground,
+    Background,
+}
+
+#[derive(Debug)]
+struct Flight {
+    /// Spans some thread is fetching now.
+    fetching: HashSet<SpanId>,
+    /// Foreground fetches in progress.
+    foreground: usize,
+    state: LayerState,
+}
+
+/// A lazy, verified view of one layer's uncompressed tar bytes.
+pub struct LayerReader {
+    ztoc: Arc<Ztoc>,
+    source: Box<dyn RangeReader + Send + Sync>,
+    cache: SpanCache,
+    /// End of the last span: reads are clamped to it.
+    end: u64,
+    flight: Mutex<Flight>,
+    changed: Condvar,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for LayerReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerReader")
+            .field("cache", &self.cache.dir())
+            .field("state", &self.state())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LayerReader {
+    /// A reader of `ztoc`'s layer that fetches missing spans from `source` (the layer blob) into
+    /// `cache`.
+    pub fn new<R>(ztoc: Arc<Ztoc>, source: R, cache: SpanCache) -> Self
+    where
+        R: RangeReader + Send + Sync + 'static,
+    {
+        let end = ztoc.spans().map(|s| s.uncompressed.end).max().unwrap_or(0);
+        Self {
+            ztoc,
+            source: Box::new(source),
+            cache,
+            end,
+            flight: Mutex::new(Flight {
+                fetching: HashSet::new(),
+                foreground: 0,
+                state: LayerState::Lazy,
+            }),
+            changed: Condvar::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The layer's zTOC.
+    pub fn ztoc(&self) -> &Arc<Ztoc> {
+        &self.ztoc
+    }
+
+    /// The layer's span cache.
+    pub fn cache(&self) -> &SpanCache {
+        &self.cache
+    }
+
+    /// Where the layer stands.
+    pub fn state(&self) -> LayerState {
+        self.lock().state.clone()
+    }
+
+    /// The layer's counters so far.
+    pub fn stats(&self) -> ReaderStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ReaderStats {
+            requests: get(&c.requests),
+            cache_hits: get(&c.cache_hits),
+            waits: get(&c.waits),
+            range_requests: get(&c.range_requests),
+            bytes_fetched: get(&c.bytes_fetched),
+            spans_fetched: get(&c.spans_fetched),
+            background_bytes_fetched: get(&c.background_bytes_fetched),
+            background_spans_fetched: get(&c.background_spans_fetched),
+            verify_failures: get(&c.verify_failures),
+        }
+    }
+
+    /// Read up to `len` tar bytes at `offset` (fewer at the end of the layer, none past it).
+    pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        bump(&self.counters.requests, 1);
+        let end = offset.saturating_add(len).min(self.end);
+        if offset >= end {
+            self.check_usable()?;
+            return Ok(Vec::new());
+        }
+        let spans = self.ztoc.span_of(offset)..=self.ztoc.span_of(end - 1);
+        if !self.ensure(spans)? {
+            bump(&self.counters.cache_hits, 1);
+        }
+        // Bounded by the request, which FUSE caps at its max read size.
+        let len = usize::try_from(end - offset).map_err(|_| hermes_ztoc::Error::OutOfRange {
+            start: offset,
+            end,
+            size: self.end,
+            what: "layer",
+        })?;
+        self.cache.read_at(offset, len)
+    }
+
+    /// Make spans `ids` present. Returns whether this call fetched or waited.
+    fn ensure(&self, ids: RangeInclusive<SpanId>) -> Result<bool> {
+        let mut busy = false;
+        let mut waited = false;
+        let mut flight = self.lock();
+        loop {
+            if let LayerState::Broken(reason) = &flight.state {
+                return Err(Error::Broken(reason.clone()));
+            }
+            let missing: Vec<SpanId> = ids.clone().filter(|&id| !self.cache.contains(id)).collect();
+            if missing.is_empty() {
+                return Ok(busy);
+            }
+            let claim: Vec<SpanId> = missing
+                .into_iter()
+                .filter(|id| !flight.fetching.contains(id))
+                .collect();
+            busy = true;
+            if claim.is_empty() {
+                if !waited {
+                    waited = true;
+                    bump(&self.counters.waits, 1);
+                }
+                flight = self.wait(flight);
+                continue;
+            }
+            flight.fetching.extend(claim.iter().copied());
+            flight.foreground += 1;
+            drop(flight);
+            let result = self.fetch_claimed(&claim, Priority::Foreground);
+            flight = self.lock();
+            flight.foreground -= 1;
+            self.release(&mut flight, &claim, &result);
+            result?;
+        }
+    }
+
+    /// Fetch spans this thread claimed, in coalesced runs of neighbours.
+    fn fetch_claimed(&self, claim: &[SpanId], priority: Priority) -> Result<()> {
+        let mut run: Vec<Span> = Vec::new();
+        for &id in claim {
+            let span = self.span(id)?;
+            let extends = run.last().is_some_and(|last| {
+                last.id + 1 == id
+                    && span.compressed.end - run[0].compressed.start <= MAX_COALESCED_BYTES
+            });
+            if !extends && !run.is_empty() {
+                self.fetch_run(&run, priority)?;
+                run.clear();
+            }
+            run.push(span);
+        }
+        if !run.is_empty() {
+            self.fetch_run(&run, priority)?;
+        }
+        Ok(())
+    }
+
+    /// One range read for neighbouring spans, then verify, decode and store each.
+    #[tracing::instrument(level = "debug", skip_all, fields(first = run[0].id, count = run.len()))]
+    fn fetch_run(&self, run: &[Span], priority: Priority) -> Result<()> {
+        let start = run[0].compressed.start;
+        let end = run[run.len() - 1].compressed.end;
+        let data = self.fetch(start, end - start, priority)?;
+        for span in run {
+            let at = (span.compressed.start - start) as usize;
+            let bytes = &data[at..at + (span.compressed.end - span.compressed.start) as usize];
+            self.install(span, bytes, priority)?;
+        }
+        Ok(())
+    }
+
+    /// Verify, decode and store one span; refetch it once if its bytes fail verification.
+    fn install(&self, span: &Span, bytes: &[u8], priority: Priority) -> Result<()> {
+        let decoded = match self.ztoc.decode_span(span.id, bytes) {
+            Err(hermes_ztoc::Error::SpanDigestMismatch { .. }) => {
+                bump(&self.counters.verify_failures, 1);
+                tracing::warn!(
+                    span = span.id,
+                    "span failed verification; fetching it again"
+                );
+                let len = span.compressed.end - span.compressed.start;
+                let again = self.fetch(span.compressed.start, len, priority)?;
+                self.ztoc.decode_span(span.id, &again).map_err(|e| {
+                    if matches!(e, hermes_ztoc::Error::SpanDigestMismatch { .. }) {
+                        bump(&self.counters.verify_failures, 1);
+                    }
+                    broken(span.id, e)
+                })?
+            }
+            other => other.map_err(|e| broken(span.id, e))?,
+        };
+        if decoded.len() as u64 != span.uncompressed.end - span.uncompressed.start {
+            return Err(Error::Broken(BrokenReason::SpanDecode {
+                span: span.id,
+                message: format!(
+                    "decoded {} bytes, the zTOC says {}",
+                    decoded.len(),
+                    span.uncompressed.end - span.uncompressed.start
+                ),
+            }));
+        }
+        self.cache.store(span, &decoded)?;
+        let counter = match priority {
+            Priority::Foreground => &self.counters.spans_fetched,
+            Priority::Background => &self.counters.background_spans_fetched,
+        };
+        bump(counter, 1);
+        Ok(())
+    }
+
+    /// One range read of the layer blob; a short answer is an error.
+    pub(crate) fn fetch(&self, offset: u64, len: u64, priority: Priority) -> Result<Vec<u8>> {
+        bump(&self.counters.range_requests, 1);
+        let data = self
+            .source
+            .read_at(offset, len)
+            .map_err(|source| Error::Fetch {
+                offset,
+                len,
+                source,
+            })?;
+        if data.len() as u64 != len {
+            return Err(Error::Fetch {
+                offset,
+                len,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("got {} bytes", data.len()),
+                ),
+            });
+        }
+        let counter = match priority {
+            Priority::Foreground => &self.counters.bytes_fetched,
+            Priority::Background => &self.counters.background_bytes_fetched,
+        };
+        bump(counter, len);
+        Ok(data)
+    }
+
+    /// Store a span whose compressed bytes the background fetcher already read, unless it is
+    /// cached or being fetched by a read. Returns whether this call stored it.
+    pub(crate) fn install_background(&self, span: &Span, bytes: &[u8]) -> Result<bool> {
+        let mut flight = self.lock();
+        if let LayerState::Broken(reason) = &flight.state {
+            return Err(Error::Broken(reason.clone()));
+        }
+        if self.cache.contains(span.id) || flight.fetching.contains(&span.id) {
+            return Ok(false);
+        }
+        flight.fetching.insert(span.id);
+        drop(flight);
+        let result = self.install(span, bytes, Priority::Background);
+        let mut flight = self.lock();
+        self.release(&mut flight, &[span.id], &result);
+        result.map(|()| true)
+    }
+
+    /// Block while reads are fetching (the background fetcher yields to them) or until `stop`.
+    pub(crate) fn wait_foreground_idle(&self, stop: &AtomicBool) {
+        let mut flight = self.lock();
+        while flight.foreground > 0 && !stop.load(Ordering::Relaxed) {
+            flight = self.wait(flight);
+        }
+    }
+
+    /// Count a span whose bytes failed verification outside [`LayerReader::read`].
+    pub(crate) fn note_verify_failure(&self) {
+        bump(&self.counters.verify_failures, 1);
+    }
+
+    /// Wake every waiter (used to stop the background fetcher).
+    pub(crate) fn wake(&self) {
+        let _flight = self.lock();
+        self.changed.notify_all();
+    }
+
+    /// Set the layer's state (a broken layer stays broken).
+    pub(crate) fn set_state(&self, state: LayerState) {
+        let mut flight = self.lock();
+        self.transition(&mut flight, state);
+        self.changed.notify_all();
+    }
+
+    /// Change state unless broken: a broken layer stays broken.
+    fn transition(&self, flight: &mut Flight, state: LayerState) {
+        if matches!(flight.state, LayerState::Broken(_)) {
+            return;
+        }
+        if let LayerState::Broken(reason) = &state {
+            tracing::error!(cache = %self.cache.dir().display(), %reason, "layer marked broken");
+        }
+        flight.state = state;
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match self.state() {
+            LayerState::Broken(reason) => Err(Error::Broken(reason)),
+            _ => Ok(()),
+        }
+    }
+
+    fn release(&self, flight: &mut Flight, claim: &[SpanId], result: &Result<()>) {
+        for id in claim {
+            flight.fetching.remove(id);
+        }
+        if let Err(Error::Broken(reason)) = result {
+            self.transition(flight, LayerState::Broken(reason.clone()));
+        }
+        self.changed.notify_all();
+    }
+
+    fn span(&self, id: SpanId) -> Result<Span> {
+        self.ztoc
+            .span(id)
+            .ok_or(Error::Ztoc(hermes_ztoc::Error::Invalid {
+                what: "no such span",
+                index: u64::from(id),
+            }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Flight> {
+        // Every update of `Flight` is a single assignment or set operation: still consistent
+        // after a panic elsewhere.
+        self.flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, Flight>) -> MutexGuard<'a, Flight> {
+        self.changed.wait(guard).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A span that cannot be used after its (re)fetch: the layer is broken.
+fn broken(span: SpanId, e: hermes_ztoc::Error) -> Error {
+    Error::Broken(match e {
+        hermes_ztoc::Error::SpanDigestMismatch {
+            span,
+            expected,
+            actual,
+        } => BrokenReason::SpanDigest {
+            span,
+            expected,
+            actual,
+        },
+        other => BrokenReason::SpanDecode {
+            span,
+            message: other.to_string(),
+        },
+    })
+}

@@ -1,0 +1,116 @@
+//! The background fetcher: fully local with a matching digest, broken otherwise.
+
+use std::sync::Arc;
+
+use hermes_lazyfs::{BackgroundFetcher, BrokenReason, Error, LayerDigest, LayerState, Outcome};
+
+use crate::layer::{multi_span_layer, sha256};
+
+#[test]
+fn background_fetch_makes_the_layer_fully_local() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    // A span fetched on demand first is hashed but not stored again.
+    reader
+        .read(layer.ztoc.span(2).unwrap().uncompressed.start, 10)
+        .unwrap();
+    let size = layer.blob.len() as u64;
+    let fetcher =
+        BackgroundFetcher::start(Arc::clone(&reader), layer.digest.clone(), size).unwrap();
+    let outcome = fetcher.wait();
+    assert!(matches!(outcome, Outcome::FullyLocal), "{outcome:?}");
+    assert_eq!(reader.state(), LayerState::FullyLocal);
+    assert!(reader.cache().is_complete());
+    let stats = reader.stats();
+    assert_eq!(
+        stats.background_spans_fetched,
+        u64::from(layer.ztoc.span_count()) - 1
+    );
+    assert!(stats.background_bytes_fetched >= size, "{stats:?}");
+
+    // Everything is local now: no more fetches, even across a restart.
+    source.fail(u64::MAX);
+    let requests = source.requests();
+    assert!(reader.read(0, layer.tar.len() as u64).unwrap() == layer.tar);
+    drop(reader);
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    let outcome = BackgroundFetcher::start(Arc::clone(&reader), layer.digest.clone(), size)
+        .unwrap()
+        .wait();
+    assert!(matches!(outcome, Outcome::FullyLocal), "{outcome:?}");
+    assert_eq!(reader.state(), LayerState::FullyLocal);
+    assert_eq!(source.requests(), requests);
+}
+
+#[test]
+fn background_fetch_with_a_wrong_layer_digest_breaks_the_layer() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    let wrong = LayerDigest::parse(&sha256(b"another layer")).unwrap();
+    let outcome =
+        BackgroundFetcher::start(Arc::clone(&reader), wrong.clone(), layer.blob.len() as u64)
+            .unwrap()
+            .wait();
+    let Outcome::Broken(BrokenReason::LayerDigest {
+        expected, actual, ..
+    }) = outcome
+    else {
+        panic!("expected a layer digest mismatch, got {outcome:?}");
+    };
+    assert_eq!(expected, wrong.as_str());
+    assert_eq!(actual, layer.digest.as_str());
+    assert!(matches!(reader.state(), LayerState::Broken(_)));
+    assert!(matches!(reader.read(0, 10), Err(Error::Broken(_))));
+    assert_eq!(reader.cache().verified_digest(), None);
+}
+
+#[test]
+fn background_fetch_with_a_wrong_size_breaks_the_layer() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let reader = Arc::new(layer.reader(dir.path(), &layer.source()));
+    let outcome = BackgroundFetcher::start(
+        Arc::clone(&reader),
+        layer.digest.clone(),
+        layer.blob.len() as u64 + 1,
+    )
+    .unwrap()
+    .wait();
+    assert!(
+        matches!(outcome, Outcome::Broken(BrokenReason::LayerDigest { .. })),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn background_fetch_of_a_tampered_span_breaks_the_layer() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    let span = layer.ztoc.span(4).unwrap();
+    source.corrupt(span.compressed.start + 50, u64::MAX);
+    let outcome = BackgroundFetcher::start(
+        Arc::clone(&reader),
+        layer.digest.clone(),
+        layer.blob.len() as u64,
+    )
+    .unwrap()
+    .wait();
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Broken(BrokenReason::SpanDigest { span: 4, .. })
+        ),
+        "{outcome:?}"
+    );
+    assert!(
+        !reader.cache().contains(4),
+        "a tampered span must never be stored"
+    );
+    assert!(matches!(reader.read(0, 10), Err(Error::Broken(_))));
+}

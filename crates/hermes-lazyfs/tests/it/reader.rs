@@ -1,0 +1,172 @@
+//! The reader: cache hits, coalesced misses, verification, single flight, broken layers.
+
+use std::sync::Arc;
+
+use hermes_lazyfs::{BrokenReason, Error, LayerState};
+
+use crate::layer::{multi_span_layer, wait_until};
+
+#[test]
+fn reads_match_the_tar_everywhere() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = layer.reader(dir.path(), &source);
+    let size = layer.tar.len() as u64;
+    for (offset, len) in [
+        (0, 512),
+        (100_000, 200_000),
+        (65_530, 20),
+        (size - 1000, 1000),
+        (size - 10, 4096),
+        (0, size),
+    ] {
+        let end = (offset + len).min(size);
+        let got = reader.read(offset, len).unwrap();
+        assert!(
+            got == layer.tar[offset as usize..end as usize],
+            "bytes {offset}..{end} differ"
+        );
+    }
+    assert_eq!(reader.read(size + 10, 100).unwrap(), b"");
+    assert_eq!(reader.state(), LayerState::Lazy);
+}
+
+#[test]
+fn miss_fetches_neighbouring_spans_in_one_read_then_hits() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = layer.reader(dir.path(), &source);
+    let (s1, s3) = (layer.ztoc.span(1).unwrap(), layer.ztoc.span(3).unwrap());
+    let start = s1.uncompressed.start + 10;
+    let end = s3.uncompressed.start + 10;
+    let got = reader.read(start, end - start).unwrap();
+    assert!(got == layer.tar[start as usize..end as usize]);
+    assert_eq!(source.log(), vec![s1.compressed.start..s3.compressed.end]);
+    let stats = reader.stats();
+    assert_eq!(stats.spans_fetched, 3);
+    assert_eq!(stats.range_requests, 1);
+    assert_eq!(stats.bytes_fetched, s3.compressed.end - s1.compressed.start);
+    assert_eq!(stats.cache_hits, 0);
+
+    reader.read(start + 1, 100).unwrap();
+    assert_eq!(source.requests(), 1, "a cached read must not fetch");
+    assert_eq!(reader.stats().cache_hits, 1);
+    assert_eq!(reader.stats().requests, 2);
+}
+
+#[test]
+fn read_fetches_only_missing_spans() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = layer.reader(dir.path(), &source);
+    let spans: Vec<_> = (0..4).map(|i| layer.ztoc.span(i).unwrap()).collect();
+    reader.read(spans[1].uncompressed.start, 1).unwrap();
+    reader.read(spans[2].uncompressed.start, 1).unwrap();
+    let before = source.log().len();
+    let (a, b) = (spans[0].uncompressed.start, spans[3].uncompressed.end);
+    assert!(reader.read(a, b - a).unwrap() == layer.tar[a as usize..b as usize]);
+    assert_eq!(
+        source.log()[before..],
+        [spans[0].compressed.clone(), spans[3].compressed.clone()]
+    );
+}
+
+#[test]
+fn corrupt_span_is_fetched_again_once() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = layer.reader(dir.path(), &source);
+    let span = layer.ztoc.span(2).unwrap();
+    source.corrupt(span.compressed.start + 100, 1);
+    let (a, b) = (span.uncompressed.start, span.uncompressed.end);
+    assert!(reader.read(a, b - a).unwrap() == layer.tar[a as usize..b as usize]);
+    assert_eq!(source.requests(), 2);
+    assert_eq!(reader.stats().verify_failures, 1);
+    assert_eq!(reader.state(), LayerState::Lazy);
+}
+
+#[test]
+fn span_corrupt_twice_breaks_the_layer() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = layer.reader(dir.path(), &source);
+    reader.read(0, 10).unwrap();
+    let span = layer.ztoc.span(3).unwrap();
+    source.corrupt(span.compressed.start + 5, u64::MAX);
+    let err = reader.read(span.uncompressed.start, 10).unwrap_err();
+    assert!(
+        matches!(err, Error::Broken(BrokenReason::SpanDigest { span: 3, .. })),
+        "{err:?}"
+    );
+    assert!(matches!(reader.state(), LayerState::Broken(_)));
+    let requests = source.requests();
+    // Even cached bytes are no longer served, and nothing more is fetched.
+    assert!(matches!(reader.read(0, 10), Err(Error::Broken(_))));
+    assert!(matches!(
+        reader.read(span.uncompressed.end, 10),
+        Err(Error::Broken(_))
+    ));
+    assert_eq!(source.requests(), requests);
+    assert_eq!(reader.stats().verify_failures, 2);
+}
+
+#[test]
+fn failed_fetch_leaves_the_layer_usable() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = layer.reader(dir.path(), &source);
+    source.fail(1);
+    assert!(matches!(reader.read(0, 10), Err(Error::Fetch { .. })));
+    assert_eq!(reader.state(), LayerState::Lazy);
+    assert_eq!(reader.read(0, 10).unwrap(), layer.tar[..10]);
+}
+
+#[test]
+fn concurrent_readers_of_one_span_share_one_fetch() {
+    const READERS: u64 = 8;
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    let span = layer.ztoc.span(5).unwrap();
+    source.hold();
+    let threads: Vec<_> = (0..READERS)
+        .map(|i| {
+            let reader = Arc::clone(&reader);
+            let at = span.uncompressed.start + i * 1000;
+            std::thread::spawn(move || (at, reader.read(at, 500).unwrap()))
+        })
+        .collect();
+    wait_until("one fetch in flight and every other reader waiting", || {
+        source.blocked() == 1 && reader.stats().waits == READERS - 1
+    });
+    source.release();
+    for t in threads {
+        let (at, got) = t.join().unwrap();
+        assert!(got == layer.tar[at as usize..at as usize + 500]);
+    }
+    assert_eq!(source.requests(), 1, "requests: {:?}", source.log());
+    assert_eq!(reader.stats().spans_fetched, 1);
+}
+
+#[test]
+fn cached_spans_are_served_after_a_restart_without_the_source() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let source = layer.source();
+        let reader = layer.reader(dir.path(), &source);
+        reader.read(0, layer.tar.len() as u64).unwrap();
+    }
+    let source = layer.source();
+    source.fail(u64::MAX);
+    let reader = layer.reader(dir.path(), &source);
+    assert!(reader.read(0, layer.tar.len() as u64).unwrap() == layer.tar);
+    assert_eq!(source.requests(), 0);
+}
