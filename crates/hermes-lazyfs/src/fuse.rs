@@ -295,7 +295,7 @@ impl Drop for MountHandle {
             // Busy (a process still has a file open): abort the connection so every pending and
             // later request fails, and detach the mount so nothing is left in the mount table.
             tracing::warn!(error = %e, "unmount failed; aborting the FUSE connection and detaching");
-            let minor = (self.dev & 0xff) | ((self.dev >> 12) & 0xfff_ff00);
+            let minor = (self.dev & 0xff) | ((self.dev >> 12) & 0xffff_ff00);
             let abort = format!("/sys/fs/fuse/connections/{minor}/abort");
             if let Err(e) = std::fs::write(&abort, b"1") {
                 tracing::warn!(error = %e, path = abort, "could not abort the FUSE connection");

@@ -54,6 +54,8 @@ pub struct ReaderStats {
     pub background_spans_fetched: u64,
     /// Spans whose bytes failed verification (each is fetched once more).
     pub verify_failures: u64,
+    /// Times the background fetcher paused because reads were fetching.
+    pub background_pauses: u64,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +69,7 @@ struct Counters {
     background_bytes_fetched: AtomicU64,
     background_spans_fetched: AtomicU64,
     verify_failures: AtomicU64,
+    background_pauses: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -163,6 +166,7 @@ impl LayerReader {
             background_bytes_fetched: get(&c.background_bytes_fetched),
             background_spans_fetched: get(&c.background_spans_fetched),
             verify_failures: get(&c.verify_failures),
+            background_pauses: get(&c.background_pauses),
         }
     }
 
@@ -349,6 +353,9 @@ impl LayerReader {
     /// Block while reads are fetching (the background fetcher yields to them) or until `stop`.
     pub(crate) fn wait_foreground_idle(&self, stop: &AtomicBool) {
         let mut flight = self.lock();
+        if flight.foreground > 0 {
+            bump(&self.counters.background_pauses, 1);
+        }
         while flight.foreground > 0 && !stop.load(Ordering::Relaxed) {
             flight = self.wait(flight);
         }

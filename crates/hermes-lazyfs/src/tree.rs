@@ -357,6 +357,92 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 mod tests {
     use super::*;
 
+    /// A plain tar of raw headers: (name, type flag, mode, link name).
+    fn tree_of(entries: &[(&str, u8, u32, &str)]) -> Result<Tree> {
+        let mut tar = Vec::new();
+        for &(name, flag, mode, link) in entries {
+            let mut h = [0u8; 512];
+            h[..name.len()].copy_from_slice(name.as_bytes());
+            h[100..107].copy_from_slice(format!("{mode:07o}").as_bytes());
+            h[108..115].copy_from_slice(b"0000000");
+            h[116..123].copy_from_slice(b"0000000");
+            h[124..135].copy_from_slice(b"00000000000");
+            h[136..147].copy_from_slice(b"14525601020");
+            h[156] = flag;
+            h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+            h[257..263].copy_from_slice(b"ustar\0");
+            h[263..265].copy_from_slice(b"00");
+            h[148..156].copy_from_slice(b"        ");
+            let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+            h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+            tar.extend_from_slice(&h);
+        }
+        tar.extend_from_slice(&[0; 1024]);
+        let ztoc = hermes_ztoc::build(&tar[..], &hermes_ztoc::BuildOptions::default()).unwrap();
+        Tree::build(&ztoc)
+    }
+
+    #[test]
+    fn root_entry_sets_the_root_metadata() {
+        let tree = tree_of(&[("./", b'5', 0o700, ""), ("./a", b'0', 0o644, "")]).unwrap();
+        let root = tree.get(ROOT).unwrap();
+        assert_eq!(root.perm, 0o700);
+        assert_eq!(root.nlink, 2);
+        assert!(tree.resolve(b"a").is_some());
+    }
+
+    #[test]
+    fn a_directory_entry_over_a_directory_keeps_its_children() {
+        let tree = tree_of(&[
+            ("d/", b'5', 0o755, ""),
+            ("d/.wh..wh..opq", b'0', 0o644, ""),
+            ("d/f", b'0', 0o644, ""),
+            ("d/", b'5', 0o711, ""),
+        ])
+        .unwrap();
+        let d = tree.get(tree.resolve(b"d").unwrap()).unwrap();
+        assert_eq!(d.perm, 0o711);
+        assert!(tree.resolve(b"d/f").is_some());
+        assert_eq!(d.xattrs().collect::<Vec<_>>(), [(OPAQUE_XATTR, &b"y"[..])]);
+    }
+
+    #[test]
+    fn a_file_over_a_directory_drops_the_subtree() {
+        let tree = tree_of(&[("d/f", b'0', 0o644, ""), ("d", b'0', 0o600, "")]).unwrap();
+        let d = tree.get(tree.resolve(b"d").unwrap()).unwrap();
+        assert_eq!((d.kind, d.perm), (Kind::File, 0o600));
+        assert_eq!(tree.resolve(b"d/f"), None);
+        assert_eq!(tree.get(ROOT).unwrap().nlink, 2);
+    }
+
+    #[test]
+    fn a_hardlink_keeps_the_inode_its_target_had() {
+        let tree = tree_of(&[
+            ("a", b'0', 0o644, ""),
+            ("b", b'1', 0o644, "a"),
+            ("a", b'0', 0o600, ""),
+        ])
+        .unwrap();
+        let (a, b) = (tree.resolve(b"a").unwrap(), tree.resolve(b"b").unwrap());
+        assert_ne!(a, b);
+        assert_eq!(tree.get(b).unwrap().perm, 0o644);
+        assert_eq!(
+            (tree.get(a).unwrap().nlink, tree.get(b).unwrap().nlink),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn hardlinks_to_nothing_or_to_directories_are_refused() {
+        let err = tree_of(&[("b", b'1', 0o644, "missing")]).unwrap_err();
+        assert!(
+            matches!(err, Error::BadEntry { ref name, .. } if name == "b"),
+            "{err}"
+        );
+        let err = tree_of(&[("d/", b'5', 0o755, ""), ("b", b'1', 0o644, "d")]).unwrap_err();
+        assert!(matches!(err, Error::BadEntry { .. }), "{err}");
+    }
+
     #[test]
     fn parse_time_reads_go_marshal_text() {
         let t = |s: &str| parse_time(s.as_bytes()).map(|t| t.duration_since(UNIX_EPOCH).unwrap());

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use hermes_lazyfs::{BackgroundFetcher, BrokenReason, Error, LayerDigest, LayerState, Outcome};
 
-use crate::layer::{multi_span_layer, sha256};
+use crate::layer::{multi_span_layer, sha256, wait_until};
 
 #[test]
 fn background_fetch_makes_the_layer_fully_local() {
@@ -113,4 +113,71 @@ fn background_fetch_of_a_tampered_span_breaks_the_layer() {
         "a tampered span must never be stored"
     );
     assert!(matches!(reader.read(0, 10), Err(Error::Broken(_))));
+}
+
+#[test]
+fn background_fetch_waits_while_a_read_is_fetching() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    let span = layer.ztoc.span(5).unwrap();
+    source.hold();
+    let read = std::thread::spawn({
+        let reader = Arc::clone(&reader);
+        move || reader.read(span.uncompressed.start, 10).unwrap()
+    });
+    wait_until("the read's fetch", || source.blocked() == 1);
+    let fetcher = BackgroundFetcher::start(
+        Arc::clone(&reader),
+        layer.digest.clone(),
+        layer.blob.len() as u64,
+    )
+    .unwrap();
+    wait_until("the background fetcher to pause", || {
+        reader.stats().background_pauses == 1
+    });
+    assert_eq!(
+        source.blocked(),
+        1,
+        "the background fetcher read while a read was fetching"
+    );
+    source.release();
+    read.join().unwrap();
+    let outcome = fetcher.wait();
+    assert!(matches!(outcome, Outcome::FullyLocal), "{outcome:?}");
+    assert_eq!(
+        source.log()[0],
+        span.compressed,
+        "the read's fetch goes first"
+    );
+}
+
+#[test]
+fn stopping_a_paused_background_fetch_ends_it() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    source.hold();
+    let read = std::thread::spawn({
+        let reader = Arc::clone(&reader);
+        move || reader.read(0, 10).unwrap()
+    });
+    wait_until("the read's fetch", || source.blocked() == 1);
+    let fetcher = BackgroundFetcher::start(
+        Arc::clone(&reader),
+        layer.digest.clone(),
+        layer.blob.len() as u64,
+    )
+    .unwrap();
+    wait_until("the background fetcher to pause", || {
+        reader.stats().background_pauses == 1
+    });
+    let outcome = fetcher.stop();
+    assert!(matches!(outcome, Outcome::Stopped), "{outcome:?}");
+    assert_eq!(reader.state(), LayerState::Lazy);
+    source.release();
+    read.join().unwrap();
+    assert_eq!(source.requests(), 1);
 }
