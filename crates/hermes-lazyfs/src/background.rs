@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::reader::{LayerReader, LayerState, Priority};
+use crate::reader::{LayerReader, LayerState, Priority, broken_reason};
 use crate::{BrokenReason, Error, Result};
 
 /// Attempts per range read before the fetcher gives up for this run (the layer stays lazy).
@@ -165,19 +165,7 @@ fn run(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool)
                 match fetch() {
                     Ok(Ok(data)) => data,
                     Ok(Err(e)) => {
-                        let reason = match e {
-                            hermes_ztoc::Error::SpanDigestMismatch {
-                                expected, actual, ..
-                            } => BrokenReason::SpanDigest {
-                                span: span.id,
-                                expected,
-                                actual,
-                            },
-                            other => BrokenReason::SpanDecode {
-                                span: span.id,
-                                message: other.to_string(),
-                            },
-                        };
+                        let reason = broken_reason(span.id, e);
                         reader.set_state(LayerState::Broken(reason.clone()));
                         return Outcome::Broken(reason);
                     }

@@ -77,7 +77,7 @@ pub enum Error {
     Broken(#[source] BrokenReason),
 
     /// The zTOC could not plan or decode a read.
-    #[error("zTOC")]
+    #[error("the zTOC cannot serve this read")]
     Ztoc(#[from] hermes_ztoc::Error),
 
     /// The layer's digest is not `sha256:<64 hex digits>`.

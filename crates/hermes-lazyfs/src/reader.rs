@@ -429,7 +429,12 @@ impl LayerReader {
 
 /// A span that cannot be used after its (re)fetch: the layer is broken.
 fn broken(span: SpanId, e: hermes_ztoc::Error) -> Error {
-    Error::Broken(match e {
+    Error::Broken(broken_reason(span, e))
+}
+
+/// Why span `span` cannot be used, from the zTOC's verdict on its bytes.
+pub(crate) fn broken_reason(span: SpanId, e: hermes_ztoc::Error) -> BrokenReason {
+    match e {
         hermes_ztoc::Error::SpanDigestMismatch {
             span,
             expected,
@@ -443,5 +448,5 @@ fn broken(span: SpanId, e: hermes_ztoc::Error) -> Error {
             span,
             message: other.to_string(),
         },
-    })
+    }
 }

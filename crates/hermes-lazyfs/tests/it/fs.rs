@@ -365,3 +365,77 @@ fn unmount_leaves_nothing_in_the_mount_table() {
     assert!(!mounted(&root), "a busy mount was left behind");
     drop(open);
 }
+
+/// An overlayfs mount over lazy layers; unmounted on drop (before the layers).
+struct Overlay {
+    target: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Overlay {
+    /// `lowers`: top layer first, as overlayfs takes them.
+    fn new(lowers: &[&Path]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("merged");
+        std::fs::create_dir(&target).unwrap();
+        let lowerdir: Vec<&str> = lowers.iter().map(|p| p.to_str().unwrap()).collect();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!("lowerdir={}", lowerdir.join(":")))
+            .arg(&target)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting overlayfs over the lazy layers failed (needs the overlay module): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { target, _dir: dir }
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.target)
+            .status();
+    }
+}
+
+#[test]
+fn overlayfs_over_lazy_layers_applies_whiteouts_and_opaque_dirs() {
+    let bottom = TestLayer::new()
+        .dir("gone", 0o755)
+        .file("gone/deleted", 0o644, (0, 0), b"deleted above")
+        .file("gone/stays", 0o644, (0, 0), b"stays")
+        .dir("opq", 0o755)
+        .file("opq/old", 0o644, (0, 0), b"hidden by the opaque dir above")
+        .file("keep", 0o644, (0, 0), &noise(100_000, 9))
+        .finish();
+    let top = TestLayer::new()
+        .dir("gone", 0o755)
+        .whiteout("gone", "deleted")
+        .dir("opq", 0o755)
+        .opaque("opq")
+        .file("opq/new", 0o644, (0, 0), b"new")
+        .finish();
+    let lower = Mounted::new(&bottom, &bottom.source());
+    let upper = Mounted::new(&top, &top.source());
+    let overlay = Overlay::new(&[&upper.root, &lower.root]);
+    let merged = &overlay.target.clone();
+    let names = |dir: &str| {
+        let mut names: Vec<String> = std::fs::read_dir(merged.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names("gone"), ["stays"]);
+    assert_eq!(names("opq"), ["new"]);
+    assert!(!merged.join("gone/deleted").exists());
+    assert_eq!(std::fs::read(merged.join("opq/new")).unwrap(), b"new");
+    assert!(std::fs::read(merged.join("keep")).unwrap() == bottom.expect["keep"].content);
+    drop(overlay);
+    assert!(!mounted(merged), "overlay left mounted");
+}
