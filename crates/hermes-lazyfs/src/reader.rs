@@ -218,14 +218,11 @@ impl LayerReader {
                 flight = self.wait(flight);
                 continue;
             }
-            flight.fetching.extend(claim.iter().copied());
-            flight.foreground += 1;
+            let claim = Claim::new(self, &mut flight, claim, Priority::Foreground);
             drop(flight);
-            let result = self.fetch_claimed(&claim, Priority::Foreground);
+            let result = self.fetch_claimed(&claim.ids, Priority::Foreground);
+            claim.finish(result)?;
             flight = self.lock();
-            flight.foreground -= 1;
-            self.release(&mut flight, &claim, &result);
-            result?;
         }
     }
 
@@ -342,12 +339,11 @@ impl LayerReader {
         if self.cache.contains(span.id) || flight.fetching.contains(&span.id) {
             return Ok(false);
         }
-        flight.fetching.insert(span.id);
+        let claim = Claim::new(self, &mut flight, vec![span.id], Priority::Background);
         drop(flight);
-        let result = self.install(span, bytes, Priority::Background);
-        let mut flight = self.lock();
-        self.release(&mut flight, &[span.id], &result);
-        result.map(|()| true)
+        claim
+            .finish(self.install(span, bytes, Priority::Background))
+            .map(|()| true)
     }
 
     /// Block while reads are fetching (the background fetcher yields to them) or until `stop`.
@@ -397,16 +393,6 @@ impl LayerReader {
         }
     }
 
-    fn release(&self, flight: &mut Flight, claim: &[SpanId], result: &Result<()>) {
-        for id in claim {
-            flight.fetching.remove(id);
-        }
-        if let Err(Error::Broken(reason)) = result {
-            self.transition(flight, LayerState::Broken(reason.clone()));
-        }
-        self.changed.notify_all();
-    }
-
     fn span(&self, id: SpanId) -> Result<Span> {
         self.ztoc
             .span(id)
@@ -424,6 +410,60 @@ impl LayerReader {
 
     fn wait<'a>(&self, guard: MutexGuard<'a, Flight>) -> MutexGuard<'a, Flight> {
         self.changed.wait(guard).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Spans one thread is fetching. Dropping it (also on a panic) releases them and wakes the
+/// readers waiting for them, who then find the spans cached or fetch them themselves.
+struct Claim<'a> {
+    reader: &'a LayerReader,
+    ids: Vec<SpanId>,
+    priority: Priority,
+    broken: Option<BrokenReason>,
+}
+
+impl<'a> Claim<'a> {
+    fn new(
+        reader: &'a LayerReader,
+        flight: &mut Flight,
+        ids: Vec<SpanId>,
+        priority: Priority,
+    ) -> Self {
+        flight.fetching.extend(ids.iter().copied());
+        if priority == Priority::Foreground {
+            flight.foreground += 1;
+        }
+        Self {
+            reader,
+            ids,
+            priority,
+            broken: None,
+        }
+    }
+
+    /// Release the spans after the fetch ended with `result`; a broken span breaks the layer.
+    fn finish(mut self, result: Result<()>) -> Result<()> {
+        if let Err(Error::Broken(reason)) = &result {
+            self.broken = Some(reason.clone());
+        }
+        result
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut flight = self.reader.lock();
+        for id in &self.ids {
+            flight.fetching.remove(id);
+        }
+        if self.priority == Priority::Foreground {
+            flight.foreground -= 1;
+        }
+        if let Some(reason) = self.broken.take() {
+            self.reader
+                .transition(&mut flight, LayerState::Broken(reason));
+        }
+        self.reader.changed.notify_all();
     }
 }
 

@@ -330,6 +330,8 @@ struct Faults {
     corrupt: Vec<(u64, u64)>,
     /// Reads left to fail.
     fail: u64,
+    /// Reads left to panic (a buggy reader).
+    panic: u64,
     /// Reads wait while held.
     held: bool,
     /// Reads waiting now.
@@ -377,6 +379,10 @@ impl Source {
     pub fn fail(&self, n: u64) {
         self.0.faults.lock().unwrap().fail = n;
     }
+    /// Panic in the next `n` reads.
+    pub fn panic(&self, n: u64) {
+        self.0.faults.lock().unwrap().panic = n;
+    }
     /// Make reads wait until [`Source::release`].
     pub fn hold(&self) {
         self.0.faults.lock().unwrap().held = true;
@@ -402,6 +408,11 @@ impl RangeReader for Source {
             faults = inner.changed.wait(faults).unwrap();
         }
         faults.blocked -= 1;
+        if faults.panic > 0 {
+            faults.panic -= 1;
+            drop(faults);
+            panic!("injected panic in the range reader");
+        }
         if faults.fail > 0 {
             faults.fail -= 1;
             return Err(io::Error::new(

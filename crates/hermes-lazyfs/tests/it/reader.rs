@@ -170,3 +170,29 @@ fn cached_spans_are_served_after_a_restart_without_the_source() {
     assert!(reader.read(0, layer.tar.len() as u64).unwrap() == layer.tar);
     assert_eq!(source.requests(), 0);
 }
+
+#[test]
+fn a_panicking_fetch_does_not_strand_its_waiters() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    let at = layer.ztoc.span(1).unwrap().uncompressed.start;
+    source.hold();
+    let spawn = || {
+        let reader = Arc::clone(&reader);
+        std::thread::spawn(move || reader.read(at, 10).map_err(|e| e.to_string()))
+    };
+    let first = spawn();
+    wait_until("the first fetch", || source.blocked() == 1);
+    let second = spawn();
+    wait_until("the second reader to wait", || reader.stats().waits == 1);
+    source.panic(1);
+    source.release();
+    assert!(first.join().is_err(), "the first reader's fetch panicked");
+    assert_eq!(
+        second.join().unwrap().unwrap(),
+        layer.tar[at as usize..at as usize + 10]
+    );
+    assert_eq!(source.requests(), 2);
+}
