@@ -136,28 +136,37 @@ impl SpanCache {
         Ok(buf)
     }
 
-    /// Store a verified, decoded span and record it as present (data synced first).
-    pub fn store(&self, span: &Span, decoded: &[u8]) -> Result<()> {
-        let data_path = || self.dir.join(DATA_FILE);
-        debug_assert_eq!(
-            decoded.len() as u64,
-            span.uncompressed.end - span.uncompressed.start
-        );
-        self.data
-            .write_all_at(decoded, span.uncompressed.start)
+    /// Store verified, decoded spans and record them as present: the data is written and
+    /// synced first, then the bitmap is replaced once for the whole batch.
+    pub fn store(&self, spans: &[(Span, Vec<u8>)]) -> Result<()> {
+        if spans.is_empty() {
+            return Ok(());
+        }
+        let write = |(span, decoded): &(Span, Vec<u8>)| {
+            debug_assert_eq!(
+                decoded.len() as u64,
+                span.uncompressed.end - span.uncompressed.start
+            );
+            self.data.write_all_at(decoded, span.uncompressed.start)
+        };
+        spans
+            .iter()
+            .try_for_each(write)
             .and_then(|()| self.data.sync_data())
             .map_err(|source| Error::Cache {
-                path: data_path(),
+                path: self.dir.join(DATA_FILE),
                 what: "writing",
                 source,
             })?;
         let mut bitmap = self.bitmap();
-        if bit(&bitmap, span.id) {
-            return Ok(());
-        }
         let mut next = bitmap.clone();
-        if let Some(byte) = next.get_mut(span.id as usize / 8) {
-            *byte |= 1 << (span.id % 8);
+        for (span, _) in spans {
+            if let Some(byte) = next.get_mut(span.id as usize / 8) {
+                *byte |= 1 << (span.id % 8);
+            }
+        }
+        if next == *bitmap {
+            return Ok(());
         }
         let mut bytes = header(self.span_count, &self.key).to_vec();
         bytes.extend_from_slice(&next);

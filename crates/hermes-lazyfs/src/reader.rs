@@ -247,22 +247,43 @@ impl LayerReader {
         Ok(())
     }
 
-    /// One range read for neighbouring spans, then verify, decode and store each.
+    /// One range read for neighbouring spans, then verify and decode each and store them.
     #[tracing::instrument(level = "debug", skip_all, fields(first = run[0].id, count = run.len()))]
     fn fetch_run(&self, run: &[Span], priority: Priority) -> Result<()> {
         let start = run[0].compressed.start;
         let end = run[run.len() - 1].compressed.end;
         let data = self.fetch(start, end - start, priority)?;
+        let mut decoded = Vec::with_capacity(run.len());
+        let mut result = Ok(());
         for span in run {
             let at = (span.compressed.start - start) as usize;
             let bytes = &data[at..at + (span.compressed.end - span.compressed.start) as usize];
-            self.install(span, bytes, priority)?;
+            match self.decode(span, bytes, priority) {
+                Ok(d) => decoded.push((span.clone(), d)),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
         }
+        // Keep what decoded before a failure: those bytes are verified.
+        self.store(&decoded, priority)?;
+        result
+    }
+
+    /// Store decoded spans in the cache and count them.
+    fn store(&self, spans: &[(Span, Vec<u8>)], priority: Priority) -> Result<()> {
+        self.cache.store(spans)?;
+        let counter = match priority {
+            Priority::Foreground => &self.counters.spans_fetched,
+            Priority::Background => &self.counters.background_spans_fetched,
+        };
+        bump(counter, spans.len() as u64);
         Ok(())
     }
 
-    /// Verify, decode and store one span; refetch it once if its bytes fail verification.
-    fn install(&self, span: &Span, bytes: &[u8], priority: Priority) -> Result<()> {
+    /// Verify and decode one span; refetch it once if its bytes fail verification.
+    fn decode(&self, span: &Span, bytes: &[u8], priority: Priority) -> Result<Vec<u8>> {
         let decoded = match self.ztoc.decode_span(span.id, bytes) {
             Err(hermes_ztoc::Error::SpanDigestMismatch { .. }) => {
                 bump(&self.counters.verify_failures, 1);
@@ -291,13 +312,7 @@ impl LayerReader {
                 ),
             }));
         }
-        self.cache.store(span, &decoded)?;
-        let counter = match priority {
-            Priority::Foreground => &self.counters.spans_fetched,
-            Priority::Background => &self.counters.background_spans_fetched,
-        };
-        bump(counter, 1);
-        Ok(())
+        Ok(decoded)
     }
 
     /// One range read of the layer blob; a short answer is an error.
@@ -341,9 +356,10 @@ impl LayerReader {
         }
         let claim = Claim::new(self, &mut flight, vec![span.id], Priority::Background);
         drop(flight);
-        claim
-            .finish(self.install(span, bytes, Priority::Background))
-            .map(|()| true)
+        let result = self
+            .decode(span, bytes, Priority::Background)
+            .and_then(|d| self.store(&[(span.clone(), d)], Priority::Background));
+        claim.finish(result).map(|()| true)
     }
 
     /// Block while reads are fetching (the background fetcher yields to them) or until `stop`.

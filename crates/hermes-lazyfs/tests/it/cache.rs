@@ -9,7 +9,7 @@ fn store(cache: &SpanCache, layer: &crate::layer::Built, id: u32) {
     let span = layer.ztoc.span(id).unwrap();
     let compressed = &layer.blob[span.compressed.start as usize..span.compressed.end as usize];
     let decoded = layer.ztoc.decode_span(id, compressed).unwrap();
-    cache.store(&span, &decoded).unwrap();
+    cache.store(&[(span, decoded)]).unwrap();
 }
 
 #[test]
