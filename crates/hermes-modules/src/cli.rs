@@ -44,6 +44,43 @@ pub enum ModulesCommand {
     /// installer init container, the supervisor as a native sidecar, shareProcessNamespace, the
     /// loader ConfigMap at /etc/hermes/ and a shared state volume; an injected pod is unchanged.
     Review(ReviewArgs),
+    /// Serve the mutating admission webhook over HTTPS (POST /mutate, GET /healthz).
+    ///
+    /// Pods selected by a HermesPolicy's `memoryModules` (namespaces, podSelector) get the
+    /// installer; everything else, and any failure, is allowed unchanged. Policies are re-read
+    /// from --policies on every review. Prints the bound address on the first line of stdout.
+    Webhook(WebhookArgs),
+}
+
+/// Arguments of `hermes modules webhook`.
+#[derive(Debug, clap::Args)]
+pub struct WebhookArgs {
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8443")]
+    pub listen: String,
+    /// PEM certificate chain for TLS.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/hermes/webhook/tls.crt"
+    )]
+    pub tls_cert: PathBuf,
+    /// PEM private key for TLS.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/hermes/webhook/tls.key"
+    )]
+    pub tls_key: PathBuf,
+    /// Directory of HermesPolicy YAML (e.g. a mounted ConfigMap).
+    #[arg(long, value_name = "DIR", default_value = "/etc/hermes/policies")]
+    pub policies: PathBuf,
+    /// The Hermes image for the injected containers.
+    #[arg(long, value_name = "IMAGE", env = "HERMES_IMAGE")]
+    pub image: String,
+    /// The supervisor's metrics port in injected pods.
+    #[arg(long, value_name = "PORT", default_value_t = 9477)]
+    pub metrics_port: u16,
 }
 
 /// Arguments of `hermes modules review`.
@@ -161,6 +198,7 @@ pub fn run_command(cmd: ModulesCommand) -> Result<ExitCode> {
         ModulesCommand::Run(a) => crate::supervisor::run_cmd(a),
         ModulesCommand::Profiles(a) => profiles_cmd(a),
         ModulesCommand::Review(a) => review_cmd(a),
+        ModulesCommand::Webhook(a) => webhook_cmd(a),
     }
 }
 
@@ -259,6 +297,23 @@ fn profiles_cmd(a: ProfilesArgs) -> Result<ExitCode> {
         }
     }
     write_out(&mut std::io::stdout().lock(), &s)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn webhook_cmd(a: WebhookArgs) -> Result<ExitCode> {
+    let server = crate::webhook_server::start(crate::webhook_server::WebhookConfig {
+        listen: a.listen,
+        cert: a.tls_cert,
+        key: a.tls_key,
+        policies: a.policies,
+        image: a.image,
+        metrics_port: a.metrics_port,
+    })?;
+    write_out(
+        &mut std::io::stdout().lock(),
+        &format!("{}\n", server.addr()),
+    )?;
+    server.wait();
     Ok(ExitCode::SUCCESS)
 }
 

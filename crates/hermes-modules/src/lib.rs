@@ -8,7 +8,8 @@
 //! - [`resolve`] and [`plan`]: resolution and the phase-idempotent state file;
 //! - [`supervisor`], [`modules`], [`procfs`], [`trend`], [`metrics`]: running the built-in
 //!   modules on real processes, `/metrics` and JSON reports;
-//! - [`webhook`]: the admission webhook's pure patch builder (no server);
+//! - [`webhook`]: the admission webhook's pure patch builder; [`selector`]: which pods
+//!   (HermesPolicy `memoryModules`); [`webhook_server`]: the HTTPS server;
 //! - [`cli`]: the `hermes modules …` subcommands.
 #![warn(missing_docs)]
 
@@ -22,9 +23,11 @@ pub mod procfs;
 pub mod registry;
 pub mod resolve;
 pub mod script;
+pub mod selector;
 pub mod static_config;
 pub mod supervisor;
 pub mod trend;
 pub mod webhook;
+pub mod webhook_server;
 
 pub use error::{At, Error, Result, SyntaxProblem};

@@ -59,6 +59,16 @@ pub fn review(request: &Value, cfg: &InjectConfig) -> Value {
     })
 }
 
+/// The `AdmissionReview` response that allows a request unchanged (no policy applies, or the
+/// webhook cannot decide: Hermes must never be the reason a pod fails to start).
+pub fn allow(request: &Value) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": { "uid": request["request"]["uid"].clone(), "allowed": true },
+    })
+}
+
 /// Whether a pod already carries the injection.
 pub fn is_injected(pod: &Value) -> bool {
     let has_installer = pod["spec"]["initContainers"]

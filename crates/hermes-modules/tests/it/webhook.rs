@@ -228,3 +228,157 @@ fn review_command_answers_from_stdin() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+/// A self-signed certificate for 127.0.0.1 made with the real openssl tool.
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=hermes-webhook",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is required for the webhook TLS test: apt-get install openssl");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// POST over HTTPS with the real curl client, trusting only our certificate.
+fn curl(cert: &std::path::Path, url: &str, body: Option<&Value>) -> (u16, Vec<u8>) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "--cacert",
+    ])
+    .arg(cert);
+    if let Some(b) = body {
+        cmd.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &b.to_string(),
+        ]);
+    }
+    let out = cmd
+        .arg(url)
+        .output()
+        .expect("curl is required for the webhook TLS test: apt-get install curl");
+    assert!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = out.stdout;
+    let split = text.iter().rposition(|&b| b == b'\n').expect("status line");
+    let status = String::from_utf8_lossy(&text[split + 1..])
+        .trim()
+        .parse()
+        .expect("status");
+    (status, text[..split].to_vec())
+}
+
+#[test]
+fn https_webhook_injects_only_pods_a_policy_selects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed(dir.path());
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("mkdir");
+    std::fs::write(
+        policies.join("shop.yaml"),
+        "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata:\n  name: shop-memory\nspec:\n  images: [\"registry.example/shop/*\"]\n  memoryModules:\n    namespaces: [shop]\n    podSelector:\n      matchLabels: {app: cart}\n    loaderConfigMap: shop-loader\n",
+    )
+    .expect("policy");
+    let server =
+        hermes_modules::webhook_server::start(hermes_modules::webhook_server::WebhookConfig {
+            listen: "127.0.0.1:0".into(),
+            cert: cert.clone(),
+            key,
+            policies: policies.clone(),
+            image: "registry.example/hermes:0.1.0".into(),
+            metrics_port: 9477,
+        })
+        .expect("webhook");
+    let base = format!("https://{}", server.addr());
+    assert_eq!(curl(&cert, &format!("{base}/healthz"), None).0, 200);
+
+    let mut pod = bare_pod();
+    pod["metadata"]["labels"] = json!({"app": "cart"});
+    let (status, body) = curl(
+        &cert,
+        &format!("{base}/mutate"),
+        Some(&admission_review(pod.clone())),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let response: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(
+        response["response"]["uid"],
+        "705ab4f5-6393-11e8-b7cc-42010a800002"
+    );
+    let patch = patch_of(&response).expect("selected pod gets a patch");
+    let mut patched = pod.clone();
+    apply(&mut patched, &patch);
+    let volumes = patched["spec"]["volumes"].to_string();
+    assert!(
+        volumes.contains("shop-loader"),
+        "the policy's loader ConfigMap is mounted: {volumes}"
+    );
+    assert!(
+        patched["spec"]["initContainers"]
+            .to_string()
+            .contains(INSTALLER_NAME)
+    );
+
+    // Not selected: other labels, or a policy switched off → allowed unchanged.
+    let mut other = bare_pod();
+    other["metadata"]["labels"] = json!({"app": "search"});
+    let (_, body) = curl(
+        &cert,
+        &format!("{base}/mutate"),
+        Some(&admission_review(other)),
+    );
+    let response: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(response["response"]["allowed"], true);
+    assert!(patch_of(&response).is_none(), "unselected pod is unchanged");
+    let text = std::fs::read_to_string(policies.join("shop.yaml")).expect("read");
+    std::fs::write(
+        policies.join("shop.yaml"),
+        text.replace("spec:\n", "spec:\n  mode: \"Off\"\n"),
+    )
+    .expect("kill switch");
+    let (_, body) = curl(
+        &cert,
+        &format!("{base}/mutate"),
+        Some(&admission_review(pod)),
+    );
+    assert!(
+        patch_of(&serde_json::from_slice(&body).expect("json")).is_none(),
+        "mode Off injects nothing"
+    );
+
+    // A body that is JSON but not a review is allowed, never a crash; unknown paths are 404.
+    let (status, _) = curl(&cert, &format!("{base}/mutate"), Some(&json!("garbage")));
+    assert_eq!(status, 200, "a JSON string is still answered (allowed)");
+    assert_eq!(curl(&cert, &format!("{base}/nope"), None).0, 404);
+}
