@@ -178,7 +178,13 @@ impl Ztoc {
 
     /// Verify a span's compressed bytes against the zTOC.
     pub fn verify_span(&self, span: &Span, compressed: &[u8]) -> Result<()> {
-        let expected = &self.span_digests()[span.id as usize];
+        let expected = self
+            .span_digests()
+            .get(span.id as usize)
+            .ok_or(Error::Invalid {
+                what: "no such span",
+                index: u64::from(span.id),
+            })?;
         let want_len = span.compressed.end - span.compressed.start;
         let actual = digest_string(&Sha256::digest(compressed));
         if compressed.len() as u64 != want_len || &actual != expected {

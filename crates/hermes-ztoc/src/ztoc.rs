@@ -597,6 +597,21 @@ mod tests {
     }
 
     #[test]
+    fn a_made_up_span_is_an_error_not_a_panic() {
+        let (z, _) = pax_gz();
+        let bogus = Span {
+            id: z.span_count() + 5,
+            compressed: 0..1,
+            uncompressed: 0..1,
+        };
+        assert!(matches!(
+            z.verify_span(&bogus, b"x"),
+            Err(Error::Invalid { .. })
+        ));
+        assert!(z.decode_span(z.span_count(), b"x").is_err());
+    }
+
+    #[test]
     fn uncompressed_golden_decodes_per_span() {
         let z = Ztoc::from_bytes(&golden("pax.tar.1048576.ztoc")).expect("golden");
         let layer = golden("pax.tar");
