@@ -26,8 +26,21 @@ step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests"
-cargo test --workspace --locked
+TEST_LOG=$(mktemp)
+trap 'rm -f "$TEST_LOG"' EXIT
+set +e
+cargo test --workspace --locked 2>&1 | tee "$TEST_LOG"
+status=${PIPESTATUS[0]}
+set -e
+read -r PASSED FAILED < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } } END { print p + 0, f + 0 }' "$TEST_LOG")
+if [ "$status" -ne 0 ]; then
+  echo "tests: $PASSED passed, $FAILED failed"
+  exit "$status"
+fi
 
 step "benchmark smoke runs (small inputs: check the scripts work; ratios are not judged here)"
 bash bench/ztoc-build.sh --size-mb 64 --release=false
 bash bench/index-build.sh --release=false --layers 2 --layer-mb 16 --runs 1
+
+# The closing line CI reads: every Rust test of the workspace, summed over all test binaries.
+echo "tests: $PASSED passed, $FAILED failed"

@@ -12,6 +12,7 @@ mod digest;
 mod error;
 mod indexer;
 pub mod manifest;
+mod range;
 mod reference;
 pub mod soci;
 mod store;
@@ -25,5 +26,6 @@ pub use error::{Error, Result};
 pub use indexer::{
     DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult, PushSummary, build_index, push_soci,
 };
+pub use range::RegistryRangeReader;
 pub use reference::{DOCKER_HUB, Reference};
 pub use store::{ImageRecord, LayerOutcome, LayerRecord, Store};

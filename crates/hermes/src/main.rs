@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod index_cmd;
+mod layer_cmd;
 mod size;
 mod ztoc_cmd;
 
@@ -25,6 +26,9 @@ enum Command {
     /// Index images from their registry and push SOCI artifacts.
     #[command(subcommand)]
     Index(index_cmd::IndexCommand),
+    /// Mount an indexed layer lazily from its registry (FUSE), for inspection.
+    #[command(subcommand)]
+    Layer(layer_cmd::LayerCommand),
     /// Memory sidecar modules: resolve which load (runtime script or static config), run them.
     #[command(subcommand)]
     Modules(hermes_modules::cli::ModulesCommand),
@@ -53,6 +57,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Ztoc(cmd) => ztoc_cmd::run(cmd),
         Command::Index(cmd) => index_cmd::run(cmd),
+        Command::Layer(cmd) => layer_cmd::run(cmd),
         Command::Modules(cmd) => Ok(hermes_modules::cli::run_command(cmd)?),
     }
 }

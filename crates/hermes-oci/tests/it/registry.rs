@@ -8,7 +8,7 @@ use hermes_oci::soci::{SociVersion, annotation};
 use hermes_oci::{Credential, Credentials, Error, LayerOutcome, Store};
 use hermes_testkit::{FaultProxy, Registry, TestImage};
 
-use crate::support::{RegistryRanges, client, digest, options, reference};
+use crate::support::{client, digest, options, reference};
 
 fn sample_image() -> TestImage {
     TestImage::new()
@@ -72,12 +72,12 @@ async fn pushed_image_pulls_back_indexes_and_reads_lazily() {
     let z = hermes_ztoc::Ztoc::from_bytes(&store.get_blob(ztoc).expect("get").expect("stored"))
         .expect("ztoc");
     let layer = &pushed.layers[1];
-    let ranges = RegistryRanges {
-        client: c.clone(),
-        reference: r.clone(),
-        digest: digest(&layer.digest),
-        runtime: tokio::runtime::Handle::current(),
-    };
+    let ranges = hermes_oci::RegistryRangeReader::new(
+        c.clone(),
+        r.clone(),
+        digest(&layer.digest),
+        tokio::runtime::Handle::current(),
+    );
     let files = layer.files.clone();
     tokio::task::spawn_blocking(move || {
         for (path, want) in &files {

@@ -5,7 +5,6 @@ use std::time::Duration;
 use hermes_oci::{
     Client, ClientOptions, Credentials, Digest, IndexOptions, Reference, RetryPolicy,
 };
-use hermes_ztoc::RangeReader;
 
 /// A client for plain-HTTP loopback registries with quick retries.
 pub fn client(credentials: Credentials) -> Client {
@@ -38,24 +37,4 @@ pub fn reference(s: &str) -> Reference {
 
 pub fn digest(s: &str) -> Digest {
     Digest::parse(s).expect("digest")
-}
-
-/// Reads a blob through HTTP range requests (run it on a blocking thread).
-pub struct RegistryRanges {
-    pub client: Client,
-    pub reference: Reference,
-    pub digest: Digest,
-    pub runtime: tokio::runtime::Handle,
-}
-
-impl RangeReader for RegistryRanges {
-    fn read_at(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
-        self.runtime
-            .block_on(
-                self.client
-                    .blob_range(&self.reference, &self.digest, offset, len),
-            )
-            .map(|b| b.to_vec())
-            .map_err(std::io::Error::other)
-    }
 }
