@@ -1,0 +1,25 @@
+//! The Hermes controller's pure core: which running images a `HermesPolicy` wants indexed, the
+//! build queue that indexes their layers once each, and the reconciler that turns the world
+//! (policies, running containers, store contents, queue) into actions and statuses.
+//!
+//! - [`policy`]: the `HermesPolicy` model, parsed from YAML and validated;
+//! - [`selector`]: Kubernetes label selectors;
+//! - [`pattern`]: image globs over `registry/repo[:tag]` and digest pins;
+//! - [`matcher`]: the policy that applies to a running container (most specific wins, `Off`
+//!   is a kill switch);
+//! - [`queue`]: the [`BuildQueue`](queue::BuildQueue), deduplicated by manifest and layer digest;
+//! - [`reconcile`]: the reconciler, a function of its inputs.
+//!
+//! Not here (yet): the Kubernetes and standalone adapters, the builder that calls
+//! `hermes_oci`, and the node HTTP API. Nothing in this crate does I/O or reads the clock.
+#![warn(missing_docs)]
+
+mod error;
+pub mod matcher;
+pub mod pattern;
+pub mod policy;
+// QUEUE
+// RECONCILE
+pub mod selector;
+
+pub use error::{Error, Result};

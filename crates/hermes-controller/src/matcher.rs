@@ -1,0 +1,284 @@
+//! Which policy applies to a running container.
+//!
+//! A policy matches a container when one of its image patterns matches the container's image
+//! (and resolved digest) and its namespace and pod selectors match. Among matching policies:
+//!
+//! 1. any policy with `mode: Off` wins (the kill switch beats everything for the images it
+//!    matches, however specific the others are);
+//! 2. otherwise the most specific wins, compared by [`Specificity`]: a digest pin beats an exact
+//!    image, which beats a glob; among globs a longer literal prefix wins; then more selector
+//!    requirements; then the policy name in ascending order, so the answer never depends on the
+//!    order policies were listed in.
+
+use std::cmp::Reverse;
+
+use hermes_oci::{Digest, Reference};
+
+use crate::pattern::ImagePattern;
+use crate::policy::{Mode, Policy};
+use crate::selector::{LabelSelector, Labels};
+
+/// A container seen running, as the matcher needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningContainer {
+    /// The pod's namespace (empty in standalone mode without namespaces).
+    pub namespace: String,
+    /// The pod's name (used to count pods per image).
+    pub pod: String,
+    /// Labels of the namespace.
+    pub namespace_labels: Labels,
+    /// Labels of the pod.
+    pub pod_labels: Labels,
+    /// The image as the pod spec names it.
+    pub image: Reference,
+    /// The digest the runtime resolved it to (`imageID`), once known.
+    pub digest: Option<Digest>,
+}
+
+/// How specific a policy's match is; greater is more specific.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Specificity {
+    /// The matching pattern pins a digest.
+    pub pinned: bool,
+    /// The matching pattern has no wildcard.
+    pub exact: bool,
+    /// Length of the pattern's literal prefix (normalised).
+    pub literal_prefix: usize,
+    /// Requirements in the namespace and pod selectors.
+    pub selectors: usize,
+}
+
+/// The matcher's answer for one container.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision<'p> {
+    /// No policy matches: the image is left alone.
+    Unmatched,
+    /// An `Off` policy matches: no index, no lazy start.
+    Off {
+        /// The (most specific) `Off` policy.
+        policy: &'p Policy,
+    },
+    /// This policy applies.
+    Apply {
+        /// The winning policy.
+        policy: &'p Policy,
+        /// Its pattern that matched best.
+        pattern: &'p ImagePattern,
+        /// How specific the match is.
+        specificity: Specificity,
+    },
+}
+
+impl<'p> Decision<'p> {
+    /// The policy decided on, if any.
+    pub fn policy(&self) -> Option<&'p Policy> {
+        match *self {
+            Self::Unmatched => None,
+            Self::Off { policy } | Self::Apply { policy, .. } => Some(policy),
+        }
+    }
+}
+
+/// How specifically `policy` matches `container`, or `None` if it does not.
+pub fn match_policy<'p>(
+    policy: &'p Policy,
+    container: &RunningContainer,
+) -> Option<(&'p ImagePattern, Specificity)> {
+    let selects =
+        |s: &Option<LabelSelector>, labels: &Labels| s.as_ref().is_none_or(|s| s.matches(labels));
+    if !selects(&policy.namespace_selector, &container.namespace_labels)
+        || !selects(&policy.pod_selector, &container.pod_labels)
+    {
+        return None;
+    }
+    let selectors = [&policy.namespace_selector, &policy.pod_selector]
+        .into_iter()
+        .flatten()
+        .map(LabelSelector::requirement_count)
+        .sum();
+    policy
+        .images
+        .iter()
+        .filter(|p| p.matches(&container.image, container.digest.as_ref()))
+        .map(|p| {
+            (
+                p,
+                Specificity {
+                    pinned: p.digest().is_some(),
+                    exact: p.is_exact(),
+                    literal_prefix: p.literal_prefix_len(),
+                    selectors,
+                },
+            )
+        })
+        .max_by_key(|(p, s)| (*s, Reverse(p.normalized())))
+}
+
+/// The policy that applies to `container`.
+pub fn decide<'p>(policies: &'p [Policy], container: &RunningContainer) -> Decision<'p> {
+    let best = |off: bool| {
+        policies
+            .iter()
+            .filter(|p| (p.mode == Mode::Off) == off)
+            .filter_map(|p| match_policy(p, container).map(|(pat, s)| (p, pat, s)))
+            .max_by_key(|(p, _, s)| (*s, Reverse(p.name.as_str())))
+    };
+    if let Some((policy, _, _)) = best(true) {
+        return Decision::Off { policy };
+    }
+    match best(false) {
+        Some((policy, pattern, specificity)) => Decision::Apply {
+            policy,
+            pattern,
+            specificity,
+        },
+        None => Decision::Unmatched,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::policy::parse_policies;
+
+    pub(crate) const PIN: &str =
+        "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    /// Policies from `(name, extra spec lines)`.
+    pub(crate) fn policies(specs: &[(&str, &str)]) -> Vec<Policy> {
+        let text = specs
+            .iter()
+            .map(|(name, spec)| {
+                format!(
+                    "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {{name: {name}}}\nspec:\n{spec}"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("---\n");
+        parse_policies(&text, "test").unwrap()
+    }
+
+    pub(crate) fn container(
+        ns: &str,
+        pod: &str,
+        image: &str,
+        digest: Option<&str>,
+    ) -> RunningContainer {
+        RunningContainer {
+            namespace: ns.to_owned(),
+            pod: pod.to_owned(),
+            namespace_labels: [("env".to_owned(), ns.to_owned())].into(),
+            pod_labels: [("app".to_owned(), pod.to_owned())].into(),
+            image: Reference::parse(image).unwrap(),
+            digest: digest.map(|d| Digest::parse(d).unwrap()),
+        }
+    }
+
+    fn winner(policies: &[Policy], c: &RunningContainer) -> String {
+        match decide(policies, c) {
+            Decision::Unmatched => "-".to_owned(),
+            Decision::Off { policy } => format!("off:{}", policy.name),
+            Decision::Apply { policy, .. } => policy.name.clone(),
+        }
+    }
+
+    #[test]
+    fn most_specific_policy_wins() {
+        let ps = policies(&[
+            ("all", "  images: [\"**\"]\n"),
+            ("acme", "  images: [\"ghcr.io/acme/**\"]\n"),
+            ("acme-api", "  images: [\"ghcr.io/acme/api*\"]\n"),
+            ("exact", "  images: [\"ghcr.io/acme/api-v2:1.0\"]\n"),
+            (
+                "pinned",
+                &format!("  images: [\"ghcr.io/acme/**@{PIN}\"]\n"),
+            ),
+            (
+                "prod-acme",
+                "  images: [\"ghcr.io/acme/**\"]\n  namespaceSelector: {matchLabels: {env: prod}}\n",
+            ),
+        ]);
+        let cases: &[(&str, &str, Option<&str>, &str)] = &[
+            ("dev", "quay.io/x/y", None, "all"),
+            ("dev", "ghcr.io/acme/web", None, "acme"),
+            ("prod", "ghcr.io/acme/web", None, "prod-acme"),
+            ("prod", "ghcr.io/acme/api", None, "acme-api"),
+            ("dev", "ghcr.io/acme/api-v2:1.0", None, "exact"),
+            ("dev", "ghcr.io/acme/api-v2:1.1", None, "acme-api"),
+            ("dev", "ghcr.io/acme/api-v2:1.0", Some(PIN), "pinned"),
+            ("dev", "ghcr.io/acme/web", Some(PIN), "pinned"),
+        ];
+        for (ns, image, digest, expected) in cases {
+            let c = container(ns, "p", image, *digest);
+            assert_eq!(winner(&ps, &c), *expected, "{ns} {image} {digest:?}");
+        }
+    }
+
+    #[test]
+    fn off_is_a_kill_switch_for_the_images_it_matches() {
+        let ps = policies(&[
+            (
+                "pinned",
+                &format!("  images: [\"ghcr.io/acme/api@{PIN}\"]\n"),
+            ),
+            ("off-acme", "  images: [\"ghcr.io/acme/**\"]\n  mode: Off\n"),
+            (
+                "off-dev",
+                "  images: [\"**\"]\n  mode: Off\n  namespaceSelector: {matchLabels: {env: dev}}\n",
+            ),
+            ("all", "  images: [\"**\"]\n"),
+        ]);
+        let cases: &[(&str, &str, Option<&str>, &str)] = &[
+            ("prod", "ghcr.io/acme/api", Some(PIN), "off:off-acme"),
+            ("prod", "quay.io/x/y", None, "all"),
+            ("dev", "quay.io/x/y", None, "off:off-dev"),
+            ("dev", "ghcr.io/acme/api", None, "off:off-acme"),
+        ];
+        for (ns, image, digest, expected) in cases {
+            let c = container(ns, "p", image, *digest);
+            assert_eq!(winner(&ps, &c), *expected, "{ns} {image}");
+        }
+    }
+
+    #[test]
+    fn selectors_filter_and_break_ties() {
+        let ps = policies(&[
+            ("b-plain", "  images: [\"nginx\"]\n"),
+            ("a-plain", "  images: [\"nginx\"]\n"),
+            (
+                "web-pods",
+                "  images: [\"nginx\"]\n  podSelector: {matchExpressions: [{key: app, operator: In, values: [web]}]}\n",
+            ),
+        ]);
+        assert_eq!(
+            winner(&ps, &container("x", "web", "nginx:1", None)),
+            "web-pods"
+        );
+        // Equal specificity: the name decides, whatever the order in the list.
+        assert_eq!(
+            winner(&ps, &container("x", "api", "nginx:1", None)),
+            "a-plain"
+        );
+        let mut reversed = ps.clone();
+        reversed.reverse();
+        assert_eq!(
+            winner(&reversed, &container("x", "api", "nginx:1", None)),
+            "a-plain"
+        );
+        assert_eq!(winner(&ps, &container("x", "api", "redis", None)), "-");
+    }
+
+    #[test]
+    fn specificity_orders_pin_exact_prefix_selectors() {
+        let s = |pinned, exact, literal_prefix, selectors| Specificity {
+            pinned,
+            exact,
+            literal_prefix,
+            selectors,
+        };
+        assert!(s(true, false, 0, 0) > s(false, true, 99, 9));
+        assert!(s(false, true, 1, 0) > s(false, false, 99, 9));
+        assert!(s(false, false, 10, 0) > s(false, false, 9, 9));
+        assert!(s(false, false, 10, 1) > s(false, false, 10, 0));
+    }
+}
