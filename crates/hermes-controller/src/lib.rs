@@ -18,7 +18,7 @@ mod error;
 pub mod matcher;
 pub mod pattern;
 pub mod policy;
-// QUEUE
+pub mod queue;
 // RECONCILE
 pub mod selector;
 
