@@ -397,16 +397,16 @@ pub async fn push_soci(
     );
     let index_digest = Digest::of(&index_bytes);
     let index_len = index_bytes.len() as u64;
+    client
+        .push_manifest(
+            target,
+            index_digest.as_str(),
+            Bytes::from(index_bytes),
+            media::OCI_MANIFEST,
+        )
+        .await?;
     match version {
         SociVersion::V1 => {
-            client
-                .push_manifest(
-                    target,
-                    index_digest.as_str(),
-                    Bytes::from(index_bytes),
-                    media::OCI_MANIFEST,
-                )
-                .await?;
             let mut referrer =
                 Descriptor::new(media::OCI_MANIFEST, index_digest.clone(), index_len);
             referrer.artifact_type = Some(media::SOCI_INDEX_V1.to_owned());
@@ -428,14 +428,6 @@ pub async fn push_soci(
         }
         SociVersion::V2 => {
             let platform = image.platform.clone().unwrap_or_else(Platform::host);
-            client
-                .push_manifest(
-                    target,
-                    index_digest.as_str(),
-                    Bytes::from(index_bytes),
-                    media::OCI_MANIFEST,
-                )
-                .await?;
             // The image's blobs must exist in the target repository too.
             if target.repository != image.reference.repository
                 || target.registry != image.reference.registry
