@@ -19,7 +19,7 @@ pub mod matcher;
 pub mod pattern;
 pub mod policy;
 pub mod queue;
-// RECONCILE
+pub mod reconcile;
 pub mod selector;
 
 pub use error::{Error, Result};

@@ -468,6 +468,11 @@ impl BuildQueue {
         self.failed.remove(manifest);
     }
 
+    /// Manifest digests of the queued images.
+    pub fn images(&self) -> impl Iterator<Item = &Digest> {
+        self.images.keys()
+    }
+
     /// Whether the image is queued.
     pub fn contains(&self, manifest: &Digest) -> bool {
         self.images.contains_key(manifest)
