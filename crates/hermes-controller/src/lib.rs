@@ -1,4 +1,4 @@
-//! The Hermes controller's pure core: which running images a `HermesPolicy` wants indexed, the
+//! The Hermes controller's core: which running images a `HermesPolicy` wants indexed, the
 //! build queue that indexes their layers once each, and the reconciler that turns the world
 //! (policies, running containers, store contents, queue) into actions and statuses.
 //!
@@ -8,12 +8,14 @@
 //! - [`matcher`]: the policy that applies to a running container (most specific wins, `Off`
 //!   is a kill switch);
 //! - [`queue`]: the [`BuildQueue`](queue::BuildQueue), deduplicated by manifest and layer digest;
-//! - [`reconcile`]: the reconciler, a function of its inputs.
+//! - [`reconcile`]: the reconciler, a function of its inputs;
+//! - [`api`]: the node HTTP API (axum) serving zTOCs and statuses and taking misses.
 //!
-//! Not here (yet): the Kubernetes and standalone adapters, the builder that calls
-//! `hermes_oci`, and the node HTTP API. Nothing in this crate does I/O or reads the clock.
+//! Everything but [`api`] is pure: no I/O, no clock (time is passed in). Not here yet: the
+//! builder worker that calls `hermes_oci`, the Kubernetes and standalone adapters.
 #![warn(missing_docs)]
 
+pub mod api;
 mod error;
 pub mod matcher;
 pub mod pattern;

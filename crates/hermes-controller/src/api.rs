@@ -1,0 +1,608 @@
+//! The node API (design.md §3) over HTTP/1.1 with axum: nodes fetch zTOCs and image status
+//! and report misses.
+//!
+//! - `GET /v1/layers/{layer-digest}/ztoc` → zTOC bytes from the [`Store`], with
+//!   `Docker-Content-Digest`; 404 if none (span sizes tried in the configured order);
+//! - `GET /v1/images/{manifest-digest}` → the image's status (as the reconciler last published
+//!   it), else its stored record; 404 if neither;
+//! - `POST /v1/misses` → `{"image": REF, "digest"?: DIGEST, "node"?: NAME}`, handed to the
+//!   controller loop through a bounded channel (202; 503 when the channel is full);
+//! - `GET /healthz`, `GET /readyz` (503 until [`NodeApi::set_ready`]), `GET /metrics`.
+//!
+//! `/v1/*` needs `Authorization: Bearer TOKEN` when a token is configured. Health and metrics
+//! do not. Not here yet: `/v1/traces`, `/v1/layers/{digest}/prefetch`, TLS.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hermes_oci::{Digest, Reference, Store};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::reconcile::ImageStatus;
+
+/// A node's report that it started an image without an index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Miss {
+    /// The image reference the node started.
+    pub image: String,
+    /// Its manifest digest, if the node knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Digest>,
+    /// The reporting node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// Counters and gauges the API and the controller loop update.
+#[derive(Debug, Default, Clone)]
+pub struct Metrics {
+    /// zTOCs served.
+    pub artifacts_served: Counter,
+    /// zTOC requests answered 404.
+    pub artifacts_missing: Counter,
+    /// Misses accepted from nodes.
+    pub misses: Counter,
+    /// Images in the build queue (set by the controller loop).
+    pub queue_depth: Gauge,
+}
+
+impl Metrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "hermes_controller_artifacts_served",
+            "zTOCs served to nodes",
+            self.artifacts_served.clone(),
+        );
+        registry.register(
+            "hermes_controller_artifacts_missing",
+            "zTOC requests for layers without one",
+            self.artifacts_missing.clone(),
+        );
+        registry.register(
+            "hermes_controller_misses",
+            "images nodes started without an index",
+            self.misses.clone(),
+        );
+        registry.register(
+            "hermes_controller_queue_depth",
+            "images waiting in the build queue",
+            self.queue_depth.clone(),
+        );
+    }
+}
+
+/// The node API's shared state; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct NodeApi {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    token: Option<String>,
+    span_sizes: RwLock<Vec<u64>>,
+    images: RwLock<BTreeMap<Digest, ImageStatus>>,
+    misses: mpsc::Sender<Miss>,
+    ready: AtomicBool,
+    metrics: Metrics,
+    registry: Registry,
+}
+
+/// Every way a request can fail, converted to HTTP in one place.
+#[derive(Debug)]
+enum ApiError {
+    BadDigest(String),
+    BadBody(String),
+    NotFound(&'static str),
+    Unauthorized,
+    Busy,
+    Store(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            Self::BadDigest(d) => (
+                StatusCode::BAD_REQUEST,
+                format!("{d:?} is not a digest (sha256:<64 hex>)"),
+            ),
+            Self::BadBody(e) => (StatusCode::BAD_REQUEST, format!("bad request body: {e}")),
+            Self::NotFound(what) => (StatusCode::NOT_FOUND, format!("no {what}")),
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "a bearer token is required".to_owned(),
+            ),
+            Self::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many pending misses; retry later".to_owned(),
+            ),
+            Self::Store(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}")),
+        };
+        let mut response =
+            (status, axum::Json(serde_json::json!({ "error": message }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+fn parse_digest(text: &str) -> Result<Digest, ApiError> {
+    Digest::parse(text).map_err(|_| ApiError::BadDigest(text.to_owned()))
+}
+
+/// Byte comparison whose time does not depend on where the first difference is.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl NodeApi {
+    /// An API over `store`; `token` (if any) guards `/v1/*`; zTOCs are looked up for each of
+    /// `span_sizes` in order; accepted misses go to `misses`.
+    pub fn new(
+        store: Store,
+        token: Option<String>,
+        span_sizes: Vec<u64>,
+        misses: mpsc::Sender<Miss>,
+    ) -> Self {
+        let metrics = Metrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                token,
+                span_sizes: RwLock::new(span_sizes),
+                images: RwLock::new(BTreeMap::new()),
+                misses,
+                ready: AtomicBool::new(false),
+                metrics,
+                registry,
+            }),
+        }
+    }
+
+    /// Mark the controller ready (or not) for `/readyz`.
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Publish the reconciler's image statuses.
+    pub fn set_statuses(&self, statuses: impl IntoIterator<Item = ImageStatus>) {
+        let map = statuses
+            .into_iter()
+            .map(|s| (s.digest.clone(), s))
+            .collect();
+        *self.inner.images.write().unwrap_or_else(|e| e.into_inner()) = map;
+    }
+
+    /// Set the span sizes zTOCs are looked up with (those of the current policies).
+    pub fn set_span_sizes(&self, span_sizes: Vec<u64>) {
+        *self
+            .inner
+            .span_sizes
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = span_sizes;
+    }
+
+    /// The API's metrics, for the controller loop to update.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The routes.
+    pub fn router(&self) -> Router {
+        let v1 = Router::new()
+            .route("/v1/layers/{digest}/ztoc", get(get_ztoc))
+            .route("/v1/images/{digest}", get(get_image))
+            .route("/v1/misses", post(post_miss))
+            .route_layer(middleware::from_fn_with_state(self.clone(), require_token));
+        Router::new()
+            .merge(v1)
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .with_state(self.clone())
+    }
+}
+
+async fn require_token(
+    State(api): State<NodeApi>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &api.inner.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
+            return Err(ApiError::Unauthorized);
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+async fn get_ztoc(
+    State(api): State<NodeApi>,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    let layer = parse_digest(&digest)?;
+    let spans = api
+        .inner
+        .span_sizes
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let store = api.inner.store.clone();
+    let found = tokio::task::spawn_blocking(move || -> hermes_oci::Result<_> {
+        for span in spans {
+            if let Some(ztoc) = store.ztoc_for_layer(&layer, span)?
+                && let Some(bytes) = store.get_blob(&ztoc)?
+            {
+                return Ok(Some((ztoc, bytes)));
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .map_err(|e| ApiError::Store(e.to_string()))?
+    .map_err(|e| ApiError::Store(e.to_string()))?;
+    let Some((ztoc, bytes)) = found else {
+        api.inner.metrics.artifacts_missing.inc();
+        return Err(ApiError::NotFound("zTOC for this layer"));
+    };
+    api.inner.metrics.artifacts_served.inc();
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (
+                header::HeaderName::from_static("docker-content-digest"),
+                ztoc.to_string(),
+            ),
+        ],
+        Body::from(bytes),
+    )
+        .into_response())
+}
+
+async fn get_image(
+    State(api): State<NodeApi>,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    let manifest = parse_digest(&digest)?;
+    let status = api
+        .inner
+        .images
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&manifest)
+        .cloned();
+    if let Some(status) = status {
+        return Ok(axum::Json(status).into_response());
+    }
+    let store = api.inner.store.clone();
+    let record = tokio::task::spawn_blocking(move || store.images())
+        .await
+        .map_err(|e| ApiError::Store(e.to_string()))?
+        .map_err(|e| ApiError::Store(e.to_string()))?
+        .into_iter()
+        .find(|r| r.manifest_digest == manifest);
+    match record {
+        Some(record) => Ok(axum::Json(record).into_response()),
+        None => Err(ApiError::NotFound("status for this image")),
+    }
+}
+
+async fn post_miss(
+    State(api): State<NodeApi>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let miss: Miss = serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    Reference::parse(&miss.image).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    api.inner
+        .misses
+        .try_send(miss)
+        .map_err(|_| ApiError::Busy)?;
+    api.inner.metrics.misses.inc();
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn readyz(State(api): State<NodeApi>) -> (StatusCode, &'static str) {
+    if api.inner.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn metrics(State(api): State<NodeApi>) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    encode(&mut text, &api.inner.registry).map_err(|e| ApiError::Store(e.to_string()))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// Serve `api` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    api: NodeApi,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, api.router())
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Server {
+        addr: std::net::SocketAddr,
+        api: NodeApi,
+        misses: mpsc::Receiver<Miss>,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        _dir: tempfile::TempDir,
+        store: Store,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+    }
+
+    async fn start(token: Option<&str>) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (tx, rx) = mpsc::channel(1);
+        let api = NodeApi::new(
+            store.clone(),
+            token.map(str::to_owned),
+            vec![1 << 20, 4 << 20],
+            tx,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        tokio::spawn(serve(listener, api.clone(), async {
+            let _ = stopped.await;
+        }));
+        Server {
+            addr,
+            api,
+            misses: rx,
+            stop: Some(stop),
+            _dir: dir,
+            store,
+        }
+    }
+
+    struct Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Reply {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.body).into_owned()
+        }
+    }
+
+    /// One HTTP/1.1 request over a real TCP connection.
+    async fn request(
+        s: &Server,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> Reply {
+        let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        conn.read_to_end(&mut raw).await.unwrap();
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("response head");
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(": "))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let mut body = raw[split + 4..].to_vec();
+        if headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v == "chunked")
+        {
+            body = dechunk(&body);
+        }
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let line_end = raw.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&raw[..line_end]).unwrap(), 16).unwrap();
+            if size == 0 {
+                return out;
+            }
+            out.extend_from_slice(&raw[line_end + 2..line_end + 2 + size]);
+            raw = &raw[line_end + 4 + size..];
+        }
+    }
+
+    const LAYER: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+    #[tokio::test]
+    async fn ztoc_is_served_with_its_digest_and_404_when_absent() {
+        let s = start(None).await;
+        let url = format!("/v1/layers/{LAYER}/ztoc");
+        let missing = request(&s, "GET", &url, None, "").await;
+        assert_eq!(missing.status, 404, "{}", missing.text());
+
+        let layer = Digest::parse(LAYER).unwrap();
+        let ztoc = s.store.put_blob(b"ztoc bytes").unwrap();
+        s.store.set_ztoc_for_layer(&layer, 4 << 20, &ztoc).unwrap();
+        let r = request(&s, "GET", &url, None, "").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.body, b"ztoc bytes");
+        assert_eq!(r.header("docker-content-digest"), Some(ztoc.as_str()));
+
+        let bad = request(&s, "GET", "/v1/layers/sha256:xyz/ztoc", None, "").await;
+        assert_eq!(bad.status, 400, "{}", bad.text());
+
+        let m = request(&s, "GET", "/metrics", None, "").await;
+        assert!(
+            m.text()
+                .contains("hermes_controller_artifacts_served_total 1"),
+            "{}",
+            m.text()
+        );
+        assert!(
+            m.text()
+                .contains("hermes_controller_artifacts_missing_total 1"),
+            "{}",
+            m.text()
+        );
+    }
+
+    #[tokio::test]
+    async fn bearer_token_guards_v1_but_not_health() {
+        let s = start(Some("s3cret")).await;
+        let url = format!("/v1/layers/{LAYER}/ztoc");
+        for token in [None, Some("wrong"), Some("s3cre")] {
+            let r = request(&s, "GET", &url, token, "").await;
+            assert_eq!(r.status, 401, "token {token:?}");
+            assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        }
+        assert_eq!(
+            request(&s, "GET", &url, Some("s3cret"), "").await.status,
+            404
+        );
+        assert_eq!(request(&s, "GET", "/healthz", None, "").await.status, 200);
+        assert_eq!(request(&s, "GET", "/readyz", None, "").await.status, 503);
+        s.api.set_ready(true);
+        assert_eq!(request(&s, "GET", "/readyz", None, "").await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn image_status_comes_from_the_reconciler_then_the_store() {
+        let s = start(None).await;
+        let manifest = Digest::parse(LAYER).unwrap();
+        let url = format!("/v1/images/{manifest}");
+        assert_eq!(request(&s, "GET", &url, None, "").await.status, 404);
+        s.store
+            .put_image(&hermes_oci::ImageRecord {
+                reference: "registry.test/app:v1".into(),
+                manifest_digest: manifest.clone(),
+                platform: None,
+                span_size: 4 << 20,
+                layers: Vec::new(),
+                soci_index: None,
+                built_at_unix: 7,
+            })
+            .unwrap();
+        let r = request(&s, "GET", &url, None, "").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(json["builtAtUnix"], 7);
+        s.api.set_statuses([ImageStatus {
+            digest: manifest.clone(),
+            reference: "registry.test/app:v1".into(),
+            policy: "acme".into(),
+            phase: crate::reconcile::Phase::Building,
+            reason: None,
+            pods: 3,
+            layers: Vec::new(),
+        }]);
+        let json: serde_json::Value =
+            serde_json::from_slice(&request(&s, "GET", &url, None, "").await.body).unwrap();
+        assert_eq!(
+            (json["phase"].as_str(), json["pods"].as_u64()),
+            (Some("Building"), Some(3))
+        );
+    }
+
+    #[tokio::test]
+    async fn misses_are_validated_and_handed_over_with_backpressure() {
+        let mut s = start(None).await;
+        let ok = r#"{"image":"registry.test/app:v1","node":"n1"}"#;
+        assert_eq!(
+            request(&s, "POST", "/v1/misses", None, ok).await.status,
+            202
+        );
+        let busy = request(&s, "POST", "/v1/misses", None, ok).await;
+        assert_eq!(busy.status, 503, "channel of 1 is full: {}", busy.text());
+        let got = s.misses.recv().await.unwrap();
+        assert_eq!(
+            (got.image.as_str(), got.node.as_deref()),
+            ("registry.test/app:v1", Some("n1"))
+        );
+        for bad in [r#"{"image":"UPPER"}"#, r#"{"img":"a"}"#, "not json"] {
+            let r = request(&s, "POST", "/v1/misses", None, bad).await;
+            assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        }
+        let m = request(&s, "GET", "/metrics", None, "").await;
+        assert!(
+            m.text().contains("hermes_controller_misses_total 1"),
+            "{}",
+            m.text()
+        );
+    }
+}
