@@ -87,9 +87,16 @@ impl QueueOptions {
     }
 }
 
+/// Identifies one handed-out job, so a late report from a cancelled worker is never taken
+/// for the result of a newer attempt at the same layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct JobId(pub u64);
+
 /// A layer build handed to a worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerJob {
+    /// Report the result with this id ([`BuildQueue::finish`]).
+    pub id: JobId,
     /// What to build.
     pub key: LayerKey,
     /// Compressed size.
@@ -156,6 +163,8 @@ pub enum QueueEvent {
     CancelLayer {
         /// The job's layer.
         key: LayerKey,
+        /// The job.
+        job: JobId,
     },
 }
 
@@ -187,8 +196,11 @@ enum LayerState {
     },
     Running {
         attempt: u32,
+        job: JobId,
     },
-    Cancelling,
+    Cancelling {
+        job: JobId,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +217,11 @@ pub struct BuildQueue {
     images: BTreeMap<Digest, ImageEntry>,
     layers: BTreeMap<LayerKey, LayerEntry>,
     failed: BTreeMap<Digest, ImageFailure>,
+    /// Jobs handed out and not reported yet (running or being cancelled).
+    jobs: BTreeMap<JobId, LayerKey>,
+    /// Cancelled jobs whose layer was queued again meanwhile: they still hold a worker.
+    orphans: BTreeSet<JobId>,
+    next_id: u64,
 }
 
 impl BuildQueue {
@@ -250,8 +267,10 @@ impl BuildQueue {
                     },
                     waiters: BTreeSet::new(),
                 });
-            if matches!(entry.state, LayerState::Cancelling) {
-                // Wanted again while its old job is stopping: queue a fresh build.
+            if let LayerState::Cancelling { job } = entry.state {
+                // Wanted again while its old job is stopping: queue a fresh build; the old
+                // job keeps its worker until it reports.
+                self.orphans.insert(job);
                 entry.state = LayerState::Waiting {
                     failures: 0,
                     not_before: None,
@@ -282,10 +301,7 @@ impl BuildQueue {
 
     /// Jobs running (including ones being cancelled, which still hold a worker).
     pub fn running(&self) -> usize {
-        self.layers
-            .values()
-            .filter(|l| matches!(l.state, LayerState::Running { .. } | LayerState::Cancelling))
-            .count()
+        self.jobs.len()
     }
 
     /// Images queued.
@@ -330,7 +346,9 @@ impl BuildQueue {
             .map(|(_, key, failures)| (key.clone(), failures))?;
         let entry = self.layers.get_mut(&key)?;
         let attempt = failures + 1;
-        entry.state = LayerState::Running { attempt };
+        self.next_id += 1;
+        let id = JobId(self.next_id);
+        entry.state = LayerState::Running { attempt, job: id };
         let source = entry
             .waiters
             .iter()
@@ -341,7 +359,9 @@ impl BuildQueue {
             })
             .min_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)))
             .map(|(_, _, i)| i.reference.clone())?;
+        self.jobs.insert(id, key.clone());
         Some(LayerJob {
+            id,
             key,
             size: entry.size,
             reference: source,
@@ -360,25 +380,32 @@ impl BuildQueue {
             .min()
     }
 
-    /// A worker finished `key`: `Ok` when the zTOC is stored, `Err(reason)` otherwise.
+    /// A worker finished job `id`: `Ok` when the zTOC is stored, `Err(reason)` otherwise.
+    /// Reports of unknown or cancelled jobs only free their worker.
     pub fn finish(
         &mut self,
-        key: &LayerKey,
+        id: JobId,
         result: Result<(), String>,
         now: SystemTime,
     ) -> Vec<QueueEvent> {
         let mut events = Vec::new();
+        let Some(key) = self.jobs.remove(&id) else {
+            return events;
+        };
+        if self.orphans.remove(&id) {
+            return events;
+        }
+        let key = &key;
         let Some(entry) = self.layers.get_mut(key) else {
             return events;
         };
         let attempt = match entry.state {
-            LayerState::Running { attempt } => attempt,
-            LayerState::Cancelling => {
+            LayerState::Running { attempt, job } if job == id => attempt,
+            LayerState::Cancelling { job } if job == id => {
                 self.layers.remove(key);
                 return events;
             }
-            // Not running: a stale report; ignore it.
-            LayerState::Waiting { .. } => return events,
+            _ => return events,
         };
         match result {
             Ok(()) => {
@@ -442,14 +469,14 @@ impl BuildQueue {
                 continue;
             }
             match layer.state {
-                LayerState::Running { .. } => {
-                    layer.state = LayerState::Cancelling;
-                    events.push(QueueEvent::CancelLayer { key });
+                LayerState::Running { job, .. } => {
+                    layer.state = LayerState::Cancelling { job };
+                    events.push(QueueEvent::CancelLayer { key, job });
                 }
                 LayerState::Waiting { .. } => {
                     self.layers.remove(&key);
                 }
-                LayerState::Cancelling => {}
+                LayerState::Cancelling { .. } => {}
             }
         }
         events
@@ -492,6 +519,14 @@ impl BuildQueue {
         })
     }
 
+    /// The job building (or being cancelled for) a layer.
+    pub fn running_job(&self, key: &LayerKey) -> Option<JobId> {
+        match self.layers.get(key)?.state {
+            LayerState::Running { job, .. } | LayerState::Cancelling { job } => Some(job),
+            LayerState::Waiting { .. } => None,
+        }
+    }
+
     /// Progress of a queued layer.
     pub fn layer(&self, key: &LayerKey) -> Option<LayerProgress> {
         Some(match &self.layers.get(key)?.state {
@@ -507,8 +542,8 @@ impl BuildQueue {
                 },
                 _ => LayerProgress::Queued,
             },
-            LayerState::Running { attempt } => LayerProgress::Building { attempt: *attempt },
-            LayerState::Cancelling => LayerProgress::Cancelling,
+            LayerState::Running { attempt, .. } => LayerProgress::Building { attempt: *attempt },
+            LayerState::Cancelling { .. } => LayerProgress::Cancelling,
         })
     }
 
@@ -561,6 +596,12 @@ pub(crate) mod tests {
         }
     }
 
+    /// Report the running job of layer `l`.
+    fn done(q: &mut BuildQueue, l: u8, result: Result<(), String>, t: u64) -> Vec<QueueEvent> {
+        let id = q.running_job(&key(l)).expect("the layer has a running job");
+        q.finish(id, result, at(t))
+    }
+
     fn queue(max_concurrent: usize) -> BuildQueue {
         BuildQueue::new(QueueOptions {
             max_concurrent,
@@ -586,16 +627,16 @@ pub(crate) mod tests {
         assert_eq!(q.layer_count(), 4);
         let jobs: Vec<LayerJob> = std::iter::from_fn(|| q.next_job(at(0))).collect();
         assert_eq!(jobs.len(), 4, "each layer handed out once: {jobs:?}");
-        assert!(q.finish(&key(1), Ok(()), at(1)).is_empty());
-        assert!(q.finish(&key(2), Ok(()), at(1)).is_empty());
+        assert!(done(&mut q, 1, Ok(()), 1).is_empty());
+        assert!(done(&mut q, 2, Ok(()), 1).is_empty());
         assert_eq!(
-            q.finish(&key(3), Ok(()), at(2)),
+            done(&mut q, 3, Ok(()), 2),
             vec![QueueEvent::ImageDone {
                 manifest: digest(1)
             }]
         );
         assert_eq!(
-            q.finish(&key(4), Ok(()), at(2)),
+            done(&mut q, 4, Ok(()), 2),
             vec![QueueEvent::ImageDone {
                 manifest: digest(2)
             }]
@@ -616,11 +657,11 @@ pub(crate) mod tests {
             "two at most, most pods first"
         );
         assert_eq!(q.running(), 2);
-        q.finish(&key(2), Ok(()), at(1));
+        done(&mut q, 2, Ok(()), 1);
         // Layer 3 and 4 both have 3 pods: the lower digest goes first.
         assert_eq!(drain(&mut q, at(1)), vec![3]);
         q.set_pods(&digest(4), 50);
-        q.finish(&key(3), Ok(()), at(2));
+        done(&mut q, 3, Ok(()), 2);
         assert_eq!(drain(&mut q, at(2)), vec![4]);
     }
 
@@ -640,7 +681,7 @@ pub(crate) mod tests {
         q.enqueue(request(1, &[1, 2], 1));
         q.enqueue(request(2, &[1], 1));
         assert_eq!(drain(&mut q, at(0)).len(), 2);
-        assert!(q.finish(&key(1), Err("503".into()), at(100)).is_empty());
+        assert!(done(&mut q, 1, Err("503".into()), 100).is_empty());
         assert_eq!(
             q.layer(&key(1)),
             Some(LayerProgress::Retrying {
@@ -653,14 +694,15 @@ pub(crate) mod tests {
         assert_eq!(q.next_job(at(109)), None, "not before the backoff");
         let job = q.next_job(at(110)).unwrap();
         assert_eq!((job.key.clone(), job.attempt), (key(1), 2));
-        q.finish(&key(1), Err("503".into()), at(200));
+        done(&mut q, 1, Err("503".into()), 200);
         assert_eq!(q.next_job(at(219)), None);
         assert_eq!(
             q.next_job(at(220)).unwrap().attempt,
             3,
             "20 s = 10 s doubled"
         );
-        let events = q.finish(&key(1), Err("unreachable".into()), at(300));
+        let job2 = q.running_job(&key(2)).unwrap();
+        let events = done(&mut q, 1, Err("unreachable".into()), 300);
         // Image 1 also waited on layer 2, still running: nobody else wants it.
         let failure = |m| QueueEvent::ImageFailed {
             manifest: digest(m),
@@ -674,14 +716,17 @@ pub(crate) mod tests {
         assert_eq!(
             events,
             vec![
-                QueueEvent::CancelLayer { key: key(2) },
+                QueueEvent::CancelLayer {
+                    key: key(2),
+                    job: job2
+                },
                 failure(1),
                 failure(2)
             ]
         );
         assert_eq!(q.failure(&digest(2)).unwrap().error, "unreachable");
         assert!(
-            q.finish(&key(2), Ok(()), at(301)).is_empty(),
+            done(&mut q, 2, Ok(()), 301).is_empty(),
             "cancelled job ends quietly"
         );
         assert_eq!((q.image_count(), q.layer_count(), q.running()), (0, 0, 0));
@@ -718,9 +763,13 @@ pub(crate) mod tests {
             Some(LayerProgress::Building { attempt: 1 })
         );
         // Now image 2 goes too: its running layer is reported, queued one dropped.
+        let job2 = q.running_job(&key(2)).unwrap();
         assert_eq!(
             q.retain(|_| false),
-            vec![QueueEvent::CancelLayer { key: key(2) }]
+            vec![QueueEvent::CancelLayer {
+                key: key(2),
+                job: job2
+            }]
         );
         assert_eq!(q.layer(&key(3)), None);
         assert_eq!(
@@ -729,7 +778,7 @@ pub(crate) mod tests {
             "the cancelled job holds its worker until it ends"
         );
         assert_eq!(q.next_job(at(1)), None);
-        q.finish(&key(2), Err("cancelled".into()), at(2));
+        done(&mut q, 2, Err("cancelled".into()), 2);
         assert_eq!(q.running(), 0);
         assert_eq!(
             q.failures().count(),
@@ -749,6 +798,38 @@ pub(crate) mod tests {
         let progress = q.image(&digest(1)).unwrap();
         assert_eq!(progress.layers, vec![(key(1), LayerProgress::Queued)]);
         assert_eq!(q.next_job(at(1)).unwrap().attempt, 1);
+    }
+
+    #[test]
+    fn a_late_report_from_a_cancelled_job_is_not_taken_for_the_new_attempt() {
+        let mut q = queue(1);
+        q.enqueue(request(1, &[1], 1));
+        let old = q.next_job(at(0)).unwrap();
+        q.retain(|_| false);
+        q.enqueue(request(1, &[1], 1));
+        assert_eq!(
+            q.next_job(at(1)),
+            None,
+            "the old job still holds the only worker"
+        );
+        assert!(q.finish(old.id, Err("cancelled".into()), at(2)).is_empty());
+        let new = q.next_job(at(3)).unwrap();
+        assert_ne!(new.id, old.id);
+        assert!(
+            q.finish(old.id, Err("cancelled".into()), at(4)).is_empty(),
+            "reported twice"
+        );
+        assert_eq!(
+            q.layer(&key(1)),
+            Some(LayerProgress::Building { attempt: 1 })
+        );
+        assert_eq!(
+            q.finish(new.id, Ok(()), at(5)),
+            vec![QueueEvent::ImageDone {
+                manifest: digest(1)
+            }]
+        );
+        assert_eq!(q.running(), 0);
     }
 
     #[test]

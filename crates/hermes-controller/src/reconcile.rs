@@ -972,7 +972,7 @@ mod tests {
         let job = w.queue.next_job(at(1)).unwrap();
         let events = w
             .queue
-            .finish(&job.key, Err("registry unreachable".into()), at(10));
+            .finish(job.id, Err("registry unreachable".into()), at(10));
         assert!(matches!(&events[..], [QueueEvent::ImageFailed { .. }]));
 
         let out = w.reconcile(20);
