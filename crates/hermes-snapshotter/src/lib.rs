@@ -1,0 +1,51 @@
+//! Hermes' containerd remote snapshotter: containerd's snapshots gRPC API on a unix socket with
+//! the semantics of containerd's overlay snapshotter (active, view and committed snapshots,
+//! overlayfs mounts), metadata in an embedded transactional store (redb), and the
+//! remote-prepare decision behind the [`RemoteLayers`] trait.
+//!
+//! - [`Snapshots`] is the core: plain methods over the store and a root dir, no gRPC types.
+//! - [`serve`] is the thin tonic edge.
+//! - [`RemoteLayers`] decides whether a layer containerd is about to unpack can be provided as a
+//!   mounted directory instead; anything but a usable directory falls back to a normal
+//!   snapshot, and the reason is logged and counted ([`FallbackReason`]).
+//!
+//! Not here yet: mounting lazy layers (`hermes-lazyfs`), GC of remote mounts, restart recovery.
+
+mod error;
+mod filter;
+mod remote;
+mod server;
+mod snapshots;
+mod store;
+
+/// Code generated from containerd's vendored `snapshots.proto` and `mount.proto` (see the
+/// crate README for how to regenerate it). Exposed for clients such as tests and `hermes pull`.
+#[rustfmt::skip]
+#[allow(missing_docs, clippy::all, rust_2018_idioms, missing_debug_implementations)]
+pub mod api {
+    /// Package `containerd`.
+    pub mod containerd {
+        /// `containerd.types`.
+        pub mod types {
+            include!("generated/containerd.types.rs");
+        }
+        /// `containerd.services`.
+        pub mod services {
+            /// `containerd.services.snapshots`.
+            pub mod snapshots {
+                /// `containerd.services.snapshots.v1`.
+                pub mod v1 {
+                    include!("generated/containerd.services.snapshots.v1.rs");
+                }
+            }
+        }
+    }
+}
+
+pub use error::{Error, Result};
+pub use remote::{
+    FallbackReason, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
+    NoRemoteLayers, RemoteError, RemoteLayer, RemoteLayers,
+};
+pub use server::{ServerHandle, serve};
+pub use snapshots::{Info, Kind, Labels, Mount, Snapshots, Usage};
