@@ -25,8 +25,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hermes_oci::{Digest, Reference, Store};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -47,8 +50,26 @@ pub struct Miss {
     pub node: Option<String>,
 }
 
+/// How a layer build ended (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum BuildOutcome {
+    /// A zTOC was stored.
+    Indexed,
+    /// The layer cannot be indexed (recorded as skipped).
+    Skipped,
+    /// The attempt failed.
+    Failed,
+    /// The job was cancelled.
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    outcome: BuildOutcome,
+}
+
 /// Counters and gauges the API and the controller loop update.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Metrics {
     /// zTOCs served.
     pub artifacts_served: Counter,
@@ -58,9 +79,35 @@ pub struct Metrics {
     pub misses: Counter,
     /// Images in the build queue (set by the controller loop).
     pub queue_depth: Gauge,
+    builds: Family<BuildLabels, Counter>,
+    build_seconds: Histogram,
+    bytes_read: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            artifacts_served: Counter::default(),
+            artifacts_missing: Counter::default(),
+            misses: Counter::default(),
+            queue_depth: Gauge::default(),
+            builds: Family::default(),
+            // 0.5 s … ~34 min
+            build_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 13)),
+            bytes_read: Counter::default(),
+        }
+    }
 }
 
 impl Metrics {
+    /// Count a finished layer build: its outcome, how long it took, bytes read from the
+    /// registry.
+    pub fn record_build(&self, outcome: BuildOutcome, seconds: f64, bytes_read: u64) {
+        self.builds.get_or_create(&BuildLabels { outcome }).inc();
+        self.build_seconds.observe(seconds);
+        self.bytes_read.inc_by(bytes_read);
+    }
+
     fn register(&self, registry: &mut Registry) {
         registry.register(
             "hermes_controller_artifacts_served",
@@ -81,6 +128,21 @@ impl Metrics {
             "hermes_controller_queue_depth",
             "images waiting in the build queue",
             self.queue_depth.clone(),
+        );
+        registry.register(
+            "hermes_controller_builds",
+            "layer builds by outcome",
+            self.builds.clone(),
+        );
+        registry.register(
+            "hermes_controller_build_seconds",
+            "time per layer build",
+            self.build_seconds.clone(),
+        );
+        registry.register(
+            "hermes_controller_bytes_read",
+            "layer bytes read from registries",
+            self.bytes_read.clone(),
         );
     }
 }
@@ -604,5 +666,28 @@ mod tests {
             "{}",
             m.text()
         );
+    }
+
+    #[tokio::test]
+    async fn build_metrics_are_exported_with_bounded_labels() {
+        let s = start(None).await;
+        let metrics = s.api.metrics();
+        metrics.record_build(BuildOutcome::Indexed, 3.0, 1000);
+        metrics.record_build(BuildOutcome::Failed, 0.2, 24);
+        metrics.record_build(BuildOutcome::Indexed, 1.0, 0);
+        metrics.queue_depth.set(4);
+        let text = request(&s, "GET", "/metrics", None, "").await.text();
+        for line in [
+            "hermes_controller_builds_total{outcome=\"Indexed\"} 2",
+            "hermes_controller_builds_total{outcome=\"Failed\"} 1",
+            "hermes_controller_bytes_read_total 1024",
+            "hermes_controller_build_seconds_count 3",
+            "hermes_controller_queue_depth 4",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
     }
 }
