@@ -7,10 +7,12 @@
 //!   it), else its stored record; 404 if neither;
 //! - `POST /v1/misses` → `{"image": REF, "digest"?: DIGEST, "node"?: NAME}`, handed to the
 //!   controller loop through a bounded channel (202; 503 when the channel is full);
+//! - `POST /v1/traces` → a [`TraceReport`] of startup reads (202);
+//!   `GET /v1/layers/{layer-digest}/prefetch` → the merged [`PrefetchProfile`](crate::prefetch::PrefetchProfile), 404 if none;
 //! - `GET /healthz`, `GET /readyz` (503 until [`NodeApi::set_ready`]), `GET /metrics`.
 //!
 //! `/v1/*` needs `Authorization: Bearer TOKEN` when a token is configured. Health and metrics
-//! do not. Not here yet: `/v1/traces`, `/v1/layers/{digest}/prefetch`, TLS.
+//! do not. Not here yet: TLS; traces are kept in memory only.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +36,7 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::prefetch::{ProfileBook, TraceReport};
 use crate::reconcile::ImageStatus;
 
 /// A node's report that it started an image without an index.
@@ -160,6 +163,7 @@ struct Inner {
     span_sizes: RwLock<Vec<u64>>,
     images: RwLock<BTreeMap<Digest, ImageStatus>>,
     misses: mpsc::Sender<Miss>,
+    profiles: RwLock<ProfileBook>,
     ready: AtomicBool,
     metrics: Metrics,
     registry: Registry,
@@ -234,6 +238,7 @@ impl NodeApi {
                 span_sizes: RwLock::new(span_sizes),
                 images: RwLock::new(BTreeMap::new()),
                 misses,
+                profiles: RwLock::new(ProfileBook::default()),
                 ready: AtomicBool::new(false),
                 metrics,
                 registry,
@@ -274,7 +279,9 @@ impl NodeApi {
         let v1 = Router::new()
             .route("/v1/layers/{digest}/ztoc", get(get_ztoc))
             .route("/v1/images/{digest}", get(get_image))
+            .route("/v1/layers/{digest}/prefetch", get(get_prefetch))
             .route("/v1/misses", post(post_miss))
+            .route("/v1/traces", post(post_traces))
             .route_layer(middleware::from_fn_with_state(self.clone(), require_token));
         Router::new()
             .merge(v1)
@@ -386,6 +393,36 @@ async fn post_miss(
         .map_err(|_| ApiError::Busy)?;
     api.inner.metrics.misses.inc();
     Ok(StatusCode::ACCEPTED)
+}
+
+async fn post_traces(
+    State(api): State<NodeApi>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let report: TraceReport =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    api.inner
+        .profiles
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .add(report);
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn get_prefetch(
+    State(api): State<NodeApi>,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    let layer = parse_digest(&digest)?;
+    let profile = api
+        .inner
+        .profiles
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .profile(&layer);
+    profile
+        .map(|p| axum::Json(p).into_response())
+        .ok_or(ApiError::NotFound("prefetch profile for this layer"))
 }
 
 async fn readyz(State(api): State<NodeApi>) -> (StatusCode, &'static str) {
@@ -689,5 +726,28 @@ mod tests {
                 "missing {line:?} in:\n{text}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn traces_are_merged_into_a_prefetch_profile() {
+        let s = start(Some("t")).await;
+        let url = format!("/v1/layers/{LAYER}/prefetch");
+        assert_eq!(request(&s, "GET", &url, Some("t"), "").await.status, 404);
+        for spans in ["[4,2]", "[2,9]"] {
+            let body = format!(r#"{{"node":"n1","layers":{{"{LAYER}":{spans}}}}}"#);
+            let r = request(&s, "POST", "/v1/traces", Some("t"), &body).await;
+            assert_eq!(r.status, 202, "{}", r.text());
+        }
+        assert_eq!(
+            request(&s, "POST", "/v1/traces", None, "{}").await.status,
+            401
+        );
+        let bad = request(&s, "POST", "/v1/traces", Some("t"), r#"{"layers":5}"#).await;
+        assert_eq!(bad.status, 400);
+        let r = request(&s, "GET", &url, Some("t"), "").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(json["spans"], serde_json::json!([2, 4, 9]));
+        assert_eq!(json["traces"], 2);
     }
 }

@@ -9,7 +9,9 @@
 //!   is a kill switch);
 //! - [`queue`]: the [`BuildQueue`](queue::BuildQueue), deduplicated by manifest and layer digest;
 //! - [`reconcile`]: the reconciler, a function of its inputs;
-//! - [`api`]: the node HTTP API (axum) serving zTOCs and statuses and taking misses.
+//! - [`prefetch`]: startup read traces merged into per-layer prefetch profiles;
+//! - [`api`]: the node HTTP API (axum) serving zTOCs, statuses and prefetch profiles and
+//!   taking misses and traces.
 //!
 //! Everything but [`api`] is pure: no I/O, no clock (time is passed in). Not here yet: the
 //! builder worker that calls `hermes_oci`, the Kubernetes and standalone adapters.
@@ -20,6 +22,7 @@ mod error;
 pub mod matcher;
 pub mod pattern;
 pub mod policy;
+pub mod prefetch;
 pub mod queue;
 pub mod reconcile;
 pub mod selector;
