@@ -496,3 +496,40 @@ async fn blobs_upload_in_chunks_and_mount_across_repositories() {
             == blob.as_slice()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soci_v2_push_to_another_repository_brings_the_image_along() {
+    let registry = Registry::start().expect("registry");
+    let pushed = sample_image()
+        .push(&registry.host(), "src/app:v1")
+        .expect("push");
+    let c = client(Credentials::none());
+    let r = reference(&pushed.reference);
+    let store_dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(store_dir.path()).expect("store");
+    let result = hermes_oci::build_index(&c, &store, &r, &options(1 << 20, 1 << 20), &|_| {})
+        .await
+        .expect("index");
+    let target = reference(&format!("{}/mirror/app:v1-soci", registry.host()));
+    hermes_oci::push_soci(
+        &c,
+        &store,
+        &result,
+        SociVersion::V2,
+        &target,
+        "AWS SOCI CLI v0.2",
+    )
+    .await
+    .expect("push to another repository");
+    // The SOCI-enabled image in the other repository is complete: config and every layer are
+    // there (mounted from the source repository), and skopeo can read its index.
+    let index: Index = serde_json::from_slice(&skopeo_raw(&target.to_string())).expect("index");
+    assert_eq!(index.manifests.len(), 2);
+    for d in std::iter::once(&result.image.manifest.config).chain(&result.image.manifest.layers) {
+        assert!(
+            c.blob_exists(&target, &d.digest).await.expect("head"),
+            "{} missing in the target",
+            d.digest
+        );
+    }
+}
