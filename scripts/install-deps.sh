@@ -13,6 +13,8 @@ APT_PACKAGES=(
   docker-registry      # the real registry the registry-client tests push to and read from
   skopeo               # pushes test images and inspects what Hermes pushed
   apache2-utils        # htpasswd, for the password-protected registry variant
+  containerd runc      # the snapshotter's tests run a real containerd with Hermes as a proxy plugin
+  openssl curl         # TLS certificate and real HTTPS client for the admission webhook test
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }
