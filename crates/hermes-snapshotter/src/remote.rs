@@ -72,6 +72,10 @@ pub type RemoteError = Box<dyn std::error::Error + Send + Sync>;
 /// target and layer-digest labels. Whatever it returns — `None`, an error, a directory that is
 /// not one, even a panic — the snapshotter falls back to a normal snapshot that containerd
 /// unpacks into, and counts the reason.
+///
+/// containerd may prepare the same layer concurrently (two images sharing it): the source may be
+/// asked twice for one target and should hand out one mount for both (the snapshotter records
+/// the first answer and drops the second).
 pub trait RemoteLayers: Send + Sync + fmt::Debug {
     /// Returns the mounted, read-only directory holding the layer's unpacked contents, or `None`
     /// when this source cannot provide the layer.

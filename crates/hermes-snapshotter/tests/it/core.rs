@@ -300,3 +300,59 @@ fn target_without_layer_digest_falls_back_without_asking() {
     assert!(double.asked().is_empty());
     assert_eq!(s.fallback_count(FallbackReason::NoLayerDigest), 1);
 }
+
+#[test]
+fn concurrent_prepares_of_one_key_create_it_exactly_once() {
+    let (_d, s) = core(Arc::new(NoRemoteLayers));
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| s.prepare("same", "", no_labels())))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let exists = results
+        .iter()
+        .filter(|r| matches!(r, Err(Error::AlreadyExists { .. })))
+        .count();
+    assert_eq!((ok, exists), (1, 7), "{results:?}");
+    let dirs = std::fs::read_dir(s.root().join("snapshots"))
+        .unwrap()
+        .count();
+    assert_eq!(dirs, 1, "losing prepares leave no directories behind");
+}
+
+#[test]
+fn concurrent_remote_prepares_of_one_layer_all_answer_already_exists() {
+    let layer = tempfile::tempdir().unwrap();
+    let (_d, s) = core(Double::new(Answer::Dir(layer.path().to_owned())));
+    let labels = l(&[
+        (LABEL_TARGET_REF, "sha256:c"),
+        (LABEL_LAYER_DIGEST, "sha256:l"),
+    ]);
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let (s, labels) = (&s, labels.clone());
+                scope.spawn(move || s.prepare(&format!("extract-{i}"), "", labels))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Err(Error::AlreadyExists { key }) if key == "sha256:c")),
+        "{results:?}"
+    );
+    assert_eq!(
+        s.walk(&[]).unwrap().len(),
+        1,
+        "one committed target, no active leftovers"
+    );
+    assert!(
+        FallbackReason::ALL
+            .iter()
+            .all(|r| s.fallback_count(*r) == 0)
+    );
+}
