@@ -116,6 +116,34 @@ impl Store {
         }
     }
 
+    /// Any stored zTOC for a layer (the smallest span size first), e.g. for a node that did not
+    /// choose the span size.
+    pub fn any_ztoc_for_layer(&self, layer: &Digest) -> Result<Option<Digest>> {
+        let dir = self.root.join("layers").join(layer.hex());
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&dir, "list layer records")(e)),
+        };
+        let mut spans: Vec<u64> = entries
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("ztoc-")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        spans.sort_unstable();
+        for span in spans {
+            if let Some(d) = self.ztoc_for_layer(layer, span)? {
+                return Ok(Some(d));
+            }
+        }
+        Ok(None)
+    }
+
     /// Record the zTOC built for a layer and span size (the zTOC blob must be stored first).
     pub fn set_ztoc_for_layer(&self, layer: &Digest, span_size: u64, ztoc: &Digest) -> Result<()> {
         self.write_atomic(&self.layer_path(layer, span_size), ztoc.as_str().as_bytes())

@@ -13,6 +13,7 @@
 
 mod error;
 mod filter;
+mod lazy;
 mod remote;
 mod server;
 mod snapshots;
@@ -43,6 +44,7 @@ pub mod api {
 }
 
 pub use error::{Error, Result};
+pub use lazy::LazyLayers;
 pub use remote::{
     FallbackReason, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
     NoRemoteLayers, RemoteError, RemoteLayer, RemoteLayers,

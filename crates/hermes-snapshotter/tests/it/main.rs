@@ -4,4 +4,5 @@
 mod containerd;
 mod core;
 mod grpc;
+mod lazy;
 mod support;
