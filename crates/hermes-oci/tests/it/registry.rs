@@ -240,6 +240,38 @@ async fn bearer_tokens_are_fetched_cached_and_refreshed() {
     );
 }
 
+/// The sample image pushed to a fresh registry and indexed (1 MiB minimum layer, 1 MiB spans).
+struct Indexed {
+    registry: Registry,
+    pushed: hermes_testkit::PushedImage,
+    c: hermes_oci::Client,
+    r: hermes_oci::Reference,
+    store: Store,
+    result: hermes_oci::IndexResult,
+    _dir: tempfile::TempDir,
+}
+
+async fn indexed_sample(repo: &str) -> Indexed {
+    let registry = Registry::start().expect("registry");
+    let pushed = sample_image().push(&registry.host(), repo).expect("push");
+    let c = client(Credentials::none());
+    let r = reference(&pushed.reference);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    let result = hermes_oci::build_index(&c, &store, &r, &options(1 << 20, 1 << 20), &|_| {})
+        .await
+        .expect("index");
+    Indexed {
+        registry,
+        pushed,
+        c,
+        r,
+        store,
+        result,
+        _dir: dir,
+    }
+}
+
 fn skopeo_raw(reference: &str) -> Vec<u8> {
     let out = Command::new("skopeo")
         .args([
@@ -260,17 +292,15 @@ fn skopeo_raw(reference: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soci_v2_push_is_visible_to_skopeo_with_the_spec_shapes() {
-    let registry = Registry::start().expect("registry");
-    let pushed = sample_image()
-        .push(&registry.host(), "soci/app:v1")
-        .expect("push");
-    let c = client(Credentials::none());
-    let r = reference(&pushed.reference);
-    let store_dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(store_dir.path()).expect("store");
-    let result = hermes_oci::build_index(&c, &store, &r, &options(1 << 20, 1 << 20), &|_| {})
-        .await
-        .expect("index");
+    let Indexed {
+        registry: _registry,
+        pushed,
+        c,
+        r,
+        store,
+        result,
+        _dir,
+    } = indexed_sample("soci/app:v1").await;
     let target = r.with_tag("v1-soci");
     let summary = hermes_oci::push_soci(
         &c,
@@ -358,17 +388,15 @@ async fn soci_v2_push_is_visible_to_skopeo_with_the_spec_shapes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soci_v1_push_is_found_through_referrers() {
-    let registry = Registry::start().expect("registry");
-    let pushed = sample_image()
-        .push(&registry.host(), "soci1/app:v1")
-        .expect("push");
-    let c = client(Credentials::none());
-    let r = reference(&pushed.reference);
-    let store_dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(store_dir.path()).expect("store");
-    let result = hermes_oci::build_index(&c, &store, &r, &options(1 << 20, 1 << 20), &|_| {})
-        .await
-        .expect("index");
+    let Indexed {
+        registry: _registry,
+        pushed: _,
+        c,
+        r,
+        store,
+        result,
+        _dir,
+    } = indexed_sample("soci1/app:v1").await;
     let summary = hermes_oci::push_soci(
         &c,
         &store,
@@ -499,17 +527,15 @@ async fn blobs_upload_in_chunks_and_mount_across_repositories() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soci_v2_push_to_another_repository_brings_the_image_along() {
-    let registry = Registry::start().expect("registry");
-    let pushed = sample_image()
-        .push(&registry.host(), "src/app:v1")
-        .expect("push");
-    let c = client(Credentials::none());
-    let r = reference(&pushed.reference);
-    let store_dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(store_dir.path()).expect("store");
-    let result = hermes_oci::build_index(&c, &store, &r, &options(1 << 20, 1 << 20), &|_| {})
-        .await
-        .expect("index");
+    let Indexed {
+        registry,
+        pushed: _,
+        c,
+        r: _,
+        store,
+        result,
+        _dir,
+    } = indexed_sample("src/app:v1").await;
     let target = reference(&format!("{}/mirror/app:v1-soci", registry.host()));
     hermes_oci::push_soci(
         &c,
