@@ -22,6 +22,6 @@ if [ "$RELEASE" = true ]; then
   cargo build --release -p hermes >&2
   exec python3 bench/index_build.py --hermes target/release/hermes --write-results "${ARGS[@]}"
 else
-  cargo build -p hermes >&2
+  cargo build --workspace --bins >&2  # same feature set as the test build: no rebuild
   exec python3 bench/index_build.py --hermes target/debug/hermes "${ARGS[@]}"
 fi

@@ -32,7 +32,7 @@ if [ "$RELEASE" = true ]; then
   cargo build --release -p hermes >&2
   HERMES=target/release/hermes PROFILE=release
 else
-  cargo build -p hermes >&2
+  cargo build --workspace --bins >&2  # same feature set as the test build: no rebuild
   HERMES=target/debug/hermes PROFILE=debug
 fi
 
