@@ -194,8 +194,12 @@ fn skipped(layer: &Descriptor, reason: String) -> LayerRecord {
     }
 }
 
+/// Index one layer of `reference` into `store` (what [`build_index`] does per layer): skipped
+/// when not a tar layer, below `options.min_layer_size` or not indexable (the record says why);
+/// reused when a zTOC for its digest and span size is stored; otherwise streamed once from the
+/// registry. A transport or digest failure is an error and stores nothing.
 #[instrument(skip_all, fields(layer = %layer.digest, size = layer.size))]
-async fn index_layer(
+pub async fn index_layer(
     client: &Client,
     store: &Store,
     reference: &Reference,

@@ -24,8 +24,11 @@ pub use client::{
 pub use digest::{Digest, Hasher};
 pub use error::{Error, Result};
 pub use indexer::{
-    DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult, PushSummary, build_index, push_soci,
+    DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult, PushSummary, build_index, index_layer,
+    push_soci,
 };
 pub use range::RegistryRangeReader;
 pub use reference::{DOCKER_HUB, Reference};
-pub use store::{ImageRecord, LayerOutcome, LayerRecord, Store};
+pub use store::{
+    ImageRecord, LayerArtifact, LayerOutcome, LayerRecord, Store, StoredLayer, SweepSummary,
+};

@@ -1,9 +1,18 @@
 //! A content-addressed store on local disk: `blobs/sha256/<hex>` written atomically (temp file,
-//! fsync, rename), a zTOC index keyed by (layer digest, span size), and per-image records.
+//! fsync, rename), a zTOC index keyed by (layer digest, span size), markers for layers that cannot
+//! be indexed, and per-image records.
+//!
+//! Layout: `blobs/sha256/<hex>`, `layers/<layer hex>/ztoc-<span>` (the zTOC's digest),
+//! `layers/<layer hex>/unindexable-<span>` (why not), `images/<manifest hex>.json`, `tmp/`.
+//!
+//! Every write is atomic (a reader sees the old file or the whole new one) and every delete is
+//! one `unlink`, so a process killed at any point leaves a consistent store: at worst a temp file
+//! or a blob nothing refers to, both removed by [`Store::sweep`].
 
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +22,37 @@ use crate::{Digest, Error, Result};
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+}
+
+/// What the store holds for one (layer, span size).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerArtifact {
+    /// A zTOC blob.
+    Ztoc(Digest),
+    /// The layer cannot be indexed with this span size, and why.
+    Unindexable(String),
+}
+
+/// One entry of [`Store::layers`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredLayer {
+    /// The layer digest.
+    pub layer: Digest,
+    /// The span size the entry is for.
+    pub span_size: u64,
+    /// What is stored.
+    pub artifact: LayerArtifact,
+}
+
+/// What [`Store::sweep`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepSummary {
+    /// Blobs no layer entry or image record refers to.
+    pub blobs: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Temp files left by interrupted writes.
+    pub temp_files: usize,
 }
 
 fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -149,12 +189,137 @@ impl Store {
         self.write_atomic(&self.layer_path(layer, span_size), ztoc.as_str().as_bytes())
     }
 
+    fn unindexable_path(&self, layer: &Digest, span_size: u64) -> PathBuf {
+        self.root
+            .join("layers")
+            .join(layer.hex())
+            .join(format!("unindexable-{span_size}"))
+    }
+
+    /// Record that a layer cannot be indexed with this span size (e.g. a single-frame zstd
+    /// layer), so it is not read again.
+    pub fn set_unindexable(&self, layer: &Digest, span_size: u64, reason: &str) -> Result<()> {
+        self.write_atomic(&self.unindexable_path(layer, span_size), reason.as_bytes())
+    }
+
+    /// Every layer entry: zTOCs (whose blob is present) and unindexable markers, ordered by
+    /// layer digest and span size.
+    pub fn layers(&self) -> Result<Vec<StoredLayer>> {
+        let dir = self.root.join("layers");
+        let mut out = Vec::new();
+        for layer_dir in read_dir_names(&dir)? {
+            let Ok(layer) = Digest::parse(&format!("sha256:{layer_dir}")) else {
+                continue;
+            };
+            let sub = dir.join(&layer_dir);
+            for name in read_dir_names(&sub)? {
+                if let Some(span) = name.strip_prefix("ztoc-").and_then(|s| s.parse().ok()) {
+                    if let Some(ztoc) = self.ztoc_for_layer(&layer, span)? {
+                        out.push(StoredLayer {
+                            layer: layer.clone(),
+                            span_size: span,
+                            artifact: LayerArtifact::Ztoc(ztoc),
+                        });
+                    }
+                } else if let Some(span) = name
+                    .strip_prefix("unindexable-")
+                    .and_then(|s| s.parse().ok())
+                {
+                    let path = sub.join(&name);
+                    match fs::read_to_string(&path) {
+                        Ok(reason) => out.push(StoredLayer {
+                            layer: layer.clone(),
+                            span_size: span,
+                            artifact: LayerArtifact::Unindexable(reason),
+                        }),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(io_err(&path, "read layer marker")(e)),
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.layer, a.span_size).cmp(&(&b.layer, b.span_size)));
+        Ok(out)
+    }
+
+    /// Forget the zTOC (and any unindexable marker) of a layer and span size. The zTOC blob
+    /// stays until [`Store::sweep`] finds nothing refers to it. Absent entries are fine.
+    pub fn delete_layer(&self, layer: &Digest, span_size: u64) -> Result<()> {
+        for path in [
+            self.layer_path(layer, span_size),
+            self.unindexable_path(layer, span_size),
+        ] {
+            remove_if_present(&path)?;
+        }
+        // The layer's directory goes once empty; a concurrent writer recreates it.
+        let _ = fs::remove_dir(self.root.join("layers").join(layer.hex()));
+        Ok(())
+    }
+
+    /// Delete an image record. Absent records are fine.
+    pub fn delete_image(&self, manifest: &Digest) -> Result<()> {
+        remove_if_present(&self.image_path(manifest))
+    }
+
+    /// Remove blobs that no layer entry or image record refers to, and temp files, once they are
+    /// older than `min_age` (a blob is written before the entry that refers to it, so a younger
+    /// one may be about to be referenced).
+    pub fn sweep(&self, min_age: Duration) -> Result<SweepSummary> {
+        let mut keep = std::collections::BTreeSet::new();
+        for entry in self.layers()? {
+            if let LayerArtifact::Ztoc(d) = entry.artifact {
+                keep.insert(d);
+            }
+        }
+        for record in self.images()? {
+            keep.extend(record.soci_index.clone());
+            for layer in &record.layers {
+                if let LayerOutcome::Indexed { ztoc, .. } = &layer.outcome {
+                    keep.insert(ztoc.clone());
+                }
+            }
+        }
+        let now = SystemTime::now();
+        let old_enough = |path: &Path| {
+            fs::symlink_metadata(path)
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .is_some_and(|t| now.duration_since(t).unwrap_or_default() >= min_age)
+        };
+        let mut summary = SweepSummary::default();
+        let blobs = self.root.join("blobs/sha256");
+        for name in read_dir_names(&blobs)? {
+            let path = blobs.join(&name);
+            let referenced =
+                Digest::parse(&format!("sha256:{name}")).is_ok_and(|d| keep.contains(&d));
+            if referenced || !old_enough(&path) {
+                continue;
+            }
+            let size = fs::symlink_metadata(&path).map_or(0, |m| m.len());
+            remove_if_present(&path)?;
+            summary.blobs += 1;
+            summary.bytes += size;
+        }
+        let tmp = self.root.join("tmp");
+        for name in read_dir_names(&tmp)? {
+            let path = tmp.join(&name);
+            if old_enough(&path) {
+                remove_if_present(&path)?;
+                summary.temp_files += 1;
+            }
+        }
+        Ok(summary)
+    }
+
+    fn image_path(&self, manifest: &Digest) -> PathBuf {
+        self.root
+            .join("images")
+            .join(format!("{}.json", manifest.hex()))
+    }
+
     /// Save an image record under its manifest digest.
     pub fn put_image(&self, record: &ImageRecord) -> Result<()> {
-        let path = self
-            .root
-            .join("images")
-            .join(format!("{}.json", record.manifest_digest.hex()));
+        let path = self.image_path(&record.manifest_digest);
         let json = serde_json::to_vec_pretty(record).unwrap_or_default();
         self.write_atomic(&path, &json)
     }
@@ -179,6 +344,32 @@ impl Store {
         }
         out.sort_by_key(|r| std::cmp::Reverse(r.built_at_unix));
         Ok(out)
+    }
+}
+
+/// Names in a directory (none if it does not exist).
+fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(dir, "list directory")(e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_err(dir, "list directory"))?;
+        if let Some(name) = entry.file_name().to_str() {
+            names.push(name.to_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(path, "delete")(e)),
     }
 }
 
@@ -273,5 +464,143 @@ mod tests {
                 .is_none(),
             "no temp files left"
         );
+    }
+
+    fn record(manifest: &Digest, ztoc: &Digest, soci_index: Option<Digest>) -> ImageRecord {
+        ImageRecord {
+            reference: "registry.test/app:v1".into(),
+            manifest_digest: manifest.clone(),
+            platform: None,
+            span_size: 4096,
+            layers: vec![LayerRecord {
+                digest: Digest::of(b"layer a"),
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                size: 1,
+                outcome: LayerOutcome::Indexed {
+                    ztoc: ztoc.clone(),
+                    ztoc_size: 1,
+                    spans: 1,
+                    entries: 1,
+                    seconds: 0.0,
+                    reused: false,
+                    soci_compatible: true,
+                },
+            }],
+            soci_index,
+            built_at_unix: 1,
+        }
+    }
+
+    #[test]
+    fn layers_are_listed_and_deleted_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.layers().unwrap(),
+            vec![],
+            "an empty store lists nothing"
+        );
+        let (a, b) = (Digest::of(b"layer a"), Digest::of(b"layer b"));
+        let za = store.put_blob(b"ztoc a").unwrap();
+        store.set_ztoc_for_layer(&a, 4096, &za).unwrap();
+        store.set_ztoc_for_layer(&a, 8192, &za).unwrap();
+        store
+            .set_unindexable(&b, 4096, "single-frame zstd")
+            .unwrap();
+        // A pointer to a missing blob is not listed (nothing to serve).
+        store
+            .set_ztoc_for_layer(&b, 8192, &Digest::of(b"gone"))
+            .unwrap();
+        let mut want = vec![
+            StoredLayer {
+                layer: a.clone(),
+                span_size: 4096,
+                artifact: LayerArtifact::Ztoc(za.clone()),
+            },
+            StoredLayer {
+                layer: a.clone(),
+                span_size: 8192,
+                artifact: LayerArtifact::Ztoc(za.clone()),
+            },
+            StoredLayer {
+                layer: b.clone(),
+                span_size: 4096,
+                artifact: LayerArtifact::Unindexable("single-frame zstd".into()),
+            },
+        ];
+        want.sort_by(|x, y| (&x.layer, x.span_size).cmp(&(&y.layer, y.span_size)));
+        assert_eq!(store.layers().unwrap(), want);
+
+        store.delete_layer(&a, 4096).unwrap();
+        store.delete_layer(&a, 4096).unwrap(); // twice is fine
+        assert_eq!(store.ztoc_for_layer(&a, 4096).unwrap(), None);
+        assert_eq!(store.ztoc_for_layer(&a, 8192).unwrap(), Some(za.clone()));
+        store.delete_layer(&a, 8192).unwrap();
+        store.delete_layer(&b, 4096).unwrap();
+        store.delete_layer(&b, 8192).unwrap();
+        assert_eq!(store.layers().unwrap(), vec![]);
+        assert!(
+            !dir.path().join("layers").join(a.hex()).exists(),
+            "empty layer directories go"
+        );
+        assert!(store.has_blob(&za), "blobs stay until a sweep");
+    }
+
+    #[test]
+    fn images_are_deleted_by_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (m1, m2) = (Digest::of(b"m1"), Digest::of(b"m2"));
+        let z = Digest::of(b"z");
+        store.put_image(&record(&m1, &z, None)).unwrap();
+        store.put_image(&record(&m2, &z, None)).unwrap();
+        store.delete_image(&m1).unwrap();
+        store.delete_image(&m1).unwrap();
+        let left: Vec<Digest> = store
+            .images()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.manifest_digest)
+            .collect();
+        assert_eq!(left, vec![m2]);
+    }
+
+    #[test]
+    fn sweep_removes_only_old_unreferenced_blobs_and_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let layer = Digest::of(b"layer a");
+        let by_layer = store.put_blob(b"ztoc by layer entry").unwrap();
+        store.set_ztoc_for_layer(&layer, 4096, &by_layer).unwrap();
+        let by_record = store.put_blob(b"ztoc by image record").unwrap();
+        let index = store.put_blob(b"soci index").unwrap();
+        store
+            .put_image(&record(&Digest::of(b"m"), &by_record, Some(index.clone())))
+            .unwrap();
+        let orphan = store.put_blob(b"orphan").unwrap();
+        // A temp file an interrupted write left behind.
+        fs::write(dir.path().join("tmp/blob.1.ThreadId(1)"), b"partial").unwrap();
+
+        let young = store.sweep(Duration::from_secs(3600)).unwrap();
+        assert_eq!(young, SweepSummary::default(), "nothing old enough yet");
+        assert!(store.has_blob(&orphan));
+
+        let swept = store.sweep(Duration::ZERO).unwrap();
+        assert_eq!(
+            swept,
+            SweepSummary {
+                blobs: 1,
+                bytes: 6,
+                temp_files: 1
+            }
+        );
+        assert!(!store.has_blob(&orphan));
+        for kept in [&by_layer, &by_record, &index] {
+            assert!(store.get_blob(kept).unwrap().is_some(), "{kept} was kept");
+        }
+        // Once the layer entry is gone its zTOC is swept too.
+        store.delete_layer(&layer, 4096).unwrap();
+        assert_eq!(store.sweep(Duration::ZERO).unwrap().blobs, 1);
+        assert!(!store.has_blob(&by_layer));
     }
 }
