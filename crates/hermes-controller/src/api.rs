@@ -3,8 +3,10 @@
 //!
 //! - `GET /v1/layers/{layer-digest}/ztoc` → zTOC bytes from the [`Store`], with
 //!   `Docker-Content-Digest`; 404 if none (span sizes tried in the configured order);
-//! - `GET /v1/images/{manifest-digest}` → the image's status (as the reconciler last published
-//!   it), else its stored record; 404 if neither;
+//! - `GET /v1/images/{manifest-digest}` → the image's [`ImageReport`] (as the controller loop last
+//!   published it), else its stored record; 404 if neither;
+//! - `GET /v1/images` → every image report; `GET /v1/policies` → every policy's status (also
+//!   of policies that failed validation, with the reason);
 //! - `POST /v1/misses` → `{"image": REF, "digest"?: DIGEST, "node"?: NAME}`, handed to the
 //!   controller loop through a bounded channel (202; 503 when the channel is full);
 //! - `POST /v1/traces` → a [`TraceReport`] of startup reads (202);
@@ -37,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::prefetch::{ProfileBook, TraceReport};
-use crate::reconcile::ImageStatus;
+use crate::status::{ImageReport, PolicyReport};
 
 /// A node's report that it started an image without an index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,7 +163,8 @@ struct Inner {
     store: Store,
     token: Option<String>,
     span_sizes: RwLock<Vec<u64>>,
-    images: RwLock<BTreeMap<Digest, ImageStatus>>,
+    images: RwLock<BTreeMap<Digest, ImageReport>>,
+    policies: RwLock<Vec<PolicyReport>>,
     misses: mpsc::Sender<Miss>,
     profiles: RwLock<ProfileBook>,
     ready: AtomicBool,
@@ -237,6 +240,7 @@ impl NodeApi {
                 token,
                 span_sizes: RwLock::new(span_sizes),
                 images: RwLock::new(BTreeMap::new()),
+                policies: RwLock::new(Vec::new()),
                 misses,
                 profiles: RwLock::new(ProfileBook::default()),
                 ready: AtomicBool::new(false),
@@ -251,13 +255,22 @@ impl NodeApi {
         self.inner.ready.store(ready, Ordering::Relaxed);
     }
 
-    /// Publish the reconciler's image statuses.
-    pub fn set_statuses(&self, statuses: impl IntoIterator<Item = ImageStatus>) {
-        let map = statuses
+    /// Publish the image reports.
+    pub fn set_images(&self, reports: impl IntoIterator<Item = ImageReport>) {
+        let map = reports
             .into_iter()
-            .map(|s| (s.digest.clone(), s))
+            .map(|r| (r.status.digest.clone(), r))
             .collect();
         *self.inner.images.write().unwrap_or_else(|e| e.into_inner()) = map;
+    }
+
+    /// Publish the policy statuses.
+    pub fn set_policies(&self, policies: Vec<PolicyReport>) {
+        *self
+            .inner
+            .policies
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = policies;
     }
 
     /// Set the span sizes zTOCs are looked up with (those of the current policies).
@@ -278,7 +291,9 @@ impl NodeApi {
     pub fn router(&self) -> Router {
         let v1 = Router::new()
             .route("/v1/layers/{digest}/ztoc", get(get_ztoc))
+            .route("/v1/images", get(list_images))
             .route("/v1/images/{digest}", get(get_image))
+            .route("/v1/policies", get(list_policies))
             .route("/v1/layers/{digest}/prefetch", get(get_prefetch))
             .route("/v1/misses", post(post_miss))
             .route("/v1/traces", post(post_traces))
@@ -379,6 +394,16 @@ async fn get_image(
         Some(record) => Ok(axum::Json(record).into_response()),
         None => Err(ApiError::NotFound("status for this image")),
     }
+}
+
+async fn list_images(State(api): State<NodeApi>) -> axum::Json<Vec<ImageReport>> {
+    let images = api.inner.images.read().unwrap_or_else(|e| e.into_inner());
+    axum::Json(images.values().cloned().collect())
+}
+
+async fn list_policies(State(api): State<NodeApi>) -> axum::Json<Vec<PolicyReport>> {
+    let policies = api.inner.policies.read().unwrap_or_else(|e| e.into_inner());
+    axum::Json(policies.clone())
 }
 
 async fn post_miss(
@@ -661,14 +686,20 @@ mod tests {
         assert_eq!(r.status, 200, "{}", r.text());
         let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(json["builtAtUnix"], 7);
-        s.api.set_statuses([ImageStatus {
-            digest: manifest.clone(),
-            reference: "registry.test/app:v1".into(),
-            policy: "acme".into(),
-            phase: crate::reconcile::Phase::Building,
-            reason: None,
-            pods: 3,
-            layers: Vec::new(),
+        s.api.set_images([ImageReport {
+            status: crate::reconcile::ImageStatus {
+                digest: manifest.clone(),
+                reference: "registry.test/app:v1".into(),
+                policy: "acme".into(),
+                phase: crate::reconcile::Phase::Building,
+                reason: None,
+                pods: 3,
+                layers: Vec::new(),
+            },
+            build_seconds: 1.5,
+            bytes_read: 42,
+            last_error: None,
+            updated_at_unix: 9,
         }]);
         let json: serde_json::Value =
             serde_json::from_slice(&request(&s, "GET", &url, None, "").await.body).unwrap();
@@ -676,6 +707,27 @@ mod tests {
             (json["phase"].as_str(), json["pods"].as_u64()),
             (Some("Building"), Some(3))
         );
+        assert_eq!(json["bytesRead"], 42);
+        let list: serde_json::Value =
+            serde_json::from_slice(&request(&s, "GET", "/v1/images", None, "").await.body).unwrap();
+        assert_eq!(list[0]["digest"], manifest.as_str());
+
+        let invalid = crate::reconcile::PolicyStatus::invalid(
+            "broken",
+            &crate::Error::InvalidPolicy {
+                policy: "broken".into(),
+                field: "spec.mode".into(),
+                reason: "unknown".into(),
+            },
+        );
+        s.api.set_policies(vec![PolicyReport {
+            name: "broken".into(),
+            status: invalid,
+        }]);
+        let r = request(&s, "GET", "/v1/policies", None, "").await;
+        let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(json[0]["name"], "broken");
+        assert_eq!(json[0]["conditions"][0]["status"], "False");
     }
 
     #[tokio::test]

@@ -43,6 +43,32 @@ pub enum Error {
         /// The repeated name.
         policy: String,
     },
+    /// A registry or artifact store operation failed.
+    #[error("cannot {action} {subject}")]
+    Oci {
+        /// What was attempted (`resolve`, `index layer`, `push the SOCI index of`, …).
+        action: &'static str,
+        /// The image or layer it was attempted for.
+        subject: String,
+        /// The registry or store error.
+        #[source]
+        source: Box<hermes_oci::Error>,
+    },
+    /// A file or directory of the controller (policy directory, status directory) could not
+    /// be read or written.
+    #[error("cannot {action} {path}")]
+    Io {
+        /// What was attempted.
+        action: &'static str,
+        /// The file or directory.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A layer build was stopped because no image wants the layer any more.
+    #[error("cancelled: no image wants the layer any more")]
+    Cancelled,
 }
 
 /// Result with [`Error`].

@@ -11,13 +11,18 @@
 //! - [`reconcile`]: the reconciler, a function of its inputs;
 //! - [`prefetch`]: startup read traces merged into per-layer prefetch profiles;
 //! - [`api`]: the node HTTP API (axum) serving zTOCs, statuses and prefetch profiles and
-//!   taking misses and traces.
+//!   taking misses and traces;
+//! - [`builder`]: the registry and store work (resolve, build a layer, finish an image);
+//! - [`status`]: image reports (status plus build statistics), kept durably;
+//! - [`engine`]: the controller loop both adapters drive.
 //!
-//! Everything but [`api`] is pure: no I/O, no clock (time is passed in). Not here yet: the
-//! builder worker that calls `hermes_oci`, the Kubernetes and standalone adapters.
+//! The modules up to [`prefetch`] are pure: no I/O, no clock (time is passed in). The
+//! Kubernetes adapter lives in its own crate (`hermes-kube`) on top of [`engine`].
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod builder;
+pub mod engine;
 mod error;
 pub mod matcher;
 pub mod pattern;
@@ -26,5 +31,6 @@ pub mod prefetch;
 pub mod queue;
 pub mod reconcile;
 pub mod selector;
+pub mod status;
 
 pub use error::{Error, Result};

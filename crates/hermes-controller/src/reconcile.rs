@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use hermes_oci::{Digest, ImageRecord, LayerOutcome, Reference};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::matcher::{Decision, RunningContainer, Specificity, decide};
 use crate::policy::{Mode, Policy};
@@ -148,7 +148,7 @@ pub enum Action {
 }
 
 /// Phase of an image (`HermesImage.status.phase`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Phase {
     /// Known but not built yet.
     Pending,
@@ -163,7 +163,7 @@ pub enum Phase {
 }
 
 /// One layer in an image status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "state")]
 pub enum LayerState {
     /// A zTOC is stored.
@@ -197,7 +197,7 @@ pub enum LayerState {
 }
 
 /// One layer in an image status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LayerStatus {
     /// Layer digest.
@@ -210,7 +210,7 @@ pub struct LayerStatus {
 }
 
 /// Status of one image (one `HermesImage`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageStatus {
     /// The platform manifest digest once resolved, the pod's `imageID` before.
@@ -231,7 +231,7 @@ pub struct ImageStatus {
 }
 
 /// A Kubernetes-style status condition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     /// `Valid` or `Ready`.
@@ -257,7 +257,7 @@ impl Condition {
 }
 
 /// Status of one policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyStatus {
     /// `metadata.name`.

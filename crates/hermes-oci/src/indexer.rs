@@ -58,6 +58,15 @@ pub struct IndexResult {
     pub soci_ztocs: Vec<ZtocRef>,
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Feeds a channel of chunks to a synchronous reader (the zTOC builder runs on a blocking thread).
 struct ChannelReader {
     rx: mpsc::Receiver<Result<Bytes>>,
@@ -242,13 +251,15 @@ pub async fn index_layer(
     let started = Instant::now();
     let (tx, rx) = mpsc::channel::<Result<Bytes>>(32);
     let mut stream = client.blob_stream(reference, &layer.digest, Some(size));
-    let feeder = tokio::spawn(async move {
+    // Aborted when this future is dropped (a cancelled build), so the stream stops and the
+    // builder thread sees the end of its input.
+    let feeder = AbortOnDrop(tokio::spawn(async move {
         while let Some(item) = stream.next().await {
             if tx.send(item).await.is_err() {
                 break;
             }
         }
-    });
+    }));
     let failure = Arc::new(Mutex::new(None));
     let reader = ChannelReader {
         rx,
@@ -275,7 +286,7 @@ pub async fn index_layer(
         built
     })
     .await;
-    feeder.abort();
+    drop(feeder);
     // A transport or digest failure is the real cause of a build error: report it, store nothing.
     if let Some(e) = failure.lock().ok().and_then(|mut f| f.take()) {
         return Err(e);

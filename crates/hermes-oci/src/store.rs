@@ -202,6 +202,16 @@ impl Store {
         self.write_atomic(&self.unindexable_path(layer, span_size), reason.as_bytes())
     }
 
+    /// Why a layer cannot be indexed with this span size, if that was recorded.
+    pub fn unindexable(&self, layer: &Digest, span_size: u64) -> Result<Option<String>> {
+        let path = self.unindexable_path(layer, span_size);
+        match fs::read_to_string(&path) {
+            Ok(reason) => Ok(Some(reason)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path, "read layer marker")(e)),
+        }
+    }
+
     /// Every layer entry: zTOCs (whose blob is present) and unindexable markers, ordered by
     /// layer digest and span size.
     pub fn layers(&self) -> Result<Vec<StoredLayer>> {
@@ -507,6 +517,11 @@ mod tests {
         store
             .set_unindexable(&b, 4096, "single-frame zstd")
             .unwrap();
+        assert_eq!(
+            store.unindexable(&b, 4096).unwrap().as_deref(),
+            Some("single-frame zstd")
+        );
+        assert_eq!(store.unindexable(&a, 4096).unwrap(), None);
         // A pointer to a missing blob is not listed (nothing to serve).
         store
             .set_ztoc_for_layer(&b, 8192, &Digest::of(b"gone"))

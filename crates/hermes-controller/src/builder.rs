@@ -1,0 +1,414 @@
+//! The builder: the registry and store work the controller loop hands out. Three calls, each
+//! one async step with its own result:
+//!
+//! - [`Builder::resolve`]: a running image's manifest, reduced to what the reconciler needs;
+//! - [`Builder::build_layer`]: one layer streamed once from its registry into a zTOC (or found
+//!   already stored, or found not indexable, which is remembered in the store);
+//! - [`Builder::finish`]: the image record and its SOCI index written to the store, after the
+//!   optional push of the SOCI index to the registry.
+//!
+//! It decides nothing: which layers, when and how often is the reconciler's and the
+//! [`BuildQueue`](crate::queue::BuildQueue)'s business. Every store write is atomic and a layer
+//! whose zTOC is stored is never read again, so work interrupted at any point (a cancelled job,
+//! a killed process) is resumed by doing the same calls again.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use hermes_oci::manifest::{Descriptor, LayerEncoding, Platform};
+use hermes_oci::soci::{self, SociVersion, ZtocRef};
+use hermes_oci::{
+    Client, Digest, ImageRecord, IndexOptions, IndexResult, LayerOutcome, LayerRecord, Reference,
+    ResolvedImage, Store,
+};
+use tracing::{info, instrument};
+
+use crate::policy::{Policy, Push};
+use crate::queue::LayerKey;
+use crate::reconcile::{LayerInfo, ManifestInfo};
+use crate::{Error, Result};
+
+/// A resolved running image.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// What the reconciler needs.
+    pub info: ManifestInfo,
+    /// The whole resolved image (for the SOCI index and the push).
+    pub image: ResolvedImage,
+}
+
+/// What a layer build produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerResult {
+    /// A zTOC is stored.
+    Indexed {
+        /// Its digest.
+        ztoc: Digest,
+        /// It was stored before; the layer was not read.
+        reused: bool,
+    },
+    /// The layer cannot be indexed (recorded in the store, so it is not read again).
+    Unindexable {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One layer build: its result and what it cost.
+#[derive(Debug)]
+pub struct LayerBuild {
+    /// The result.
+    pub result: Result<LayerResult>,
+    /// Wall time of the attempt.
+    pub seconds: f64,
+    /// Layer bytes read from the registry.
+    pub bytes_read: u64,
+}
+
+/// Does the registry and store work (see the module docs). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    client: Client,
+    store: Store,
+    platform: Platform,
+    build_tool_identifier: String,
+}
+
+fn oci(action: &'static str, subject: impl ToString) -> impl FnOnce(hermes_oci::Error) -> Error {
+    move |source| Error::Oci {
+        action,
+        subject: subject.to_string(),
+        source: Box::new(source),
+    }
+}
+
+impl Builder {
+    /// A builder reading registries through `client` and writing to `store`; images are
+    /// resolved for `platform`; zTOCs carry `build_tool_identifier`.
+    pub fn new(
+        client: Client,
+        store: Store,
+        platform: Platform,
+        build_tool_identifier: String,
+    ) -> Self {
+        Self {
+            client,
+            store,
+            platform,
+            build_tool_identifier,
+        }
+    }
+
+    /// The artifact store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Resolve `reference` as pinned by `digest` (a pod's `imageID`: an index or a manifest)
+    /// to this builder's platform.
+    #[instrument(skip(self), fields(image = %reference))]
+    pub async fn resolve(&self, reference: &Reference, digest: &Digest) -> Result<Resolved> {
+        let pinned = Reference {
+            digest: Some(digest.clone()),
+            ..reference.clone()
+        };
+        let image = self
+            .client
+            .resolve(&pinned, &self.platform)
+            .await
+            .map_err(oci("resolve", reference))?;
+        let info = ManifestInfo {
+            manifest: image.fetched.digest.clone(),
+            layers: image
+                .manifest
+                .layers
+                .iter()
+                .map(|l| LayerInfo {
+                    digest: l.digest.clone(),
+                    size: u64::try_from(l.size).unwrap_or(0),
+                    media_type: l.media_type.clone(),
+                })
+                .collect(),
+        };
+        Ok(Resolved { info, image })
+    }
+
+    /// The digest `reference` points to (an index or a manifest).
+    pub async fn digest_of(&self, reference: &Reference) -> Result<Digest> {
+        match &reference.digest {
+            Some(d) => Ok(d.clone()),
+            None => Ok(self
+                .client
+                .get_manifest(reference)
+                .await
+                .map_err(oci("resolve", reference))?
+                .digest),
+        }
+    }
+
+    /// Build the zTOC of one layer, fetched through `reference`.
+    pub async fn build_layer(
+        &self,
+        key: &LayerKey,
+        size: u64,
+        media_type: &str,
+        reference: &Reference,
+    ) -> LayerBuild {
+        let started = Instant::now();
+        let options = IndexOptions {
+            platform: self.platform.clone(),
+            // The reconciler already left out small layers.
+            min_layer_size: 0,
+            span_size: key.span_size,
+            build_tool_identifier: self.build_tool_identifier.clone(),
+            concurrency: 1,
+        };
+        let descriptor = Descriptor::new(media_type, key.digest.clone(), size);
+        let indexed =
+            hermes_oci::index_layer(&self.client, &self.store, reference, &options, &descriptor)
+                .await
+                .map_err(oci("index layer", &key.digest));
+        let seconds = started.elapsed().as_secs_f64();
+        let result = indexed.and_then(|record| match record.outcome {
+            LayerOutcome::Indexed { ztoc, reused, .. } => Ok(LayerResult::Indexed { ztoc, reused }),
+            LayerOutcome::Skipped { reason } => {
+                self.store
+                    .set_unindexable(&key.digest, key.span_size, &reason)
+                    .map_err(oci("record as unindexable", &key.digest))?;
+                Ok(LayerResult::Unindexable { reason })
+            }
+        });
+        let bytes_read = match &result {
+            Ok(LayerResult::Indexed { reused: true, .. }) | Err(_) => 0,
+            Ok(_) => size,
+        };
+        LayerBuild {
+            result,
+            seconds,
+            bytes_read,
+        }
+    }
+
+    /// Write the image record of a resolved image whose eligible layers all have a zTOC (or are
+    /// unindexable), with its SOCI index; push the SOCI index first if `policy` asks.
+    /// `layer_seconds` are the build times known for its layers.
+    #[instrument(skip_all, fields(image = %reference, manifest = %image.fetched.digest))]
+    pub async fn finish(
+        &self,
+        image: &ResolvedImage,
+        reference: &Reference,
+        policy: &Policy,
+        layer_seconds: &BTreeMap<Digest, f64>,
+    ) -> Result<ImageRecord> {
+        let span_size = policy.span_size;
+        let layers = {
+            let (store, image, seconds, min) = (
+                self.store.clone(),
+                image.clone(),
+                layer_seconds.clone(),
+                policy.min_layer_size,
+            );
+            tokio::task::spawn_blocking(move || {
+                layer_records(&store, &image, span_size, min, &seconds)
+            })
+            .await
+            .map_err(|e| Error::Io {
+                action: "assemble the image record of",
+                path: reference.to_string(),
+                source: std::io::Error::other(e),
+            })??
+        };
+        let soci_ztocs: Vec<ZtocRef> = layers
+            .iter()
+            .filter_map(|l| match &l.outcome {
+                LayerOutcome::Indexed {
+                    ztoc,
+                    ztoc_size,
+                    soci_compatible: true,
+                    ..
+                } => Some(ZtocRef {
+                    ztoc: ztoc.clone(),
+                    size: *ztoc_size,
+                    layer: l.digest.clone(),
+                    layer_media_type: l.media_type.clone(),
+                    span_size,
+                }),
+                _ => None,
+            })
+            .collect();
+        let soci_index = if soci_ztocs.is_empty() {
+            None
+        } else {
+            let bytes = soci::index_manifest(
+                SociVersion::V2,
+                &soci_ztocs,
+                &self.build_tool_identifier,
+                None,
+            );
+            Some(
+                self.store
+                    .put_blob(&bytes)
+                    .map_err(oci("store the SOCI index of", reference))?,
+            )
+        };
+        let record = ImageRecord {
+            reference: reference.to_string(),
+            manifest_digest: image.fetched.digest.clone(),
+            platform: image.platform.as_ref().map(Platform::to_string),
+            span_size,
+            layers,
+            soci_index,
+            built_at_unix: unix_now(),
+        };
+        let version = match policy.push {
+            Push::None => None,
+            Push::SociV1 => Some(SociVersion::V1),
+            Push::SociV2 => Some(SociVersion::V2),
+        };
+        if let Some(version) = version
+            && !soci_ztocs.is_empty()
+        {
+            let target = push_target(reference, &image.fetched.digest, version);
+            let result = IndexResult {
+                record: record.clone(),
+                image: image.clone(),
+                soci_ztocs,
+            };
+            let pushed = hermes_oci::push_soci(
+                &self.client,
+                &self.store,
+                &result,
+                version,
+                &target,
+                &self.build_tool_identifier,
+            )
+            .await
+            .map_err(oci("push the SOCI index of", reference))?;
+            info!(target = %target, soci_index = %pushed.soci_index, "SOCI index pushed");
+        }
+        self.store
+            .put_image(&record)
+            .map_err(oci("store the image record of", reference))?;
+        info!("image record stored");
+        Ok(record)
+    }
+}
+
+/// Where a SOCI index is pushed: v2 tags `TAG-soci` (or `soci-<manifest hex prefix>` for an
+/// untagged image) in the image's repository; v1 refers to the image in its repository.
+pub fn push_target(reference: &Reference, manifest: &Digest, version: SociVersion) -> Reference {
+    let repository = Reference {
+        tag: None,
+        digest: None,
+        ..reference.clone()
+    };
+    match version {
+        SociVersion::V1 => repository,
+        SociVersion::V2 => {
+            let tag = match &reference.tag {
+                Some(tag) => format!("{tag}-soci"),
+                None => format!("soci-{}", &manifest.hex()[..16]),
+            };
+            repository.with_tag(&tag)
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Per-layer records of an image from what the store holds.
+fn layer_records(
+    store: &Store,
+    image: &ResolvedImage,
+    span_size: u64,
+    min_layer_size: u64,
+    seconds: &BTreeMap<Digest, f64>,
+) -> Result<Vec<LayerRecord>> {
+    let mut out = Vec::with_capacity(image.manifest.layers.len());
+    for layer in &image.manifest.layers {
+        let size = u64::try_from(layer.size).unwrap_or(0);
+        let skipped = |reason: String| LayerOutcome::Skipped { reason };
+        let outcome = if LayerEncoding::of(&layer.media_type).is_none() {
+            skipped(format!(
+                "media type {} is not a tar layer",
+                layer.media_type
+            ))
+        } else if size < min_layer_size {
+            skipped(format!(
+                "{size} bytes is below minLayerSize ({min_layer_size})"
+            ))
+        } else if let Some(reason) = store
+            .unindexable(&layer.digest, span_size)
+            .map_err(oci("read the store for", &layer.digest))?
+        {
+            skipped(reason)
+        } else {
+            let ztoc = store
+                .ztoc_for_layer(&layer.digest, span_size)
+                .map_err(oci("read the store for", &layer.digest))?;
+            let bytes = match &ztoc {
+                Some(z) => store
+                    .get_blob(z)
+                    .map_err(oci("read the zTOC of", &layer.digest))?,
+                None => None,
+            };
+            let (Some(ztoc), Some(bytes)) = (ztoc, bytes) else {
+                return Err(Error::Io {
+                    action: "find the zTOC of layer",
+                    path: layer.digest.to_string(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                });
+            };
+            let parsed = hermes_ztoc::Ztoc::from_bytes(&bytes).map_err(|e| Error::Io {
+                action: "read the stored zTOC of layer",
+                path: layer.digest.to_string(),
+                source: std::io::Error::other(e),
+            })?;
+            let known = seconds.get(&layer.digest).copied();
+            LayerOutcome::Indexed {
+                ztoc,
+                ztoc_size: bytes.len() as u64,
+                spans: parsed.span_count(),
+                entries: parsed.entries().len() as u64,
+                seconds: known.unwrap_or(0.0),
+                reused: known.is_none(),
+                soci_compatible: parsed.compression().is_soci_compatible(),
+            }
+        };
+        out.push(LayerRecord {
+            digest: layer.digest.clone(),
+            media_type: layer.media_type.clone(),
+            size,
+            outcome,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_targets_follow_soci_conventions() {
+        let d = Digest::of(b"m");
+        let tagged = Reference::parse("registry.test/app:v1").unwrap();
+        assert_eq!(
+            push_target(&tagged, &d, SociVersion::V2).to_string(),
+            "registry.test/app:v1-soci"
+        );
+        assert_eq!(
+            push_target(&tagged, &d, SociVersion::V1).to_string(),
+            "registry.test/app"
+        );
+        let pinned = Reference::parse(&format!("registry.test/app@{d}")).unwrap();
+        assert_eq!(
+            push_target(&pinned, &d, SociVersion::V2).to_string(),
+            format!("registry.test/app:soci-{}", &d.hex()[..16])
+        );
+    }
+}
