@@ -14,6 +14,7 @@ APT_PACKAGES=(
   skopeo               # pushes test images and inspects what Hermes pushed
   apache2-utils        # htpasswd, for the password-protected registry variant
   containerd runc      # the snapshotter's tests run a real containerd with Hermes as a proxy plugin
+  busybox-static       # the static binary inside the testkit's tiny runnable images (sandbox, test images)
   openssl curl         # TLS certificate and real HTTPS client for the admission webhook test
 )
 

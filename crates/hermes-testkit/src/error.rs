@@ -49,6 +49,16 @@ pub enum Error {
         /// The log's contents.
         log: String,
     },
+    /// containerd did not become ready.
+    #[error("containerd did not start ({reason}); its log ({log_path}):\n{log}")]
+    ContainerdStart {
+        /// Why startup is considered failed.
+        reason: String,
+        /// Where the log is.
+        log_path: PathBuf,
+        /// The log's contents.
+        log: String,
+    },
     /// An external command exited unsuccessfully.
     #[error("`{command}` failed ({status}):\n{stderr}")]
     Command {

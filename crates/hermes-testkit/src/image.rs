@@ -44,6 +44,7 @@ pub struct TestImage {
     layers: Vec<LayerSpec>,
     os: String,
     architecture: String,
+    entrypoint: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -54,10 +55,21 @@ struct LayerSpec {
 
 #[derive(Debug, Clone)]
 enum Entry {
-    File { path: String, data: Vec<u8> },
-    Dir { path: String },
-    Symlink { path: String, target: String },
-    Whiteout { path: String },
+    File {
+        path: String,
+        data: Vec<u8>,
+        mode: u32,
+    },
+    Dir {
+        path: String,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
+    Whiteout {
+        path: String,
+    },
 }
 
 /// One layer as written and pushed.
@@ -125,6 +137,7 @@ impl TestImage {
             layers: vec![LayerSpec::default()],
             os: "linux".into(),
             architecture: "amd64".into(),
+            entrypoint: Vec::new(),
         }
     }
 
@@ -146,7 +159,23 @@ impl TestImage {
         self.add(Entry::File {
             path: path.to_owned(),
             data: data.into(),
+            mode: 0o644,
         })
+    }
+
+    /// Adds an executable regular file (mode 0755) with these contents.
+    pub fn executable(self, path: &str, data: impl Into<Vec<u8>>) -> TestImage {
+        self.add(Entry::File {
+            path: path.to_owned(),
+            data: data.into(),
+            mode: 0o755,
+        })
+    }
+
+    /// Sets the config's `Entrypoint` (what a container of the image runs).
+    pub fn entrypoint(mut self, args: &[&str]) -> TestImage {
+        self.entrypoint = args.iter().map(|a| (*a).to_owned()).collect();
+        self
     }
 
     /// Adds a file of `mib` MiB of deterministic, roughly half-compressible content.
@@ -340,7 +369,7 @@ impl TestImage {
                 .entries
                 .iter()
                 .filter_map(|entry| match entry {
-                    Entry::File { path, data } => Some((path.clone(), data.clone())),
+                    Entry::File { path, data, .. } => Some((path.clone(), data.clone())),
                     _ => None,
                 })
                 .collect();
@@ -357,7 +386,7 @@ impl TestImage {
             "created": "1970-01-01T00:00:00Z",
             "architecture": self.architecture,
             "os": self.os,
-            "config": {},
+            "config": if self.entrypoint.is_empty() { json!({}) } else { json!({ "Entrypoint": self.entrypoint }) },
             "rootfs": {
                 "type": "layers",
                 "diff_ids": layers.iter().map(|l| l.diff_id.as_str()).collect::<Vec<_>>(),
@@ -507,9 +536,9 @@ fn layer_tar(entries: &[Entry]) -> Result<Vec<u8>> {
         header.set_uid(0);
         header.set_gid(0);
         match entry {
-            Entry::File { path, data } => {
+            Entry::File { path, data, mode } => {
                 header.set_entry_type(tar::EntryType::Regular);
-                header.set_mode(0o644);
+                header.set_mode(*mode);
                 header.set_size(data.len() as u64);
                 builder
                     .append_data(&mut header, path, data.as_slice())

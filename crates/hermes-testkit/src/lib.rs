@@ -5,6 +5,8 @@
 //! - [`FaultProxy`]: an HTTP/1.1 reverse proxy in front of a registry that injects drops, resets,
 //!   stalls, error statuses, 429s, truncated and corrupted bodies, caps bandwidth and can play a
 //!   bearer-token auth server.
+//! - [`Containerd`]: Debian's containerd + runc with its own root, state and socket, optionally
+//!   with a proxy snapshotter and the CRI plugin pulling from a local registry.
 //! - [`TestImage`]: builds OCI images from generated file trees and pushes them with `skopeo`.
 //!
 //! It deliberately contains no Hermes logic: tests compare what Hermes reads back against what
@@ -12,12 +14,16 @@
 //! fail on it, never skip.
 #![warn(missing_docs)]
 
+mod containerd;
 mod error;
 mod image;
 mod probe;
 mod proxy;
 mod registry;
 
+pub use containerd::{
+    Containerd, ContainerdBuilder, PROXY_SNAPSHOTTER, busybox, busybox_image, sandbox_image,
+};
 pub use error::{Error, Result};
 pub use image::{LayerInfo, PushedImage, PushedIndex, TestImage};
 pub use proxy::{Fault, FaultProxy, FaultRule, LoggedRequest};

@@ -2,6 +2,7 @@
 //! per part).
 
 mod cleanup;
+mod containerd;
 mod image;
 mod proxy;
 mod registry;
