@@ -24,4 +24,4 @@ pub use background::{BackgroundFetcher, LayerDigest, Outcome};
 pub use cache::SpanCache;
 pub use error::{BrokenReason, Error, Result};
 pub use fuse::{MountHandle, mount};
-pub use reader::{LayerReader, LayerState, ReaderStats};
+pub use reader::{LatencyHistogram, LayerReader, LayerState, READ_LATENCY_BOUNDS, ReaderStats};

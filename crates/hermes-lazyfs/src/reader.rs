@@ -56,6 +56,56 @@ pub struct ReaderStats {
     pub verify_failures: u64,
     /// Times the background fetcher paused because reads were fetching.
     pub background_pauses: u64,
+    /// How long [`LayerReader::read`] calls took, fetches included.
+    pub read_latency: LatencyHistogram,
+}
+
+/// Upper bounds (seconds) of the read latency buckets; a last, unbounded bucket follows.
+pub const READ_LATENCY_BOUNDS: [f64; 10] =
+    [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+/// Counts of reads per latency bucket ([`READ_LATENCY_BOUNDS`], then +Inf), not cumulative.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// Reads per bucket.
+    pub buckets: [u64; READ_LATENCY_BOUNDS.len() + 1],
+    /// Sum of all latencies, in microseconds.
+    pub sum_micros: u64,
+}
+
+impl LatencyHistogram {
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
+#[derive(Debug, Default)]
+struct LatencyCounters {
+    buckets: [AtomicU64; READ_LATENCY_BOUNDS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl LatencyCounters {
+    fn observe(&self, took: std::time::Duration) {
+        let secs = took.as_secs_f64();
+        let i = READ_LATENCY_BOUNDS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(READ_LATENCY_BOUNDS.len());
+        bump(&self.buckets[i], 1);
+        bump(
+            &self.sum_micros,
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+        );
+    }
+
+    fn snapshot(&self) -> LatencyHistogram {
+        LatencyHistogram {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            sum_micros: self.sum_micros.load(Ordering::Relaxed),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +120,7 @@ struct Counters {
     background_spans_fetched: AtomicU64,
     verify_failures: AtomicU64,
     background_pauses: AtomicU64,
+    read_latency: LatencyCounters,
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -167,11 +218,19 @@ impl LayerReader {
             background_spans_fetched: get(&c.background_spans_fetched),
             verify_failures: get(&c.verify_failures),
             background_pauses: get(&c.background_pauses),
+            read_latency: c.read_latency.snapshot(),
         }
     }
 
     /// Read up to `len` tar bytes at `offset` (fewer at the end of the layer, none past it).
     pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let started = std::time::Instant::now();
+        let result = self.read_inner(offset, len);
+        self.counters.read_latency.observe(started.elapsed());
+        result
+    }
+
+    fn read_inner(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
         bump(&self.counters.requests, 1);
         let end = offset.saturating_add(len).min(self.end);
         if offset >= end {

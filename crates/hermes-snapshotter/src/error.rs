@@ -97,6 +97,51 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("gRPC server")]
     Serve(#[source] tonic::transport::Error),
+    /// The node daemon's configuration is invalid.
+    #[error("config {}: {message}", path.display())]
+    Config {
+        /// The config file (empty when parsed from a string).
+        path: PathBuf,
+        /// What is wrong, naming the key (and line, where known).
+        message: String,
+    },
+    /// A registry request failed.
+    #[error("registry")]
+    Registry(#[from] hermes_oci::Error),
+    /// A zTOC could not be parsed.
+    #[error("zTOC of layer {layer}")]
+    Ztoc {
+        /// The layer it claims to index.
+        layer: String,
+        /// The parse error.
+        #[source]
+        source: hermes_ztoc::Error,
+    },
+    /// The controller's node API failed or answered something unusable.
+    #[error("controller {url}: {message}")]
+    Controller {
+        /// The request URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A lazy layer could not be mounted.
+    #[error("lazy mount of layer {layer}: {message}")]
+    Mount {
+        /// The layer digest.
+        layer: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The metrics endpoint could not be started.
+    #[error("metrics endpoint {addr}")]
+    Metrics {
+        /// The listen address.
+        addr: std::net::SocketAddr,
+        /// The bind error.
+        #[source]
+        source: io::Error,
+    },
     /// A blocking task running a snapshot operation panicked or was cancelled.
     #[error("snapshot operation did not complete")]
     Task(#[source] tokio::task::JoinError),

@@ -9,14 +9,24 @@
 //!   mounted directory instead; anything but a usable directory falls back to a normal
 //!   snapshot, and the reason is logged and counted ([`FallbackReason`]).
 //!
-//! Not here yet: mounting lazy layers (`hermes-lazyfs`), GC of remote mounts, restart recovery.
+//! - The node daemon ([`Daemon`], `hermes node`): [`NodeConfig`], zTOCs from [`IndexSources`]
+//!   (local store, controller, SOCI in the registry), [`NodeLayers`] serving each lazy layer
+//!   from a process of its own ([`layer_server`]) so mounts survive a daemon restart, and
+//!   Prometheus metrics.
+//! - [`LazyLayers`] is the in-process variant of lazy layers (one process, for tests and tools).
 
+pub mod config;
+mod daemon;
 mod error;
 mod filter;
+pub mod layer_server;
 mod lazy;
+mod metrics;
+mod node_layers;
 mod remote;
 mod server;
 mod snapshots;
+pub mod sources;
 mod store;
 
 /// Code generated from containerd's vendored `snapshots.proto` and `mount.proto` (see the
@@ -43,11 +53,16 @@ pub mod api {
     }
 }
 
+pub use config::NodeConfig;
+pub use daemon::Daemon;
 pub use error::{Error, Result};
+pub use layer_server::{LayerStats, ServeOptions, serve_layer};
 pub use lazy::LazyLayers;
+pub use node_layers::{Miss, NodeLayers, NodeLayersOptions, Recovery, ServerCommand};
 pub use remote::{
     FallbackReason, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
     NoRemoteLayers, RemoteError, RemoteLayer, RemoteLayers,
 };
-pub use server::{ServerHandle, serve};
+pub use server::{ServerHandle, connect, serve};
 pub use snapshots::{Info, Kind, Labels, Mount, Snapshots, Usage};
+pub use sources::IndexSources;

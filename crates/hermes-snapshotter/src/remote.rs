@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Label with the name the snapshot gets once the layer is unpacked (its chain ID).
@@ -80,6 +80,10 @@ pub trait RemoteLayers: Send + Sync + fmt::Debug {
     /// Returns the mounted, read-only directory holding the layer's unpacked contents, or `None`
     /// when this source cannot provide the layer.
     fn prepare(&self, layer: &RemoteLayer) -> Result<Option<PathBuf>, RemoteError>;
+
+    /// containerd removed the last snapshot using `dir` (a directory this source returned):
+    /// the source may unmount it and free what it holds. Called on a blocking thread.
+    fn release(&self, _dir: &Path) {}
 }
 
 /// The source that never has a layer: every prepare is a normal one.

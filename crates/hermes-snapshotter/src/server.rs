@@ -35,7 +35,13 @@ fn to_status(e: Error) -> Status {
         | Error::Corrupt { .. }
         | Error::Io { .. }
         | Error::Serve(_)
-        | Error::Task(_) => Code::Internal,
+        | Error::Task(_)
+        | Error::Config { .. }
+        | Error::Registry(_)
+        | Error::Ztoc { .. }
+        | Error::Controller { .. }
+        | Error::Mount { .. }
+        | Error::Metrics { .. } => Code::Internal,
     };
     let mut msg = e.to_string();
     let mut source = std::error::Error::source(&e);
@@ -300,4 +306,24 @@ pub async fn serve(socket: &Path, core: Arc<Snapshots>) -> Result<ServerHandle> 
         stop: Some(stop),
         task: Some(task),
     })
+}
+
+/// A snapshots API client over the unix socket `socket` (tests, tools).
+pub async fn connect(
+    socket: &Path,
+) -> std::result::Result<
+    pb::snapshots_client::SnapshotsClient<tonic::transport::Channel>,
+    tonic::transport::Error,
+> {
+    let socket = socket.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://snapshotter.invalid")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await?;
+    Ok(pb::snapshots_client::SnapshotsClient::new(channel))
 }

@@ -447,8 +447,22 @@ impl Snapshots {
                 return Err(Error::HasChildren { key: key.into() });
             }
             self.store.delete(snaps, key)?;
-            Ok(rec)
+            let last_user = rec.remote_dir.as_ref().filter(|dir| {
+                !self
+                    .store
+                    .all(snaps)
+                    .map(|all| all.iter().any(|(_, r)| r.remote_dir.as_ref() == Some(*dir)))
+                    .unwrap_or(true)
+            });
+            Ok((rec.clone(), last_user.cloned()))
         })?;
+        let (rec, released) = rec;
+        if let Some(dir) = released {
+            let remote = &self.remote;
+            if catch_unwind(AssertUnwindSafe(|| remote.release(&dir))).is_err() {
+                warn!(dir = %dir.display(), "releasing a remote layer panicked");
+            }
+        }
         // A remote layer's directory belongs to its source; ours is ours. A failure here leaves
         // an orphan that `cleanup` removes.
         let dir = self.dir(rec.id);
@@ -458,6 +472,22 @@ impl Snapshots {
             warn!(dir = %dir.display(), error = %e, "removing snapshot dir failed; cleanup will retry");
         }
         Ok(())
+    }
+
+    /// The directories of every remote (lazy) layer that a snapshot refers to, for restart
+    /// recovery.
+    pub fn remote_dirs(&self) -> Result<Vec<PathBuf>> {
+        self.store.read(|snaps| {
+            let mut dirs: Vec<PathBuf> = self
+                .store
+                .all(snaps)?
+                .into_iter()
+                .filter_map(|(_, r)| r.remote_dir)
+                .collect();
+            dirs.sort();
+            dirs.dedup();
+            Ok(dirs)
+        })
     }
 
     /// Information about one snapshot.

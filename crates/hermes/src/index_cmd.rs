@@ -136,6 +136,27 @@ fn credentials(args: &RegistryArgs) -> anyhow::Result<Credentials> {
     Ok(creds)
 }
 
+impl RegistryArgs {
+    /// Settings from a config file rather than flags.
+    pub fn from_settings(plain_http: bool, docker_config: Option<PathBuf>) -> Self {
+        Self {
+            plain_http,
+            docker_config,
+            pull_secret: None,
+        }
+    }
+
+    /// `--plain-http`.
+    pub fn plain_http(&self) -> bool {
+        self.plain_http
+    }
+
+    /// `--docker-config`.
+    pub fn docker_config(&self) -> Option<&std::path::Path> {
+        self.docker_config.as_deref()
+    }
+}
+
 pub fn client(args: &RegistryArgs) -> anyhow::Result<Client> {
     Ok(Client::new(ClientOptions {
         plain_http: args.plain_http,

@@ -22,6 +22,9 @@ pub enum LayerCommand {
     /// Files are fetched from the registry span by span as they are read, verified against the
     /// zTOC, and kept in the span cache. The image must have been indexed with `hermes index build`.
     Mount(MountArgs),
+    /// One lazy layer's server process, started by `hermes node` (not for direct use).
+    #[command(hide = true)]
+    Serve(crate::node_cmd::ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -49,6 +52,7 @@ pub struct MountArgs {
 pub fn run(cmd: LayerCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         LayerCommand::Mount(args) => mount(args),
+        LayerCommand::Serve(args) => crate::node_cmd::serve(args),
     }
 }
 

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod index_cmd;
 mod layer_cmd;
+mod node_cmd;
 mod size;
 mod ztoc_cmd;
 
@@ -29,6 +30,14 @@ enum Command {
     /// Mount an indexed layer lazily from its registry (FUSE), for inspection.
     #[command(subcommand)]
     Layer(layer_cmd::LayerCommand),
+    /// Run the node daemon: containerd's remote snapshotter with lazy layers.
+    ///
+    /// Serves containerd's snapshots API (`proxy_plugins.hermes`). When containerd prepares a
+    /// layer with CRI labels, the daemon looks up its zTOC (local store, the controller, SOCI
+    /// indexes in the registry) and mounts it lazily; otherwise, or on any error, containerd
+    /// pulls the layer normally. Lazy layers are served by separate processes, so they stay
+    /// mounted across daemon restarts; `--unmount-all` takes them down.
+    Node(node_cmd::NodeArgs),
     /// Memory sidecar modules: resolve which load (runtime script or static config), run them.
     #[command(subcommand)]
     Modules(hermes_modules::cli::ModulesCommand),
@@ -58,6 +67,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ztoc(cmd) => ztoc_cmd::run(cmd),
         Command::Index(cmd) => index_cmd::run(cmd),
         Command::Layer(cmd) => layer_cmd::run(cmd),
+        Command::Node(args) => node_cmd::run(args),
         Command::Modules(cmd) => Ok(hermes_modules::cli::run_command(cmd)?),
     }
 }

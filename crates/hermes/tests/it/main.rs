@@ -3,4 +3,5 @@
 mod index;
 mod layer;
 mod modules;
+mod node;
 mod ztoc;

@@ -1,0 +1,204 @@
+//! One lazy layer served by its own process (`hermes layer serve`): the FUSE mount, its span
+//! cache, the background fetch, and a stats file the node daemon reads for `/metrics`.
+//!
+//! Why a process per layer: a container's overlay keeps using a lazy layer for as long as it
+//! runs. If the FUSE server lived inside the node daemon, a crash or `kill -9` of the daemon
+//! would abort every mount and break every running container. With the mounts in their own
+//! processes (their own process group, not children that die with the daemon), the daemon can
+//! die and restart: it finds the mounts alive and adopts them, and running containers never
+//! notice. A mount whose process died is mounted again at the same path on restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hermes_lazyfs::{BackgroundFetcher, LayerDigest, LayerReader, LayerState, SpanCache};
+use hermes_oci::{Client, Digest, Reference, RegistryRangeReader};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{Error, Result};
+
+/// What `hermes layer serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The layer's zTOC file.
+    pub ztoc: PathBuf,
+    /// An image that has the layer (its repository serves the blob).
+    pub image: String,
+    /// The layer digest.
+    pub layer: String,
+    /// Span cache directory (kept across restarts).
+    pub cache: PathBuf,
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// Stats file for the node daemon, rewritten every half second.
+    pub stats: PathBuf,
+    /// Fetch the rest of the layer in the background.
+    pub background: bool,
+}
+
+/// A served layer's state and counters, as written to its stats file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerStats {
+    /// Layer digest.
+    pub layer: String,
+    /// The serving process.
+    pub pid: u32,
+    /// `lazy`, `fully_local` or `broken`.
+    pub state: String,
+    /// Why the layer is broken, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken_reason: Option<String>,
+    /// Compressed bytes fetched for reads.
+    pub bytes_on_demand: u64,
+    /// Compressed bytes fetched in the background.
+    pub bytes_background: u64,
+    /// Range requests sent to the registry.
+    pub range_requests: u64,
+    /// Spans that failed verification.
+    pub verify_failures: u64,
+    /// Spans in the layer.
+    pub spans: u32,
+    /// Spans in the cache.
+    pub spans_present: u32,
+    /// Uncompressed size (the span cache's size once complete).
+    pub uncompressed_size: u64,
+    /// Read latency counts per bucket ([`hermes_lazyfs::READ_LATENCY_BOUNDS`], then +Inf).
+    pub read_latency_buckets: Vec<u64>,
+    /// Sum of read latencies (µs).
+    pub read_latency_sum_micros: u64,
+    /// When this process mounted the layer (Unix ms).
+    pub mounted_unix_ms: u64,
+    /// Seconds from mount to fully local, once it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fully_local_seconds: Option<f64>,
+}
+
+impl LayerStats {
+    /// Reads a stats file.
+    pub fn load(path: &Path) -> Option<Self> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Mounts the layer and serves it until `stop` is set or the mount goes away (unmounted by
+/// someone else). `client` reads the registry; `runtime` runs it.
+pub fn serve_layer(
+    opts: &ServeOptions,
+    client: Client,
+    runtime: tokio::runtime::Handle,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let mount_err = |message: String| Error::Mount {
+        layer: opts.layer.clone(),
+        message,
+    };
+    let bytes = std::fs::read(&opts.ztoc).map_err(Error::io("read zTOC", &opts.ztoc))?;
+    let ztoc = Arc::new(
+        hermes_ztoc::Ztoc::from_bytes(&bytes).map_err(|source| Error::Ztoc {
+            layer: opts.layer.clone(),
+            source,
+        })?,
+    );
+    let digest = Digest::parse(&opts.layer)?;
+    let reference = Reference::parse(&opts.image)?;
+    let source = RegistryRangeReader::new(client, reference, digest.clone(), runtime);
+    let cache = SpanCache::open(&opts.cache, &ztoc).map_err(|e| mount_err(format!("{e:#}")))?;
+    let reader = Arc::new(LayerReader::new(ztoc.clone(), source, cache));
+    let handle = hermes_lazyfs::mount(reader.clone(), &opts.mountpoint)
+        .map_err(|e| mount_err(format!("{e}: {}", error_chain(&e))))?;
+    let mounted = Instant::now();
+    let mounted_unix_ms = unix_ms();
+    let dev = std::os::unix::fs::MetadataExt::dev(
+        &std::fs::metadata(&opts.mountpoint).map_err(Error::io("stat mount", &opts.mountpoint))?,
+    );
+    info!(layer = %digest, mount = %opts.mountpoint.display(), "serving lazy layer");
+    let background = if opts.background && reader.state() == LayerState::Lazy {
+        let layer = LayerDigest::parse(digest.as_str()).map_err(|e| mount_err(e.to_string()))?;
+        Some(
+            BackgroundFetcher::start(reader.clone(), layer, ztoc.compressed_archive_size())
+                .map_err(|e| mount_err(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    let mut fully_local_seconds = None;
+    loop {
+        let state = reader.state();
+        if fully_local_seconds.is_none() && state == LayerState::FullyLocal {
+            let secs = mounted.elapsed().as_secs_f64();
+            fully_local_seconds = Some(secs);
+            info!(layer = %digest, seconds = secs, "layer is fully local");
+        }
+        let s = reader.stats();
+        let stats = LayerStats {
+            layer: opts.layer.clone(),
+            pid: std::process::id(),
+            state: match &state {
+                LayerState::Lazy => "lazy".into(),
+                LayerState::FullyLocal => "fully_local".into(),
+                LayerState::Broken(_) => "broken".into(),
+            },
+            broken_reason: match &state {
+                LayerState::Broken(r) => Some(format!("{r:?}")),
+                _ => None,
+            },
+            bytes_on_demand: s.bytes_fetched,
+            bytes_background: s.background_bytes_fetched,
+            range_requests: s.range_requests,
+            verify_failures: s.verify_failures,
+            spans: ztoc.span_count(),
+            spans_present: reader.cache().present_count(),
+            uncompressed_size: ztoc.uncompressed_archive_size(),
+            read_latency_buckets: s.read_latency.buckets.to_vec(),
+            read_latency_sum_micros: s.read_latency.sum_micros,
+            mounted_unix_ms,
+            fully_local_seconds,
+        };
+        if let Err(e) = write_atomic(&opts.stats, &serde_json::to_vec(&stats).unwrap_or_default()) {
+            warn!(error = %e, "cannot write layer stats");
+        }
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        match std::fs::metadata(&opts.mountpoint) {
+            Ok(m) if std::os::unix::fs::MetadataExt::dev(&m) == dev => {}
+            _ => {
+                info!(layer = %digest, "mount is gone; exiting");
+                drop(background.map(BackgroundFetcher::stop));
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(background.map(BackgroundFetcher::stop));
+    handle.unmount().map_err(|e| mount_err(e.to_string()))?;
+    info!(layer = %digest, "unmounted");
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push(s.to_string());
+        source = s.source();
+    }
+    out.join(": ")
+}
+
+/// Writes `bytes` to `path` through a temp file and a rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

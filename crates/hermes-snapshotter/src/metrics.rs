@@ -1,0 +1,200 @@
+//! The node daemon's Prometheus metrics, gathered at scrape time from the snapshotter's
+//! fallback counters, the index lookups and every layer server's stats file. Labels are
+//! bounded: reasons, sources, states, and layer digests (one per layer on the node).
+
+use std::collections::HashMap;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::node_layers::{Miss, NodeLayers};
+use crate::sources::{Lookup, Source};
+use crate::{FallbackReason, Snapshots};
+
+/// A histogram whose buckets were counted elsewhere (the layer servers).
+#[derive(Debug)]
+struct Buckets {
+    sum: f64,
+    count: u64,
+    /// (upper bound, cumulative count).
+    buckets: Vec<(f64, u64)>,
+}
+
+impl EncodeMetric for Buckets {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &self.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counter_family(registry: &mut Registry, name: &str, help: &str, values: Vec<(Labels, u64)>) {
+    let family = Family::<Labels, Counter>::default();
+    for (labels, v) in values {
+        family.get_or_create(&labels).inc_by(v);
+    }
+    registry.register(name, help, family);
+}
+
+/// The metrics in the OpenMetrics text format.
+pub fn render(snapshots: &Snapshots, layers: &NodeLayers) -> String {
+    let mut registry = Registry::with_prefix("hermes_node");
+
+    counter_family(
+        &mut registry,
+        "fallbacks",
+        "Layer prepares with CRI labels that became a normal pull, by reason",
+        FallbackReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    vec![("reason", r.as_str().to_owned())],
+                    snapshots.fallback_count(*r),
+                )
+            })
+            .collect(),
+    );
+    counter_family(
+        &mut registry,
+        "lazy_misses",
+        "Layers the lazy source did not mount, by reason",
+        Miss::ALL
+            .iter()
+            .map(|m| {
+                (
+                    vec![("reason", m.as_str().to_owned())],
+                    layers.miss_count(*m),
+                )
+            })
+            .collect(),
+    );
+    let counters = layers.sources().counters();
+    let mut lookups = Vec::new();
+    for s in Source::ALL {
+        for l in Lookup::ALL {
+            lookups.push((
+                vec![
+                    ("source", s.as_str().to_owned()),
+                    ("result", l.as_str().to_owned()),
+                ],
+                counters.get(s, l),
+            ));
+        }
+    }
+    counter_family(
+        &mut registry,
+        "index_lookups",
+        "zTOC lookups by source and result",
+        lookups,
+    );
+    let mounts = Counter::<u64>::default();
+    mounts.inc_by(layers.mount_count());
+    registry.register(
+        "lazy_mounts",
+        "Lazy layer mounts made (restart re-mounts included)",
+        mounts,
+    );
+
+    let stats = layers.stats();
+    let sum = |f: fn(&crate::LayerStats) -> u64| stats.iter().map(f).sum::<u64>();
+    counter_family(
+        &mut registry,
+        "fetched_bytes",
+        "Compressed bytes fetched from registries by lazy layers",
+        vec![
+            (
+                vec![("mode", "on_demand".into())],
+                sum(|s| s.bytes_on_demand),
+            ),
+            (
+                vec![("mode", "background".into())],
+                sum(|s| s.bytes_background),
+            ),
+        ],
+    );
+    counter_family(
+        &mut registry,
+        "range_requests",
+        "Range requests sent to registries",
+        vec![(vec![], sum(|s| s.range_requests))],
+    );
+    counter_family(
+        &mut registry,
+        "verify_failures",
+        "Spans whose bytes did not match their digest",
+        vec![(vec![], sum(|s| s.verify_failures))],
+    );
+
+    let states = Family::<Labels, Gauge>::default();
+    let mut by_state: HashMap<&str, i64> = HashMap::new();
+    for s in ["lazy", "fully_local", "broken"] {
+        by_state.insert(s, 0);
+    }
+    for s in &stats {
+        *by_state.entry(s.state.as_str()).or_default() += 1;
+    }
+    for (state, n) in by_state {
+        states
+            .get_or_create(&vec![("state", state.to_owned())])
+            .set(n);
+    }
+    registry.register("layers", "Lazy layers served, by state", states);
+
+    let fully_local = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    for s in &stats {
+        if let Some(secs) = s.fully_local_seconds {
+            fully_local
+                .get_or_create(&vec![("layer", s.layer.clone())])
+                .set(secs);
+        }
+    }
+    registry.register(
+        "layer_fully_local_seconds",
+        "Seconds from mount until the layer was fully local and verified",
+        fully_local,
+    );
+
+    let bounds = hermes_lazyfs::READ_LATENCY_BOUNDS;
+    let mut counts = vec![0u64; bounds.len() + 1];
+    let mut sum_micros = 0u64;
+    for s in &stats {
+        for (c, v) in counts.iter_mut().zip(&s.read_latency_buckets) {
+            *c += v;
+        }
+        sum_micros += s.read_latency_sum_micros;
+    }
+    let mut cumulative = 0;
+    let buckets = bounds
+        .iter()
+        .copied()
+        .chain([f64::INFINITY])
+        .zip(&counts)
+        .map(|(b, c)| {
+            cumulative += c;
+            (b, cumulative)
+        })
+        .collect();
+    registry.register(
+        "read_latency_seconds",
+        "Latency of reads of lazy layers (fetches included)",
+        Buckets {
+            sum: sum_micros as f64 / 1e6,
+            count: cumulative,
+            buckets,
+        },
+    );
+
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+        out.clear();
+    }
+    out
+}

@@ -1,0 +1,476 @@
+//! The node daemon's [`RemoteLayers`]: finds a layer's zTOC through [`IndexSources`], mounts the
+//! layer lazily in a process of its own (`hermes layer serve`, see [`crate::layer_server`]),
+//! adopts or re-mounts those processes after a daemon restart, and stops them when containerd
+//! removes the last snapshot of a layer.
+//!
+//! Layout under `dir` (one directory per layer digest): `<hex>/ztoc`, `<hex>/cache/` (span cache),
+//! `<hex>/mnt/` (the mountpoint recorded in snapshot metadata, so it must never move),
+//! `<hex>/state.json` (serving pid, image), `<hex>/stats.json` (written by the server),
+//! `<hex>/serve.log`.
+
+use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hermes_oci::Digest;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::layer_server::{LayerStats, write_atomic};
+use crate::remote::{RemoteError, RemoteLayer, RemoteLayers};
+use crate::sources::IndexSources;
+use crate::{Error, Result, Snapshots};
+
+/// Why a layer was not mounted lazily (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// No source has a zTOC for the layer.
+    NoIndex,
+    /// Every index source failed.
+    SourceFailed,
+    /// The span cache budget is used up.
+    CacheFull,
+    /// The lazy mount failed or timed out.
+    MountFailed,
+}
+
+impl Miss {
+    /// Every reason.
+    pub const ALL: [Miss; 4] = [
+        Miss::NoIndex,
+        Miss::SourceFailed,
+        Miss::CacheFull,
+        Miss::MountFailed,
+    ];
+
+    /// Metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Miss::NoIndex => "no_index",
+            Miss::SourceFailed => "source_failed",
+            Miss::CacheFull => "cache_full",
+            Miss::MountFailed => "mount_failed",
+        }
+    }
+}
+
+/// How to start a layer server: the program and the arguments before the per-layer ones.
+#[derive(Debug, Clone)]
+pub struct ServerCommand {
+    /// The `hermes` executable.
+    pub program: PathBuf,
+    /// e.g. `layer serve --plain-http`.
+    pub args: Vec<OsString>,
+}
+
+/// Node daemon settings for lazy layers.
+#[derive(Debug, Clone)]
+pub struct NodeLayersOptions {
+    /// Layers directory.
+    pub dir: PathBuf,
+    /// How layer servers are started.
+    pub server: ServerCommand,
+    /// Fetch the rest of each layer in the background.
+    pub background: bool,
+    /// How long a mount may take.
+    pub mount_timeout: Duration,
+    /// Budget of uncompressed layer bytes in span caches; 0: none.
+    pub cache_size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ServedLayer {
+    layer: String,
+    image: String,
+    pid: u32,
+    uncompressed_size: u64,
+}
+
+/// What restart recovery did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Layers whose server was still running and mounted.
+    pub adopted: usize,
+    /// Layers mounted again.
+    pub remounted: usize,
+    /// Layers that could not be mounted again (their snapshots' reads fail).
+    pub failed: usize,
+}
+
+/// Lazy layers of a node.
+#[derive(Debug)]
+pub struct NodeLayers {
+    sources: IndexSources,
+    opts: NodeLayersOptions,
+    mounting: Mutex<()>,
+    misses: [AtomicU64; Miss::ALL.len()],
+    mounts: AtomicU64,
+}
+
+impl NodeLayers {
+    /// Lazy layers found through `sources`.
+    pub fn new(sources: IndexSources, opts: NodeLayersOptions) -> Self {
+        Self {
+            sources,
+            opts,
+            mounting: Mutex::new(()),
+            misses: Default::default(),
+            mounts: AtomicU64::new(0),
+        }
+    }
+
+    /// The index sources.
+    pub fn sources(&self) -> &IndexSources {
+        &self.sources
+    }
+
+    /// Layers not mounted lazily, by reason, since start.
+    pub fn miss_count(&self, miss: Miss) -> u64 {
+        self.misses[miss as usize].load(Ordering::Relaxed)
+    }
+
+    /// Lazy mounts made since start (restart re-mounts included).
+    pub fn mount_count(&self) -> u64 {
+        self.mounts.load(Ordering::Relaxed)
+    }
+
+    fn miss(&self, miss: Miss) {
+        self.misses[miss as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn layer_dir(&self, hex: &str) -> PathBuf {
+        self.opts.dir.join(hex)
+    }
+
+    /// The stats of every served layer.
+    pub fn stats(&self) -> Vec<LayerStats> {
+        let Ok(entries) = std::fs::read_dir(&self.opts.dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| LayerStats::load(&e.ok()?.path().join("stats.json")))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.mounting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Mounts `layer` unless it is served already. `Ok(None)`: no zTOC, or no room.
+    fn ensure(&self, layer: &RemoteLayer) -> Result<Option<PathBuf>> {
+        let digest = Digest::parse(&layer.layer_digest)?;
+        let dir = self.layer_dir(digest.hex());
+        let mnt = dir.join("mnt");
+        if served(&dir, &mnt).is_some() {
+            return Ok(Some(mnt));
+        }
+        let Some(image) = &layer.image_ref else {
+            self.miss(Miss::NoIndex);
+            return Ok(None);
+        };
+        let found = match self.sources.find(layer) {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                self.miss(Miss::NoIndex);
+                self.sources.report_miss(layer);
+                return Ok(None);
+            }
+            Err(e) => {
+                self.miss(Miss::SourceFailed);
+                self.sources.report_miss(layer);
+                return Err(e);
+            }
+        };
+        let ztoc = hermes_ztoc::Ztoc::from_bytes(&found.bytes).map_err(|source| Error::Ztoc {
+            layer: digest.to_string(),
+            source,
+        })?;
+        let size = ztoc.uncompressed_archive_size();
+        if self.opts.cache_size > 0 {
+            let used: u64 = self
+                .served_layers()
+                .iter()
+                .map(|s| s.uncompressed_size)
+                .sum();
+            if used + size > self.opts.cache_size {
+                warn!(layer = %digest, used, size, budget = self.opts.cache_size,
+                    "span cache budget used up; the layer is pulled normally");
+                self.miss(Miss::CacheFull);
+                return Ok(None);
+            }
+        }
+        std::fs::create_dir_all(&mnt).map_err(Error::io("create mountpoint", &mnt))?;
+        let ztoc_path = dir.join("ztoc");
+        write_atomic(&ztoc_path, &found.bytes).map_err(Error::io("write zTOC", &ztoc_path))?;
+        let served = ServedLayer {
+            layer: digest.to_string(),
+            image: image.clone(),
+            pid: 0,
+            uncompressed_size: size,
+        };
+        match self.start_server(&dir, served) {
+            Ok(()) => Ok(Some(mnt)),
+            Err(e) => {
+                self.miss(Miss::MountFailed);
+                Err(e)
+            }
+        }
+    }
+
+    fn served_layers(&self) -> Vec<ServedLayer> {
+        let Ok(entries) = std::fs::read_dir(&self.opts.dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| {
+                let dir = e.ok()?.path();
+                let state = read_state(&dir)?;
+                served(&dir, &dir.join("mnt")).map(|_| state)
+            })
+            .collect()
+    }
+
+    /// Starts a layer server for the layer in `dir` and waits until its mount is up.
+    fn start_server(&self, dir: &Path, mut served: ServedLayer) -> Result<()> {
+        let mnt = dir.join("mnt");
+        let fail = |message: String| Error::Mount {
+            layer: served.layer.clone(),
+            message,
+        };
+        detach_dead_mount(&mnt);
+        let log_path = dir.join("serve.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(Error::io("open layer server log", &log_path))?;
+        let log_len = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let log_err = log
+            .try_clone()
+            .map_err(Error::io("open layer server log", &log_path))?;
+        let mut cmd = Command::new(&self.opts.server.program);
+        cmd.args(&self.opts.server.args)
+            .arg("--ztoc")
+            .arg(dir.join("ztoc"))
+            .arg("--image")
+            .arg(&served.image)
+            .arg("--layer")
+            .arg(&served.layer)
+            .arg("--cache")
+            .arg(dir.join("cache"))
+            .arg("--stats")
+            .arg(dir.join("stats.json"));
+        if self.opts.background {
+            cmd.arg("--background");
+        }
+        cmd.arg(&mnt)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // Its own process group: signals to the daemon's group do not reach it, and it
+            // outlives the daemon.
+            .process_group(0);
+        let mut child = cmd.spawn().map_err(|e| {
+            fail(format!(
+                "cannot start {}: {e}",
+                self.opts.server.program.display()
+            ))
+        })?;
+        served.pid = child.id();
+        let deadline = Instant::now() + self.opts.mount_timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = log_tail(&log_path, log_len);
+                return Err(fail(format!("layer server exited ({status}): {tail}")));
+            }
+            if is_mounted(&mnt) == Some(true) {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                detach_dead_mount(&mnt);
+                return Err(fail(format!(
+                    "not mounted within {:?}",
+                    self.opts.mount_timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let state = dir.join("state.json");
+        write_atomic(&state, &serde_json::to_vec(&served).unwrap_or_default())
+            .map_err(Error::io("write layer state", &state))?;
+        // Reap the server when it exits while the daemon runs.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        self.mounts.fetch_add(1, Ordering::Relaxed);
+        info!(layer = %served.layer, pid = served.pid, mount = %mnt.display(), "lazy layer served");
+        Ok(())
+    }
+
+    /// After a restart: every lazy layer that a snapshot refers to is adopted if its server
+    /// still runs, and mounted again (same path) if not.
+    pub fn recover(&self, snapshots: &Snapshots) -> Result<Recovery> {
+        let _one_at_a_time = self.lock();
+        let mut recovery = Recovery::default();
+        let mut dirs: Vec<PathBuf> = snapshots
+            .remote_dirs()?
+            .into_iter()
+            .filter_map(|d| Some(d.parent()?.to_owned()))
+            .filter(|d| d.starts_with(&self.opts.dir))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        for dir in dirs {
+            let mnt = dir.join("mnt");
+            if served(&dir, &mnt).is_some() {
+                recovery.adopted += 1;
+                continue;
+            }
+            let outcome = match read_state(&dir) {
+                Some(state) => self.start_server(&dir, state),
+                None => Err(Error::Mount {
+                    layer: dir.display().to_string(),
+                    message: "no layer state to mount it again from".into(),
+                }),
+            };
+            match outcome {
+                Ok(()) => recovery.remounted += 1,
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "lazy layer could not be mounted again");
+                    recovery.failed += 1;
+                }
+            }
+        }
+        info!(
+            adopted = recovery.adopted,
+            remounted = recovery.remounted,
+            failed = recovery.failed,
+            "lazy layers recovered"
+        );
+        Ok(recovery)
+    }
+
+    /// Stops the server of the layer mounted at `mnt` and removes its directory.
+    fn stop(&self, mnt: &Path) {
+        let Some(dir) = mnt.parent().filter(|d| d.starts_with(&self.opts.dir)) else {
+            return;
+        };
+        stop_server(dir);
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            warn!(dir = %dir.display(), error = %e, "cannot remove lazy layer dir");
+        }
+    }
+
+    /// Stops every layer server and unmounts every layer (caches are kept).
+    pub fn stop_all(dir: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut stopped = 0;
+        for e in entries.flatten() {
+            if e.path().join("mnt").exists() {
+                stop_server(&e.path());
+                stopped += 1;
+            }
+        }
+        stopped
+    }
+}
+
+impl RemoteLayers for NodeLayers {
+    fn prepare(&self, layer: &RemoteLayer) -> Result<Option<PathBuf>, RemoteError> {
+        let _one_at_a_time = self.lock();
+        Ok(self.ensure(layer)?)
+    }
+
+    fn release(&self, dir: &Path) {
+        let _one_at_a_time = self.lock();
+        self.stop(dir);
+    }
+}
+
+fn read_state(dir: &Path) -> Option<ServedLayer> {
+    serde_json::from_slice(&std::fs::read(dir.join("state.json")).ok()?).ok()
+}
+
+/// The layer's server pid if it runs and its mount is up.
+fn served(dir: &Path, mnt: &Path) -> Option<u32> {
+    let state = read_state(dir)?;
+    (process_alive(state.pid) && is_mounted(mnt) == Some(true)).then_some(state.pid)
+}
+
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // Field 3, after the parenthesised command name, is the state; Z is a zombie.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// `Some(true)`: a live filesystem is mounted at `mnt`; `Some(false)`: a plain directory;
+/// `None`: a dead mount (its server is gone: the kernel answers `ENOTCONN`, though `stat` may
+/// still succeed from cached attributes) or no such directory.
+fn is_mounted(mnt: &Path) -> Option<bool> {
+    let here = std::fs::metadata(mnt).ok()?;
+    let parent = std::fs::metadata(mnt.parent()?).ok()?;
+    if here.dev() == parent.dev() {
+        return Some(false);
+    }
+    rustix::fs::statfs(mnt).ok().map(|_| true)
+}
+
+/// A mount whose server died answers ENOTCONN: detach it so the directory can be used again.
+fn detach_dead_mount(mnt: &Path) {
+    if is_mounted(mnt).is_none() && mnt.parent().is_some_and(Path::exists) {
+        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+    }
+}
+
+/// SIGTERM to the layer server, wait for its mount to go, detach it if it does not.
+fn stop_server(dir: &Path) {
+    let mnt = dir.join("mnt");
+    if let Some(state) = read_state(dir)
+        && process_alive(state.pid)
+    {
+        signal(state.pid, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while process_alive(state.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if process_alive(state.pid) {
+            signal(state.pid, rustix::process::Signal::KILL);
+        }
+    }
+    if is_mounted(&mnt) != Some(false) {
+        let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+    }
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+fn log_tail(path: &Path, from: u64) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = usize::try_from(from).unwrap_or(0).min(text.len());
+    let tail = String::from_utf8_lossy(&text[start..]);
+    let tail = tail.trim();
+    let n = tail.len().saturating_sub(600);
+    let cut = (n..=tail.len())
+        .find(|&i| tail.is_char_boundary(i))
+        .unwrap_or(tail.len());
+    tail[cut..].to_owned()
+}

@@ -1,0 +1,433 @@
+//! Where the node daemon finds a layer's zTOC, in order: the node's own zTOC store (zTOCs fetched
+//! before), the controller's node API (`GET /v1/layers/{digest}/ztoc`), and, when enabled, SOCI
+//! indexes in the image's registry (v2: the manifest's `com.amazon.soci.index-digest`
+//! annotation; v1: referrers of the manifest). Whatever is fetched is checked (digest, then a
+//! full parse) and kept in the local store, so a restart or a second image with the layer asks
+//! nobody.
+//!
+//! Sources that are down answer slowly at worst: every controller request has a short timeout
+//! and any failure only means "no zTOC from here". Images without a zTOC are reported to the
+//! controller (`POST /v1/misses`, once per manifest) so a policy can have them indexed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hermes_oci::manifest::{Manifest, media};
+use hermes_oci::soci::annotation;
+use hermes_oci::{Client, Digest, Reference, Store};
+use tokio::runtime::Handle;
+use tracing::{debug, info, warn};
+
+use crate::config::ControllerConfig;
+use crate::{Error, RemoteLayer, Result};
+
+/// Where a zTOC came from (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// The node's own store.
+    Local,
+    /// The controller's node API.
+    Controller,
+    /// A SOCI index in the image's registry.
+    Registry,
+}
+
+impl Source {
+    /// Every source, in lookup order.
+    pub const ALL: [Source; 3] = [Source::Local, Source::Controller, Source::Registry];
+
+    /// Metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Local => "local",
+            Source::Controller => "controller",
+            Source::Registry => "registry",
+        }
+    }
+}
+
+/// Lookup counters by source: found, not found, failed.
+#[derive(Debug, Default)]
+pub struct LookupCounters {
+    counts: [[AtomicU64; 3]; 3],
+}
+
+/// How a lookup in one source ended (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// The source had a zTOC.
+    Found,
+    /// The source answered that it has none.
+    NotFound,
+    /// The source failed (down, timeout, bad answer).
+    Failed,
+}
+
+impl Lookup {
+    /// Every outcome.
+    pub const ALL: [Lookup; 3] = [Lookup::Found, Lookup::NotFound, Lookup::Failed];
+
+    /// Metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lookup::Found => "found",
+            Lookup::NotFound => "not_found",
+            Lookup::Failed => "failed",
+        }
+    }
+}
+
+impl LookupCounters {
+    fn count(&self, source: Source, lookup: Lookup) {
+        self.counts[source as usize][lookup as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How often `source` answered `lookup`.
+    pub fn get(&self, source: Source, lookup: Lookup) -> u64 {
+        self.counts[source as usize][lookup as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// A zTOC found for a layer, stored locally.
+#[derive(Debug, Clone)]
+pub struct FoundZtoc {
+    /// Its digest in the local store.
+    pub digest: Digest,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// Where it came from.
+    pub source: Source,
+}
+
+/// The controller's node API, as a client.
+#[derive(Debug)]
+struct Controller {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+/// The index sources of a node.
+#[derive(Debug)]
+pub struct IndexSources {
+    store: Store,
+    controller: Option<Controller>,
+    registry: Option<Client>,
+    runtime: Handle,
+    node: String,
+    /// SOCI index manifests by image manifest digest (`None`: the image has none).
+    soci_indexes: Mutex<HashMap<Digest, Option<Manifest>>>,
+    /// Manifests already reported as misses.
+    reported: Mutex<HashSet<String>>,
+    counters: LookupCounters,
+}
+
+impl IndexSources {
+    /// Sources backed by the local `store`; `controller` and a `registry` client for SOCI
+    /// lookups are optional. `runtime` runs the requests (callers are blocking threads).
+    pub fn new(
+        store: Store,
+        controller: Option<&ControllerConfig>,
+        registry: Option<Client>,
+        runtime: Handle,
+    ) -> Result<Self> {
+        let controller = match controller {
+            Some(c) => {
+                let token = match &c.token_file {
+                    Some(path) => Some(
+                        std::fs::read_to_string(path)
+                            .map_err(Error::io("read controller token", path))?
+                            .trim()
+                            .to_owned(),
+                    ),
+                    None => None,
+                };
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let http = reqwest::Client::builder()
+                    .timeout(c.timeout())
+                    .connect_timeout(c.timeout())
+                    .build()
+                    .map_err(|e| Error::Controller {
+                        url: c.url.clone(),
+                        message: format!("cannot build an HTTP client: {e}"),
+                    })?;
+                Some(Controller {
+                    base: c.url.trim_end_matches('/').to_owned(),
+                    token,
+                    http,
+                })
+            }
+            None => None,
+        };
+        let node = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        Ok(Self {
+            store,
+            controller,
+            registry,
+            runtime,
+            node,
+            soci_indexes: Mutex::new(HashMap::new()),
+            reported: Mutex::new(HashSet::new()),
+            counters: LookupCounters::default(),
+        })
+    }
+
+    /// Lookup counters, for metrics.
+    pub fn counters(&self) -> &LookupCounters {
+        &self.counters
+    }
+
+    /// The local zTOC store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The zTOC for `layer`, from the first source that has one. `Ok(None)`: no source has
+    /// one (and at least one answered). Errors only when every source that was asked failed.
+    pub fn find(&self, layer: &RemoteLayer) -> Result<Option<FoundZtoc>> {
+        let digest = Digest::parse(&layer.layer_digest)?;
+        if let Some(found) = self.local(&digest)? {
+            self.counters.count(Source::Local, Lookup::Found);
+            return Ok(Some(found));
+        }
+        self.counters.count(Source::Local, Lookup::NotFound);
+        let mut last_err = None;
+        let mut answered = false;
+        if self.controller.is_some() {
+            match self.ask_controller(&digest) {
+                Ok(Some(bytes)) => {
+                    self.counters.count(Source::Controller, Lookup::Found);
+                    return self.keep(&digest, bytes, Source::Controller).map(Some);
+                }
+                Ok(None) => {
+                    answered = true;
+                    self.counters.count(Source::Controller, Lookup::NotFound);
+                }
+                Err(e) => {
+                    self.counters.count(Source::Controller, Lookup::Failed);
+                    warn!(layer = %digest, error = %e, "controller lookup failed");
+                    last_err = Some(e);
+                }
+            }
+        }
+        if self.registry.is_some() {
+            match self.ask_registry(layer, &digest) {
+                Ok(Some(bytes)) => {
+                    self.counters.count(Source::Registry, Lookup::Found);
+                    return self.keep(&digest, bytes, Source::Registry).map(Some);
+                }
+                Ok(None) => {
+                    answered = true;
+                    self.counters.count(Source::Registry, Lookup::NotFound);
+                }
+                Err(e) => {
+                    self.counters.count(Source::Registry, Lookup::Failed);
+                    warn!(layer = %digest, error = %format!("{e:#}"), "registry SOCI lookup failed");
+                    last_err = Some(e);
+                }
+            }
+        }
+        match last_err {
+            Some(e) if !answered => Err(e),
+            _ => Ok(None),
+        }
+    }
+
+    fn local(&self, layer: &Digest) -> Result<Option<FoundZtoc>> {
+        let Some(digest) = self.store.any_ztoc_for_layer(layer)? else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.store.get_blob(&digest)? else {
+            return Ok(None);
+        };
+        Ok(Some(FoundZtoc {
+            digest,
+            bytes,
+            source: Source::Local,
+        }))
+    }
+
+    /// Checks a fetched zTOC (it must parse) and stores it for the layer.
+    fn keep(&self, layer: &Digest, bytes: Vec<u8>, source: Source) -> Result<FoundZtoc> {
+        let ztoc = hermes_ztoc::Ztoc::from_bytes(&bytes).map_err(|source| Error::Ztoc {
+            layer: layer.to_string(),
+            source,
+        })?;
+        let digest = self.store.put_blob(&bytes)?;
+        self.store
+            .set_ztoc_for_layer(layer, ztoc.span_size(), &digest)?;
+        info!(%layer, ztoc = %digest, source = source.as_str(), "zTOC fetched");
+        Ok(FoundZtoc {
+            digest,
+            bytes,
+            source,
+        })
+    }
+
+    fn ask_controller(&self, layer: &Digest) -> Result<Option<Vec<u8>>> {
+        let Some(c) = &self.controller else {
+            return Ok(None);
+        };
+        let url = format!("{}/v1/layers/{layer}/ztoc", c.base);
+        let fail = |message: String| Error::Controller {
+            url: url.clone(),
+            message,
+        };
+        let mut req = c.http.get(&url);
+        if let Some(t) = &c.token {
+            req = req.bearer_auth(t);
+        }
+        let (status, header, body) = self
+            .runtime
+            .block_on(async {
+                let resp = req.send().await?;
+                let status = resp.status();
+                let header = resp
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let body = resp.bytes().await?;
+                Ok::<_, reqwest::Error>((status, header, body))
+            })
+            .map_err(|e| fail(format!("request failed: {e}")))?;
+        if status == reqwest::StatusCode::NOT_FOUND {
+            debug!(%layer, "controller has no zTOC");
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(fail(format!("answered {status}")));
+        }
+        let actual = Digest::of(&body);
+        match header {
+            Some(h) if h != actual.as_str() => Err(fail(format!(
+                "zTOC body has digest {actual}, the header says {h}"
+            ))),
+            _ => Ok(Some(body.to_vec())),
+        }
+    }
+
+    fn ask_registry(&self, layer: &RemoteLayer, digest: &Digest) -> Result<Option<Vec<u8>>> {
+        let Some(client) = &self.registry else {
+            return Ok(None);
+        };
+        let (Some(image), Some(manifest)) = (&layer.image_ref, &layer.manifest_digest) else {
+            return Ok(None);
+        };
+        let reference = Reference::parse(image)?;
+        let manifest = Digest::parse(manifest)?;
+        let index = self.soci_index(client, &reference, &manifest)?;
+        let Some(index) = index else {
+            return Ok(None);
+        };
+        let Some(entry) = index.layers.iter().find(|d| {
+            d.annotations
+                .as_ref()
+                .and_then(|a| a.get(annotation::LAYER_DIGEST))
+                .is_some_and(|l| l == digest.as_str())
+        }) else {
+            return Ok(None);
+        };
+        let bytes = self
+            .runtime
+            .block_on(client.get_blob(&reference, &entry.digest))?;
+        Ok(Some(bytes.to_vec()))
+    }
+
+    /// The SOCI index manifest of an image, cached per manifest digest.
+    fn soci_index(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        manifest: &Digest,
+    ) -> Result<Option<Manifest>> {
+        if let Some(known) = self.lock_indexes().get(manifest) {
+            return Ok(known.clone());
+        }
+        let found = self.runtime.block_on(async {
+            let image = client
+                .get_manifest(&reference.with_digest(manifest.clone()))
+                .await?;
+            let image: Option<Manifest> = serde_json::from_slice(&image.bytes).ok();
+            let v2 = image
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref())
+                .and_then(|a| a.get(annotation::INDEX_DIGEST))
+                .and_then(|d| Digest::parse(d).ok());
+            let index_digest = match v2 {
+                Some(d) => Some(d),
+                None => client
+                    .referrers(reference, manifest, media::SOCI_INDEX_V1)
+                    .await?
+                    .into_iter()
+                    .next()
+                    .map(|d| d.digest),
+            };
+            let Some(index_digest) = index_digest else {
+                return Ok::<_, hermes_oci::Error>(None);
+            };
+            let index = client
+                .get_manifest(&reference.with_digest(index_digest))
+                .await?;
+            Ok(serde_json::from_slice::<Manifest>(&index.bytes).ok())
+        })?;
+        self.lock_indexes().insert(manifest.clone(), found.clone());
+        Ok(found)
+    }
+
+    fn lock_indexes(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Option<Manifest>>> {
+        self.soci_indexes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Tells the controller, once per manifest, that an image started without an index. Does
+    /// not wait for the answer.
+    pub fn report_miss(&self, layer: &RemoteLayer) {
+        let Some(c) = &self.controller else {
+            return;
+        };
+        let Some(image) = &layer.image_ref else {
+            return;
+        };
+        let key = layer
+            .manifest_digest
+            .clone()
+            .unwrap_or_else(|| image.clone());
+        {
+            let mut reported = self
+                .reported
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if !reported.insert(key) {
+                return;
+            }
+        }
+        let mut body = serde_json::json!({ "image": image });
+        if let Some(d) = &layer.manifest_digest {
+            body["digest"] = d.clone().into();
+        }
+        if !self.node.is_empty() {
+            body["node"] = self.node.clone().into();
+        }
+        let url = format!("{}/v1/misses", c.base);
+        let mut req = c
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(t) = &c.token {
+            req = req.bearer_auth(t);
+        }
+        self.runtime.spawn(async move {
+            match req.send().await {
+                Ok(r) if r.status().is_success() => debug!(url, "miss reported"),
+                Ok(r) => debug!(url, status = %r.status(), "miss not accepted"),
+                Err(e) => debug!(url, error = %e, "miss not reported"),
+            }
+        });
+    }
+}

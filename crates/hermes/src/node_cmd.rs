@@ -1,0 +1,188 @@
+//! `hermes node`: the node daemon (containerd remote snapshotter with lazy layers).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use hermes_snapshotter::config::{ControllerConfig, NodeConfig};
+use hermes_snapshotter::{Daemon, NodeLayers, ServerCommand};
+
+use crate::index_cmd::{RegistryArgs, client};
+
+/// Flags of `hermes node`; they override the config file.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Config file (TOML, or YAML by extension `.yaml`/`.yml`); every key is optional.
+    #[arg(long, value_name = "FILE", env = "HERMES_NODE_CONFIG")]
+    config: Option<PathBuf>,
+    /// State root: snapshots, zTOCs, span caches, mounts [default: /var/lib/hermes/node].
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Snapshots API socket for containerd's `proxy_plugins.hermes` [default: /run/hermes/snapshotter.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The controller's node API, e.g. http://hermes-controller:8080.
+    #[arg(long, value_name = "URL")]
+    controller: Option<String>,
+    /// File with the controller's bearer token.
+    #[arg(long, value_name = "FILE", requires = "controller")]
+    controller_token_file: Option<PathBuf>,
+    /// Also use SOCI indexes found in the image's registry (v2 image indexes, v1 referrers).
+    #[arg(long)]
+    soci_from_registry: bool,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9465.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Span cache budget (uncompressed bytes of lazy layers), e.g. 50GiB; beyond it layers are
+    /// pulled normally.
+    #[arg(long, value_name = "SIZE", value_parser = hermes_snapshotter::config::parse_size)]
+    cache_size: Option<u64>,
+    /// Do not fetch the rest of each layer in the background.
+    #[arg(long)]
+    no_background_fetch: bool,
+    /// Stop every lazy layer server under the root, unmount their layers, and exit. Containers
+    /// still using them lose their files: stop them first.
+    #[arg(long)]
+    unmount_all: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// Hidden: one lazy layer's server process, started by the node daemon.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// zTOC file.
+    #[arg(long)]
+    ztoc: PathBuf,
+    /// An image with the layer.
+    #[arg(long)]
+    image: String,
+    /// Layer digest.
+    #[arg(long)]
+    layer: String,
+    /// Span cache dir.
+    #[arg(long)]
+    cache: PathBuf,
+    /// Stats file.
+    #[arg(long)]
+    stats: PathBuf,
+    /// Fetch the rest in the background.
+    #[arg(long)]
+    background: bool,
+    /// Mountpoint.
+    mountpoint: PathBuf,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::load(path)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(root) = &args.root {
+        config.root = std::path::absolute(root)?;
+    }
+    if let Some(socket) = &args.socket {
+        config.socket = socket.clone();
+    }
+    if let Some(url) = &args.controller {
+        let mut c = ControllerConfig::new(url.clone());
+        c.token_file = args.controller_token_file.clone();
+        config.controller = Some(c);
+    }
+    config.soci_from_registry |= args.soci_from_registry;
+    config.plain_http |= args.registry.plain_http();
+    if let Some(p) = args.registry.docker_config() {
+        config.docker_config = Some(p.to_owned());
+    }
+    if args.metrics.is_some() {
+        config.metrics = args.metrics;
+    }
+    if let Some(size) = args.cache_size {
+        config.cache_size = size;
+    }
+    if args.no_background_fetch {
+        config.background_fetch = false;
+    }
+    Ok(config)
+}
+
+pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    let config = config(&args)?;
+    if args.unmount_all {
+        let n = NodeLayers::stop_all(&config.root.join("layers"));
+        println!("stopped {n} lazy layer(s) under {}", config.root.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let registry = RegistryArgs::from_settings(config.plain_http, config.docker_config.clone());
+    let client = client(&registry)?;
+    let mut server_args: Vec<std::ffi::OsString> = vec!["layer".into(), "serve".into()];
+    if config.plain_http {
+        server_args.push("--plain-http".into());
+    }
+    if let Some(p) = &config.docker_config {
+        server_args.push("--docker-config".into());
+        server_args.push(p.into());
+    }
+    let server = ServerCommand {
+        program: std::env::current_exe().context("cannot find the hermes executable")?,
+        args: server_args,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let daemon = Daemon::start(&config, server, client)
+            .await
+            .context("node daemon failed to start")?;
+        let r = daemon.recovery();
+        eprintln!(
+            "hermes node: serving {} (root {}); lazy layers adopted {}, re-mounted {}, failed {}",
+            config.socket.display(),
+            config.root.display(),
+            r.adopted,
+            r.remounted,
+            r.failed
+        );
+        if let Some(addr) = daemon.metrics_addr() {
+            eprintln!("hermes node: metrics on http://{addr}/metrics");
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(sig, stop.clone())
+                .context("cannot install signal handlers")?;
+        }
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        eprintln!("hermes node: stopping (lazy layers stay mounted)");
+        daemon.shutdown().await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = client(&args.registry)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
+    }
+    let opts = hermes_snapshotter::ServeOptions {
+        ztoc: args.ztoc,
+        image: args.image,
+        layer: args.layer,
+        cache: args.cache,
+        mountpoint: args.mountpoint,
+        stats: args.stats,
+        background: args.background,
+    };
+    hermes_snapshotter::serve_layer(&opts, client, runtime.handle().clone(), &stop)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,584 @@
+//! `hermes node`, the node daemon, as a real process: lazy layers from its zTOC store and a real
+//! registry, containers' rootfs as real overlay mounts over them, `kill -9` and restart, fallback,
+//! metrics.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hermes_snapshotter::api::containerd::services::snapshots::v1 as pb;
+use hermes_snapshotter::{
+    LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
+};
+use hermes_testkit::{FaultProxy, PushedImage, Registry, TestImage};
+
+const HERMES: &str = env!("CARGO_BIN_EXE_hermes");
+
+fn require_root() {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1));
+    assert_eq!(
+        uid,
+        Some("0"),
+        "the node daemon mounts FUSE and overlayfs: run tests as root"
+    );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: load the fuse module (modprobe fuse)"
+    );
+}
+
+/// Incompressible bytes, so a file spans many zTOC spans (span sizes count compressed bytes).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A `hermes node` process with its own root, socket and metrics port; stopped and everything
+/// it mounted taken down on drop.
+struct Node {
+    root: PathBuf,
+    socket: PathBuf,
+    metrics: u16,
+    extra: Vec<String>,
+    child: Option<Child>,
+    stderr: PathBuf,
+}
+
+impl Node {
+    fn start(dir: &Path, extra: &[&str]) -> Node {
+        let mut node = Node {
+            root: dir.join("node"),
+            socket: dir.join("hermes.sock"),
+            metrics: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            stderr: dir.join("node.log"),
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr)
+            .expect("node log");
+        let child = Command::new(HERMES)
+            .arg("node")
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--metrics")
+            .arg(format!("127.0.0.1:{}", self.metrics))
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start hermes node");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("hermes node exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node never listened:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The daemon's log and every layer server's.
+    fn logs(&self) -> String {
+        let mut out = self.log();
+        if let Ok(entries) = std::fs::read_dir(self.root.join("layers")) {
+            for e in entries.flatten() {
+                out += &format!("--- {}\n", e.path().display());
+                out += &std::fs::read_to_string(e.path().join("serve.log")).unwrap_or_default();
+            }
+        }
+        out
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("kill -9");
+            c.wait().expect("reap");
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    fn metrics(&self) -> String {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).expect("metrics");
+        use std::io::Write;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read metrics");
+        out
+    }
+
+    /// Polls `/metrics` until `ok` holds (layer servers report every half second).
+    fn wait_metrics(&self, ok: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let m = self.metrics();
+            if ok(&m) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "metrics never matched:\n{m}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn layer_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        for e in std::fs::read_dir(self.root.join("layers"))
+            .expect("layers dir")
+            .flatten()
+        {
+            let state: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(e.path().join("state.json")).expect("layer state"),
+            )
+            .expect("state json");
+            pids.push(state["pid"].as_u64().expect("pid") as u32);
+        }
+        pids
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = Command::new(HERMES)
+            .args(["node", "--unmount-all", "--root"])
+            .arg(&self.root)
+            .status();
+    }
+}
+
+/// Sum of a metric's samples whose line contains every `parts`.
+fn metric(text: &str, name: &str, parts: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+struct Rootfs {
+    path: PathBuf,
+}
+
+impl Drop for Rootfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+/// Mount what the snapshotter answered for an active snapshot, as containerd would.
+fn mount_rootfs(mounts: &[hermes_snapshotter::api::containerd::types::Mount], at: &Path) -> Rootfs {
+    std::fs::create_dir_all(at).expect("rootfs dir");
+    let m = &mounts[0];
+    let status = Command::new("mount")
+        .args(["-t", &m.r#type, &m.source, "-o", &m.options.join(",")])
+        .arg(at)
+        .status()
+        .expect("mount");
+    if !status.success() {
+        for o in &m.options {
+            if let Some(l) = o.strip_prefix("lowerdir=") {
+                for d in l.split(':') {
+                    let out = Command::new("stat").args(["-f", d]).output().unwrap();
+                    eprintln!(
+                        "{d}: {} {}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    let out = Command::new("grep")
+                        .args([d, "/proc/self/mountinfo"])
+                        .output()
+                        .unwrap();
+                    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+                }
+            }
+        }
+        panic!("mount {m:?}");
+    }
+    Rootfs {
+        path: at.to_owned(),
+    }
+}
+
+fn labels(image: &PushedImage, layer: usize, chain: &str) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_TARGET_REF.to_owned(), chain.to_owned()),
+        (
+            LABEL_LAYER_DIGEST.to_owned(),
+            image.layers[layer].digest.clone(),
+        ),
+        (LABEL_IMAGE_REF.to_owned(), image.reference.clone()),
+        (
+            LABEL_MANIFEST_DIGEST.to_owned(),
+            image.manifest_digest.clone(),
+        ),
+    ])
+}
+
+/// Prepare every layer as containerd's unpacker does; returns how many were lazy (AlreadyExists).
+async fn unpack(socket: &Path, image: &PushedImage, tag: &str) -> usize {
+    let mut client = hermes_snapshotter::connect(socket).await.expect("connect");
+    let mut parent = String::new();
+    let mut lazy = 0;
+    for i in 0..image.layers.len() {
+        let chain = format!("{tag}-chain-{i}");
+        let key = format!("extract-{i} {chain}");
+        let r = client
+            .prepare(pb::PrepareSnapshotRequest {
+                snapshotter: "hermes".into(),
+                key: key.clone(),
+                parent: parent.clone(),
+                labels: labels(image, i, &chain),
+            })
+            .await;
+        match r {
+            Err(s) if s.code() == tonic::Code::AlreadyExists => lazy += 1,
+            Ok(_) => {
+                // A normal pull: containerd would unpack the layer here. Our test layers are
+                // small; commit it empty, it is not read below.
+                client
+                    .commit(pb::CommitSnapshotRequest {
+                        snapshotter: "hermes".into(),
+                        name: chain.clone(),
+                        key,
+                        labels: HashMap::new(),
+                    })
+                    .await
+                    .expect("commit");
+            }
+            Err(s) => panic!("prepare layer {i}: {s}"),
+        }
+        parent = chain;
+    }
+    lazy
+}
+
+async fn container(
+    socket: &Path,
+    image: &PushedImage,
+    tag: &str,
+    name: &str,
+) -> Vec<hermes_snapshotter::api::containerd::types::Mount> {
+    let mut client = hermes_snapshotter::connect(socket).await.expect("connect");
+    client
+        .prepare(pb::PrepareSnapshotRequest {
+            snapshotter: "hermes".into(),
+            key: name.into(),
+            parent: format!("{tag}-chain-{}", image.layers.len() - 1),
+            labels: HashMap::new(),
+        })
+        .await
+        .expect("container snapshot")
+        .into_inner()
+        .mounts
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn index(image: &str, store: &Path) {
+    let out = Command::new(HERMES)
+        .args([
+            "index",
+            "build",
+            image,
+            "--plain-http",
+            "--min-layer-size",
+            "0",
+        ])
+        .args(["--span-size", "256KiB", "--store"])
+        .arg(store)
+        .output()
+        .expect("hermes index build");
+    assert!(
+        out.status.success(),
+        "index build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn lazy_layers_survive_kill_9_of_the_daemon_and_are_remounted_when_their_servers_die() {
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let pushed = TestImage::new()
+        .file("app/run.sh", b"echo started\n".to_vec())
+        .big_file("app/model.bin", 6)
+        .layer()
+        .file("etc/app.conf", b"threads = 4\n".to_vec())
+        .big_file("data/table.bin", 4)
+        .push(&registry.host(), "node/app:v1")
+        .expect("push");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // zTOCs in the node's own store: the local source.
+    index(&pushed.reference, &dir.path().join("node/ztocs"));
+    let mut node = Node::start(dir.path(), &["--plain-http", "--no-background-fetch"]);
+    let rt = runtime();
+
+    assert_eq!(
+        rt.block_on(unpack(&node.socket, &pushed, "a")),
+        2,
+        "both layers lazy"
+    );
+    let rootfs = mount_rootfs(
+        &rt.block_on(container(&node.socket, &pushed, "a", "c1")),
+        &dir.path().join("c1"),
+    );
+    assert_eq!(
+        std::fs::read(rootfs.path.join("app/run.sh")).unwrap(),
+        b"echo started\n"
+    );
+    node.wait_metrics(|m| {
+        metric(m, "hermes_node_fetched_bytes_total", &["on_demand"]) > 0.0
+            && metric(m, "hermes_node_layers", &["state=\"lazy\""]) == 2.0
+            && metric(m, "hermes_node_read_latency_seconds_count", &[]) > 0.0
+    });
+
+    // The daemon dies: the running container still reads, including data never fetched.
+    node.kill9();
+    let model = std::fs::read(rootfs.path.join("app/model.bin")).expect("read after kill -9");
+    assert!(
+        model == pushed.layers[0].files["app/model.bin"],
+        "wrong model bytes after kill -9 ({} read)",
+        model.len()
+    );
+
+    // Back up: the layers are adopted, a new container of the image starts.
+    node.spawn();
+    assert!(
+        node.log().contains("adopted 2, re-mounted 0, failed 0"),
+        "{}",
+        node.log()
+    );
+    assert_eq!(rt.block_on(unpack(&node.socket, &pushed, "a")), 2);
+    let c2 = mount_rootfs(
+        &rt.block_on(container(&node.socket, &pushed, "a", "c2")),
+        &dir.path().join("c2"),
+    );
+    assert_eq!(
+        std::fs::read(c2.path.join("etc/app.conf")).unwrap(),
+        b"threads = 4\n"
+    );
+    drop(c2);
+    drop(rootfs);
+
+    // Layer servers and daemon all die: on restart the layers are mounted again, same paths.
+    for pid in node.layer_pids() {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    node.restart();
+    assert!(
+        node.log().contains("adopted 0, re-mounted 2, failed 0"),
+        "{}",
+        node.log()
+    );
+    let c3 = mount_rootfs(
+        &rt.block_on(container(&node.socket, &pushed, "a", "c3")),
+        &dir.path().join("c3"),
+    );
+    let table = std::fs::read(c3.path.join("data/table.bin")).expect("read after re-mount");
+    assert!(
+        table == pushed.layers[1].files["data/table.bin"],
+        "wrong table bytes after re-mount ({} read)",
+        table.len()
+    );
+}
+
+#[test]
+fn without_an_index_or_with_the_controller_down_layers_fall_back_quickly() {
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let pushed = TestImage::new()
+        .file("bin/tool", b"#!/bin/sh\n".to_vec())
+        .push(&registry.host(), "node/plain:v1")
+        .expect("push");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let closed = free_port();
+    let controller = format!("http://127.0.0.1:{closed}");
+    let node = Node::start(dir.path(), &["--plain-http", "--controller", &controller]);
+    let rt = runtime();
+    let started = Instant::now();
+    assert_eq!(
+        rt.block_on(unpack(&node.socket, &pushed, "p")),
+        0,
+        "normal pull"
+    );
+    let took = started.elapsed();
+    let m = node.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "hermes_node_index_lookups_total",
+            &["controller", "failed"]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "hermes_node_lazy_misses_total", &["source_failed"]),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "hermes_node_fallbacks_total", &["remote_error"]),
+        1.0,
+        "{m}"
+    );
+    // The controller timeout is 2 s; a refused connection must not take anywhere near that
+    // long per layer, let alone hang the pull.
+    assert!(took < Duration::from_secs(10), "fallback took {took:?}");
+}
+
+#[test]
+fn a_registry_that_dies_after_start_keeps_fetched_data_served_and_fails_missing_reads_with_eio() {
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let proxy = FaultProxy::start(registry.addr()).expect("proxy");
+    let pushed = TestImage::new()
+        .file("app/hot.txt", b"hot\n".to_vec())
+        .file("app/cold.bin", noise(3 << 20, 7))
+        .push(&registry.host(), "node/dies:v1")
+        .expect("push");
+    let image = PushedImage {
+        reference: format!("{}/node/dies:v1", proxy.host()),
+        ..pushed.clone()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    index(&image.reference, &dir.path().join("node/ztocs"));
+    let node = Node::start(dir.path(), &["--plain-http", "--no-background-fetch"]);
+    let rt = runtime();
+    assert_eq!(rt.block_on(unpack(&node.socket, &image, "d")), 1);
+    let rootfs = mount_rootfs(
+        &rt.block_on(container(&node.socket, &image, "d", "c")),
+        &dir.path().join("c"),
+    );
+    assert_eq!(
+        std::fs::read(rootfs.path.join("app/hot.txt")).unwrap(),
+        b"hot\n"
+    );
+
+    // Every later request is refused, as when the registry is gone.
+    proxy
+        .push(hermes_testkit::FaultRule::new("/v2/", hermes_testkit::Fault::Reset).times(u32::MAX));
+    assert_eq!(
+        std::fs::read(rootfs.path.join("app/hot.txt")).unwrap(),
+        b"hot\n",
+        "cached data"
+    );
+    let started = Instant::now();
+    let err = match std::fs::read(rootfs.path.join("app/cold.bin")) {
+        Ok(b) => panic!(
+            "read {} bytes with the registry gone:\n{}\n{:?}",
+            b.len(),
+            node.logs(),
+            proxy.log()
+        ),
+        Err(e) => e,
+    };
+    assert_eq!(err.raw_os_error(), Some(5), "EIO, got {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_span_tampered_with_in_the_registry_is_never_served() {
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let proxy = FaultProxy::start(registry.addr()).expect("proxy");
+    let pushed = TestImage::new()
+        .file("app/weights.bin", noise(1 << 20, 1))
+        .file("app/more.bin", noise(2 << 20, 2))
+        .push(&registry.host(), "node/tampered:v1")
+        .expect("push");
+    let image = PushedImage {
+        reference: format!("{}/node/tampered:v1", proxy.host()),
+        ..pushed.clone()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    index(&image.reference, &dir.path().join("node/ztocs"));
+    let node = Node::start(dir.path(), &["--plain-http", "--no-background-fetch"]);
+    let rt = runtime();
+    assert_eq!(rt.block_on(unpack(&node.socket, &image, "t")), 1);
+    let rootfs = mount_rootfs(
+        &rt.block_on(container(&node.socket, &image, "t", "c")),
+        &dir.path().join("c"),
+    );
+    // One tampered answer: the span fails verification, is fetched again, and only the good
+    // bytes are served.
+    proxy.push(hermes_testkit::FaultRule::new(
+        "/blobs/",
+        hermes_testkit::Fault::Corrupt { at: 100 },
+    ));
+    let read = std::fs::read(rootfs.path.join("app/weights.bin")).expect("read after a refetch");
+    assert!(
+        read == pushed.layers[0].files["app/weights.bin"],
+        "wrong bytes served ({} bytes read)",
+        read.len()
+    );
+    // Tampered every time: the layer is broken and reads fail; wrong bytes are never served.
+    proxy.push(
+        hermes_testkit::FaultRule::new("/blobs/", hermes_testkit::Fault::Corrupt { at: 100 })
+            .times(u32::MAX),
+    );
+    let err =
+        std::fs::read(rootfs.path.join("app/more.bin")).expect_err("tampered bytes are not served");
+    assert_eq!(err.raw_os_error(), Some(5), "EIO, got {err}");
+    node.wait_metrics(|m| metric(m, "hermes_node_verify_failures_total", &[]) >= 2.0);
+}
