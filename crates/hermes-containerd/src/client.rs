@@ -288,11 +288,16 @@ impl Containerd {
             if task.status != TaskStatus::Running as i32 {
                 continue;
             }
+            // containerd 1.6 leaves `container_id` empty in listings; a task's `id` is its
+            // container's.
+            let container_id = if task.container_id.is_empty() {
+                task.id.clone()
+            } else {
+                task.container_id.clone()
+            };
             let got = self
                 .containers()
-                .get(containers::GetContainerRequest {
-                    id: task.container_id.clone(),
-                })
+                .get(containers::GetContainerRequest { id: container_id })
                 .await
                 .map_err(Error::rpc("containers.Get"));
             let container = match got {

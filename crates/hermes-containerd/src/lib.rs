@@ -6,12 +6,14 @@
 //!   namespace (and optionally lease) metadata containerd expects on every call and hands out
 //!   typed service clients.
 //! - A small typed layer on top keeps gRPC types out of callers where that reads better:
-//!   [`Containerd::list_running_containers`] (what the controller's standalone mode watches).
+//!   [`Containerd::list_running_containers`] (what the controller's standalone mode watches), and
+//!   [`Cri`], a kubelet's container start through the CRI.
 //!
 //! It deliberately holds no Hermes policy: deciding what to pull, index or mount lives elsewhere.
 #![warn(missing_docs)]
 
 mod client;
+mod cri;
 mod error;
 mod platform;
 
@@ -120,5 +122,6 @@ pub use client::{
     Containerd, LEASE_HEADER, Metadata, NAMESPACE_HEADER, RunningContainer, Service, Version,
     connect_unix,
 };
+pub use cri::{ContainerState, Cri, Pod, log_lines};
 pub use error::{Error, Result};
 pub use platform::{Platform, manifest_for_platform};
