@@ -294,3 +294,14 @@ controller:
         assert!(parse_size("lots").is_err());
     }
 }
+
+#[cfg(test)]
+mod deploy_example {
+    #[test]
+    fn the_documented_example_config_parses() {
+        let text = include_str!("../../../deploy/containerd/node.toml");
+        let c = super::NodeConfig::from_toml(text).expect("deploy/containerd/node.toml");
+        assert_eq!(c.cache_size, 50 << 30);
+        assert!(c.controller.is_some());
+    }
+}

@@ -5,4 +5,5 @@ mod containerd;
 mod core;
 mod grpc;
 mod lazy;
+mod sources;
 mod support;
