@@ -1,0 +1,383 @@
+#!/usr/bin/env python3
+"""Container start: containerd's normal pull vs Hermes, same run, same machine, same registry.
+
+Starts a docker-registry on loopback behind a bandwidth-capped proxy (bench/throttle_proxy.py,
+which also counts the bytes sent to the node), a containerd with its own root/state/socket and
+Hermes as its `hermes` proxy snapshotter, and `hermes node`. Builds and pushes an image, then
+for each mode wipes containerd's content and snapshots and the node's state, drops the page
+cache, and measures from pull start: the container's first output line ("running"), its
+"ready" line, its exit, and (lazy modes) the moment every layer is fully local, with the
+registry bytes at each point.
+
+Modes:
+  normal    `ctr image pull --snapshotter overlayfs` + `ctr run` (containerd's normal path)
+  lazy      `hermes pull` + `ctr run --snapshotter hermes`, zTOCs in the node's store
+  fallback  the same with no index anywhere: Hermes must fall back to a normal unpack
+Record-and-replay prefetch is not measured (not built yet).
+
+Images: `--image quick` (generated, <= 1 GB, for CI), `--image ml` (generated ML-style, ~4 GB),
+`--image DIR` (an OCI layout built elsewhere, e.g. by bench/torch_image.py; tag "v1").
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stack  # noqa: E402
+from stack import log  # noqa: E402
+from throttle_proxy import ThrottleProxy  # noqa: E402
+
+MODES = ("normal", "lazy", "fallback")
+
+
+# --------------------------------------------------------------------------------------------
+# Generated images
+
+
+def busybox_layer():
+    bb = "/bin/busybox"
+    if not os.path.exists(bb):
+        sys.exit("busybox-static is required: run scripts/install-deps.sh")
+    data = open(bb, "rb").read()
+    entries = [("bin", "dir", None, 0o755), ("bin/busybox", "file", data, 0o755),
+               ("etc", "dir", None, 0o755), ("tmp", "dir", None, 0o1777),
+               ("etc/passwd", "file", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)]
+    for tool in ("sh", "cat", "echo", "find", "xargs", "ls", "wc", "head", "true", "sleep"):
+        entries.append((f"bin/{tool}", "symlink", "busybox", 0o777))
+    return stack.image_tar_writer(entries)
+
+
+def python_tree_layer(seed: int, mib: int, core_mib: int):
+    """A Python-like library tree: source text (compressible) and extension-module-like
+    binaries; the first CORE_MIB go under usr/lib/python3/core (what the entrypoint reads)."""
+    rng = random.Random(seed)
+    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz_") for _ in range(rng.randint(2, 10))) for _ in range(4000)]
+    text = b" ".join(rng.choice(words) + (b"\n" if rng.random() < 0.12 else b"") for _ in range(300_000))
+    noise = rng.randbytes(4 << 20)
+    read_bytes = [0]
+
+    def entries():
+        yield ("usr", "dir", None, 0o755)
+        yield ("usr/lib", "dir", None, 0o755)
+        yield ("usr/lib/python3", "dir", None, 0o755)
+        total, pkg, n = 0, 0, 0
+        while total < mib << 20:
+            core = total < core_mib << 20
+            base = f"usr/lib/python3/{'core' if core else 'site-packages'}"
+            if n % 40 == 0:
+                pkg += 1
+            yield (base, "dir", None, 0o755)
+            yield (f"{base}/pkg{pkg:04d}", "dir", None, 0o755)
+            n += 1
+            if rng.random() < 0.7:
+                size = min(int(rng.lognormvariate(9.5, 1.2)), 2 << 20)
+                start = rng.randrange(0, len(text) - size - 1)
+                data, name = text[start:start + size], f"mod{n:05d}.py"
+            else:
+                size = min(int(rng.lognormvariate(11.5, 1.3)), 16 << 20)
+                out = bytearray()
+                while len(out) < size:
+                    k = rng.randint(256, 4096)
+                    off = rng.randrange(0, len(noise) - k)
+                    out += noise[off:off + k] + bytes(k)  # code-like: half random, half zeros
+                data, name = bytes(out[:size]), f"_ext{n:05d}.so"
+            if core:
+                read_bytes[0] += len(data)
+            total += len(data)
+            yield (f"{base}/pkg{pkg:04d}/{name}", "file", data, 0o644)
+
+    return stack.image_tar_writer(dedup_dirs(entries())), read_bytes
+
+
+def dedup_dirs(entries):
+    seen = set()
+    for e in entries:
+        if e[1] == "dir":
+            if e[0] in seen:
+                continue
+            seen.add(e[0])
+        yield e
+
+
+def models_layer(seed: int, files: int, mib_each: int):
+    """Incompressible "model weights" the entrypoint never reads."""
+    rng = random.Random(seed)
+
+    def write(out):
+        import tarfile
+        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            d = tarfile.TarInfo("models")
+            d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, 1700000000
+            tar.addfile(d)
+            for i in range(files):
+                info = tarfile.TarInfo(f"models/shard-{i:02d}.bin")
+                info.size, info.mode, info.mtime = mib_each << 20, 0o644, 1700000000
+
+                class Noise:
+                    left = mib_each << 20
+
+                    def read(self, n=-1):
+                        n = self.left if n < 0 else min(n, self.left)
+                        self.left -= n
+                        return rng.randbytes(n)
+                tar.addfile(info, Noise())
+    return write
+
+
+ENTRYPOINT = ["/bin/sh", "-c", "echo started; find /usr/lib/python3/core -type f | xargs cat > /dev/null; echo ready"]
+PROFILES = {
+    # name: (python tree MiB, of which read MiB, model files, MiB each)
+    "quick": (240, 24, 4, 100),
+    "ml": (1200, 120, 12, 256),
+}
+
+
+def build_generated(kind: str, layout_dir: str) -> dict:
+    tree_mib, core_mib, files, each = PROFILES[kind]
+    meta_path = os.path.join(layout_dir, "meta.json")
+    if stack.Layout.done(layout_dir) and os.path.exists(meta_path):
+        return json.load(open(meta_path))
+    shutil.rmtree(layout_dir, ignore_errors=True)
+    layout = stack.Layout(layout_dir)
+    t = time.monotonic()
+    layout.add_layer(busybox_layer())
+    write, read_bytes = python_tree_layer(7, tree_mib, core_mib)
+    layout.add_layer(write)
+    layout.add_layer(models_layer(8, files, each), level=1)
+    layout.finish("v1", ENTRYPOINT, ["PATH=/bin"])
+    meta = {"description": f"generated: busybox, a {tree_mib} MiB Python-like tree (the entrypoint reads "
+                           f"{read_bytes[0] / 2**20:.0f} MiB of it), {files} x {each} MiB incompressible model files",
+            "uncompressed_mib": tree_mib + files * each + 2, "read_bytes": read_bytes[0]}
+    json.dump(meta, open(meta_path, "w"))
+    log(f"generated image in {time.monotonic() - t:.1f}s")
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hermes", required=True)
+    ap.add_argument("--image", default="quick", help="quick | ml | an OCI layout dir (tag v1)")
+    ap.add_argument("--rate-mbps", type=float, default=32.0, help="registry bandwidth cap, MB/s")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--work", default="/var/tmp/hermes-startup-bench")
+    ap.add_argument("--span-size", default="", help="zTOC span size for the index (default: hermes')")
+    ap.add_argument("--fully-local-timeout", type=float, default=900)
+    ap.add_argument("--write-results", default="", help="write bench/results/startup-NAME.{md,json}")
+    ap.add_argument("--check", action="store_true", help="fail unless lazy starts faster than normal")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root (containerd, FUSE, overlayfs, drop_caches)")
+    for tool in ("docker-registry", "skopeo", "containerd", "ctr", "runc", "pigz"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is required: run scripts/install-deps.sh")
+    hermes = os.path.abspath(args.hermes)
+    modes = [m for m in args.modes.split(",") if m]
+
+    work = args.work
+    state = os.path.join(work, "run")
+    stack.unmount_all(hermes, os.path.join(state, "node"))
+    stack.unmount_under(state)
+    shutil.rmtree(state, ignore_errors=True)
+    procs = stack.Procs(state, os.path.join(state, "logs"))
+    log(f"work dir {work}; logs in {state}/logs")
+    node = containerd = None
+    try:
+        # Image (cached under WORK/images).
+        if args.image in PROFILES:
+            layout_dir = os.path.join(work, "images", args.image)
+            log(f"image '{args.image}': building (cached) in {layout_dir}")
+            meta = build_generated(args.image, layout_dir)
+            name = args.image
+        else:
+            layout_dir = os.path.abspath(args.image)
+            meta = json.load(open(os.path.join(layout_dir, "meta.json"))) if os.path.exists(
+                os.path.join(layout_dir, "meta.json")) else {"description": layout_dir}
+            name = os.path.basename(layout_dir.rstrip("/"))
+        compressed = stack.Layout.compressed_size(layout_dir)
+
+        reg_port, proxy_port = stack.free_port(), stack.free_port()
+        stack.start_registry(procs, os.path.join(state, "registry"), reg_port)
+        proxy = ThrottleProxy(proxy_port, ("127.0.0.1", reg_port), args.rate_mbps * 1e6).start_thread()
+        direct = f"127.0.0.1:{reg_port}/bench/{name}:v1"
+        ref = f"127.0.0.1:{proxy_port}/bench/{name}:v1"
+        t = time.monotonic()
+        stack.push(layout_dir, "v1", direct)
+        log(f"pushed {direct} ({compressed / 2**20:.0f} MiB compressed) in {time.monotonic() - t:.1f}s")
+
+        node = stack.Node(procs, hermes, os.path.join(state, "node"), os.path.join(state, "hermes.sock"))
+        containerd = stack.Containerd(procs, os.path.join(state, "containerd"), node.socket)
+
+        index_s = None
+        if "lazy" in modes:
+            cmd = [hermes, "index", "build", direct, "--plain-http", "--store", node.store, "--min-layer-size", "0"]
+            if args.span_size:
+                cmd += ["--span-size", args.span_size]
+            t = time.monotonic()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=open(procs.logfile("index"), "ab"))
+            index_s = round(time.monotonic() - t, 2)
+            log(f"indexed with hermes index build in {index_s}s (unthrottled, before the runs)")
+
+        results = {}
+        for mode in modes:
+            log(f"--- mode {mode}: wiping containerd and node state, dropping caches")
+            containerd.wipe()
+            node.wipe(keep_store=(mode == "lazy"))
+            if mode != "lazy":
+                shutil.rmtree(node.store, ignore_errors=True)
+            node.start()
+            containerd.start()
+            stack.drop_caches()
+            if mode == "normal":
+                pull = ["ctr", "--address", containerd.address, "-n", stack.NAMESPACE, "images", "pull",
+                        "--plain-http", "--snapshotter", "overlayfs", ref]
+                snapshotter = "overlayfs"
+            else:
+                pull = [hermes, "pull", ref, "--address", containerd.address, "--namespace", stack.NAMESPACE,
+                        "--snapshotter", "hermes", "--plain-http"]
+                snapshotter = "hermes"
+            r = stack.timed_start(containerd, pull, snapshotter, ref, f"bench-{mode}", lambda: proxy.down)
+            sampler = r.pop("sampler")
+            if mode == "normal":
+                r["fully_local_s"], r["bytes_total"] = r["pulled_s"], r["bytes_at_exit"]
+            else:
+                m = node.metrics()
+                r["lazy_layers"] = m.get('hermes_node_layers{state="lazy"}', 0) + m.get(
+                    'hermes_node_layers{state="fully_local"}', 0)
+                if r["lazy_layers"]:
+                    deadline = time.monotonic() + args.fully_local_timeout
+                    while time.monotonic() < deadline:
+                        m = node.metrics()
+                        if m.get('hermes_node_layers{state="lazy"}', 0) == 0:
+                            break
+                        time.sleep(0.1)
+                    done = sampler.now()
+                    r["fully_local_s"] = done[0] if m.get('hermes_node_layers{state="lazy"}', 0) == 0 else None
+                    r["bytes_total"] = done[1]
+                    r["timeline"].append(done)
+                else:
+                    r["fully_local_s"], r["bytes_total"] = r["pulled_s"], r["bytes_at_exit"]
+                r["node_fetched_on_demand"] = m.get('hermes_node_fetched_bytes_total{mode="on_demand"}', 0)
+                r["node_fetched_background"] = m.get('hermes_node_fetched_bytes_total{mode="background"}', 0)
+            del r["t0"]
+            results[mode] = r
+            log(f"{mode}: running {r['running_s']:.2f}s, ready {r['ready_s']:.2f}s, "
+                f"{r['bytes_at_ready'] / 2**20:.0f} MiB fetched by ready"
+                + (f", fully local {r['fully_local_s']:.1f}s" if r.get("fully_local_s") else ""))
+        containerd.wipe()
+        node.wipe(keep_store=False)
+
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name")), platform.machine())
+        mem = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))) >> 20
+        report = {"image": meta, "image_compressed_mib": round(compressed / 2**20), "rate_mbps": args.rate_mbps,
+                  "index_build_s": index_s, "machine": f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM, "
+                  f"kernel {platform.release()}, containerd {containerd_version()}",
+                  "date": time.strftime("%Y-%m-%d"), "modes": results}
+        table = markdown(report)
+        print(table)
+        if args.write_results:
+            os.makedirs("bench/results", exist_ok=True)
+            base = f"bench/results/startup-{args.write_results}"
+            cmd = " ".join(["bash bench/startup.sh"] + sys.argv[1:])
+            with open(base + ".md", "w") as f:
+                f.write(table + f"\nProduced by `{cmd}` (hermes at {args.hermes}).\n")
+            with open(base + ".json", "w") as f:
+                json.dump(report, f, indent=1)
+                f.write("\n")
+            if chart(report, base + ".png"):
+                log(f"wrote {base}.png")
+            log(f"wrote {base}.md and {base}.json")
+        if args.check:
+            if "normal" not in results or "lazy" not in results:
+                sys.exit("--check needs the normal and lazy modes")
+            n, lz = results["normal"]["running_s"], results["lazy"]["running_s"]
+            if not lz < n:
+                print(f"FAIL: lazy start ({lz:.2f}s) is not faster than the normal path ({n:.2f}s)")
+                return 1
+            print(f"OK: lazy start {lz:.2f}s < normal {n:.2f}s ({n / lz:.1f}x)")
+        return 0
+    finally:
+        if containerd:
+            containerd.stop()
+        if node:
+            node.stop()
+        for name in list(procs.children):
+            procs.stop(name)
+        stack.unmount_under(state)
+
+
+def containerd_version() -> str:
+    out = subprocess.run(["containerd", "--version"], stdout=subprocess.PIPE).stdout.decode().split()
+    return out[2] if len(out) > 2 else "?"
+
+
+def fmt_s(v) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def markdown(rep: dict) -> str:
+    modes = rep["modes"]
+    base = modes.get("normal")
+    label = {"normal": "(a) containerd normal pull (overlayfs)", "lazy": "(b) Hermes lazy",
+             "fallback": "(d) Hermes, no index (fallback)"}
+    read = rep["image"].get("read_bytes")
+    lines = [f"Image: {rep['image']['description']}; {rep['image_compressed_mib']} MiB compressed. "
+             f"Registry on loopback behind a {rep['rate_mbps']:g} MB/s cap; page cache dropped and "
+             f"containerd/node state wiped before each mode. Times from pull start.", "",
+             "| mode | running (first line) s | ready s | fully local s | MiB fetched by ready | "
+             "MiB fetched total | speedup to running vs (a) | speedup to ready vs (a) |"
+             + (" fetch amplification by ready |" if read else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if read else "")]
+    for mode, r in modes.items():
+        sp_run = f"{base['running_s'] / r['running_s']:.1f}×" if base else "–"
+        sp_ready = f"{base['ready_s'] / r['ready_s']:.1f}×" if base and r.get("ready_s") else "–"
+        amp = f" {r['bytes_at_ready'] / read:.1f}× |" if read else ""
+        lines.append(f"| {label.get(mode, mode)} | {fmt_s(r['running_s'])} | {fmt_s(r.get('ready_s'))} | "
+                     f"{fmt_s(r.get('fully_local_s'))} | {r['bytes_at_ready'] / 2**20:.0f} | "
+                     f"{r['bytes_total'] / 2**20:.0f} | {sp_run} | {sp_ready} |{amp}")
+    lines.append("")
+    lines.append("(c) record-and-replay prefetch: not measured (not built yet).")
+    if read:
+        lines.append(f"The entrypoint reads {read / 2**20:.0f} MiB (uncompressed); amplification = "
+                     "registry bytes by ready ÷ that.")
+    if rep.get("index_build_s") is not None:
+        lines.append(f"Index built beforehand with `hermes index build` in {rep['index_build_s']} s (not throttled, "
+                     "not counted).")
+    lines.append(f"Machine: {rep['machine']}; {rep['date']}.")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rep: dict, path: str) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed (apt-get install python3-matplotlib): no PNG chart")
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for mode, r in rep["modes"].items():
+        xs = [t for t, _ in r["timeline"]]
+        ys = [b / 2**20 for _, b in r["timeline"]]
+        line, = ax.plot(xs, ys, label=mode)
+        ax.axvline(r["running_s"], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xlabel("seconds from pull start (dotted: first output line)")
+    ax.set_ylabel("MiB fetched from the registry")
+    ax.set_title(f"{rep['image_compressed_mib']} MiB image, {rep['rate_mbps']:g} MB/s registry")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Container start time: containerd's normal pull vs Hermes lazy vs Hermes without an index, from a
+# local registry behind a bandwidth cap, caches dropped and state wiped between modes (run as root).
+#
+#   bench/startup.sh [--quick] [--image quick|ml|LAYOUT_DIR] [--rate-mbps 32] [--release=true|false]
+#                    [--modes normal,lazy,fallback] [--write-results NAME]
+#
+# --quick: the <= 1 GB generated image, and fail unless lazy start beats the normal path (CI smoke).
+# Results: bench/results/startup-NAME.{md,json,png} with --write-results NAME.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RELEASE=true ARGS=()
+for arg in "$@"; do
+  case "$arg" in
+    --release=*) RELEASE="${arg#*=}" ;;
+    --quick) ARGS+=(--image quick --check) ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) ARGS+=("$arg") ;;
+  esac
+done
+for tool in docker-registry skopeo containerd ctr runc pigz python3 busybox; do
+  command -v "$tool" >/dev/null || { echo "$tool is required: run scripts/install-deps.sh" >&2; exit 1; }
+done
+TARGET="${CARGO_TARGET_DIR:-target}"
+if [ "$RELEASE" = true ]; then
+  cargo build --release -p hermes >&2
+  HERMES="$TARGET/release/hermes"
+else
+  cargo build --workspace --bins >&2  # same feature set as the test build: no rebuild
+  HERMES="$TARGET/debug/hermes"
+fi
+exec python3 bench/startup.py --hermes "$HERMES" "${ARGS[@]}"
