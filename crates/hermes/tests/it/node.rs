@@ -582,3 +582,62 @@ fn a_span_tampered_with_in_the_registry_is_never_served() {
     assert_eq!(err.raw_os_error(), Some(5), "EIO, got {err}");
     node.wait_metrics(|m| metric(m, "hermes_node_verify_failures_total", &[]) >= 2.0);
 }
+
+#[test]
+fn background_fetch_makes_layers_fully_local_and_removing_the_snapshot_stops_the_server() {
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let pushed = TestImage::new()
+        .file("app/data.bin", noise(2 << 20, 3))
+        .push(&registry.host(), "node/bg:v1")
+        .expect("push");
+    let dir = tempfile::tempdir().expect("tempdir");
+    index(&pushed.reference, &dir.path().join("node/ztocs"));
+    let node = Node::start(dir.path(), &["--plain-http"]);
+    let rt = runtime();
+    assert_eq!(rt.block_on(unpack(&node.socket, &pushed, "b")), 1);
+    // Nothing was read, yet the whole layer arrives and is verified.
+    node.wait_metrics(|m| {
+        metric(m, "hermes_node_layers", &["state=\"fully_local\""]) == 1.0
+            && metric(
+                m,
+                "hermes_node_layer_fully_local_seconds",
+                &[&pushed.layers[0].digest],
+            ) > 0.0
+            && metric(m, "hermes_node_fetched_bytes_total", &["background"]) > 0.0
+    });
+    let pids = node.layer_pids();
+    assert_eq!(pids.len(), 1);
+
+    // containerd removes the image's snapshot: the layer server stops and its mount goes.
+    rt.block_on(async {
+        let mut client = hermes_snapshotter::connect(&node.socket)
+            .await
+            .expect("connect");
+        client
+            .remove(pb::RemoveSnapshotRequest {
+                snapshotter: "hermes".into(),
+                key: "b-chain-0".into(),
+            })
+            .await
+            .expect("remove");
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{}", pids[0])).exists()
+        && !std::fs::read_to_string(format!("/proc/{}/stat", pids[0]))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "layer server {} still runs",
+            pids[0]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(node.root.to_str().unwrap()),
+        "a mount under the node root is left:\n{mounts}"
+    );
+}
