@@ -641,3 +641,132 @@ fn background_fetch_makes_layers_fully_local_and_removing_the_snapshot_stops_the
         "a mount under the node root is left:\n{mounts}"
     );
 }
+
+/// Every path under `root` with its type, mode, owner, size, link target and content hash,
+/// sorted: two trees are the same when these lists are equal.
+fn walk(root: &Path) -> Vec<String> {
+    let script = r#"cd "$1" && find . -mindepth 1 -printf '%p %y %m %U:%G %s %l\n' | sort && find . -type f -print0 | sort -z | xargs -0r sha256sum"#;
+    let out = Command::new("sh")
+        .args(["-c", script, "walk"])
+        .arg(root)
+        .output()
+        .expect("walk");
+    assert!(
+        out.status.success(),
+        "walk {}: {}",
+        root.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            // Directory sizes depend on the filesystem, not on the image.
+            let f: Vec<&str> = l.split(' ').collect();
+            if f.get(1) == Some(&"d") {
+                format!("{} d {} {}", f[0], f[2], f[3])
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn lazy_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let pushed = TestImage::new()
+        .dir("etc")
+        .file("etc/app.conf", b"threads = 4\n".to_vec())
+        .file("etc/old.conf", b"gone in layer 2\n".to_vec())
+        .executable("bin/run", b"#!/bin/sh\necho run\n".to_vec())
+        .symlink("bin/start", "run")
+        .dir("var/cache/pkgs")
+        .file("var/cache/pkgs/a.deb", noise(300 << 10, 5))
+        .big_file("models/weights.bin", 5)
+        .file("empty", Vec::new())
+        .layer()
+        .whiteout("etc/old.conf")
+        .whiteout("var/cache/pkgs")
+        .file("etc/app.conf", b"threads = 8\n".to_vec())
+        .file("models/extra.bin", noise(700 << 10, 6))
+        .symlink("latest", "models/weights.bin")
+        .push(&registry.host(), "node/tree:v1")
+        .expect("push");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // The normal path: containerd's own pull and unpack into its overlayfs snapshotter.
+    let containerd = hermes_testkit::Containerd::builder()
+        .registry_host(&registry.host())
+        .start()
+        .expect("containerd");
+    containerd
+        .ctr(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "overlayfs",
+            &pushed.reference,
+        ])
+        .expect("ctr pull");
+    let mut chain = pushed.layers[0].diff_id.clone();
+    for l in &pushed.layers[1..] {
+        let digest = hermes_oci::Digest::of(format!("{chain} {}", l.diff_id).as_bytes());
+        chain = digest.to_string();
+    }
+    containerd
+        .ctr(&[
+            "snapshots",
+            "--snapshotter",
+            "overlayfs",
+            "view",
+            "tree-view",
+            &chain,
+        ])
+        .expect("view");
+    let normal_root = dir.path().join("normal");
+    std::fs::create_dir_all(&normal_root).unwrap();
+    let mount_cmd = containerd
+        .ctr(&[
+            "snapshots",
+            "--snapshotter",
+            "overlayfs",
+            "mounts",
+            normal_root.to_str().unwrap(),
+            "tree-view",
+        ])
+        .expect("mounts");
+    let status = Command::new("sh")
+        .args(["-c", &mount_cmd])
+        .status()
+        .expect("mount normal");
+    assert!(status.success(), "{mount_cmd}");
+    let normal = Rootfs { path: normal_root };
+
+    // The lazy path.
+    index(&pushed.reference, &dir.path().join("node/ztocs"));
+    let node = Node::start(dir.path(), &["--plain-http", "--no-background-fetch"]);
+    let rt = runtime();
+    assert_eq!(rt.block_on(unpack(&node.socket, &pushed, "tree")), 2);
+    let lazy = mount_rootfs(
+        &rt.block_on(container(&node.socket, &pushed, "tree", "tree-c")),
+        &dir.path().join("lazy"),
+    );
+
+    let (want, got) = (walk(&normal.path), walk(&lazy.path));
+    assert!(
+        want.iter().any(|l| l.starts_with("./latest l")),
+        "{want:#?}"
+    );
+    assert!(
+        !want
+            .iter()
+            .any(|l| l.contains("old.conf") || l.contains("pkgs")),
+        "{want:#?}"
+    );
+    assert_eq!(
+        got, want,
+        "lazy tree (left) differs from containerd's unpack (right)"
+    );
+}
