@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{BuildOutcome, Miss, NodeApi};
 use crate::builder::{Builder, LayerBuild, LayerResult, Resolved};
+use crate::error::chain;
 use crate::matcher::RunningContainer;
 use crate::policy::{DEFAULT_SPAN_SIZE, Policy};
 use crate::queue::{BuildQueue, JobId, LayerKey, QueueEvent, QueueOptions};
@@ -162,18 +163,6 @@ pub fn store_contents(store: &Store) -> Result<StoreContents> {
             .insert(record.manifest_digest.clone(), record);
     }
     Ok(contents)
-}
-
-/// Chain of an error's messages, for statuses.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 impl Engine {

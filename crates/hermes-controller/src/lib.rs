@@ -14,7 +14,8 @@
 //!   taking misses and traces;
 //! - [`builder`]: the registry and store work (resolve, build a layer, finish an image);
 //! - [`status`]: image reports (status plus build statistics), kept durably;
-//! - [`engine`]: the controller loop both adapters drive.
+//! - [`engine`]: the controller loop both adapters drive;
+//! - [`standalone`]: the standalone adapter (policy directory, local containerd).
 //!
 //! The modules up to [`prefetch`] are pure: no I/O, no clock (time is passed in). The
 //! Kubernetes adapter lives in its own crate (`hermes-kube`) on top of [`engine`].
@@ -31,6 +32,7 @@ pub mod prefetch;
 pub mod queue;
 pub mod reconcile;
 pub mod selector;
+pub mod standalone;
 pub mod status;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, chain};

@@ -282,7 +282,7 @@ impl PolicyStatus {
                 "Valid",
                 false,
                 "InvalidSpec",
-                error.to_string(),
+                crate::error::chain(error),
             )],
         }
     }

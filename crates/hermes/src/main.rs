@@ -5,10 +5,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod controller_cmd;
 mod index_cmd;
 mod layer_cmd;
 mod node_cmd;
 mod size;
+mod status_cmd;
 mod ztoc_cmd;
 
 /// Hermes: containers from unmodified OCI images start in seconds by loading their layers lazily.
@@ -41,6 +43,11 @@ enum Command {
     /// Memory sidecar modules: resolve which load (runtime script or static config), run them.
     #[command(subcommand)]
     Modules(hermes_modules::cli::ModulesCommand),
+    /// The controller: indexes running images that a HermesPolicy selects and serves the
+    /// indexes to nodes (`--standalone`: policies from a directory, a local containerd).
+    Controller(controller_cmd::ControllerArgs),
+    /// What the controller knows: images (phase, layers, build time, errors) and policies.
+    Status(status_cmd::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +76,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Layer(cmd) => layer_cmd::run(cmd),
         Command::Node(args) => node_cmd::run(args),
         Command::Modules(cmd) => Ok(hermes_modules::cli::run_command(cmd)?),
+        Command::Controller(args) => controller_cmd::run(args),
+        Command::Status(args) => status_cmd::run(args),
     }
 }
 
