@@ -45,6 +45,8 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     let base = args.controller.trim_end_matches('/').to_owned();
     let (images, policies): (Vec<ImageReport>, Vec<PolicyReport>) = runtime.block_on(async {
+        // reqwest is built without a default TLS crypto provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .build()
             .context("cannot set up an HTTP client")?;
