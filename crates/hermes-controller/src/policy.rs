@@ -52,6 +52,7 @@ pub struct Metadata {
 }
 
 /// `spec` of a `HermesPolicy`, as written.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicySpec {
@@ -82,6 +83,7 @@ pub struct PolicySpec {
 }
 
 /// What nodes do with a matching image.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]
@@ -98,6 +100,7 @@ pub enum Mode {
 }
 
 /// Index build settings.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IndexSpec {
@@ -131,6 +134,7 @@ fn default_span_size() -> Quantity {
 }
 
 /// A byte count written as an integer or a Kubernetes-style quantity (`512Ki`, `10Mi`, `1G`).
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Quantity {
@@ -183,6 +187,7 @@ fn parse_quantity(s: &str) -> Result<u64, String> {
 }
 
 /// Whether to push a SOCI index to the registry.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Push {
     /// Keep artifacts in the controller's store only.
@@ -195,6 +200,7 @@ pub enum Push {
 }
 
 /// Startup prefetch recording.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PrefetchSpec {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 pub type Labels = BTreeMap<String, String>;
 
 /// A Kubernetes label selector.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelSelector {
@@ -21,6 +22,7 @@ pub struct LabelSelector {
 }
 
 /// One `matchExpressions` entry.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelRequirement {
@@ -34,6 +36,7 @@ pub struct LabelRequirement {
 }
 
 /// A `matchExpressions` operator.
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Operator {
     /// The label is present with one of the values.

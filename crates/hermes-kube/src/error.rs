@@ -1,0 +1,48 @@
+//! The Kubernetes adapter's errors.
+
+/// What went wrong in the Kubernetes adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the Kubernetes API failed.
+    #[error("Kubernetes API: {action}")]
+    Kube {
+        /// What the adapter was doing (`patch HermesImage sha256-…/status`).
+        action: String,
+        /// The client's error.
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// A value could not be written as YAML.
+    #[error("cannot write {what} as YAML: {reason}")]
+    Yaml {
+        /// What was written.
+        what: String,
+        /// The serializer's message.
+        reason: String,
+    },
+    /// Leader election failed.
+    #[error("leader election on Lease {namespace}/{name}")]
+    Lease {
+        /// Lease namespace.
+        namespace: String,
+        /// Lease name.
+        name: String,
+        /// The lease manager's error.
+        #[source]
+        source: Box<kube_lease_manager::LeaseManagerError>,
+    },
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wrap a client error with what the adapter was doing.
+    pub(crate) fn kube(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+        let action = action.into();
+        move |source| Error::Kube {
+            action,
+            source: Box::new(source),
+        }
+    }
+}

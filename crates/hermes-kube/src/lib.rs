@@ -1,0 +1,42 @@
+//! The Hermes controller's Kubernetes adapter (kube-rs): the `HermesPolicy` and `HermesImage`
+//! custom resources, and the edge that feeds the controller core from the cluster and writes
+//! its decisions back.
+//!
+//! - [`crd`]: the resource types; `deploy/crds/` is generated from them ([`crd::crds_yaml`]);
+//! - [`view`]: cluster objects → the core's inputs (running containers, policies, pull secrets);
+//! - [`status`]: the core's statuses → `HermesImage`/`HermesPolicy` status and pod Events;
+//! - [`engine`]: the seam to what decides and builds, and the interim engine;
+//! - [`controller`]: leader election, watches, the reconcile loop, writing statuses.
+//!
+//! Everything but [`controller`] is plain functions over values, tested without a server; the
+//! loop is tested against a real kube-apiserver (`tests/it`).
+#![warn(missing_docs)]
+
+pub mod controller;
+pub mod crd;
+pub mod engine;
+mod error;
+pub mod status;
+pub mod view;
+
+pub use error::{Error, Result};
+
+/// An error and its sources on one line, for logs and status messages.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn print() {
+        println!("{}", crate::crd::crds_yaml().unwrap());
+    }
+}
