@@ -16,6 +16,10 @@ APT_PACKAGES=(
   containerd runc      # the snapshotter's tests run a real containerd with Hermes as a proxy plugin
   busybox-static       # the static binary inside the testkit's tiny runnable images (sandbox, test images)
   openssl curl         # TLS certificate and real HTTPS client for the admission webhook test
+  # kube-apiserver v1.20 built from Debian's source package for the Kubernetes adapter's tests
+  # (scripts/kube-apiserver.sh): Go toolchain, build tools, the patched vendor packages, etcd
+  golang-1.19-go rsync make dpkg-dev jq etcd-server
+  golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

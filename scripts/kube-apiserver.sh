@@ -183,7 +183,7 @@ cmd_run() {
       *) die "unknown option $1" ;;
     esac
   done
-  command -v etcd >/dev/null || die "etcd not found: run 'scripts/kube-apiserver.sh deps' as root"
+  cmd_deps
   local bin
   bin=$(cmd_build)
   mkdir -p "$dir"
@@ -215,7 +215,7 @@ cmd_run() {
     --service-account-key-file "$dir/sa.pub" --service-account-signing-key-file "$dir/sa.key" \
     --service-account-issuer https://kubernetes.default.svc --api-audiences https://kubernetes.default.svc \
     --service-cluster-ip-range 10.0.0.0/24 --endpoint-reconciler-type none \
-    --authorization-mode Node,RBAC --enable-priority-and-fairness=false \
+    --authorization-mode Node,RBAC --enable-priority-and-fairness=false --allow-privileged=true \
     --disable-admission-plugins ServiceAccount \
     --logtostderr=true --v=0 >"$dir/apiserver.log" 2>&1 &
   api_pid=$!

@@ -16,6 +16,9 @@ export CARGO_TERM_COLOR=never RUST_BACKTRACE=1
 export PROPTEST_CASES="${PROPTEST_CASES:-}"
 [ -z "$PROPTEST_CASES" ] && unset PROPTEST_CASES
 
+step "kube-apiserver v1.20 for the Kubernetes adapter's tests (built once, cached)"
+bash scripts/kube-apiserver.sh build
+
 step "format"
 cargo fmt --all --check
 

@@ -239,6 +239,19 @@ async fn lead<E: Engine>(
         let credentials = secrets
             .for_wanted_images(&valid, &pod_containers, &pods)
             .await;
+        // Events go to the pods a policy decides about, not every pod running the same image.
+        let decided: Vec<PodContainers> = pod_containers
+            .iter()
+            .map(|pc| PodContainers {
+                containers: pc
+                    .containers
+                    .iter()
+                    .filter(|c| decide(&valid, c) != Decision::Unmatched)
+                    .cloned()
+                    .collect(),
+                ..pc.clone()
+            })
+            .collect();
         let state = ClusterState {
             policies: valid,
             containers: pod_containers
@@ -249,7 +262,7 @@ async fn lead<E: Engine>(
         };
         let report = engine.reconcile(state).await;
         writer
-            .write(&report, &invalid, &policy_objects, &pod_containers)
+            .write(&report, &invalid, &policy_objects, &decided)
             .await?;
         tokio::select! {
             () = watches.changed.notified() => {}

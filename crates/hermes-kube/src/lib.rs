@@ -32,11 +32,3 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn print() {
-        println!("{}", crate::crd::crds_yaml().unwrap());
-    }
-}

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod controller_cmd;
 mod index_cmd;
+mod kube_cmd;
 mod layer_cmd;
 mod node_cmd;
 mod size;
@@ -40,6 +41,9 @@ enum Command {
     /// pulls the layer normally. Lazy layers are served by separate processes, so they stay
     /// mounted across daemon restarts; `--unmount-all` takes them down.
     Node(node_cmd::NodeArgs),
+    /// The controller in a Kubernetes cluster (HermesPolicy CRDs, pod watch, leader election).
+    #[command(subcommand)]
+    Kube(kube_cmd::KubeCommand),
     /// Memory sidecar modules: resolve which load (runtime script or static config), run them.
     #[command(subcommand)]
     Modules(hermes_modules::cli::ModulesCommand),
@@ -75,6 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Index(cmd) => index_cmd::run(cmd),
         Command::Layer(cmd) => layer_cmd::run(cmd),
         Command::Node(args) => node_cmd::run(args),
+        Command::Kube(cmd) => kube_cmd::run(cmd),
         Command::Modules(cmd) => Ok(hermes_modules::cli::run_command(cmd)?),
         Command::Controller(args) => controller_cmd::run(args),
         Command::Status(args) => status_cmd::run(args),

@@ -1,0 +1,216 @@
+//! Two controller replicas: one leader builds, the other waits; killing the leader hands over
+//! after the lease expires; a graceful stop releases the lease at once.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hermes_kube::controller;
+use hermes_kube::crd::ImagePhase;
+use hermes_testkit::{Registry, TestImage};
+
+use crate::cluster::{CONTROLLER_USER, Cluster, engine, eventually, replica_options};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A replica on a runtime of its own, so it can be killed: dropping the runtime ends every task
+/// at once — no builds finish, the lease is not released — as a SIGKILL would.
+struct KillableReplica {
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<std::sync::mpsc::Receiver<hermes_kube::Result<()>>>,
+}
+
+impl KillableReplica {
+    fn start(kubeconfig: &Path, identity: &str, store: &Path) -> KillableReplica {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (kubeconfig, identity, store) = (
+            kubeconfig.to_path_buf(),
+            identity.to_owned(),
+            store.to_path_buf(),
+        );
+        runtime.spawn(async move {
+            let client = crate::apiserver::client_from(&kubeconfig, Some(CONTROLLER_USER)).await;
+            let result = controller::run(
+                client,
+                engine(&store),
+                replica_options(&identity),
+                async move {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await;
+            let _ = done_tx.send(result);
+        });
+        KillableReplica {
+            runtime: Some(runtime),
+            stop: Some(stop_tx),
+            done: Some(done_rx),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    fn stop(&mut self) -> hermes_kube::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = self
+            .done
+            .take()
+            .expect("running")
+            .recv_timeout(Duration::from_secs(20))
+            .expect("replica stops within 20 s");
+        self.kill();
+        result
+    }
+}
+
+impl Drop for KillableReplica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn has_ztoc(store: &Path, layer: &str) -> bool {
+    let digest = hermes_oci::Digest::parse(layer).expect("digest");
+    hermes_oci::Store::open(store)
+        .expect("store")
+        .any_ztoc_for_layer(&digest)
+        .expect("read store")
+        .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_elect_one_leader_and_the_other_takes_over_when_it_is_killed() {
+    let registry = Registry::start().expect("registry");
+    let host = registry.host();
+    let first = TestImage::new()
+        .file("a", vec![3u8; 256 << 10])
+        .push(&host, "team/first:v1")
+        .expect("push first");
+    let second = TestImage::new()
+        .file("b", vec![4u8; 256 << 10])
+        .push(&host, "team/second:v1")
+        .expect("push second");
+
+    let cluster = Cluster::start().await;
+    cluster.namespace("apps", &[]).await;
+    cluster
+        .apply_policy(
+            "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {name: all}\nspec:\n  \
+             images: [\"**\"]\n  index: {minLayerSize: 0, spanSize: 64Ki}\n",
+        )
+        .await
+        .expect("policy");
+    let image_id = |repo: &str, digest: &str| format!("{host}/{repo}@{digest}");
+    cluster
+        .running_pod(
+            "apps",
+            "first",
+            &format!("{host}/team/first:v1"),
+            &image_id("team/first", &first.manifest_digest),
+            None,
+        )
+        .await;
+
+    let stores = [
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    ];
+    let names = ["replica-a", "replica-b"];
+    let mut replicas = [
+        KillableReplica::start(&cluster.server.kubeconfig(), names[0], stores[0].path()),
+        KillableReplica::start(&cluster.server.kubeconfig(), names[1], stores[1].path()),
+    ];
+
+    eventually(WAIT, "first image Ready", || async {
+        cluster.image(&first.manifest_digest).await.filter(|i| {
+            i.status
+                .as_ref()
+                .is_some_and(|s| s.phase == ImagePhase::Ready)
+        })
+    })
+    .await;
+    let holder = cluster
+        .lease_holder()
+        .await
+        .expect("a leader holds the lease");
+    let leader = names
+        .iter()
+        .position(|n| *n == holder)
+        .expect("holder is a replica");
+    let follower = 1 - leader;
+    let layer = &first.layers[0].digest;
+    assert!(
+        has_ztoc(stores[leader].path(), layer),
+        "the leader built the image"
+    );
+    assert!(
+        !has_ztoc(stores[follower].path(), layer),
+        "the follower never builds while the other leads"
+    );
+
+    let killed_at = Instant::now();
+    replicas[leader].kill();
+    eventually(WAIT, "the follower takes the lease", || async {
+        (cluster.lease_holder().await.as_deref() == Some(names[follower])).then_some(())
+    })
+    .await;
+    let takeover = killed_at.elapsed();
+    eprintln!("takeover after the leader was killed: {takeover:?} (lease duration 4 s)");
+    assert!(
+        takeover < Duration::from_secs(15),
+        "takeover took {takeover:?}"
+    );
+
+    // The new leader reconciles: a pod started after the failover gets its image indexed.
+    cluster
+        .running_pod(
+            "apps",
+            "second",
+            &format!("{host}/team/second:v1"),
+            &image_id("team/second", &second.manifest_digest),
+            None,
+        )
+        .await;
+    eventually(WAIT, "second image Ready under the new leader", || async {
+        cluster.image(&second.manifest_digest).await.filter(|i| {
+            i.status
+                .as_ref()
+                .is_some_and(|s| s.phase == ImagePhase::Ready)
+        })
+    })
+    .await;
+    assert!(has_ztoc(stores[follower].path(), &second.layers[0].digest));
+    assert!(
+        !has_ztoc(stores[leader].path(), &second.layers[0].digest),
+        "the killed replica built nothing more"
+    );
+
+    // A graceful stop releases the lease instead of letting it expire.
+    tokio::task::spawn_blocking({
+        let mut r = std::mem::replace(
+            &mut replicas[follower],
+            KillableReplica {
+                runtime: None,
+                stop: None,
+                done: None,
+            },
+        );
+        move || r.stop()
+    })
+    .await
+    .expect("join")
+    .expect("graceful stop");
+    assert_eq!(cluster.lease_holder().await, None, "released on shutdown");
+}

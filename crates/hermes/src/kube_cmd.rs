@@ -1,0 +1,198 @@
+//! `hermes kube …`: the controller's Kubernetes mode (HermesPolicy objects, pod watch, leader
+//! election, HermesImage statuses, pod Events) and the CRDs it needs.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use hermes_controller::api::{self, NodeApi};
+use hermes_kube::controller::{self, ControllerOptions};
+use hermes_kube::engine::{ClusterState, Engine, IndexerEngine, IndexerOptions, Report};
+use hermes_oci::Store;
+use tokio::sync::Notify;
+
+#[derive(Debug, Subcommand)]
+pub enum KubeCommand {
+    /// Print the HermesPolicy and HermesImage CustomResourceDefinitions (YAML), generated from
+    /// the Rust types: `hermes kube crds | kubectl apply -f -`.
+    Crds,
+    /// Run the controller against the cluster: replicas elect a leader through a Lease; the
+    /// leader watches HermesPolicies and pods, indexes the running images policies want and
+    /// writes HermesImage objects, policy conditions and pod Events. Every replica serves the
+    /// node API from its artifact store.
+    Controller(ControllerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// This replica's identity in the Lease [default: the host name].
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "hermes-system")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "hermes-controller")]
+    lease_name: String,
+    /// Seconds a lease stays valid after its last renewal (a crashed leader is replaced after this).
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+    /// Seconds before expiry at which the leader renews.
+    #[arg(long, default_value_t = 5)]
+    lease_grace: u64,
+    /// Seconds between passes when nothing changes (retries are picked up then).
+    #[arg(long, default_value_t = 30)]
+    resync: u64,
+    /// Seconds a failed image waits before it is built again.
+    #[arg(long, default_value_t = 60)]
+    retry_after: u64,
+    /// Artifact store directory.
+    #[arg(
+        long,
+        env = "HERMES_DATA",
+        default_value = "/var/lib/hermes-controller"
+    )]
+    data: PathBuf,
+    /// Address of the node API.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// File with the bearer token nodes must send to the node API (none: no auth).
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Talk plain HTTP to registries (in-cluster registries without TLS).
+    #[arg(long)]
+    plain_http: bool,
+}
+
+pub fn run(cmd: KubeCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        KubeCommand::Crds => {
+            let yaml = hermes_kube::crd::crds_yaml()?;
+            std::io::stdout().write_all(yaml.as_bytes())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        KubeCommand::Controller(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(controller_main(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Publishes every report to the node API (`GET /v1/images/{digest}`) as it passes by.
+struct Publishing<E> {
+    inner: E,
+    api: NodeApi,
+}
+
+impl<E: Engine> Engine for Publishing<E> {
+    async fn reconcile(&mut self, state: ClusterState) -> Report {
+        let report = self.inner.reconcile(state).await;
+        self.api.set_statuses(report.images.iter().cloned());
+        report
+    }
+
+    fn changed(&self) -> Arc<Notify> {
+        self.inner.changed()
+    }
+
+    async fn stop(&mut self) {
+        self.inner.stop().await;
+    }
+}
+
+async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
+    let token = match &args.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the node API token {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let store = Store::open(&args.data)
+        .with_context(|| format!("cannot open the artifact store {}", args.data.display()))?;
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
+    let identity = match args.identity {
+        Some(id) => id,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "hermes-controller".to_owned()),
+    };
+
+    let (misses_tx, mut misses) = tokio::sync::mpsc::channel(256);
+    let api = NodeApi::new(
+        store.clone(),
+        token,
+        vec![hermes_controller::policy::DEFAULT_SPAN_SIZE],
+        misses_tx,
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let stop_api = Arc::new(Notify::new());
+    let server = tokio::spawn({
+        let (api, stop) = (api.clone(), stop_api.clone());
+        async move { api::serve(listener, api, async move { stop.notified().await }).await }
+    });
+    // Misses only log for now: the pod watch finds running images on its own.
+    tokio::spawn(async move {
+        while let Some(miss) = misses.recv().await {
+            tracing::debug!(?miss, "node reported a miss");
+        }
+    });
+    api.set_ready(true);
+
+    let engine = Publishing {
+        inner: IndexerEngine::new(
+            store,
+            IndexerOptions {
+                plain_http: args.plain_http,
+                retry_after: Duration::from_secs(args.retry_after),
+                ..IndexerOptions::default()
+            },
+        ),
+        api,
+    };
+    let options = ControllerOptions {
+        identity,
+        lease_namespace: args.lease_namespace,
+        lease_name: args.lease_name,
+        lease_duration: Duration::from_secs(args.lease_duration),
+        lease_grace: Duration::from_secs(args.lease_grace),
+        resync: Duration::from_secs(args.resync),
+        ..ControllerOptions::default()
+    };
+    let result = controller::run(client, engine, options, shutdown_signal()).await;
+    stop_api.notify_one();
+    let _ = server.await;
+    Ok(result?)
+}
+
+/// SIGTERM (the kubelet stopping the pod) or Ctrl-C.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown requested");
+}
