@@ -104,6 +104,19 @@ impl Builder {
         &self.store
     }
 
+    /// The same builder with other registry credentials (the Kubernetes adapter's pull secrets).
+    pub fn with_credentials(&self, credentials: hermes_oci::Credentials) -> Result<Self> {
+        let options = hermes_oci::ClientOptions {
+            credentials,
+            ..self.client.options().clone()
+        };
+        let client = Client::new(options).map_err(oci("configure a client for", "registries"))?;
+        Ok(Self {
+            client,
+            ..self.clone()
+        })
+    }
+
     /// Resolve `reference` as pinned by `digest` (a pod's `imageID`: an index or a manifest)
     /// to this builder's platform.
     #[instrument(skip(self), fields(image = %reference))]

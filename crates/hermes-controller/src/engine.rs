@@ -222,6 +222,17 @@ impl Engine {
         self.containers = containers;
     }
 
+    /// Use these registry credentials for resolves and builds started from now on.
+    pub fn set_credentials(&mut self, credentials: hermes_oci::Credentials) -> Result<()> {
+        self.builder = self.builder.with_credentials(credentials)?;
+        Ok(())
+    }
+
+    /// The platform manifest a running container's digest (`imageID`) resolved to, if it has.
+    pub fn manifest_of(&self, container_digest: &Digest) -> Option<&Digest> {
+        self.manifests.get(container_digest).map(|m| &m.manifest)
+    }
+
     /// Image reports, by digest.
     pub fn images(&self) -> impl Iterator<Item = &crate::status::ImageReport> {
         self.book.reports()

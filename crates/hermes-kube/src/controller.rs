@@ -1,11 +1,17 @@
 //! The running adapter: leader election on a `coordination.k8s.io` Lease, and while leading,
-//! watches of `HermesPolicy`, pods and namespaces feeding an [`Engine`], whose reports become
-//! `HermesImage` objects, policy status conditions and pod Events.
+//! watches of `HermesPolicy`, pods and namespaces feeding the core's [`Engine`], whose reports
+//! become `HermesImage` objects, policy status conditions and pod Events.
 //!
-//! Only the leader watches, builds and writes: a replica that loses the lease (or is told to
-//! shut down) stops its engine — every build task ended — before it does anything else, and a
-//! replica shutting down releases the lease so another takes over at once instead of after the
-//! lease expires.
+//! Only the leader watches, builds and writes. Each term of leadership gets a fresh engine from
+//! the caller's factory; losing the lease (or shutting down) drops it, which aborts its
+//! background tasks, so a replica that is no longer leader starts nothing new. A replica shutting
+//! down releases the lease, so another takes over at once instead of after the lease expires.
+//!
+//! Pull credentials: the pull secrets of the pods running images some policy wants (their own
+//! `imagePullSecrets`, then their service account's) are read with `get` and merged by registry
+//! (pods in namespace/name order; the first secret naming a registry wins) into the engine's
+//! registry client. A cluster whose namespaces hold different credentials for one registry gets
+//! the first one's for every image there.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -13,9 +19,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use hermes_controller::engine::Engine;
 use hermes_controller::matcher::{Decision, decide};
 use hermes_controller::policy::Policy;
 use hermes_controller::reconcile::PolicyStatus;
+use hermes_controller::status::{ImageReport, PolicyReport};
 use hermes_oci::{Credentials, Digest};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -33,7 +41,6 @@ use crate::crd::{
     HermesImage, HermesImageSpec, HermesImageStatus, HermesPolicy, image_object_name,
     managed_labels,
 };
-use crate::engine::{ClusterState, Engine, Report};
 use crate::view::{self, PodContainers};
 use crate::{Error, Result, status};
 
@@ -70,11 +77,11 @@ impl Default for ControllerOptions {
     }
 }
 
-/// Run until `shutdown` completes: elect, lead while elected, stop the engine and release the
-/// lease at the end.
-pub async fn run<E: Engine>(
+/// Run until `shutdown` completes: elect, lead while elected (with an engine from
+/// `make_engine` per term), release the lease at the end.
+pub async fn run(
     client: Client,
-    mut engine: E,
+    mut make_engine: impl FnMut() -> hermes_controller::Result<Engine>,
     options: ControllerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
@@ -116,20 +123,18 @@ pub async fn run<E: Engine>(
             }
         };
         let stop = tokio::select! {
-            () = lead_forever(&client, &mut engine, &options) => false,
+            () = lead_forever(&client, &mut make_engine, &options) => false,
             () = lost => {
-                warn!(identity = %options.identity, "lost leadership; stopping builds");
+                warn!(identity = %options.identity, "lost leadership; builds stopped");
                 false
             }
             () = &mut shutdown => true,
         };
-        engine.stop().await;
         if stop {
             break;
         }
     }
     info!(identity = %options.identity, "shutting down; releasing the lease");
-    engine.stop().await;
     drop(leader);
     match lease_task.await {
         Ok(Ok(_)) => Ok(()),
@@ -141,12 +146,20 @@ pub async fn run<E: Engine>(
     }
 }
 
-/// Lead until cancelled; an error (API unreachable, …) is logged and the leader starts over.
-async fn lead_forever<E: Engine>(client: &Client, engine: &mut E, options: &ControllerOptions) {
+/// Lead until cancelled; an error (API unreachable, …) is logged and the leader starts over
+/// with a new engine.
+async fn lead_forever(
+    client: &Client,
+    make_engine: &mut impl FnMut() -> hermes_controller::Result<Engine>,
+    options: &ControllerOptions,
+) {
     loop {
-        if let Err(e) = lead(client, engine, options).await {
+        let result = match make_engine() {
+            Ok(engine) => lead(client, engine, options).await,
+            Err(e) => Err(Error::Engine(Box::new(e))),
+        };
+        if let Err(e) = result {
             warn!(error = %crate::error_chain(&e), "controller loop failed; restarting in 5 s");
-            engine.stop().await;
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
     }
@@ -213,73 +226,96 @@ impl Watches {
     }
 }
 
+/// How long the engine works between two status writes.
+const WRITE_EVERY: Duration = Duration::from_millis(500);
+
 #[instrument(skip_all, fields(identity = %options.identity))]
-async fn lead<E: Engine>(
-    client: &Client,
-    engine: &mut E,
-    options: &ControllerOptions,
-) -> Result<()> {
+async fn lead(client: &Client, mut engine: Engine, options: &ControllerOptions) -> Result<()> {
     let watches = Watches::start(client).await;
     let mut writer = StatusWriter::start(client, options).await?;
     let mut secrets = PullSecrets::new(client.clone());
-    let engine_changed = engine.changed();
+    let mut last_sync = Instant::now();
+    let mut dirty = true;
     loop {
         let policy_objects = watches.policies.state();
-        let mut valid = Vec::new();
-        let mut invalid = Vec::new();
-        for object in &policy_objects {
-            match view::policy(object) {
-                Ok(p) => valid.push(p),
-                Err(e) => invalid.push(PolicyStatus::invalid(&object.name_any(), &e)),
+        let pods = watches.pods.state();
+        if dirty {
+            let mut valid = Vec::new();
+            let mut invalid = Vec::new();
+            for object in &policy_objects {
+                match view::policy(object) {
+                    Ok(p) => valid.push(p),
+                    Err(e) => invalid.push(PolicyStatus::invalid(&object.name_any(), &e)),
+                }
+            }
+            let pod_containers = view::cluster_containers(
+                pods.iter().map(|p| p.as_ref()),
+                &watches.namespaces.state(),
+            );
+            if let Some(credentials) = secrets
+                .for_wanted_images(&valid, &pod_containers, &pods)
+                .await
+            {
+                engine
+                    .set_credentials(credentials)
+                    .map_err(|e| Error::Engine(Box::new(e)))?;
+            }
+            engine.set_containers(
+                pod_containers
+                    .iter()
+                    .flat_map(|p| p.containers.iter().cloned())
+                    .collect(),
+            );
+            // Events go to the pods a policy decides about, not every pod of the same image.
+            writer.decided = pod_containers
+                .into_iter()
+                .map(|pc| PodContainers {
+                    containers: pc
+                        .containers
+                        .iter()
+                        .filter(|c| decide(&valid, c) != Decision::Unmatched)
+                        .cloned()
+                        .collect(),
+                    ..pc
+                })
+                .collect();
+            engine.set_policies(valid, invalid);
+            dirty = false;
+            last_sync = Instant::now();
+        }
+        // The engine reconciles first thing, then handles its background work until a watch
+        // says the cluster changed or it is time to write statuses.
+        tokio::select! {
+            () = engine.run_for(WRITE_EVERY) => {}
+            () = watches.changed.notified() => {
+                dirty = true;
+                // Let a burst of watch events settle into one pass.
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let pods = watches.pods.state();
-        let pod_containers =
-            view::cluster_containers(pods.iter().map(|p| p.as_ref()), &watches.namespaces.state());
-        let credentials = secrets
-            .for_wanted_images(&valid, &pod_containers, &pods)
-            .await;
-        // Events go to the pods a policy decides about, not every pod running the same image.
-        let decided: Vec<PodContainers> = pod_containers
-            .iter()
-            .map(|pc| PodContainers {
-                containers: pc
-                    .containers
-                    .iter()
-                    .filter(|c| decide(&valid, c) != Decision::Unmatched)
-                    .cloned()
-                    .collect(),
-                ..pc.clone()
-            })
-            .collect();
-        let state = ClusterState {
-            policies: valid,
-            containers: pod_containers
-                .iter()
-                .flat_map(|p| p.containers.iter().cloned())
-                .collect(),
-            credentials,
-        };
-        let report = engine.reconcile(state).await;
-        writer
-            .write(&report, &invalid, &policy_objects, &decided)
-            .await?;
-        tokio::select! {
-            () = watches.changed.notified() => {}
-            () = engine_changed.notified() => {}
-            () = tokio::time::sleep(options.resync) => {}
+        if last_sync.elapsed() >= options.resync {
+            dirty = true;
         }
-        // Let a burst of watch events settle into one pass.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let images: Vec<ImageReport> = engine.images().cloned().collect();
+        writer
+            .write(&engine, &images, engine.policies(), &policy_objects)
+            .await?;
     }
 }
 
 /// Registry credentials from pull secrets, read with `get` only (no list or watch of Secrets)
 /// and only for pods whose images a policy wants; cached for a short while.
+/// (namespace, name) of an object.
+type Key = (String, String);
+/// A cached pull secret: when it was read, and its resourceVersion and credentials.
+type CachedSecret = (Instant, Option<(String, Credentials)>);
+
 struct PullSecrets {
     client: Client,
-    secrets: BTreeMap<(String, String), (Instant, Option<Credentials>)>,
-    accounts: BTreeMap<(String, String), (Instant, Option<ServiceAccount>)>,
+    secrets: BTreeMap<Key, CachedSecret>,
+    accounts: BTreeMap<Key, (Instant, Option<ServiceAccount>)>,
+    /// The secrets (namespace, name, resourceVersion) the engine's credentials came from.
+    in_use: Vec<(String, String, String)>,
 }
 
 const SECRET_TTL: Duration = Duration::from_secs(30);
@@ -290,6 +326,7 @@ impl PullSecrets {
             client,
             secrets: BTreeMap::new(),
             accounts: BTreeMap::new(),
+            in_use: Vec::new(),
         }
     }
 
@@ -312,7 +349,8 @@ impl PullSecrets {
         sa
     }
 
-    async fn secret(&mut self, namespace: &str, name: &str) -> Option<Credentials> {
+    /// A pull secret's resourceVersion and credentials.
+    async fn secret(&mut self, namespace: &str, name: &str) -> Option<(String, Credentials)> {
         let key = (namespace.to_owned(), name.to_owned());
         if let Some((at, creds)) = self.secrets.get(&key)
             && at.elapsed() < SECRET_TTL
@@ -323,9 +361,10 @@ impl PullSecrets {
         let creds = match api.get_opt(name).await {
             Ok(Some(secret)) => {
                 let source = format!("secret {namespace}/{name}");
+                let version = secret.resource_version().unwrap_or_default();
                 serde_json::to_vec(&secret).ok().and_then(
                     |json| match Credentials::from_pull_secret(&json, &source) {
-                        Ok(c) => Some(c),
+                        Ok(c) => Some((version, c)),
                         Err(e) => {
                             warn!(error = %e, "pull secret ignored");
                             None
@@ -346,14 +385,14 @@ impl PullSecrets {
         creds
     }
 
-    /// Credentials by container digest, from the pull secrets of the pods running images some
-    /// policy wants (pods of one image: the first pod's secrets win per registry).
+    /// Credentials from the pull secrets of the pods running images some policy wants, merged
+    /// by registry (see the module docs); `None` when the same secrets as last time apply.
     async fn for_wanted_images(
         &mut self,
         policies: &[Policy],
         pods: &[PodContainers],
         objects: &[Arc<Pod>],
-    ) -> BTreeMap<Digest, Credentials> {
+    ) -> Option<Credentials> {
         let by_name: BTreeMap<(String, String), &Pod> = objects
             .iter()
             .map(|p| {
@@ -363,36 +402,46 @@ impl PullSecrets {
                 )
             })
             .collect();
-        let mut out: BTreeMap<Digest, Credentials> = BTreeMap::new();
+        let mut sources: Vec<(String, String)> = Vec::new();
         for pc in pods {
-            let wanted: Vec<&Digest> = pc
+            let wanted = pc
                 .containers
                 .iter()
-                .filter(|c| matches!(decide(policies, c), Decision::Apply { .. }))
-                .filter_map(|c| c.digest.as_ref())
-                .collect();
-            if wanted.is_empty() {
-                continue;
-            }
+                .any(|c| matches!(decide(policies, c), Decision::Apply { .. }));
             let Some(pod) = by_name.get(&(pc.namespace.clone(), pc.name.clone())) else {
                 continue;
             };
+            if !wanted {
+                continue;
+            }
             let account_name = view::service_account_name(pod);
             let account = self.account(&pc.namespace, &account_name).await;
-            let mut creds = Credentials::none();
-            for name in view::pull_secret_names(pod, account.as_ref()).iter().rev() {
-                if let Some(c) = self.secret(&pc.namespace, name).await {
-                    creds.merge(c);
+            for name in view::pull_secret_names(pod, account.as_ref()) {
+                let key = (pc.namespace.clone(), name);
+                if !sources.contains(&key) {
+                    sources.push(key);
                 }
             }
-            for digest in wanted {
-                let entry = out.entry(digest.clone()).or_default();
-                let mut merged = creds.clone();
-                merged.merge(entry.clone());
-                *entry = merged;
+        }
+        let mut merged = Credentials::none();
+        let mut in_use = Vec::new();
+        // Later merges win: go backwards so the first source wins per registry.
+        for (namespace, name) in sources.iter().rev() {
+            if let Some((version, creds)) = self.secret(namespace, name).await {
+                merged.merge(creds);
+                in_use.push((namespace.clone(), name.clone(), version));
             }
         }
-        out
+        in_use.sort();
+        if in_use == self.in_use {
+            return None;
+        }
+        info!(
+            secrets = in_use.len(),
+            "registry credentials from pull secrets changed"
+        );
+        self.in_use = in_use;
+        Some(merged)
     }
 }
 
@@ -405,6 +454,8 @@ struct StatusWriter {
     params: PatchParams,
     /// What the cluster holds, as last read or written.
     written: BTreeMap<String, (HermesImageSpec, Option<HermesImageStatus>)>,
+    /// Pods with the containers a policy decides about, as of the last input sync.
+    decided: Vec<PodContainers>,
 }
 
 fn now_rfc3339() -> String {
@@ -443,38 +494,39 @@ impl StatusWriter {
             recorder: Recorder::new(client.clone(), reporter),
             params: PatchParams::apply(&options.field_manager).force(),
             written,
+            decided: Vec::new(),
         })
     }
 
     async fn write(
         &mut self,
-        report: &Report,
-        invalid: &[PolicyStatus],
+        engine: &Engine,
+        images: &[ImageReport],
+        policies: &[PolicyReport],
         policy_objects: &[Arc<HermesPolicy>],
-        pods: &[PodContainers],
     ) -> Result<()> {
         let now = now_rfc3339();
-        // Pods by the image status digest they run.
-        let mut pods_of: BTreeMap<&Digest, Vec<&PodContainers>> = BTreeMap::new();
-        for pc in pods {
+        // Pods by the digest of the image they run (resolved to its platform manifest).
+        let mut pods_of: BTreeMap<Digest, Vec<PodContainers>> = BTreeMap::new();
+        for pc in &self.decided {
             for c in &pc.containers {
                 let Some(d) = c.digest.as_ref() else { continue };
-                let key = report.resolved.get(d).unwrap_or(d);
+                let key = engine.manifest_of(d).unwrap_or(d).clone();
                 let list = pods_of.entry(key).or_default();
                 if !list.iter().any(|p| p.uid == pc.uid) {
-                    list.push(pc);
+                    list.push(pc.clone());
                 }
             }
         }
         let mut desired = Vec::new();
-        for s in &report.images {
-            let name = image_object_name(&s.digest.to_string());
+        for s in images {
+            let name = image_object_name(&s.status.digest.to_string());
             let previous = self.written.get(&name).and_then(|(_, st)| st.as_ref());
             let before = previous.map(|p| p.phase);
             let (spec, st) = status::image(s, previous, &now);
             self.apply_image(&name, &spec, &st).await?;
             if let Some((reason, warning, note)) = status::phase_event(before, &st, &spec) {
-                for pc in pods_of.get(&s.digest).into_iter().flatten() {
+                for pc in pods_of.get(&s.status.digest).into_iter().flatten() {
                     self.pod_event(pc, reason, warning, &note, &name).await;
                 }
             }
@@ -499,12 +551,12 @@ impl StatusWriter {
             .iter()
             .map(|p| (p.name_any(), p.as_ref()))
             .collect();
-        for s in report.policies.iter().chain(invalid) {
-            let Some(object) = objects.get(&s.name) else {
+        for p in policies {
+            let Some(object) = objects.get(&p.name) else {
                 continue;
             };
             let previous = object.status.as_ref();
-            let new = status::policy(s, object.metadata.generation, previous, &now);
+            let new = status::policy(&p.status, object.metadata.generation, previous, &now);
             if previous == Some(&new) {
                 continue;
             }
@@ -515,13 +567,13 @@ impl StatusWriter {
             });
             match self
                 .policies
-                .patch_status(&s.name, &self.params, &Patch::Apply(&patch))
+                .patch_status(&p.name, &self.params, &Patch::Apply(&patch))
                 .await
             {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => {
-                    return Err(Error::kube(format!("patch HermesPolicy {}/status", s.name))(e));
+                    return Err(Error::kube(format!("patch HermesPolicy {}/status", p.name))(e));
                 }
             }
         }
@@ -602,5 +654,52 @@ impl StatusWriter {
         if let Err(e) = self.recorder.publish(&event, &reference).await {
             warn!(pod = %pod.name, namespace = %pod.namespace, error = %e, "cannot publish pod event");
         }
+    }
+}
+
+/// What an engine for one term of leadership is made of.
+#[derive(Debug, Clone)]
+pub struct EngineSetup {
+    /// Engine timing and limits.
+    pub options: hermes_controller::engine::EngineOptions,
+    /// The artifact store.
+    pub store: hermes_oci::Store,
+    /// Where image reports are kept (`None`: in memory).
+    pub reports: Option<std::path::PathBuf>,
+    /// Registry client settings (credentials come from pull secrets later).
+    pub client: hermes_oci::ClientOptions,
+    /// The node API the engine publishes to (shared by every term).
+    pub api: hermes_controller::api::NodeApi,
+}
+
+impl EngineSetup {
+    /// A new engine over the store. Nodes' misses are not fed to it: in a cluster the pod
+    /// watch sees every running image.
+    pub fn engine(&self) -> hermes_controller::Result<Engine> {
+        let client = hermes_oci::Client::new(self.client.clone()).map_err(|source| {
+            hermes_controller::Error::Oci {
+                action: "configure a client for",
+                subject: "registries".to_owned(),
+                source: Box::new(source),
+            }
+        })?;
+        let builder = hermes_controller::builder::Builder::new(
+            client,
+            self.store.clone(),
+            hermes_oci::manifest::Platform::host(),
+            hermes_ztoc::SOCI_BUILD_TOOL_IDENTIFIER.to_owned(),
+        );
+        let book = match &self.reports {
+            Some(dir) => hermes_controller::status::ReportBook::open(dir)?,
+            None => hermes_controller::status::ReportBook::in_memory(),
+        };
+        let (_, misses) = tokio::sync::mpsc::channel(1);
+        Engine::new(
+            self.options.clone(),
+            builder,
+            self.api.clone(),
+            misses,
+            book,
+        )
     }
 }

@@ -134,7 +134,7 @@ pub enum ImagePhase {
 }
 
 /// `HermesImage.status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HermesImageStatus {
     /// The phase.
@@ -151,6 +151,13 @@ pub struct HermesImageStatus {
     /// When the image last became `Ready` (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_time: Option<String>,
+    /// Seconds spent building its layers (every attempt).
+    pub build_seconds: f64,
+    /// Layer bytes read from the registry for it.
+    pub bytes_read: u64,
+    /// The last error seen while resolving or building it; cleared once `Ready`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// One layer of a `HermesImage`.

@@ -20,6 +20,9 @@ pub enum Error {
         /// The serializer's message.
         reason: String,
     },
+    /// The controller core's engine could not be set up (store, reports, registry client).
+    #[error("controller engine")]
+    Engine(#[source] Box<hermes_controller::Error>),
     /// Leader election failed.
     #[error("leader election on Lease {namespace}/{name}")]
     Lease {

@@ -5,8 +5,8 @@
 //! - [`crd`]: the resource types; `deploy/crds/` is generated from them ([`crd::crds_yaml`]);
 //! - [`view`]: cluster objects → the core's inputs (running containers, policies, pull secrets);
 //! - [`status`]: the core's statuses → `HermesImage`/`HermesPolicy` status and pod Events;
-//! - [`engine`]: the seam to what decides and builds, and the interim engine;
-//! - [`controller`]: leader election, watches, the reconcile loop, writing statuses.
+//! - [`controller`]: leader election, watches feeding the core's engine
+//!   (`hermes_controller::engine`), writing statuses and Events.
 //!
 //! Everything but [`controller`] is plain functions over values, tested without a server; the
 //! loop is tested against a real kube-apiserver (`tests/it`).
@@ -14,7 +14,6 @@
 
 pub mod controller;
 pub mod crd;
-pub mod engine;
 mod error;
 pub mod status;
 pub mod view;

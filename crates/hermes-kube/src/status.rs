@@ -3,7 +3,8 @@
 //! conditions keep their `lastTransitionTime` while their status does not change, and a phase
 //! change of an image becomes the pod Event to publish (`HermesIndexReady`/`HermesIndexFailed`).
 
-use hermes_controller::reconcile::{ImageStatus, LayerState, Phase, PolicyStatus};
+use hermes_controller::reconcile::{LayerState, Phase, PolicyStatus};
+use hermes_controller::status::ImageReport;
 
 use crate::crd::{
     Condition, HermesImageSpec, HermesImageStatus, HermesPolicyStatus, ImageLayer, ImagePhase,
@@ -25,13 +26,14 @@ pub fn phase(p: Phase) -> ImagePhase {
     }
 }
 
-/// `HermesImage` spec and status for a core image status. `previous` is the status last
-/// written, whose `readyTime` is kept while the image stays `Ready`; `now` is RFC 3339.
+/// `HermesImage` spec and status for an image report. `previous` is the status last written,
+/// whose `readyTime` is kept while the image stays `Ready`; `now` is RFC 3339.
 pub fn image(
-    s: &ImageStatus,
+    report: &ImageReport,
     previous: Option<&HermesImageStatus>,
     now: &str,
 ) -> (HermesImageSpec, HermesImageStatus) {
+    let s = &report.status;
     let spec = HermesImageSpec {
         image: s.reference.clone(),
         digest: s.digest.to_string(),
@@ -81,6 +83,10 @@ pub fn image(
         indexed_layers: u32::try_from(indexed).unwrap_or(u32::MAX),
         layers,
         ready_time,
+        // Whole milliseconds, so an unchanged report compares equal after a round trip.
+        build_seconds: (report.build_seconds * 1000.0).round() / 1000.0,
+        bytes_read: report.bytes_read,
+        last_error: report.last_error.clone(),
     };
     (spec, status)
 }
@@ -159,15 +165,15 @@ pub fn phase_event(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hermes_controller::reconcile::{Condition as CoreCondition, LayerStatus};
+    use hermes_controller::reconcile::{Condition as CoreCondition, ImageStatus, LayerStatus};
     use hermes_oci::Digest;
 
     fn digest(c: char) -> Digest {
         Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
     }
 
-    fn core_image(phase: Phase) -> ImageStatus {
-        ImageStatus {
+    fn core_image(phase: Phase) -> ImageReport {
+        let status = ImageStatus {
             digest: digest('a'),
             reference: "registry.test/app:v1".to_owned(),
             policy: "web".to_owned(),
@@ -188,6 +194,13 @@ mod tests {
                     },
                 },
             ],
+        };
+        ImageReport {
+            status,
+            build_seconds: 1.23456,
+            bytes_read: 20 << 20,
+            last_error: None,
+            updated_at_unix: 0,
         }
     }
 
@@ -199,6 +212,7 @@ mod tests {
         assert_eq!(first.indexed_layers, 1);
         assert_eq!(first.layers[1].state, "Skipped");
         assert_eq!(first.ready_time.as_deref(), Some("T1"));
+        assert_eq!((first.build_seconds, first.bytes_read), (1.235, 20 << 20));
         let (_, again) = image(&core_image(Phase::Ready), Some(&first), "T2");
         assert_eq!(again.ready_time.as_deref(), Some("T1"));
         let (_, building) = image(&core_image(Phase::Building), Some(&first), "T3");

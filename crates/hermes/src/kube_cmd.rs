@@ -11,9 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use hermes_controller::api::{self, NodeApi};
-use hermes_kube::controller::{self, ControllerOptions};
-use hermes_kube::engine::{ClusterState, Engine, IndexerEngine, IndexerOptions, Report};
-use hermes_oci::Store;
+use hermes_controller::engine::EngineOptions;
+use hermes_controller::reconcile::ReconcileOptions;
+use hermes_kube::controller::{self, ControllerOptions, EngineSetup};
+use hermes_oci::{ClientOptions, Store};
 use tokio::sync::Notify;
 
 #[derive(Debug, Subcommand)]
@@ -49,8 +50,11 @@ pub struct ControllerArgs {
     #[arg(long, default_value_t = 30)]
     resync: u64,
     /// Seconds a failed image waits before it is built again.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 600)]
     retry_after: u64,
+    /// Hours an artifact no running image needs is kept before it is collected.
+    #[arg(long, default_value_t = 24)]
+    gc_grace_hours: u64,
     /// Artifact store directory.
     #[arg(
         long,
@@ -84,28 +88,6 @@ pub fn run(cmd: KubeCommand) -> anyhow::Result<ExitCode> {
             runtime.block_on(controller_main(args))?;
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-/// Publishes every report to the node API (`GET /v1/images/{digest}`) as it passes by.
-struct Publishing<E> {
-    inner: E,
-    api: NodeApi,
-}
-
-impl<E: Engine> Engine for Publishing<E> {
-    async fn reconcile(&mut self, state: ClusterState) -> Report {
-        let report = self.inner.reconcile(state).await;
-        self.api.set_statuses(report.images.iter().cloned());
-        report
-    }
-
-    fn changed(&self) -> Arc<Notify> {
-        self.inner.changed()
-    }
-
-    async fn stop(&mut self) {
-        self.inner.stop().await;
     }
 }
 
@@ -146,7 +128,7 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
         let (api, stop) = (api.clone(), stop_api.clone());
         async move { api::serve(listener, api, async move { stop.notified().await }).await }
     });
-    // Misses only log for now: the pod watch finds running images on its own.
+    // In a cluster the pod watch sees every running image; misses are only logged.
     tokio::spawn(async move {
         while let Some(miss) = misses.recv().await {
             tracing::debug!(?miss, "node reported a miss");
@@ -154,15 +136,20 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
     });
     api.set_ready(true);
 
-    let engine = Publishing {
-        inner: IndexerEngine::new(
-            store,
-            IndexerOptions {
-                plain_http: args.plain_http,
-                retry_after: Duration::from_secs(args.retry_after),
-                ..IndexerOptions::default()
+    let setup = EngineSetup {
+        options: EngineOptions {
+            reconcile: ReconcileOptions {
+                gc_grace: Duration::from_secs(args.gc_grace_hours * 3600),
+                retry_failed_after: Duration::from_secs(args.retry_after),
             },
-        ),
+            ..EngineOptions::default()
+        },
+        store,
+        reports: Some(args.data.join("reports")),
+        client: ClientOptions {
+            plain_http: args.plain_http,
+            ..ClientOptions::default()
+        },
         api,
     };
     let options = ControllerOptions {
@@ -174,7 +161,7 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync),
         ..ControllerOptions::default()
     };
-    let result = controller::run(client, engine, options, shutdown_signal()).await;
+    let result = controller::run(client, || setup.engine(), options, shutdown_signal()).await;
     stop_api.notify_one();
     let _ = server.await;
     Ok(result?)

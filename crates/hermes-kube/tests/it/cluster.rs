@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use hermes_kube::controller::{self, ControllerOptions};
+use hermes_controller::api::NodeApi;
+use hermes_controller::engine::EngineOptions;
+use hermes_controller::queue::QueueOptions;
+use hermes_controller::reconcile::ReconcileOptions;
+use hermes_kube::controller::{self, ControllerOptions, EngineSetup};
 use hermes_kube::crd::{HermesImage, HermesPolicy};
-use hermes_kube::engine::{IndexerEngine, IndexerOptions};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -178,9 +181,9 @@ impl Cluster {
 }
 
 /// Options for a test replica: short lease and resync so the tests run in seconds.
-pub fn replica_options(identity: &str) -> ControllerOptions {
+pub fn replica_options(identity: String) -> ControllerOptions {
     ControllerOptions {
-        identity: identity.to_owned(),
+        identity,
         lease_namespace: LEASE_NAMESPACE.to_owned(),
         lease_duration: Duration::from_secs(4),
         lease_grace: Duration::from_secs(2),
@@ -189,15 +192,36 @@ pub fn replica_options(identity: &str) -> ControllerOptions {
     }
 }
 
-pub fn engine(store_dir: &std::path::Path) -> IndexerEngine {
-    IndexerEngine::new(
-        hermes_oci::Store::open(store_dir).expect("store"),
-        IndexerOptions {
-            plain_http: true,
-            retry_after: Duration::from_secs(2),
-            concurrency: 2,
+/// How a test replica builds: plain-HTTP registries, quick retries.
+pub fn engine_setup(store_dir: &std::path::Path) -> EngineSetup {
+    let store = hermes_oci::Store::open(store_dir).expect("store");
+    let (misses, _) = tokio::sync::mpsc::channel(1);
+    EngineSetup {
+        options: EngineOptions {
+            queue: QueueOptions {
+                max_attempts: 2,
+                backoff_base: Duration::from_millis(200),
+                backoff_cap: Duration::from_secs(1),
+                ..QueueOptions::default()
+            },
+            reconcile: ReconcileOptions {
+                retry_failed_after: Duration::from_secs(2),
+                ..ReconcileOptions::default()
+            },
+            ..EngineOptions::default()
         },
-    )
+        api: NodeApi::new(store.clone(), None, vec![64 << 10], misses),
+        store,
+        reports: None,
+        client: hermes_oci::ClientOptions {
+            plain_http: true,
+            retry: hermes_oci::RetryPolicy {
+                max_attempts: 2,
+                ..hermes_oci::RetryPolicy::default()
+            },
+            ..hermes_oci::ClientOptions::default()
+        },
+    }
 }
 
 /// A controller replica on the current runtime; stopped gracefully on `stop` (or drop).
@@ -209,14 +233,19 @@ pub struct Replica {
 impl Replica {
     pub fn spawn(client: kube::Client, identity: &str, store_dir: &std::path::Path) -> Replica {
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(controller::run(
-            client,
-            engine(store_dir),
-            replica_options(identity),
-            async move {
-                let _ = rx.await;
-            },
-        ));
+        let identity_owned = identity.to_owned();
+        let setup = engine_setup(store_dir);
+        let task = tokio::spawn(async move {
+            controller::run(
+                client,
+                || setup.engine(),
+                replica_options(identity_owned),
+                async move {
+                    let _ = rx.await;
+                },
+            )
+            .await
+        });
         Replica {
             stop: Some(tx),
             task: Some(task),

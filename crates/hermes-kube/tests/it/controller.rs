@@ -112,6 +112,8 @@ async fn running_pods_get_their_images_indexed_with_statuses_and_events() {
         "{status:?}"
     );
     assert!(status.ready_time.is_some());
+    assert!(status.bytes_read > 0, "{status:?}");
+    assert_eq!(status.last_error, None);
     // The zTOCs are in the controller's store, keyed by layer digest.
     let oci_store = hermes_oci::Store::open(store.path()).expect("store");
     for layer in &app.layers {
@@ -174,13 +176,18 @@ async fn running_pods_get_their_images_indexed_with_statuses_and_events() {
         events.iter().any(|(_, n)| n.contains("127.0.0.1:9")),
         "{events:?}"
     );
-    // Retried: it leaves Failed again after retry_after (2 s in tests).
+    // Retried: the attempt count in the reason goes up.
+    let attempts = |reason: &str| -> u32 {
+        reason
+            .split_once(" attempts")
+            .and_then(|(before, _)| before.rsplit('(').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let first = attempts(&reason);
     eventually(WAIT, "the failed image retried", || async {
-        cluster.image(&gone_digest).await.filter(|i| {
-            i.status
-                .as_ref()
-                .is_some_and(|s| s.phase != ImagePhase::Failed)
-        })
+        let reason = cluster.image(&gone_digest).await?.status?.reason?;
+        (attempts(&reason) > first).then_some(())
     })
     .await;
 
@@ -229,7 +236,8 @@ async fn running_pods_get_their_images_indexed_with_statuses_and_events() {
         "the Valid column shows False: {table}"
     );
 
-    // No pod runs the image any more: its HermesImage goes.
+    // No pod runs the image any more: its HermesImage stays (with its artifacts, until garbage
+    // collection) and says so.
     let pods: Api<k8s_openapi::api::core::v1::Pod> =
         Api::namespaced(cluster.client.clone(), "prod");
     for pod in ["web-1", "web-2"] {
@@ -237,14 +245,22 @@ async fn running_pods_get_their_images_indexed_with_statuses_and_events() {
             .await
             .expect("delete pod");
     }
-    eventually(WAIT, "HermesImage deleted", || async {
+    let idle = eventually(WAIT, "HermesImage without pods", || async {
         cluster
             .image(&app.manifest_digest)
             .await
-            .is_none()
-            .then_some(())
+            .and_then(|i| i.status)
+            .filter(|s| s.pods == 0)
     })
     .await;
+    assert_eq!(idle.phase, ImagePhase::Ready);
+    assert!(
+        idle.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("no running container"),
+        "{idle:?}"
+    );
 
     replica.stop().await.expect("graceful stop");
     assert_eq!(

@@ -8,7 +8,7 @@ use hermes_kube::controller;
 use hermes_kube::crd::ImagePhase;
 use hermes_testkit::{Registry, TestImage};
 
-use crate::cluster::{CONTROLLER_USER, Cluster, engine, eventually, replica_options};
+use crate::cluster::{CONTROLLER_USER, Cluster, engine_setup, eventually, replica_options};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -36,10 +36,11 @@ impl KillableReplica {
         );
         runtime.spawn(async move {
             let client = crate::apiserver::client_from(&kubeconfig, Some(CONTROLLER_USER)).await;
+            let setup = engine_setup(&store);
             let result = controller::run(
                 client,
-                engine(&store),
-                replica_options(&identity),
+                || setup.engine(),
+                replica_options(identity),
                 async move {
                     let _ = stop_rx.await;
                 },
