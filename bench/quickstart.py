@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stack  # noqa: E402
@@ -106,12 +107,14 @@ spec:
 """
 
 
-def controller_status(hermes: str, image: str) -> dict:
-    r = subprocess.run([hermes, "status", image, "--controller", CONTROLLER, "--json"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if r.returncode != 0:
+def controller_image(image: str) -> dict:
+    """The controller's report for IMAGE (GET /v1/images), or {}."""
+    try:
+        with urllib.request.urlopen(f"{CONTROLLER}/v1/images", timeout=5) as r:
+            images = json.load(r)
+    except (OSError, ValueError):
         return {}
-    return json.loads(r.stdout)
+    return next((i for i in images if i.get("reference") == image), {})
 
 
 def up(args) -> int:
@@ -176,11 +179,11 @@ def up(args) -> int:
     t = time.monotonic()
     phase = ""
     while time.monotonic() - t < 600:
-        st = controller_status(hermes, image)
-        phase = st.get("phase") or st.get("status", {}).get("phase", "") if isinstance(st, dict) else ""
-        if str(phase).lower() in ("ready", "indexed"):
+        st = controller_image(image)
+        phase = st.get("phase", "")
+        if phase == "Ready":
             break
-        if str(phase).lower() == "failed":
+        if phase == "Failed":
             sys.exit(f"the controller failed to index {image}: {json.dumps(st)[:2000]}; see {LOGS}/controller.log")
         time.sleep(0.5)
     else:
