@@ -189,8 +189,7 @@ def up(args) -> int:
     else:
         sys.exit(f"the controller did not index {image} within 10 min (phase {phase!r}); see {LOGS}/controller.log")
     log(f"indexed by the controller in {time.monotonic() - t:.1f}s (phase {phase})")
-    containerd.ctr(["tasks", "kill", "-s", "SIGKILL", "quickstart-warm"], check=False)
-    wait_task_gone(containerd, "quickstart-warm")
+    containerd.ctr(["tasks", "rm", "-f", "quickstart-warm"], check=False)
     containerd.ctr(["containers", "rm", "quickstart-warm"], check=False)
     containerd.ctr(["images", "rm", "--sync", image], check=False)
     left = containerd.ctr(["content", "ls", "-q"]).stdout.decode().split()
@@ -234,14 +233,6 @@ def strip(r: dict) -> dict:
 def read_proxy_bytes() -> int:
     from throttle_proxy import read_stats
     return read_stats(STATS_PORT)["down"]
-
-
-def wait_task_gone(containerd, name: str) -> None:
-    for _ in range(200):
-        if name not in containerd.ctr(["tasks", "ls", "-q"], check=False).stdout.decode().split():
-            return
-        time.sleep(0.05)
-    containerd.ctr(["tasks", "rm", "-f", name], check=False)
 
 
 def down(args) -> int:
