@@ -217,8 +217,9 @@ def main() -> int:
         containerd = stack.Containerd(procs, os.path.join(state, "containerd"), node.socket)
 
         index_s = None
+        built = os.path.join(state, "ztocs")  # copied into the node's store for the lazy mode
         if "lazy" in modes:
-            cmd = [hermes, "index", "build", direct, "--plain-http", "--store", node.store, "--min-layer-size", "0"]
+            cmd = [hermes, "index", "build", direct, "--plain-http", "--store", built, "--min-layer-size", "0"]
             if args.span_size:
                 cmd += ["--span-size", args.span_size]
             t = time.monotonic()
@@ -230,9 +231,9 @@ def main() -> int:
         for mode in modes:
             log(f"--- mode {mode}: wiping containerd and node state, dropping caches")
             containerd.wipe()
-            node.wipe(keep_store=(mode == "lazy"))
-            if mode != "lazy":
-                shutil.rmtree(node.store, ignore_errors=True)
+            node.wipe(keep_store=False)
+            if mode == "lazy":
+                shutil.copytree(built, node.store)
             node.start()
             containerd.start()
             stack.drop_caches()
