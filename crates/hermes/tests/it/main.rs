@@ -2,6 +2,7 @@
 
 mod controller;
 mod index;
+mod kube;
 mod layer;
 mod modules;
 mod node;
