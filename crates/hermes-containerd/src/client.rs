@@ -9,6 +9,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::Platform;
 use crate::api::containerd::services::containers::v1 as containers;
 use crate::api::containerd::services::content::v1 as content;
 use crate::api::containerd::services::diff::v1 as diff;
@@ -20,7 +21,7 @@ use crate::api::containerd::services::tasks::v1 as tasks;
 use crate::api::containerd::services::version::v1 as version;
 use crate::api::containerd::types::Descriptor;
 use crate::api::containerd::v1::types::Status as TaskStatus;
-use crate::platform::{Platform, manifest_for_platform};
+use crate::platform::manifest_for_platform;
 use crate::{Error, Result};
 
 /// gRPC metadata key naming the containerd namespace of a call.

@@ -15,7 +15,9 @@
 mod client;
 mod cri;
 mod error;
+mod ops;
 mod platform;
+mod pull;
 
 /// Code generated from containerd's vendored v1.6 API protos and the CRI v1 `api.proto` (clients
 /// only). Package paths mirror the protobuf packages.
@@ -124,4 +126,11 @@ pub use client::{
 };
 pub use cri::{ContainerState, Cri, Pod, log_lines};
 pub use error::{Error, Result};
-pub use platform::{Platform, manifest_for_platform};
+pub use hermes_oci::manifest::Platform;
+pub use ops::{BlobRef, Chunks, Written};
+pub use platform::manifest_for_platform;
+pub use pull::{
+    LABEL_CRI_IMAGE_LAYERS, LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_CRI_MANIFEST_DIGEST,
+    LABEL_SNAPSHOT_REF, LABEL_UNCOMPRESSED, LayerOutcome, LayerReport, PullOptions, PullReport,
+    chain_ids, diff_ids, manifest_gc_labels, pull, snapshot_labels,
+};

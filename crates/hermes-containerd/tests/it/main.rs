@@ -1,4 +1,5 @@
 //! Integration tests for hermes-containerd against a real containerd (hermes-testkit), one binary.
 
 mod cri;
+mod pull;
 mod running;
