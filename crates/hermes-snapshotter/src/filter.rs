@@ -91,7 +91,8 @@ impl Filter {
         self.0.iter().all(|t| {
             let value: Option<&str> = match &t.field {
                 Field::Name => Some(&info.name),
-                Field::Parent => info.parent.as_deref(),
+                // containerd's view: a snapshot without a parent has parent "".
+                Field::Parent => Some(info.parent.as_deref().unwrap_or("")),
                 Field::Kind => Some(info.kind.as_str()),
                 Field::Label(k) => info.labels.get(k).map(String::as_str),
             };
@@ -226,6 +227,18 @@ mod tests {
         assert!(f.matches(&info("a", &[("team", "x")])));
         assert!(!f.matches(&info("b", &[("team", "x")])));
         assert!(!f.matches(&info("a", &[])));
+    }
+
+    /// containerd's metadata layer looks up a remote base layer with `parent==""` after the
+    /// snapshotter answered `Prepare` with AlreadyExists.
+    #[test]
+    fn an_empty_parent_matches_a_snapshot_without_parent() {
+        let f =
+            Filter::parse(r#"labels."containerd.io/snapshot.ref"==sha256:abc,parent=="""#).unwrap();
+        assert!(f.matches(&info("a", &[("containerd.io/snapshot.ref", "sha256:abc")])));
+        let mut child = info("b", &[("containerd.io/snapshot.ref", "sha256:abc")]);
+        child.parent = Some("a".into());
+        assert!(!f.matches(&child));
     }
 
     #[test]

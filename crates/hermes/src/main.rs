@@ -10,6 +10,7 @@ mod index_cmd;
 mod kube_cmd;
 mod layer_cmd;
 mod node_cmd;
+mod pull_cmd;
 mod size;
 mod status_cmd;
 mod ztoc_cmd;
@@ -44,6 +45,11 @@ enum Command {
     /// The controller in a Kubernetes cluster (HermesPolicy CRDs, pod watch, leader election).
     #[command(subcommand)]
     Kube(kube_cmd::KubeCommand),
+    /// Pull an image into containerd through the Hermes snapshotter, with the labels CRI sets.
+    ///
+    /// Layers the snapshotter can load lazily are not downloaded; the others are fetched and
+    /// unpacked by containerd as usual. Afterwards `ctr run --snapshotter hermes IMAGE …` works.
+    Pull(pull_cmd::PullArgs),
     /// Memory sidecar modules: resolve which load (runtime script or static config), run them.
     #[command(subcommand)]
     Modules(hermes_modules::cli::ModulesCommand),
@@ -80,6 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Layer(cmd) => layer_cmd::run(cmd),
         Command::Node(args) => node_cmd::run(args),
         Command::Kube(cmd) => kube_cmd::run(cmd),
+        Command::Pull(args) => pull_cmd::run(args),
         Command::Modules(cmd) => Ok(hermes_modules::cli::run_command(cmd)?),
         Command::Controller(args) => controller_cmd::run(args),
         Command::Status(args) => status_cmd::run(args),

@@ -6,4 +6,5 @@ mod kube;
 mod layer;
 mod modules;
 mod node;
+mod pull;
 mod ztoc;

@@ -17,7 +17,7 @@ use hermes_testkit::{FaultProxy, PushedImage, Registry, TestImage};
 
 const HERMES: &str = env!("CARGO_BIN_EXE_hermes");
 
-fn require_root() {
+pub(crate) fn require_root() {
     let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
     let uid = status
         .lines()
@@ -47,7 +47,7 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -56,9 +56,9 @@ fn free_port() -> u16 {
 
 /// A `hermes node` process with its own root, socket and metrics port; stopped and everything
 /// it mounted taken down on drop.
-struct Node {
+pub(crate) struct Node {
     root: PathBuf,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     metrics: u16,
     extra: Vec<String>,
     child: Option<Child>,
@@ -66,7 +66,7 @@ struct Node {
 }
 
 impl Node {
-    fn start(dir: &Path, extra: &[&str]) -> Node {
+    pub(crate) fn start(dir: &Path, extra: &[&str]) -> Node {
         let mut node = Node {
             root: dir.join("node"),
             socket: dir.join("hermes.sock"),
@@ -123,7 +123,7 @@ impl Node {
     }
 
     /// The daemon's log and every layer server's.
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut out = self.log();
         if let Ok(entries) = std::fs::read_dir(self.root.join("layers")) {
             for e in entries.flatten() {
@@ -146,7 +146,7 @@ impl Node {
         self.spawn();
     }
 
-    fn metrics(&self) -> String {
+    pub(crate) fn metrics(&self) -> String {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).expect("metrics");
         use std::io::Write;
         write!(
@@ -199,7 +199,7 @@ impl Drop for Node {
 }
 
 /// Sum of a metric's samples whose line contains every `parts`.
-fn metric(text: &str, name: &str, parts: &[&str]) -> f64 {
+pub(crate) fn metric(text: &str, name: &str, parts: &[&str]) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && parts.iter().all(|p| l.contains(p)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -330,7 +330,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn index(image: &str, store: &Path) {
+pub(crate) fn index(image: &str, store: &Path) {
     let out = Command::new(HERMES)
         .args([
             "index",
