@@ -1,8 +1,9 @@
 //! `hermes kube …` against a real kube-apiserver v1.20 (the Kubernetes adapter's test helper,
-//! shared by path): the CRDs it prints install, and `hermes kube controller` takes the lease,
-//! and on SIGTERM stops and releases it.
+//! shared by path): the CRDs it prints install; of two `hermes kube controller` processes one
+//! takes the lease, the other takes over when the leader is killed (SIGKILL), and SIGTERM stops
+//! a replica and releases the lease.
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[allow(dead_code)]
@@ -29,8 +30,55 @@ fn lease_holder(server: &ApiServer) -> String {
     out.trim().to_owned()
 }
 
+fn start_replica(server: &ApiServer, identity: &str, data: &std::path::Path) -> Child {
+    Command::new(BIN)
+        .args([
+            "kube",
+            "controller",
+            "--lease-namespace=hermes-system",
+            "--lease-duration=4",
+            "--lease-grace=2",
+            "--listen=127.0.0.1:0",
+        ])
+        .arg(format!("--identity={identity}"))
+        .arg("--data")
+        .arg(data)
+        .env("KUBECONFIG", server.kubeconfig())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start hermes kube controller")
+}
+
+fn wait_for_holder(server: &ApiServer, replicas: &mut [(&str, Child)], want: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let holder = lease_holder(server);
+        if want.contains(&holder.as_str()) {
+            return holder;
+        }
+        for (name, child) in replicas.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("replica {name} exited early: {status}");
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replica of {want:?} took the lease within 30 s (holder {holder:?})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn signal(child: &Child, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status();
+}
+
 #[test]
-fn kube_controller_takes_the_lease_and_releases_it_on_sigterm() {
+fn kube_controller_replicas_fail_over_on_kill_and_release_the_lease_on_sigterm() {
     let server = ApiServer::start();
     let crds = Command::new(BIN)
         .args(["kube", "crds"])
@@ -46,41 +94,38 @@ fn kube_controller_takes_the_lease_and_releases_it_on_sigterm() {
     let (ok, out) = server.kubectl(&["create", "namespace", "hermes-system"], None);
     assert!(ok, "{out}");
 
-    let data = tempfile::tempdir().expect("data dir");
-    let mut child = Command::new(BIN)
-        .args([
-            "kube",
-            "controller",
-            "--identity=it-replica",
-            "--lease-namespace=hermes-system",
-            "--lease-duration=4",
-            "--lease-grace=2",
-            "--listen=127.0.0.1:0",
-        ])
-        .arg("--data")
-        .arg(data.path())
-        .env("KUBECONFIG", server.kubeconfig())
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start hermes kube controller");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while lease_holder(&server) != "it-replica" {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("hermes kube controller exited early: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the controller did not take the lease within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let data = [
+        tempfile::tempdir().expect("data dir"),
+        tempfile::tempdir().expect("data dir"),
+    ];
+    let mut replicas = vec![
+        (
+            "replica-a",
+            start_replica(&server, "replica-a", data[0].path()),
+        ),
+        (
+            "replica-b",
+            start_replica(&server, "replica-b", data[1].path()),
+        ),
+    ];
+    let leader = wait_for_holder(&server, &mut replicas, &["replica-a", "replica-b"]);
+    let index = replicas
+        .iter()
+        .position(|(n, _)| *n == leader)
+        .expect("leader");
+    let (_, mut killed) = replicas.remove(index);
+    let killed_at = Instant::now();
+    signal(&killed, "-KILL");
+    let _ = killed.wait();
+    let survivor = replicas[0].0;
+    wait_for_holder(&server, &mut replicas, &[survivor]);
+    let takeover = killed_at.elapsed();
+    eprintln!("replica {survivor} took over {takeover:?} after {leader} was killed (lease 4 s)");
+    assert!(takeover < Duration::from_secs(15), "{takeover:?}");
 
+    let (_, mut child) = replicas.remove(0);
     let stopped_at = Instant::now();
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    signal(&child, "-TERM");
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
