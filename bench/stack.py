@@ -452,7 +452,7 @@ class Sampler:
 
 
 def timed_start(containerd: Containerd, pull_cmd: list, snapshotter: str, ref: str, name: str,
-                counter, ready_line: str = "ready", timeout: float = 1800) -> dict:
+                counter, ready_line: str = "ready", timeout: float = 1800, args=()) -> dict:
     """Pull with PULL_CMD, then `ctr run` the image: seconds and registry bytes at each step."""
     s = Sampler(counter)
     r = subprocess.run(pull_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -462,7 +462,7 @@ def timed_start(containerd: Containerd, pull_cmd: list, snapshotter: str, ref: s
         raise RuntimeError(f"{' '.join(pull_cmd)} failed: {r.stderr.decode(errors='replace')[-3000:]}")
     pulled = s.now()
     p = subprocess.Popen(["ctr", "--address", containerd.address, "-n", NAMESPACE, "run", "--rm",
-                          "--snapshotter", snapshotter, ref, name],
+                          "--snapshotter", snapshotter, ref, name] + list(args),
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = ready = None
     output = []

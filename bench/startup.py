@@ -130,6 +130,12 @@ def models_layer(seed: int, files: int, mib_each: int):
     return write
 
 
+WORKLOADS = {
+    "entrypoint": [],  # the image's own
+    "light": ["/bin/sh", "-c", "echo started; echo ready"],
+    # Every regular file of the image read once: the case where lazy loading has nothing to save.
+    "read-all": ["/bin/sh", "-c", "echo started; find / -xdev -type f -print0 | xargs -0 cat > /dev/null; echo ready"],
+}
 ENTRYPOINT = ["/bin/sh", "-c", "echo started; find /usr/lib/python3/core -type f | xargs cat > /dev/null; echo ready"]
 PROFILES = {
     # name: (python tree MiB, of which read MiB, model files, MiB each)
@@ -169,6 +175,8 @@ def main() -> int:
     ap.add_argument("--rate-mbps", type=float, default=32.0, help="registry bandwidth cap, MB/s")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--work", default="/var/tmp/hermes-startup-bench")
+    ap.add_argument("--workload", default="entrypoint", choices=sorted(WORKLOADS),
+                    help="what the container runs: the image's entrypoint, only a first line, or a read of every file")
     ap.add_argument("--span-size", default="", help="zTOC span size for the index (default: hermes')")
     ap.add_argument("--fully-local-timeout", type=float, default=900)
     ap.add_argument("--write-results", default="", help="write bench/results/startup-NAME.{md,json}")
@@ -245,7 +253,8 @@ def main() -> int:
                 pull = [hermes, "pull", ref, "--address", containerd.address, "--namespace", stack.NAMESPACE,
                         "--snapshotter", "hermes", "--plain-http"]
                 snapshotter = "hermes"
-            r = stack.timed_start(containerd, pull, snapshotter, ref, f"bench-{mode}", lambda: proxy.down)
+            r = stack.timed_start(containerd, pull, snapshotter, ref, f"bench-{mode}", lambda: proxy.down,
+                                  args=WORKLOADS[args.workload])
             sampler = r.pop("sampler")
             if mode == "normal":
                 r["fully_local_s"], r["bytes_total"] = r["pulled_s"], r["bytes_at_exit"]
@@ -279,7 +288,7 @@ def main() -> int:
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                     if line.startswith("model name")), platform.machine())
         mem = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))) >> 20
-        report = {"image": meta, "image_compressed_mib": round(compressed / 2**20), "rate_mbps": args.rate_mbps,
+        report = {"image": meta, "workload": args.workload, "command": WORKLOADS[args.workload] or "entrypoint", "image_compressed_mib": round(compressed / 2**20), "rate_mbps": args.rate_mbps,
                   "index_build_s": index_s, "machine": f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM, "
                   f"kernel {platform.release()}, containerd {containerd_version()}",
                   "date": time.strftime("%Y-%m-%d"), "modes": results}
@@ -330,8 +339,10 @@ def markdown(rep: dict) -> str:
     base = modes.get("normal")
     label = {"normal": "(a) containerd normal pull (overlayfs)", "lazy": "(b) Hermes lazy",
              "fallback": "(d) Hermes, no index (fallback)"}
-    read = rep["image"].get("read_bytes")
+    read = rep["image"].get("read_bytes") if rep.get("workload", "entrypoint") == "entrypoint" else None
+    workload = "the image's entrypoint" if rep["workload"] == "entrypoint" else f"`{' '.join(rep['command'][2:])}`"
     lines = [f"Image: {rep['image']['description']}; {rep['image_compressed_mib']} MiB compressed. "
+             f"Container runs {workload}. "
              f"Registry on loopback behind a {rep['rate_mbps']:g} MB/s cap; page cache dropped and "
              f"containerd/node state wiped before each mode. Times from pull start.", "",
              "| mode | running (first line) s | ready s | fully local s | MiB fetched by ready | "
