@@ -44,6 +44,9 @@ fi
 step "benchmark smoke runs (small inputs: check the scripts work; ratios are not judged here)"
 bash bench/ztoc-build.sh --size-mb 64 --release=false
 bash bench/index-build.sh --release=false --layers 2 --layer-mb 16 --runs 1
+# Container start through containerd, normal pull vs Hermes lazy vs no index, <= 1 GB generated image
+# behind a 32 MB/s registry: fails unless the lazy start is faster than the normal path.
+bash bench/startup.sh --quick --release=false
 
 # The closing line CI reads: every Rust test of the workspace, summed over all test binaries.
 echo "tests: $PASSED passed, $FAILED failed"
