@@ -1,6 +1,7 @@
 //! The `hermes` binary end to end: real processes, real files.
 
 mod controller;
+mod cri;
 mod index;
 mod kube;
 mod layer;
