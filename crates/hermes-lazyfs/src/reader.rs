@@ -153,6 +153,15 @@ pub struct LayerReader {
     flight: Mutex<Flight>,
     changed: Condvar,
     counters: Counters,
+    trace: Mutex<Trace>,
+}
+
+/// The spans reads touched first, in order, while a recording window is open.
+#[derive(Debug, Default)]
+struct Trace {
+    until: Option<std::time::Instant>,
+    seen: HashSet<SpanId>,
+    spans: Vec<SpanId>,
 }
 
 impl std::fmt::Debug for LayerReader {
@@ -185,6 +194,7 @@ impl LayerReader {
             }),
             changed: Condvar::new(),
             counters: Counters::default(),
+            trace: Mutex::new(Trace::default()),
         }
     }
 
@@ -238,6 +248,7 @@ impl LayerReader {
             return Ok(Vec::new());
         }
         let spans = self.ztoc.span_of(offset)..=self.ztoc.span_of(end - 1);
+        self.record(spans.clone());
         if !self.ensure(spans)? {
             bump(&self.counters.cache_hits, 1);
         }
@@ -249,6 +260,47 @@ impl LayerReader {
             what: "layer",
         })?;
         self.cache.read_at(offset, len)
+    }
+
+    /// Record the spans reads touch, in first-touch order, for `window` from now (a startup
+    /// trace for record-and-replay prefetch).
+    pub fn start_trace(&self, window: std::time::Duration) {
+        let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        t.until = Some(std::time::Instant::now() + window);
+    }
+
+    /// The trace so far, and whether its window has closed.
+    pub fn trace(&self) -> (Vec<SpanId>, bool) {
+        let t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        let closed = t.until.is_none_or(|u| std::time::Instant::now() >= u);
+        (t.spans.clone(), closed)
+    }
+
+    fn record(&self, spans: RangeInclusive<SpanId>) {
+        let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        if t.until.is_some_and(|u| std::time::Instant::now() < u) {
+            for id in spans {
+                if t.seen.insert(id) {
+                    t.spans.push(id);
+                }
+            }
+        }
+    }
+
+    /// Fetch `ids` (e.g. a startup profile) now, in order, in runs of neighbours; spans already
+    /// cached are skipped. Ids past the layer's end are ignored.
+    pub fn prefetch(&self, ids: &[SpanId]) -> Result<()> {
+        let count = self.ztoc.span_count();
+        for chunk in ids.chunk_by(|a, b| a.checked_add(1) == Some(*b)) {
+            let (Some(&first), Some(&last)) = (chunk.first(), chunk.last()) else {
+                continue;
+            };
+            if last >= count {
+                continue;
+            }
+            self.ensure(first..=last)?;
+        }
+        Ok(())
     }
 
     /// Make spans `ids` present. Returns whether this call fetched or waited.

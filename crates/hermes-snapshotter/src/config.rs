@@ -42,6 +42,10 @@ pub struct NodeConfig {
     pub background_fetch: bool,
     /// How long a lazy mount may take before the layer falls back (seconds).
     pub mount_timeout_secs: u64,
+    /// Record-and-replay: with a controller, record the spans read during this many seconds
+    /// after a layer is mounted and send them (`POST /v1/traces`); mounts prefetch the
+    /// controller's merged profile first. 0 disables both.
+    pub trace_window_secs: u64,
 }
 
 /// How to reach the controller.
@@ -91,6 +95,7 @@ impl Default for NodeConfig {
             cache_size: 0,
             background_fetch: true,
             mount_timeout_secs: 10,
+            trace_window_secs: 10,
         }
     }
 }

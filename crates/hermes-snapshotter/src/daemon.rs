@@ -27,6 +27,7 @@ pub struct Daemon {
     layers: Arc<NodeLayers>,
     grpc: ServerHandle,
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
+    traces: JoinHandle<()>,
     recovery: Recovery,
 }
 
@@ -51,6 +52,9 @@ impl Daemon {
                 background: config.background_fetch,
                 mount_timeout: config.mount_timeout(),
                 cache_size: config.cache_size,
+                trace_window: (config.controller.is_some() && config.trace_window_secs > 0)
+                    .then(|| std::time::Duration::from_secs(config.trace_window_secs)),
+                replay: config.controller.is_some() && config.trace_window_secs > 0,
             },
         ));
         let snapshots = {
@@ -72,6 +76,16 @@ impl Daemon {
             Some(addr) => Some(serve_metrics(addr, snapshots.clone(), layers.clone()).await?),
             None => None,
         };
+        let traces = {
+            let layers = layers.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    let layers = layers.clone();
+                    let _ = tokio::task::spawn_blocking(move || layers.report_traces()).await;
+                }
+            })
+        };
         info!(root = %root.display(), socket = %config.socket.display(),
             controller = config.controller.as_ref().map(|c| c.url.as_str()).unwrap_or("none"),
             soci_from_registry = config.soci_from_registry, "node daemon ready");
@@ -80,6 +94,7 @@ impl Daemon {
             layers,
             grpc,
             metrics,
+            traces,
             recovery,
         })
     }
@@ -109,6 +124,7 @@ impl Daemon {
         if let Some((_, task)) = self.metrics {
             task.abort();
         }
+        self.traces.abort();
         self.grpc.shutdown().await
     }
 }

@@ -37,6 +37,10 @@ pub struct ServeOptions {
     pub stats: PathBuf,
     /// Fetch the rest of the layer in the background.
     pub background: bool,
+    /// Record the spans reads touch during this long after mount (a startup trace).
+    pub trace_window: Option<Duration>,
+    /// A startup profile to prefetch first: JSON `{"spans": [ids…]}`.
+    pub prefetch: Option<PathBuf>,
 }
 
 /// A served layer's state and counters, as written to its stats file.
@@ -74,6 +78,15 @@ pub struct LayerStats {
     /// Seconds from mount to fully local, once it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fully_local_seconds: Option<f64>,
+    /// Spans reads touched first after mount, in order (the startup trace).
+    #[serde(default)]
+    pub trace: Vec<u32>,
+    /// The trace's window has closed.
+    #[serde(default)]
+    pub trace_complete: bool,
+    /// Spans prefetched from a startup profile.
+    #[serde(default)]
+    pub prefetched: u64,
 }
 
 impl LayerStats {
@@ -122,6 +135,20 @@ pub fn serve_layer(
         &std::fs::metadata(&opts.mountpoint).map_err(Error::io("stat mount", &opts.mountpoint))?,
     );
     info!(layer = %digest, mount = %opts.mountpoint.display(), "serving lazy layer");
+    if let Some(window) = opts.trace_window {
+        reader.start_trace(window);
+    }
+    let prefetched = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if let Some(spans) = opts.prefetch.as_deref().and_then(read_profile) {
+        let (reader, done, layer) = (reader.clone(), prefetched.clone(), digest.clone());
+        std::thread::spawn(move || match reader.prefetch(&spans) {
+            Ok(()) => {
+                done.store(spans.len() as u64, Ordering::Relaxed);
+                info!(%layer, spans = spans.len(), "startup profile prefetched");
+            }
+            Err(e) => warn!(%layer, error = %e, "prefetch failed"),
+        });
+    }
     let background = if opts.background && reader.state() == LayerState::Lazy {
         let layer = LayerDigest::parse(digest.as_str()).map_err(|e| mount_err(e.to_string()))?;
         Some(
@@ -163,6 +190,9 @@ pub fn serve_layer(
             read_latency_sum_micros: s.read_latency.sum_micros,
             mounted_unix_ms,
             fully_local_seconds,
+            trace: reader.trace().0,
+            trace_complete: opts.trace_window.is_some() && reader.trace().1,
+            prefetched: prefetched.load(Ordering::Relaxed),
         };
         if let Err(e) = write_atomic(&opts.stats, &serde_json::to_vec(&stats).unwrap_or_default()) {
             warn!(error = %e, "cannot write layer stats");
@@ -184,6 +214,18 @@ pub fn serve_layer(
     handle.unmount().map_err(|e| mount_err(e.to_string()))?;
     info!(layer = %digest, "unmounted");
     Ok(())
+}
+
+/// The spans of a prefetch profile file (`{"spans": [...]}`, as the controller serves it).
+fn read_profile(path: &Path) -> Option<Vec<u32>> {
+    #[derive(Deserialize)]
+    struct Profile {
+        spans: Vec<u32>,
+    }
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice::<Profile>(&bytes)
+        .ok()
+        .map(|p| p.spans)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

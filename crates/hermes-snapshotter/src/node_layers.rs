@@ -81,6 +81,10 @@ pub struct NodeLayersOptions {
     pub mount_timeout: Duration,
     /// Budget of uncompressed layer bytes in span caches; 0: none.
     pub cache_size: u64,
+    /// Record startup traces for this long after each mount (and send them to the controller).
+    pub trace_window: Option<Duration>,
+    /// Prefetch the controller's startup profile of each layer when mounting it.
+    pub replay: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -209,6 +213,12 @@ impl NodeLayers {
         std::fs::create_dir_all(&mnt).map_err(Error::io("create mountpoint", &mnt))?;
         let ztoc_path = dir.join("ztoc");
         write_atomic(&ztoc_path, &found.bytes).map_err(Error::io("write zTOC", &ztoc_path))?;
+        if self.opts.replay
+            && let Some(profile) = self.sources.prefetch_profile(&digest)
+        {
+            let path = dir.join("prefetch.json");
+            write_atomic(&path, &profile).map_err(Error::io("write prefetch profile", &path))?;
+        }
         let served = ServedLayer {
             layer: digest.to_string(),
             image: image.clone(),
@@ -269,6 +279,13 @@ impl NodeLayers {
             .arg(dir.join("stats.json"));
         if self.opts.background {
             cmd.arg("--background");
+        }
+        if let Some(window) = self.opts.trace_window {
+            cmd.arg("--trace-window").arg(window.as_secs().to_string());
+        }
+        let profile = dir.join("prefetch.json");
+        if profile.exists() {
+            cmd.arg("--prefetch").arg(profile);
         }
         cmd.arg(&mnt)
             .stdin(Stdio::null())
@@ -357,6 +374,39 @@ impl NodeLayers {
             "lazy layers recovered"
         );
         Ok(recovery)
+    }
+
+    /// Sends every completed startup trace not sent yet to the controller. Returns how many
+    /// were sent.
+    pub fn report_traces(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.opts.dir) else {
+            return 0;
+        };
+        let mut sent = 0;
+        for e in entries.flatten() {
+            let dir = e.path();
+            let marker = dir.join("trace.sent");
+            if marker.exists() {
+                continue;
+            }
+            let Some(stats) = LayerStats::load(&dir.join("stats.json")) else {
+                continue;
+            };
+            if !stats.trace_complete {
+                continue;
+            }
+            if !stats.trace.is_empty() {
+                match self.sources.post_trace(&stats.layer, &stats.trace) {
+                    Ok(()) => sent += 1,
+                    Err(e) => {
+                        warn!(layer = %stats.layer, error = %e, "startup trace not sent; will retry");
+                        continue;
+                    }
+                }
+            }
+            let _ = std::fs::write(&marker, b"");
+        }
+        sent
     }
 
     /// Stops the server of the layer mounted at `mnt` and removes its directory.

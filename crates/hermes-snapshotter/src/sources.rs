@@ -384,6 +384,63 @@ impl IndexSources {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The controller's merged startup profile of a layer (its JSON), if it has one.
+    pub fn prefetch_profile(&self, layer: &Digest) -> Option<Vec<u8>> {
+        let c = self.controller.as_ref()?;
+        let url = format!("{}/v1/layers/{layer}/prefetch", c.base);
+        let mut req = c.http.get(&url);
+        if let Some(t) = &c.token {
+            req = req.bearer_auth(t);
+        }
+        let got = self.runtime.block_on(async {
+            let resp = req.send().await?;
+            let ok = resp.status().is_success();
+            let body = resp.bytes().await?;
+            Ok::<_, reqwest::Error>(ok.then_some(body))
+        });
+        match got {
+            Ok(body) => body.map(|b| b.to_vec()),
+            Err(e) => {
+                debug!(url, error = %e, "no prefetch profile");
+                None
+            }
+        }
+    }
+
+    /// Sends a layer's startup trace (span ids in first-read order) to the controller.
+    pub fn post_trace(&self, layer: &str, spans: &[u32]) -> Result<()> {
+        let Some(c) = &self.controller else {
+            return Ok(());
+        };
+        let url = format!("{}/v1/traces", c.base);
+        let mut body = serde_json::json!({ "layers": { layer: spans } });
+        if !self.node.is_empty() {
+            body["node"] = self.node.clone().into();
+        }
+        let mut req = c
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(t) = &c.token {
+            req = req.bearer_auth(t);
+        }
+        let status = self
+            .runtime
+            .block_on(async { req.send().await.map(|r| r.status()) })
+            .map_err(|e| Error::Controller {
+                url: url.clone(),
+                message: format!("request failed: {e}"),
+            })?;
+        if !status.is_success() {
+            return Err(Error::Controller {
+                url,
+                message: format!("answered {status}"),
+            });
+        }
+        Ok(())
+    }
+
     /// Tells the controller, once per manifest, that an image started without an index. Does
     /// not wait for the answer.
     pub fn report_miss(&self, layer: &RemoteLayer) {

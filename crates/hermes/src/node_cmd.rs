@@ -42,6 +42,11 @@ pub struct NodeArgs {
     /// Do not fetch the rest of each layer in the background.
     #[arg(long)]
     no_background_fetch: bool,
+    /// Record-and-replay window: with a controller, record the spans read during this many
+    /// seconds after each mount and send them; mounts prefetch the controller's merged profile.
+    /// 0 turns both off [default: 10].
+    #[arg(long, value_name = "SECS")]
+    trace_window: Option<u64>,
     /// Stop every lazy layer server under the root, unmount their layers, and exit. Containers
     /// still using them lose their files: stop them first.
     #[arg(long)]
@@ -71,6 +76,12 @@ pub struct ServeArgs {
     /// Fetch the rest in the background.
     #[arg(long)]
     background: bool,
+    /// Record the spans read during this many seconds after mount.
+    #[arg(long, value_name = "SECS")]
+    trace_window: Option<u64>,
+    /// Prefetch this startup profile first.
+    #[arg(long, value_name = "FILE")]
+    prefetch: Option<PathBuf>,
     /// Mountpoint.
     mountpoint: PathBuf,
     #[command(flatten)]
@@ -106,6 +117,9 @@ fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
     }
     if args.no_background_fetch {
         config.background_fetch = false;
+    }
+    if let Some(secs) = args.trace_window {
+        config.trace_window_secs = secs;
     }
     Ok(config)
 }
@@ -182,6 +196,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         mountpoint: args.mountpoint,
         stats: args.stats,
         background: args.background,
+        trace_window: args.trace_window.map(std::time::Duration::from_secs),
+        prefetch: args.prefetch,
     };
     hermes_snapshotter::serve_layer(&opts, client, runtime.handle().clone(), &stop)?;
     Ok(ExitCode::SUCCESS)

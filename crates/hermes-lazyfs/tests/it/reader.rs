@@ -196,3 +196,52 @@ fn a_panicking_fetch_does_not_strand_its_waiters() {
     );
     assert_eq!(source.requests(), 2);
 }
+
+#[test]
+fn reads_are_traced_in_first_touch_order_within_the_window_and_timed() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = layer.reader(dir.path(), &source);
+    let span = |i| layer.ztoc.span(i).unwrap().uncompressed.start;
+    reader.read(span(0), 10).unwrap();
+    assert_eq!(
+        reader.trace(),
+        (vec![], true),
+        "no window: nothing recorded"
+    );
+    reader.start_trace(std::time::Duration::from_secs(60));
+    for i in [3, 1, 3, 0, 2] {
+        reader.read(span(i), 10).unwrap();
+    }
+    assert_eq!(reader.trace(), (vec![3, 1, 0, 2], false));
+    let stats = reader.stats();
+    assert_eq!(
+        stats.read_latency.count(),
+        stats.requests,
+        "every read is timed"
+    );
+}
+
+#[test]
+fn prefetch_fetches_listed_spans_in_runs_and_skips_cached_and_unknown_ones() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = layer.reader(dir.path(), &source);
+    let (s1, s2, s4) = (
+        layer.ztoc.span(1).unwrap(),
+        layer.ztoc.span(2).unwrap(),
+        layer.ztoc.span(4).unwrap(),
+    );
+    reader.read(s4.uncompressed.start, 1).unwrap();
+    let logged = source.log().len();
+    reader.prefetch(&[1, 2, 4, 9_999]).unwrap();
+    let fetched = &source.log()[logged..];
+    assert_eq!(fetched.len(), 1, "one coalesced read: {fetched:?}");
+    assert_eq!(fetched[0], s1.compressed.start..s2.compressed.end);
+    let before = source.requests();
+    let got = reader.read(s1.uncompressed.start, 100).unwrap();
+    assert!(got == layer.tar[s1.uncompressed.start as usize..][..100]);
+    assert_eq!(source.requests(), before, "prefetched spans are cached");
+}

@@ -66,7 +66,12 @@ pub(crate) struct Node {
 }
 
 impl Node {
+<<<<<<< HEAD
     pub(crate) fn start(dir: &Path, extra: &[&str]) -> Node {
+=======
+    fn start(dir: &Path, extra: &[&str]) -> Node {
+        std::fs::create_dir_all(dir).expect("node dir");
+>>>>>>> ba08bf0 (record-and-replay prefetch on the node: layer servers record the spans read in the first seconds after mount (trace window), the daemon sends finished traces to the controller (POST /v1/traces), and new mounts prefetch the controller's merged profile first; LayerReader gains start_trace/trace/prefetch; tested end to end with the controller's own node API and two fresh nodes)
         let mut node = Node {
             root: dir.join("node"),
             socket: dir.join("hermes.sock"),
@@ -769,4 +774,146 @@ fn lazy_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
         got, want,
         "lazy tree (left) differs from containerd's unpack (right)"
     );
+}
+
+/// The controller's node API (hermes-controller's own server) over a zTOC store, on a port.
+struct Controller {
+    url: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Controller {
+    fn start(store: &Path) -> Controller {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (misses, _) = tokio::sync::mpsc::channel(16);
+        let api = hermes_controller::api::NodeApi::new(
+            hermes_oci::Store::open(store).expect("store"),
+            None,
+            vec![256 << 10],
+            misses,
+        );
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        runtime.spawn(hermes_controller::api::serve(
+            listener,
+            api,
+            std::future::pending(),
+        ));
+        Controller { url, runtime }
+    }
+
+    /// `GET path` → (status, body).
+    fn get(&self, path: &str) -> (u16, String) {
+        let addr = self.url.trim_start_matches("http://").to_owned();
+        let mut s = std::net::TcpStream::connect(addr).expect("controller");
+        use std::io::Write;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        let status = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+}
+
+#[test]
+fn startup_reads_are_recorded_merged_by_the_controller_and_prefetched_on_the_next_node() {
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let pushed = TestImage::new()
+        .file("app/start.py", b"import model\n".to_vec())
+        .file("app/unused.bin", noise(2 << 20, 8))
+        .file("app/model.bin", noise(1 << 20, 9))
+        .push(&registry.host(), "node/replay:v1")
+        .expect("push");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctrl_store = dir.path().join("controller");
+    index(&pushed.reference, &ctrl_store);
+    let controller = Controller::start(&ctrl_store);
+    let flags = [
+        "--plain-http",
+        "--no-background-fetch",
+        "--trace-window",
+        "1",
+        "--controller",
+        &controller.url,
+    ];
+    let layer = &pushed.layers[0].digest;
+
+    // First node: the container reads its startup files; the trace goes to the controller.
+    let first = Node::start(&dir.path().join("first"), &flags);
+    let rt = runtime();
+    assert_eq!(
+        rt.block_on(unpack(&first.socket, &pushed, "r")),
+        1,
+        "lazy from the controller"
+    );
+    let rootfs = mount_rootfs(
+        &rt.block_on(container(&first.socket, &pushed, "r", "c")),
+        &dir.path().join("c"),
+    );
+    let model = std::fs::read(rootfs.path.join("app/model.bin")).expect("read model");
+    assert_eq!(model.len(), 1 << 20);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let profile = loop {
+        let (status, body) = controller.get(&format!("/v1/layers/{layer}/prefetch"));
+        if status == 200 {
+            break serde_json::from_str::<serde_json::Value>(&body).expect("profile json");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no profile: {status} {body}\n{}",
+            first.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let spans = profile["spans"].as_array().expect("spans").len();
+    assert!(spans >= 4, "a 1 MiB file at 256 KiB spans: {profile}");
+    drop(rootfs);
+
+    // A fresh node: the profile is prefetched as the layer is mounted, before any read.
+    let second = Node::start(&dir.path().join("second"), &flags);
+    assert_eq!(rt.block_on(unpack(&second.socket, &pushed, "r")), 1);
+    let stats_path = second
+        .root
+        .join("layers")
+        .join(layer.trim_start_matches("sha256:"))
+        .join("stats.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&stats_path).unwrap_or_default())
+                .unwrap_or_default();
+        if stats["prefetched"].as_u64() == Some(spans as u64) {
+            assert!(
+                stats["bytes_on_demand"].as_u64().unwrap_or(0) < (1 << 20) + (600 << 10),
+                "prefetch fetched more than the profile: {stats}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "profile not prefetched: {stats}\n{}",
+            second.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(controller.runtime);
 }
