@@ -66,12 +66,8 @@ pub(crate) struct Node {
 }
 
 impl Node {
-<<<<<<< HEAD
     pub(crate) fn start(dir: &Path, extra: &[&str]) -> Node {
-=======
-    fn start(dir: &Path, extra: &[&str]) -> Node {
         std::fs::create_dir_all(dir).expect("node dir");
->>>>>>> ba08bf0 (record-and-replay prefetch on the node: layer servers record the spans read in the first seconds after mount (trace window), the daemon sends finished traces to the controller (POST /v1/traces), and new mounts prefetch the controller's merged profile first; LayerReader gains start_trace/trace/prefetch; tested end to end with the controller's own node API and two fresh nodes)
         let mut node = Node {
             root: dir.join("node"),
             socket: dir.join("hermes.sock"),
