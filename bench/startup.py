@@ -297,9 +297,10 @@ def main() -> int:
         if args.write_results:
             os.makedirs("bench/results", exist_ok=True)
             base = f"bench/results/startup-{args.write_results}"
-            cmd = " ".join(["bash bench/startup.sh"] + sys.argv[1:])
+            shown = [a for i, a in enumerate(sys.argv[1:]) if a != "--hermes" and sys.argv[i] != "--hermes"]
+            cmd = " ".join(["bash bench/startup.sh"] + shown)
             with open(base + ".md", "w") as f:
-                f.write(table + f"\nProduced by `{cmd}` (hermes at {args.hermes}).\n")
+                f.write(table + f"\nProduced by `{cmd}` (hermes: {os.path.basename(os.path.dirname(hermes))} build).\n")
             with open(base + ".json", "w") as f:
                 json.dump(report, f, indent=1)
                 f.write("\n")
@@ -323,6 +324,9 @@ def main() -> int:
         for name in list(procs.children):
             procs.stop(name)
         stack.unmount_under(state)
+        if not stack.mounts_under(state):  # keep the logs, free the disk
+            for sub in ("registry", "node", "containerd", "ztocs"):
+                shutil.rmtree(os.path.join(state, sub), ignore_errors=True)
 
 
 def containerd_version() -> str:
