@@ -642,13 +642,11 @@ impl Engine {
                 (_, Some(f)) if status.phase == Phase::Building => ("cannot finish the image", f),
                 _ => continue,
             };
-            let wait = failure.not_before.duration_since(now).unwrap_or_default();
+            // No countdown in the text: the report changes only when something happens.
             status.phase = Phase::Failed;
             status.reason = Some(format!(
-                "{what} ({} attempts, next in {}s): {}",
-                failure.failures,
-                wait.as_secs(),
-                failure.error
+                "{what} ({} attempts, retrying with backoff): {}",
+                failure.failures, failure.error
             ));
         }
         let recorded: BTreeSet<Digest> = self.contents.images.keys().cloned().collect();

@@ -382,8 +382,50 @@ async fn switching_the_policy_off_cancels_the_running_build() {
     );
 }
 
-/// The API's `/metrics` over a real TCP connection.
-async fn metrics_text(api: &NodeApi) -> String {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_miss_is_indexed_and_the_soci_index_pushed_as_the_policy_asks() {
+    let registry = Registry::start().expect("registry");
+    let pushed = push_app(&registry.host(), "ctl/missed:v1");
+    let reference = format!("{}/ctl/missed:v1", registry.host());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut e, api, _store) = engine(dir.path(), fast_options());
+    e.set_policies(
+        policy(
+            "push",
+            &format!(
+                "  images: [\"{}/**\"]\n  index: {{minLayerSize: 1Mi, spanSize: 1Mi, push: SociV2}}\n",
+                registry.host()
+            ),
+        ),
+        Vec::new(),
+    );
+    // No container runs it: a node reports that it started the image without an index.
+    let body = format!(r#"{{"image":"{reference}","node":"n1"}}"#);
+    let answer = http(&api, "POST", "/v1/misses", &body).await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let ready = run_until(&mut e, &reference, "Ready", |r| {
+        r.status.phase == Phase::Ready
+    })
+    .await;
+    assert_eq!(ready.status.digest.as_str(), pushed.manifest_digest);
+    assert_eq!(ready.status.pods, 1, "the miss counts as one user");
+    // SOCI v2: an image index tagged v1-soci binds the image and its SOCI index.
+    let soci = client()
+        .get_manifest(&Reference::parse(&format!("{reference}-soci")).unwrap())
+        .await
+        .expect("the v1-soci tag was pushed");
+    assert_eq!(soci.media_type, "application/vnd.oci.image.index.v1+json");
+    let index: serde_json::Value = serde_json::from_slice(&soci.bytes).unwrap();
+    assert!(
+        index["manifests"].as_array().is_some_and(|m| m
+            .iter()
+            .any(|d| d["annotations"].to_string().contains("soci"))),
+        "{index}"
+    );
+}
+
+/// One request to the API over a real TCP connection; the whole answer as text.
+async fn http(api: &NodeApi, method: &str, path: &str, body: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -396,11 +438,18 @@ async fn metrics_text(api: &NodeApi) -> String {
         },
     ));
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     conn.read_to_end(&mut raw).await.unwrap();
     let _ = stop.send(());
     String::from_utf8_lossy(&raw).into_owned()
+}
+
+/// The API's `/metrics`.
+async fn metrics_text(api: &NodeApi) -> String {
+    http(api, "GET", "/metrics", "").await
 }
