@@ -14,7 +14,7 @@
 //! - `GET /healthz`, `GET /readyz` (503 until [`NodeApi::set_ready`]), `GET /metrics`.
 //!
 //! `/v1/*` needs `Authorization: Bearer TOKEN` when a token is configured. Health and metrics
-//! do not. Not here yet: TLS; traces are kept in memory only.
+//! do not. TLS with [`serve_tls`] (see [`crate::tls`]). Traces are kept in memory only.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -469,6 +469,18 @@ async fn metrics(State(api): State<NodeApi>) -> Result<Response, ApiError> {
         text,
     )
         .into_response())
+}
+
+/// Serve `api` over TLS on `listener` until `shutdown` completes.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    api: NodeApi,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(crate::tls::TlsListener::new(listener, tls), api.router())
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// Serve `api` on `listener` until `shutdown` completes.

@@ -66,6 +66,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The node API's TLS certificate or key cannot be used.
+    #[error("cannot use {path} for TLS: {reason}")]
+    Tls {
+        /// The certificate or key file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A layer build was stopped because no image wants the layer any more.
     #[error("cancelled: no image wants the layer any more")]
     Cancelled,

@@ -15,7 +15,8 @@
 //! - [`builder`]: the registry and store work (resolve, build a layer, finish an image);
 //! - [`status`]: image reports (status plus build statistics), kept durably;
 //! - [`engine`]: the controller loop both adapters drive;
-//! - [`standalone`]: the standalone adapter (policy directory, local containerd).
+//! - [`standalone`]: the standalone adapter (policy directory, local containerd);
+//! - [`tls`]: TLS for the node API.
 //!
 //! The modules up to [`prefetch`] are pure: no I/O, no clock (time is passed in). The
 //! Kubernetes adapter lives in its own crate (`hermes-kube`) on top of [`engine`].
@@ -34,5 +35,6 @@ pub mod reconcile;
 pub mod selector;
 pub mod standalone;
 pub mod status;
+pub mod tls;
 
 pub use error::{Error, Result, chain};

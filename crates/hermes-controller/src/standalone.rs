@@ -277,6 +277,8 @@ pub struct StandaloneConfig {
     pub listener: tokio::net::TcpListener,
     /// Bearer token for `/v1/*`, if any.
     pub token: Option<String>,
+    /// Serve the node API over TLS with this configuration ([`crate::tls::server_config`]).
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Registry client for resolving and building.
     pub client: hermes_oci::Client,
     /// Platform images are indexed for.
@@ -327,9 +329,18 @@ pub async fn run(
     let mut engine = Engine::new(config.engine, builder, node_api.clone(), misses_rx, book)?;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let addr = config.listener.local_addr().ok();
-    let server = tokio::spawn(api::serve(config.listener, node_api.clone(), async {
+    let stopped = async {
         let _ = server_stopped.await;
-    }));
+    };
+    let server = match config.tls {
+        Some(tls) => tokio::spawn(api::serve_tls(
+            config.listener,
+            tls,
+            node_api.clone(),
+            stopped,
+        )),
+        None => tokio::spawn(api::serve(config.listener, node_api.clone(), stopped)),
+    };
     info!(listen = ?addr, policies = %config.policies.display(), data = %config.data.display(), "standalone controller started");
 
     let mut policies = PolicyDir::new(&config.policies);
@@ -357,7 +368,6 @@ pub async fn run(
         match source.running().await {
             Ok(containers) => {
                 engine.set_containers(containers);
-                node_api.set_ready(true);
                 if last_source_error.take().is_some() {
                     info!("listing running containers works again");
                 }
@@ -373,6 +383,8 @@ pub async fn run(
                 }
             }
         }
+        // Serving artifacts does not depend on the container runtime answering.
+        node_api.set_ready(true);
         tokio::select! {
             () = engine.run_for(config.poll_interval) => {}
             () = &mut shutdown => break,

@@ -52,6 +52,12 @@ pub struct ControllerArgs {
     /// File holding the bearer token nodes must send to /v1/* [default: no token needed].
     #[arg(long, value_name = "FILE", env = "HERMES_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Serve the node API over HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Platform indexed from multi-platform images [default: this machine's].
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     platform: Option<String>,
@@ -116,6 +122,10 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             args.policies.display()
         );
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(hermes_controller::tls::server_config(cert, key)?),
+        _ => None,
+    };
     let engine = EngineOptions {
         queue: QueueOptions {
             max_concurrent: args.concurrency,
@@ -144,6 +154,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             data: args.data,
             listener,
             token,
+            tls,
             client: client(&args.registry)?,
             platform,
             build_tool_identifier: args.build_tool_identifier,

@@ -25,6 +25,9 @@ pub struct StatusArgs {
     /// File holding the controller's bearer token.
     #[arg(long, value_name = "FILE", env = "HERMES_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Trust this PEM CA certificate for an https:// controller (besides the system's roots).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
     /// Print JSON: the image's report, or `{"images": […], "policies": […]}`.
     #[arg(long)]
     json: bool,
@@ -47,9 +50,15 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let (images, policies): (Vec<ImageReport>, Vec<PolicyReport>) = runtime.block_on(async {
         // reqwest is built without a default TLS crypto provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .build()
-            .context("cannot set up an HTTP client")?;
+        let mut http = reqwest::Client::builder();
+        if let Some(path) = &args.tls_ca {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
+            let ca = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+            http = http.add_root_certificate(ca);
+        }
+        let http = http.build().context("cannot set up an HTTP client")?;
         let images = get(&http, &base, "/v1/images", token.as_deref()).await?;
         let policies = get(&http, &base, "/v1/policies", token.as_deref()).await?;
         anyhow::Ok((images, policies))

@@ -69,42 +69,12 @@ impl StandaloneController {
 
     /// Start the process listening on `listen`; wait until it is ready.
     fn spawn(&mut self, listen: &str) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("controller log");
-        let child = Command::new(HERMES)
-            .args(&self.args)
-            .args(["--listen", listen])
-            .env("RUST_LOG", "info,hermes_oci=warn")
-            .env("HOME", "/nonexistent")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start hermes controller");
+        let mut args = self.args.clone();
+        args.extend(["--listen".to_owned(), listen.to_owned()]);
+        let (child, addr) = launch(&args, &self.log_path());
         self.child = Some(child);
-        let started = Instant::now();
-        let addr = loop {
-            if let Some(addr) = self
-                .log()
-                .lines()
-                .rev()
-                .find_map(|l| l.strip_prefix("listening on "))
-                .map(str::to_owned)
-            {
-                break addr;
-            }
-            self.assert_alive();
-            assert!(
-                started.elapsed() < WAIT,
-                "the controller never listened:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
         self.url = format!("http://{addr}");
+        let started = Instant::now();
         while self.get("/readyz").0 != 200 {
             self.assert_alive();
             assert!(
@@ -206,6 +176,43 @@ impl StandaloneController {
 impl Drop for StandaloneController {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Start `hermes ARGS` logging to `log` (appended); wait for its "listening on ADDR" line.
+fn launch(args: &[String], log: &Path) -> (Child, String) {
+    let before = std::fs::read_to_string(log).unwrap_or_default().len();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("controller log");
+    let mut child = Command::new(HERMES)
+        .args(args)
+        .env("RUST_LOG", "info,hermes_oci=warn")
+        .env("HOME", "/nonexistent")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("start hermes controller");
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(addr) = text
+            .get(before..)
+            .and_then(|new| new.lines().find_map(|l| l.strip_prefix("listening on ")))
+        {
+            return (child, addr.to_owned());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the controller exited with {status}:\n{text}");
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the controller never listened:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -607,4 +614,94 @@ fn unreachable_registries_fail_and_retry_and_a_killed_controller_resumes() {
     }
     // The unreachable image is still being retried after the restart.
     controller.wait_for(gone_ref, "Failed again", |r| phase(r) == "Failed");
+}
+
+/// A self-signed server certificate for 127.0.0.1 made with the real openssl tool: (cert, key).
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=hermes-controller"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        // rustls refuses a CA certificate as the server's own.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is required for the TLS test: apt-get install openssl");
+    assert!(out.status.success(), "openssl: {}", text(&out.stderr));
+    (cert, key)
+}
+
+#[test]
+fn the_node_api_serves_https_and_wants_the_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = self_signed(dir.path());
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").expect("token file");
+    std::fs::create_dir(dir.path().join("policies")).expect("policies");
+    let args: Vec<String> = [
+        "controller",
+        "--standalone",
+        "--policies",
+        path_str(&dir.path().join("policies")),
+        "--data",
+        path_str(&dir.path().join("data")),
+        // No containerd there: the API serves all the same.
+        "--containerd",
+        path_str(&dir.path().join("no-containerd.sock")),
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        path_str(&cert),
+        "--tls-key",
+        path_str(&key),
+        "--token-file",
+        path_str(&token),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (mut child, addr) = launch(&args, &dir.path().join("controller.log"));
+    let url = format!("https://{addr}");
+    let status = |extra: &[&str]| {
+        let mut a = vec!["status", "--json", "--controller", &url];
+        a.extend(extra);
+        hermes(&a)
+    };
+    let trusted = [
+        "--tls-ca",
+        path_str(&cert),
+        "--token-file",
+        path_str(&token),
+    ];
+    let started = Instant::now();
+    let out = loop {
+        let out = status(&trusted);
+        if out.status.success() || started.elapsed() > WAIT {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let all: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(all["images"], serde_json::json!([]));
+
+    let no_token = status(&["--tls-ca", path_str(&cert)]);
+    assert!(!no_token.status.success());
+    assert!(
+        text(&no_token.stderr).contains("wants a bearer token"),
+        "{}",
+        text(&no_token.stderr)
+    );
+    let untrusted = status(&["--token-file", path_str(&token)]);
+    assert!(!untrusted.status.success(), "an unknown CA is refused");
+    let plain = hermes(&["status", "--controller", &format!("http://{addr}")]);
+    assert!(!plain.status.success(), "plain HTTP on the TLS port fails");
+    let _ = child.kill();
+    let _ = child.wait();
 }
