@@ -116,11 +116,38 @@ impl Cluster {
         image_id: &str,
         service_account: Option<&str>,
     ) -> Pod {
-        let api = Api::<Pod>::namespaced(self.client.clone(), ns);
         let mut spec = json!({"containers": [{"name": "app", "image": image}]});
         if let Some(sa) = service_account {
             spec["serviceAccountName"] = json!(sa);
         }
+        self.start_pod(ns, name, image, image_id, spec).await
+    }
+
+    /// Like [`Cluster::running_pod`], with the pod's own `imagePullSecrets`.
+    pub async fn running_pod_with_pull_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        image: &str,
+        image_id: &str,
+        pull_secret: &str,
+    ) -> Pod {
+        let spec = json!({
+            "containers": [{"name": "app", "image": image}],
+            "imagePullSecrets": [{"name": pull_secret}]
+        });
+        self.start_pod(ns, name, image, image_id, spec).await
+    }
+
+    async fn start_pod(
+        &self,
+        ns: &str,
+        name: &str,
+        image: &str,
+        image_id: &str,
+        spec: serde_json::Value,
+    ) -> Pod {
+        let api = Api::<Pod>::namespaced(self.client.clone(), ns);
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
             "spec": spec

@@ -15,6 +15,13 @@ const WAIT: Duration = Duration::from_secs(60);
 async fn running_pods_get_their_images_indexed_with_statuses_and_events() {
     let registry = Registry::start_with_htpasswd("puller", "s3cret").expect("registry");
     let host = registry.host();
+    // A second registry whose password only a pod's own imagePullSecrets carry.
+    let batch_registry = Registry::start_with_htpasswd("batcher", "0ther").expect("registry");
+    let batch_host = batch_registry.host();
+    let batch = TestImage::new()
+        .file("job", vec![5u8; 100 << 10])
+        .push_with_creds(&batch_host, "jobs/batch:v1", "batcher", "0ther")
+        .expect("push batch");
     let app = TestImage::new()
         .file("app/bin", vec![7u8; 300 << 10])
         .layer()
@@ -34,11 +41,14 @@ async fn running_pods_get_their_images_indexed_with_statuses_and_events() {
         .await;
     // Credentials reach the controller through the pod's service account.
     cluster.service_account("prod", "app", &["regcred"]).await;
+    cluster
+        .pull_secret("prod", "batchcred", &batch_host, "batcher", "0ther")
+        .await;
 
     cluster
         .apply_policy(&format!(
             "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {{name: acme}}\nspec:\n  \
-             images: [\"{host}/acme/**\"]\n  namespaceSelector: {{matchLabels: {{env: prod}}}}\n  \
+             images: [\"{host}/acme/**\", \"{batch_host}/**\"]\n  namespaceSelector: {{matchLabels: {{env: prod}}}}\n  \
              index: {{minLayerSize: 0, spanSize: 64Ki}}\n"
         ))
         .await
@@ -65,6 +75,12 @@ async fn running_pods_get_their_images_indexed_with_statuses_and_events() {
         .await;
     cluster
         .running_pod("prod", "web-2", &app_ref, &app_id, Some("app"))
+        .await;
+    // Credentials through the pod's own imagePullSecrets (no service account).
+    let batch_ref = format!("{batch_host}/jobs/batch:v1");
+    let batch_id = format!("{batch_host}/jobs/batch@{}", batch.manifest_digest);
+    cluster
+        .running_pod_with_pull_secret("prod", "batch", &batch_ref, &batch_id, "batchcred")
         .await;
     // Same image in a namespace the policy does not select, and an image no policy matches.
     cluster
@@ -112,6 +128,14 @@ async fn running_pods_get_their_images_indexed_with_statuses_and_events() {
         "{status:?}"
     );
     assert!(status.ready_time.is_some());
+    eventually(WAIT, "HermesImage of jobs/batch Ready", || async {
+        cluster.image(&batch.manifest_digest).await.filter(|i| {
+            i.status
+                .as_ref()
+                .is_some_and(|s| s.phase == ImagePhase::Ready)
+        })
+    })
+    .await;
     assert!(status.bytes_read > 0, "{status:?}");
     assert_eq!(status.last_error, None);
     // The zTOCs are in the controller's store, keyed by layer digest.
@@ -204,7 +228,7 @@ async fn running_pods_get_their_images_indexed_with_statuses_and_events() {
     })
     .await;
     let s = acme.status.expect("status");
-    assert_eq!((s.matched_images, s.ready_images), (1, 1));
+    assert_eq!((s.matched_images, s.ready_images), (2, 2));
     assert_eq!(s.observed_generation, acme.metadata.generation);
     let broken = eventually(WAIT, "policy broken marked invalid", || async {
         policies
