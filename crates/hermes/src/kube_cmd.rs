@@ -26,7 +26,7 @@ pub enum KubeCommand {
     /// leader watches HermesPolicies and pods, indexes the running images policies want and
     /// writes HermesImage objects, policy conditions and pod Events. Every replica serves the
     /// node API from its artifact store.
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +68,12 @@ pub struct ControllerArgs {
     /// File with the bearer token nodes must send to the node API (none: no auth).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Serve the node API over HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Talk plain HTTP to registries (in-cluster registries without TLS).
     #[arg(long)]
     plain_http: bool,
@@ -85,7 +91,7 @@ pub fn run(cmd: KubeCommand) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(controller_main(args))?;
+            runtime.block_on(controller_main(*args))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -100,6 +106,10 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
                 .to_owned(),
         ),
         None => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(hermes_controller::tls::server_config(cert, key)?),
+        _ => None,
     };
     let store = Store::open(&args.data)
         .with_context(|| format!("cannot open the artifact store {}", args.data.display()))?;
@@ -124,9 +134,16 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let stop_api = Arc::new(Notify::new());
+    eprintln!("listening on {}", listener.local_addr()?);
     let server = tokio::spawn({
         let (api, stop) = (api.clone(), stop_api.clone());
-        async move { api::serve(listener, api, async move { stop.notified().await }).await }
+        let stopped = async move { stop.notified().await };
+        async move {
+            match tls {
+                Some(tls) => api::serve_tls(listener, tls, api, stopped).await,
+                None => api::serve(listener, api, stopped).await,
+            }
+        }
     });
     // In a cluster the pod watch sees every running image; misses are only logged.
     tokio::spawn(async move {
