@@ -108,6 +108,27 @@ struct Controller {
     http: reqwest::Client,
 }
 
+impl Controller {
+    /// A request to `path` under the base URL, with the bearer token if there is one.
+    fn request(&self, method: reqwest::Method, path: &str) -> (String, reqwest::RequestBuilder) {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        (url, req)
+    }
+
+    /// A JSON POST to `path`.
+    fn post_json(&self, path: &str, body: &serde_json::Value) -> (String, reqwest::RequestBuilder) {
+        let (url, req) = self.request(reqwest::Method::POST, path);
+        let req = req
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        (url, req)
+    }
+}
+
 /// The index sources of a node.
 #[derive(Debug)]
 pub struct IndexSources {
@@ -271,15 +292,11 @@ impl IndexSources {
         let Some(c) = &self.controller else {
             return Ok(None);
         };
-        let url = format!("{}/v1/layers/{layer}/ztoc", c.base);
+        let (url, req) = c.request(reqwest::Method::GET, &format!("/v1/layers/{layer}/ztoc"));
         let fail = |message: String| Error::Controller {
             url: url.clone(),
             message,
         };
-        let mut req = c.http.get(&url);
-        if let Some(t) = &c.token {
-            req = req.bearer_auth(t);
-        }
         let (status, header, body) = self
             .runtime
             .block_on(async {
@@ -387,11 +404,10 @@ impl IndexSources {
     /// The controller's merged startup profile of a layer (its JSON), if it has one.
     pub fn prefetch_profile(&self, layer: &Digest) -> Option<Vec<u8>> {
         let c = self.controller.as_ref()?;
-        let url = format!("{}/v1/layers/{layer}/prefetch", c.base);
-        let mut req = c.http.get(&url);
-        if let Some(t) = &c.token {
-            req = req.bearer_auth(t);
-        }
+        let (url, req) = c.request(
+            reqwest::Method::GET,
+            &format!("/v1/layers/{layer}/prefetch"),
+        );
         let got = self.runtime.block_on(async {
             let resp = req.send().await?;
             let ok = resp.status().is_success();
@@ -412,19 +428,11 @@ impl IndexSources {
         let Some(c) = &self.controller else {
             return Ok(());
         };
-        let url = format!("{}/v1/traces", c.base);
         let mut body = serde_json::json!({ "layers": { layer: spans } });
         if !self.node.is_empty() {
             body["node"] = self.node.clone().into();
         }
-        let mut req = c
-            .http
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body.to_string());
-        if let Some(t) = &c.token {
-            req = req.bearer_auth(t);
-        }
+        let (url, req) = c.post_json("/v1/traces", &body);
         let status = self
             .runtime
             .block_on(async { req.send().await.map(|r| r.status()) })
@@ -470,15 +478,7 @@ impl IndexSources {
         if !self.node.is_empty() {
             body["node"] = self.node.clone().into();
         }
-        let url = format!("{}/v1/misses", c.base);
-        let mut req = c
-            .http
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body.to_string());
-        if let Some(t) = &c.token {
-            req = req.bearer_auth(t);
-        }
+        let (url, req) = c.post_json("/v1/misses", &body);
         self.runtime.spawn(async move {
             match req.send().await {
                 Ok(r) if r.status().is_success() => debug!(url, "miss reported"),

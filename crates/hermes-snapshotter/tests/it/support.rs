@@ -10,7 +10,7 @@ use hermes_snapshotter::api::containerd::services::snapshots::v1::snapshots_clie
 use hermes_snapshotter::api::containerd::types::Mount;
 use hermes_snapshotter::{RemoteError, RemoteLayer, RemoteLayers, ServerHandle, Snapshots, serve};
 use tempfile::TempDir;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// Fails the test unless we run as root with overlayfs available (mounts are real).
 pub fn require_root_and_overlay() {
@@ -89,7 +89,7 @@ impl Served {
         let (dir, core) = core(remote);
         let socket = dir.path().join("run/snapshotter.sock");
         let server = serve(&socket, Arc::clone(&core)).await.expect("serve");
-        let client = SnapshotsClient::new(connect(&socket).await);
+        let client = connect(&socket).await;
         Served {
             dir,
             core,
@@ -103,25 +103,14 @@ impl Served {
     }
 }
 
-/// A gRPC channel over a unix socket.
-pub async fn connect(socket: &Path) -> Channel {
+/// A snapshots client over a unix socket.
+pub async fn connect(socket: &Path) -> SnapshotsClient<Channel> {
     try_connect(socket)
         .await
         .expect("connect to snapshotter socket")
 }
 
-pub async fn try_connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
-    let socket = socket.to_owned();
-    Endpoint::from_static("http://snapshotter.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await
-}
+pub use hermes_snapshotter::connect as try_connect;
 
 pub fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
