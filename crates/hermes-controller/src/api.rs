@@ -1,8 +1,13 @@
 //! The node API (design.md §3) over HTTP/1.1 with axum: nodes fetch zTOCs and image status
 //! and report misses.
 //!
-//! - `GET /v1/layers/{layer-digest}/ztoc` → zTOC bytes from the [`Store`], with
-//!   `Docker-Content-Digest`; 404 if none (span sizes tried in the configured order);
+//! - `GET /v1/layers/{layer-digest}/ztoc[?image=REF&manifest=DIGEST]` → zTOC bytes from the
+//!   [`Store`], with `Docker-Content-Digest`; 404 if none (span sizes tried in the configured
+//!   order). `If-None-Match: "DIGEST"` answers 304 when that is still the zTOC, so a node can
+//!   check a copy it keeps. When an `Off` policy matches the image (see
+//!   [`off_for_node`](crate::matcher::off_for_node)) or the controller skipped the manifest for
+//!   one, the answer is 404 with a `Hermes-Disabled` header giving the reason: the node must
+//!   not start the image lazily, whatever copy it has;
 //! - `GET /v1/images/{manifest-digest}` → the image's [`ImageReport`] (as the controller loop last
 //!   published it), else its stored record; 404 if neither;
 //! - `GET /v1/images` → every image report; `GET /v1/policies` → every policy's status (also
@@ -22,8 +27,8 @@ use std::sync::{Arc, RwLock};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,7 +43,10 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::matcher::off_for_node;
+use crate::policy::Policy;
 use crate::prefetch::{ProfileBook, TraceReport};
+use crate::reconcile::Phase;
 use crate::status::{ImageReport, PolicyReport};
 
 /// A node's report that it started an image without an index.
@@ -80,6 +88,8 @@ pub struct Metrics {
     pub artifacts_served: Counter,
     /// zTOC requests answered 404.
     pub artifacts_missing: Counter,
+    /// zTOC requests refused because an `Off` policy matches the image.
+    pub artifacts_refused: Counter,
     /// Misses accepted from nodes.
     pub misses: Counter,
     /// Images in the build queue (set by the controller loop).
@@ -94,6 +104,7 @@ impl Default for Metrics {
         Self {
             artifacts_served: Counter::default(),
             artifacts_missing: Counter::default(),
+            artifacts_refused: Counter::default(),
             misses: Counter::default(),
             queue_depth: Gauge::default(),
             builds: Family::default(),
@@ -123,6 +134,11 @@ impl Metrics {
             "hermes_controller_artifacts_missing",
             "zTOC requests for layers without one",
             self.artifacts_missing.clone(),
+        );
+        registry.register(
+            "hermes_controller_artifacts_refused",
+            "zTOC requests refused because an Off policy matches the image",
+            self.artifacts_refused.clone(),
         );
         registry.register(
             "hermes_controller_misses",
@@ -165,6 +181,8 @@ struct Inner {
     span_sizes: RwLock<Vec<u64>>,
     images: RwLock<BTreeMap<Digest, ImageReport>>,
     policies: RwLock<Vec<PolicyReport>>,
+    /// The valid policies, for refusing images an `Off` policy matches.
+    active: RwLock<Vec<Policy>>,
     misses: mpsc::Sender<Miss>,
     profiles: RwLock<ProfileBook>,
     ready: AtomicBool,
@@ -178,6 +196,8 @@ enum ApiError {
     BadDigest(String),
     BadBody(String),
     NotFound(&'static str),
+    /// An `Off` policy forbids lazy starts of the image; the reason.
+    Disabled(String),
     Unauthorized,
     Busy,
     Store(String),
@@ -185,6 +205,10 @@ enum ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let disabled = match &self {
+            Self::Disabled(reason) => Some(reason.clone()),
+            _ => None,
+        };
         let (status, message) = match self {
             Self::BadDigest(d) => (
                 StatusCode::BAD_REQUEST,
@@ -192,6 +216,7 @@ impl IntoResponse for ApiError {
             ),
             Self::BadBody(e) => (StatusCode::BAD_REQUEST, format!("bad request body: {e}")),
             Self::NotFound(what) => (StatusCode::NOT_FOUND, format!("no {what}")),
+            Self::Disabled(reason) => (StatusCode::NOT_FOUND, reason),
             Self::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 "a bearer token is required".to_owned(),
@@ -204,6 +229,11 @@ impl IntoResponse for ApiError {
         };
         let mut response =
             (status, axum::Json(serde_json::json!({ "error": message }))).into_response();
+        if let Some(reason) = disabled
+            && let Ok(value) = HeaderValue::from_str(reason.as_str())
+        {
+            response.headers_mut().insert(DISABLED_HEADER, value);
+        }
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
@@ -212,6 +242,9 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// The header of a zTOC answer that forbids a lazy start (its value says why).
+pub const DISABLED_HEADER: header::HeaderName = header::HeaderName::from_static("hermes-disabled");
 
 fn parse_digest(text: &str) -> Result<Digest, ApiError> {
     Digest::parse(text).map_err(|_| ApiError::BadDigest(text.to_owned()))
@@ -241,6 +274,7 @@ impl NodeApi {
                 span_sizes: RwLock::new(span_sizes),
                 images: RwLock::new(BTreeMap::new()),
                 policies: RwLock::new(Vec::new()),
+                active: RwLock::new(Vec::new()),
                 misses,
                 profiles: RwLock::new(ProfileBook::default()),
                 ready: AtomicBool::new(false),
@@ -273,6 +307,26 @@ impl NodeApi {
             .unwrap_or_else(|e| e.into_inner()) = policies;
     }
 
+    /// Set the valid policies: images an `Off` policy matches are refused to nodes.
+    pub fn set_active_policies(&self, policies: Vec<Policy>) {
+        *self.inner.active.write().unwrap_or_else(|e| e.into_inner()) = policies;
+    }
+
+    /// Why nodes must not start `image` (resolved to `manifest`) lazily, if they must not.
+    fn refusal(&self, image: Option<&Reference>, manifest: Option<&Digest>) -> Option<String> {
+        if let Some(image) = image {
+            let active = self.inner.active.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(policy) = off_for_node(&active, image, manifest) {
+                return Some(format!("policy {} has mode Off", policy.name));
+            }
+        }
+        // The controller saw the image running under an Off policy (one with selectors too).
+        let images = self.inner.images.read().unwrap_or_else(|e| e.into_inner());
+        let report = images.get(manifest?)?;
+        (report.status.phase == Phase::Skipped)
+            .then(|| report.status.reason.clone().unwrap_or_default())
+    }
+
     /// Set the span sizes zTOCs are looked up with (those of the current policies).
     pub fn set_span_sizes(&self, span_sizes: Vec<u64>) {
         *self
@@ -280,6 +334,13 @@ impl NodeApi {
             .span_sizes
             .write()
             .unwrap_or_else(|e| e.into_inner()) = span_sizes;
+    }
+
+    /// The metrics in the OpenMetrics text format, as `GET /metrics` serves them.
+    pub fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        let _ = encode(&mut text, &self.inner.registry);
+        text
     }
 
     /// The API's metrics, for the controller loop to update.
@@ -325,11 +386,30 @@ async fn require_token(
     Ok(next.run(request).await)
 }
 
+/// What a node may say about the image a layer belongs to.
+#[derive(Debug, Default, Deserialize)]
+struct ZtocQuery {
+    image: Option<String>,
+    manifest: Option<String>,
+}
+
 async fn get_ztoc(
     State(api): State<NodeApi>,
     Path(digest): Path<String>,
+    Query(query): Query<ZtocQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let layer = parse_digest(&digest)?;
+    let manifest = query.manifest.as_deref().map(parse_digest).transpose()?;
+    // An unparsable image name cannot match a policy; it is not an error of the request.
+    let image = query
+        .image
+        .as_deref()
+        .and_then(|i| Reference::parse(i).ok());
+    if let Some(reason) = api.refusal(image.as_ref(), manifest.as_ref()) {
+        api.inner.metrics.artifacts_refused.inc();
+        return Err(ApiError::Disabled(reason));
+    }
     let spans = api
         .inner
         .span_sizes
@@ -355,8 +435,16 @@ async fn get_ztoc(
         return Err(ApiError::NotFound("zTOC for this layer"));
     };
     api.inner.metrics.artifacts_served.inc();
+    let etag = format!("\"{ztoc}\"");
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
     Ok((
         [
+            (header::ETAG, etag),
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
             (
                 header::HeaderName::from_static("docker-content-digest"),
@@ -459,8 +547,7 @@ async fn readyz(State(api): State<NodeApi>) -> (StatusCode, &'static str) {
 }
 
 async fn metrics(State(api): State<NodeApi>) -> Result<Response, ApiError> {
-    let mut text = String::new();
-    encode(&mut text, &api.inner.registry).map_err(|e| ApiError::Store(e.to_string()))?;
+    let text = api.metrics_text();
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -568,10 +655,15 @@ mod tests {
         token: Option<&str>,
         body: &str,
     ) -> Reply {
-        let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
         let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        request_with(s, method, path, &auth, body).await
+    }
+
+    /// [`request`] with extra header lines (each ending in CRLF).
+    async fn request_with(s: &Server, method: &str, path: &str, extra: &str, body: &str) -> Reply {
+        let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: test\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         conn.write_all(req.as_bytes()).await.unwrap();
@@ -624,6 +716,63 @@ mod tests {
     }
 
     const LAYER: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+
+    #[tokio::test]
+    async fn a_kept_ztoc_is_confirmed_with_304_and_off_policies_refuse_the_image() {
+        let s = start(None).await;
+        let layer = Digest::parse(LAYER).unwrap();
+        let ztoc = s.store.put_blob(b"ztoc bytes").unwrap();
+        s.store.set_ztoc_for_layer(&layer, 4 << 20, &ztoc).unwrap();
+        let url = format!("/v1/layers/{LAYER}/ztoc?image=ghcr.io%2Facme%2Fweb%3A1");
+
+        // The copy a node keeps is confirmed without sending it again; a stale one is replaced.
+        let same = request_with(
+            &s,
+            "GET",
+            &url,
+            &format!("If-None-Match: \"{ztoc}\"\r\n"),
+            "",
+        )
+        .await;
+        assert_eq!(same.status, 304, "{}", same.text());
+        assert!(same.body.is_empty());
+        let stale = format!("If-None-Match: \"{}\"\r\n", Digest::of(b"old"));
+        let newer = request_with(&s, "GET", &url, &stale, "").await;
+        assert_eq!(newer.status, 200);
+        assert_eq!(newer.body, b"ztoc bytes");
+
+        // An Off policy for the image: refused with the reason, even with a copy on the node.
+        let policies = crate::matcher::tests::policies(&[
+            ("apps", "  images: [\"ghcr.io/acme/**\"]\n"),
+            (
+                "stop-web",
+                "  images: [\"ghcr.io/acme/web\"]\n  mode: Off\n",
+            ),
+        ]);
+        s.api.set_active_policies(policies);
+        for extra in ["", &format!("If-None-Match: \"{ztoc}\"\r\n")] {
+            let refused = request_with(&s, "GET", &url, extra, "").await;
+            assert_eq!(refused.status, 404);
+            assert_eq!(
+                refused.header("hermes-disabled"),
+                Some("policy stop-web has mode Off")
+            );
+            assert!(refused.text().contains("stop-web"), "{}", refused.text());
+        }
+        // Other images, and requests that do not name one, are served as before.
+        let other = format!("/v1/layers/{LAYER}/ztoc?image=ghcr.io%2Facme%2Fapi");
+        assert_eq!(request(&s, "GET", &other, None, "").await.status, 200);
+        let plain = request(&s, "GET", &format!("/v1/layers/{LAYER}/ztoc"), None, "").await;
+        assert_eq!(plain.status, 200);
+        assert_eq!(plain.header("hermes-disabled"), None);
+        let metrics = request(&s, "GET", "/metrics", None, "").await.text();
+        assert!(
+            metrics.contains("hermes_controller_artifacts_refused_total 2"),
+            "{metrics}"
+        );
+        let bad = request(&s, "GET", &format!("{url}&manifest=nope"), None, "").await;
+        assert_eq!(bad.status, 400, "{}", bad.text());
+    }
 
     #[tokio::test]
     async fn ztoc_is_served_with_its_digest_and_404_when_absent() {

@@ -21,8 +21,9 @@ use hermes_oci::{
     Client, Digest, ImageRecord, IndexOptions, IndexResult, LayerOutcome, LayerRecord, Reference,
     ResolvedImage, Store,
 };
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
+use crate::mirror::Mirror;
 use crate::policy::{Policy, Push};
 use crate::queue::LayerKey;
 use crate::reconcile::{LayerInfo, ManifestInfo};
@@ -72,6 +73,7 @@ pub struct Builder {
     store: Store,
     platform: Platform,
     build_tool_identifier: String,
+    mirror: Option<Mirror>,
 }
 
 fn oci(action: &'static str, subject: impl ToString) -> impl FnOnce(hermes_oci::Error) -> Error {
@@ -96,7 +98,21 @@ impl Builder {
             store,
             platform,
             build_tool_identifier,
+            mirror: None,
         }
+    }
+
+    /// The same builder publishing what it builds to a store repository (see [`crate::mirror`]).
+    pub fn with_mirror(self, mirror: Mirror) -> Self {
+        Self {
+            mirror: Some(mirror),
+            ..self
+        }
+    }
+
+    /// The store repository, if there is one.
+    pub fn mirror(&self) -> Option<&Mirror> {
+        self.mirror.as_ref()
     }
 
     /// The artifact store.
@@ -195,6 +211,13 @@ impl Builder {
             Ok(LayerResult::Indexed { reused: true, .. }) | Err(_) => 0,
             Ok(_) => size,
         };
+        // Published at once, so a failover mid-image loses no finished layer. Not fatal: the
+        // image's own entry (see `finish`) carries the layer again.
+        if let (Ok(_), Some(mirror)) = (&result, &self.mirror)
+            && let Err(e) = mirror.publish_layer(&self.store, key).await
+        {
+            warn!(layer = %key.digest, error = %crate::chain(&e), "cannot publish a zTOC to the store repository; the image entry will carry it");
+        }
         LayerBuild {
             result,
             seconds,
@@ -298,6 +321,11 @@ impl Builder {
             .await
             .map_err(oci("push the SOCI index of", reference))?;
             info!(target = %target, soci_index = %pushed.soci_index, "SOCI index pushed");
+        }
+        // Published before the record is stored locally: a failure leaves the image unfinished,
+        // so it is retried, and never stored here but missing from the repository.
+        if let Some(mirror) = &self.mirror {
+            mirror.publish_image(&self.store, &record).await?;
         }
         self.store
             .put_image(&record)

@@ -215,6 +215,7 @@ impl Engine {
             }
         }
         self.api.set_span_sizes(spans);
+        self.api.set_active_policies(self.policies.clone());
     }
 
     /// Replace the running containers.
@@ -378,6 +379,14 @@ impl Engine {
                 let deleted = self.builder.store().delete_image(&manifest);
                 match deleted {
                     Ok(()) => {
+                        if let Some(mirror) = self.builder.mirror().cloned() {
+                            let manifest = manifest.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = mirror.forget_image(&manifest).await {
+                                    warn!(%manifest, error = %chain(&e), "cannot delete a collected image from the store repository");
+                                }
+                            });
+                        }
                         self.contents.images.remove(&manifest);
                         if let Err(e) = self.book.remove(&manifest) {
                             warn!(error = %chain(&e), "cannot delete an image report");
@@ -394,6 +403,14 @@ impl Engine {
                     .delete_layer(&key.digest, key.span_size)
                 {
                     Ok(()) => {
+                        if let Some(mirror) = self.builder.mirror().cloned() {
+                            let key = key.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = mirror.forget_layer(&key).await {
+                                    warn!(layer = %key.digest, error = %chain(&e), "cannot delete a collected zTOC from the store repository");
+                                }
+                            });
+                        }
                         self.contents.ztocs.remove(&key);
                         self.contents.unindexable.remove(&key);
                     }

@@ -15,6 +15,7 @@
 //! - [`builder`]: the registry and store work (resolve, build a layer, finish an image);
 //! - [`status`]: image reports (status plus build statistics), kept durably;
 //! - [`engine`]: the controller loop both adapters drive;
+//! - [`mirror`]: the artifact store published to an OCI repository, for several replicas;
 //! - [`standalone`]: the standalone adapter (policy directory, local containerd);
 //! - [`tls`]: TLS for the node API.
 //!
@@ -27,6 +28,7 @@ pub mod builder;
 pub mod engine;
 mod error;
 pub mod matcher;
+pub mod mirror;
 pub mod pattern;
 pub mod policy;
 pub mod prefetch;

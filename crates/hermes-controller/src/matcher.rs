@@ -136,6 +136,23 @@ pub fn decide<'p>(policies: &'p [Policy], container: &RunningContainer) -> Decis
     }
 }
 
+/// The `Off` policy that forbids nodes to start `image` (resolved to `manifest`) lazily, if
+/// any. A node asking for a zTOC knows the image but neither the pod nor its namespace, so only
+/// `Off` policies without selectors apply here; one with selectors still stops the builds of
+/// the images it matches. Ties go to the first name, so the answer is deterministic.
+pub fn off_for_node<'p>(
+    policies: &'p [Policy],
+    image: &Reference,
+    manifest: Option<&Digest>,
+) -> Option<&'p Policy> {
+    policies
+        .iter()
+        .filter(|p| p.mode == Mode::Off)
+        .filter(|p| p.namespace_selector.is_none() && p.pod_selector.is_none())
+        .filter(|p| p.images.iter().any(|pat| pat.matches(image, manifest)))
+        .min_by(|a, b| a.name.cmp(&b.name))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -212,6 +229,54 @@ pub(crate) mod tests {
             let c = container(ns, "p", image, *digest);
             assert_eq!(winner(&ps, &c), *expected, "{ns} {image} {digest:?}");
         }
+    }
+
+    #[test]
+    fn nodes_are_refused_images_an_off_policy_without_selectors_matches() {
+        let ps = policies(&[
+            ("lazy", "  images: [\"ghcr.io/acme/**\"]\n"),
+            (
+                "stop-web",
+                "  images: [\"ghcr.io/acme/web\"]\n  mode: Off\n",
+            ),
+            (
+                "a-stop-too",
+                "  images: [\"ghcr.io/acme/web:*\"]\n  mode: Off\n",
+            ),
+            (
+                "stop-dev",
+                "  images: [\"ghcr.io/acme/api\"]\n  mode: Off\n  namespaceSelector: {matchLabels: {env: dev}}\n",
+            ),
+            (
+                "stop-pinned",
+                &format!("  images: [\"ghcr.io/acme/db@{PIN}\"]\n  mode: Off\n"),
+            ),
+        ]);
+        let off = |image: &str, manifest: Option<&str>| {
+            let manifest = manifest.map(|d| Digest::parse(d).unwrap());
+            off_for_node(&ps, &Reference::parse(image).unwrap(), manifest.as_ref())
+                .map(|p| p.name.clone())
+        };
+        // Two Off policies match: the first name wins, whatever the order they were given in.
+        assert_eq!(
+            off("ghcr.io/acme/web:1", None).as_deref(),
+            Some("a-stop-too")
+        );
+        let reversed: Vec<Policy> = ps.iter().rev().cloned().collect();
+        let web = Reference::parse("ghcr.io/acme/web:1").unwrap();
+        assert_eq!(
+            off_for_node(&reversed, &web, None).map(|p| p.name.as_str()),
+            Some("a-stop-too")
+        );
+        // A selector-limited Off policy cannot be judged without the pod: not applied here.
+        assert_eq!(off("ghcr.io/acme/api", None), None);
+        // A digest pin applies to the manifest the node resolved, not to other versions.
+        assert_eq!(
+            off("ghcr.io/acme/db:1", Some(PIN)).as_deref(),
+            Some("stop-pinned")
+        );
+        assert_eq!(off("ghcr.io/acme/db:1", None), None);
+        assert_eq!(off("ghcr.io/acme/other", None), None);
     }
 
     #[test]

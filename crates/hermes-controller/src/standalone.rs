@@ -289,6 +289,8 @@ pub struct StandaloneConfig {
     pub engine: EngineOptions,
     /// How often policies and containers are polled.
     pub poll_interval: Duration,
+    /// A store repository to publish to, and to copy from at start (see [`crate::mirror`]).
+    pub mirror: Option<crate::mirror::Mirror>,
 }
 
 /// The artifact store under a data directory.
@@ -320,12 +322,17 @@ pub async fn run(
         vec![DEFAULT_SPAN_SIZE],
         misses_tx,
     );
-    let builder = Builder::new(
+    let mut builder = Builder::new(
         config.client,
-        store,
+        store.clone(),
         config.platform,
         config.build_tool_identifier,
     );
+    if let Some(mirror) = config.mirror {
+        // A new data dir starts with everything published before: nothing is built twice.
+        mirror.sync(&store).await?;
+        builder = builder.with_mirror(mirror);
+    }
     let mut engine = Engine::new(config.engine, builder, node_api.clone(), misses_rx, book)?;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let addr = config.listener.local_addr().ok();

@@ -3,9 +3,16 @@
 //! become `HermesImage` objects, policy status conditions and pod Events.
 //!
 //! Only the leader watches, builds and writes. Each term of leadership gets a fresh engine from
-//! the caller's factory; losing the lease (or shutting down) drops it, which aborts its
+//! the [`EngineSetup`]; losing the lease (or shutting down) drops it, which aborts its
 //! background tasks, so a replica that is no longer leader starts nothing new. A replica shutting
 //! down releases the lease, so another takes over at once instead of after the lease expires.
+//!
+//! With a store repository ([`EngineSetup::mirror`], see `hermes_controller::mirror`) the
+//! leader publishes what it builds; every replica that is not leading copies it into its own
+//! store every [`EngineSetup::sync_every`] and once more before it starts leading, so a new
+//! leader rebuilds nothing and every replica serves nodes the same zTOCs. Replicas that are
+//! not leading also follow the HermesPolicy objects, so the node API they serve refuses images
+//! an `Off` policy covers, as the leader's does.
 //!
 //! Pull credentials: the pull secrets of the pods running images some policy wants (their own
 //! `imagePullSecrets`, then their service account's) are read with `get` and merged by registry
@@ -77,11 +84,11 @@ impl Default for ControllerOptions {
     }
 }
 
-/// Run until `shutdown` completes: elect, lead while elected (with an engine from
-/// `make_engine` per term), release the lease at the end.
+/// Run until `shutdown` completes: elect, lead while elected (with a new engine from `setup`
+/// per term), follow while not, release the lease at the end.
 pub async fn run(
     client: Client,
-    mut make_engine: impl FnMut() -> hermes_controller::Result<Engine>,
+    setup: &EngineSetup,
     options: ControllerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
@@ -106,6 +113,7 @@ pub async fn run(
         if !*leader.borrow_and_update() {
             tokio::select! {
                 () = &mut shutdown => break,
+                () = follow(&client, setup) => {}
                 changed = leader.changed() => {
                     if changed.is_err() {
                         break;
@@ -123,7 +131,7 @@ pub async fn run(
             }
         };
         let stop = tokio::select! {
-            () = lead_forever(&client, &mut make_engine, &options) => false,
+            () = lead_forever(&client, setup, &options) => false,
             () = lost => {
                 warn!(identity = %options.identity, "lost leadership; builds stopped");
                 false
@@ -148,13 +156,9 @@ pub async fn run(
 
 /// Lead until cancelled; an error (API unreachable, …) is logged and the leader starts over
 /// with a new engine.
-async fn lead_forever(
-    client: &Client,
-    make_engine: &mut impl FnMut() -> hermes_controller::Result<Engine>,
-    options: &ControllerOptions,
-) {
+async fn lead_forever(client: &Client, setup: &EngineSetup, options: &ControllerOptions) {
     loop {
-        let result = match make_engine() {
+        let result = match setup.engine().await {
             Ok(engine) => lead(client, engine, options).await,
             Err(e) => Err(Error::Engine(Box::new(e))),
         };
@@ -162,6 +166,29 @@ async fn lead_forever(
             warn!(error = %crate::error_chain(&e), "controller loop failed; restarting in 5 s");
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
+    }
+}
+
+/// What a replica does while another leads: copy the store repository into its own store and
+/// keep the node API's view of the policies current. Never returns.
+async fn follow(client: &Client, setup: &EngineSetup) {
+    let policies: Api<HermesPolicy> = Api::all(client.clone());
+    loop {
+        if let Some(mirror) = &setup.mirror
+            && let Err(e) = mirror.sync(&setup.store).await
+        {
+            warn!(error = %hermes_controller::chain(&e), "cannot copy the store repository; retrying");
+        }
+        match policies.list(&ListParams::default()).await {
+            Ok(list) => setup.api.set_active_policies(
+                list.items
+                    .iter()
+                    .filter_map(|o| view::policy(o).ok())
+                    .collect(),
+            ),
+            Err(e) => debug!(error = %e, "cannot list policies (retried)"),
+        }
+        tokio::time::sleep(setup.sync_every).await;
     }
 }
 
@@ -670,12 +697,21 @@ pub struct EngineSetup {
     pub client: hermes_oci::ClientOptions,
     /// The node API the engine publishes to (shared by every term).
     pub api: hermes_controller::api::NodeApi,
+    /// The store repository the leader publishes to and every replica copies from.
+    pub mirror: Option<hermes_controller::mirror::Mirror>,
+    /// How often a replica that is not leading copies the store repository.
+    pub sync_every: Duration,
 }
 
 impl EngineSetup {
-    /// A new engine over the store. Nodes' misses are not fed to it: in a cluster the pod
-    /// watch sees every running image.
-    pub fn engine(&self) -> hermes_controller::Result<Engine> {
+    /// A new engine over the store, after copying what the store repository holds that the
+    /// store lacks (a failure to copy fails the term: it is retried rather than rebuilding
+    /// what another leader built). Nodes' misses are not fed to it: in a cluster the pod watch
+    /// sees every running image.
+    pub async fn engine(&self) -> hermes_controller::Result<Engine> {
+        if let Some(mirror) = &self.mirror {
+            mirror.sync(&self.store).await?;
+        }
         let client = hermes_oci::Client::new(self.client.clone()).map_err(|source| {
             hermes_controller::Error::Oci {
                 action: "configure a client for",
@@ -683,12 +719,15 @@ impl EngineSetup {
                 source: Box::new(source),
             }
         })?;
-        let builder = hermes_controller::builder::Builder::new(
+        let mut builder = hermes_controller::builder::Builder::new(
             client,
             self.store.clone(),
             hermes_oci::manifest::Platform::host(),
             hermes_ztoc::SOCI_BUILD_TOOL_IDENTIFIER.to_owned(),
         );
+        if let Some(mirror) = &self.mirror {
+            builder = builder.with_mirror(mirror.clone());
+        }
         let book = match &self.reports {
             Some(dir) => hermes_controller::status::ReportBook::open(dir)?,
             None => hermes_controller::status::ReportBook::in_memory(),

@@ -163,8 +163,8 @@ impl Req {
     }
 }
 
-/// Minimal percent-encoding for query values.
-fn encode_query(s: &str) -> String {
+/// Percent-encoding for a URL query value (everything but unreserved characters).
+pub fn encode_query(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -850,6 +850,68 @@ impl Client {
             return Err(Self::status_error(&req, resp).await);
         }
         Ok(digest)
+    }
+
+    /// Every tag of the repository (following the registry's `Link` pages); none if the
+    /// repository does not exist yet.
+    pub async fn tags(&self, r: &Reference) -> Result<Vec<String>> {
+        #[derive(serde::Deserialize)]
+        struct TagList {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let mut tags = Vec::new();
+        let mut target = format!("/v2/{}/tags/list?n=1000", r.repository);
+        loop {
+            let req = Req::new(Method::GET, r, target.clone());
+            let resp = self.send(&req).await?;
+            if resp.status() == StatusCode::NOT_FOUND {
+                return Ok(tags);
+            }
+            if !resp.status().is_success() {
+                return Err(Self::status_error(&req, resp).await);
+            }
+            // `Link: </v2/NAME/tags/list?n=1000&last=TAG>; rel="next"`
+            let next = resp
+                .headers()
+                .get(reqwest::header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| v.contains("rel=\"next\""))
+                .and_then(|v| Some(v.split_once('<')?.1.split_once('>')?.0.to_owned()));
+            let bytes = resp.bytes().await.map_err(|source| Error::Unreachable {
+                registry: r.registry.clone(),
+                source,
+            })?;
+            let page: TagList = serde_json::from_slice(&bytes).map_err(|e| Error::Status {
+                registry: req.registry.clone(),
+                method: "GET".into(),
+                path: target.clone(),
+                status: 200,
+                body: format!("not a tag list: {e}"),
+            })?;
+            tags.extend(page.tags.unwrap_or_default());
+            match next {
+                Some(link) if link != target => target = link,
+                _ => return Ok(tags),
+            }
+        }
+    }
+
+    /// Delete a manifest (and so every tag pointing at it). `Ok(false)` when it did not exist;
+    /// an error when the registry refuses deletes (distribution: `storage.delete.enabled`).
+    pub async fn delete_manifest(&self, r: &Reference, digest: &Digest) -> Result<bool> {
+        let mut req = Req::new(
+            Method::DELETE,
+            r,
+            format!("/v2/{}/manifests/{digest}", r.repository),
+        );
+        req.push = true;
+        let resp = self.send(&req).await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(false),
+            s if s.is_success() => Ok(true),
+            _ => Err(Self::status_error(&req, resp).await),
+        }
     }
 
     /// Referrers of a manifest with an artifact type: the referrers API, else the fallback tag

@@ -19,7 +19,8 @@ mod store;
 
 pub use auth::{Challenge, Credential, Credentials};
 pub use client::{
-    BlobStream, Client, ClientOptions, FetchedManifest, ResolvedImage, RetryPolicy, fallback_tag,
+    BlobStream, Client, ClientOptions, FetchedManifest, ResolvedImage, RetryPolicy, encode_query,
+    fallback_tag,
 };
 pub use digest::{Digest, Hasher};
 pub use error::{Error, Result};

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use crate::layer_server::{LayerStats, write_atomic};
 use crate::remote::{RemoteError, RemoteLayer, RemoteLayers};
-use crate::sources::IndexSources;
+use crate::sources::{Answer, IndexSources};
 use crate::{Error, Result, Snapshots};
 
 /// Why a layer was not mounted lazily (a bounded metric label).
@@ -37,15 +37,18 @@ pub enum Miss {
     CacheFull,
     /// The lazy mount failed or timed out.
     MountFailed,
+    /// The controller refused: an `Off` policy covers the image.
+    Disabled,
 }
 
 impl Miss {
     /// Every reason.
-    pub const ALL: [Miss; 4] = [
+    pub const ALL: [Miss; 5] = [
         Miss::NoIndex,
         Miss::SourceFailed,
         Miss::CacheFull,
         Miss::MountFailed,
+        Miss::Disabled,
     ];
 
     /// Metric label value.
@@ -55,6 +58,7 @@ impl Miss {
             Miss::SourceFailed => "source_failed",
             Miss::CacheFull => "cache_full",
             Miss::MountFailed => "mount_failed",
+            Miss::Disabled => "disabled",
         }
     }
 }
@@ -180,10 +184,15 @@ impl NodeLayers {
             return Ok(None);
         };
         let found = match self.sources.find(layer) {
-            Ok(Some(found)) => found,
-            Ok(None) => {
+            Ok(Answer::Ztoc(found)) => found,
+            Ok(Answer::NotIndexed) => {
                 self.miss(Miss::NoIndex);
                 self.sources.report_miss(layer);
+                return Ok(None);
+            }
+            // Switched off on purpose: no miss to report.
+            Ok(Answer::Disabled(_)) => {
+                self.miss(Miss::Disabled);
                 return Ok(None);
             }
             Err(e) => {

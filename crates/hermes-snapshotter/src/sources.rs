@@ -2,8 +2,13 @@
 //! before), the controller's node API (`GET /v1/layers/{digest}/ztoc`), and, when enabled, SOCI
 //! indexes in the image's registry (v2: the manifest's `com.amazon.soci.index-digest`
 //! annotation; v1: referrers of the manifest). Whatever is fetched is checked (digest, then a
-//! full parse) and kept in the local store, so a restart or a second image with the layer asks
-//! nobody.
+//! full parse) and kept in the local store, so a restart or a second image with the layer
+//! downloads nothing again.
+//!
+//! With a controller, the controller decides: every lookup asks it (naming the image, and the
+//! copy kept locally, which it confirms with a 304), and when it answers that an `Off` policy
+//! covers the image ([`Answer::Disabled`]) the layer is not started lazily, whatever copy the
+//! node has. A controller that is down does not stop lazy starts: the local copy is used.
 //!
 //! Sources that are down answer slowly at worst: every controller request has a short timeout
 //! and any failure only means "no zTOC from here". Images without a zTOC are reported to the
@@ -47,10 +52,10 @@ impl Source {
     }
 }
 
-/// Lookup counters by source: found, not found, failed.
+/// Lookup counters by source and outcome.
 #[derive(Debug, Default)]
 pub struct LookupCounters {
-    counts: [[AtomicU64; 3]; 3],
+    counts: [[AtomicU64; Lookup::ALL.len()]; Source::ALL.len()],
 }
 
 /// How a lookup in one source ended (a bounded metric label).
@@ -62,11 +67,18 @@ pub enum Lookup {
     NotFound,
     /// The source failed (down, timeout, bad answer).
     Failed,
+    /// The controller refused: an `Off` policy covers the image.
+    Refused,
 }
 
 impl Lookup {
     /// Every outcome.
-    pub const ALL: [Lookup; 3] = [Lookup::Found, Lookup::NotFound, Lookup::Failed];
+    pub const ALL: [Lookup; 4] = [
+        Lookup::Found,
+        Lookup::NotFound,
+        Lookup::Failed,
+        Lookup::Refused,
+    ];
 
     /// Metric label value.
     pub fn as_str(self) -> &'static str {
@@ -74,6 +86,7 @@ impl Lookup {
             Lookup::Found => "found",
             Lookup::NotFound => "not_found",
             Lookup::Failed => "failed",
+            Lookup::Refused => "refused",
         }
     }
 }
@@ -98,6 +111,40 @@ pub struct FoundZtoc {
     pub bytes: Vec<u8>,
     /// Where it came from.
     pub source: Source,
+}
+
+/// What the sources say about a layer.
+#[derive(Debug)]
+pub enum Answer {
+    /// A zTOC, stored locally.
+    Ztoc(FoundZtoc),
+    /// No source has one (and at least one answered).
+    NotIndexed,
+    /// The controller forbids a lazy start of the image; why.
+    Disabled(String),
+}
+
+impl Answer {
+    /// The zTOC, if one was found.
+    pub fn into_ztoc(self) -> Option<FoundZtoc> {
+        match self {
+            Self::Ztoc(found) => Some(found),
+            Self::NotIndexed | Self::Disabled(_) => None,
+        }
+    }
+}
+
+/// The controller's answer to a zTOC request.
+#[derive(Debug)]
+enum FromController {
+    /// A zTOC (verified against its digest header).
+    Ztoc(Vec<u8>),
+    /// The copy the node named is still the zTOC (304).
+    Same,
+    /// None (404).
+    NotFound,
+    /// Refused (404 with `Hermes-Disabled`); the reason.
+    Disabled(String),
 }
 
 /// The controller's node API, as a client.
@@ -206,24 +253,30 @@ impl IndexSources {
         &self.store
     }
 
-    /// The zTOC for `layer`, from the first source that has one. `Ok(None)`: no source has
-    /// one (and at least one answered). Errors only when every source that was asked failed.
-    pub fn find(&self, layer: &RemoteLayer) -> Result<Option<FoundZtoc>> {
+    /// The zTOC for `layer`, from the first source that has one (see the module docs).
+    /// Errors only when every source that was asked failed and there is no local copy.
+    pub fn find(&self, layer: &RemoteLayer) -> Result<Answer> {
         let digest = Digest::parse(&layer.layer_digest)?;
-        if let Some(found) = self.local(&digest)? {
-            self.counters.count(Source::Local, Lookup::Found);
-            return Ok(Some(found));
-        }
-        self.counters.count(Source::Local, Lookup::NotFound);
+        let local = self.local(&digest)?;
         let mut last_err = None;
         let mut answered = false;
         if self.controller.is_some() {
-            match self.ask_controller(&digest) {
-                Ok(Some(bytes)) => {
-                    self.counters.count(Source::Controller, Lookup::Found);
-                    return self.keep(&digest, bytes, Source::Controller).map(Some);
+            let kept = local.as_ref().map(|f| &f.digest);
+            match self.ask_controller(layer, &digest, kept) {
+                Ok(FromController::Disabled(reason)) => {
+                    self.counters.count(Source::Controller, Lookup::Refused);
+                    info!(layer = %digest, %reason, "the controller refuses a lazy start");
+                    return Ok(Answer::Disabled(reason));
                 }
-                Ok(None) => {
+                Ok(FromController::Ztoc(bytes)) => {
+                    self.counters.count(Source::Controller, Lookup::Found);
+                    return self
+                        .keep(&digest, bytes, Source::Controller)
+                        .map(Answer::Ztoc);
+                }
+                // Confirmed: counted below as found locally.
+                Ok(FromController::Same) => {}
+                Ok(FromController::NotFound) => {
                     answered = true;
                     self.counters.count(Source::Controller, Lookup::NotFound);
                 }
@@ -234,11 +287,18 @@ impl IndexSources {
                 }
             }
         }
+        if let Some(found) = local {
+            self.counters.count(Source::Local, Lookup::Found);
+            return Ok(Answer::Ztoc(found));
+        }
+        self.counters.count(Source::Local, Lookup::NotFound);
         if self.registry.is_some() {
             match self.ask_registry(layer, &digest) {
                 Ok(Some(bytes)) => {
                     self.counters.count(Source::Registry, Lookup::Found);
-                    return self.keep(&digest, bytes, Source::Registry).map(Some);
+                    return self
+                        .keep(&digest, bytes, Source::Registry)
+                        .map(Answer::Ztoc);
                 }
                 Ok(None) => {
                     answered = true;
@@ -253,7 +313,7 @@ impl IndexSources {
         }
         match last_err {
             Some(e) if !answered => Err(e),
-            _ => Ok(None),
+            _ => Ok(Answer::NotIndexed),
         }
     }
 
@@ -288,32 +348,61 @@ impl IndexSources {
         })
     }
 
-    fn ask_controller(&self, layer: &Digest) -> Result<Option<Vec<u8>>> {
+    /// Asks the controller for `layer`'s zTOC, naming the image (so it can refuse it) and the
+    /// copy `kept` locally, if any (so it can confirm it without sending it).
+    fn ask_controller(
+        &self,
+        remote: &RemoteLayer,
+        layer: &Digest,
+        kept: Option<&Digest>,
+    ) -> Result<FromController> {
         let Some(c) = &self.controller else {
-            return Ok(None);
+            return Ok(FromController::NotFound);
         };
-        let (url, req) = c.request(reqwest::Method::GET, &format!("/v1/layers/{layer}/ztoc"));
+        let mut query = Vec::new();
+        if let Some(image) = &remote.image_ref {
+            query.push(format!("image={}", hermes_oci::encode_query(image)));
+        }
+        if let Some(manifest) = &remote.manifest_digest {
+            query.push(format!("manifest={}", hermes_oci::encode_query(manifest)));
+        }
+        let mut path = format!("/v1/layers/{layer}/ztoc");
+        if !query.is_empty() {
+            path = format!("{path}?{}", query.join("&"));
+        }
+        let (url, mut req) = c.request(reqwest::Method::GET, &path);
+        if let Some(kept) = kept {
+            req = req.header("if-none-match", format!("\"{kept}\""));
+        }
         let fail = |message: String| Error::Controller {
             url: url.clone(),
             message,
         };
-        let (status, header, body) = self
+        let (status, header, disabled, body) = self
             .runtime
             .block_on(async {
                 let resp = req.send().await?;
                 let status = resp.status();
-                let header = resp
-                    .headers()
-                    .get("docker-content-digest")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
+                let text = |name: &str| {
+                    resp.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                let (header, disabled) = (text("docker-content-digest"), text("hermes-disabled"));
                 let body = resp.bytes().await?;
-                Ok::<_, reqwest::Error>((status, header, body))
+                Ok::<_, reqwest::Error>((status, header, disabled, body))
             })
             .map_err(|e| fail(format!("request failed: {e}")))?;
+        if status == reqwest::StatusCode::NOT_MODIFIED && kept.is_some() {
+            return Ok(FromController::Same);
+        }
         if status == reqwest::StatusCode::NOT_FOUND {
+            if let Some(reason) = disabled {
+                return Ok(FromController::Disabled(reason));
+            }
             debug!(%layer, "controller has no zTOC");
-            return Ok(None);
+            return Ok(FromController::NotFound);
         }
         if !status.is_success() {
             return Err(fail(format!("answered {status}")));
@@ -323,7 +412,7 @@ impl IndexSources {
             Some(h) if h != actual.as_str() => Err(fail(format!(
                 "zTOC body has digest {actual}, the header says {h}"
             ))),
-            _ => Ok(Some(body.to_vec())),
+            _ => Ok(FromController::Ztoc(body.to_vec())),
         }
     }
 

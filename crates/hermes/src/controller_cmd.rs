@@ -87,6 +87,11 @@ pub struct ControllerArgs {
     /// Build tool identifier stored in zTOCs and SOCI indexes.
     #[arg(long, default_value = hermes_ztoc::SOCI_BUILD_TOOL_IDENTIFIER)]
     build_tool_identifier: String,
+    /// Also keep the artifact store in this OCI repository (`registry/name`): what is built
+    /// is published there, and a controller starting with an empty --data copies it back
+    /// instead of building again. Same credentials and --plain-http as the images.
+    #[arg(long, value_name = "REPOSITORY")]
+    store_repository: Option<String>,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -160,6 +165,14 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             build_tool_identifier: args.build_tool_identifier,
             engine,
             poll_interval: args.poll_interval,
+            mirror: match &args.store_repository {
+                Some(repository) => Some(crate::kube_cmd::store_mirror(
+                    repository,
+                    args.registry.plain_http(),
+                    args.registry.docker_config(),
+                )?),
+                None => None,
+            },
         };
         let source = ContainerdSource::new(args.containerd, args.namespace);
         hermes_controller::standalone::run(config, source, shutdown_signal()?).await?;

@@ -15,6 +15,8 @@ use hermes_controller::engine::EngineOptions;
 use hermes_controller::reconcile::ReconcileOptions;
 use hermes_kube::controller::{self, ControllerOptions, EngineSetup};
 use hermes_oci::{ClientOptions, Store};
+
+use crate::index_cmd::{RegistryArgs, client};
 use tokio::sync::Notify;
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +79,18 @@ pub struct ControllerArgs {
     /// Talk plain HTTP to registries (in-cluster registries without TLS).
     #[arg(long)]
     plain_http: bool,
+    /// Keep the artifact store in this OCI repository (`registry/name`, e.g. the cluster's own
+    /// registry) as well: the leader publishes what it builds, every replica copies it into its
+    /// --data dir, so a failover loses and rebuilds nothing. Needed with more than one replica.
+    /// Credentials: --docker-config.
+    #[arg(long, value_name = "REPOSITORY")]
+    store_repository: Option<String>,
+    /// Seconds between copies of --store-repository by replicas that are not leading.
+    #[arg(long, default_value_t = 15, value_name = "SECONDS")]
+    store_sync: u64,
+    /// Docker config.json with credentials for --store-repository [default: none].
+    #[arg(long, value_name = "FILE")]
+    docker_config: Option<PathBuf>,
 }
 
 pub fn run(cmd: KubeCommand) -> anyhow::Result<ExitCode> {
@@ -153,6 +167,14 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
     });
     api.set_ready(true);
 
+    let mirror = match &args.store_repository {
+        Some(repository) => Some(store_mirror(
+            repository,
+            args.plain_http,
+            args.docker_config.as_deref(),
+        )?),
+        None => None,
+    };
     let setup = EngineSetup {
         options: EngineOptions {
             reconcile: ReconcileOptions {
@@ -168,6 +190,8 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
             ..ClientOptions::default()
         },
         api,
+        mirror,
+        sync_every: Duration::from_secs(args.store_sync.max(1)),
     };
     let options = ControllerOptions {
         identity,
@@ -178,10 +202,26 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync),
         ..ControllerOptions::default()
     };
-    let result = controller::run(client, || setup.engine(), options, shutdown_signal()).await;
+    let result = controller::run(client, &setup, options, shutdown_signal()).await;
     stop_api.notify_one();
     let _ = server.await;
     Ok(result?)
+}
+
+/// The store repository `repository` (`registry/name`), with the credentials of `docker_config`
+/// (else `$DOCKER_CONFIG/config.json` or `~/.docker/config.json` when present).
+pub fn store_mirror(
+    repository: &str,
+    plain_http: bool,
+    docker_config: Option<&std::path::Path>,
+) -> anyhow::Result<hermes_controller::mirror::Mirror> {
+    let reference = hermes_oci::Reference::parse(repository).with_context(|| {
+        format!("--store-repository {repository:?} is not a repository (registry/name)")
+    })?;
+    let settings = RegistryArgs::from_settings(plain_http, docker_config.map(PathBuf::from));
+    let client =
+        client(&settings).context("cannot configure a registry client for the store repository")?;
+    Ok(hermes_controller::mirror::Mirror::new(client, reference))
 }
 
 /// SIGTERM (the kubelet stopping the pod) or Ctrl-C.

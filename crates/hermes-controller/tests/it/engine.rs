@@ -7,6 +7,7 @@ use hermes_controller::api::NodeApi;
 use hermes_controller::builder::Builder;
 use hermes_controller::engine::{Engine, EngineOptions};
 use hermes_controller::matcher::RunningContainer;
+use hermes_controller::mirror::Mirror;
 use hermes_controller::policy::{Policy, parse_policies};
 use hermes_controller::queue::QueueOptions;
 use hermes_controller::reconcile::{LayerState, Phase, ReconcileOptions};
@@ -16,7 +17,7 @@ use hermes_oci::{Client, ClientOptions, Digest, Reference, RetryPolicy, Store};
 use hermes_testkit::{Fault, FaultProxy, FaultRule, PushedImage, Registry, TestImage};
 use tokio::sync::mpsc;
 
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 
 fn policy(name: &str, spec: &str) -> Vec<Policy> {
     let text = format!(
@@ -26,14 +27,14 @@ fn policy(name: &str, spec: &str) -> Vec<Policy> {
 }
 
 /// The test policy for everything under `host`: 1 MiB minimum layer size and spans.
-fn policy_for(host: &str) -> Vec<Policy> {
+pub(crate) fn policy_for(host: &str) -> Vec<Policy> {
     policy(
         "test",
         &format!("  images: [\"{host}/**\"]\n  index: {{minLayerSize: 1Mi, spanSize: 1Mi}}\n"),
     )
 }
 
-fn container(pod: &str, image: &str, digest: &str) -> RunningContainer {
+pub(crate) fn container(pod: &str, image: &str, digest: &str) -> RunningContainer {
     RunningContainer {
         namespace: "default".into(),
         pod: pod.into(),
@@ -44,7 +45,7 @@ fn container(pod: &str, image: &str, digest: &str) -> RunningContainer {
     }
 }
 
-fn client() -> Client {
+pub(crate) fn client() -> Client {
     Client::new(ClientOptions {
         plain_http: true,
         retry: RetryPolicy {
@@ -58,7 +59,7 @@ fn client() -> Client {
     .expect("client")
 }
 
-fn fast_options() -> EngineOptions {
+pub(crate) fn fast_options() -> EngineOptions {
     EngineOptions {
         queue: QueueOptions {
             max_concurrent: 2,
@@ -76,26 +77,38 @@ fn fast_options() -> EngineOptions {
 
 /// An engine over a store in `dir`, with the node API (not served).
 fn engine(dir: &std::path::Path, options: EngineOptions) -> (Engine, NodeApi, Store) {
+    engine_with(dir, options, None)
+}
+
+/// [`engine`], publishing to a store repository if `mirror` is given.
+pub(crate) fn engine_with(
+    dir: &std::path::Path,
+    options: EngineOptions,
+    mirror: Option<Mirror>,
+) -> (Engine, NodeApi, Store) {
     let store = Store::open(dir.join("store")).expect("store");
     let (tx, rx) = mpsc::channel(16);
     let api = NodeApi::new(store.clone(), None, vec![MIB], tx);
-    let builder = Builder::new(
+    let mut builder = Builder::new(
         client(),
         store.clone(),
         Platform::parse("linux/amd64").expect("platform"),
         hermes_ztoc::SOCI_BUILD_TOOL_IDENTIFIER.to_owned(),
     );
+    if let Some(mirror) = mirror {
+        builder = builder.with_mirror(mirror);
+    }
     let book = ReportBook::open(dir.join("status")).expect("report book");
     let engine = Engine::new(options, builder, api.clone(), rx, book).expect("engine");
     (engine, api, store)
 }
 
-fn report<'a>(engine: &'a Engine, reference: &str) -> Option<&'a ImageReport> {
+pub(crate) fn report<'a>(engine: &'a Engine, reference: &str) -> Option<&'a ImageReport> {
     engine.images().find(|r| r.status.reference == reference)
 }
 
 /// Run the engine until `done` holds for the report of `reference` (fails after 60 s).
-async fn run_until(
+pub(crate) async fn run_until(
     engine: &mut Engine,
     reference: &str,
     what: &str,
@@ -118,7 +131,7 @@ async fn run_until(
 }
 
 /// An image with one 4 MiB-file layer (about 2 MiB gzipped) and one tiny layer.
-fn push_app(host: &str, repo: &str) -> PushedImage {
+pub(crate) fn push_app(host: &str, repo: &str) -> PushedImage {
     TestImage::new()
         .big_file("srv/model.bin", 4)
         .layer()
@@ -127,7 +140,7 @@ fn push_app(host: &str, repo: &str) -> PushedImage {
         .expect("push the test image")
 }
 
-fn blob_gets(proxy: &FaultProxy, digest: &str) -> usize {
+pub(crate) fn blob_gets(proxy: &FaultProxy, digest: &str) -> usize {
     proxy
         .log()
         .iter()

@@ -3,3 +3,4 @@
 //! values (the adapters that watch containerd or Kubernetes are tested in their own crates).
 
 mod engine;
+mod mirror;

@@ -248,6 +248,8 @@ pub fn engine_setup(store_dir: &std::path::Path) -> EngineSetup {
             },
             ..hermes_oci::ClientOptions::default()
         },
+        mirror: None,
+        sync_every: Duration::from_secs(1),
     }
 }
 
@@ -265,7 +267,7 @@ impl Replica {
         let task = tokio::spawn(async move {
             controller::run(
                 client,
-                || setup.engine(),
+                &setup,
                 replica_options(identity_owned),
                 async move {
                     let _ = rx.await;

@@ -1,9 +1,11 @@
-//! Two controller replicas: one leader builds, the other waits; killing the leader hands over
-//! after the lease expires; a graceful stop releases the lease at once.
+//! Two controller replicas sharing a store repository: one leader builds and publishes, the
+//! other copies; killing the leader hands over after the lease expires, and the new leader
+//! rebuilds nothing; a graceful stop releases the lease at once.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use hermes_controller::mirror::Mirror;
 use hermes_kube::controller;
 use hermes_kube::crd::ImagePhase;
 use hermes_testkit::{Registry, TestImage};
@@ -15,13 +17,16 @@ const WAIT: Duration = Duration::from_secs(60);
 /// A replica on a runtime of its own, so it can be killed: dropping the runtime ends every task
 /// at once — no builds finish, the lease is not released — as a SIGKILL would.
 struct KillableReplica {
+    /// The node API this replica serves (not listening: read directly).
+    api: Option<hermes_controller::api::NodeApi>,
     runtime: Option<tokio::runtime::Runtime>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: Option<std::sync::mpsc::Receiver<hermes_kube::Result<()>>>,
 }
 
 impl KillableReplica {
-    fn start(kubeconfig: &Path, identity: &str, store: &Path) -> KillableReplica {
+    /// A replica publishing to and copying from the store repository `mirror`.
+    fn start(kubeconfig: &Path, identity: &str, store: &Path, mirror: &Mirror) -> KillableReplica {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -29,26 +34,20 @@ impl KillableReplica {
             .expect("runtime");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (done_tx, done_rx) = std::sync::mpsc::channel();
-        let (kubeconfig, identity, store) = (
-            kubeconfig.to_path_buf(),
-            identity.to_owned(),
-            store.to_path_buf(),
-        );
+        let (kubeconfig, identity) = (kubeconfig.to_path_buf(), identity.to_owned());
+        let mut setup = engine_setup(store);
+        setup.mirror = Some(mirror.clone());
+        let api = setup.api.clone();
         runtime.spawn(async move {
             let client = crate::apiserver::client_from(&kubeconfig, Some(CONTROLLER_USER)).await;
-            let setup = engine_setup(&store);
-            let result = controller::run(
-                client,
-                || setup.engine(),
-                replica_options(identity),
-                async move {
-                    let _ = stop_rx.await;
-                },
-            )
+            let result = controller::run(client, &setup, replica_options(identity), async move {
+                let _ = stop_rx.await;
+            })
             .await;
             let _ = done_tx.send(result);
         });
         KillableReplica {
+            api: Some(api),
             runtime: Some(runtime),
             stop: Some(stop_tx),
             done: Some(done_rx),
@@ -80,6 +79,15 @@ impl Drop for KillableReplica {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The sum of a counter's samples in a replica's metrics.
+fn counter(replica: &KillableReplica, name: &str) -> u64 {
+    let text = replica.api.as_ref().expect("replica").metrics_text();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 fn has_ztoc(store: &Path, layer: &str) -> bool {
@@ -129,9 +137,18 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over_when_it_is_kille
         tempfile::tempdir().expect("dir"),
     ];
     let names = ["replica-a", "replica-b"];
+    let mirror = Mirror::new(
+        hermes_oci::Client::new(hermes_oci::ClientOptions {
+            plain_http: true,
+            ..hermes_oci::ClientOptions::default()
+        })
+        .expect("client"),
+        hermes_oci::Reference::parse(&format!("{host}/hermes/store")).expect("repository"),
+    );
+    let kubeconfig = cluster.server.kubeconfig();
     let mut replicas = [
-        KillableReplica::start(&cluster.server.kubeconfig(), names[0], stores[0].path()),
-        KillableReplica::start(&cluster.server.kubeconfig(), names[1], stores[1].path()),
+        KillableReplica::start(&kubeconfig, names[0], stores[0].path(), &mirror),
+        KillableReplica::start(&kubeconfig, names[1], stores[1].path(), &mirror),
     ];
 
     eventually(WAIT, "first image Ready", || async {
@@ -156,9 +173,19 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over_when_it_is_kille
         has_ztoc(stores[leader].path(), layer),
         "the leader built the image"
     );
-    assert!(
-        !has_ztoc(stores[follower].path(), layer),
+    // The follower copies what the leader published, and builds nothing itself.
+    eventually(WAIT, "the follower's copy of the first zTOC", || async {
+        has_ztoc(stores[follower].path(), layer).then_some(())
+    })
+    .await;
+    assert_eq!(
+        counter(&replicas[follower], "hermes_controller_builds_total"),
+        0,
         "the follower never builds while the other leads"
+    );
+    assert_eq!(
+        counter(&replicas[leader], "hermes_controller_builds_total"),
+        1
     );
 
     let killed_at = Instant::now();
@@ -193,6 +220,22 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over_when_it_is_kille
     })
     .await;
     assert!(has_ztoc(stores[follower].path(), &second.layers[0].digest));
+    // The new leader built the second image only: the first was Ready from the copy.
+    assert_eq!(
+        counter(&replicas[follower], "hermes_controller_builds_total"),
+        1,
+        "the new leader rebuilt nothing the old one had published"
+    );
+    assert_eq!(
+        counter(&replicas[follower], "hermes_controller_bytes_read_total"),
+        second.layers[0].size
+    );
+    let first_status = cluster
+        .image(&first.manifest_digest)
+        .await
+        .and_then(|i| i.status)
+        .expect("first image status");
+    assert_eq!(first_status.phase, ImagePhase::Ready);
     assert!(
         !has_ztoc(stores[leader].path(), &second.layers[0].digest),
         "the killed replica built nothing more"
@@ -203,6 +246,7 @@ async fn two_replicas_elect_one_leader_and_the_other_takes_over_when_it_is_kille
         let mut r = std::mem::replace(
             &mut replicas[follower],
             KillableReplica {
+                api: None,
                 runtime: None,
                 stop: None,
                 done: None,

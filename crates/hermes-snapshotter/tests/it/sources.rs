@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use hermes_oci::soci::SociVersion;
 use hermes_oci::{Client, ClientOptions, Digest, IndexOptions, Reference, Store};
 use hermes_snapshotter::config::ControllerConfig;
-use hermes_snapshotter::sources::{IndexSources, Lookup, Source};
+use hermes_snapshotter::sources::{Answer, IndexSources, Lookup, Source};
 use hermes_snapshotter::{
     LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF, RemoteLayer,
 };
@@ -95,7 +95,7 @@ fn a_ztoc_comes_from_the_controller_once_then_from_the_local_store() {
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     rt.spawn(hermes_controller::api::serve(
         listener,
-        api,
+        api.clone(),
         std::future::pending(),
     ));
     let token = dir.path().join("token");
@@ -118,6 +118,7 @@ fn a_ztoc_comes_from_the_controller_once_then_from_the_local_store() {
             &l.digest,
         ))
         .expect("lookup")
+        .into_ztoc()
         .expect("found");
     assert_eq!((found.source, &found.digest), (Source::Controller, &want));
     let again = sources
@@ -127,9 +128,39 @@ fn a_ztoc_comes_from_the_controller_once_then_from_the_local_store() {
             &l.digest,
         ))
         .expect("lookup")
+        .into_ztoc()
         .expect("found");
     assert_eq!((again.source, &again.digest), (Source::Local, &want));
     assert_eq!(sources.counters().get(Source::Controller, Lookup::Found), 1);
+
+    // The controller is the authority: once an Off policy covers the image, the copy the node
+    // keeps is not used either.
+    let host = registry.host();
+    let off = hermes_controller::policy::parse_policies(
+        &format!(
+            "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {{name: stop}}\n\
+             spec:\n  images: [\"{host}/src/**\"]\n  mode: Off\n"
+        ),
+        "test",
+    )
+    .expect("policy");
+    api.set_active_policies(off);
+    let refused = sources
+        .find(&layer(
+            &pushed.reference,
+            &pushed.manifest_digest,
+            &l.digest,
+        ))
+        .expect("lookup");
+    match refused {
+        Answer::Disabled(reason) => assert_eq!(reason, "policy stop has mode Off"),
+        other => panic!("an Off policy must refuse the image: {other:?}"),
+    }
+    assert_eq!(
+        sources.counters().get(Source::Controller, Lookup::Refused),
+        1
+    );
+    api.set_active_policies(Vec::new());
 
     // A layer the controller does not know: not found, and the image is reported once.
     let unknown = layer(
@@ -137,7 +168,10 @@ fn a_ztoc_comes_from_the_controller_once_then_from_the_local_store() {
         &pushed.manifest_digest,
         &Digest::of(b"x").to_string(),
     );
-    assert!(sources.find(&unknown).expect("lookup").is_none());
+    assert!(matches!(
+        sources.find(&unknown).expect("lookup"),
+        Answer::NotIndexed
+    ));
     sources.report_miss(&unknown);
     sources.report_miss(&unknown);
     let miss = rt
@@ -245,6 +279,7 @@ fn ztocs_are_found_in_soci_v2_and_v1_indexes_in_the_registry() {
         let found = sources
             .find(&layer(&image, &manifest, &l.digest))
             .expect("lookup")
+            .into_ztoc()
             .unwrap_or_else(|| panic!("{version:?}: no zTOC found"));
         let want = build_store
             .any_ztoc_for_layer(&Digest::parse(&l.digest).unwrap())
@@ -271,6 +306,7 @@ fn ztocs_are_found_in_soci_v2_and_v1_indexes_in_the_registry() {
                     &plain.layers[0].digest
                 ))
                 .expect("lookup")
+                .into_ztoc()
                 .is_none()
         );
     }

@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use hermes_testkit::{Containerd, FaultProxy, PushedImage, Registry, TestImage, busybox_image};
 use serde_json::Value;
 
+use crate::node::{Node, metric, require_root};
+use crate::pull::hermes_pull;
+
 const HERMES: &str = env!("CARGO_BIN_EXE_hermes");
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -709,4 +712,163 @@ fn the_node_api_serves_https_and_wants_the_token() {
     assert!(!plain.status.success(), "plain HTTP on the TLS port fails");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A busybox image that sleeps, with a small layer holding `/etc/message` and two 6 MiB
+/// layers it never reads.
+fn message_sleeper(registry: &Registry, repo: &str, message: &str) -> PushedImage {
+    busybox_image()
+        .expect("busybox image (apt-get install busybox-static)")
+        .layer()
+        .file("etc/message", format!("{message}\n"))
+        .big_layer(6)
+        .big_layer(6)
+        .entrypoint(&["/bin/sleep", "86400"])
+        .push(&registry.host(), repo)
+        .expect("push")
+}
+
+/// A fresh node: its own `hermes node` (asking `controller`) and containerd root.
+fn fresh_node(dir: &Path, registry: &Registry, controller: &str) -> (Node, Containerd) {
+    let node = Node::start(dir, &["--plain-http", "--controller", controller]);
+    let containerd = Containerd::builder()
+        .proxy_snapshotter(&node.socket)
+        .registry_host(&registry.host())
+        .start()
+        .expect("containerd (apt-get install containerd runc)");
+    (node, containerd)
+}
+
+/// `hermes pull` then `ctr run --snapshotter hermes … cat /etc/message`: (pull's summary, output).
+fn pull_and_cat(containerd: &Containerd, node: &Node, image: &str, id: &str) -> (String, String) {
+    let pulled = hermes_pull(containerd, image);
+    let out = containerd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "hermes",
+            image,
+            id,
+            "/bin/cat",
+            "/etc/message",
+        ])
+        .unwrap_or_else(|e| {
+            panic!(
+                "ctr run: {e:?}\ncontainerd log:\n{}\nnode logs:\n{}",
+                containerd.log(),
+                node.logs()
+            )
+        });
+    (pulled, out)
+}
+
+#[test]
+fn a_fresh_node_starts_the_image_lazily_from_the_controllers_artifacts_until_a_policy_says_off() {
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let host = registry.host();
+    let image = message_sleeper(
+        &registry,
+        "lazy/app:v1",
+        "hello from the controller's index",
+    );
+
+    // The image runs on a first containerd, which the standalone controller watches.
+    let watched = Containerd::builder()
+        .registry_host(&host)
+        .start()
+        .expect("containerd (apt-get install containerd runc)");
+    run_container(&watched, &image.reference, &image.reference, "app");
+    let controller = StandaloneController::start(watched.address(), &[]);
+    controller.write_policy(
+        "lazy.yaml",
+        &policy(
+            "lazy-apps",
+            &format!("  images: [\"{host}/lazy/**\"]\n  index: {{minLayerSize: 1Mi}}\n"),
+        ),
+    );
+    let ready = controller.wait_for(&image.reference, "Ready", |r| phase(r) == "Ready");
+    let indexed = ready["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .filter(|l| l["state"] == "indexed")
+        .count();
+    assert!(indexed >= 2, "the two 6 MiB layers at least: {ready:#}");
+
+    // A second node with an empty root: every indexed layer is mounted lazily with the
+    // controller's zTOCs, and the container runs.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, containerd) = fresh_node(&dir.path().join("b"), &registry, &controller.url);
+    let (pulled, out) = pull_and_cat(&containerd, &node, &image.reference, "lazy-1");
+    assert!(
+        pulled.contains(&format!("{indexed} lazy")),
+        "hermes pull said:\n{pulled}\nnode logs:\n{}",
+        node.logs()
+    );
+    assert_eq!(out, "hello from the controller's index\n");
+    let m = node.metrics();
+    assert_eq!(
+        metric(&m, "hermes_node_lazy_mounts_total", &[]),
+        indexed as f64,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "hermes_node_index_lookups_total",
+            &["controller", "result=\"found\""]
+        ),
+        indexed as f64,
+        "{m}"
+    );
+
+    // The kill switch: new starts fall back to a normal pull, even on the node that keeps
+    // the zTOCs, and the container still runs.
+    controller.write_policy(
+        "off.yaml",
+        &policy(
+            "stop-lazy",
+            &format!("  images: [\"{host}/lazy/app\"]\n  mode: Off\n"),
+        ),
+    );
+    controller.wait_for(&image.reference, "Skipped", |r| phase(r) == "Skipped");
+    let (node_c, containerd_c) = fresh_node(&dir.path().join("c"), &registry, &controller.url);
+    let (pulled, out) = pull_and_cat(&containerd_c, &node_c, &image.reference, "off-1");
+    assert!(pulled.contains(" 0 lazy"), "{pulled}");
+    assert_eq!(out, "hello from the controller's index\n");
+    let m = node_c.metrics();
+    assert_eq!(metric(&m, "hermes_node_lazy_mounts_total", &[]), 0.0, "{m}");
+    assert!(
+        metric(&m, "hermes_node_lazy_misses_total", &["disabled"]) >= indexed as f64,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "hermes_node_lazy_misses_total", &["no_index"]),
+        0.0,
+        "a switched-off image is not reported as a miss: {m}"
+    );
+
+    // On node B the image is removed and pulled again: its kept zTOCs are not used either.
+    drop(node_c);
+    containerd
+        .ctr(&["images", "rm", "--sync", &image.reference])
+        .expect("ctr images rm");
+    let (pulled, out) = pull_and_cat(&containerd, &node, &image.reference, "off-2");
+    assert!(
+        pulled.contains(" 0 lazy"),
+        "{pulled}\nnode logs:\n{}",
+        node.logs()
+    );
+    assert_eq!(out, "hello from the controller's index\n");
+    let refused = controller
+        .get("/metrics")
+        .1
+        .split(|b| *b == b'\n')
+        .filter_map(|l| std::str::from_utf8(l).ok())
+        .find(|l| l.starts_with("hermes_controller_artifacts_refused_total"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(!refused.ends_with(" 0"), "refusals counted: {refused}");
 }

@@ -25,7 +25,7 @@ pub(crate) fn message_image(registry: &Registry, repo: &str, message: &str) -> P
 }
 
 /// `hermes pull` as a user runs it; returns stdout.
-fn hermes_pull(containerd: &Containerd, image: &str) -> String {
+pub(crate) fn hermes_pull(containerd: &Containerd, image: &str) -> String {
     let out = Command::new(HERMES)
         .arg("pull")
         .arg("--address")
