@@ -83,7 +83,7 @@ pub struct ControllerArgs {
     /// registry) as well: the leader publishes what it builds, every replica copies it into its
     /// --data dir, so a failover loses and rebuilds nothing. Needed with more than one replica.
     /// Credentials: --docker-config.
-    #[arg(long, value_name = "REPOSITORY")]
+    #[arg(long, value_name = "REPOSITORY", env = "HERMES_STORE_REPOSITORY")]
     store_repository: Option<String>,
     /// Seconds between copies of --store-repository by replicas that are not leading.
     #[arg(long, default_value_t = 15, value_name = "SECONDS")]
@@ -167,7 +167,7 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
     });
     api.set_ready(true);
 
-    let mirror = match &args.store_repository {
+    let mirror = match args.store_repository.as_deref().filter(|r| !r.is_empty()) {
         Some(repository) => Some(store_mirror(
             repository,
             args.plain_http,
