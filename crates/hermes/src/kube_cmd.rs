@@ -88,7 +88,8 @@ pub struct ControllerArgs {
     /// Seconds between copies of --store-repository by replicas that are not leading.
     #[arg(long, default_value_t = 15, value_name = "SECONDS")]
     store_sync: u64,
-    /// Docker config.json with credentials for --store-repository [default: none].
+    /// Docker config.json with credentials for --store-repository [default:
+    /// $DOCKER_CONFIG/config.json or ~/.docker/config.json when present].
     #[arg(long, value_name = "FILE")]
     docker_config: Option<PathBuf>,
 }
