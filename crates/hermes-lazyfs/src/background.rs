@@ -5,8 +5,10 @@
 //! span against the zTOC before using it, stores spans that are not cached yet, and when the
 //! walk is done compares the blob's digest and size with the layer's: a match marks the layer
 //! [`LayerState::FullyLocal`] (and is remembered in the cache for the next process), a mismatch
-//! marks it [`LayerState::Broken`]. Cached spans are read again only to hash them: the cache
-//! holds decoded bytes, the digest is over compressed ones.
+//! marks it [`LayerState::Broken`]. The digest is over compressed bytes and the cache holds
+//! decoded ones, so spans reads fetched are hashed from the compressed bytes the reader kept
+//! for this (see [`crate::reader`]); only a span whose kept bytes are gone (another process
+//! fetched it) is downloaded again.
 //!
 //! It does not prefetch by a recorded profile or bound concurrency across layers: the node
 //! daemon schedules fetchers.
@@ -154,6 +156,29 @@ fn run(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool)
         // Spans of a gzip layer may share a byte, and bytes before the first span (the gzip
         // header) belong to none: read from wherever hashing stopped.
         let start = pos.min(span.compressed.start);
+        if let Some(kept) = reader.kept(&span) {
+            if start < span.compressed.start {
+                // The few bytes between spans that no span holds.
+                let gap = match reader.fetch(
+                    start,
+                    span.compressed.start - start,
+                    Priority::Background,
+                ) {
+                    Ok(gap) => gap,
+                    Err(e) => return Outcome::Failed(e),
+                };
+                hasher.update(&gap);
+            }
+            let skip = (pos.max(span.compressed.start) - span.compressed.start) as usize;
+            hasher.update(&kept[skip.min(kept.len())..]);
+            pos = span.compressed.end;
+            // Normally cached already (the read that fetched it stored it); if not, it is now.
+            match reader.install_background(&span, &kept) {
+                Ok(_) => continue,
+                Err(Error::Broken(reason)) => return Outcome::Broken(reason),
+                Err(e) => return Outcome::Failed(e),
+            }
+        }
         let fetch = || fetch_verified(reader, start, &span, stop);
         let data = match fetch() {
             Ok(Ok(data)) => data,
@@ -183,6 +208,7 @@ fn run(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool)
             Err(e) => return Outcome::Failed(e),
         }
     }
+    reader.discard_kept();
     let actual = format!("sha256:{}", crate::cache::hex(&hasher.finalize()));
     if actual == digest.as_str() && pos == size {
         if let Err(e) = reader.cache().mark_verified(digest.as_str()) {

@@ -6,11 +6,18 @@
 //! span wait for one fetch. A span that fails verification is fetched once more; a second
 //! failure marks the layer broken and every later read fails.
 //!
+//! The verified compressed bytes of the spans reads fetch are also kept, in a sparse file next to
+//! the cache, until the background fetcher has hashed them: it needs every compressed byte for
+//! the whole-blob digest, and reading them from there instead of the registry means a layer is
+//! downloaded once, however much of it was read on demand first.
+//!
 //! This is the pure core: no FUSE, no threads of its own. Transport retries belong to the
 //! [`RangeReader`] (the registry client retries; a failed fetch here leaves the layer usable).
 
 use std::collections::HashSet;
+use std::fs::File;
 use std::ops::RangeInclusive;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -154,6 +161,20 @@ pub struct LayerReader {
     changed: Condvar,
     counters: Counters,
     trace: Mutex<Trace>,
+    kept: Kept,
+}
+
+/// File name of the kept compressed bytes, in the cache directory.
+const KEPT_FILE: &str = "compressed.partial";
+
+/// Verified compressed bytes of spans fetched by reads, at their blob offsets in a sparse
+/// file, for the background fetcher's digest. Which spans it holds is known to this process
+/// only: the file is emptied when a reader opens it, so nothing stale is ever used.
+#[derive(Debug, Default)]
+struct Kept {
+    /// `None` if the file could not be created: spans are then fetched again.
+    file: Option<File>,
+    spans: Mutex<HashSet<SpanId>>,
 }
 
 /// The spans reads touched first, in order, while a recording window is open.
@@ -182,6 +203,7 @@ impl LayerReader {
         R: RangeReader + Send + Sync + 'static,
     {
         let end = ztoc.spans().map(|s| s.uncompressed.end).max().unwrap_or(0);
+        let kept = Self::open_kept(&cache);
         Self {
             ztoc,
             source: Box::new(source),
@@ -195,6 +217,68 @@ impl LayerReader {
             changed: Condvar::new(),
             counters: Counters::default(),
             trace: Mutex::new(Trace::default()),
+            kept: Kept {
+                file: kept,
+                spans: Mutex::new(HashSet::new()),
+            },
+        }
+    }
+
+    fn open_kept(cache: &SpanCache) -> Option<File> {
+        let path = cache.dir().join(KEPT_FILE);
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path);
+        match opened {
+            Ok(file) => Some(file),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot keep fetched spans for the background digest; they will be fetched again");
+                None
+            }
+        }
+    }
+
+    /// Keep a span's verified compressed bytes for the background fetcher (best effort).
+    fn keep(&self, span: &Span, bytes: &[u8]) {
+        let Some(file) = &self.kept.file else { return };
+        if file.write_all_at(bytes, span.compressed.start).is_ok() {
+            self.kept
+                .spans
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(span.id);
+        }
+    }
+
+    /// The kept compressed bytes of `span`, if a read fetched them (and they read back whole).
+    pub(crate) fn kept(&self, span: &Span) -> Option<Vec<u8>> {
+        let file = self.kept.file.as_ref()?;
+        let held = self
+            .kept
+            .spans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&span.id);
+        if !held {
+            return None;
+        }
+        let mut buf = vec![0; (span.compressed.end - span.compressed.start) as usize];
+        file.read_exact_at(&mut buf, span.compressed.start).ok()?;
+        Some(buf)
+    }
+
+    /// Drop the kept bytes (the background walk is over).
+    pub(crate) fn discard_kept(&self) {
+        self.kept
+            .spans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        if let Some(file) = &self.kept.file {
+            let _ = file.set_len(0);
         }
     }
 
@@ -393,8 +477,14 @@ impl LayerReader {
         Ok(())
     }
 
-    /// Verify and decode one span; refetch it once if its bytes fail verification.
+    /// Verify and decode one span; refetch it once if its bytes fail verification. Bytes a
+    /// read fetched are kept for the background digest once verified.
     fn decode(&self, span: &Span, bytes: &[u8], priority: Priority) -> Result<Vec<u8>> {
+        let keep = |verified: &[u8]| {
+            if priority == Priority::Foreground {
+                self.keep(span, verified);
+            }
+        };
         let decoded = match self.ztoc.decode_span(span.id, bytes) {
             Err(hermes_ztoc::Error::SpanDigestMismatch { .. }) => {
                 bump(&self.counters.verify_failures, 1);
@@ -404,14 +494,20 @@ impl LayerReader {
                 );
                 let len = span.compressed.end - span.compressed.start;
                 let again = self.fetch(span.compressed.start, len, priority)?;
-                self.ztoc.decode_span(span.id, &again).map_err(|e| {
+                let decoded = self.ztoc.decode_span(span.id, &again).map_err(|e| {
                     if matches!(e, hermes_ztoc::Error::SpanDigestMismatch { .. }) {
                         bump(&self.counters.verify_failures, 1);
                     }
                     broken(span.id, e)
-                })?
+                })?;
+                keep(&again);
+                decoded
             }
-            other => other.map_err(|e| broken(span.id, e))?,
+            other => {
+                let decoded = other.map_err(|e| broken(span.id, e))?;
+                keep(bytes);
+                decoded
+            }
         };
         if decoded.len() as u64 != span.uncompressed.end - span.uncompressed.start {
             return Err(Error::Broken(BrokenReason::SpanDecode {
