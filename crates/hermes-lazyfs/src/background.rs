@@ -1,7 +1,7 @@
 //! The background fetcher: makes a layer fully local and checks its whole digest.
 //!
 //! One low-priority thread per layer walks the blob front to back in span-sized range reads,
-//! pausing whenever reads are fetching. It hashes every compressed byte in order, verifies each
+//! pausing whenever reads are fetching and until they have been quiet for [`QUIET`]. It hashes every compressed byte in order, verifies each
 //! span against the zTOC before using it, stores spans that are not cached yet, and when the
 //! walk is done compares the blob's digest and size with the layer's: a match marks the layer
 //! [`LayerState::FullyLocal`] (and is remembered in the cache for the next process), a mismatch
@@ -25,6 +25,10 @@ use crate::{BrokenReason, Error, Result};
 
 /// Attempts per range read before the fetcher gives up for this run (the layer stays lazy).
 const ATTEMPTS: u32 = 3;
+
+/// How long reads must have fetched nothing before the background fetcher goes on: it would
+/// otherwise take half the bandwidth between two bursts of a starting container's reads.
+pub const QUIET: Duration = Duration::from_millis(500);
 
 /// A layer blob's digest, `sha256:<64 lowercase hex>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -146,7 +150,7 @@ fn run(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool)
     let mut hasher = Sha256::new();
     let mut pos = 0u64;
     for span in ztoc.spans() {
-        reader.wait_foreground_idle(stop);
+        reader.wait_foreground_idle(stop, QUIET);
         if stop.load(Ordering::Relaxed) {
             return Outcome::Stopped;
         }

@@ -147,6 +147,8 @@ struct Flight {
     fetching: HashSet<SpanId>,
     /// Foreground fetches in progress.
     foreground: usize,
+    /// When the last foreground fetch ended.
+    last_foreground: Option<std::time::Instant>,
     state: LayerState,
 }
 
@@ -212,6 +214,7 @@ impl LayerReader {
             flight: Mutex::new(Flight {
                 fetching: HashSet::new(),
                 foreground: 0,
+                last_foreground: None,
                 state: LayerState::Lazy,
             }),
             changed: Condvar::new(),
@@ -569,14 +572,32 @@ impl LayerReader {
         claim.finish(result).map(|()| true)
     }
 
-    /// Block while reads are fetching (the background fetcher yields to them) or until `stop`.
-    pub(crate) fn wait_foreground_idle(&self, stop: &AtomicBool) {
+    /// Block while reads are fetching, and until they have fetched nothing for `quiet` (the
+    /// background fetcher yields to them: a starting container reads in bursts, and the
+    /// bandwidth between two bursts is better kept for the next), or until `stop`.
+    pub(crate) fn wait_foreground_idle(&self, stop: &AtomicBool, quiet: std::time::Duration) {
         let mut flight = self.lock();
-        if flight.foreground > 0 {
-            bump(&self.counters.background_pauses, 1);
-        }
-        while flight.foreground > 0 && !stop.load(Ordering::Relaxed) {
-            flight = self.wait(flight);
+        let mut paused = false;
+        while !stop.load(Ordering::Relaxed) {
+            let left = flight
+                .last_foreground
+                .map_or(std::time::Duration::ZERO, |t| {
+                    quiet.saturating_sub(t.elapsed())
+                });
+            if flight.foreground == 0 && left.is_zero() {
+                break;
+            }
+            if !paused {
+                paused = true;
+                bump(&self.counters.background_pauses, 1);
+            }
+            flight = if flight.foreground > 0 {
+                self.wait(flight)
+            } else {
+                self.changed
+                    .wait_timeout(flight, left)
+                    .map_or_else(|e| e.into_inner().0, |(g, _)| g)
+            };
         }
     }
 
@@ -681,6 +702,7 @@ impl Drop for Claim<'_> {
         }
         if self.priority == Priority::Foreground {
             flight.foreground -= 1;
+            flight.last_foreground = Some(std::time::Instant::now());
         }
         if let Some(reason) = self.broken.take() {
             self.reader
