@@ -19,7 +19,8 @@
 //! - `GET /healthz`, `GET /readyz` (503 until [`NodeApi::set_ready`]), `GET /metrics`.
 //!
 //! `/v1/*` needs `Authorization: Bearer TOKEN` when a token is configured. Health and metrics
-//! do not. TLS with [`serve_tls`] (see [`crate::tls`]). Traces are kept in memory only.
+//! do not. TLS with [`serve_tls`] (see [`crate::tls`]). Each layer's recent traces are saved
+//! under the store's directory (`profiles/<layer hex>.json`) and read back by [`NodeApi::new`].
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -267,6 +268,7 @@ impl NodeApi {
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
+        let profiles = load_profiles(&profiles_dir(&store));
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -276,7 +278,7 @@ impl NodeApi {
                 policies: RwLock::new(Vec::new()),
                 active: RwLock::new(Vec::new()),
                 misses,
-                profiles: RwLock::new(ProfileBook::default()),
+                profiles: RwLock::new(profiles),
                 ready: AtomicBool::new(false),
                 metrics,
                 registry,
@@ -508,17 +510,90 @@ async fn post_miss(
     Ok(StatusCode::ACCEPTED)
 }
 
+/// Where the layers' recent traces are saved.
+fn profiles_dir(store: &Store) -> std::path::PathBuf {
+    store.root().join("profiles")
+}
+
+/// Saved traces: `{"traces": [[span, …], …]}` per layer.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SavedTraces {
+    traces: Vec<Vec<u32>>,
+}
+
+/// The traces saved in `dir` (unreadable files are skipped with a warning).
+fn load_profiles(dir: &std::path::Path) -> ProfileBook {
+    let mut book = ProfileBook::default();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return book;
+    };
+    for path in entries.flatten().map(|e| e.path()) {
+        let layer = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok());
+        let saved = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<SavedTraces>(&b).ok());
+        match (layer, saved) {
+            (Some(layer), Some(saved)) => book.restore(layer, saved.traces),
+            _ if path.extension().is_some_and(|e| e == "json") => {
+                tracing::warn!(path = %path.display(), "unreadable saved traces; ignored");
+            }
+            _ => {}
+        }
+    }
+    book
+}
+
+/// Save `traces` of `layer` atomically (temp file, rename).
+fn save_traces(
+    dir: &std::path::Path,
+    layer: &Digest,
+    traces: Vec<Vec<u32>>,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("{}.json", layer.hex()));
+    let tmp = dir.join(format!(".{}.tmp", layer.hex()));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&SavedTraces { traces }).unwrap_or_default(),
+    )?;
+    std::fs::rename(&tmp, &path)
+}
+
 async fn post_traces(
     State(api): State<NodeApi>,
     body: axum::body::Bytes,
 ) -> Result<StatusCode, ApiError> {
     let report: TraceReport =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
-    api.inner
-        .profiles
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .add(report);
+    let layers: Vec<Digest> = report.layers.keys().cloned().collect();
+    let saved: Vec<(Digest, Vec<Vec<u32>>)> = {
+        let mut book = api
+            .inner
+            .profiles
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        book.add(report);
+        layers
+            .into_iter()
+            .map(|l| {
+                let traces = book.traces(&l);
+                (l, traces)
+            })
+            .collect()
+    };
+    let dir = profiles_dir(&api.inner.store);
+    tokio::task::spawn_blocking(move || {
+        for (layer, traces) in saved {
+            if let Err(e) = save_traces(&dir, &layer, traces) {
+                tracing::warn!(%layer, error = %e, "cannot save startup traces; they last until a restart");
+            }
+        }
+    })
+    .await
+    .map_err(|e| ApiError::Store(e.to_string()))?;
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -962,5 +1037,18 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(json["spans"], serde_json::json!([2, 4, 9]));
         assert_eq!(json["traces"], 2);
+
+        // A restarted controller over the same store serves the same profile.
+        let (tx, _rx) = mpsc::channel(1);
+        let again = NodeApi::new(s.store.clone(), None, vec![4 << 20], tx);
+        let layer = Digest::parse(LAYER).unwrap();
+        let profile = again
+            .inner
+            .profiles
+            .read()
+            .unwrap()
+            .profile(&layer)
+            .expect("profile after a restart");
+        assert_eq!((profile.spans, profile.traces), (vec![2, 4, 9], 2));
     }
 }

@@ -5,7 +5,8 @@
 //! Merging: a span read by more traces comes first; among equals, the one read earlier on
 //! average (mean position); then the lower span index. Only the most recent
 //! [`MAX_TRACES_PER_LAYER`] traces of a layer count, so a changed workload takes over.
-//! Kept in memory only (not persisted yet).
+//! The book is pure; the node API keeps each layer's recent traces on disk next to the
+//! artifact store ([`ProfileBook::traces`], [`ProfileBook::restore`]) so a restart loses none.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -64,6 +65,34 @@ impl ProfileBook {
                 kept.pop_front();
             }
             kept.push_back(trace);
+        }
+    }
+
+    /// The recent traces of a layer, oldest first.
+    pub fn traces(&self, layer: &Digest) -> Vec<Vec<u32>> {
+        self.traces
+            .get(layer)
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Put back a layer's traces saved earlier (the most recent [`MAX_TRACES_PER_LAYER`],
+    /// each cut to [`MAX_SPANS_PER_TRACE`]), replacing what the book holds for it.
+    pub fn restore(&mut self, layer: Digest, traces: Vec<Vec<u32>>) {
+        let skip = traces.len().saturating_sub(MAX_TRACES_PER_LAYER);
+        let kept: VecDeque<Vec<u32>> = traces
+            .into_iter()
+            .skip(skip)
+            .map(|mut t| {
+                t.truncate(MAX_SPANS_PER_TRACE);
+                t
+            })
+            .filter(|t| !t.is_empty())
+            .collect();
+        if kept.is_empty() {
+            self.traces.remove(&layer);
+        } else {
+            self.traces.insert(layer, kept);
         }
     }
 

@@ -779,7 +779,12 @@ fn a_fresh_node_starts_the_image_lazily_from_the_controllers_artifacts_until_a_p
         .registry_host(&host)
         .start()
         .expect("containerd (apt-get install containerd runc)");
-    run_container(&watched, &image.reference, &image.reference, "app");
+    run_container(
+        &watched,
+        &image.reference,
+        &image.reference,
+        "ctl-fresh-app",
+    );
     let controller = StandaloneController::start(watched.address(), &[]);
     controller.write_policy(
         "lazy.yaml",
@@ -801,7 +806,7 @@ fn a_fresh_node_starts_the_image_lazily_from_the_controllers_artifacts_until_a_p
     // controller's zTOCs, and the container runs.
     let dir = tempfile::tempdir().expect("tempdir");
     let (node, containerd) = fresh_node(&dir.path().join("b"), &registry, &controller.url);
-    let (pulled, out) = pull_and_cat(&containerd, &node, &image.reference, "lazy-1");
+    let (pulled, out) = pull_and_cat(&containerd, &node, &image.reference, "ctl-fresh-1");
     assert!(
         pulled.contains(&format!("{indexed} lazy")),
         "hermes pull said:\n{pulled}\nnode logs:\n{}",
@@ -835,7 +840,7 @@ fn a_fresh_node_starts_the_image_lazily_from_the_controllers_artifacts_until_a_p
     );
     controller.wait_for(&image.reference, "Skipped", |r| phase(r) == "Skipped");
     let (node_c, containerd_c) = fresh_node(&dir.path().join("c"), &registry, &controller.url);
-    let (pulled, out) = pull_and_cat(&containerd_c, &node_c, &image.reference, "off-1");
+    let (pulled, out) = pull_and_cat(&containerd_c, &node_c, &image.reference, "ctl-off-1");
     assert!(pulled.contains(" 0 lazy"), "{pulled}");
     assert_eq!(out, "hello from the controller's index\n");
     let m = node_c.metrics();
@@ -855,7 +860,7 @@ fn a_fresh_node_starts_the_image_lazily_from_the_controllers_artifacts_until_a_p
     containerd
         .ctr(&["images", "rm", "--sync", &image.reference])
         .expect("ctr images rm");
-    let (pulled, out) = pull_and_cat(&containerd, &node, &image.reference, "off-2");
+    let (pulled, out) = pull_and_cat(&containerd, &node, &image.reference, "ctl-off-2");
     assert!(
         pulled.contains(" 0 lazy"),
         "{pulled}\nnode logs:\n{}",

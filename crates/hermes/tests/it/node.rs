@@ -123,6 +123,19 @@ impl Node {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Waits until the daemon's log says `needle` (it may print just after its socket listens).
+    fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the node never logged {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The daemon's log and every layer server's.
     pub(crate) fn logs(&self) -> String {
         let mut out = self.log();
@@ -400,11 +413,7 @@ fn lazy_layers_survive_kill_9_of_the_daemon_and_are_remounted_when_their_servers
 
     // Back up: the layers are adopted, a new container of the image starts.
     node.spawn();
-    assert!(
-        node.log().contains("adopted 2, re-mounted 0, failed 0"),
-        "{}",
-        node.log()
-    );
+    node.wait_log("adopted 2, re-mounted 0, failed 0");
     assert_eq!(rt.block_on(unpack(&node.socket, &pushed, "a")), 2);
     let c2 = mount_rootfs(
         &rt.block_on(container(&node.socket, &pushed, "a", "c2")),
@@ -422,11 +431,7 @@ fn lazy_layers_survive_kill_9_of_the_daemon_and_are_remounted_when_their_servers
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     }
     node.restart();
-    assert!(
-        node.log().contains("adopted 0, re-mounted 2, failed 0"),
-        "{}",
-        node.log()
-    );
+    node.wait_log("adopted 0, re-mounted 2, failed 0");
     let c3 = mount_rootfs(
         &rt.block_on(container(&node.socket, &pushed, "a", "c3")),
         &dir.path().join("c3"),
