@@ -529,7 +529,8 @@ def chart(rep: dict, path: str) -> bool:
     for mode, r in rep["modes"].items():
         xs = [t for t, _ in r["timeline"]]
         ys = [b / 2**20 for _, b in r["timeline"]]
-        line, = ax.plot(xs, ys, label=short.get(mode, mode), linewidth=1.6)
+        label = f"{short.get(mode, mode)}: running {fmt_s(r['running_s'])} s, ready {fmt_s(r.get('ready_s'))} s"
+        line, = ax.plot(xs, ys, label=label, linewidth=1.6)
         for key, bytes_key, marker in (("running_s", "bytes_at_running", "o"), ("ready_s", "bytes_at_ready", "*")):
             if r.get(key) is not None:
                 ax.plot([r[key]], [r[bytes_key] / 2**20], marker=marker, markersize=9 if marker == "*" else 6,
