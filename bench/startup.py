@@ -461,13 +461,13 @@ def fmt_s(v) -> str:
 def bytes_read(rep: dict) -> tuple:
     """(bytes of the image the container read, how that is known) or (None, "")."""
     if rep["workload"] == "entrypoint" and rep["image"].get("read_bytes"):
-        return rep["image"]["read_bytes"], "The entrypoint reads"
+        return rep["image"]["read_bytes"], "the files the entrypoint reads"
     if rep["workload"] == "read-all" and rep["image"].get("uncompressed_mib"):
-        return rep["image"]["uncompressed_mib"] << 20, "The container reads the whole image, about"
+        return rep["image"]["uncompressed_mib"] << 20, "the whole image, by du"
     touched = rep["modes"].get("replay", {}).get("record", {}).get("touched_bytes")
     if touched:
-        return touched, ("The container's reads touched spans holding (recorded trace; an upper bound of the "
-                         "bytes read, so the amplification is a lower bound)")
+        return touched, ("the spans its reads touched in the recorded trace of (c): an upper bound, so the "
+                         "amplification is a lower bound")
     return None, ""
 
 
@@ -487,9 +487,9 @@ def markdown(rep: dict) -> str:
              + (" fetch amplification by ready |" if read else ""),
              "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if read else "")]
     for mode, r in modes.items():
-        sp_run = f"{base['running_s'] / r['running_s']:.1f}×" if base else "–"
-        sp_ready = f"{base['ready_s'] / r['ready_s']:.1f}×" if base and r.get("ready_s") else "–"
-        amp = f" {r['bytes_at_ready'] / read:.1f}× |" if read else ""
+        sp_run = f"{base['running_s'] / r['running_s']:.2f}×" if base else "–"
+        sp_ready = f"{base['ready_s'] / r['ready_s']:.2f}×" if base and r.get("ready_s") else "–"
+        amp = f" {r['bytes_at_ready'] / read:.2f}× |" if read else ""
         lines.append(f"| {label.get(mode, mode)} | {fmt_s(r['running_s'])} | {fmt_s(r.get('ready_s'))} | "
                      f"{fmt_s(r.get('fully_local_s'))} | {r['bytes_at_ready'] / 2**20:.0f} | "
                      f"{r['bytes_total'] / 2**20:.0f} | {sp_run} | {sp_ready} |{amp}")
@@ -504,8 +504,8 @@ def markdown(rep: dict) -> str:
                      "wiped and caches dropped; the second start, which prefetches the profile from mount, is the "
                      "row.")
     if read:
-        lines.append(f"{read_note}: {read / 2**20:.0f} MiB (uncompressed); fetch amplification = registry bytes "
-                     "by ready ÷ that.")
+        lines.append(f"Bytes the container read: {read / 2**20:.0f} MiB uncompressed ({read_note}); fetch "
+                     "amplification = registry bytes by ready ÷ that.")
     if rep.get("index_build_s") is not None:
         lines.append(f"Index built beforehand with `hermes index build` in {rep['index_build_s']} s (not throttled, "
                      "not counted).")
