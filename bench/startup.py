@@ -445,7 +445,7 @@ def main() -> int:
             procs.stop(name)
         stack.unmount_under(state)
         if not stack.mounts_under(state):  # keep the logs, free the disk
-            for sub in ("registry", "node", "containerd", "ztocs"):
+            for sub in ("registry", "node", "containerd", "ztocs", "controller"):
                 shutil.rmtree(os.path.join(state, sub), ignore_errors=True)
 
 
