@@ -3,12 +3,13 @@
 # without an index, from a local registry behind a bandwidth cap, caches dropped and state wiped
 # between modes (run as root).
 #
-#   bench/startup.sh [--quick] [--image quick|ml|LAYOUT_DIR] [--rate-mbps 32] [--release=true|false]
+#   bench/startup.sh [--quick] [--image quick|ml|torch|LAYOUT_DIR] [--rate-mbps 32] [--release=true|false]
 #                    [--modes normal,lazy,replay,fallback] [--workload entrypoint|light|read-all]
 #                    [--write-results NAME]
 #
 # --quick: the <= 1 GB generated image, and fail unless lazy start beats the normal path (CI smoke).
-# The torch image: --image "$(python3 bench/torch_image.py)" (builds it once, about 6 GB unpacked).
+# --image torch: Debian + Python + torch with its CUDA wheels (bench/torch_image.py builds it once:
+# debootstrap needed, ~3 GB download, ~12 GB disk under /var/cache/hermes-bench).
 # Results: bench/results/startup-NAME.{md,json,png} with --write-results NAME (installs matplotlib
 # with pip for the chart if python3 lacks it).
 set -euo pipefail
@@ -18,7 +19,7 @@ for arg in "$@"; do
   case "$arg" in
     --release=*) RELEASE="${arg#*=}" ;;
     --quick) ARGS+=(--image quick --check) ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) ARGS+=("$arg") ;;
   esac
 done
