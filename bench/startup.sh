@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Container start time: containerd's normal pull vs Hermes lazy vs Hermes without an index, from a
-# local registry behind a bandwidth cap, caches dropped and state wiped between modes (run as root).
+# Container start time: containerd's normal pull vs Hermes lazy vs Hermes record-and-replay vs Hermes
+# without an index, from a local registry behind a bandwidth cap, caches dropped and state wiped
+# between modes (run as root).
 #
-#   bench/startup.sh [--quick] [--image quick|ml|LAYOUT_DIR] [--rate-mbps 32] [--release=true|false]
-#                    [--modes normal,lazy,fallback] [--write-results NAME]
+#   bench/startup.sh [--quick] [--image quick|ml|torch|LAYOUT_DIR] [--rate-mbps 32] [--release=true|false]
+#                    [--modes normal,lazy,replay,fallback] [--workload entrypoint|light|read-all]
+#                    [--write-results NAME]
 #
 # --quick: the <= 1 GB generated image, and fail unless lazy start beats the normal path (CI smoke).
-# Results: bench/results/startup-NAME.{md,json,png} with --write-results NAME.
+# --image torch: Debian + Python + torch with its CUDA wheels (bench/torch_image.py builds it once:
+# debootstrap needed, ~3 GB download, ~12 GB disk under /var/cache/hermes-bench).
+# Results: bench/results/startup-NAME.{md,json,png} with --write-results NAME (installs matplotlib
+# with pip for the chart if python3 lacks it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RELEASE=true ARGS=()
@@ -14,13 +19,17 @@ for arg in "$@"; do
   case "$arg" in
     --release=*) RELEASE="${arg#*=}" ;;
     --quick) ARGS+=(--image quick --check) ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) ARGS+=("$arg") ;;
   esac
 done
 for tool in docker-registry skopeo containerd ctr runc pigz python3 busybox; do
   command -v "$tool" >/dev/null || { echo "$tool is required: run scripts/install-deps.sh" >&2; exit 1; }
 done
+case " ${ARGS[*]-} " in
+  *" --write-results"*)  # the PNG chart; python3 may be a pyenv or venv Python without apt's packages
+    python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore matplotlib ;;
+esac
 TARGET="${CARGO_TARGET_DIR:-target}"
 if [ "$RELEASE" = true ]; then
   cargo build --release -p hermes >&2

@@ -5,8 +5,9 @@ python3) and PyTorch with its CUDA libraries from PyPI wheels, three gzip layers
 
     bench/torch_image.py [--cache /var/cache/hermes-bench] [--torch 2.5.1]
 
-Prints the layout dir (CACHE/torch-layout) for `bench/startup.sh --image DIR`. Needs debootstrap
-and python3-pip (apt) and PyPI access; cached, so a second run is instant.
+Prints the layout dir (CACHE/torch-layout); `bench/startup.sh --image torch` builds it the same way.
+Needs debootstrap (`apt-get install debootstrap`), pip for the python3 running this, PyPI access,
+about 3 GB of downloads and 12 GB of disk under CACHE; cached, so a second run is instant.
 """
 import argparse
 import json
@@ -27,17 +28,19 @@ ENTRYPOINT = ["/usr/bin/python3", "-u", "-c",
               "print('ready')\n"]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", default="/var/cache/hermes-bench")
-    ap.add_argument("--torch", default="2.5.1")
-    a = ap.parse_args()
-    layout = os.path.join(a.cache, "torch-layout")
+CACHE = "/var/cache/hermes-bench"
+TORCH = "2.5.1"
+
+
+def build(cache: str = CACHE, torch: str = TORCH) -> str:
+    """Build (once) and return the OCI layout dir."""
+    layout = os.path.join(cache, "torch-layout")
     if stack.Layout.done(layout):
-        print(layout)
-        return 0
-    os.makedirs(a.cache, exist_ok=True)
-    rootfs = os.path.join(a.cache, "rootfs")
+        return layout
+    if not shutil.which("debootstrap"):
+        sys.exit("debootstrap is required for the torch image: apt-get install debootstrap")
+    os.makedirs(cache, exist_ok=True)
+    rootfs = os.path.join(cache, "rootfs")
     if not os.path.exists(rootfs + ".done"):
         shutil.rmtree(rootfs, ignore_errors=True)
         log("debootstrap bookworm (minbase + python3)")
@@ -48,19 +51,19 @@ def main() -> int:
                 if os.path.isfile(os.path.join(rootfs, junk, f)):
                     os.remove(os.path.join(rootfs, junk, f))
         open(rootfs + ".done", "w").close()
-    pkgs = os.path.join(a.cache, "torch-pkgs")
+    pkgs = os.path.join(cache, "torch-pkgs")
     site = os.path.join(pkgs, "usr/local/lib/python3.11/dist-packages")
     if not os.path.exists(pkgs + ".done"):
         shutil.rmtree(pkgs, ignore_errors=True)
-        log(f"pip: torch=={a.torch} and its CUDA wheels for Python 3.11 (several GB)")
+        log(f"pip: torch=={torch} and its CUDA wheels for Python 3.11 (several GB)")
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
                         "--target", site, "--python-version", "3.11", "--implementation", "cp", "--only-binary=:all:",
                         "--platform", "manylinux1_x86_64", "--platform", "manylinux2014_x86_64",
                         "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux_2_27_x86_64",
-                        "--platform", "manylinux_2_28_x86_64", f"torch=={a.torch}", "numpy<2.3"], check=True)
+                        "--platform", "manylinux_2_28_x86_64", f"torch=={torch}", "numpy<2.3"], check=True)
         open(pkgs + ".done", "w").close()
     # Split the site-packages tree: CUDA libraries in their own layer, like many real images.
-    nvidia = os.path.join(a.cache, "torch-nvidia")
+    nvidia = os.path.join(cache, "torch-nvidia")
     if os.path.isdir(os.path.join(site, "nvidia")):
         shutil.rmtree(nvidia, ignore_errors=True)
         dest = os.path.join(nvidia, "usr/local/lib/python3.11/dist-packages")
@@ -74,10 +77,18 @@ def main() -> int:
     lay.finish("v1", ENTRYPOINT, ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"])
     du = sum(int(subprocess.run(["du", "-sm", t], stdout=subprocess.PIPE).stdout.split()[0])
              for t in (rootfs, nvidia, pkgs))
-    json.dump({"description": f"Debian bookworm + Python 3.11 + torch {a.torch} with its CUDA wheels from PyPI "
+    json.dump({"description": f"Debian bookworm + Python 3.11 + torch {torch} with its CUDA wheels from PyPI "
                               f"({du} MiB uncompressed, 3 layers); entrypoint: import torch, a small tensor op",
                "uncompressed_mib": du}, open(os.path.join(layout, "meta.json"), "w"))
-    print(layout)
+    return layout
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", default=CACHE)
+    ap.add_argument("--torch", default=TORCH)
+    a = ap.parse_args()
+    print(build(a.cache, a.torch))
     return 0
 
 
