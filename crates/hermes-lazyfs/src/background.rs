@@ -1,8 +1,9 @@
 //! The background fetcher: makes a layer fully local and checks its whole digest.
 //!
 //! One low-priority thread per layer walks the blob front to back in span-sized range reads,
-//! pausing whenever reads are fetching and until they have been quiet for [`QUIET`]. It hashes every compressed byte in order, verifies each
-//! span against the zTOC before using it, stores spans that are not cached yet, and when the
+//! pausing whenever reads are fetching and until they have been quiet for [`QUIET`]. It hashes
+//! every compressed byte in order, verifies each span against the zTOC before using it,
+//! stores spans that are not cached yet, and when the
 //! walk is done compares the blob's digest and size with the layer's: a match marks the layer
 //! [`LayerState::FullyLocal`] (and is remembered in the cache for the next process), a mismatch
 //! marks it [`LayerState::Broken`]. The digest is over compressed bytes and the cache holds
@@ -135,8 +136,16 @@ impl Drop for BackgroundFetcher {
     }
 }
 
-#[tracing::instrument(level = "info", skip(reader, stop), fields(cache = %reader.cache().dir().display()))]
+/// The walk, with the reader keeping the bytes reads fetch for it while it lasts.
 fn run(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool) -> Outcome {
+    reader.keep_for_background();
+    let outcome = walk(reader, digest, size, stop);
+    reader.stop_keeping();
+    outcome
+}
+
+#[tracing::instrument(level = "info", skip(reader, stop), fields(cache = %reader.cache().dir().display()))]
+fn walk(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool) -> Outcome {
     if let LayerState::Broken(reason) = reader.state() {
         return Outcome::Broken(reason);
     }
@@ -160,48 +169,23 @@ fn run(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool)
         // Spans of a gzip layer may share a byte, and bytes before the first span (the gzip
         // header) belong to none: read from wherever hashing stopped.
         let start = pos.min(span.compressed.start);
-        if let Some(kept) = reader.kept(&span) {
-            if start < span.compressed.start {
-                // The few bytes between spans that no span holds.
-                let gap = match reader.fetch(
-                    start,
-                    span.compressed.start - start,
-                    Priority::Background,
-                ) {
-                    Ok(gap) => gap,
-                    Err(e) => return Outcome::Failed(e),
-                };
-                hasher.update(&gap);
-            }
-            let skip = (pos.max(span.compressed.start) - span.compressed.start) as usize;
-            hasher.update(&kept[skip.min(kept.len())..]);
-            pos = span.compressed.end;
-            // Normally cached already (the read that fetched it stored it); if not, it is now.
-            match reader.install_background(&span, &kept) {
-                Ok(_) => continue,
-                Err(Error::Broken(reason)) => return Outcome::Broken(reason),
-                Err(e) => return Outcome::Failed(e),
-            }
-        }
-        let fetch = || fetch_verified(reader, start, &span, stop);
-        let data = match fetch() {
-            Ok(Ok(data)) => data,
-            Ok(Err(_)) => {
-                tracing::warn!(
-                    span = span.id,
-                    "span failed verification; fetching it again"
-                );
-                match fetch() {
-                    Ok(Ok(data)) => data,
-                    Ok(Err(e)) => {
-                        let reason = broken_reason(span.id, e);
-                        reader.set_state(LayerState::Broken(reason.clone()));
-                        return Outcome::Broken(reason);
+        let data = match reader.kept(&span) {
+            // A read fetched (and verified) the span: only bytes between spans that no span
+            // holds, if any, come from the registry.
+            Some(kept) if start < span.compressed.start => {
+                match reader.fetch(start, span.compressed.start - start, Priority::Background) {
+                    Ok(mut data) => {
+                        data.extend_from_slice(&kept);
+                        data
                     }
                     Err(e) => return Outcome::Failed(e),
                 }
             }
-            Err(e) => return Outcome::Failed(e),
+            Some(kept) => kept,
+            None => match fetch_verified_twice(reader, start, &span, stop) {
+                Ok(data) => data,
+                Err(outcome) => return outcome,
+            },
         };
         hasher.update(&data[(pos - start) as usize..]);
         pos = span.compressed.end;
@@ -212,7 +196,6 @@ fn run(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool)
             Err(e) => return Outcome::Failed(e),
         }
     }
-    reader.discard_kept();
     let actual = format!("sha256:{}", crate::cache::hex(&hasher.finalize()));
     if actual == digest.as_str() && pos == size {
         if let Err(e) = reader.cache().mark_verified(digest.as_str()) {
@@ -230,6 +213,33 @@ fn run(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool)
         };
         reader.set_state(LayerState::Broken(reason.clone()));
         Outcome::Broken(reason)
+    }
+}
+
+/// [`fetch_verified`], once more if the span fails verification; a second failure breaks the
+/// layer. The error is how the walk ends.
+fn fetch_verified_twice(
+    reader: &LayerReader,
+    start: u64,
+    span: &hermes_ztoc::Span,
+    stop: &AtomicBool,
+) -> std::result::Result<Vec<u8>, Outcome> {
+    match fetch_verified(reader, start, span, stop) {
+        Ok(Ok(data)) => return Ok(data),
+        Ok(Err(_)) => tracing::warn!(
+            span = span.id,
+            "span failed verification; fetching it again"
+        ),
+        Err(e) => return Err(Outcome::Failed(e)),
+    }
+    match fetch_verified(reader, start, span, stop) {
+        Ok(Ok(data)) => Ok(data),
+        Ok(Err(e)) => {
+            let reason = broken_reason(span.id, e);
+            reader.set_state(LayerState::Broken(reason.clone()));
+            Err(Outcome::Broken(reason))
+        }
+        Err(e) => Err(Outcome::Failed(e)),
     }
 }
 

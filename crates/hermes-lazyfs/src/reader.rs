@@ -6,10 +6,10 @@
 //! span wait for one fetch. A span that fails verification is fetched once more; a second
 //! failure marks the layer broken and every later read fails.
 //!
-//! The verified compressed bytes of the spans reads fetch are also kept, in a sparse file next to
-//! the cache, until the background fetcher has hashed them: it needs every compressed byte for
-//! the whole-blob digest, and reading them from there instead of the registry means a layer is
-//! downloaded once, however much of it was read on demand first.
+//! While a background fetcher runs, the verified compressed bytes of the spans reads fetch are
+//! also kept, in a sparse file next to the cache, until it has hashed them: it needs every
+//! compressed byte for the whole-blob digest, and reading them from there instead of the
+//! registry means a layer is downloaded once, however much of it was read on demand first.
 //!
 //! This is the pure core: no FUSE, no threads of its own. Transport retries belong to the
 //! [`RangeReader`] (the registry client retries; a failed fetch here leaves the layer usable).
@@ -163,7 +163,8 @@ pub struct LayerReader {
     changed: Condvar,
     counters: Counters,
     trace: Mutex<Trace>,
-    kept: Kept,
+    /// `Some` while a background fetcher wants the bytes reads fetch.
+    kept: Mutex<Option<Kept>>,
 }
 
 /// File name of the kept compressed bytes, in the cache directory.
@@ -171,12 +172,11 @@ const KEPT_FILE: &str = "compressed.partial";
 
 /// Verified compressed bytes of spans fetched by reads, at their blob offsets in a sparse
 /// file, for the background fetcher's digest. Which spans it holds is known to this process
-/// only: the file is emptied when a reader opens it, so nothing stale is ever used.
-#[derive(Debug, Default)]
+/// only, and the file is emptied when keeping starts, so nothing stale is ever used.
+#[derive(Debug)]
 struct Kept {
-    /// `None` if the file could not be created: spans are then fetched again.
-    file: Option<File>,
-    spans: Mutex<HashSet<SpanId>>,
+    file: File,
+    spans: HashSet<SpanId>,
 }
 
 /// The spans reads touched first, in order, while a recording window is open.
@@ -205,7 +205,6 @@ impl LayerReader {
         R: RangeReader + Send + Sync + 'static,
     {
         let end = ztoc.spans().map(|s| s.uncompressed.end).max().unwrap_or(0);
-        let kept = Self::open_kept(&cache);
         Self {
             ztoc,
             source: Box::new(source),
@@ -220,69 +219,69 @@ impl LayerReader {
             changed: Condvar::new(),
             counters: Counters::default(),
             trace: Mutex::new(Trace::default()),
-            kept: Kept {
-                file: kept,
-                spans: Mutex::new(HashSet::new()),
-            },
+            kept: Mutex::new(None),
         }
     }
 
-    fn open_kept(cache: &SpanCache) -> Option<File> {
-        let path = cache.dir().join(KEPT_FILE);
+    fn lock_kept(&self) -> MutexGuard<'_, Option<Kept>> {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keep the compressed bytes reads fetch from now on, for a [`BackgroundFetcher`]'s digest,
+    /// so it does not download them again. The fetcher starts keeping when it starts; call this
+    /// before the layer is mounted to cover the reads before that. Best effort: if the file
+    /// cannot be created, those spans are fetched again. Kept bytes go when the walk ends.
+    ///
+    /// [`BackgroundFetcher`]: crate::BackgroundFetcher
+    pub fn keep_for_background(&self) {
+        let mut kept = self.lock_kept();
+        if kept.is_some() {
+            return;
+        }
+        let path = self.cache.dir().join(KEPT_FILE);
         let opened = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(&path);
-        match opened {
-            Ok(file) => Some(file),
+        *kept = match opened {
+            Ok(file) => Some(Kept {
+                file,
+                spans: HashSet::new(),
+            }),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot keep fetched spans for the background digest; they will be fetched again");
                 None
             }
+        };
+    }
+
+    /// Stop keeping and delete what was kept (the background walk is over).
+    pub(crate) fn stop_keeping(&self) {
+        if self.lock_kept().take().is_some() {
+            let _ = std::fs::remove_file(self.cache.dir().join(KEPT_FILE));
         }
     }
 
-    /// Keep a span's verified compressed bytes for the background fetcher (best effort).
+    /// Keep a span's verified compressed bytes, if a background fetcher wants them.
     fn keep(&self, span: &Span, bytes: &[u8]) {
-        let Some(file) = &self.kept.file else { return };
-        if file.write_all_at(bytes, span.compressed.start).is_ok() {
-            self.kept
-                .spans
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(span.id);
+        if let Some(kept) = self.lock_kept().as_mut()
+            && kept.file.write_all_at(bytes, span.compressed.start).is_ok()
+        {
+            kept.spans.insert(span.id);
         }
     }
 
     /// The kept compressed bytes of `span`, if a read fetched them (and they read back whole).
     pub(crate) fn kept(&self, span: &Span) -> Option<Vec<u8>> {
-        let file = self.kept.file.as_ref()?;
-        let held = self
-            .kept
-            .spans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&span.id);
-        if !held {
-            return None;
-        }
+        let guard = self.lock_kept();
+        let kept = guard.as_ref().filter(|k| k.spans.contains(&span.id))?;
         let mut buf = vec![0; (span.compressed.end - span.compressed.start) as usize];
-        file.read_exact_at(&mut buf, span.compressed.start).ok()?;
+        kept.file
+            .read_exact_at(&mut buf, span.compressed.start)
+            .ok()?;
         Some(buf)
-    }
-
-    /// Drop the kept bytes (the background walk is over).
-    pub(crate) fn discard_kept(&self) {
-        self.kept
-            .spans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        if let Some(file) = &self.kept.file {
-            let _ = file.set_len(0);
-        }
     }
 
     /// The layer's zTOC.

@@ -127,6 +127,10 @@ pub fn serve_layer(
     let source = RegistryRangeReader::new(client, reference, digest.clone(), runtime);
     let cache = SpanCache::open(&opts.cache, &ztoc).map_err(|e| mount_err(format!("{e:#}")))?;
     let reader = Arc::new(LayerReader::new(ztoc.clone(), source, cache));
+    if opts.background {
+        // Startup reads and prefetch come before the background fetcher: keep their bytes.
+        reader.keep_for_background();
+    }
     let handle = hermes_lazyfs::mount(reader.clone(), &opts.mountpoint)
         .map_err(|e| mount_err(format!("{e}: {}", error_chain(&e))))?;
     let mounted = Instant::now();

@@ -94,6 +94,9 @@ impl LazyLayers {
         let cache = SpanCache::open(&self.root.join("cache").join(digest.hex()), &ztoc)?;
         let size = ztoc.compressed_archive_size();
         let reader = Arc::new(LayerReader::new(ztoc, source, cache));
+        if self.background {
+            reader.keep_for_background();
+        }
         let path = self.root.join("mounts").join(digest.hex());
         std::fs::create_dir_all(&path)?;
         let handle = hermes_lazyfs::mount(reader.clone(), &path)?;

@@ -111,6 +111,9 @@ fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     );
     let cache = SpanCache::open(&args.cache.join(layer.digest.hex()), &ztoc)?;
     let reader = Arc::new(LayerReader::new(ztoc.clone(), source, cache));
+    if args.background {
+        reader.keep_for_background();
+    }
     let handle = hermes_lazyfs::mount(reader.clone(), &args.mountpoint)?;
     let background = if args.background {
         Some(BackgroundFetcher::start(

@@ -30,6 +30,10 @@ fn reads_match_the_tar_everywhere() {
     }
     assert_eq!(reader.read(size + 10, 100).unwrap(), b"");
     assert_eq!(reader.state(), LayerState::Lazy);
+    assert!(
+        !dir.path().join("compressed.partial").exists(),
+        "without a background fetcher no compressed bytes are kept"
+    );
 }
 
 #[test]
