@@ -186,6 +186,9 @@ struct Inner {
     active: RwLock<Vec<Policy>>,
     misses: mpsc::Sender<Miss>,
     profiles: RwLock<ProfileBook>,
+    /// Held while a trace report is added and saved, so saves happen in the order of the
+    /// additions and never share the temp file.
+    saving: tokio::sync::Mutex<()>,
     ready: AtomicBool,
     metrics: Metrics,
     registry: Registry,
@@ -279,6 +282,7 @@ impl NodeApi {
                 active: RwLock::new(Vec::new()),
                 misses,
                 profiles: RwLock::new(profiles),
+                saving: tokio::sync::Mutex::new(()),
                 ready: AtomicBool::new(false),
                 metrics,
                 registry,
@@ -569,6 +573,7 @@ async fn post_traces(
     let report: TraceReport =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
     let layers: Vec<Digest> = report.layers.keys().cloned().collect();
+    let _saving = api.inner.saving.lock().await;
     let saved: Vec<(Digest, Vec<Vec<u32>>)> = {
         let mut book = api
             .inner

@@ -33,6 +33,7 @@ use crate::api::{BuildOutcome, Miss, NodeApi};
 use crate::builder::{Builder, LayerBuild, LayerResult, Resolved};
 use crate::error::chain;
 use crate::matcher::RunningContainer;
+use crate::mirror::Collected;
 use crate::policy::{DEFAULT_SPAN_SIZE, Policy};
 use crate::queue::{BuildQueue, JobId, LayerKey, QueueEvent, QueueOptions};
 use crate::reconcile::{
@@ -379,13 +380,8 @@ impl Engine {
                 let deleted = self.builder.store().delete_image(&manifest);
                 match deleted {
                     Ok(()) => {
-                        if let Some(mirror) = self.builder.mirror().cloned() {
-                            let manifest = manifest.clone();
-                            tokio::spawn(async move {
-                                if let Err(e) = mirror.forget_image(&manifest).await {
-                                    warn!(%manifest, error = %chain(&e), "cannot delete a collected image from the store repository");
-                                }
-                            });
+                        if let Some(mirror) = self.builder.mirror() {
+                            mirror.forget_in_background(Collected::Image(manifest.clone()));
                         }
                         self.contents.images.remove(&manifest);
                         if let Err(e) = self.book.remove(&manifest) {
@@ -403,13 +399,8 @@ impl Engine {
                     .delete_layer(&key.digest, key.span_size)
                 {
                     Ok(()) => {
-                        if let Some(mirror) = self.builder.mirror().cloned() {
-                            let key = key.clone();
-                            tokio::spawn(async move {
-                                if let Err(e) = mirror.forget_layer(&key).await {
-                                    warn!(layer = %key.digest, error = %chain(&e), "cannot delete a collected zTOC from the store repository");
-                                }
-                            });
+                        if let Some(mirror) = self.builder.mirror() {
+                            mirror.forget_in_background(Collected::Layer(key.clone()));
                         }
                         self.contents.ztocs.remove(&key);
                         self.contents.unindexable.remove(&key);

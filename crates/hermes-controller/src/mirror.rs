@@ -24,7 +24,7 @@ use bytes::Bytes;
 use hermes_oci::manifest::{Descriptor, Manifest, media, to_go_json};
 use hermes_oci::{Client, Digest, ImageRecord, Reference, Store};
 use serde::{Deserialize, Serialize};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::queue::LayerKey;
 use crate::{Error, Result};
@@ -178,16 +178,12 @@ impl Mirror {
                         repository: store.root().display().to_string(),
                     }),
                 })?;
-            let size = bytes.len() as i64;
+            let size = bytes.len() as u64;
             self.client
                 .push_blob(&target, Bytes::from(bytes), None)
                 .await
                 .map_err(oci("push a zTOC to", &target))?;
-            blobs.push(Descriptor::new(
-                media::OCTET_STREAM,
-                ztoc.clone(),
-                size as u64,
-            ));
+            blobs.push(Descriptor::new(media::OCTET_STREAM, ztoc.clone(), size));
         }
         let config = Bytes::from(serde_json::to_vec(entry).unwrap_or_default());
         let config_digest = self
@@ -383,6 +379,30 @@ impl Mirror {
     pub async fn forget_layer(&self, key: &LayerKey) -> Result<()> {
         self.forget(&layer_tag(key)).await
     }
+
+    /// [`Mirror::forget_image`] or [`Mirror::forget_layer`] on a task of its own (garbage
+    /// collection does not wait for the registry); a failure is logged.
+    pub fn forget_in_background(&self, collected: Collected) {
+        let mirror = self.clone();
+        tokio::spawn(async move {
+            let (tag, what) = match &collected {
+                Collected::Image(manifest) => (image_tag(manifest), "image"),
+                Collected::Layer(key) => (layer_tag(key), "zTOC"),
+            };
+            if let Err(e) = mirror.forget(&tag).await {
+                warn!(%tag, error = %crate::chain(&e), "cannot delete a collected {what} from the store repository");
+            }
+        });
+    }
+}
+
+/// What garbage collection removed from the local store.
+#[derive(Debug, Clone)]
+pub enum Collected {
+    /// An image record.
+    Image(Digest),
+    /// A layer's zTOC (or unindexable marker).
+    Layer(LayerKey),
 }
 
 #[cfg(test)]

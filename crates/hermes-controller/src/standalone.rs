@@ -329,8 +329,12 @@ pub async fn run(
         config.build_tool_identifier,
     );
     if let Some(mirror) = config.mirror {
-        // A new data dir starts with everything published before: nothing is built twice.
-        mirror.sync(&store).await?;
+        // A new data dir starts with everything published before: nothing is built twice. A
+        // repository that cannot be read does not keep the controller down: it builds instead.
+        if let Err(e) = mirror.sync(&store).await {
+            tracing::warn!(repository = %mirror.repository(), error = %crate::chain(&e),
+                "cannot copy the store repository; what is missing is built again");
+        }
         builder = builder.with_mirror(mirror);
     }
     let mut engine = Engine::new(config.engine, builder, node_api.clone(), misses_rx, book)?;

@@ -168,8 +168,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             mirror: match &args.store_repository {
                 Some(repository) => Some(crate::kube_cmd::store_mirror(
                     repository,
-                    args.registry.plain_http(),
-                    args.registry.docker_config(),
+                    client(&args.registry)?,
                 )?),
                 None => None,
             },

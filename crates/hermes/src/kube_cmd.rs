@@ -15,9 +15,9 @@ use hermes_controller::engine::EngineOptions;
 use hermes_controller::reconcile::ReconcileOptions;
 use hermes_kube::controller::{self, ControllerOptions, EngineSetup};
 use hermes_oci::{ClientOptions, Store};
-
-use crate::index_cmd::{RegistryArgs, client};
 use tokio::sync::Notify;
+
+use crate::index_cmd::{self, RegistryArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum KubeCommand {
@@ -169,11 +169,12 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
     api.set_ready(true);
 
     let mirror = match args.store_repository.as_deref().filter(|r| !r.is_empty()) {
-        Some(repository) => Some(store_mirror(
-            repository,
-            args.plain_http,
-            args.docker_config.as_deref(),
-        )?),
+        Some(repository) => {
+            let settings = RegistryArgs::from_settings(args.plain_http, args.docker_config.clone());
+            let registry = index_cmd::client(&settings)
+                .context("cannot configure a registry client for the store repository")?;
+            Some(store_mirror(repository, registry)?)
+        }
         None => None,
     };
     let setup = EngineSetup {
@@ -209,19 +210,15 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
     Ok(result?)
 }
 
-/// The store repository `repository` (`registry/name`), with the credentials of `docker_config`
-/// (else `$DOCKER_CONFIG/config.json` or `~/.docker/config.json` when present).
+/// The store repository `repository` (`registry/name`, from `--store-repository`), reached with
+/// `client`.
 pub fn store_mirror(
     repository: &str,
-    plain_http: bool,
-    docker_config: Option<&std::path::Path>,
+    client: hermes_oci::Client,
 ) -> anyhow::Result<hermes_controller::mirror::Mirror> {
     let reference = hermes_oci::Reference::parse(repository).with_context(|| {
         format!("--store-repository {repository:?} is not a repository (registry/name)")
     })?;
-    let settings = RegistryArgs::from_settings(plain_http, docker_config.map(PathBuf::from));
-    let client =
-        client(&settings).context("cannot configure a registry client for the store repository")?;
     Ok(hermes_controller::mirror::Mirror::new(client, reference))
 }
 

@@ -14,7 +14,7 @@ use hermes_testkit::{Containerd, FaultProxy, PushedImage, Registry, TestImage, b
 use serde_json::Value;
 
 use crate::node::{Node, metric, require_root};
-use crate::pull::hermes_pull;
+use crate::pull::{hermes_pull, message_image_running};
 
 const HERMES: &str = env!("CARGO_BIN_EXE_hermes");
 const WAIT: Duration = Duration::from_secs(90);
@@ -714,20 +714,6 @@ fn the_node_api_serves_https_and_wants_the_token() {
     let _ = child.wait();
 }
 
-/// A busybox image that sleeps, with a small layer holding `/etc/message` and two 6 MiB
-/// layers it never reads.
-fn message_sleeper(registry: &Registry, repo: &str, message: &str) -> PushedImage {
-    busybox_image()
-        .expect("busybox image (apt-get install busybox-static)")
-        .layer()
-        .file("etc/message", format!("{message}\n"))
-        .big_layer(6)
-        .big_layer(6)
-        .entrypoint(&["/bin/sleep", "86400"])
-        .push(&registry.host(), repo)
-        .expect("push")
-}
-
 /// A fresh node: its own `hermes node` (asking `controller`) and containerd root.
 fn fresh_node(dir: &Path, registry: &Registry, controller: &str) -> (Node, Containerd) {
     let node = Node::start(dir, &["--plain-http", "--controller", controller]);
@@ -768,10 +754,12 @@ fn a_fresh_node_starts_the_image_lazily_from_the_controllers_artifacts_until_a_p
     require_root();
     let registry = Registry::start().expect("registry");
     let host = registry.host();
-    let image = message_sleeper(
+    // It sleeps, so it keeps running on the watched containerd; the nodes run `cat` instead.
+    let image = message_image_running(
         &registry,
         "lazy/app:v1",
         "hello from the controller's index",
+        &["/bin/sleep", "86400"],
     );
 
     // The image runs on a first containerd, which the standalone controller watches.

@@ -11,15 +11,26 @@ use crate::node::{Node, index, require_root};
 
 const HERMES: &str = env!("CARGO_BIN_EXE_hermes");
 
-/// A small runnable image: busybox, a layer with the message, a few MiB of data it never reads.
+/// A small runnable image: busybox, a layer with the message, a few MiB of data it never reads;
+/// it prints the message.
 pub(crate) fn message_image(registry: &Registry, repo: &str, message: &str) -> PushedImage {
+    message_image_running(registry, repo, message, &["/bin/cat", "/etc/message"])
+}
+
+/// [`message_image`] with another entrypoint.
+pub(crate) fn message_image_running(
+    registry: &Registry,
+    repo: &str,
+    message: &str,
+    entrypoint: &[&str],
+) -> PushedImage {
     busybox_image()
         .expect("busybox image")
         .layer()
         .file("etc/message", format!("{message}\n"))
         .big_layer(6)
         .big_layer(6)
-        .entrypoint(&["/bin/cat", "/etc/message"])
+        .entrypoint(entrypoint)
         .push(&registry.host(), repo)
         .expect("push")
 }
