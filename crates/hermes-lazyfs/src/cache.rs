@@ -14,7 +14,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -48,13 +48,19 @@ impl SpanCache {
             let path = path.to_owned();
             move |source| Error::Cache { path, what, source }
         };
-        fs::create_dir_all(dir).map_err(err(dir, "creating the directory"))?;
+        // Decompressed bytes of possibly private images: owner only, whatever the umask.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err(dir, "creating the directory"))?;
         let data_path = dir.join(DATA_FILE);
         let data = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&data_path)
             .map_err(err(&data_path, "opening"))?;
         let span_count = ztoc.span_count();

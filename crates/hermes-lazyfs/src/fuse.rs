@@ -227,7 +227,10 @@ pub struct MountHandle {
 }
 
 /// Mount `reader`'s layer read-only at `mountpoint` (an existing directory). Every user may
-/// read it (`allow_other`); the kernel checks permissions against the layer's modes.
+/// read it (`allow_other`, which overlayfs needs); the kernel checks permissions against the
+/// layer's modes. The mount is `nosuid,nodev`: a setuid binary run from the layer itself grants
+/// nothing and its device nodes open nothing. Containers are unaffected: they run the layer
+/// through an overlayfs mount, whose own flags govern setuid and device files.
 pub fn mount(reader: Arc<LayerReader>, mountpoint: &Path) -> Result<MountHandle> {
     let mount_err = |source| Error::Mount {
         path: mountpoint.to_owned(),
@@ -240,8 +243,8 @@ pub fn mount(reader: Arc<LayerReader>, mountpoint: &Path) -> Result<MountHandle>
         MountOption::FSName("hermes-lazyfs".into()),
         MountOption::Subtype("hermes-lazyfs".into()),
         MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
+        MountOption::NoDev,
+        MountOption::NoSuid,
     ];
     config.acl = SessionACL::All;
     config.n_threads = Some(THREADS);

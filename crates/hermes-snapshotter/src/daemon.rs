@@ -36,7 +36,7 @@ impl Daemon {
     /// `server` starts layer servers; `client` reads registries.
     pub async fn start(config: &NodeConfig, server: ServerCommand, client: Client) -> Result<Self> {
         let root = &config.root;
-        std::fs::create_dir_all(root).map_err(Error::io("create root", root))?;
+        crate::private::private_dir(root).map_err(Error::io("create root", root))?;
         let store = Store::open(root.join("ztocs"))?;
         let sources = IndexSources::new(
             store,

@@ -23,6 +23,7 @@ pub mod layer_server;
 mod lazy;
 mod metrics;
 mod node_layers;
+pub mod private;
 mod remote;
 mod server;
 mod snapshots;

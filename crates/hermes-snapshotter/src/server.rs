@@ -3,6 +3,7 @@
 //! to `tonic::Status` in one place, [`to_status`].
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -281,8 +282,9 @@ impl Drop for ServerHandle {
 /// Serves `core` as containerd's snapshots API on the unix socket `socket` (a stale socket file
 /// there is replaced). Must be called within a tokio runtime.
 pub async fn serve(socket: &Path, core: Arc<Snapshots>) -> Result<ServerHandle> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).map_err(Error::io("create socket dir", dir))?;
+    if let Some(dir) = socket.parent().filter(|d| !d.exists()) {
+        // A dir made for the socket is private; an existing one (`/run`) is left as it is.
+        crate::private::private_dir(dir).map_err(Error::io("create socket dir", dir))?;
     }
     match std::fs::remove_file(socket) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -291,6 +293,9 @@ pub async fn serve(socket: &Path, core: Arc<Snapshots>) -> Result<ServerHandle> 
         _ => {}
     }
     let listener = UnixListener::bind(socket).map_err(Error::io("bind socket", socket))?;
+    // Only root (containerd) may talk to the snapshotter, whatever the umask was at bind.
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(Error::io("restrict socket", socket))?;
     let (stop, stopped) = oneshot::channel::<()>();
     let service = SnapshotsServer::new(Service { core });
     info!(socket = %socket.display(), "snapshotter listening");

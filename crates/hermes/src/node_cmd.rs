@@ -125,6 +125,8 @@ fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    // Everything the node and its layer servers write is for root only (see `private`).
+    hermes_snapshotter::private::restrict_umask();
     let config = config(&args)?;
     if args.unmount_all {
         let n = NodeLayers::stop_all(&config.root.join("layers"));
@@ -179,6 +181,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    hermes_snapshotter::private::restrict_umask();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

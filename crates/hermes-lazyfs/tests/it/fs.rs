@@ -439,3 +439,66 @@ fn overlayfs_over_lazy_layers_applies_whiteouts_and_opaque_dirs() {
     drop(overlay);
     assert!(!mounted(merged), "overlay left mounted");
 }
+
+/// Runs `program` as `nobody` (uid and gid 65534, no supplementary groups) and returns what it
+/// printed.
+fn run_as_nobody(program: &Path) -> String {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new(program)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap_or_else(|e| panic!("run {} as nobody: {e}", program.display()));
+    assert!(out.status.success(), "{}: {out:?}", program.display());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Regression: a user on the node ran a layer's setuid-root binary straight from the lazy mount
+/// and got euid 0. The mount is `nosuid,nodev` now; containers, which see the layer through
+/// overlayfs, keep their setuid binaries and device nodes.
+#[test]
+fn setuid_binaries_and_devices_grant_nothing_from_the_mount_but_work_in_an_overlay() {
+    use std::os::unix::fs::PermissionsExt;
+    // `id` prints `euid=0(root)` when it runs with an effective uid other than its real one.
+    let id = std::fs::read("/usr/bin/id").expect("coreutils' id");
+    let layer = TestLayer::new()
+        .dir("bin", 0o755)
+        .file("bin/id", 0o4755, (0, 0), &id)
+        .dir("dev", 0o755)
+        .device("dev/null", 'c', 0o666, (1, 3))
+        .finish();
+    let m = Mounted::new(&layer, &layer.source());
+    // Let `nobody` reach the mount (the node's own root keeps others out; see hermes-snapshotter).
+    let dir = m.root.parent().unwrap().to_owned();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let direct = run_as_nobody(&m.root.join("bin/id"));
+    assert!(direct.contains("uid=65534"), "id printed {direct:?}");
+    assert!(
+        !direct.contains("euid=0"),
+        "a setuid binary on the lazy mount raised privileges: {direct:?}"
+    );
+    let opened = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.root.join("dev/null"));
+    assert_eq!(
+        opened.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::PermissionDenied),
+        "a device node on the lazy mount opened"
+    );
+
+    // overlayfs needs two lower layers when it has no upper one.
+    let empty = tempfile::tempdir().unwrap();
+    let overlay = Overlay::new(&[empty.path(), &m.root]);
+    let merged = overlay.target.parent().unwrap();
+    std::fs::set_permissions(merged, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let contained = run_as_nobody(&overlay.target.join("bin/id"));
+    assert!(
+        contained.contains("euid=0"),
+        "a container's setuid binary stopped working: {contained:?}"
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(overlay.target.join("dev/null"))
+        .expect("a container's device node opens");
+}

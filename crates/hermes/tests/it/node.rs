@@ -86,7 +86,9 @@ impl Node {
             .append(true)
             .open(&self.stderr)
             .expect("node log");
-        let child = Command::new(HERMES)
+        // Started under umask 000: what the node writes must be private whatever the umask.
+        let child = Command::new("sh")
+            .args(["-c", r#"umask 000 && exec "$0" "$@""#, HERMES])
             .arg("node")
             .arg("--root")
             .arg(&self.root)
@@ -645,6 +647,83 @@ fn background_fetch_makes_layers_fully_local_and_removing_the_snapshot_stops_the
     assert!(
         !mounts.contains(node.root.to_str().unwrap()),
         "a mount under the node root is left:\n{mounts}"
+    );
+}
+
+/// Regression: under `umask 000` the node's socket was 777 and `metadata.redb` 666, and under
+/// the usual 022 any user could read the span caches (decompressed bytes of private images), the
+/// zTOCs and the snapshot trees, and reach the lazy mounts. The root is 0700 now (an existing
+/// looser root is tightened), everything under it is owner-only, the socket is 0600.
+#[test]
+fn the_node_root_and_socket_are_private_whatever_the_umask() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let pushed = TestImage::new()
+        .file("app/secret.bin", noise(1 << 20, 11))
+        .push(&registry.host(), "node/private:v1")
+        .expect("push");
+    let dir = tempfile::tempdir().expect("tempdir");
+    index(&pushed.reference, &dir.path().join("node/ztocs"));
+    // A root an older version (or a loose umask) left readable by all.
+    std::fs::set_permissions(
+        dir.path().join("node"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let node = Node::start(dir.path(), &["--plain-http"]);
+    let rt = runtime();
+    assert_eq!(rt.block_on(unpack(&node.socket, &pushed, "p")), 1);
+    node.wait_metrics(|m| metric(m, "hermes_node_layers", &["state=\"fully_local\""]) == 1.0);
+
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&node.root), 0o700, "node root");
+    assert_eq!(mode(&node.socket), 0o600, "snapshotter socket");
+    // Everything the node and its layer servers wrote, except what the lazy mounts show (their
+    // modes are the layer's own) and the zTOCs this test put there with `hermes index build`
+    // under its own umask: the 0700 root keeps others from reaching either.
+    let out = Command::new("find")
+        .arg(&node.root)
+        .args([
+            "-mindepth",
+            "1",
+            "(",
+            "-name",
+            "mnt",
+            "-o",
+            "-name",
+            "ztocs",
+            ")",
+        ])
+        .args(["-prune", "-o"])
+        .args(["!", "-type", "l", "-perm", "/077", "-printf", "%m %p\n"])
+        .output()
+        .expect("find");
+    let open_to_others = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && open_to_others.is_empty(),
+        "files under the node root that others can use:\n{open_to_others}"
+    );
+    let data = std::fs::read_dir(node.root.join("layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("cache/data"))
+        .find(|p| p.exists())
+        .expect("a span cache");
+    assert!(mode(&data) & 0o077 == 0 && std::fs::metadata(&data).unwrap().uid() == 0);
+    // And, as another user would try it:
+    let read = Command::new("sh")
+        .args([
+            "-c",
+            r#"exec setpriv --reuid=65534 --regid=65534 --clear-groups cat "$0""#,
+        ])
+        .arg(&data)
+        .output()
+        .expect("setpriv");
+    assert!(
+        !read.status.success(),
+        "nobody read the span cache: {} bytes",
+        read.stdout.len()
     );
 }
 
