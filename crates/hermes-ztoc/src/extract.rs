@@ -377,7 +377,8 @@ fn decode_zstd_span(span: &Span, compressed: &[u8], len: usize) -> Result<Vec<u8
 /// then doubling, never beyond `len`. Never sized from `len` at once: only the verified
 /// compressed bytes decide how much exists, and a corrupt or hostile zTOC may claim anything
 /// (one flipped bit asked for 1.1 PB and aborted the process). A false claim then costs at most
-/// twice what the span really decodes to, and an error when its bytes run out.
+/// four times the compressed size or twice what the span really decodes to, and an error when
+/// its bytes run out.
 fn grow(out: &mut Vec<u8>, len: usize, compressed: usize) {
     const FIRST: usize = 64 << 10;
     let first = compressed.saturating_mul(4).max(FIRST);
