@@ -274,6 +274,7 @@ pub async fn index_layer(
             LayerEncoding::Tar => Compression::Uncompressed,
             LayerEncoding::Zstd => Compression::Zstd,
         }),
+        ..BuildOptions::default()
     };
     let built = tokio::task::spawn_blocking(move || {
         let mut reader = reader;
@@ -298,6 +299,10 @@ pub async fn index_layer(
                 layer,
                 "zstd layer is a single frame: not seekable, it will be pulled normally".into(),
             ));
+        }
+        // Its own words: "not indexable: <which limit>".
+        Ok(Err(e @ hermes_ztoc::Error::NotIndexable { .. })) => {
+            return Ok(skipped(layer, e.to_string()));
         }
         Ok(Err(e)) => return Ok(skipped(layer, format!("layer cannot be indexed: {e}"))),
         Err(join) => {

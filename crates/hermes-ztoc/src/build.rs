@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::entry::{Entry, EntryKind, clean_path, go_time_text};
 use crate::gotar::{Header, TarReader};
 use crate::inflate::{self, Flush, Inflater};
+use crate::limits::{Limits, Tally};
 use crate::zinfo::{Compression, GzipBlobWriter, WINDOW_SIZE, tar_blob, zstd_blob};
 use crate::ztoc::{DEFAULT_SPAN_SIZE, Parts, SOCI_BUILD_TOOL_IDENTIFIER, Ztoc, digest_string};
 use crate::{Error, Result};
@@ -25,6 +26,8 @@ pub struct BuildOptions {
     pub build_tool_identifier: String,
     /// `None` detects gzip and zstd by their magic bytes, else plain tar.
     pub compression: Option<Compression>,
+    /// Caps on the table of contents; a layer that passes one is [`Error::NotIndexable`].
+    pub limits: Limits,
 }
 
 impl Default for BuildOptions {
@@ -33,6 +36,7 @@ impl Default for BuildOptions {
             span_size: DEFAULT_SPAN_SIZE,
             build_tool_identifier: SOCI_BUILD_TOOL_IDENTIFIER.to_owned(),
             compression: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -50,10 +54,15 @@ pub fn build<R: Read>(layer: R, options: &BuildOptions) -> Result<Ztoc> {
         Some(c) => c,
         None => detect(layer.fill_buf()?),
     };
+    let tally = Tally::new(options.limits);
     let (entries, uncompressed_archive_size, encoded) = match compression {
-        Compression::Gzip => read_toc(Decoding(GzipIndexer::new(layer, options.span_size)?))?,
-        Compression::Zstd => read_toc(Decoding(ZstdIndexer::new(layer, options.span_size)?))?,
-        Compression::Uncompressed => read_toc(PlainIndexer::new(layer, options.span_size))?,
+        Compression::Gzip => {
+            read_toc(Decoding(GzipIndexer::new(layer, options.span_size)?), tally)?
+        }
+        Compression::Zstd => {
+            read_toc(Decoding(ZstdIndexer::new(layer, options.span_size)?), tally)?
+        }
+        Compression::Uncompressed => read_toc(PlainIndexer::new(layer, options.span_size), tally)?,
     };
     if encoded.compressed_size == 0 {
         return Err(Error::EmptyLayer);
@@ -97,11 +106,13 @@ trait Indexer: BufRead {
     fn finish(self) -> Result<Encoded>;
 }
 
-fn read_toc<I: Indexer>(decoder: I) -> Result<(Vec<Entry>, u64, Encoded)> {
+fn read_toc<I: Indexer>(decoder: I, mut tally: Tally) -> Result<(Vec<Entry>, u64, Encoded)> {
     let mut tar = TarReader::new(decoder);
     let mut entries = Vec::new();
     while let Some(hdr) = tar.next_header()? {
-        entries.push(entry_from_header(hdr)?);
+        let entry = entry_from_header(hdr)?;
+        tally.admit(&entry)?;
+        entries.push(entry);
     }
     let size = tar.position();
     let mut decoder = tar.into_inner();

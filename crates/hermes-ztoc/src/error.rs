@@ -2,6 +2,8 @@
 
 use std::io;
 
+use crate::Limit;
+
 /// Everything that can go wrong building, parsing or reading through a zTOC.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -80,6 +82,18 @@ pub enum Error {
         offset: u64,
     },
 
+    /// The layer is well-formed but its table of contents passes one of the build [`Limits`]
+    /// (a hostile or absurd layer): it is not indexed, and the image falls back to a normal pull.
+    #[error("not indexable: {}", limit.describe(*max, *offset))]
+    NotIndexable {
+        /// Which limit.
+        limit: Limit,
+        /// Its value.
+        max: u64,
+        /// Uncompressed offset of the entry that passed it.
+        offset: u64,
+    },
+
     /// The build options are unusable.
     #[error("invalid span size {0}: it must be at least 1 byte")]
     InvalidSpanSize(u64),
@@ -95,6 +109,18 @@ pub enum Error {
         at: usize,
         /// Which structure.
         what: &'static str,
+    },
+
+    /// A zTOC whose entries would take far more memory than its bytes: entries share tables
+    /// or strings, which no builder writes.
+    #[error(
+        "zTOC is invalid: its {size} bytes would decode to more than {limit} bytes (entries share tables or strings)"
+    )]
+    DecodeTooLarge {
+        /// Size of the zTOC.
+        size: u64,
+        /// The most its decoded form may take.
+        limit: u64,
     },
 
     /// A well-formed zTOC whose fields contradict each other.

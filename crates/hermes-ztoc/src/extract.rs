@@ -22,6 +22,14 @@ pub trait RangeReader {
 
 impl RangeReader for std::fs::File {
     fn read_at(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        // The length comes from a zTOC: check it against the file before allocating for it.
+        let size = self.metadata()?.len();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("range {offset}+{len} beyond the end of the {size}-byte file"),
+            ));
+        }
         let len = usize::try_from(len).map_err(io::Error::other)?;
         let mut buf = vec![0; len];
         self.read_exact_at(&mut buf, offset)?;
@@ -216,10 +224,13 @@ impl Ztoc {
         let zeros = [0u8; WINDOW_SIZE];
         z.set_dictionary(self.window(span.id).unwrap_or(&zeros))
             .map_err(|e| corrupt(e.to_string()))?;
-        let mut out = vec![0u8; len];
+        let mut out = Vec::new();
         let mut produced = 0;
         let mut raw = true;
         while produced < len {
+            if produced == out.len() {
+                grow(&mut out, len, compressed.len());
+            }
             let step = z
                 .inflate(input, &mut out[produced..], Flush::None)
                 .map_err(|e| corrupt(e.to_string()))?;
@@ -340,10 +351,13 @@ fn decode_zstd_span(span: &Span, compressed: &[u8], len: usize) -> Result<Vec<u8
         message,
     };
     let mut d = Decoder::new().map_err(|e| corrupt(e.to_string()))?;
-    let mut out = vec![0u8; len];
+    let mut out = Vec::new();
     let mut src = InBuffer::around(compressed);
     let mut produced = 0;
     while produced < len {
+        if produced == out.len() {
+            grow(&mut out, len, compressed.len());
+        }
         let mut dst = OutBuffer::around(&mut out[produced..]);
         let before = src.pos();
         d.run(&mut src, &mut dst)
@@ -357,4 +371,17 @@ fn decode_zstd_span(span: &Span, compressed: &[u8], len: usize) -> Result<Vec<u8
         }
     }
     Ok(out)
+}
+
+/// Make room for more of a span's `len` decoded bytes: first a few times its compressed size,
+/// then doubling, never beyond `len`. Never sized from `len` at once: only the verified
+/// compressed bytes decide how much exists, and a corrupt or hostile zTOC may claim anything
+/// (one flipped bit asked for 1.1 PB and aborted the process). A false claim then costs at most
+/// four times the compressed size or twice what the span really decodes to, and an error when
+/// its bytes run out.
+fn grow(out: &mut Vec<u8>, len: usize, compressed: usize) {
+    const FIRST: usize = 64 << 10;
+    let first = compressed.saturating_mul(4).max(FIRST);
+    let target = out.len().saturating_mul(2).max(first).min(len);
+    out.resize(target, 0);
 }

@@ -5,10 +5,14 @@
 //! crate:
 //! - builds a zTOC from a layer stream in one pass ([`build`]): gzip (checkpoints with 32 KiB
 //!   windows at deflate block boundaries), plain tar, and multi-frame zstd (a Hermes extension);
+//!   a layer whose table of contents would pass the [`Limits`] (entries, name bytes, depth) is
+//!   [`Error::NotIndexable`] and is pulled normally;
 //! - serializes and parses zTOCs byte-for-byte as soci-snapshotter does ([`Ztoc::to_bytes`],
-//!   [`Ztoc::from_bytes`]); parsing untrusted bytes never panics;
+//!   [`Ztoc::from_bytes`]); parsing untrusted bytes never panics and takes at most four times
+//!   their size in memory;
 //! - plans and performs random reads through a [`RangeReader`], verifying every span against the
-//!   zTOC's digest before decoding it ([`Ztoc::plan`], [`Ztoc::read_planned`], [`Ztoc::extract`]).
+//!   zTOC's digest before decoding it ([`Ztoc::plan`], [`Ztoc::read_planned`], [`Ztoc::extract`]);
+//!   decoded spans grow with the bytes actually decoded, never to a length the zTOC claims.
 //!
 //! It is pure: `std::io` traits only, no async, no network, no files except through the caller.
 
@@ -19,6 +23,7 @@ mod extract;
 mod fbread;
 mod gotar;
 mod inflate;
+mod limits;
 mod zinfo;
 mod ztoc;
 
@@ -26,5 +31,6 @@ pub use build::{BuildOptions, build, detect};
 pub use entry::{Entry, EntryKind, XATTR_PAX_PREFIX, clean_path};
 pub use error::{Error, Result};
 pub use extract::{CountingReader, RangeReader, ReadPlan};
+pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_NAME_BYTES, Limit, Limits};
 pub use zinfo::{Compression, WINDOW_SIZE};
 pub use ztoc::{DEFAULT_SPAN_SIZE, SOCI_BUILD_TOOL_IDENTIFIER, Span, SpanId, ZTOC_VERSION, Ztoc};

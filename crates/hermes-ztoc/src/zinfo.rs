@@ -57,6 +57,16 @@ impl Compression {
         }
     }
 
+    /// The most bytes one compressed byte can decode to: deflate's longest match (258 bytes)
+    /// costs at least two bits; a zstd RLE block turns 4 bytes into up to 128 KiB.
+    pub(crate) fn max_expansion(self) -> u64 {
+        match self {
+            Self::Gzip => 1032,
+            Self::Uncompressed => 1,
+            Self::Zstd => 32 << 10,
+        }
+    }
+
     /// Whether soci-snapshotter can read zTOCs of this kind.
     pub fn is_soci_compatible(self) -> bool {
         !matches!(self, Self::Zstd)
@@ -146,6 +156,14 @@ impl Zinfo {
         match self {
             Self::Gzip { points, .. } | Self::Zstd { points, .. } => points.len() as u64,
             Self::Tar { count, .. } => *count,
+        }
+    }
+
+    /// Points held in memory (a plain tar's are computed, not stored).
+    pub(crate) fn stored_points(&self) -> usize {
+        match self {
+            Self::Gzip { points, .. } | Self::Zstd { points, .. } => points.len(),
+            Self::Tar { .. } => 0,
         }
     }
 

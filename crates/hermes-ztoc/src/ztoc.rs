@@ -201,6 +201,19 @@ impl Ztoc {
                 });
             }
         }
+        // After the digest count check, which bounds the span count by the buffer size.
+        // Readers size buffers from a span's uncompressed length, which nothing verifies (the
+        // digests cover compressed bytes): a claim its compressed bytes cannot hold is corrupt.
+        for span in self.spans() {
+            let compressed = span.compressed.end - span.compressed.start;
+            let uncompressed = span.uncompressed.end - span.uncompressed.start;
+            if uncompressed > compressed.saturating_mul(self.compression.max_expansion()) {
+                return Err(Error::Invalid {
+                    what: "span decodes to more bytes than its compressed bytes can hold",
+                    index: u64::from(span.id),
+                });
+            }
+        }
         if self.uncompressed_archive_size > 0
             && self.compression == Compression::Uncompressed
             && self.uncompressed_archive_size > self.compressed_archive_size
@@ -289,10 +302,12 @@ impl Ztoc {
     }
 
     /// Parse and validate a zTOC. Hostile input yields an error, never a panic; memory use is
-    /// bounded by a small multiple of the input size.
+    /// bounded by a small multiple of the input size: a zTOC whose entries would take more than
+    /// four times its size (they share tables or strings) is [`Error::DecodeTooLarge`].
     pub fn from_bytes(buf: &[u8]) -> Result<Self> {
+        let mut budget = Budget::new(buf.len());
         let root = Table::root(buf)?;
-        let version = utf8(root.bytes(0, "version")?, "version")?;
+        let version = utf8(budget.copy(root.bytes(0, "version")?)?, "version")?;
         if version != ZTOC_VERSION {
             return Err(Error::Invalid {
                 what: "unsupported zTOC version",
@@ -300,7 +315,7 @@ impl Ztoc {
             });
         }
         let build_tool_identifier = utf8(
-            root.bytes(1, "build tool identifier")?,
+            budget.copy(root.bytes(1, "build tool identifier")?)?,
             "build tool identifier",
         )?;
         let compressed_archive_size = non_negative(
@@ -315,9 +330,10 @@ impl Ztoc {
             None => Vec::new(),
             Some(toc) => {
                 let list = toc.vector(0, "toc metadata")?;
+                budget.reserve::<Entry>(list.len())?;
                 let mut entries = Vec::with_capacity(list.len());
                 for i in 0..list.len() {
-                    entries.push(read_entry(&list.table(i)?, i)?);
+                    entries.push(read_entry(&list.table(i)?, i, &mut budget)?);
                 }
                 entries
             }
@@ -330,12 +346,14 @@ impl Ztoc {
             Compression::from_fb(ci.i8(0, Compression::Gzip.to_fb(), "compression algorithm")?)?;
         let max_span_id = ci.i32(1, 0, "max span id")?;
         let list = ci.vector(2, "span digests")?;
+        budget.reserve::<String>(list.len())?;
         let mut span_digests = Vec::with_capacity(list.len());
         for i in 0..list.len() {
-            span_digests.push(utf8(list.bytes(i)?, "span digest")?);
+            span_digests.push(utf8(budget.copy(list.bytes(i)?)?, "span digest")?);
         }
-        let checkpoints = ci.bytes(3, "checkpoints")?.to_vec();
+        let checkpoints = budget.copy(ci.bytes(3, "checkpoints")?)?;
         let zinfo = Zinfo::parse(compression, &checkpoints)?;
+        budget.reserve::<crate::zinfo::Point>(zinfo.stored_points())?;
         if i64::from(max_span_id) + 1 != zinfo.span_count() as i64 {
             return Err(Error::Invalid {
                 what: "max_span_id differs from the checkpoint count",
@@ -396,18 +414,19 @@ fn write_entry<'b>(
     b.end_table(start)
 }
 
-fn read_entry(t: &Table<'_>, index: usize) -> Result<Entry> {
+fn read_entry(t: &Table<'_>, index: usize, budget: &mut Budget) -> Result<Entry> {
     let kind = EntryKind::from_bytes(t.bytes(1, "entry type")?).ok_or(Error::Invalid {
         what: "unknown entry type",
         index: index as u64,
     })?;
     let list = t.vector(13, "xattrs")?;
+    budget.reserve::<(Vec<u8>, Vec<u8>)>(list.len())?;
     let mut pax = Vec::with_capacity(list.len());
     for i in 0..list.len() {
         let x = list.table(i)?;
         pax.push((
-            x.bytes(0, "xattr key")?.to_vec(),
-            x.bytes(1, "xattr value")?.to_vec(),
+            budget.copy(x.bytes(0, "xattr key")?)?,
+            budget.copy(x.bytes(1, "xattr value")?)?,
         ));
     }
     let offset = t.i64(2, 0, "entry offset")?;
@@ -419,29 +438,82 @@ fn read_entry(t: &Table<'_>, index: usize) -> Result<Entry> {
         });
     };
     Ok(Entry {
-        name: t.bytes(0, "entry name")?.to_vec(),
+        name: budget.copy(t.bytes(0, "entry name")?)?,
         kind,
         offset,
         size,
-        linkname: t.bytes(4, "entry linkname")?.to_vec(),
+        linkname: budget.copy(t.bytes(4, "entry linkname")?)?,
         mode: t.i64(5, 0, "entry mode")?,
         uid: t.u32(6, 0, "entry uid")?,
         gid: t.u32(7, 0, "entry gid")?,
-        uname: t.bytes(8, "entry uname")?.to_vec(),
-        gname: t.bytes(9, "entry gname")?.to_vec(),
-        mod_time: t.bytes(10, "entry mod time")?.to_vec(),
+        uname: budget.copy(t.bytes(8, "entry uname")?)?,
+        gname: budget.copy(t.bytes(9, "entry gname")?)?,
+        mod_time: budget.copy(t.bytes(10, "entry mod time")?)?,
         devmajor: t.i64(11, 0, "entry devmajor")?,
         devminor: t.i64(12, 0, "entry devminor")?,
         pax,
     })
 }
 
-fn utf8(b: &[u8], what: &'static str) -> Result<String> {
-    String::from_utf8(b.to_vec()).map_err(|_| Error::Malformed { at: 0, what })
+fn utf8(b: Vec<u8>, what: &'static str) -> Result<String> {
+    String::from_utf8(b).map_err(|_| Error::Malformed { at: 0, what })
 }
 
 fn non_negative(v: i64, what: &'static str) -> Result<u64> {
     u64::try_from(v).map_err(|_| Error::Malformed { at: 0, what })
+}
+
+/// How many bytes of memory a parsed zTOC may take per byte of its buffer. Without sharing,
+/// every entry is a table of about a hundred bytes or more and every string is stored once, so
+/// decoding takes at most about twice the buffer. More means that entries share tables or
+/// strings, which no builder writes: offsets to one large name made a 1.06 MB zTOC decode to
+/// 2 GB.
+const DECODE_FACTOR: usize = 4;
+
+/// Small allocations cost the allocator at least this much beyond their bytes.
+const ALLOCATION_OVERHEAD: usize = 16;
+
+/// The memory a parse may take, charged before anything is allocated.
+#[derive(Debug)]
+struct Budget {
+    size: usize,
+    limit: usize,
+    used: usize,
+}
+
+impl Budget {
+    fn new(size: usize) -> Self {
+        Self {
+            size,
+            // The floor lets tiny zTOCs (an empty layer) parse.
+            limit: size.saturating_mul(DECODE_FACTOR).max(4096),
+            used: 0,
+        }
+    }
+
+    fn charge(&mut self, bytes: usize) -> Result<()> {
+        self.used = self.used.saturating_add(bytes);
+        if self.used > self.limit {
+            return Err(Error::DecodeTooLarge {
+                size: self.size as u64,
+                limit: self.limit as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Charge for `count` values of `T` about to be allocated.
+    fn reserve<T>(&mut self, count: usize) -> Result<()> {
+        self.charge(count.saturating_mul(std::mem::size_of::<T>()))
+    }
+
+    /// Copy a string out of the buffer, charging for it.
+    fn copy(&mut self, bytes: &[u8]) -> Result<Vec<u8>> {
+        if !bytes.is_empty() {
+            self.charge(bytes.len().saturating_add(ALLOCATION_OVERHEAD))?;
+        }
+        Ok(bytes.to_vec())
+    }
 }
 
 /// `sha256:` followed by 64 lower-case hex digits.

@@ -118,6 +118,7 @@ fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
             CompressionArg::Zstd => Some(Compression::Zstd),
             CompressionArg::Uncompressed => Some(Compression::Uncompressed),
         },
+        ..BuildOptions::default()
     };
     let started = Instant::now();
     let ztoc = hermes_ztoc::build(file, &options)

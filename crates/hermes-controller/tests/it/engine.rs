@@ -230,6 +230,60 @@ async fn a_running_image_is_indexed_once_and_a_restart_reuses_the_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_past_the_build_limits_is_not_indexable_and_the_image_is_ready() {
+    // 1,100 nested directories: a 28 KB layer whose names (each repeats all its parents) would
+    // make a zTOC fifty times its size; 10,000 made 193 MiB.
+    let registry = Registry::start().expect("registry");
+    let mut image = TestImage::new().big_file("srv/model.bin", 2).layer();
+    let mut path = String::from("d");
+    for _ in 0..1100 {
+        image = image.dir(&path);
+        path.push_str("/d");
+    }
+    let pushed = image
+        .push(&registry.host(), "ctl/deep:v1")
+        .expect("push the test image");
+    let reference = format!("{}/ctl/deep:v1", registry.host());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut e, api, store) = engine(dir.path(), fast_options());
+    // The controller builds whatever runs, down to the minimum layer size (measured compressed).
+    e.set_policies(
+        policy(
+            "tiny",
+            &format!(
+                "  images: [\"{}/**\"]\n  index: {{minLayerSize: 1Ki, spanSize: 1Mi}}\n",
+                registry.host()
+            ),
+        ),
+        Vec::new(),
+    );
+    e.set_containers(vec![container("a", &reference, &pushed.manifest_digest)]);
+    let ready = run_until(&mut e, &reference, "Ready", |r| {
+        r.status.phase == Phase::Ready
+    })
+    .await;
+    assert_eq!(ready.status.layers[0].state, LayerState::Indexed);
+    assert!(
+        matches!(&ready.status.layers[1].state, LayerState::Skipped { reason }
+            if reason.starts_with("not indexable: ") && reason.ends_with("is more than 1024 directories deep")),
+        "{:?}",
+        ready.status.layers[1]
+    );
+    assert_eq!(ready.last_error, None);
+    let deep = Digest::parse(&pushed.layers[1].digest).unwrap();
+    let recorded = store.unindexable(&deep, MIB).unwrap();
+    assert!(
+        recorded
+            .as_deref()
+            .is_some_and(|r| r.starts_with("not indexable: ")),
+        "recorded, so it is not read again: {recorded:?}"
+    );
+    // Nodes find no zTOC and pull the layer normally.
+    let answer = http(&api, "GET", &format!("/v1/layers/{deep}/ztoc"), "").await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn artifacts_nobody_needs_are_collected_after_the_grace_period() {
     let registry = Registry::start().expect("registry");
     let pushed = push_app(&registry.host(), "ctl/gc:v1");

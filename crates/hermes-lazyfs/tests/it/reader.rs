@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
-use hermes_lazyfs::{BrokenReason, Error, LayerState};
+use hermes_lazyfs::{BrokenReason, Error, LayerReader, LayerState, SpanCache};
+use hermes_ztoc::{BuildOptions, Ztoc};
 
-use crate::layer::{multi_span_layer, wait_until};
+use crate::layer::{SPAN, Source, multi_span_layer, noise, wait_until};
 
 #[test]
 fn reads_match_the_tar_everywhere() {
@@ -248,4 +249,54 @@ fn prefetch_fetches_listed_spans_in_runs_and_skips_cached_and_unknown_ones() {
     let got = reader.read(s1.uncompressed.start, 100).unwrap();
     assert!(got == layer.tar[s1.uncompressed.start as usize..][..100]);
     assert_eq!(source.requests(), before, "prefetched spans are cached");
+}
+
+#[test]
+fn a_span_claiming_more_than_it_decodes_to_is_an_eio_not_an_abort() {
+    // A zTOC's span lengths are not covered by its digests. Raising the tar size by 64 GiB
+    // leaves a claim the last span's 4 MiB of zstd could hold (a zstd byte can decode to 32
+    // KiB), so the zTOC parses; sizing the decode buffer from it aborted the node.
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, len, seed) in [("a", 256 << 10, 1), ("b", 4 << 20, 2)] {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(len as u64);
+        tar.append_data(&mut h, name, noise(len, seed).as_slice())
+            .unwrap();
+    }
+    let tar = tar.into_inner().unwrap();
+    // Two frames, so the layer is seekable and `b` sits in the second span.
+    let split = 512 + (256 << 10) + 512;
+    let mut blob = zstd::encode_all(&tar[..split], 1).unwrap();
+    blob.extend(zstd::encode_all(&tar[split..], 1).unwrap());
+    let options = BuildOptions {
+        span_size: SPAN,
+        ..BuildOptions::default()
+    };
+    let ztoc = hermes_ztoc::build(blob.as_slice(), &options).unwrap();
+    assert_eq!(ztoc.span_count(), 2);
+    let bytes = ztoc.to_bytes();
+    let size = ztoc.uncompressed_archive_size().to_le_bytes();
+    let at = bytes.windows(8).position(|w| w == size).unwrap();
+    let mut claim = bytes.clone();
+    claim[at..at + 8]
+        .copy_from_slice(&(ztoc.uncompressed_archive_size() + (64 << 30)).to_le_bytes());
+    let bad = Arc::new(Ztoc::from_bytes(&claim).expect("the claim fits the compressed bytes"));
+    assert!(bad.span(1).unwrap().uncompressed.end > 64 << 30);
+
+    let dir = tempfile::tempdir().unwrap();
+    let cache = SpanCache::open(dir.path(), &bad).unwrap();
+    let reader = LayerReader::new(bad.clone(), Source::new(blob), cache);
+    let b = bad.entries().iter().find(|e| e.name == b"b").unwrap();
+    let err = reader
+        .read(b.offset, 4096)
+        .expect_err("the span cannot decode");
+    assert!(
+        matches!(
+            &err,
+            Error::Broken(BrokenReason::SpanDecode { span: 1, .. })
+        ),
+        "{err}"
+    );
+    assert!(matches!(reader.state(), LayerState::Broken(_)));
 }

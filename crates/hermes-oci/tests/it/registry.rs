@@ -559,3 +559,52 @@ async fn soci_v2_push_to_another_repository_brings_the_image_along() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_directories_past_the_depth_limit_are_not_indexable_and_the_image_still_indexes() {
+    // Each name repeats all its parents: 10,000 levels in 335 KiB made a 193 MiB zTOC. The
+    // build limits refuse such a layer; the rest of the image is indexed as usual.
+    let registry = Registry::start().expect("registry");
+    let mut image = TestImage::new().big_file("opt/data.bin", 2).layer();
+    let mut path = String::from("d");
+    for _ in 0..1100 {
+        image = image.dir(&path);
+        path.push_str("/d");
+    }
+    let pushed = image.push(&registry.host(), "deep/app:v1").expect("push");
+    let c = client(Credentials::none());
+    let store_dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(store_dir.path()).expect("store");
+    let result = hermes_oci::build_index(
+        &c,
+        &store,
+        &reference(&pushed.reference),
+        &options(0, 1 << 20),
+        &|_| {},
+    )
+    .await
+    .expect("the image indexes");
+    let layers = &result.record.layers;
+    assert!(
+        matches!(layers[0].outcome, LayerOutcome::Indexed { .. }),
+        "{:?}",
+        layers[0]
+    );
+    assert!(
+        matches!(&layers[1].outcome, LayerOutcome::Skipped { reason }
+            if reason.starts_with("not indexable: ") && reason.ends_with("is more than 1024 directories deep")),
+        "{:?}",
+        layers[1]
+    );
+    let deep = digest(&pushed.layers[1].digest);
+    assert_eq!(
+        store.ztoc_for_layer(&deep, 1 << 20).expect("store"),
+        None,
+        "no zTOC stored for it"
+    );
+    assert_eq!(
+        result.soci_ztocs.len(),
+        1,
+        "the SOCI index has the other layer"
+    );
+}

@@ -1,7 +1,9 @@
 //! Integration tests for hermes-ztoc (one binary, modules per concern).
 
+mod alloc;
 mod errors;
 mod golden;
+mod hostile;
 mod real_layers;
 mod robustness;
 mod roundtrip;
