@@ -96,3 +96,21 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunk source's error, with its own context and cause.
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot fetch layer sha256:aa")]
+    struct Fetch(#[source] std::io::Error);
+
+    #[test]
+    fn a_failed_chunk_source_reads_as_its_own_error_and_keeps_its_cause() {
+        let e = Error::Source(Box::new(Fetch(std::io::Error::other("connection reset"))));
+        assert_eq!(e.to_string(), "cannot fetch layer sha256:aa");
+        let cause = std::error::Error::source(&e).map(ToString::to_string);
+        assert_eq!(cause.as_deref(), Some("connection reset"));
+    }
+}

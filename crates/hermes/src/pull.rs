@@ -14,9 +14,9 @@
 //!    the image record, then drop the lease: from now on the image record keeps it all alive.
 //!
 //! The containerd calls are `hermes-containerd`'s typed operations and the registry calls
-//! `hermes-oci`'s client; this module is the flow that joins them, so neither crate knows the other's
-//! side. Not here: pushing, non-OCI/Docker-v2 manifests (schema 1), progress bars (`pull_cmd`
-//! prints one line per layer).
+//! `hermes-oci`'s client; this module is the flow that joins them, so that the containerd client
+//! fetches nothing from a registry itself. Not here: pushing, non-OCI/Docker-v2 manifests
+//! (schema 1), progress bars (`pull_cmd` prints one line per layer).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
