@@ -52,33 +52,10 @@ pub enum Error {
         /// The limit in bytes.
         limit: u64,
     },
-    /// A registry operation failed.
-    #[error("registry: cannot {what}")]
-    Registry {
-        /// What was being done, with the reference or digest.
-        what: String,
-        /// The cause.
-        #[source]
-        source: Box<hermes_oci::Error>,
-    },
-    /// The image config lists another number of diff IDs than the manifest has layers.
-    #[error("the image has {layers} layers but its config lists {diff_ids} diff IDs")]
-    LayerCount {
-        /// Layers in the manifest.
-        layers: usize,
-        /// Diff IDs in the config.
-        diff_ids: usize,
-    },
-    /// containerd unpacked a layer to other bytes than the image config says.
-    #[error("layer {layer} unpacked to {actual}, but the image config says {expected}")]
-    DiffIdMismatch {
-        /// The layer blob's digest.
-        layer: String,
-        /// The diff ID in the config.
-        expected: String,
-        /// What containerd computed.
-        actual: String,
-    },
+    /// The [`Chunks`](crate::Chunks) a content write reads from failed (a download, say); the
+    /// write was aborted. Shown as the source's own error, which says what it was reading.
+    #[error(transparent)]
+    Source(Box<dyn std::error::Error + Send + Sync>),
     /// An image index or manifest could not be parsed.
     #[error("cannot parse {what} {digest}")]
     Json {
@@ -117,5 +94,23 @@ impl Error {
             call,
             source: Box::new(status),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunk source's error, with its own context and cause.
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot fetch layer sha256:aa")]
+    struct Fetch(#[source] std::io::Error);
+
+    #[test]
+    fn a_failed_chunk_source_reads_as_its_own_error_and_keeps_its_cause() {
+        let e = Error::Source(Box::new(Fetch(std::io::Error::other("connection reset"))));
+        assert_eq!(e.to_string(), "cannot fetch layer sha256:aa");
+        let cause = std::error::Error::source(&e).map(ToString::to_string);
+        assert_eq!(cause.as_deref(), Some("connection reset"));
     }
 }

@@ -1,6 +1,6 @@
 //! Typed containerd operations an image pull needs: leases, content writes and label updates,
 //! snapshot prepare/commit/remove/stat, diff apply and image records. Each is one or a few gRPC
-//! calls; the pull flow that combines them is in `pull.rs`.
+//! calls; the pull flow that combines them with a registry is `hermes pull`'s.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,7 +24,8 @@ const WRITE_CHUNK: usize = 1 << 20;
 
 /// A source of a blob's bytes, chunk by chunk (`None` at the end).
 pub trait Chunks {
-    /// The next chunk, `None` after the last, or an error that aborts the write.
+    /// The next chunk, `None` after the last, or an error that aborts the write (the source's
+    /// own failures as [`Error::Source`]).
     fn next_chunk(&mut self) -> impl Future<Output = Option<Result<Bytes>>> + Send;
 }
 

@@ -30,29 +30,9 @@ mod snapshots;
 pub mod sources;
 mod store;
 
-/// Code generated from containerd's vendored `snapshots.proto` and `mount.proto` (see the
-/// crate README for how to regenerate it). Exposed for clients such as tests and `hermes pull`.
-#[rustfmt::skip]
-#[allow(missing_docs, clippy::all, rust_2018_idioms, missing_debug_implementations)]
-pub mod api {
-    /// Package `containerd`.
-    pub mod containerd {
-        /// `containerd.types`.
-        pub mod types {
-            include!("generated/containerd.types.rs");
-        }
-        /// `containerd.services`.
-        pub mod services {
-            /// `containerd.services.snapshots`.
-            pub mod snapshots {
-                /// `containerd.services.snapshots.v1`.
-                pub mod v1 {
-                    include!("generated/containerd.services.snapshots.v1.rs");
-                }
-            }
-        }
-    }
-}
+/// containerd's API as generated code (the `hermes-containerd-api` crate, whose snapshots server
+/// this crate implements), for clients such as tests and tools that drive the snapshotter.
+pub use hermes_containerd_api as api;
 
 pub use config::NodeConfig;
 pub use daemon::Daemon;

@@ -10,6 +10,7 @@ mod index_cmd;
 mod kube_cmd;
 mod layer_cmd;
 mod node_cmd;
+mod pull;
 mod pull_cmd;
 mod size;
 mod status_cmd;

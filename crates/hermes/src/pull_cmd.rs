@@ -6,10 +6,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use hermes_containerd::{Containerd, LayerOutcome, Platform, PullOptions};
+use hermes_containerd::{Containerd, Platform};
 use hermes_oci::Reference;
 
 use crate::index_cmd::{RegistryArgs, client};
+use crate::pull::{LayerOutcome, PullOptions};
 use crate::size::human;
 
 /// Flags of `hermes pull`.
@@ -59,23 +60,22 @@ pub fn run(args: PullArgs) -> anyhow::Result<ExitCode> {
             "pulling {reference} into containerd ({}, snapshotter {})",
             args.namespace, args.snapshotter
         );
-        let report =
-            hermes_containerd::pull(&containerd, &registry, &reference, &options, |layer| {
-                println!(
-                    "  layer {:>2}  {}  {:>10}  {}",
-                    layer.index + 1,
-                    short(&layer.digest),
-                    human(layer.size),
-                    layer.outcome.as_str()
-                );
-            })
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot pull {reference} into containerd at {}",
-                    args.address.display()
-                )
-            })?;
+        let report = crate::pull::pull(&containerd, &registry, &reference, &options, |layer| {
+            println!(
+                "  layer {:>2}  {}  {:>10}  {}",
+                layer.index + 1,
+                short(&layer.digest),
+                human(layer.size),
+                layer.outcome.as_str()
+            );
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "cannot pull {reference} into containerd at {}",
+                args.address.display()
+            )
+        })?;
         anyhow::Ok(report)
     })?;
     let count = |o: LayerOutcome| report.layers.iter().filter(|l| l.outcome == o).count();

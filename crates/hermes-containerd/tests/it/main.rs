@@ -1,5 +1,4 @@
 //! Integration tests for hermes-containerd against a real containerd (hermes-testkit), one binary.
 
 mod cri;
-mod pull;
 mod running;

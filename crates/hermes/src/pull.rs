@@ -13,20 +13,22 @@
 //! 4. label the config `containerd.io/gc.ref.snapshot.SNAPSHOTTER=TOP-CHAINID` and create or update
 //!    the image record, then drop the lease: from now on the image record keeps it all alive.
 //!
-//! Not here: pushing, non-OCI/Docker-v2 manifests (schema 1), progress bars.
+//! The containerd calls are `hermes-containerd`'s typed operations and the registry calls
+//! `hermes-oci`'s client; this module is the flow that joins them, so that the containerd client
+//! fetches nothing from a registry itself. Not here: pushing, non-OCI/Docker-v2 manifests
+//! (schema 1), progress bars (`pull_cmd` prints one line per layer).
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use anyhow::{Context, Result, bail};
 use bytes::Bytes;
+use hermes_containerd::api::containerd::types::{Descriptor, Mount};
+use hermes_containerd::{BlobRef, Chunks, Containerd, Platform};
 use hermes_oci::manifest::Manifest;
 use hermes_oci::{BlobStream, Digest, Reference};
 use serde::Deserialize;
 use tracing::{debug, info};
-
-use crate::api::containerd::types::Descriptor;
-use crate::ops::{BlobRef, Chunks};
-use crate::{Containerd, Error, Platform, Result};
 
 /// Label with the name the snapshot gets once unpacked (its chain ID).
 pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
@@ -117,21 +119,15 @@ pub async fn pull(
     options: &PullOptions,
     mut progress: impl FnMut(&LayerReport),
 ) -> Result<PullReport> {
-    let oci = |what: String| {
-        move |source| Error::Registry {
-            what,
-            source: Box::new(source),
-        }
-    };
     let resolved = registry
         .resolve(reference, &options.platform)
         .await
-        .map_err(oci(format!("resolve {reference}")))?;
+        .with_context(|| format!("registry: cannot resolve {reference}"))?;
     let manifest = &resolved.manifest;
     let config = registry
         .get_blob(reference, &manifest.config.digest)
         .await
-        .map_err(oci(format!("fetch config {}", manifest.config.digest)))?;
+        .with_context(|| format!("registry: cannot fetch config {}", manifest.config.digest))?;
     let diff_ids = diff_ids(&config, manifest)?;
     let chains = chain_ids(&diff_ids);
 
@@ -182,11 +178,7 @@ impl Pull<'_> {
         let target = match &resolved.index {
             Some(index) => {
                 let parsed: hermes_oci::manifest::Index = serde_json::from_slice(&index.bytes)
-                    .map_err(|source| Error::Json {
-                        what: "image index",
-                        digest: index.digest.to_string(),
-                        source,
-                    })?;
+                    .with_context(|| format!("cannot parse image index {}", index.digest))?;
                 let labels = parsed
                     .manifests
                     .iter()
@@ -305,10 +297,10 @@ impl Pull<'_> {
                         return Ok(LayerOutcome::Lazy);
                     }
                     if attempt == 3 {
-                        return Err(e);
+                        return Err(e.into());
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         };
         let unpacked = self
@@ -331,7 +323,7 @@ impl Pull<'_> {
         diff_id: &str,
         chain: &str,
         key: &str,
-        mounts: Vec<crate::api::containerd::types::Mount>,
+        mounts: Vec<Mount>,
         labels: HashMap<String, String>,
     ) -> Result<LayerOutcome> {
         let size = u64::try_from(layer.size).unwrap_or(0);
@@ -355,11 +347,10 @@ impl Pull<'_> {
             .apply_layer(descriptor(&layer.media_type, &layer.digest, size), mounts)
             .await?;
         if applied != diff_id {
-            return Err(Error::DiffIdMismatch {
-                layer: layer.digest.to_string(),
-                expected: diff_id.to_owned(),
-                actual: applied,
-            });
+            bail!(
+                "layer {} unpacked to {applied}, but the image config says {diff_id}",
+                layer.digest
+            );
         }
         let sn = &self.options.snapshotter;
         match self.c.commit_snapshot(sn, chain, key, labels).await {
@@ -369,7 +360,7 @@ impl Pull<'_> {
                 self.c.remove_snapshot(sn, key).await?;
                 return Ok(LayerOutcome::Present);
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         self.c
             .set_content_labels(
@@ -385,12 +376,13 @@ impl Pull<'_> {
 struct RegistryChunks<'a>(BlobStream, &'a Digest);
 
 impl Chunks for RegistryChunks<'_> {
-    async fn next_chunk(&mut self) -> Option<Result<Bytes>> {
+    async fn next_chunk(&mut self) -> Option<hermes_containerd::Result<Bytes>> {
         let digest = self.1;
         self.0.next().await.map(|r| {
-            r.map_err(|source| Error::Registry {
-                what: format!("fetch layer {digest}"),
-                source: Box::new(source),
+            r.map_err(|source| {
+                let failed = anyhow::Error::new(source)
+                    .context(format!("registry: cannot fetch layer {digest}"));
+                hermes_containerd::Error::Source(failed.into())
             })
         })
     }
@@ -432,16 +424,14 @@ struct RootFs {
 
 /// The config's diff IDs, one per manifest layer.
 pub fn diff_ids(config: &[u8], manifest: &Manifest) -> Result<Vec<String>> {
-    let parsed: ImageConfig = serde_json::from_slice(config).map_err(|source| Error::Json {
-        what: "image config",
-        digest: manifest.config.digest.to_string(),
-        source,
-    })?;
+    let parsed: ImageConfig = serde_json::from_slice(config)
+        .with_context(|| format!("cannot parse image config {}", manifest.config.digest))?;
     if parsed.rootfs.diff_ids.len() != manifest.layers.len() {
-        return Err(Error::LayerCount {
-            layers: manifest.layers.len(),
-            diff_ids: parsed.rootfs.diff_ids.len(),
-        });
+        bail!(
+            "the image has {} layers but its config lists {} diff IDs",
+            manifest.layers.len(),
+            parsed.rootfs.diff_ids.len()
+        );
     }
     Ok(parsed.rootfs.diff_ids)
 }
@@ -601,5 +591,122 @@ mod tests {
         );
         let config = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{A}","{B}"]}}}}"#);
         assert_eq!(diff_ids(config.as_bytes(), &m).unwrap(), vec![A, B]);
+    }
+}
+
+/// The flow against a real containerd (its built-in overlayfs snapshotter: the normal path, no
+/// Hermes) and a real registry: what `ctr run` needs is there and survives garbage collection.
+#[cfg(test)]
+mod with_containerd {
+    use std::time::Duration;
+
+    use hermes_containerd::api::containerd::services::leases::v1 as leases;
+    use hermes_containerd::{Containerd, Platform};
+    use hermes_oci::{Client, ClientOptions, Reference};
+    use hermes_testkit::{Registry, busybox_image};
+
+    use super::{LayerOutcome, PullOptions, pull};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pulled_image_runs_with_ctr_and_survives_garbage_collection() {
+        let registry = Registry::start().unwrap();
+        let image = busybox_image()
+            .unwrap()
+            .layer()
+            .file("etc/motd", "pulled by hermes pull\n")
+            .layer()
+            .whiteout("bin/ls")
+            .entrypoint(&["/bin/cat", "/etc/motd"])
+            .push(&registry.host(), "pulled:v1")
+            .unwrap();
+        let containerd = hermes_testkit::Containerd::builder().start().unwrap();
+        let client = Containerd::connect(containerd.address(), "default")
+            .await
+            .unwrap();
+        let oci = Client::new(ClientOptions {
+            plain_http: true,
+            ..ClientOptions::default()
+        })
+        .unwrap();
+        let reference = Reference::parse(&image.reference).unwrap();
+        let options = PullOptions {
+            snapshotter: "overlayfs".into(),
+            platform: Platform::parse("linux/amd64").unwrap(),
+        };
+        let mut seen = Vec::new();
+        let report = pull(&client, &oci, &reference, &options, |l| {
+            seen.push(l.clone())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("pull: {e:?}\ncontainerd log:\n{}", containerd.log()));
+        assert_eq!(report.layers, seen);
+        assert_eq!(report.name, image.reference);
+        assert_eq!(report.manifest_digest, image.manifest_digest);
+        assert_eq!(report.config_digest, image.config_digest);
+        let outcomes: Vec<_> = report.layers.iter().map(|l| l.outcome).collect();
+        assert_eq!(outcomes, vec![LayerOutcome::Unpacked; 3]);
+
+        // Force a synchronous garbage collection: everything the image needs must be referenced.
+        client
+            .create_lease("gc-trigger", Duration::from_secs(60))
+            .await
+            .unwrap();
+        client
+            .leases()
+            .delete(leases::DeleteRequest {
+                id: "gc-trigger".into(),
+                sync: true,
+            })
+            .await
+            .unwrap();
+        let snapshots = containerd.ctr(&["snapshots", "ls"]).unwrap();
+        assert!(snapshots.contains(&report.chain_id), "{snapshots}");
+        let content = containerd.ctr(&["content", "ls"]).unwrap();
+        for layer in &image.layers {
+            assert!(content.contains(&layer.digest), "{content}");
+            let labels = client.content_labels(&layer.digest).await.unwrap().unwrap();
+            assert_eq!(
+                labels.get("containerd.io/uncompressed"),
+                Some(&layer.diff_id),
+                "{labels:?}"
+            );
+        }
+
+        let out = containerd
+            .ctr(&["run", "--rm", &image.reference, "pulled-1"])
+            .unwrap_or_else(|e| panic!("{e:?}\ncontainerd log:\n{}", containerd.log()));
+        assert_eq!(out, "pulled by hermes pull\n");
+
+        // Pulling again finds every layer in place.
+        let again = pull(&client, &oci, &reference, &options, |_| {})
+            .await
+            .unwrap();
+        let outcomes: Vec<_> = again.layers.iter().map(|l| l.outcome).collect();
+        assert_eq!(outcomes, vec![LayerOutcome::Present; 3]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pull_of_a_missing_image_names_it_and_leaves_no_lease() {
+        let registry = Registry::start().unwrap();
+        let containerd = hermes_testkit::Containerd::builder().start().unwrap();
+        let client = Containerd::connect(containerd.address(), "default")
+            .await
+            .unwrap();
+        let oci = Client::new(ClientOptions {
+            plain_http: true,
+            ..ClientOptions::default()
+        })
+        .unwrap();
+        let reference = Reference::parse(&format!("{}/nothing:here", registry.host())).unwrap();
+        let options = PullOptions {
+            snapshotter: "overlayfs".into(),
+            platform: Platform::host(),
+        };
+        let err = pull(&client, &oci, &reference, &options, |_| {})
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("nothing:here"), "{err}");
+        let leases = containerd.ctr(&["leases", "ls", "-q"]).unwrap();
+        assert_eq!(leases.trim(), "", "leases left: {leases}");
     }
 }
