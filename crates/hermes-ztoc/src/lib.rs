@@ -19,6 +19,7 @@ mod extract;
 mod fbread;
 mod gotar;
 mod inflate;
+mod sparse;
 mod zinfo;
 mod ztoc;
 
@@ -26,5 +27,6 @@ pub use build::{BuildOptions, build, detect};
 pub use entry::{Entry, EntryKind, XATTR_PAX_PREFIX, clean_path};
 pub use error::{Error, Result};
 pub use extract::{CountingReader, RangeReader, ReadPlan};
+pub use sparse::{Fragment, Piece, SparseMap};
 pub use zinfo::{Compression, WINDOW_SIZE};
 pub use ztoc::{DEFAULT_SPAN_SIZE, SOCI_BUILD_TOOL_IDENTIFIER, Span, SpanId, ZTOC_VERSION, Ztoc};

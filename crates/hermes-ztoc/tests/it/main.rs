@@ -1,5 +1,6 @@
 //! Integration tests for hermes-ztoc (one binary, modules per concern).
 
+mod compat;
 mod errors;
 mod golden;
 mod real_layers;
