@@ -144,8 +144,10 @@ fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         secs,
         human((ztoc.compressed_archive_size() as f64 / secs) as u64),
     );
-    if !ztoc.compression().is_soci_compatible() {
-        eprintln!("note: zstd zTOCs are a Hermes extension; soci-snapshotter cannot read them");
+    if !ztoc.is_soci_compatible() {
+        eprintln!(
+            "note: zTOCs of zstd layers or with sparse files are a Hermes extension; soci-snapshotter cannot serve them"
+        );
     }
     println!("{}", sha256(&bytes));
     Ok(ExitCode::SUCCESS)
@@ -186,7 +188,7 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
             "version": ztoc.version(),
             "buildToolIdentifier": ztoc.build_tool_identifier(),
             "compression": ztoc.compression().as_str(),
-            "sociCompatible": ztoc.compression().is_soci_compatible(),
+            "sociCompatible": ztoc.is_soci_compatible(),
             "compressedArchiveSize": ztoc.compressed_archive_size(),
             "uncompressedArchiveSize": ztoc.uncompressed_archive_size(),
             "spanSize": ztoc.span_size(),
