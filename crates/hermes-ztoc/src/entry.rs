@@ -92,9 +92,11 @@ pub struct Entry {
     pub name: Vec<u8>,
     /// Entry type.
     pub kind: EntryKind,
-    /// Offset of the entry's data in the uncompressed tar (just after its header blocks).
+    /// Offset of the entry's data in the uncompressed tar (just after its header blocks, and
+    /// after the map a format 1.0 sparse file keeps there).
     pub offset: u64,
-    /// The header's size field.
+    /// The header's size field; for a sparse file, the length of its packed data (its full size
+    /// is in [`Entry::sparse`]).
     pub size: u64,
     /// Link target of symlinks and hardlinks.
     pub linkname: Vec<u8>,

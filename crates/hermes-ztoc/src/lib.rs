@@ -5,6 +5,8 @@
 //! crate:
 //! - builds a zTOC from a layer stream in one pass ([`build`]): gzip (checkpoints with 32 KiB
 //!   windows at deflate block boundaries), plain tar, and multi-frame zstd (a Hermes extension);
+//!   tar headers are read as Go reads them, so entries are what containerd unpacks (a leading PAX
+//!   global header skipped, GNU sparse files with their map: [`SparseMap`]);
 //! - serializes and parses zTOCs byte-for-byte as soci-snapshotter does ([`Ztoc::to_bytes`],
 //!   [`Ztoc::from_bytes`]); parsing untrusted bytes never panics;
 //! - plans and performs random reads through a [`RangeReader`], verifying every span against the

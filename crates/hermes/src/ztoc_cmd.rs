@@ -281,7 +281,11 @@ fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
         };
         let size = match e.kind {
             EntryKind::Char | EntryKind::Block => format!("{},{}", e.devmajor, e.devminor),
-            _ => e.size.to_string(),
+            // A sparse file's full size, as `tar tv` shows it (its entry covers the packed data).
+            _ => match e.sparse() {
+                Some(Ok(map)) => map.size().to_string(),
+                _ => e.size.to_string(),
+            },
         };
         // "2023-11-14T22:13:20.25Z" → "2023-11-14 22:13"
         let time = String::from_utf8_lossy(&e.mod_time);
