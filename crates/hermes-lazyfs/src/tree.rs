@@ -291,22 +291,29 @@ impl Tree {
     /// containerd's `mkparent` after `fs.RootPath`: the directory at `path` with symlinks of the
     /// layer followed inside the root, missing directories created.
     fn make_parents(&mut self, path: &[u8]) -> std::result::Result<u64, &'static str> {
-        let mut ino = ROOT;
-        if path.is_empty() {
+        // Most paths meet no symlink, and resolving them changes nothing.
+        if let Some(ino) = self.make_dirs(path)? {
             return Ok(ino);
         }
-        let resolved = if self.is_plain(path) {
-            path.to_vec()
-        } else {
-            let mut lookups = self.lookups;
-            let resolved = self.root_path(path, &mut lookups);
-            self.lookups = lookups;
-            resolved?
-        };
-        for part in resolved.split(|&b| b == b'/').filter(|p| !p.is_empty()) {
+        let mut lookups = self.lookups;
+        let resolved = self.root_path(path, &mut lookups);
+        self.lookups = lookups;
+        self.make_dirs(&resolved?)?
+            .ok_or("a parent path still meets a symlink once resolved")
+    }
+
+    /// The directory at `path` from the root, missing ones created; `None` (nothing created)
+    /// when a component is a symlink.
+    fn make_dirs(&mut self, path: &[u8]) -> std::result::Result<Option<u64>, &'static str> {
+        let mut ino = ROOT;
+        for part in path.split(|&b| b == b'/').filter(|p| !p.is_empty()) {
             ino = match self.lookup(ino, part) {
-                Some(child) if self.nodes[(child - 1) as usize].kind == Kind::Dir => child,
-                Some(_) => return Err("a parent is not a directory (containerd's unpack fails)"),
+                Some(child) => match self.nodes[(child - 1) as usize].kind {
+                    Kind::Dir => child,
+                    Kind::Symlink => return Ok(None),
+                    _ => return Err(resolve::NOT_A_DIRECTORY),
+                },
+                // Everything below a created directory is created too: no symlink can follow.
                 None => {
                     let child = self.push(Node::implicit_dir(ino));
                     self.link(ino, part, child);
@@ -314,21 +321,7 @@ impl Tree {
                 }
             };
         }
-        Ok(ino)
-    }
-
-    /// Whether `path` (cleaned) meets only directories before any missing component: most
-    /// paths, and resolving them changes nothing.
-    fn is_plain(&self, path: &[u8]) -> bool {
-        let mut dir = ROOT;
-        for part in path.split(|&b| b == b'/') {
-            match self.lookup(dir, part) {
-                None => return true,
-                Some(child) if self.nodes[(child - 1) as usize].kind == Kind::Dir => dir = child,
-                Some(_) => return false,
-            }
-        }
-        true
+        Ok(Some(ino))
     }
 
     /// containerd's `hardlinkRootPath`: the target's directory resolved inside the root, the

@@ -171,7 +171,8 @@ impl Tree {
     }
 }
 
-const NOT_A_DIRECTORY: &str = "a parent is not a directory (containerd's unpack fails)";
+/// Why an entry whose parent is a file (or a link to one) is refused.
+pub(super) const NOT_A_DIRECTORY: &str = "a parent is not a directory (containerd's unpack fails)";
 
 /// Go's `filepath.Split`: everything up to and including the last `/`, and the rest.
 pub(super) fn split(path: &[u8]) -> (&[u8], &[u8]) {
