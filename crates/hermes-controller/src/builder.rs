@@ -417,7 +417,7 @@ fn layer_records(
                 entries: parsed.entries().len() as u64,
                 seconds: known.unwrap_or(0.0),
                 reused: known.is_none(),
-                soci_compatible: parsed.compression().is_soci_compatible(),
+                soci_compatible: parsed.is_soci_compatible(),
             }
         };
         out.push(LayerRecord {

@@ -144,7 +144,7 @@ impl Filesystem for LazyFs {
             return reply.data(&[]);
         }
         let len = u64::from(size).min(node.size - offset);
-        match self.reader.read(node.data_offset + offset, len) {
+        match node.read(&self.reader, offset, len) {
             Ok(bytes) => reply.data(&bytes),
             Err(e) => reply.error(errno(&e)),
         }

@@ -1,17 +1,24 @@
 //! The inode table of a layer as a normal unpack onto overlayfs would leave it.
 //!
-//! Built once from the zTOC's entries: names cleaned like containerd does, missing parent
-//! directories created, later entries of a path replacing earlier ones (a directory over a
-//! directory only updates its metadata), hardlinks sharing their target's inode, and whiteouts
-//! converted for an overlayfs lower directory (`.wh.NAME` → a 0/0 character device `NAME`,
-//! `.wh..wh..opq` → `trusted.overlay.opaque=y` on its directory). Pure: no FUSE here.
+//! Built once from the zTOC's entries the way containerd's unpacker (`archive.Apply` into an
+//! empty snapshot) treats them: names cleaned, an entry naming the root itself ignored, parent
+//! paths resolved through the layer's own symlinks ([`resolve`]) and missing parent directories
+//! created, later entries of a path replacing earlier ones (a directory over a directory only
+//! updates its metadata), hardlinks sharing their target's inode, sparse files at their full
+//! size, and whiteouts converted for an overlayfs lower directory (`.wh.NAME` → a 0/0 character
+//! device `NAME`, `.wh..wh..opq` → `trusted.overlay.opaque=y` on its directory). Where that
+//! unpack would fail, building fails too, so the layer falls back to it rather than being
+//! served differently. Pure: no FUSE here.
+
+mod resolve;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hermes_ztoc::{Entry, EntryKind, Ztoc, clean_path};
+use hermes_ztoc::{Entry, EntryKind, Piece, SparseMap, Ztoc, clean_path};
 
-use crate::{Error, Result};
+use crate::{Error, LayerReader, Result};
 
 /// The root directory's inode number.
 pub(crate) const ROOT: u64 = 1;
@@ -44,7 +51,9 @@ pub(crate) struct Node {
     pub rdev: u32,
     pub size: u64,
     /// Offset of a regular file's bytes in the tar.
-    pub data_offset: u64,
+    data_offset: u64,
+    /// A sparse file's map (its data at `data_offset` is then the packed fragments).
+    sparse: Option<Arc<SparseMap>>,
     /// A symlink's target.
     pub link: Vec<u8>,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
@@ -55,14 +64,18 @@ pub(crate) struct Node {
 }
 
 impl Node {
-    fn from_entry(e: &Entry, kind: Kind, parent: u64) -> Self {
+    fn from_entry(e: &Entry, kind: Kind, parent: u64) -> Result<Self> {
+        let sparse = match kind {
+            Kind::File => e.sparse().transpose()?.map(Arc::new),
+            _ => None,
+        };
         let size = match kind {
-            Kind::File => e.size,
+            Kind::File => sparse.as_ref().map_or(e.size, |m| m.size()),
             Kind::Symlink => e.linkname.len() as u64,
             Kind::Dir => 4096,
             _ => 0,
         };
-        Self {
+        Ok(Self {
             kind,
             perm: (e.mode & 0o7777) as u16,
             uid: e.uid,
@@ -74,6 +87,7 @@ impl Node {
             },
             size,
             data_offset: e.offset,
+            sparse,
             link: if kind == Kind::Symlink {
                 e.linkname.clone()
             } else {
@@ -84,7 +98,7 @@ impl Node {
             nlink: 1,
             parent,
             children: BTreeMap::new(),
-        }
+        })
     }
 
     fn implicit_dir(parent: u64) -> Self {
@@ -97,6 +111,7 @@ impl Node {
             rdev: 0,
             size: 4096,
             data_offset: 0,
+            sparse: None,
             link: Vec::new(),
             xattrs: Vec::new(),
             opaque: false,
@@ -104,6 +119,24 @@ impl Node {
             parent,
             children: BTreeMap::new(),
         }
+    }
+
+    /// Bytes `offset..offset + len` of a regular file, which the caller keeps within its size,
+    /// read through `reader`; a sparse file's holes read as zeros.
+    pub fn read(&self, reader: &LayerReader, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let Some(map) = &self.sparse else {
+            return reader.read(self.data_offset + offset, len);
+        };
+        let mut out = Vec::new();
+        for piece in map.pieces(offset..offset + len) {
+            match piece {
+                // Bounded by `len`, which FUSE caps at its maximum read size.
+                Piece::Zeros(n) => out.resize(out.len() + n as usize, 0),
+                Piece::Data(r) => out
+                    .extend_from_slice(&reader.read(self.data_offset + r.start, r.end - r.start)?),
+            }
+        }
+        Ok(out)
     }
 
     /// Extended attributes, the overlayfs opaque marker included.
@@ -121,6 +154,8 @@ impl Node {
 #[derive(Debug)]
 pub(crate) struct Tree {
     nodes: Vec<Node>,
+    /// What is left of [`resolve::LOOKUP_BUDGET`] while building.
+    lookups: u64,
 }
 
 impl Tree {
@@ -128,7 +163,10 @@ impl Tree {
     pub fn build(ztoc: &Ztoc) -> Result<Self> {
         let mut root = Node::implicit_dir(ROOT);
         root.perm = 0o755;
-        let mut tree = Self { nodes: vec![root] };
+        let mut tree = Self {
+            nodes: vec![root],
+            lookups: resolve::LOOKUP_BUDGET,
+        };
         for e in ztoc.entries() {
             tree.add(e)?;
         }
@@ -148,6 +186,7 @@ impl Tree {
     }
 
     /// The inode at a cleaned path (no symlinks followed).
+    #[cfg(test)]
     pub fn resolve(&self, path: &[u8]) -> Option<u64> {
         path.split(|&b| b == b'/')
             .try_fold(ROOT, |ino, part| self.lookup(ino, part))
@@ -174,28 +213,31 @@ impl Tree {
         };
         let path = match clean_path(&e.name) {
             None => return Err(bad("name escapes the layer root")),
-            Some(None) => {
-                if e.kind == EntryKind::Dir {
-                    let root = self.node_mut(ROOT);
-                    let children = std::mem::take(&mut root.children);
-                    *root = Node::from_entry(e, Kind::Dir, ROOT);
-                    root.children = children;
-                }
-                return Ok(());
-            }
+            // containerd skips an entry that resolves to the root ("file ignored: resolved to
+            // root"): the root keeps the snapshot directory's own metadata.
+            Some(None) => return Ok(()),
             Some(Some(path)) => path,
         };
         let (dir, name) = match path.iter().rposition(|&b| b == b'/') {
             Some(i) => (&path[..i], &path[i + 1..]),
             None => (&path[..0], &path[..]),
         };
-        let parent = self.make_dirs(dir);
+        let parent = self.make_parents(dir).map_err(bad)?;
         if name == OPAQUE_MARKER {
             self.node_mut(parent).opaque = true;
             return Ok(());
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            let mut node = Node::from_entry(e, Kind::Char, parent);
+            if matches!(hidden, b"" | b"." | b"..") {
+                return Err(bad("whiteout of no name (containerd refuses it)"));
+            }
+            if self.lookup(parent, hidden).is_some() {
+                // containerd creates the whiteout with mknod, which fails on an existing path.
+                return Err(bad(
+                    "whiteout of a path this layer has (containerd's unpack fails)",
+                ));
+            }
+            let mut node = Node::from_entry(e, Kind::Char, parent)?;
             node.perm = 0;
             node.rdev = 0;
             node.size = 0;
@@ -204,61 +246,98 @@ impl Tree {
             self.link(parent, hidden, ino);
             return Ok(());
         }
+        let existing = self.lookup(parent, name);
+        if let Some(existing) = existing
+            && e.kind == EntryKind::Dir
+            && self.nodes[(existing - 1) as usize].kind == Kind::Dir
+        {
+            // Merged: new metadata, children and the opaque marker kept, xattrs added to.
+            let node = self.node_mut(existing);
+            let (children, opaque) = (std::mem::take(&mut node.children), node.opaque);
+            let mut xattrs = std::mem::take(&mut node.xattrs);
+            *node = Node::from_entry(e, Kind::Dir, parent)?;
+            xattrs.retain(|(k, _)| !node.xattrs.iter().any(|(new, _)| new == k));
+            node.xattrs.extend(xattrs);
+            node.children = children;
+            node.opaque = opaque;
+            return Ok(());
+        }
+        if existing.is_some() {
+            // Removed before the entry is created, as containerd does: a hardlink to the path
+            // it replaces has nothing to link to.
+            self.node_mut(parent).children.remove(name);
+        }
         let kind = match e.kind {
             EntryKind::Hardlink => {
-                let target = clean_path(&e.linkname)
-                    .flatten()
-                    .ok_or_else(|| bad("hardlink target escapes the layer root"))?;
-                let ino = self
-                    .resolve(&target)
-                    .ok_or_else(|| bad("hardlink target is not in the layer"))?;
-                if self.nodes[(ino - 1) as usize].kind == Kind::Dir {
-                    return Err(bad("hardlink to a directory"));
-                }
+                let ino = self.hardlink_target(&e.linkname).map_err(bad)?;
                 self.link(parent, name, ino);
                 return Ok(());
             }
-            EntryKind::Dir => {
-                if let Some(existing) = self.lookup(parent, name)
-                    && self.nodes[(existing - 1) as usize].kind == Kind::Dir
-                {
-                    let node = self.node_mut(existing);
-                    let (children, opaque) = (std::mem::take(&mut node.children), node.opaque);
-                    *node = Node::from_entry(e, Kind::Dir, parent);
-                    node.children = children;
-                    node.opaque = opaque;
-                    return Ok(());
-                }
-                Kind::Dir
+            EntryKind::Symlink if e.linkname.is_empty() => {
+                return Err(bad("symlink to an empty path (containerd's unpack fails)"));
             }
+            EntryKind::Dir => Kind::Dir,
             EntryKind::Reg => Kind::File,
             EntryKind::Symlink => Kind::Symlink,
             EntryKind::Char => Kind::Char,
             EntryKind::Block => Kind::Block,
             EntryKind::Fifo => Kind::Fifo,
         };
-        let ino = self.push(Node::from_entry(e, kind, parent));
+        let ino = self.push(Node::from_entry(e, kind, parent)?);
         self.link(parent, name, ino);
         Ok(())
     }
 
-    /// The directory at `path`, creating missing (or replacing non-directory) components.
-    fn make_dirs(&mut self, path: &[u8]) -> u64 {
-        let mut ino = ROOT;
-        if path.is_empty() {
-            return ino;
+    /// containerd's `mkparent` after `fs.RootPath`: the directory at `path` with symlinks of the
+    /// layer followed inside the root, missing directories created.
+    fn make_parents(&mut self, path: &[u8]) -> std::result::Result<u64, &'static str> {
+        // Most paths meet no symlink, and resolving them changes nothing.
+        if let Some(ino) = self.make_dirs(path)? {
+            return Ok(ino);
         }
-        for part in path.split(|&b| b == b'/') {
+        let mut lookups = self.lookups;
+        let resolved = self.root_path(path, &mut lookups);
+        self.lookups = lookups;
+        self.make_dirs(&resolved?)?
+            .ok_or("a parent path still meets a symlink once resolved")
+    }
+
+    /// The directory at `path` from the root, missing ones created; `None` (nothing created)
+    /// when a component is a symlink.
+    fn make_dirs(&mut self, path: &[u8]) -> std::result::Result<Option<u64>, &'static str> {
+        let mut ino = ROOT;
+        for part in path.split(|&b| b == b'/').filter(|p| !p.is_empty()) {
             ino = match self.lookup(ino, part) {
-                Some(child) if self.nodes[(child - 1) as usize].kind == Kind::Dir => child,
-                _ => {
+                Some(child) => match self.nodes[(child - 1) as usize].kind {
+                    Kind::Dir => child,
+                    Kind::Symlink => return Ok(None),
+                    _ => return Err(resolve::NOT_A_DIRECTORY),
+                },
+                // Everything below a created directory is created too: no symlink can follow.
+                None => {
                     let child = self.push(Node::implicit_dir(ino));
                     self.link(ino, part, child);
                     child
                 }
             };
         }
-        ino
+        Ok(Some(ino))
+    }
+
+    /// containerd's `hardlinkRootPath`: the target's directory resolved inside the root, the
+    /// target itself not followed; it must exist and not be a directory.
+    fn hardlink_target(&mut self, linkname: &[u8]) -> std::result::Result<u64, &'static str> {
+        let (dir, base) = resolve::split(linkname);
+        let mut lookups = self.lookups;
+        let target = self
+            .root_path(dir, &mut lookups)
+            .and_then(|dir| self.lstat(&resolve::join(&[&dir, base]), &mut lookups));
+        self.lookups = lookups;
+        let ino = target?.ok_or("hardlink target is not in the layer")?;
+        if self.nodes[(ino - 1) as usize].kind == Kind::Dir {
+            return Err("hardlink to a directory");
+        }
+        Ok(ino)
     }
 
     fn link(&mut self, parent: u64, name: &[u8], ino: u64) {
@@ -357,8 +436,11 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 mod tests {
     use super::*;
 
-    /// A plain tar of raw headers: (name, type flag, mode, link name).
-    fn tree_of(entries: &[(&str, u8, u32, &str)]) -> Result<Tree> {
+    /// A raw header: (name, type flag, mode, link name).
+    type Raw = (&'static str, u8, u32, &'static str);
+
+    /// A plain tar of raw headers.
+    fn tree_of(entries: &[Raw]) -> Result<Tree> {
         let mut tar = Vec::new();
         for &(name, flag, mode, link) in entries {
             let mut h = [0u8; 512];
@@ -382,13 +464,148 @@ mod tests {
         Tree::build(&ztoc)
     }
 
+    /// The kind of what is at `path` (no symlink followed), if anything.
+    fn kind_at(tree: &Tree, path: &str) -> Option<Kind> {
+        tree.resolve(path.as_bytes())
+            .map(|ino| tree.get(ino).unwrap().kind)
+    }
+
+    fn refusal(entries: &[Raw]) -> String {
+        match tree_of(entries) {
+            Err(Error::BadEntry { what, .. }) => what.to_owned(),
+            other => panic!("expected a refused entry, got {other:?}"),
+        }
+    }
+
     #[test]
-    fn root_entry_sets_the_root_metadata() {
-        let tree = tree_of(&[("./", b'5', 0o700, ""), ("./a", b'0', 0o644, "")]).unwrap();
+    fn root_entries_are_ignored_as_containerd_ignores_them() {
+        // umoci and others write the root as `./` or `/`; containerd skips entries that resolve
+        // to the root, so the snapshot directory keeps its own mode.
+        let tree = tree_of(&[
+            ("./", b'5', 0o700, ""),
+            ("/", b'5', 0o700, ""),
+            (".", b'5', 0o700, ""),
+            ("./a", b'0', 0o644, ""),
+            ("/abs/b", b'0', 0o644, ""),
+        ])
+        .unwrap();
         let root = tree.get(ROOT).unwrap();
-        assert_eq!(root.perm, 0o700);
-        assert_eq!(root.nlink, 2);
-        assert!(tree.resolve(b"a").is_some());
+        assert_eq!(root.perm, 0o755);
+        assert_eq!(root.nlink, 3);
+        assert_eq!(kind_at(&tree, "a"), Some(Kind::File));
+        assert_eq!(kind_at(&tree, "abs/b"), Some(Kind::File));
+    }
+
+    #[test]
+    fn a_file_under_a_symlinked_directory_lands_in_the_link_target() {
+        let tree = tree_of(&[
+            ("x/", b'5', 0o755, ""),
+            ("d", b'2', 0o777, "x"),
+            ("d/f", b'0', 0o644, ""),
+            // A target that does not exist yet is created as a directory.
+            ("m", b'2', 0o777, "missing"),
+            ("m/g", b'0', 0o644, ""),
+        ])
+        .unwrap();
+        assert_eq!(kind_at(&tree, "d"), Some(Kind::Symlink));
+        assert_eq!(kind_at(&tree, "x/f"), Some(Kind::File));
+        assert_eq!(kind_at(&tree, "missing/g"), Some(Kind::File));
+        assert_eq!(kind_at(&tree, "m"), Some(Kind::Symlink));
+    }
+
+    #[test]
+    fn symlinked_parents_resolve_inside_the_root() {
+        let tree = tree_of(&[
+            ("abs", b'2', 0o777, "/y"),
+            ("abs/f", b'0', 0o644, ""),
+            ("up", b'2', 0o777, "../../z"),
+            ("up/f", b'0', 0o644, ""),
+            ("sub/", b'5', 0o755, ""),
+            ("sub/rel", b'2', 0o777, "../w"),
+            ("sub/rel/f", b'0', 0o644, ""),
+            ("c1", b'2', 0o777, "c2"),
+            ("c2", b'2', 0o777, "v/"),
+            ("c1/deep/f", b'0', 0o644, ""),
+            ("self", b'2', 0o777, "."),
+            ("self/top", b'0', 0o644, ""),
+        ])
+        .unwrap();
+        for path in ["y/f", "z/f", "w/f", "v/deep/f", "top"] {
+            assert_eq!(kind_at(&tree, path), Some(Kind::File), "{path}");
+        }
+        for link in ["abs", "up", "sub/rel", "c1", "c2", "self"] {
+            assert_eq!(kind_at(&tree, link), Some(Kind::Symlink), "{link}");
+        }
+    }
+
+    #[test]
+    fn hardlinks_and_whiteouts_resolve_symlinked_parents_too() {
+        let tree = tree_of(&[
+            ("x/f", b'0', 0o644, ""),
+            ("d", b'2', 0o777, "x"),
+            ("hl", b'1', 0o644, "d/f"),
+            ("d/.wh.g", b'0', 0o644, ""),
+            ("d/.wh..wh..opq", b'0', 0o644, ""),
+        ])
+        .unwrap();
+        assert_eq!(tree.resolve(b"hl"), tree.resolve(b"x/f"));
+        let g = tree.get(tree.resolve(b"x/g").unwrap()).unwrap();
+        assert_eq!(
+            (g.kind, g.rdev),
+            (Kind::Char, 0),
+            "a lower x/g is whited out"
+        );
+        let x = tree.get(tree.resolve(b"x").unwrap()).unwrap();
+        assert_eq!(x.xattrs().collect::<Vec<_>>(), [(OPAQUE_XATTR, &b"y"[..])]);
+    }
+
+    #[test]
+    fn layers_containerd_cannot_unpack_are_refused() {
+        let cases: &[(&str, &[Raw], &str)] = &[
+            (
+                "file as a parent",
+                &[("f", b'0', 0o644, ""), ("f/g", b'0', 0o644, "")],
+                "not a directory",
+            ),
+            (
+                "link to a file as a parent",
+                &[
+                    ("f", b'0', 0o644, ""),
+                    ("l", b'2', 0o777, "f"),
+                    ("l/g", b'0', 0o644, ""),
+                ],
+                "not a directory",
+            ),
+            (
+                "symlink loop",
+                &[
+                    ("a", b'2', 0o777, "b"),
+                    ("b", b'2', 0o777, "a"),
+                    ("a/f", b'0', 0o644, ""),
+                ],
+                "symlinks",
+            ),
+            (
+                "whiteout of a path it has",
+                &[("a", b'0', 0o644, ""), (".wh.a", b'0', 0o644, "")],
+                "whiteout",
+            ),
+            ("empty symlink", &[("l", b'2', 0o777, "")], "empty"),
+            // containerd would check `y/z/w` with the kernel following `y` to the host's /abs.
+            (
+                "host-dependent",
+                &[
+                    ("y", b'2', 0o777, "/abs"),
+                    ("d", b'2', 0o777, "y/z"),
+                    ("d/w/f", b'0', 0o644, ""),
+                ],
+                "host",
+            ),
+        ];
+        for (what, entries, says) in cases {
+            let why = refusal(entries);
+            assert!(why.contains(says), "{what}: {why}");
+        }
     }
 
     #[test]

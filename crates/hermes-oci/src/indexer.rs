@@ -54,7 +54,7 @@ pub struct IndexResult {
     pub record: ImageRecord,
     /// The resolved image.
     pub image: ResolvedImage,
-    /// zTOCs usable in a SOCI index (gzip and plain tar), in layer order.
+    /// zTOCs usable in a SOCI index (gzip and plain tar, no sparse files), in layer order.
     pub soci_ztocs: Vec<ZtocRef>,
 }
 
@@ -355,7 +355,7 @@ fn indexed(
             entries: ztoc.entries().len() as u64,
             seconds,
             reused,
-            soci_compatible: ztoc.compression().is_soci_compatible(),
+            soci_compatible: ztoc.is_soci_compatible(),
         },
     }
 }
@@ -372,7 +372,8 @@ pub struct PushSummary {
 }
 
 /// Push SOCI artifacts for an indexed image to `target` (a repository, and for v2 a tag).
-/// zstd zTOCs are never included (SOCI has no zstd).
+/// Hermes-only zTOCs are never included (SOCI has no zstd, and its readers would serve a sparse
+/// file's packed data as the file).
 pub async fn push_soci(
     client: &Client,
     store: &Store,

@@ -435,7 +435,7 @@ pub enum LayerOutcome {
         seconds: f64,
         /// True if an earlier build was reused (the layer was not read).
         reused: bool,
-        /// False for zstd zTOCs (Hermes-only).
+        /// False for zTOCs only Hermes can serve (zstd layers, sparse files).
         soci_compatible: bool,
     },
     /// No zTOC, and why.

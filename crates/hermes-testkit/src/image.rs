@@ -2,8 +2,10 @@
 //! config with the right `diff_ids` and an OCI manifest, writes them as an OCI image layout and pushes
 //! them with the real `skopeo`. It returns what it wrote, so tests can compare what they read back.
 //!
-//! It does not try to cover every tar feature (hard links, devices, xattrs); the format crates test
-//! those with their own fixtures.
+//! Besides files, directories, symlinks, hard links and whiteouts it writes the odd entries that
+//! real layers carry and that unpackers must agree on: a root entry (`./`, `/`), a PAX global
+//! header, GNU sparse files in each format. It does not cover devices or xattrs; the format
+//! crates test those with their own fixtures.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -70,6 +72,35 @@ enum Entry {
     Whiteout {
         path: String,
     },
+    Hardlink {
+        path: String,
+        target: String,
+    },
+    RootDir {
+        name: String,
+    },
+    GlobalHeader {
+        comment: String,
+    },
+    Sparse {
+        path: String,
+        size: u64,
+        fragments: Vec<(u64, Vec<u8>)>,
+        format: SparseFormat,
+    },
+}
+
+/// How [`TestImage::sparse_file`] writes a sparse file (GNU's formats, as Go's reader knows them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SparseFormat {
+    /// PAX format 0.0: `GNU.sparse.offset` / `GNU.sparse.numbytes` record pairs.
+    Pax00,
+    /// PAX format 0.1: a `GNU.sparse.map` record.
+    Pax01,
+    /// PAX format 1.0 (GNU tar's `--format=posix --sparse`): the map at the start of the data.
+    Pax10,
+    /// The old GNU type `'S'` (GNU tar's `--format=gnu --sparse`): the map in the header.
+    OldGnu,
 }
 
 /// One layer as written and pushed.
@@ -204,6 +235,47 @@ impl TestImage {
     pub fn whiteout(self, path: &str) -> TestImage {
         self.add(Entry::Whiteout {
             path: path.to_owned(),
+        })
+    }
+
+    /// Adds a hard link at `path` to the earlier entry `target`.
+    pub fn hardlink(self, path: &str, target: &str) -> TestImage {
+        self.add(Entry::Hardlink {
+            path: path.to_owned(),
+            target: target.to_owned(),
+        })
+    }
+
+    /// Adds a directory entry (mode 0700) for the layer root itself, named exactly `name`
+    /// (`"./"`, `"/"`), as umoci and `tar -C dir .` write it.
+    pub fn root_entry(self, name: &str) -> TestImage {
+        self.add(Entry::RootDir {
+            name: name.to_owned(),
+        })
+    }
+
+    /// Adds a PAX global header (type `'g'`, named `pax_global_header`) with a `comment` record,
+    /// as `git archive` writes first.
+    pub fn global_header(self, comment: &str) -> TestImage {
+        self.add(Entry::GlobalHeader {
+            comment: comment.to_owned(),
+        })
+    }
+
+    /// Adds a sparse file of `size` bytes: data at each (offset, bytes) of `fragments` (in
+    /// order, not overlapping), zeros elsewhere.
+    pub fn sparse_file(
+        self,
+        path: &str,
+        size: u64,
+        fragments: &[(u64, &[u8])],
+        format: SparseFormat,
+    ) -> TestImage {
+        self.add(Entry::Sparse {
+            path: path.to_owned(),
+            size,
+            fragments: fragments.iter().map(|(at, d)| (*at, d.to_vec())).collect(),
+            format,
         })
     }
 
@@ -370,6 +442,18 @@ impl TestImage {
                 .iter()
                 .filter_map(|entry| match entry {
                     Entry::File { path, data, .. } => Some((path.clone(), data.clone())),
+                    Entry::Sparse {
+                        path,
+                        size,
+                        fragments,
+                        ..
+                    } => {
+                        let mut data = vec![0; *size as usize];
+                        for (at, bytes) in fragments {
+                            data[*at as usize..*at as usize + bytes.len()].copy_from_slice(bytes);
+                        }
+                        Some((path.clone(), data))
+                    }
                     _ => None,
                 })
                 .collect();
@@ -573,9 +657,156 @@ fn layer_tar(entries: &[Entry]) -> Result<Vec<u8>> {
                     .append_data(&mut header, whiteout, std::io::empty())
                     .map_err(tar_error)?;
             }
+            Entry::Hardlink { path, target } => {
+                header.set_entry_type(tar::EntryType::Link);
+                header.set_mode(0o644);
+                header.set_size(0);
+                builder
+                    .append_link(&mut header, path, target)
+                    .map_err(tar_error)?;
+            }
+            Entry::RootDir { name } => {
+                let h = raw_header(name.as_bytes(), b'5', 0o700, 0)?;
+                builder.append(&h, std::io::empty()).map_err(tar_error)?;
+            }
+            Entry::GlobalHeader { comment } => {
+                let records = pax_record("comment", comment);
+                let h = raw_header(b"pax_global_header", b'g', 0o644, records.len() as u64)?;
+                builder.append(&h, records.as_slice()).map_err(tar_error)?;
+            }
+            Entry::Sparse {
+                path,
+                size,
+                fragments,
+                format,
+            } => {
+                for (h, data) in sparse_entry(path, *size, fragments, *format)? {
+                    builder.append(&h, data.as_slice()).map_err(tar_error)?;
+                }
+            }
         }
     }
     builder.into_inner().map_err(tar_error)
+}
+
+/// A ustar header with a raw name (no checks or normalisation by the `tar` crate).
+fn raw_header(name: &[u8], typeflag: u8, mode: u32, size: u64) -> Result<tar::Header> {
+    let mut h = tar::Header::new_ustar();
+    let field = &mut h.as_old_mut().name;
+    if name.len() > field.len() {
+        return Err(Error::InvalidImage {
+            reason: format!(
+                "{:?} is too long for a raw tar name",
+                String::from_utf8_lossy(name)
+            ),
+        });
+    }
+    field[..name.len()].copy_from_slice(name);
+    h.set_entry_type(tar::EntryType::new(typeflag));
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_cksum();
+    Ok(h)
+}
+
+/// One PAX record, `"LEN key=value\n"`, where LEN counts its own digits.
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while len != body.len() + len.to_string().len() {
+        len = body.len() + len.to_string().len();
+    }
+    format!("{len}{body}").into_bytes()
+}
+
+/// The headers and data blocks of a sparse file in `format`.
+fn sparse_entry(
+    path: &str,
+    size: u64,
+    fragments: &[(u64, Vec<u8>)],
+    format: SparseFormat,
+) -> Result<Vec<(tar::Header, Vec<u8>)>> {
+    let packed: Vec<u8> = fragments
+        .iter()
+        .flat_map(|(_, d)| d.iter().copied())
+        .collect();
+    let count = fragments.len().to_string();
+    let mut records = Vec::new();
+    let (name, data) = match format {
+        SparseFormat::OldGnu => {
+            if fragments.len() > 4 {
+                return Err(Error::InvalidImage {
+                    reason: "the old GNU sparse writer here holds at most 4 fragments".into(),
+                });
+            }
+            if path.len() > 100 {
+                return Err(Error::InvalidImage {
+                    reason: format!("{path:?} is too long for an old GNU sparse header"),
+                });
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::GNUSparse);
+            h.set_mode(0o644);
+            h.set_size(packed.len() as u64);
+            h.set_mtime(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            let octal = |field: &mut [u8; 12], n: u64| {
+                field.copy_from_slice(format!("{n:011o}\0").as_bytes());
+            };
+            if let Some(gnu) = h.as_gnu_mut() {
+                gnu.name[..path.len()].copy_from_slice(path.as_bytes());
+                for (slot, (at, bytes)) in gnu.sparse.iter_mut().zip(fragments) {
+                    octal(&mut slot.offset, *at);
+                    octal(&mut slot.numbytes, bytes.len() as u64);
+                }
+                octal(&mut gnu.realsize, size);
+            }
+            h.set_cksum();
+            return Ok(vec![(h, packed)]);
+        }
+        SparseFormat::Pax00 => {
+            records.extend(pax_record("GNU.sparse.size", &size.to_string()));
+            records.extend(pax_record("GNU.sparse.numblocks", &count));
+            for (at, bytes) in fragments {
+                records.extend(pax_record("GNU.sparse.offset", &at.to_string()));
+                records.extend(pax_record("GNU.sparse.numbytes", &bytes.len().to_string()));
+            }
+            (path.to_owned(), packed)
+        }
+        SparseFormat::Pax01 => {
+            let map: Vec<String> = fragments
+                .iter()
+                .flat_map(|(at, d)| [at.to_string(), d.len().to_string()])
+                .collect();
+            records.extend(pax_record("GNU.sparse.major", "0"));
+            records.extend(pax_record("GNU.sparse.minor", "1"));
+            records.extend(pax_record("GNU.sparse.name", path));
+            records.extend(pax_record("GNU.sparse.size", &size.to_string()));
+            records.extend(pax_record("GNU.sparse.numblocks", &count));
+            records.extend(pax_record("GNU.sparse.map", &map.join(",")));
+            (format!("GNUSparseFile.0/{path}"), packed)
+        }
+        SparseFormat::Pax10 => {
+            records.extend(pax_record("GNU.sparse.major", "1"));
+            records.extend(pax_record("GNU.sparse.minor", "0"));
+            records.extend(pax_record("GNU.sparse.name", path));
+            records.extend(pax_record("GNU.sparse.realsize", &size.to_string()));
+            let mut data = format!("{count}\n").into_bytes();
+            for (at, bytes) in fragments {
+                data.extend(format!("{at}\n{}\n", bytes.len()).into_bytes());
+            }
+            data.resize(data.len().next_multiple_of(512), 0);
+            data.extend_from_slice(&packed);
+            (format!("GNUSparseFile.0/{path}"), data)
+        }
+    };
+    let pax = raw_header(b"PaxHeaders/sparse", b'x', 0o644, records.len() as u64)?;
+    let file = raw_header(name.as_bytes(), b'0', 0o644, data.len() as u64)?;
+    Ok(vec![(pax, records), (file, data)])
 }
 
 fn gzip(data: &[u8]) -> Result<Vec<u8>> {

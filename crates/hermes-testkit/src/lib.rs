@@ -25,6 +25,6 @@ pub use containerd::{
     Containerd, ContainerdBuilder, PROXY_SNAPSHOTTER, busybox, busybox_image, sandbox_image,
 };
 pub use error::{Error, Result};
-pub use image::{LayerInfo, PushedImage, PushedIndex, TestImage};
+pub use image::{LayerInfo, PushedImage, PushedIndex, SparseFormat, TestImage};
 pub use proxy::{Fault, FaultProxy, FaultRule, LoggedRequest};
 pub use registry::Registry;

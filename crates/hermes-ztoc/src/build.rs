@@ -110,6 +110,10 @@ fn read_toc<I: Indexer>(decoder: I, mut tally: Tally) -> Result<(Vec<Entry>, u64
     let mut tar = TarReader::new(decoder);
     let mut entries = Vec::new();
     while let Some(hdr) = tar.next_header()? {
+        if hdr.typeflag == b'g' {
+            check_global_header(&hdr, entries.is_empty())?;
+            continue;
+        }
         let entry = entry_from_header(hdr)?;
         tally.admit(&entry)?;
         entries.push(entry);
@@ -127,6 +131,35 @@ fn read_toc<I: Indexer>(decoder: I, mut tally: Tally) -> Result<(Vec<Entry>, u64
     Ok((entries, size, decoder.finish()?))
 }
 
+/// A PAX global header describes no file and is left out of the zTOC, as containerd's unpack
+/// skips it. But that unpack still treats its name as a path: it removes what is there, creates
+/// missing parents and converts a whiteout name. Before any other entry, a header named by one
+/// plain component (or the root) touches nothing — what `git archive` and Go's tar writer
+/// produce; any other is refused rather than served differently.
+fn check_global_header(hdr: &Header, first: bool) -> Result<()> {
+    let reason = match clean_path(&hdr.name) {
+        Some(None) => return Ok(()),
+        Some(Some(path)) if path.contains(&b'/') || path.starts_with(b".wh.") => {
+            "PAX global header ('g') named like a path: containerd's unpack would create or change it"
+        }
+        Some(Some(_)) if first => return Ok(()),
+        Some(Some(_)) => {
+            "PAX global header ('g') after other entries: containerd's unpack removes the path it names"
+        }
+        None => {
+            return Err(Error::UnsafePath {
+                name: String::from_utf8_lossy(&hdr.name).into_owned(),
+                offset: hdr.data_offset,
+            });
+        }
+    };
+    Err(Error::UnsupportedEntry {
+        name: String::from_utf8_lossy(&hdr.name).into_owned(),
+        kind: reason.into(),
+        offset: hdr.data_offset,
+    })
+}
+
 fn entry_from_header(hdr: Header) -> Result<Entry> {
     let name_str = || String::from_utf8_lossy(&hdr.name).into_owned();
     let unsupported = |kind: String| Error::UnsupportedEntry {
@@ -134,13 +167,9 @@ fn entry_from_header(hdr: Header) -> Result<Entry> {
         kind,
         offset: hdr.data_offset,
     };
-    if hdr.pax.keys().any(|k| k.starts_with(b"GNU.sparse.")) {
-        return Err(unsupported("GNU sparse file".into()));
-    }
     let kind = EntryKind::from_typeflag(hdr.typeflag).ok_or_else(|| {
         unsupported(match hdr.typeflag {
-            b'g' => "PAX global header ('g')".into(),
-            b'S' => "GNU sparse file ('S')".into(),
+            b'S' => "old GNU sparse file ('S'), which containerd cannot unpack either".into(),
             c if c.is_ascii_graphic() => format!("'{}'", c as char),
             c => format!("0x{c:02x}"),
         })
@@ -158,7 +187,8 @@ fn entry_from_header(hdr: Header) -> Result<Entry> {
     Ok(Entry {
         kind,
         offset: hdr.data_offset,
-        size: hdr.size as u64,
+        // A sparse file's entry covers its packed data; its map has the full size.
+        size: hdr.sparse_data_len.unwrap_or(hdr.size as u64),
         mode: hdr.mode,
         // Go converts int to uint32, wrapping.
         uid: hdr.uid as u32,

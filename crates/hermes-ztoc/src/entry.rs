@@ -1,5 +1,6 @@
 //! Tar entries as a zTOC records them, and the path rules Hermes applies to them.
 
+use crate::sparse::SparseMap;
 use crate::{Error, Result};
 
 /// The seven entry types SOCI knows.
@@ -91,9 +92,11 @@ pub struct Entry {
     pub name: Vec<u8>,
     /// Entry type.
     pub kind: EntryKind,
-    /// Offset of the entry's data in the uncompressed tar (just after its header blocks).
+    /// Offset of the entry's data in the uncompressed tar (just after its header blocks, and
+    /// after the map a format 1.0 sparse file keeps there).
     pub offset: u64,
-    /// The header's size field.
+    /// The header's size field; for a sparse file, the length of its packed data (its full size
+    /// is in [`Entry::sparse`]).
     pub size: u64,
     /// Link target of symlinks and hardlinks.
     pub linkname: Vec<u8>,
@@ -138,23 +141,39 @@ impl Entry {
     pub fn display_name(&self) -> String {
         String::from_utf8_lossy(&self.name).into_owned()
     }
+
+    /// A GNU sparse file's map (its `size` and `offset` then cover the packed fragments only);
+    /// `None` for every other entry.
+    pub fn sparse(&self) -> Option<Result<SparseMap>> {
+        if self.kind != EntryKind::Reg {
+            return None;
+        }
+        let map = crate::sparse::from_records(&self.pax, self.size)?;
+        Some(map.map_err(|e| Error::SparseMap {
+            name: self.display_name(),
+            offset: self.offset,
+            what: e.what(),
+        }))
+    }
 }
 
 /// Clean a tar name into a path relative to the layer root, the way containerd's unpacker reads
-/// it: `./` and empty or `.` components are dropped and `..` pops a component.
+/// it (Go's `filepath.Clean`, then joined to the root): empty and `.` components are dropped,
+/// `..` pops a component, and an absolute name is relative to the root (`/`, `./` and `.` are
+/// the root itself; `..` cannot climb above `/`).
 ///
-/// Returns `None` for names that are absolute or climb above the root (these are refused), and
-/// `Some(empty)` for the root itself.
+/// Returns `None` for relative names that climb above the root (refused: containerd would clamp
+/// them, but no sane writer produces them), and `Some(None)` for the root itself.
 pub fn clean_path(name: &[u8]) -> Option<Option<Vec<u8>>> {
-    if name.first() == Some(&b'/') {
-        return None;
-    }
+    let rooted = name.first() == Some(&b'/');
     let mut parts: Vec<&[u8]> = Vec::new();
     for part in name.split(|&b| b == b'/') {
         match part {
             b"" | b"." => {}
             b".." => {
-                parts.pop()?;
+                if parts.pop().is_none() && !rooted {
+                    return None;
+                }
             }
             part => parts.push(part),
         }
@@ -234,8 +253,10 @@ mod tests {
         assert_eq!(ok(b"a/../b"), Some("b".into()));
         assert_eq!(ok(b"./"), None);
         assert_eq!(ok(b"."), None);
+        assert_eq!(ok(b"/"), None);
+        assert_eq!(ok(b"/etc/passwd"), Some("etc/passwd".into()));
+        assert_eq!(ok(b"/../etc/passwd"), Some("etc/passwd".into()));
         assert!(clean_path(b"../etc/passwd").is_none());
         assert!(clean_path(b"a/../../b").is_none());
-        assert!(clean_path(b"/etc/passwd").is_none());
     }
 }

@@ -193,6 +193,18 @@ pub enum Error {
         /// What it is.
         kind: &'static str,
     },
+
+    /// A sparse file's map cannot be used: it does not parse, contradicts the entry, or (format
+    /// 1.0 in a zTOC built by soci) is not in the zTOC at all.
+    #[error("sparse file {name:?} at uncompressed offset {offset}: {what}")]
+    SparseMap {
+        /// The entry's name.
+        name: String,
+        /// Offset of its data.
+        offset: u64,
+        /// What is wrong.
+        what: &'static str,
+    },
 }
 
 /// Shorthand for this crate's results.

@@ -1,7 +1,7 @@
 //! Random access: plan which compressed bytes a read needs, fetch them through a
 //! [`RangeReader`], verify them against the span digests and decode from the checkpoints.
 
-use std::io::{self, Write};
+use std::io::{self, Read as _, Write};
 use std::ops::{Range, RangeInclusive};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::entry::EntryKind;
 use crate::inflate::{self, Flush, Inflater};
+use crate::sparse::Piece;
 use crate::zinfo::{Compression, WINDOW_SIZE};
 use crate::ztoc::{Span, SpanId, Ztoc, digest_string};
 use crate::{Error, Result};
@@ -302,7 +303,8 @@ impl Ztoc {
         Ok(len)
     }
 
-    /// Read a whole file by its path in the layer (hardlinks followed) into `out`.
+    /// Read a whole file by its path in the layer (hardlinks followed; a sparse file's holes
+    /// written as zeros) into `out`.
     /// Returns the number of compressed bytes read.
     pub fn extract<R: RangeReader + ?Sized>(
         &self,
@@ -337,10 +339,24 @@ impl Ztoc {
                 kind: e.kind.as_str(),
             });
         }
-        match self.plan_entry(i, 0..e.size)? {
-            None => Ok(0),
-            Some(plan) => self.read_planned(reader, &plan, out),
+        let Some(map) = e.sparse().transpose()? else {
+            return match self.plan_entry(i, 0..e.size)? {
+                None => Ok(0),
+                Some(plan) => self.read_planned(reader, &plan, out),
+            };
+        };
+        let mut read = 0;
+        for piece in map.pieces(0..map.size()) {
+            match piece {
+                Piece::Zeros(n) => io::copy(&mut io::repeat(0).take(n), out).map(drop)?,
+                Piece::Data(range) => {
+                    if let Some(plan) = self.plan_entry(i, range)? {
+                        read += self.read_planned(reader, &plan, out)?;
+                    }
+                }
+            }
         }
+        Ok(read)
     }
 }
 

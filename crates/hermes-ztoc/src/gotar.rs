@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, BufRead};
 
+use crate::sparse::{self, SparseMap};
 use crate::{Error, Result};
 
 const BLOCK: usize = 512;
@@ -32,8 +33,10 @@ pub(crate) struct Header {
     pub devmajor: i64,
     pub devminor: i64,
     pub pax: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// Offset of the entry's data in the stream.
+    /// Offset of the entry's data in the stream (after a sparse map stored there).
     pub data_offset: u64,
+    /// A sparse file's packed data length (`size` is then its full size).
+    pub sparse_data_len: Option<u64>,
 }
 
 /// Reads headers from a tar stream.
@@ -162,6 +165,11 @@ impl<R: BufRead> TarReader<R> {
                     let records =
                         parse_pax(&self.read_special(hdr.size, header_offset)?, header_offset)?;
                     if hdr.typeflag == b'g' {
+                        // Go merges a global header's records into the header it returns; only
+                        // the name matters to an unpack.
+                        if let Some(path) = records.get(&b"path"[..]).filter(|p| !p.is_empty()) {
+                            hdr.name = path.clone();
+                        }
                         hdr.pax = records;
                         hdr.data_offset = self.pos;
                         return Ok(Some(hdr));
@@ -193,10 +201,98 @@ impl<R: BufRead> TarReader<R> {
                     // PAX may have changed the size.
                     self.set_data(&hdr, header_offset)?;
                     hdr.data_offset = self.pos;
+                    if let Some(version) = sparse::version(|k| hdr.pax.get(k).map(Vec::as_slice)) {
+                        self.read_sparse(&mut hdr, version, header_offset)?;
+                    }
                     return Ok(Some(hdr));
                 }
             }
         }
+    }
+
+    /// Go's `readGNUSparsePAXHeaders`: the real name and size, and the map (format 1.0 reads it
+    /// from the data, whose remaining bytes are then the packed fragments).
+    fn read_sparse(
+        &mut self,
+        hdr: &mut Header,
+        version: sparse::Version,
+        offset: u64,
+    ) -> Result<()> {
+        let bad = |what| header_err(offset, what);
+        if is_header_only(hdr.typeflag) {
+            return Err(bad("sparse map on an entry without data"));
+        }
+        let record = |k: &[u8]| hdr.pax.get(k).map(Vec::as_slice);
+        let name = record(sparse::NAME)
+            .filter(|n| !n.is_empty())
+            .map(<[u8]>::to_vec);
+        let size = sparse::real_size(record)
+            .map_err(|()| bad("malformed sparse file size"))?
+            .ok_or_else(|| bad("sparse file without its size record"))?;
+        let pairs = match version {
+            sparse::Version::InRecords => {
+                sparse::pairs_from_records(record).ok_or_else(|| bad("malformed sparse map"))?
+            }
+            sparse::Version::InData => {
+                let pairs = self.read_map_in_data(offset)?;
+                // Kept in the zTOC, where readers find it without fetching the data.
+                hdr.pax
+                    .insert(sparse::MAP.to_vec(), sparse::map_record(&pairs));
+                pairs
+            }
+        };
+        SparseMap::new(size, &pairs, self.remaining).map_err(|e| bad(e.what()))?;
+        if let Some(name) = name {
+            hdr.name = name;
+        }
+        hdr.size = size;
+        hdr.data_offset = self.pos;
+        hdr.sparse_data_len = Some(self.remaining);
+        Ok(())
+    }
+
+    /// Go's `readGNUSparseMap1x0`: newline-terminated decimal numbers in whole blocks at the
+    /// start of the data, the count of fragments first, then offset and length of each.
+    fn read_map_in_data(&mut self, offset: u64) -> Result<Vec<(i64, i64)>> {
+        let bad = || header_err(offset, "malformed sparse map");
+        let mut text = Vec::new();
+        self.read_lines(&mut text, 1, offset)?;
+        let mut lines = text.split(|&b| b == b'\n');
+        let count = lines
+            .next()
+            .and_then(parse_int)
+            .filter(|&n| n >= 0 && n.checked_mul(2).is_some())
+            .ok_or_else(bad)?;
+        self.read_lines(&mut text, 1 + 2 * count as u64, offset)?;
+        let mut numbers = text.split(|&b| b == b'\n').skip(1).map(parse_int);
+        let mut pairs = Vec::new();
+        for _ in 0..count {
+            let (Some(Some(start)), Some(Some(len))) = (numbers.next(), numbers.next()) else {
+                return Err(bad());
+            };
+            pairs.push((start, len));
+        }
+        Ok(pairs)
+    }
+
+    /// Read whole blocks of the entry's data into `text` until it holds `lines` newlines.
+    fn read_lines(&mut self, text: &mut Vec<u8>, lines: u64, offset: u64) -> Result<()> {
+        let mut have = text.iter().filter(|&&b| b == b'\n').count() as u64;
+        while have < lines {
+            if self.remaining < BLOCK as u64 {
+                return Err(header_err(offset, "sparse map runs past the entry's data"));
+            }
+            if text.len() + BLOCK > MAX_SPECIAL_FILE as usize {
+                return Err(header_err(offset, "sparse map over 1 MiB"));
+            }
+            let Some(blk) = self.read_block()? else {
+                return Err(Error::TarTruncated { offset: self.pos });
+            };
+            self.remaining -= BLOCK as u64;
+            have += blk.iter().filter(|&&b| b == b'\n').count() as u64;
+            text.extend_from_slice(&blk);
+        }
+        Ok(())
     }
 
     fn set_data(&mut self, hdr: &Header, offset: u64) -> Result<()> {
@@ -250,6 +346,7 @@ impl<R: BufRead> TarReader<R> {
             devminor: 0,
             pax: BTreeMap::new(),
             data_offset: 0,
+            sparse_data_len: None,
         };
         if format != Format::V7 {
             hdr.uname = cstr(&blk[265..297]).to_vec();
@@ -418,7 +515,7 @@ fn parse_uint(s: &[u8], radix: u32) -> Option<u64> {
 }
 
 /// `strconv.ParseInt(s, 10, 64)`: optional sign, decimal digits.
-fn parse_int(s: &[u8]) -> Option<i64> {
+pub(crate) fn parse_int(s: &[u8]) -> Option<i64> {
     let (neg, digits) = match s {
         [b'-', rest @ ..] => (true, rest),
         [b'+', rest @ ..] => (false, rest),

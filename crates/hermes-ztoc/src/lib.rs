@@ -7,6 +7,8 @@
 //!   windows at deflate block boundaries), plain tar, and multi-frame zstd (a Hermes extension);
 //!   a layer whose table of contents would pass the [`Limits`] (entries, name bytes, depth) is
 //!   [`Error::NotIndexable`] and is pulled normally;
+//!   tar headers are read as Go reads them, so entries are what containerd unpacks (a leading PAX
+//!   global header skipped, GNU sparse files with their map: [`SparseMap`]);
 //! - serializes and parses zTOCs byte-for-byte as soci-snapshotter does ([`Ztoc::to_bytes`],
 //!   [`Ztoc::from_bytes`]); parsing untrusted bytes never panics and takes at most four times
 //!   their size in memory;
@@ -24,6 +26,7 @@ mod fbread;
 mod gotar;
 mod inflate;
 mod limits;
+mod sparse;
 mod zinfo;
 mod ztoc;
 
@@ -32,5 +35,6 @@ pub use entry::{Entry, EntryKind, XATTR_PAX_PREFIX, clean_path};
 pub use error::{Error, Result};
 pub use extract::{CountingReader, RangeReader, ReadPlan};
 pub use limits::{DEFAULT_MAX_DEPTH, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_NAME_BYTES, Limit, Limits};
+pub use sparse::{Fragment, Piece, SparseMap};
 pub use zinfo::{Compression, WINDOW_SIZE};
 pub use ztoc::{DEFAULT_SPAN_SIZE, SOCI_BUILD_TOOL_IDENTIFIER, Span, SpanId, ZTOC_VERSION, Ztoc};

@@ -116,6 +116,11 @@ impl Ztoc {
     pub fn compression(&self) -> Compression {
         self.compression
     }
+    /// Whether soci-snapshotter can serve this zTOC: not for zstd, and not with sparse files
+    /// (Hermes keeps their entries on the packed data, which soci would serve as the file).
+    pub fn is_soci_compatible(&self) -> bool {
+        self.compression.is_soci_compatible() && !self.entries.iter().any(|e| e.sparse().is_some())
+    }
     /// Span size the zTOC was built with.
     pub fn span_size(&self) -> u64 {
         self.zinfo.span_size()

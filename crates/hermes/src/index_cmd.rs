@@ -188,7 +188,7 @@ fn layer_line(l: &LayerRecord) -> String {
             let note = if *soci_compatible {
                 ""
             } else {
-                " (Hermes-only zstd zTOC)"
+                " (Hermes-only zTOC: zstd or sparse files)"
             };
             format!(
                 "  {} {:>10} {kind:<10} {how}: {spans} spans, {entries} entries{note}",

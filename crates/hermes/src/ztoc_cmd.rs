@@ -145,8 +145,10 @@ fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         secs,
         human((ztoc.compressed_archive_size() as f64 / secs) as u64),
     );
-    if !ztoc.compression().is_soci_compatible() {
-        eprintln!("note: zstd zTOCs are a Hermes extension; soci-snapshotter cannot read them");
+    if !ztoc.is_soci_compatible() {
+        eprintln!(
+            "note: zTOCs of zstd layers or with sparse files are a Hermes extension; soci-snapshotter cannot serve them"
+        );
     }
     println!("{}", sha256(&bytes));
     Ok(ExitCode::SUCCESS)
@@ -187,7 +189,7 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
             "version": ztoc.version(),
             "buildToolIdentifier": ztoc.build_tool_identifier(),
             "compression": ztoc.compression().as_str(),
-            "sociCompatible": ztoc.compression().is_soci_compatible(),
+            "sociCompatible": ztoc.is_soci_compatible(),
             "compressedArchiveSize": ztoc.compressed_archive_size(),
             "uncompressedArchiveSize": ztoc.uncompressed_archive_size(),
             "spanSize": ztoc.span_size(),
@@ -280,7 +282,11 @@ fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
         };
         let size = match e.kind {
             EntryKind::Char | EntryKind::Block => format!("{},{}", e.devmajor, e.devminor),
-            _ => e.size.to_string(),
+            // A sparse file's full size, as `tar tv` shows it (its entry covers the packed data).
+            _ => match e.sparse() {
+                Some(Ok(map)) => map.size().to_string(),
+                _ => e.size.to_string(),
+            },
         };
         // "2023-11-14T22:13:20.25Z" → "2023-11-14 22:13"
         let time = String::from_utf8_lossy(&e.mod_time);

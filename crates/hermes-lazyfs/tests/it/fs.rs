@@ -330,6 +330,37 @@ fn reading_one_small_file_fetches_only_its_span() {
 }
 
 #[test]
+fn sparse_files_read_at_their_full_size_with_zeros_in_the_holes() {
+    use std::os::unix::fs::FileExt;
+    let (a, b) = (noise(5000, 11), noise(100_000, 12));
+    let layer = TestLayer::new()
+        .sparse_file("disk.img", 1 << 20, &[(4096, &a), (600_000, &b)])
+        .file("after", 0o644, (0, 0), b"the entry after the sparse file\n")
+        .finish();
+    let source = layer.source();
+    let m = Mounted::new(&layer, &source);
+    let path = m.root.join("disk.img");
+    let want = &layer.expect["disk.img"].content;
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
+    // A read inside a hole needs no data at all.
+    let f = std::fs::File::open(&path).unwrap();
+    let mut hole = vec![1; 4096];
+    f.read_exact_at(&mut hole, 200_000).unwrap();
+    assert!(hole.iter().all(|&b| b == 0));
+    assert_eq!(source.requests(), 0, "a hole was fetched");
+    for (at, len) in [(0, 5000), (4000, 200), (9000, 600_000), (699_000, 2000)] {
+        let mut got = vec![1; len];
+        f.read_exact_at(&mut got, at as u64).unwrap();
+        assert!(got == want[at..at + len], "bytes {at}..{}", at + len);
+    }
+    assert!(std::fs::read(&path).unwrap() == *want);
+    assert_eq!(
+        std::fs::read(m.root.join("after")).unwrap(),
+        b"the entry after the sparse file\n"
+    );
+}
+
+#[test]
 fn reads_of_a_broken_layer_fail_with_eio() {
     let layer = rich_layer();
     let source = layer.source();

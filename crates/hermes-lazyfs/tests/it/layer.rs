@@ -208,6 +208,43 @@ impl TestLayer {
         self
     }
 
+    /// A GNU sparse file as `tar --format=posix --sparse` writes it (PAX format 1.0: the map
+    /// at the start of the data, then the packed fragments): `size` bytes, data at each
+    /// (offset, bytes) of `fragments`, zeros elsewhere.
+    pub fn sparse_file(mut self, path: &str, size: u64, fragments: &[(u64, &[u8])]) -> Self {
+        let size_text = size.to_string();
+        let records = [
+            ("GNU.sparse.major", "1"),
+            ("GNU.sparse.minor", "0"),
+            ("GNU.sparse.name", path),
+            ("GNU.sparse.realsize", size_text.as_str()),
+        ];
+        self.tar
+            .append_pax_extensions(records.iter().map(|(k, v)| (*k, v.as_bytes())))
+            .unwrap();
+        let mut data = format!("{}\n", fragments.len()).into_bytes();
+        for (at, bytes) in fragments {
+            data.extend(format!("{at}\n{}\n", bytes.len()).bytes());
+        }
+        data.resize(data.len().next_multiple_of(512), 0);
+        let mut content = vec![0; size as usize];
+        for (at, bytes) in fragments {
+            data.extend_from_slice(bytes);
+            content[*at as usize..*at as usize + bytes.len()].copy_from_slice(bytes);
+        }
+        let (mut h, mtime) = self.header(
+            &format!("GNUSparseFile.0/{path}"),
+            tar::EntryType::Regular,
+            0o644,
+        );
+        h.set_size(data.len() as u64);
+        self.append(h, &data);
+        let mut e = Expect::new('-', 0o644, mtime);
+        e.content = content;
+        self.put(path, e);
+        self
+    }
+
     pub fn fifo(mut self, path: &str, mode: u32) -> Self {
         let (h, mtime) = self.header(path, tar::EntryType::Fifo, mode);
         self.append(h, &[]);

@@ -33,7 +33,7 @@ fn tar_with_raw_name(name: &[u8], typeflag: u8, link: &[u8]) -> Vec<u8> {
 
 #[test]
 fn names_escaping_the_root_are_refused_by_name() {
-    for name in [&b"../etc/passwd"[..], b"a/../../b", b"/etc/shadow"] {
+    for name in [&b"../etc/passwd"[..], b"a/../../b"] {
         let tar = tar_with_raw_name(name, b'0', b"");
         let err = hermes_ztoc::build(tar.as_slice(), &options(65536)).expect_err("must refuse");
         let shown = String::from_utf8_lossy(name).into_owned();
@@ -54,9 +54,12 @@ fn names_escaping_the_root_are_refused_by_name() {
     ));
     let tar = tar_with_raw_name(b"link", b'2', b"/etc/passwd");
     hermes_ztoc::build(tar.as_slice(), &options(65536)).expect("absolute symlink targets are fine");
-    // `./` and inner `..` that stay inside are fine.
-    let tar = tar_with_raw_name(b"./a/../b", b'0', b"");
-    hermes_ztoc::build(tar.as_slice(), &options(65536)).expect("stays inside the root");
+    // `./` and inner `..` that stay inside are fine, and absolute names are relative to the
+    // root, as containerd unpacks them.
+    for name in [&b"./a/../b"[..], b"/etc/shadow", b"/../etc/shadow"] {
+        let tar = tar_with_raw_name(name, b'0', b"");
+        hermes_ztoc::build(tar.as_slice(), &options(65536)).expect("stays inside the root");
+    }
 }
 
 #[test]
@@ -67,18 +70,6 @@ fn unsupported_entry_types_are_named() {
         err.to_string().contains("contig") && err.to_string().contains("'7'"),
         "{err}"
     );
-
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_ustar();
-    let records = b"19 comment=global!\n";
-    h.set_entry_type(tar::EntryType::XGlobalHeader);
-    h.set_size(records.len() as u64);
-    h.set_path("pax_global_header").expect("path");
-    h.set_cksum();
-    b.append(&h, &records[..]).expect("append");
-    let tar = b.into_inner().expect("tar");
-    let err = hermes_ztoc::build(tar.as_slice(), &options(65536)).expect_err("global header");
-    assert!(err.to_string().contains("PAX global header"), "{err}");
 }
 
 fn sample_tar() -> Vec<u8> {

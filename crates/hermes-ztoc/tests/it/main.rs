@@ -1,6 +1,7 @@
 //! Integration tests for hermes-ztoc (one binary, modules per concern).
 
 mod alloc;
+mod compat;
 mod errors;
 mod golden;
 mod hostile;

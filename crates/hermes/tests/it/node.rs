@@ -13,7 +13,7 @@ use hermes_snapshotter::api::containerd::services::snapshots::v1 as pb;
 use hermes_snapshotter::{
     LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
 };
-use hermes_testkit::{FaultProxy, PushedImage, Registry, TestImage};
+use hermes_testkit::{FaultProxy, PushedImage, Registry, SparseFormat, TestImage};
 
 const HERMES: &str = env!("CARGO_BIN_EXE_hermes");
 
@@ -756,45 +756,43 @@ fn walk(root: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn lazy_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
-    require_root();
+/// A registry and a containerd that pulls from it into its own overlayfs snapshotter.
+fn registry_and_containerd() -> (Registry, hermes_testkit::Containerd) {
     let registry = Registry::start().expect("registry");
-    let pushed = TestImage::new()
-        .dir("etc")
-        .file("etc/app.conf", b"threads = 4\n".to_vec())
-        .file("etc/old.conf", b"gone in layer 2\n".to_vec())
-        .executable("bin/run", b"#!/bin/sh\necho run\n".to_vec())
-        .symlink("bin/start", "run")
-        .dir("var/cache/pkgs")
-        .file("var/cache/pkgs/a.deb", noise(300 << 10, 5))
-        .big_file("models/weights.bin", 5)
-        .file("empty", Vec::new())
-        .layer()
-        .whiteout("etc/old.conf")
-        .whiteout("var/cache/pkgs")
-        .file("etc/app.conf", b"threads = 8\n".to_vec())
-        .file("models/extra.bin", noise(700 << 10, 6))
-        .symlink("latest", "models/weights.bin")
-        .push(&registry.host(), "node/tree:v1")
-        .expect("push");
-    let dir = tempfile::tempdir().expect("tempdir");
-
-    // The normal path: containerd's own pull and unpack into its overlayfs snapshotter.
     let containerd = hermes_testkit::Containerd::builder()
         .registry_host(&registry.host())
         .start()
         .expect("containerd");
-    containerd
-        .ctr(&[
-            "images",
-            "pull",
-            "--plain-http",
-            "--snapshotter",
-            "overlayfs",
-            &pushed.reference,
-        ])
-        .expect("ctr pull");
+    (registry, containerd)
+}
+
+/// containerd's own pull of `pushed` (the normal path).
+fn ctr_pull(
+    containerd: &hermes_testkit::Containerd,
+    pushed: &PushedImage,
+) -> hermes_testkit::Result<String> {
+    containerd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &pushed.reference,
+    ])
+}
+
+/// `image` pushed, then unpacked both ways: by containerd's own pull into its overlayfs
+/// snapshotter, and lazily by Hermes with every layer indexed (asserted). Returns both trees as
+/// [`walk`] lists them: (containerd's, lazy).
+fn trees_unpacked_both_ways(image: &TestImage, name: &str) -> (Vec<String>, Vec<String>) {
+    require_root();
+    let (registry, containerd) = registry_and_containerd();
+    let pushed = image
+        .push(&registry.host(), &format!("node/{name}:v1"))
+        .expect("push");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    ctr_pull(&containerd, &pushed).expect("ctr pull");
     let mut chain = pushed.layers[0].diff_id.clone();
     for l in &pushed.layers[1..] {
         let digest = hermes_oci::Digest::of(format!("{chain} {}", l.diff_id).as_bytes());
@@ -812,7 +810,7 @@ fn lazy_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
             "view",
             "--target",
             normal_root.to_str().unwrap(),
-            "tree-view",
+            &format!("{name}-view"),
             &chain,
         ])
         .expect("view");
@@ -827,13 +825,38 @@ fn lazy_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
     index(&pushed.reference, &dir.path().join("node/ztocs"));
     let node = Node::start(dir.path(), &["--plain-http", "--no-background-fetch"]);
     let rt = runtime();
-    assert_eq!(rt.block_on(unpack(&node.socket, &pushed, "tree")), 2);
+    assert_eq!(
+        rt.block_on(unpack(&node.socket, &pushed, name)),
+        pushed.layers.len(),
+        "every layer is lazy:\n{}",
+        node.log()
+    );
     let lazy = mount_rootfs(
-        &rt.block_on(container(&node.socket, &pushed, "tree", "tree-c")),
+        &rt.block_on(container(&node.socket, &pushed, name, &format!("{name}-c"))),
         &dir.path().join("lazy"),
     );
+    (walk(&normal.path), walk(&lazy.path))
+}
 
-    let (want, got) = (walk(&normal.path), walk(&lazy.path));
+#[test]
+fn lazy_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
+    let image = TestImage::new()
+        .dir("etc")
+        .file("etc/app.conf", b"threads = 4\n".to_vec())
+        .file("etc/old.conf", b"gone in layer 2\n".to_vec())
+        .executable("bin/run", b"#!/bin/sh\necho run\n".to_vec())
+        .symlink("bin/start", "run")
+        .dir("var/cache/pkgs")
+        .file("var/cache/pkgs/a.deb", noise(300 << 10, 5))
+        .big_file("models/weights.bin", 5)
+        .file("empty", Vec::new())
+        .layer()
+        .whiteout("etc/old.conf")
+        .whiteout("var/cache/pkgs")
+        .file("etc/app.conf", b"threads = 8\n".to_vec())
+        .file("models/extra.bin", noise(700 << 10, 6))
+        .symlink("latest", "models/weights.bin");
+    let (want, got) = trees_unpacked_both_ways(&image, "tree");
     assert!(
         want.iter().any(|l| l.starts_with("./latest l")),
         "{want:#?}"
@@ -847,6 +870,93 @@ fn lazy_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
     assert_eq!(
         got, want,
         "lazy tree (left) differs from containerd's unpack (right)"
+    );
+}
+
+/// Layers that earlier builds refused (falling back) or served differently from containerd:
+/// root entries, a PAX global header, sparse files, files and links under symlinked directories.
+#[test]
+fn odd_but_valid_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
+    let (a, b, c) = (noise(5000, 7), noise(70 << 10, 8), noise(300, 9));
+    let fragments: &[(u64, &[u8])] = &[(0, &a[..]), (1 << 20, &b[..]), ((3 << 20) - 300, &c[..])];
+    let image = TestImage::new()
+        .global_header("4f6ad3c9e1b2b8a0e9b3f1c0d2e4f6a8b0c2d4e6")
+        .root_entry("./")
+        .dir("x")
+        .file("x/keep", b"hidden by layer 2\n".to_vec())
+        .symlink("d", "x")
+        .file("d/f", b"written through the link\n".to_vec())
+        .symlink("abs", "/y")
+        .file("abs/f", b"absolute link target\n".to_vec())
+        .symlink("up", "../../z")
+        .file("up/f", b"link out of the root\n".to_vec())
+        .hardlink("hl", "d/f")
+        .sparse_file("sparse/v10", 3 << 20, fragments, SparseFormat::Pax10)
+        .sparse_file("sparse/v01", 3 << 20, fragments, SparseFormat::Pax01)
+        .sparse_file("sparse/v00", 3 << 20, fragments, SparseFormat::Pax00)
+        .sparse_file(
+            "sparse/hole-at-end",
+            1 << 20,
+            &[(4096, &a[..])],
+            SparseFormat::Pax10,
+        )
+        .layer()
+        .root_entry("/")
+        .symlink("w", "x")
+        .whiteout("w/keep")
+        .file("w/new", b"layer 2 through its own link\n".to_vec());
+    let (want, got) = trees_unpacked_both_ways(&image, "odd");
+    for expected in [
+        "./x/f f",
+        "./y/f f",
+        "./z/f f",
+        "./hl f",
+        "./x/new f",
+        "./d l",
+        "./w l",
+    ] {
+        assert!(
+            want.iter().any(|l| l.starts_with(expected)),
+            "containerd's tree has {expected}: {want:#?}"
+        );
+    }
+    assert!(
+        want.iter()
+            .any(|l| l.starts_with("./sparse/v10 f 644 0:0 3145728")),
+        "{want:#?}"
+    );
+    assert!(!want.iter().any(|l| l.contains("keep")), "{want:#?}");
+    assert_eq!(
+        got, want,
+        "lazy tree (left) differs from containerd's unpack (right)"
+    );
+}
+
+/// containerd's unpacker has no case for the old GNU sparse type: its pull fails. Hermes must
+/// not serve such a layer (it falls back, and the normal pull fails the same way).
+#[test]
+fn old_gnu_sparse_files_fail_containerds_unpack_and_are_not_served_lazily() {
+    require_root();
+    let (registry, containerd) = registry_and_containerd();
+    let pushed = TestImage::new()
+        .file("a", b"plain layer\n".to_vec())
+        .layer()
+        .sparse_file("s", 1 << 20, &[(4096, b"data")], SparseFormat::OldGnu)
+        .push(&registry.host(), "node/oldgnu:v1")
+        .expect("push");
+    let err = ctr_pull(&containerd, &pushed).expect_err("containerd cannot unpack type 'S'");
+    assert!(
+        err.to_string().contains("unhandled tar header type 83"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    index(&pushed.reference, &dir.path().join("node/ztocs"));
+    let node = Node::start(dir.path(), &["--plain-http", "--no-background-fetch"]);
+    assert_eq!(
+        runtime().block_on(unpack(&node.socket, &pushed, "oldgnu")),
+        1,
+        "only the plain layer is lazy"
     );
 }
 
