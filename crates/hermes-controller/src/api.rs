@@ -21,14 +21,25 @@
 //! `/v1/*` needs `Authorization: Bearer TOKEN` when a token is configured. Health and metrics
 //! do not. TLS with [`serve_tls`] (see [`crate::tls`]). Each layer's recent traces are saved
 //! under the store's directory (`profiles/<layer hex>.json`) and read back by [`NodeApi::new`].
+//!
+//! Even a token holder costs bounded memory, disk and time: bodies are capped
+//! ([`MAX_MISS_BODY`], [`MAX_TRACE_BODY`]: 413), names too ([`MAX_IMAGE_LEN`],
+//! [`MAX_NODE_NAME_LEN`], [`MAX_LAYERS_PER_REPORT`]: 400), the traces kept (in memory and on disk)
+//! by [`ProfileLimits`], the misses kept by the engine; a connection must send each request
+//! head within [`ApiLimits::header_read_timeout`] (also the longest idle time between
+//! requests) and is closed when nothing moves for [`ApiLimits::idle_timeout`].
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -42,11 +53,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
 use crate::matcher::off_for_node;
 use crate::policy::Policy;
-use crate::prefetch::{ProfileBook, TraceReport};
+use crate::prefetch::{KeptTrace, ProfileBook, ProfileLimits, TraceReport};
 use crate::reconcile::Phase;
 use crate::status::{ImageReport, PolicyReport};
 
@@ -82,6 +94,64 @@ struct BuildLabels {
     outcome: BuildOutcome,
 }
 
+/// Why a node's miss was not counted (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum MissRefusal {
+    /// No policy selects the image: it is neither resolved nor kept.
+    Unselected,
+    /// The engine's table of misses is full.
+    TableFull,
+    /// Too many misses are being resolved already.
+    ResolvesBusy,
+    /// The channel to the controller loop is full (answered 503).
+    QueueFull,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: MissRefusal,
+}
+
+/// Longest image reference a miss may name: a 255-character name (the distribution spec's
+/// limit, registry included), a 128-character tag and a digest fit.
+pub const MAX_IMAGE_LEN: usize = 512;
+/// Longest node name in a miss or a trace report (a Kubernetes node name is a DNS subdomain).
+pub const MAX_NODE_NAME_LEN: usize = 253;
+/// Largest `POST /v1/misses` body.
+pub const MAX_MISS_BODY: usize = 4 << 10;
+/// Largest `POST /v1/traces` body: one trace of the most spans kept
+/// ([`MAX_SPANS_PER_TRACE`](crate::prefetch::MAX_SPANS_PER_TRACE)) fits.
+pub const MAX_TRACE_BODY: usize = 2 << 20;
+/// Most layers in one trace report (overlayfs stacks at most 128 layers).
+pub const MAX_LAYERS_PER_REPORT: usize = 128;
+/// Default of [`ApiLimits::header_read_timeout`].
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`ApiLimits::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The node API's configurable bounds; the defaults are the `DEFAULT_*` and `MAX_*` constants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// Time a connection has to send a request head, counted from when the server waits for
+    /// one: so also the longest a kept-alive connection stays open between requests.
+    pub header_read_timeout: Duration,
+    /// A connection on which no byte moves either way for this long is closed (a stalled
+    /// upload, a client that stopped reading its answer).
+    pub idle_timeout: Duration,
+    /// What the startup traces keep, in memory and under `profiles/`.
+    pub profiles: ProfileLimits,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            profiles: ProfileLimits::default(),
+        }
+    }
+}
+
 /// Counters and gauges the API and the controller loop update.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -95,6 +165,9 @@ pub struct Metrics {
     pub misses: Counter,
     /// Images in the build queue (set by the controller loop).
     pub queue_depth: Gauge,
+    misses_refused: Family<RefusalLabels, Counter>,
+    profile_spans: Gauge,
+    profile_evictions: Counter,
     builds: Family<BuildLabels, Counter>,
     build_seconds: Histogram,
     bytes_read: Counter,
@@ -108,6 +181,9 @@ impl Default for Metrics {
             artifacts_refused: Counter::default(),
             misses: Counter::default(),
             queue_depth: Gauge::default(),
+            misses_refused: Family::default(),
+            profile_spans: Gauge::default(),
+            profile_evictions: Counter::default(),
             builds: Family::default(),
             // 0.5 s … ~34 min
             build_seconds: Histogram::new(exponential_buckets(0.5, 2.0, 13)),
@@ -123,6 +199,13 @@ impl Metrics {
         self.builds.get_or_create(&BuildLabels { outcome }).inc();
         self.build_seconds.observe(seconds);
         self.bytes_read.inc_by(bytes_read);
+    }
+
+    /// Count a miss that was not counted as a running container, by why.
+    pub fn refuse_miss(&self, reason: MissRefusal) {
+        self.misses_refused
+            .get_or_create(&RefusalLabels { reason })
+            .inc();
     }
 
     fn register(&self, registry: &mut Registry) {
@@ -145,6 +228,21 @@ impl Metrics {
             "hermes_controller_misses",
             "images nodes started without an index",
             self.misses.clone(),
+        );
+        registry.register(
+            "hermes_controller_misses_refused",
+            "misses not counted, by reason",
+            self.misses_refused.clone(),
+        );
+        registry.register(
+            "hermes_controller_profile_spans",
+            "span indices kept from startup traces",
+            self.profile_spans.clone(),
+        );
+        registry.register(
+            "hermes_controller_profile_evictions",
+            "startup traces dropped for a node's quota or a full profile book",
+            self.profile_evictions.clone(),
         );
         registry.register(
             "hermes_controller_queue_depth",
@@ -179,6 +277,7 @@ pub struct NodeApi {
 struct Inner {
     store: Store,
     token: Option<String>,
+    limits: ApiLimits,
     span_sizes: RwLock<Vec<u64>>,
     images: RwLock<BTreeMap<Digest, ImageReport>>,
     policies: RwLock<Vec<PolicyReport>>,
@@ -199,6 +298,8 @@ struct Inner {
 enum ApiError {
     BadDigest(String),
     BadBody(String),
+    /// A body over its limit: the request and the limit.
+    TooLarge(&'static str, usize),
     NotFound(&'static str),
     /// An `Off` policy forbids lazy starts of the image; the reason.
     Disabled(String),
@@ -219,6 +320,10 @@ impl IntoResponse for ApiError {
                 format!("{d:?} is not a digest (sha256:<64 hex>)"),
             ),
             Self::BadBody(e) => (StatusCode::BAD_REQUEST, format!("bad request body: {e}")),
+            Self::TooLarge(what, limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("{what} bodies are at most {limit} bytes"),
+            ),
             Self::NotFound(what) => (StatusCode::NOT_FOUND, format!("no {what}")),
             Self::Disabled(reason) => (StatusCode::NOT_FOUND, reason),
             Self::Unauthorized => (
@@ -261,21 +366,36 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 impl NodeApi {
     /// An API over `store`; `token` (if any) guards `/v1/*`; zTOCs are looked up for each of
-    /// `span_sizes` in order; accepted misses go to `misses`.
+    /// `span_sizes` in order; accepted misses go to `misses`. With the default [`ApiLimits`].
     pub fn new(
         store: Store,
         token: Option<String>,
         span_sizes: Vec<u64>,
         misses: mpsc::Sender<Miss>,
     ) -> Self {
+        Self::with_limits(store, token, span_sizes, misses, ApiLimits::default())
+    }
+
+    /// [`NodeApi::new`] within `limits`.
+    pub fn with_limits(
+        store: Store,
+        token: Option<String>,
+        span_sizes: Vec<u64>,
+        misses: mpsc::Sender<Miss>,
+        limits: ApiLimits,
+    ) -> Self {
         let metrics = Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        let profiles = load_profiles(&profiles_dir(&store));
+        let profiles = load_profiles(&profiles_dir(&store), limits.profiles);
+        metrics
+            .profile_spans
+            .set(i64::try_from(profiles.span_count()).unwrap_or(i64::MAX));
         Self {
             inner: Arc::new(Inner {
                 store,
                 token,
+                limits,
                 span_sizes: RwLock::new(span_sizes),
                 images: RwLock::new(BTreeMap::new()),
                 policies: RwLock::new(Vec::new()),
@@ -362,8 +482,14 @@ impl NodeApi {
             .route("/v1/images/{digest}", get(get_image))
             .route("/v1/policies", get(list_policies))
             .route("/v1/layers/{digest}/prefetch", get(get_prefetch))
-            .route("/v1/misses", post(post_miss))
-            .route("/v1/traces", post(post_traces))
+            .route(
+                "/v1/misses",
+                post(post_miss).layer(DefaultBodyLimit::max(MAX_MISS_BODY)),
+            )
+            .route(
+                "/v1/traces",
+                post(post_traces).layer(DefaultBodyLimit::max(MAX_TRACE_BODY)),
+            )
             .route_layer(middleware::from_fn_with_state(self.clone(), require_token));
         Router::new()
             .merge(v1)
@@ -500,16 +626,49 @@ async fn list_policies(State(api): State<NodeApi>) -> axum::Json<Vec<PolicyRepor
     axum::Json(policies.clone())
 }
 
+/// The body, or 413 naming `what` and its limit when it is larger.
+fn body_within(
+    body: Result<Bytes, BytesRejection>,
+    what: &'static str,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(what, limit)
+        } else {
+            ApiError::BadBody(rejection.body_text())
+        }
+    })
+}
+
+/// 400 when `value` (the `field` of a request) is longer than `limit` bytes.
+fn within(field: &str, value: &str, limit: usize) -> Result<(), ApiError> {
+    if value.len() > limit {
+        return Err(ApiError::BadBody(format!(
+            "{field} is {} bytes long; at most {limit} are allowed",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
 async fn post_miss(
     State(api): State<NodeApi>,
-    body: axum::body::Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let body = body_within(body, "miss", MAX_MISS_BODY)?;
     let miss: Miss = serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    within("image", &miss.image, MAX_IMAGE_LEN)?;
+    within(
+        "node",
+        miss.node.as_deref().unwrap_or_default(),
+        MAX_NODE_NAME_LEN,
+    )?;
     Reference::parse(&miss.image).map_err(|e| ApiError::BadBody(e.to_string()))?;
-    api.inner
-        .misses
-        .try_send(miss)
-        .map_err(|_| ApiError::Busy)?;
+    if api.inner.misses.try_send(miss).is_err() {
+        api.inner.metrics.refuse_miss(MissRefusal::QueueFull);
+        return Err(ApiError::Busy);
+    }
     api.inner.metrics.misses.inc();
     Ok(StatusCode::ACCEPTED)
 }
@@ -519,76 +678,148 @@ fn profiles_dir(store: &Store) -> std::path::PathBuf {
     store.root().join("profiles")
 }
 
-/// Saved traces: `{"traces": [[span, …], …]}` per layer.
+/// A layer's saved traces: `{"traces": [{"seq": N, "node": NAME, "spans": [span, …]}, …]}`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct SavedTraces {
-    traces: Vec<Vec<u32>>,
+    traces: Vec<SavedTrace>,
 }
 
-/// The traces saved in `dir` (unreadable files are skipped with a warning).
-fn load_profiles(dir: &std::path::Path) -> ProfileBook {
-    let mut book = ProfileBook::default();
+/// One saved trace; files written before traces had a node and an order hold bare span lists.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum SavedTrace {
+    Kept(KeptTrace),
+    Spans(Vec<u32>),
+}
+
+/// Largest saved file read back: all a layer may keep, as JSON (11 bytes a span at most, plus
+/// each trace's node name and fields).
+fn saved_file_limit(limits: &ProfileLimits) -> u64 {
+    let per_trace = limits.spans_per_trace * 11 + MAX_NODE_NAME_LEN + 64;
+    u64::try_from(limits.traces_per_layer.saturating_mul(per_trace)).unwrap_or(u64::MAX)
+}
+
+/// The traces saved in `dir`, within `limits` (unreadable or oversized files are skipped with a
+/// warning). Files holding more than the limits keep are rewritten, or deleted when nothing of
+/// them is kept.
+fn load_profiles(dir: &std::path::Path, limits: ProfileLimits) -> ProfileBook {
+    let mut book = ProfileBook::new(limits);
     let Ok(entries) = std::fs::read_dir(dir) else {
         return book;
     };
+    let mut saved = Vec::new();
+    let mut counts = BTreeMap::new();
     for path in entries.flatten().map(|e| e.path()) {
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
         let layer = path
             .file_stem()
             .and_then(|s| s.to_str())
             .and_then(|hex| Digest::parse(&format!("sha256:{hex}")).ok());
-        let saved = std::fs::read(&path)
-            .ok()
+        let small = std::fs::metadata(&path).is_ok_and(|m| m.len() <= saved_file_limit(&limits));
+        let traces = small
+            .then(|| std::fs::read(&path).ok())
+            .flatten()
             .and_then(|b| serde_json::from_slice::<SavedTraces>(&b).ok());
-        match (layer, saved) {
-            (Some(layer), Some(saved)) => book.restore(layer, saved.traces),
-            _ if path.extension().is_some_and(|e| e == "json") => {
-                tracing::warn!(path = %path.display(), "unreadable saved traces; ignored");
-            }
-            _ => {}
+        let (Some(layer), Some(traces)) = (layer, traces) else {
+            tracing::warn!(path = %path.display(), "unreadable or oversized saved traces; ignored");
+            continue;
+        };
+        counts.insert(layer.clone(), traces.traces.len());
+        saved.extend(traces.traces.into_iter().map(|t| {
+            let trace = match t {
+                SavedTrace::Kept(kept) => kept,
+                SavedTrace::Spans(spans) => KeptTrace {
+                    seq: 0,
+                    node: String::new(),
+                    spans,
+                },
+            };
+            (layer.clone(), trace)
+        }));
+    }
+    book.restore(saved);
+    for (layer, count) in counts {
+        let kept = book.traces(&layer);
+        if kept.len() != count
+            && let Err(e) = save_traces(dir, &layer, kept)
+        {
+            tracing::warn!(%layer, error = %e, "cannot rewrite saved traces within the limits");
         }
     }
     book
 }
 
-/// Save `traces` of `layer` atomically (temp file, rename).
+/// Save `traces` of `layer` atomically (temp file, rename); with none, delete its file.
 fn save_traces(
     dir: &std::path::Path,
     layer: &Digest,
-    traces: Vec<Vec<u32>>,
+    traces: Vec<KeptTrace>,
 ) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("{}.json", layer.hex()));
+    if traces.is_empty() {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+    }
+    std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{}.tmp", layer.hex()));
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(&SavedTraces { traces }).unwrap_or_default(),
-    )?;
+    let saved = SavedTraces {
+        traces: traces.into_iter().map(SavedTrace::Kept).collect(),
+    };
+    std::fs::write(&tmp, serde_json::to_vec(&saved).unwrap_or_default())?;
     std::fs::rename(&tmp, &path)
 }
 
 async fn post_traces(
     State(api): State<NodeApi>,
-    body: axum::body::Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let body = body_within(body, "trace report", MAX_TRACE_BODY)?;
     let report: TraceReport =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
-    let layers: Vec<Digest> = report.layers.keys().cloned().collect();
+    within(
+        "node",
+        report.node.as_deref().unwrap_or_default(),
+        MAX_NODE_NAME_LEN,
+    )?;
+    if report.layers.len() > MAX_LAYERS_PER_REPORT {
+        return Err(ApiError::BadBody(format!(
+            "a report names {} layers; at most {MAX_LAYERS_PER_REPORT} are allowed",
+            report.layers.len()
+        )));
+    }
     let _saving = api.inner.saving.lock().await;
-    let saved: Vec<(Digest, Vec<Vec<u32>>)> = {
+    let (saved, evicted, spans): (Vec<(Digest, Vec<KeptTrace>)>, usize, usize) = {
         let mut book = api
             .inner
             .profiles
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        book.add(report);
-        layers
+        let added = book.add(report);
+        let saved = added
+            .changed
             .into_iter()
             .map(|l| {
                 let traces = book.traces(&l);
                 (l, traces)
             })
-            .collect()
+            .collect();
+        (saved, added.evicted, book.span_count())
     };
+    let metrics = &api.inner.metrics;
+    metrics
+        .profile_spans
+        .set(i64::try_from(spans).unwrap_or(i64::MAX));
+    if evicted > 0 {
+        metrics.profile_evictions.inc_by(evicted as u64);
+        tracing::debug!(
+            evicted,
+            "startup traces dropped for a node's quota or a full book"
+        );
+    }
     let dir = profiles_dir(&api.inner.store);
     tokio::task::spawn_blocking(move || {
         for (layer, traces) in saved {
@@ -645,9 +876,8 @@ pub async fn serve_tls(
     api: NodeApi,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(crate::tls::TlsListener::new(listener, tls), api.router())
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_on(crate::tls::TlsListener::new(listener, tls), api, shutdown).await;
+    Ok(())
 }
 
 /// Serve `api` on `listener` until `shutdown` completes.
@@ -656,9 +886,152 @@ pub async fn serve(
     api: NodeApi,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, api.router())
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_on(listener, api, shutdown).await;
+    Ok(())
+}
+
+/// The accept loop (axum's own `serve` has no timeouts): hyper serves each connection with
+/// the header read timeout, [`IdleIo`] closes it when nothing moves. On shutdown, connections
+/// answer the request they have (idle ones close at once) and the loop waits for them.
+async fn serve_on<L: axum::serve::Listener>(
+    mut listener: L,
+    api: NodeApi,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let router = api.router();
+    let limits = api.inner.limits;
+    // Dropped to tell connections to finish.
+    let (stopping, stop) = tokio::sync::watch::channel(());
+    let mut connections = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let io = tokio::select! {
+            (io, _) = listener.accept() => io,
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut stop = stop.clone();
+        connections.spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(IdleIo::new(io, limits.idle_timeout));
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout);
+            let mut connection = std::pin::pin!(http.serve_connection(io, service));
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                _ = stop.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "node API connection ended");
+            }
+        });
+    }
+    drop(stopping);
+    while connections.join_next().await.is_some() {}
+}
+
+/// A connection that fails once no byte has moved either way for `idle`.
+struct IdleIo<I> {
+    io: I,
+    idle: Duration,
+    last_progress: tokio::time::Instant,
+    /// Fires at `last_progress + idle` as of when it was last set; moved on lazily, so
+    /// progress costs no timer update.
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<I> IdleIo<I> {
+    fn new(io: I, idle: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            io,
+            idle,
+            last_progress: now,
+            timer: Box::pin(tokio::time::sleep_until(now + idle)),
+        }
+    }
+
+    /// On a pending read or write: fail when the connection has been idle too long, else
+    /// make sure this task is woken when it will have been.
+    fn poll_idle<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        loop {
+            let due = self.last_progress + self.idle;
+            if self.timer.deadline() != due {
+                self.timer.as_mut().reset(due);
+            }
+            match self.timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(())
+                    if self.last_progress + self.idle <= tokio::time::Instant::now() =>
+                {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connection idle for too long",
+                    )));
+                }
+                Poll::Ready(()) => {}
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for IdleIo<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Pending => this.poll_idle(cx),
+            ready => {
+                if buf.filled().len() > before {
+                    this.last_progress = tokio::time::Instant::now();
+                }
+                ready
+            }
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for IdleIo<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_write(cx, buf) {
+            Poll::Pending => this.poll_idle(cx),
+            ready => {
+                if matches!(ready, Poll::Ready(Ok(n)) if n > 0) {
+                    this.last_progress = tokio::time::Instant::now();
+                }
+                ready
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Pending => this.poll_idle(cx),
+            ready => ready,
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_shutdown(cx) {
+            Poll::Pending => this.poll_idle(cx),
+            ready => ready,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -684,14 +1057,19 @@ mod tests {
     }
 
     async fn start(token: Option<&str>) -> Server {
+        start_with(token, ApiLimits::default()).await
+    }
+
+    async fn start_with(token: Option<&str>, limits: ApiLimits) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let (tx, rx) = mpsc::channel(1);
-        let api = NodeApi::new(
+        let api = NodeApi::with_limits(
             store.clone(),
             token.map(str::to_owned),
             vec![1 << 20, 4 << 20],
             tx,
+            limits,
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1055,5 +1433,247 @@ mod tests {
             .profile(&layer)
             .expect("profile after a restart");
         assert_eq!((profile.spans, profile.traces), (vec![2, 4, 9], 2));
+    }
+
+    #[tokio::test]
+    async fn misses_with_huge_names_are_refused_before_they_are_kept() {
+        let mut s = start(None).await;
+        // The hardening report's miss: a 1.5 MB node name (300 of them took 678 MB).
+        let huge = format!(
+            r#"{{"image":"registry.test/app:v1","node":"{}"}}"#,
+            "n".repeat(1_500_000)
+        );
+        let r = request(&s, "POST", "/v1/misses", None, &huge).await;
+        assert_eq!(r.status, 413, "{}", r.text());
+        assert!(
+            r.text().contains(&format!("at most {MAX_MISS_BODY} bytes")),
+            "{}",
+            r.text()
+        );
+        // Under the body limit, a field over its own limit is named.
+        let long_node = format!(
+            r#"{{"image":"registry.test/app:v1","node":"{}"}}"#,
+            "n".repeat(300)
+        );
+        let r = request(&s, "POST", "/v1/misses", None, &long_node).await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(
+            r.text().contains("node is 300 bytes long; at most 253"),
+            "{}",
+            r.text()
+        );
+        let long_image = format!(r#"{{"image":"registry.test/{}:v1"}}"#, "a".repeat(600));
+        let r = request(&s, "POST", "/v1/misses", None, &long_image).await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(r.text().contains("image is 617 bytes long"), "{}", r.text());
+        assert!(s.misses.try_recv().is_err(), "nothing was handed over");
+        let longest = "n".repeat(MAX_NODE_NAME_LEN);
+        let ok = format!(r#"{{"image":"registry.test/app:v1","node":"{longest}"}}"#);
+        assert_eq!(
+            request(&s, "POST", "/v1/misses", None, &ok).await.status,
+            202
+        );
+    }
+
+    /// Small limits, so the test floods them with a few requests.
+    fn small_profile_limits() -> ApiLimits {
+        ApiLimits {
+            profiles: ProfileLimits {
+                traces_per_layer: 4,
+                spans_per_trace: 8,
+                layers: 6,
+                spans: 40,
+                spans_per_node: 24,
+            },
+            ..ApiLimits::default()
+        }
+    }
+
+    fn layer_digest(i: usize) -> Digest {
+        Digest::parse(&format!("sha256:{i:064x}")).unwrap()
+    }
+
+    /// Total size and count of the saved trace files.
+    fn saved_profiles(store: &Store) -> (u64, usize) {
+        let files: Vec<u64> = std::fs::read_dir(profiles_dir(store))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (files.iter().sum(), files.len())
+    }
+
+    #[tokio::test]
+    async fn trace_posts_keep_bounded_memory_and_disk_with_a_quota_per_node() {
+        let limits = small_profile_limits();
+        let s = start_with(None, limits).await;
+        let post = |node: &str, layer: usize, spans: &str| {
+            format!(
+                r#"{{"node":"{node}","layers":{{"{}":{spans}}}}}"#,
+                layer_digest(layer)
+            )
+        };
+        let r = request(&s, "POST", "/v1/traces", None, &post("quiet", 0, "[1,2,3]")).await;
+        assert_eq!(r.status, 202, "{}", r.text());
+        // One node floods: many layers, the longest traces (cut to 8 spans).
+        for layer in 1..=150 {
+            let body = post("flood", layer, "[1,2,3,4,5,6,7,8,9,10,11,12]");
+            let r = request(&s, "POST", "/v1/traces", None, &body).await;
+            assert_eq!(r.status, 202, "{}", r.text());
+        }
+        let (spans, layers) = {
+            let book = s.api.inner.profiles.read().unwrap();
+            (book.span_count(), book.layer_count())
+        };
+        assert!(
+            spans <= 40 && layers <= 6,
+            "{spans} spans in {layers} layers kept"
+        );
+        // The flooding node pushed out only its own traces: the quiet node's is still served.
+        let quiet = request(
+            &s,
+            "GET",
+            &format!("/v1/layers/{}/prefetch", layer_digest(0)),
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(quiet.status, 200, "{}", quiet.text());
+        // On disk: one file per kept layer, each at most a layer's worth.
+        let (bytes, files) = saved_profiles(&s.store);
+        assert_eq!(files, layers, "a file per kept layer");
+        assert!(
+            bytes <= 6 * saved_file_limit(&limits.profiles),
+            "{bytes} bytes saved"
+        );
+        let metrics = request(&s, "GET", "/metrics", None, "").await.text();
+        assert!(
+            metrics.contains(&format!("hermes_controller_profile_spans {spans}")),
+            "{metrics}"
+        );
+        // 150 traces of 8 spans, 3 fit the node's quota of 24.
+        assert!(
+            metrics.contains("hermes_controller_profile_evictions_total 147"),
+            "{metrics}"
+        );
+        // Too many layers in one report, or a long node name: refused with the reason.
+        let many: BTreeMap<String, Vec<u32>> = (0..=MAX_LAYERS_PER_REPORT)
+            .map(|i| (layer_digest(1000 + i).to_string(), vec![1]))
+            .collect();
+        let body = serde_json::json!({ "layers": many }).to_string();
+        let r = request(&s, "POST", "/v1/traces", None, &body).await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(r.text().contains("at most 128"), "{}", r.text());
+        let r = request(
+            &s,
+            "POST",
+            "/v1/traces",
+            None,
+            &post(&"n".repeat(254), 0, "[1]"),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{}", r.text());
+
+        // A restart with smaller limits keeps the most recent traces and rewrites the files.
+        let (tx, _rx) = mpsc::channel(1);
+        let mut smaller = limits;
+        smaller.profiles.layers = 2;
+        let again = NodeApi::with_limits(s.store.clone(), None, vec![4 << 20], tx, smaller);
+        let book = again.inner.profiles.read().unwrap();
+        assert_eq!(book.layer_count(), 2);
+        assert!(
+            book.profile(&layer_digest(150)).is_some(),
+            "the newest layer is kept"
+        );
+        assert_eq!(
+            saved_profiles(&s.store).1,
+            2,
+            "files of dropped layers are deleted"
+        );
+    }
+
+    /// Reads until the server closes `conn` (true), or fails after 30 s. While reading, `drip`
+    /// (if any) is sent a byte at a time, one per 50 ms read timeout.
+    async fn closed_by_server(conn: &mut tokio::net::TcpStream, drip: &[u8]) -> bool {
+        let started = std::time::Instant::now();
+        let mut drip = drip.iter();
+        let mut buf = [0u8; 1024];
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Some(byte) = drip.next()
+                && conn.write_all(&[*byte]).await.is_err()
+            {
+                return true;
+            }
+            // End of stream or a reset; an answer (or nothing yet) means still open.
+            if let Ok(Ok(0) | Err(_)) =
+                tokio::time::timeout(Duration::from_millis(50), conn.read(&mut buf)).await
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_and_idle_connections_are_closed_while_requests_are_answered() {
+        let s = start_with(
+            None,
+            ApiLimits {
+                header_read_timeout: Duration::from_millis(300),
+                idle_timeout: Duration::from_millis(300),
+                ..ApiLimits::default()
+            },
+        )
+        .await;
+        let connect = || tokio::net::TcpStream::connect(s.addr);
+        let mut silent = Vec::new();
+        for _ in 0..100 {
+            silent.push(connect().await.unwrap());
+        }
+        // A head, a byte per 50 ms: slower than the header timeout allows in all.
+        let mut dripping = connect().await.unwrap();
+        // A body announced and never finished.
+        let mut stalled = connect().await.unwrap();
+        stalled
+            .write_all(
+                b"POST /v1/misses HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{\"image\"",
+            )
+            .await
+            .unwrap();
+        // Kept alive after an answer, then idle.
+        let mut kept_alive = connect().await.unwrap();
+        kept_alive
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+
+        // Others are answered meanwhile.
+        let r = request(&s, "GET", "/healthz", None, "").await;
+        assert_eq!(r.status, 200);
+
+        let head = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+        assert!(
+            closed_by_server(&mut dripping, head).await,
+            "a dripped head is not cut off"
+        );
+        assert!(
+            closed_by_server(&mut stalled, b"").await,
+            "a stalled body is not cut off"
+        );
+        assert!(
+            closed_by_server(&mut kept_alive, b"").await,
+            "an idle kept-alive connection stays"
+        );
+        for conn in &mut silent {
+            assert!(
+                closed_by_server(conn, b"").await,
+                "a silent connection stays open"
+            );
+        }
+        let r = request(&s, "GET", "/healthz", None, "").await;
+        assert_eq!(r.status, 200);
     }
 }

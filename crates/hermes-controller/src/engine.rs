@@ -15,7 +15,11 @@
 //! - `CollectImage`/`CollectZtoc` → deletes in the store, then a periodic sweep of blobs
 //!   nothing refers to.
 //!
-//! Nodes' misses (`POST /v1/misses`) count as running containers for `miss_ttl`.
+//! Nodes' misses (`POST /v1/misses`) count as running containers for `miss_ttl`, at most
+//! `max_misses` of them ([`MissTable`]). A miss names an image on any host: only images a
+//! policy selects ([`selects_miss`]) are resolved or kept, decided before any network I/O, and
+//! at most [`MAX_MISS_RESOLVES`] misses are resolved at once. Refused misses are counted in
+//! `hermes_controller_misses_refused_total` by reason.
 //!
 //! The engine keeps nothing durable of its own: the store and the report book are the state,
 //! so a restarted engine resolves the running images again and builds only what is missing.
@@ -29,11 +33,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::api::{BuildOutcome, Miss, NodeApi};
+use crate::api::{BuildOutcome, Miss, MissRefusal, NodeApi};
 use crate::builder::{Builder, LayerBuild, LayerResult, Resolved};
 use crate::error::chain;
-use crate::matcher::RunningContainer;
+use crate::matcher::{RunningContainer, selects_miss};
 use crate::mirror::Collected;
+use crate::misses::{DEFAULT_MAX_MISSES, MissTable, Recorded};
 use crate::policy::{DEFAULT_SPAN_SIZE, Policy};
 use crate::queue::{BuildQueue, JobId, LayerKey, QueueEvent, QueueOptions};
 use crate::reconcile::{
@@ -56,7 +61,13 @@ pub struct EngineOptions {
     pub sweep_min_age: Duration,
     /// How long a node's miss counts as a running container.
     pub miss_ttl: Duration,
+    /// Most (image, node) misses counted at once; further ones are refused until some expire.
+    pub max_misses: usize,
 }
+
+/// Most misses resolved (a manifest request to the registry) at once; further misses without a
+/// digest are refused meanwhile (nodes report again on their next start).
+pub const MAX_MISS_RESOLVES: usize = 8;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -66,6 +77,7 @@ impl Default for EngineOptions {
             sweep_every: Duration::from_secs(300),
             sweep_min_age: Duration::from_secs(3600),
             miss_ttl: Duration::from_secs(3600),
+            max_misses: DEFAULT_MAX_MISSES,
         }
     }
 }
@@ -111,7 +123,9 @@ pub struct Engine {
     invalid: Vec<PolicyStatus>,
     policy_statuses: Vec<PolicyReport>,
     containers: Vec<RunningContainer>,
-    misses: BTreeMap<(String, String), (RunningContainer, SystemTime)>,
+    misses: MissTable,
+    /// Whether the last miss was refused because the table is full (warned about once).
+    misses_full: bool,
     manifests: BTreeMap<Digest, ManifestInfo>,
     resolved: BTreeMap<Digest, Arc<ResolvedImage>>,
     contents: StoreContents,
@@ -180,7 +194,6 @@ impl Engine {
         api.set_images(book.reports().cloned());
         Ok(Self {
             queue: BuildQueue::new(options.queue.clone()),
-            options,
             builder,
             api,
             misses_rx: misses,
@@ -191,7 +204,8 @@ impl Engine {
             invalid: Vec::new(),
             policy_statuses: Vec::new(),
             containers: Vec::new(),
-            misses: BTreeMap::new(),
+            misses: MissTable::new(options.max_misses, options.miss_ttl),
+            misses_full: false,
             manifests: BTreeMap::new(),
             resolved: BTreeMap::new(),
             contents,
@@ -202,6 +216,7 @@ impl Engine {
             busy: BTreeSet::new(),
             cancels: BTreeMap::new(),
             layer_seconds: BTreeMap::new(),
+            options,
         })
     }
 
@@ -294,9 +309,9 @@ impl Engine {
     pub fn reconcile_now(&mut self) {
         let now = SystemTime::now();
         self.maybe_sweep();
-        self.misses.retain(|_, (_, until)| *until > now);
+        self.misses.expire(now);
         let mut containers = self.containers.clone();
-        containers.extend(self.misses.values().map(|(c, _)| c.clone()));
+        containers.extend(self.misses.containers().cloned());
         // Manifests of images nobody runs any more are resolved again if they come back.
         let live: BTreeSet<&Digest> = containers
             .iter()
@@ -533,16 +548,7 @@ impl Engine {
             }
             Event::MissResolved(image, node, Ok(digest)) => {
                 if let Ok(reference) = Reference::parse(&image) {
-                    let container = RunningContainer {
-                        namespace: String::new(),
-                        pod: format!("miss/{node}"),
-                        namespace_labels: Default::default(),
-                        pod_labels: Default::default(),
-                        image: reference,
-                        digest: Some(digest),
-                    };
-                    self.misses
-                        .insert((image, node), (container, now + self.options.miss_ttl));
+                    self.keep_miss(reference, &node, digest, now);
                 }
             }
             Event::MissResolved(image, node, Err(e)) => {
@@ -612,25 +618,68 @@ impl Engine {
     }
 
     fn on_miss(&mut self, miss: Miss) {
-        let node = miss.node.clone().unwrap_or_default();
+        let node = miss.node.unwrap_or_default();
         let Ok(reference) = Reference::parse(&miss.image) else {
             return;
         };
-        match miss.digest {
-            Some(digest) => self.on_event(Event::MissResolved(miss.image, node, Ok(digest))),
-            None => {
-                let task = Task::Miss(miss.image.clone(), node.clone());
-                if self.busy.contains(&task) {
-                    return;
-                }
-                let builder = self.builder.clone();
-                let image = miss.image;
-                self.spawn(task, async move {
-                    let result = builder.digest_of(&reference).await;
-                    Event::MissResolved(image, node, result)
-                });
+        if let Some(digest) = miss.digest {
+            self.keep_miss(reference, &node, digest, SystemTime::now());
+            return;
+        }
+        // Before any request: a miss may name any host, and only what a policy selects is
+        // fetched.
+        if !selects_miss(&self.policies, &reference, None) {
+            debug!(
+                image = miss.image,
+                node, "miss for an image no policy selects; ignored"
+            );
+            self.api.metrics().refuse_miss(MissRefusal::Unselected);
+            return;
+        }
+        let task = Task::Miss(miss.image.clone(), node.clone());
+        if self.busy.contains(&task) {
+            return;
+        }
+        let resolving = self
+            .busy
+            .iter()
+            .filter(|t| matches!(t, Task::Miss(..)))
+            .count();
+        if resolving >= MAX_MISS_RESOLVES {
+            debug!(
+                image = miss.image,
+                node, "too many misses being resolved; ignored"
+            );
+            self.api.metrics().refuse_miss(MissRefusal::ResolvesBusy);
+            return;
+        }
+        let builder = self.builder.clone();
+        let image = miss.image;
+        self.spawn(task, async move {
+            let result = builder.digest_of(&reference).await;
+            Event::MissResolved(image, node, result)
+        });
+    }
+
+    /// Count `node`'s miss of `image` as a running container, if a policy selects it and the
+    /// table has room.
+    fn keep_miss(&mut self, image: Reference, node: &str, digest: Digest, now: SystemTime) {
+        if !selects_miss(&self.policies, &image, Some(&digest)) {
+            debug!(%image, node, "miss for an image no policy selects; ignored");
+            self.api.metrics().refuse_miss(MissRefusal::Unselected);
+            return;
+        }
+        let full = self.misses.record(image, node, digest, now) == Recorded::Full;
+        if full {
+            self.api.metrics().refuse_miss(MissRefusal::TableFull);
+            if !self.misses_full {
+                warn!(
+                    max_misses = self.options.max_misses,
+                    "too many misses reported: further ones are not counted until older ones expire"
+                );
             }
         }
+        self.misses_full = full;
     }
 
     /// Statuses of unresolvable or unfinishable images say so; then reports, API, metrics.

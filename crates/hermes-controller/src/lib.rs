@@ -9,6 +9,8 @@
 //!   is a kill switch);
 //! - [`queue`]: the [`BuildQueue`](queue::BuildQueue), deduplicated by manifest and layer digest;
 //! - [`reconcile`]: the reconciler, a function of its inputs;
+//! - [`misses`]: nodes' reports of images started without an index, kept (bounded) as running
+//!   containers;
 //! - [`prefetch`]: startup read traces merged into per-layer prefetch profiles;
 //! - [`api`]: the node HTTP API (axum) serving zTOCs, statuses and prefetch profiles and
 //!   taking misses and traces;
@@ -29,6 +31,7 @@ pub mod engine;
 mod error;
 pub mod matcher;
 pub mod mirror;
+pub mod misses;
 pub mod pattern;
 pub mod policy;
 pub mod prefetch;

@@ -153,6 +153,39 @@ pub fn off_for_node<'p>(
         .min_by(|a, b| a.name.cmp(&b.name))
 }
 
+/// Whether a node's miss for `image` (resolved to `digest`, if the node knows it) can lead to
+/// a build: a policy that is not `Off` selects it. A miss comes with no pod or namespace, so as
+/// in the reconciler only policies whose selectors accept an unlabelled pod count. Without a
+/// digest, a pinned pattern counts when the rest of it matches: the digest, then resolved from
+/// the registry the policy names, decides. The engine asks this before any network I/O for a
+/// miss, since a miss may name any host.
+pub fn selects_miss(policies: &[Policy], image: &Reference, digest: Option<&Digest>) -> bool {
+    let miss = RunningContainer {
+        namespace: String::new(),
+        pod: String::new(),
+        namespace_labels: Labels::default(),
+        pod_labels: Labels::default(),
+        image: image.clone(),
+        digest: digest.cloned(),
+    };
+    match decide(policies, &miss) {
+        Decision::Apply { .. } => true,
+        Decision::Off { .. } => false,
+        Decision::Unmatched => {
+            digest.is_none()
+                && policies.iter().filter(|p| p.mode != Mode::Off).any(|p| {
+                    p.images.iter().filter_map(ImagePattern::digest).any(|pin| {
+                        let pinned = RunningContainer {
+                            digest: Some(pin.clone()),
+                            ..miss.clone()
+                        };
+                        match_policy(p, &pinned).is_some()
+                    })
+                })
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -277,6 +310,45 @@ pub(crate) mod tests {
         );
         assert_eq!(off("ghcr.io/acme/db:1", None), None);
         assert_eq!(off("ghcr.io/acme/other", None), None);
+    }
+
+    #[test]
+    fn misses_are_selected_only_by_policies_that_would_build_them() {
+        let ps = policies(&[
+            ("apps", "  images: [\"ghcr.io/acme/**\"]\n"),
+            (
+                "stop-web",
+                "  images: [\"ghcr.io/acme/web\"]\n  mode: Off\n",
+            ),
+            (
+                "labelled",
+                "  images: [\"quay.io/team/**\"]\n  podSelector: {matchLabels: {app: x}}\n",
+            ),
+            (
+                "pinned",
+                &format!("  images: [\"docker.io/library/db@{PIN}\"]\n"),
+            ),
+        ]);
+        let selects = |image: &str, digest: Option<&str>| {
+            let digest = digest.map(|d| Digest::parse(d).unwrap());
+            selects_miss(&ps, &Reference::parse(image).unwrap(), digest.as_ref())
+        };
+        assert!(selects("ghcr.io/acme/api:1", None));
+        // Any host a node names is no reason to contact it.
+        assert!(!selects("attacker.test:8080/acme/api:1", None));
+        assert!(!selects("ghcr.io/acme/web:1", None), "Off builds nothing");
+        assert!(
+            !selects("quay.io/team/app:1", None),
+            "a miss has no pod labels"
+        );
+        // A pin: resolving its repository is fine; once resolved, the digest decides.
+        assert!(selects("db:1", None));
+        assert!(selects("db:1", Some(PIN)));
+        assert!(!selects(
+            "db:1",
+            Some(&format!("sha256:{}", "b".repeat(64)))
+        ));
+        assert!(!selects("other:1", None));
     }
 
     #[test]

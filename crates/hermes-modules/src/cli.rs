@@ -81,6 +81,14 @@ pub struct WebhookArgs {
     /// The supervisor's metrics port in injected pods.
     #[arg(long, value_name = "PORT", default_value_t = 9477)]
     pub metrics_port: u16,
+    /// Time a client has for its TLS handshake and request head (and again for the body);
+    /// slower or idle connections are closed.
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
+    pub header_timeout: Duration,
+    /// Connections served at once; when all are taken, a new one closes the oldest connection
+    /// whose request has not arrived yet.
+    #[arg(long, value_name = "N", default_value_t = crate::webhook_server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
 }
 
 /// Arguments of `hermes modules review`.
@@ -308,6 +316,8 @@ fn webhook_cmd(a: WebhookArgs) -> Result<ExitCode> {
         policies: a.policies,
         image: a.image,
         metrics_port: a.metrics_port,
+        header_timeout: a.header_timeout,
+        max_connections: a.max_connections,
     })?;
     write_out(
         &mut std::io::stdout().lock(),

@@ -5,20 +5,28 @@
 //! so a changed ConfigMap applies without a restart.
 //!
 //! A deliberately small HTTP/1.1 server on std threads and rustls: one request per connection,
-//! bounded header and body sizes, read timeouts.
+//! bounded header and body sizes, and at most [`WebhookConfig::max_connections`] connections.
+//! Clients that send nothing cannot starve reviews: a connection has
+//! [`WebhookConfig::header_timeout`] for its TLS handshake and request head (and as long again
+//! for the body), measured from its start rather than per read, so dripping bytes does not keep
+//! it open; and when every slot is taken, a new connection closes the oldest one whose request
+//! has not fully arrived yet. The API server's connection, which sends its review right away,
+//! gets a slot even while idle clients hold all of them (with `failurePolicy: Ignore` a starved
+//! webhook would let pods start without their modules).
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::selector::{load_policies, select};
@@ -26,7 +34,13 @@ use crate::webhook::{InjectConfig, allow, review};
 
 const MAX_HEADER: usize = 16 << 10;
 const MAX_BODY: usize = 8 << 20;
-const MAX_CONNECTIONS: usize = 64;
+/// Default of [`WebhookConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Default of [`WebhookConfig::header_timeout`]: the API server sends its review at once and
+/// waits 10 s at most for the answer (the webhook's default `timeoutSeconds`).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the client to take each part of the answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the webhook serves.
 #[derive(Debug, Clone)]
@@ -43,6 +57,12 @@ pub struct WebhookConfig {
     pub image: String,
     /// The supervisor's metrics port.
     pub metrics_port: u16,
+    /// Time a connection has from being accepted to the end of its request head, TLS
+    /// handshake included; the body must then arrive within the same time again.
+    pub header_timeout: Duration,
+    /// Connections served at once. Beyond it a new connection closes the oldest one still
+    /// waiting for its request, or is refused if every one is being answered.
+    pub max_connections: usize,
 }
 
 /// A running webhook; stops on drop.
@@ -117,7 +137,7 @@ pub fn start(cfg: WebhookConfig) -> Result<WebhookServer> {
         source,
     })?;
     let stop = Arc::new(AtomicBool::new(false));
-    let active = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Slots::new(cfg.max_connections));
     let cfg = Arc::new(cfg);
     let stop2 = stop.clone();
     let thread = std::thread::Builder::new()
@@ -128,18 +148,23 @@ pub fn start(cfg: WebhookConfig) -> Result<WebhookServer> {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                    continue; // dropped: the API server retries or fails open (failurePolicy)
-                }
-                active.fetch_add(1, Ordering::SeqCst);
-                let (tls, cfg, active) = (tls.clone(), cfg.clone(), active.clone());
+                let Ok(handle_to_close) = conn.try_clone() else {
+                    warn!("cannot keep track of a webhook connection; connection refused");
+                    continue;
+                };
+                // Dropped when refused: the API server retries or fails open (failurePolicy).
+                let Some(slot) = slots.take(handle_to_close) else {
+                    warn!("every webhook connection is busy answering; connection refused");
+                    continue;
+                };
+                let (tls, cfg, slots) = (tls.clone(), cfg.clone(), slots.clone());
                 let spawned = std::thread::Builder::new()
                     .name("hermes-webhook-conn".into())
                     .spawn(move || {
-                        if let Err(e) = handle(conn, tls, &cfg) {
-                            warn!("webhook connection: {e}");
+                        if let Err(e) = handle(conn, tls, &cfg, || slots.mark_busy(slot)) {
+                            debug!("webhook connection: {e}");
                         }
-                        active.fetch_sub(1, Ordering::SeqCst);
+                        slots.release(slot);
                     });
                 if spawned.is_err() {
                     warn!("cannot start a webhook connection thread");
@@ -158,33 +183,149 @@ pub fn start(cfg: WebhookConfig) -> Result<WebhookServer> {
     })
 }
 
+/// The connections being served, oldest first, and whether each still waits for its request.
+#[derive(Debug)]
+struct Slots {
+    max: usize,
+    inner: Mutex<SlotTable>,
+}
+
+#[derive(Debug, Default)]
+struct SlotTable {
+    next: u64,
+    /// Slot number (in order of acceptance) → the connection, to close it when shed.
+    open: BTreeMap<u64, Slot>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    conn: TcpStream,
+    waiting: bool,
+}
+
+impl Slots {
+    fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            inner: Mutex::new(SlotTable::default()),
+        }
+    }
+
+    /// A slot for the connection `conn` is a handle of; when all are taken, the oldest
+    /// connection still waiting for its request is closed to make room. `None` when every
+    /// connection is being answered.
+    fn take(&self, conn: TcpStream) -> Option<u64> {
+        let mut table = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if table.open.len() >= self.max {
+            let oldest_waiting = table
+                .open
+                .iter()
+                .find(|(_, slot)| slot.waiting)
+                .map(|(id, _)| *id)?;
+            if let Some(shed) = table.open.remove(&oldest_waiting) {
+                // Its thread's read fails now and the thread ends.
+                let _ = shed.conn.shutdown(Shutdown::Both);
+                debug!(
+                    "webhook connections full: closed the oldest one still waiting for its request"
+                );
+            }
+        }
+        let id = table.next;
+        table.next += 1;
+        table.open.insert(
+            id,
+            Slot {
+                conn,
+                waiting: true,
+            },
+        );
+        Some(id)
+    }
+
+    /// The connection's request has arrived: it is no longer shed for newcomers.
+    fn mark_busy(&self, id: u64) {
+        let mut table = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = table.open.get_mut(&id) {
+            slot.waiting = false;
+        }
+    }
+
+    fn release(&self, id: u64) {
+        let mut table = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        table.open.remove(&id);
+    }
+}
+
+/// A socket whose reads must all be done by a deadline: a per-read timeout would let a client
+/// that drips a byte now and then hold its connection for ever.
+#[derive(Debug)]
+struct DeadlineSocket {
+    tcp: TcpStream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineSocket {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request did not arrive in time",
+            ));
+        }
+        self.tcp.set_read_timeout(Some(left))?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for DeadlineSocket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
 fn handle(
     conn: TcpStream,
     tls: Arc<rustls::ServerConfig>,
     cfg: &WebhookConfig,
+    request_arrived: impl FnOnce(),
 ) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+    conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let socket = DeadlineSocket {
+        tcp: conn,
+        deadline: Instant::now() + cfg.header_timeout,
+    };
     let session = rustls::ServerConnection::new(tls).map_err(std::io::Error::other)?;
-    let mut stream = BufReader::new(rustls::StreamOwned::new(session, conn));
+    let mut stream = BufReader::new(rustls::StreamOwned::new(session, socket));
     let (method, path, length) = read_head(&mut stream)?;
-    let (status, body) = match (method.as_str(), path.as_str()) {
-        ("GET", "/healthz") => (200, b"ok\n".to_vec()),
-        ("POST", p) if p == "/mutate" || p.starts_with("/mutate?") => {
-            if length > MAX_BODY {
-                (413, b"request body too large\n".to_vec())
-            } else {
-                let mut body = vec![0u8; length];
-                stream.read_exact(&mut body)?;
-                match serde_json::from_slice::<Value>(&body) {
-                    Ok(request) => (
-                        200,
-                        serde_json::to_vec(&mutate(&request, cfg)).unwrap_or_default(),
-                    ),
-                    Err(e) => (400, format!("not an AdmissionReview: {e}\n").into_bytes()),
-                }
-            }
+    let mutate_request = method == "POST" && (path == "/mutate" || path.starts_with("/mutate?"));
+    let body = if mutate_request && length <= MAX_BODY {
+        stream.get_mut().sock.deadline = Instant::now() + cfg.header_timeout;
+        // Grown as bytes arrive, not allocated from the length the client claims.
+        let mut body = Vec::new();
+        (&mut stream).take(length as u64).read_to_end(&mut body)?;
+        if body.len() < length {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
+        Some(body)
+    } else {
+        None
+    };
+    request_arrived();
+    let (status, body) = match (method.as_str(), body) {
+        ("GET", _) if path == "/healthz" => (200, b"ok\n".to_vec()),
+        (_, Some(body)) => match serde_json::from_slice::<Value>(&body) {
+            Ok(request) => (
+                200,
+                serde_json::to_vec(&mutate(&request, cfg)).unwrap_or_default(),
+            ),
+            Err(e) => (400, format!("not an AdmissionReview: {e}\n").into_bytes()),
+        },
+        _ if mutate_request => (413, b"request body too large\n".to_vec()),
         _ => (404, b"not found\n".to_vec()),
     };
     let reason = match status {
@@ -219,7 +360,11 @@ fn read_head(r: &mut impl BufRead) -> std::io::Result<(String, String, usize)> {
     let mut length = 0usize;
     loop {
         line.clear();
-        let n = r.read_line(&mut line)?;
+        // A line without an end must not grow past the limit either.
+        let n = r
+            .by_ref()
+            .take((MAX_HEADER + 1 - total) as u64)
+            .read_line(&mut line)?;
         total += n;
         if n == 0 || total > MAX_HEADER {
             return Err(std::io::Error::new(

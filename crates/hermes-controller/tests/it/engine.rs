@@ -491,6 +491,86 @@ async fn a_nodes_miss_is_indexed_and_the_soci_index_pushed_as_the_policy_asks() 
     );
 }
 
+/// A host the test controls: counts connections and answers each with 404.
+struct CountingHost {
+    addr: std::net::SocketAddr,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl CountingHost {
+    async fn start() -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let _ = conn.read(&mut [0u8; 4096]).await;
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            connections,
+            server,
+        }
+    }
+
+    fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingHost {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_for_an_image_no_policy_selects_makes_no_request_to_its_host() {
+    let unselected = CountingHost::start().await;
+    let selected = CountingHost::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut e, api, _store) = engine(dir.path(), fast_options());
+    e.set_policies(policy_for(&selected.host()), Vec::new());
+    for host in [&unselected, &selected] {
+        let body = format!(r#"{{"image":"{}/app:v1","node":"n1"}}"#, host.host());
+        let answer = http(&api, "POST", "/v1/misses", &body).await;
+        assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    }
+    // Until both misses are handled: the selected image's host is asked for its manifest, the
+    // other miss is counted as refused.
+    let refused = "hermes_controller_misses_refused_total{reason=\"Unselected\"} 1";
+    let started = Instant::now();
+    while selected.connections() == 0 || !metrics_text(&api).await.contains(refused) {
+        e.run_for(Duration::from_millis(50)).await;
+        assert_eq!(
+            unselected.connections(),
+            0,
+            "the controller contacted the host of an image no policy selects"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "misses not handled after 60 s: {} connections to the selected host; metrics:\n{}",
+            selected.connections(),
+            metrics_text(&api).await
+        );
+    }
+    assert_eq!(unselected.connections(), 0);
+}
+
 /// One request to the API over a real TCP connection; the whole answer as text.
 async fn http(api: &NodeApi, method: &str, path: &str, body: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

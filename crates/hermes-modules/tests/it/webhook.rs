@@ -1,10 +1,16 @@
 //! The webhook's patch builder: real AdmissionReview v1 JSON in, the patch applied to the pod.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
 use serde_json::{Value, json};
 
 use hermes_modules::webhook::{
     INJECTED_ANNOTATION, INSTALLER_NAME, InjectConfig, SUPERVISOR_NAME, review,
 };
+use hermes_modules::webhook_server;
 
 fn cfg() -> InjectConfig {
     InjectConfig {
@@ -261,6 +267,15 @@ fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
 
 /// POST over HTTPS with the real curl client, trusting only our certificate.
 fn curl(cert: &std::path::Path, url: &str, body: Option<&Value>) -> (u16, Vec<u8>) {
+    try_curl(cert, url, body).unwrap_or_else(|e| panic!("curl {url}: {e}"))
+}
+
+/// [`curl`], with curl's complaint as the error when it gets no answer.
+fn try_curl(
+    cert: &std::path::Path,
+    url: &str,
+    body: Option<&Value>,
+) -> Result<(u16, Vec<u8>), String> {
     let mut cmd = std::process::Command::new("curl");
     cmd.args([
         "-sS",
@@ -285,41 +300,51 @@ fn curl(cert: &std::path::Path, url: &str, body: Option<&Value>) -> (u16, Vec<u8
         .arg(url)
         .output()
         .expect("curl is required for the webhook TLS test: apt-get install curl");
-    assert!(
-        out.status.success(),
-        "curl {url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
     let text = out.stdout;
     let split = text.iter().rposition(|&b| b == b'\n').expect("status line");
     let status = String::from_utf8_lossy(&text[split + 1..])
         .trim()
         .parse()
         .expect("status");
-    (status, text[..split].to_vec())
+    Ok((status, text[..split].to_vec()))
 }
 
-#[test]
-fn https_webhook_injects_only_pods_a_policy_selects() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = self_signed(dir.path());
-    let policies = dir.path().join("policies");
+/// The webhook over TLS in `dir`, with one policy (`policies/shop.yaml`) that injects pods
+/// labelled `app: cart` in namespace `shop`; the server and its certificate.
+fn start_webhook(
+    dir: &std::path::Path,
+    header_timeout: Duration,
+) -> (webhook_server::WebhookServer, PathBuf) {
+    let (cert, key) = self_signed(dir);
+    let policies = dir.join("policies");
     std::fs::create_dir(&policies).expect("mkdir");
     std::fs::write(
         policies.join("shop.yaml"),
         "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata:\n  name: shop-memory\nspec:\n  images: [\"registry.example/shop/*\"]\n  memoryModules:\n    namespaces: [shop]\n    podSelector:\n      matchLabels: {app: cart}\n    loaderConfigMap: shop-loader\n",
     )
     .expect("policy");
-    let server =
-        hermes_modules::webhook_server::start(hermes_modules::webhook_server::WebhookConfig {
-            listen: "127.0.0.1:0".into(),
-            cert: cert.clone(),
-            key,
-            policies: policies.clone(),
-            image: "registry.example/hermes:0.1.0".into(),
-            metrics_port: 9477,
-        })
-        .expect("webhook");
+    let server = webhook_server::start(webhook_server::WebhookConfig {
+        listen: "127.0.0.1:0".into(),
+        cert: cert.clone(),
+        key,
+        policies,
+        image: "registry.example/hermes:0.1.0".into(),
+        metrics_port: 9477,
+        header_timeout,
+        max_connections: webhook_server::DEFAULT_MAX_CONNECTIONS,
+    })
+    .expect("webhook");
+    (server, cert)
+}
+
+#[test]
+fn https_webhook_injects_only_pods_a_policy_selects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, cert) = start_webhook(dir.path(), webhook_server::DEFAULT_HEADER_TIMEOUT);
+    let policies = dir.path().join("policies");
     let base = format!("https://{}", server.addr());
     assert_eq!(curl(&cert, &format!("{base}/healthz"), None).0, 200);
 
@@ -381,4 +406,85 @@ fn https_webhook_injects_only_pods_a_policy_selects() {
     let (status, _) = curl(&cert, &format!("{base}/mutate"), Some(&json!("garbage")));
     assert_eq!(status, 200, "a JSON string is still answered (allowed)");
     assert_eq!(curl(&cert, &format!("{base}/nope"), None).0, 404);
+}
+
+/// Whether the server still holds `conn` open (it has neither closed nor reset it).
+fn still_open(conn: &TcpStream) -> bool {
+    conn.set_nonblocking(true).expect("nonblocking");
+    let open =
+        matches!(conn.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+    conn.set_nonblocking(false).expect("blocking");
+    open
+}
+
+#[test]
+fn idle_connections_beyond_the_cap_do_not_starve_reviews() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A header timeout far beyond the test: only making room, not timeouts, can let a review in.
+    let (server, cert) = start_webhook(dir.path(), Duration::from_secs(600));
+    let idle: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(server.addr()).expect("connect"))
+        .collect();
+    let mut pod = bare_pod();
+    pod["metadata"]["labels"] = json!({"app": "cart"});
+    let url = format!("https://{}/mutate", server.addr());
+    let started = Instant::now();
+    let (status, body) = loop {
+        match try_curl(&cert, &url, Some(&admission_review(pod.clone()))) {
+            Ok(answer) => break answer,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no review answered within 60 s while 200 idle connections are open: {e}"
+            ),
+        }
+    };
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let response: Value = serde_json::from_slice(&body).expect("json");
+    assert!(
+        patch_of(&response).is_some(),
+        "the selected pod is injected"
+    );
+    // It got in while the idle clients still held the server's connections (the oldest idle
+    // ones were closed to make room), not after they timed out or were all dropped.
+    let open = idle.iter().filter(|c| still_open(c)).count();
+    assert!(
+        open >= webhook_server::DEFAULT_MAX_CONNECTIONS / 2,
+        "answered after {:?} with only {open} of 200 idle connections still open",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_client_dripping_its_handshake_is_closed_after_the_header_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, cert) = start_webhook(dir.path(), Duration::from_millis(500));
+    let mut conn = TcpStream::connect(server.addr()).expect("connect");
+    // A TLS handshake record of 16 KiB, sent one byte per read timeout below: each byte comes
+    // well within any per-read timeout, the whole never arrives.
+    conn.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00])
+        .expect("record header");
+    conn.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("read timeout");
+    let started = Instant::now();
+    loop {
+        if conn.write_all(&[0]).is_err() {
+            break;
+        }
+        match conn.read(&mut [0u8; 64]) {
+            Ok(_) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "a client dripping its handshake was still connected after 30 s (header timeout 500 ms)"
+        );
+    }
+    // The server is still there for others.
+    let (status, _) = curl(&cert, &format!("https://{}/healthz", server.addr()), None);
+    assert_eq!(status, 200);
 }
