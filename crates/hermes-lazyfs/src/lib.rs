@@ -13,6 +13,8 @@
 //! It deliberately does not talk to registries, containerd or the controller: callers pass the
 //! range reader and decide where caches live and when layers are mounted.
 
+#![warn(missing_docs)]
+
 mod background;
 mod cache;
 mod error;

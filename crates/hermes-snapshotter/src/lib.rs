@@ -15,6 +15,8 @@
 //!   Prometheus metrics.
 //! - [`LazyLayers`] is the in-process variant of lazy layers (one process, for tests and tools).
 
+#![warn(missing_docs)]
+
 pub mod config;
 mod daemon;
 mod error;
