@@ -5,7 +5,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use hermes_testkit::{Fault, FaultProxy, FaultRule, PushedImage, Registry, TestImage};
+use hermes_testkit::{
+    Fault, FaultProxy, FaultRule, PushedImage, RandomFaults, Registry, TestImage,
+};
 
 use crate::support::{End, OCI_MANIFEST, get, request, sha256, skopeo_inspect_raw};
 
@@ -488,4 +490,52 @@ fn redirect_sends_the_client_to_the_upstream() {
     assert_eq!(redirect.header("location"), Some(expected.as_str()));
     let followed = get(f.registry.addr(), &format!("{}?x=1", f.blob_path));
     assert!(followed.status == 200 && followed.body == f.blob);
+}
+
+#[test]
+fn random_faults_hit_matching_requests_and_stop_when_cleared() {
+    let f = fixture();
+    let proxy = FaultProxy::start(f.registry.addr()).unwrap();
+    proxy.set_random_faults(Some(
+        RandomFaults::new(42, 1.0)
+            .path_contains("/blobs/")
+            .max_stall(Duration::from_millis(20)),
+    ));
+    let mut intact = 0;
+    for _ in 0..40 {
+        let answer = request(
+            proxy.addr(),
+            "GET",
+            &f.blob_path,
+            &[("Range", "bytes=0-999")],
+        );
+        if answer
+            .is_ok_and(|r| r.status == 206 && r.end == End::Complete && r.body == f.blob[..1000])
+        {
+            intact += 1;
+        }
+    }
+    let log = proxy.log();
+    assert_eq!(log.len(), 40, "{log:?}");
+    assert!(
+        log.iter().all(|r| r.fault.is_some()),
+        "rate 1 faults every request: {log:?}"
+    );
+    // Only stalls leave the answer intact.
+    let stalls = log
+        .iter()
+        .filter(|r| matches!(r.fault, Some(Fault::Stall(_))))
+        .count();
+    assert_eq!(intact, stalls, "{log:?}");
+    assert!(stalls < 40, "{log:?}");
+
+    let manifest = format!("/v2/faults/manifests/{}", f.pushed.manifest_digest);
+    let clean = request(proxy.addr(), "GET", &manifest, &[("Accept", OCI_MANIFEST)]).unwrap();
+    assert_eq!(clean.status, 200, "other paths are not faulted");
+
+    proxy.set_random_faults(None);
+    proxy.clear_log();
+    let whole = get(proxy.addr(), &f.blob_path);
+    assert!(whole.status == 200 && whole.body == f.blob);
+    assert_eq!(proxy.log()[0].fault, None);
 }
