@@ -25,8 +25,8 @@ For each start: lazy or fallback (lazy layers the node serves once the container
 whether it started and exited 0, whether its output equals the reference, the faults injected,
 and its times from `PullImage` (process running, process exited). A start that fails, or whose
 output differs from the reference, fails the run. The start during which the node is killed may
-be retried once, as a kubelet would retry it (containerd's snapshotter is briefly gone); the
-report says whether it was.
+be retried after a kubelet's back-off (10 s, then 20 s), as a kubelet would retry it
+(containerd's snapshotter is briefly gone); the report says whether it was.
 """
 import argparse
 import json
@@ -47,6 +47,8 @@ import stack  # noqa: E402
 from stack import log  # noqa: E402
 
 CRI_NAMESPACE = "k8s.io"
+# A kubelet's back-off between attempts to start a container whose image pull failed (seconds).
+KUBELET_BACKOFF = (10, 20)
 REF_NAMESPACE = "chaos-ref"
 BUSYBOX_TOOLS = ("sh", "cat", "echo", "find", "sort", "xargs", "sha256sum", "dd", "stat", "sleep", "printf")
 
@@ -404,6 +406,17 @@ class Soak:
             counts["retries"] += text.count("retrying")
         return counts
 
+    def wait_snapshotter_reachable(self) -> float:
+        """Seconds until containerd answers a snapshot listing of the hermes snapshotter (at
+        most 120)."""
+        t = time.monotonic()
+        while time.monotonic() - t < 120:
+            r = self.containerd.ctr_ns(CRI_NAMESPACE, ["snapshots", "--snapshotter", "hermes", "ls"], check=False)
+            if r.returncode == 0:
+                break
+            time.sleep(0.2)
+        return round(time.monotonic() - t, 2)
+
     def remove_image(self) -> dict:
         """RemoveImage, then wait until containerd has removed the image's snapshots (back to the
         sandbox image's) and the node serves no lazy layer."""
@@ -467,10 +480,19 @@ class Soak:
         attempts = [r]
         if event:
             event.join()
-        if kill_node and not (r.get("ok") and r.get("exit_code") == 0):
-            # The snapshotter was gone for a moment: a kubelet retries the start.
-            log(f"  start {i} failed while the node was down ({r.get('failed_step')}): retrying as a kubelet would")
-            r = self.start_once(f"start-{i}-retry")
+        for backoff in KUBELET_BACKOFF if kill_node else ():
+            if r.get("ok") and r.get("exit_code") == 0:
+                break
+            # The snapshotter was gone for a moment: a kubelet retries the start after its
+            # back-off. Sooner, containerd may not even reach the node again (its connection backs
+            # off), and its garbage collection of the failed pull's lease races the retry's pull
+            # (seen: "parent snapshot ... does not exist" from containerd's metadata).
+            failed_at = time.monotonic()
+            waited = self.wait_snapshotter_reachable()
+            time.sleep(max(0.0, backoff - (time.monotonic() - failed_at)))
+            log(f"  start {i} failed while the node was down ({r.get('failed_step')}); containerd "
+                f"reached the node again {waited}s later; retrying after {backoff}s, as a kubelet would")
+            r = self.start_once(f"start-{i}-retry{len(attempts)}")
             attempts.append(r)
         served = self.lazy_layers_served()
         after = self.node_metrics()
@@ -479,7 +501,7 @@ class Soak:
         rec = {"start": i, "fault_seed": seed, "attempts": len(attempts),
                "ok": bool(r.get("ok")) and r.get("exit_code") == 0,
                "exit_code": r.get("exit_code"), "failed_step": r.get("failed_step"), "error": r.get("error"),
-               "first_attempt_error": attempts[0].get("error") if len(attempts) > 1 else None,
+               "earlier_attempt_errors": [a.get("error") for a in attempts[:-1]],
                "output_matches": r.get("lines") == self.reference if r.get("ok") else None,
                "lazy_layers": served, "pulled_s": r.get("pulled_s"), "running_s": r.get("running_s"),
                "exited_s": r.get("exited_s"), "requests": faults["requests"], "faults": faults["faults"],
@@ -491,7 +513,10 @@ class Soak:
             rec["fallbacks"] = {k.split('"')[1]: after[k] - before.get(k, 0) for k in after
                                 if k.startswith("hermes_node_fallbacks_total") and after[k] > before.get(k, 0)}
         if rec["ok"] and not rec["output_matches"]:
-            rec["diff"] = diff(self.reference, r.get("lines") or [])
+            got = r.get("lines") or []
+            rec["diff"] = diff(self.reference, got)
+            rec["wrong_byte_lines"] = wrong_bytes(self.reference, got)
+            rec["output"] = got
         cleanup = self.remove_image()
         rec["cleanup_s"] = cleanup.get("s")
         if not cleanup["ok"]:
@@ -510,6 +535,14 @@ def diff(expected: list, got: list) -> list:
             if len(out) == 5:
                 break
     return out
+
+
+def wrong_bytes(expected: list, got: list) -> list:
+    """Output lines that are in no line of the reference and report no read error: a hash, size
+    or mode that came out different, i.e. bytes that were read but are not the image's."""
+    reference = set(expected)
+    errors = ("error", "can't", "No such file")
+    return [g for g in got if g not in reference and not any(e in g for e in errors)]
 
 
 def percentile(values: list, p: float):
@@ -534,6 +567,7 @@ def summarize(starts: list) -> dict:
         "fallback": sum(s["mode"] == "fallback" for s in starts),
         "partial": sum(s["mode"] == "partial" for s in starts),
         "wrong_outputs": sum(s["output_matches"] is False for s in starts),
+        "wrong_bytes": sum(bool(s.get("wrong_byte_lines")) for s in starts),
         "failed_starts": len(starts) - len(ok),
         "retried_starts": sum(s["attempts"] > 1 for s in starts),
         "cleanup_errors": sum("cleanup_error" in s for s in starts),
@@ -565,7 +599,10 @@ def markdown(rep: dict) -> str:
         f"| starts | {s['starts']} |",
         f"| started and exited 0 | {s['started']} |",
         f"| lazy / fallback / partly lazy | {s['lazy']} / {s['fallback']} / {s['partial']} |",
-        f"| **wrong outputs (bytes differing from the normal path)** | **{s['wrong_outputs']}** |",
+        f"| **starts that read wrong bytes (a hash, size or mode unlike the normal path's)** | "
+        f"**{s['wrong_bytes']}** |",
+        f"| **starts whose output differs from the normal path's (wrong bytes or read errors)** | "
+        f"**{s['wrong_outputs']}** |",
         f"| **failed starts (all Hermes's: containerd's own registry path had no faults)** | **{s['failed_starts']}** |",
         f"| starts retried after the node's SIGKILL (as a kubelet would) | {s['retried_starts']} |",
         f"| running (process started), from PullImage: p50 / p99 / max s | "
@@ -593,7 +630,8 @@ def markdown(rep: dict) -> str:
         lines += ["", "Starts with problems:", ""]
         for x in bad:
             lines.append(f"- start {x['start']}: " + json.dumps({k: x.get(k) for k in (
-                "failed_step", "error", "diff", "cleanup_error", "mode", "faults", "fault_seed")}))
+                "failed_step", "error", "earlier_attempt_errors", "diff", "wrong_byte_lines", "cleanup_error", "mode",
+                "broken", "faults", "fault_seed")}))
     return "\n".join(lines) + "\n"
 
 
@@ -718,6 +756,7 @@ def main() -> int:
         s = report["summary"]
         if s["failed_starts"] or s["wrong_outputs"] or not primed["output_matches"]:
             print(f"FAIL: {s['failed_starts']} failed starts, {s['wrong_outputs']} wrong outputs "
+                  f"({s['wrong_bytes']} with wrong bytes) "
                   f"(priming start's output {'matches' if primed['output_matches'] else 'DIFFERS'}); "
                   f"logs in {state}/logs")
             return 1
