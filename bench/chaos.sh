@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Chaos soak: container starts through containerd's CRI with Hermes lazy layers while the node's
 # registry requests fail at random (drops, resets, stalls, 5xx, 429, truncations, corrupted
-# bytes), with the node daemon and the controller killed with SIGKILL and restarted in the
-# middle; every container's output is compared with containerd's normal path (run as root).
+# bytes), with the node daemon (twice: during a pull, during a run) and the controller killed
+# with SIGKILL and restarted in the middle; every container's output is compared with
+# containerd's normal path (run as root). bench/chaos.py says how.
 #
 #   bench/chaos.sh [--quick] [--starts 100] [--seed N] [--fault-rate 0.1] [--max-stall-ms 2000]
 #                  [--release=true|false] [--write-results NAME]
@@ -17,7 +18,7 @@ for arg in "$@"; do
   case "$arg" in
     --release=*) RELEASE="${arg#*=}" ;;
     --quick) ARGS+=(--starts 10) ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) ARGS+=("$arg") ;;
   esac
 done
