@@ -649,6 +649,9 @@ def markdown(rep: dict) -> str:
         f"the normal path's (`ctr run`, overlayfs). Index: built by the controller after a priming start "
         f"(span size 1 MiB). Each start pulls afresh (RemoveImage and containerd's GC in between). "
         f"The node's zTOC lookups go to the controller; background fetch and record-and-replay are on.",
+        f"Node-side counts (verification failures, broken layers, retries) come from the layer servers' logs "
+        f"when each container has exited; the background fetch goes on a little after that.",
+        f"Produced by `{rep.get('command', 'bash bench/chaos.sh')}` in {rep['soak_s']:.0f} s of starts; "
         f"Hermes: {rep['hermes_build']} build. Machine: {rep['machine']}; {rep['date']}.",
     ]
     bad = [x for x in rep["starts"] if not x["ok"] or x["output_matches"] is False or "cleanup_error" in x]
@@ -767,7 +770,11 @@ def main() -> int:
 
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                     if line.startswith("model name")), platform.machine())
-        report = {"seed": seed, "fault_rate": args.fault_rate, "max_stall_ms": args.max_stall_ms,
+        # The command a user runs: bench/chaos.sh passes the binaries itself.
+        hidden = ("--hermes", "--fault-proxy", "--cri", "--hermes-build")
+        shown = [a for i, a in enumerate(sys.argv[1:]) if a not in hidden and sys.argv[i] not in hidden]
+        report = {"command": " ".join(["bash bench/chaos.sh"] + shown),
+                  "seed": seed, "fault_rate": args.fault_rate, "max_stall_ms": args.max_stall_ms,
                   "image": meta, "prime": primed, "events": soak.events, "soak_s": soak_s,
                   "hermes_build": args.hermes_build or os.path.basename(os.path.dirname(hermes)),
                   "machine": f"{cpu}, {os.cpu_count()} cores, kernel {platform.release()}",
