@@ -539,3 +539,61 @@ fn random_faults_hit_matching_requests_and_stop_when_cleared() {
     assert!(whole.status == 200 && whole.body == f.blob);
     assert_eq!(proxy.log()[0].fault, None);
 }
+
+#[test]
+fn the_fault_proxy_binary_turns_seeded_faults_on_and_off_on_stdin_and_counts_them() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let f = fixture();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fault-proxy"))
+        .args([
+            "--upstream",
+            &f.registry.host(),
+            "--rate",
+            "1",
+            "--max-stall-ms",
+            "10",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut answer = |command: &str| -> serde_json::Value {
+        if !command.is_empty() {
+            writeln!(stdin, "{command}").unwrap();
+        }
+        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
+    };
+    let host = answer("")["listening"].as_str().unwrap().to_owned();
+    let addr: std::net::SocketAddr = host.parse().unwrap();
+
+    assert_eq!(get(addr, &f.blob_path).body, f.blob, "no faults until told");
+    assert_eq!(answer("on 7")["faults"], "on");
+    for _ in 0..5 {
+        let _ = request(addr, "GET", &f.blob_path, &[("Range", "bytes=0-99")]);
+    }
+    let stats = answer("stats");
+    assert_eq!(stats["requests"], 6, "{stats}");
+    assert_eq!(stats["range_requests"], 5, "{stats}");
+    let faults: u64 = stats["faults"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(faults, 5, "rate 1 faults every request once on: {stats}");
+    assert_eq!(answer("off")["faults"], "off");
+    assert_eq!(get(addr, &f.blob_path).body, f.blob);
+    assert_eq!(
+        answer("stats")["requests"],
+        1,
+        "stats count since the last call"
+    );
+    assert!(answer("bogus").get("error").is_some());
+
+    drop(stdin);
+    assert!(child.wait().unwrap().success(), "exits when stdin closes");
+}
