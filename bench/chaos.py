@@ -42,11 +42,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stack  # noqa: E402
-from stack import log  # noqa: E402
+from stack import http_get, log  # noqa: E402
 
 CRI_NAMESPACE = "k8s.io"
 # A kubelet's back-off between attempts to start a container whose image pull failed (seconds).
@@ -240,17 +239,8 @@ class CriContainerd(stack.Containerd):
         stack.wait_for("containerd's CRI plugin", lambda: "Start streaming server" in open(logfile).read()
                        and self.ctr(["version"], check=False).returncode == 0, 60, p, logfile)
 
-    def ctr_ns(self, namespace: str, args: list, check: bool = True, **kw):
-        kw.setdefault("stdout", subprocess.PIPE)
-        kw.setdefault("stderr", subprocess.PIPE)
-        r = subprocess.run(["ctr", "--address", self.address, "-n", namespace] + args,
-                           stdin=subprocess.DEVNULL, **kw)
-        if check and r.returncode != 0:
-            raise RuntimeError(f"ctr -n {namespace} {' '.join(args)}: {r.stderr.decode(errors='replace')[-2000:]}")
-        return r
-
     def hermes_snapshots(self) -> list:
-        out = self.ctr_ns(CRI_NAMESPACE, ["snapshots", "--snapshotter", "hermes", "ls"], check=False)
+        out = self.ctr(["snapshots", "--snapshotter", "hermes", "ls"], check=False, namespace=CRI_NAMESPACE)
         return out.stdout.decode().splitlines()[1:]
 
     def stop(self) -> None:
@@ -325,14 +315,6 @@ spec:
     def images(self) -> list:
         body = http_get(self.url + "/v1/images")
         return json.loads(body) if body else []
-
-
-def http_get(url: str):
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.read()
-    except OSError:
-        return None
 
 
 def kill9_and_restart(procs: stack.Procs, name: str, restart) -> float:
@@ -413,7 +395,7 @@ class Soak:
         most 120)."""
         t = time.monotonic()
         while time.monotonic() - t < 120:
-            r = self.containerd.ctr_ns(CRI_NAMESPACE, ["snapshots", "--snapshotter", "hermes", "ls"], check=False)
+            r = self.containerd.ctr(["snapshots", "--snapshotter", "hermes", "ls"], check=False, namespace=CRI_NAMESPACE)
             if r.returncode == 0:
                 break
             time.sleep(0.2)
@@ -449,8 +431,8 @@ class Soak:
         """Make containerd collect the hermes snapshotter's garbage: it walks a snapshotter's
         snapshots only after one of its snapshots was removed, so prepare and remove one."""
         key = f"chaos-gc-{time.monotonic_ns()}"
-        self.containerd.ctr_ns(CRI_NAMESPACE, ["snapshots", "--snapshotter", "hermes", "prepare", key])
-        self.containerd.ctr_ns(CRI_NAMESPACE, ["snapshots", "--snapshotter", "hermes", "rm", key])
+        self.containerd.ctr(["snapshots", "--snapshotter", "hermes", "prepare", key], namespace=CRI_NAMESPACE)
+        self.containerd.ctr(["snapshots", "--snapshotter", "hermes", "rm", key], namespace=CRI_NAMESPACE)
 
     def prime(self) -> dict:
         """A start without faults: no zTOC yet, so the node falls back and reports the miss; the
@@ -734,8 +716,8 @@ def main() -> int:
 
         # The reference: containerd's normal path, in its own namespace.
         direct = f"{registry}/chaos/app:v1"
-        containerd.ctr_ns(REF_NAMESPACE, ["images", "pull", "--plain-http", direct])
-        out = containerd.ctr_ns(REF_NAMESPACE, ["run", "--rm", "--snapshotter", "overlayfs", direct, "reference"])
+        containerd.ctr(["images", "pull", "--plain-http", direct], namespace=REF_NAMESPACE)
+        out = containerd.ctr(["run", "--rm", "--snapshotter", "overlayfs", direct, "reference"], namespace=REF_NAMESPACE)
         reference = out.stdout.decode().splitlines()
         if not reference or reference[-1] != "done":
             raise RuntimeError(f"the reference run did not finish: {reference[-5:]}")
@@ -803,10 +785,7 @@ def main() -> int:
     finally:
         if containerd:
             for namespace in (CRI_NAMESPACE, REF_NAMESPACE):
-                for c in containerd.ctr_ns(namespace, ["containers", "ls", "-q"], check=False).stdout.decode().split():
-                    containerd.ctr_ns(namespace, ["tasks", "kill", "-s", "SIGKILL", c], check=False)
-                    containerd.ctr_ns(namespace, ["tasks", "rm", "-f", c], check=False)
-                    containerd.ctr_ns(namespace, ["containers", "rm", c], check=False)
+                containerd.remove_all(namespace)
             containerd.stop()
         if node:
             node.stop()
