@@ -53,6 +53,15 @@ def wait_for(what: str, ok, timeout: float = 60.0, proc=None, logfile: str = "")
         time.sleep(0.05)
 
 
+def http_get(url: str):
+    """The body of a 200 answer, or None (404, refused, ...)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read()
+    except OSError:
+        return None
+
+
 def port_open(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -207,24 +216,24 @@ class Containerd:
         wait_for("containerd", lambda: self.ctr(["version"], check=False).returncode == 0, 60, p,
                  self.procs.logfile("containerd"))
 
-    def ctr(self, args: list, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    def ctr(self, args: list, check: bool = True, namespace: str = NAMESPACE, **kw) -> subprocess.CompletedProcess:
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.PIPE)
-        r = subprocess.run(["ctr", "--address", self.address, "-n", NAMESPACE] + args,
+        r = subprocess.run(["ctr", "--address", self.address, "-n", namespace] + args,
                            stdin=subprocess.DEVNULL, **kw)
         if check and r.returncode != 0:
-            raise RuntimeError(f"ctr {' '.join(args)}: {r.stderr.decode(errors='replace')[-2000:]}")
+            raise RuntimeError(f"ctr -n {namespace} {' '.join(args)}: {r.stderr.decode(errors='replace')[-2000:]}")
         return r
 
-    def remove_all(self) -> None:
-        """Tasks, containers, images and content of our namespace (snapshots follow by GC)."""
+    def remove_all(self, namespace: str = NAMESPACE) -> None:
+        """Tasks and containers of NAMESPACE."""
         if not os.path.exists(self.address):
             return
-        for task in self.ctr(["tasks", "ls", "-q"], check=False).stdout.decode().split():
-            self.ctr(["tasks", "kill", "-s", "SIGKILL", task], check=False)
-            self.ctr(["tasks", "rm", "-f", task], check=False)
-        for c in self.ctr(["containers", "ls", "-q"], check=False).stdout.decode().split():
-            self.ctr(["containers", "rm", c], check=False)
+        for task in self.ctr(["tasks", "ls", "-q"], check=False, namespace=namespace).stdout.decode().split():
+            self.ctr(["tasks", "kill", "-s", "SIGKILL", task], check=False, namespace=namespace)
+            self.ctr(["tasks", "rm", "-f", task], check=False, namespace=namespace)
+        for c in self.ctr(["containers", "ls", "-q"], check=False, namespace=namespace).stdout.decode().split():
+            self.ctr(["containers", "rm", c], check=False, namespace=namespace)
 
     def stop(self) -> None:
         self.remove_all()

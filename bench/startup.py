@@ -32,11 +32,10 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stack  # noqa: E402
-from stack import log  # noqa: E402
+from stack import http_get, log  # noqa: E402
 from throttle_proxy import ThrottleProxy  # noqa: E402
 
 MODES = ("normal", "lazy", "replay", "fallback")
@@ -295,15 +294,6 @@ class Bench:
             raise RuntimeError(f"replay: traces were sent but the controller has no prefetch profile; "
                                f"see {self.procs.logfile('node')} and {self.procs.logfile('controller')}")
         return profiles
-
-
-def http_get(url: str):
-    """The body of a 200 answer, or None (404, refused, ...)."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.read()
-    except OSError:
-        return None
 
 
 # --------------------------------------------------------------------------------------------

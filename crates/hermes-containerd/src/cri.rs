@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tonic::transport::Channel;
 
@@ -43,6 +44,21 @@ pub enum ContainerState {
     Exited(i32),
     /// The runtime does not know.
     Unknown,
+}
+
+/// A container's state with the times the runtime recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerStatus {
+    /// The state.
+    pub state: ContainerState,
+    /// When its process started, once it has.
+    pub started_at: Option<SystemTime>,
+    /// When its process exited, once it has.
+    pub finished_at: Option<SystemTime>,
+    /// The runtime's reason for the state (e.g. `Completed`, `Error`), often empty.
+    pub reason: String,
+    /// The runtime's message, often empty.
+    pub message: String,
 }
 
 impl Cri {
@@ -191,6 +207,11 @@ impl Cri {
 
     /// The container's state.
     pub async fn container_state(&self, id: &str) -> Result<ContainerState> {
+        Ok(self.container_status(id).await?.state)
+    }
+
+    /// The container's state and times.
+    pub async fn container_status(&self, id: &str) -> Result<ContainerStatus> {
         let status = self
             .runtime
             .clone()
@@ -206,12 +227,33 @@ impl Cri {
                 call: "cri.ContainerStatus",
                 reason: "no status".into(),
             })?;
-        Ok(match cri::ContainerState::try_from(status.state) {
+        let state = match cri::ContainerState::try_from(status.state) {
             Ok(cri::ContainerState::ContainerCreated) => ContainerState::Created,
             Ok(cri::ContainerState::ContainerRunning) => ContainerState::Running,
             Ok(cri::ContainerState::ContainerExited) => ContainerState::Exited(status.exit_code),
             _ => ContainerState::Unknown,
+        };
+        Ok(ContainerStatus {
+            state,
+            started_at: time_from_nanos(status.started_at),
+            finished_at: time_from_nanos(status.finished_at),
+            reason: status.reason,
+            message: status.message,
         })
+    }
+
+    /// Removes `image` (a reference or an image ID) as a kubelet's image GC does; containerd
+    /// then deletes its content and snapshots that nothing else uses. Removing an image that is
+    /// not there succeeds.
+    pub async fn remove_image(&self, image: &str) -> Result<()> {
+        self.images
+            .clone()
+            .remove_image(cri::RemoveImageRequest {
+                image: Some(image_spec(image)),
+            })
+            .await
+            .map_err(Error::rpc("cri.RemoveImage"))?;
+        Ok(())
     }
 
     /// Stops and removes the pod and its containers.
@@ -232,6 +274,12 @@ impl Cri {
             .map_err(Error::rpc("cri.RemovePodSandbox"))?;
         Ok(())
     }
+}
+
+/// CRI's nanoseconds since the epoch; 0 means "not yet".
+fn time_from_nanos(nanos: i64) -> Option<SystemTime> {
+    let nanos = u64::try_from(nanos).ok().filter(|n| *n > 0)?;
+    Some(UNIX_EPOCH + Duration::from_nanos(nanos))
 }
 
 fn image_spec(image: &str) -> cri::ImageSpec {
@@ -263,6 +311,16 @@ pub fn log_lines(log: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cri_times_of_zero_are_not_yet() {
+        assert_eq!(time_from_nanos(0), None);
+        assert_eq!(time_from_nanos(-5), None);
+        assert_eq!(
+            time_from_nanos(1_500_000_000),
+            Some(UNIX_EPOCH + Duration::from_millis(1500))
+        );
+    }
 
     #[test]
     fn cri_log_lines_are_unwrapped_and_partials_joined() {

@@ -31,7 +31,7 @@ pub use client::{
     Containerd, LEASE_HEADER, Metadata, NAMESPACE_HEADER, RunningContainer, Service, Version,
     connect_unix,
 };
-pub use cri::{ContainerState, Cri, Pod, log_lines};
+pub use cri::{ContainerState, ContainerStatus, Cri, Pod, log_lines};
 pub use error::{Error, Result};
 pub use hermes_oci::manifest::Platform;
 pub use ops::{BlobRef, Chunks, Written};

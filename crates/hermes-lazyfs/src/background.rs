@@ -5,11 +5,16 @@
 //! every compressed byte in order, verifies each span against the zTOC before using it,
 //! stores spans that are not cached yet, and when the
 //! walk is done compares the blob's digest and size with the layer's: a match marks the layer
-//! [`LayerState::FullyLocal`] (and is remembered in the cache for the next process), a mismatch
-//! marks it [`LayerState::Broken`]. The digest is over compressed bytes and the cache holds
-//! decoded ones, so spans reads fetched are hashed from the compressed bytes the reader kept
-//! for this (see [`crate::reader`]); only a span whose kept bytes are gone (another process
-//! fetched it) is downloaded again.
+//! [`LayerState::FullyLocal`] (and is remembered in the cache for the next process). The digest
+//! is over compressed bytes and the cache holds decoded ones, so spans reads fetched are hashed
+//! from the compressed bytes the reader kept for this (see [`crate::reader`]); only a span whose
+//! kept bytes are gone (another process fetched it) is downloaded again.
+//!
+//! Bytes between spans (the gzip header) are covered by no span digest, only by the layer's: a
+//! mismatch may be such a byte corrupted in transit, so the blob is hashed again from fresh
+//! fetches, up to [`DIGEST_PASSES`] passes in all, before the layer is marked
+//! [`LayerState::Broken`]. A span that fails verification is fetched again, up to
+//! `VERIFY_ATTEMPTS` fetches, as reads do.
 //!
 //! It does not prefetch by a recorded profile or bound concurrency across layers: the node
 //! daemon schedules fetchers.
@@ -21,11 +26,16 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::reader::{LayerReader, LayerState, Priority, broken_reason};
+use crate::reader::{LayerReader, LayerState, Priority, VERIFY_ATTEMPTS, broken_reason};
 use crate::{BrokenReason, Error, Result};
 
 /// Attempts per range read before the fetcher gives up for this run (the layer stays lazy).
 const ATTEMPTS: u32 = 3;
+
+/// Passes over the whole blob before a digest mismatch breaks the layer: the first hashes what
+/// reads kept, the others fetch everything again (a byte no span digest covers may have been
+/// corrupted on the way; a blob that is not the layer fails every pass).
+pub(crate) const DIGEST_PASSES: u32 = 3;
 
 /// How long reads must have fetched nothing before the background fetcher goes on: it would
 /// otherwise take half the bandwidth between two bursts of a starting container's reads.
@@ -155,48 +165,23 @@ fn walk(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool
         tracing::info!("layer already fully local");
         return Outcome::FullyLocal;
     }
-    let ztoc = Arc::clone(reader.ztoc());
-    let mut hasher = Sha256::new();
-    let mut pos = 0u64;
-    for span in ztoc.spans() {
-        reader.wait_foreground_idle(stop, QUIET);
-        if stop.load(Ordering::Relaxed) {
-            return Outcome::Stopped;
-        }
-        if let LayerState::Broken(reason) = reader.state() {
-            return Outcome::Broken(reason);
-        }
-        // Spans of a gzip layer may share a byte, and bytes before the first span (the gzip
-        // header) belong to none: read from wherever hashing stopped.
-        let start = pos.min(span.compressed.start);
-        let data = match reader.kept(&span) {
-            // A read fetched (and verified) the span: only bytes between spans that no span
-            // holds, if any, come from the registry.
-            Some(kept) if start < span.compressed.start => {
-                match reader.fetch(start, span.compressed.start - start, Priority::Background) {
-                    Ok(mut data) => {
-                        data.extend_from_slice(&kept);
-                        data
-                    }
-                    Err(e) => return Outcome::Failed(e),
-                }
-            }
-            Some(kept) => kept,
-            None => match fetch_verified_twice(reader, start, &span, stop) {
-                Ok(data) => data,
-                Err(outcome) => return outcome,
-            },
+    let mut pass = 1;
+    let (actual, pos) = loop {
+        let (actual, pos) = match hash_pass(reader, stop, pass == 1) {
+            Ok(hashed) => hashed,
+            Err(outcome) => return outcome,
         };
-        hasher.update(&data[(pos - start) as usize..]);
-        pos = span.compressed.end;
-        let at = (span.compressed.start - start) as usize;
-        match reader.install_background(&span, &data[at..]) {
-            Ok(_) => {}
-            Err(Error::Broken(reason)) => return Outcome::Broken(reason),
-            Err(e) => return Outcome::Failed(e),
+        if (actual == digest.as_str() && pos == size) || pass >= DIGEST_PASSES {
+            break (actual, pos);
         }
-    }
-    let actual = format!("sha256:{}", crate::cache::hex(&hasher.finalize()));
+        tracing::warn!(
+            pass,
+            %actual,
+            bytes = pos,
+            "the blob does not match the layer digest; hashing it again from fresh fetches"
+        );
+        pass += 1;
+    };
     if actual == digest.as_str() && pos == size {
         if let Err(e) = reader.cache().mark_verified(digest.as_str()) {
             tracing::warn!(error = %e, "could not record the verified layer; it is checked again next time");
@@ -216,30 +201,81 @@ fn walk(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool
     }
 }
 
-/// [`fetch_verified`], once more if the span fails verification; a second failure breaks the
-/// layer. The error is how the walk ends.
-fn fetch_verified_twice(
+/// One walk over every span: fetch (or, with `use_kept`, take what reads kept), verify, store
+/// what is not cached, and hash every compressed byte in order. Returns the blob's digest and
+/// how many bytes were hashed; the error is how the walk ends.
+fn hash_pass(
+    reader: &LayerReader,
+    stop: &AtomicBool,
+    use_kept: bool,
+) -> std::result::Result<(String, u64), Outcome> {
+    let ztoc = Arc::clone(reader.ztoc());
+    let mut hasher = Sha256::new();
+    let mut pos = 0u64;
+    for span in ztoc.spans() {
+        reader.wait_foreground_idle(stop, QUIET);
+        if stop.load(Ordering::Relaxed) {
+            return Err(Outcome::Stopped);
+        }
+        if let LayerState::Broken(reason) = reader.state() {
+            return Err(Outcome::Broken(reason));
+        }
+        // Spans of a gzip layer may share a byte, and bytes before the first span (the gzip
+        // header) belong to none: read from wherever hashing stopped.
+        let start = pos.min(span.compressed.start);
+        let data = match reader.kept(&span).filter(|_| use_kept) {
+            // A read fetched (and verified) the span: only bytes between spans that no span
+            // holds, if any, come from the registry.
+            Some(kept) if start < span.compressed.start => {
+                let mut data = reader
+                    .fetch(start, span.compressed.start - start, Priority::Background)
+                    .map_err(Outcome::Failed)?;
+                data.extend_from_slice(&kept);
+                data
+            }
+            Some(kept) => kept,
+            None => fetch_until_verified(reader, start, &span, stop)?,
+        };
+        hasher.update(&data[(pos - start) as usize..]);
+        pos = span.compressed.end;
+        let at = (span.compressed.start - start) as usize;
+        match reader.install_background(&span, &data[at..]) {
+            Ok(_) => {}
+            Err(Error::Broken(reason)) => return Err(Outcome::Broken(reason)),
+            Err(e) => return Err(Outcome::Failed(e)),
+        }
+    }
+    Ok((
+        format!("sha256:{}", crate::cache::hex(&hasher.finalize())),
+        pos,
+    ))
+}
+
+/// [`fetch_verified`] until the span verifies, up to `VERIFY_ATTEMPTS` fetches; if none does,
+/// the layer is broken. The error is how the walk ends.
+fn fetch_until_verified(
     reader: &LayerReader,
     start: u64,
     span: &hermes_ztoc::Span,
     stop: &AtomicBool,
 ) -> std::result::Result<Vec<u8>, Outcome> {
-    match fetch_verified(reader, start, span, stop) {
-        Ok(Ok(data)) => return Ok(data),
-        Ok(Err(_)) => tracing::warn!(
-            span = span.id,
-            "span failed verification; fetching it again"
-        ),
-        Err(e) => return Err(Outcome::Failed(e)),
-    }
-    match fetch_verified(reader, start, span, stop) {
-        Ok(Ok(data)) => Ok(data),
-        Ok(Err(e)) => {
-            let reason = broken_reason(span.id, e);
-            reader.set_state(LayerState::Broken(reason.clone()));
-            Err(Outcome::Broken(reason))
+    let mut attempt = 1;
+    loop {
+        match fetch_verified(reader, start, span, stop) {
+            Ok(Ok(data)) => return Ok(data),
+            Ok(Err(e)) if attempt >= VERIFY_ATTEMPTS => {
+                let reason = broken_reason(span.id, e);
+                reader.set_state(LayerState::Broken(reason.clone()));
+                return Err(Outcome::Broken(reason));
+            }
+            Ok(Err(_)) => tracing::warn!(
+                span = span.id,
+                attempt,
+                "span failed verification; fetching it again"
+            ),
+            Err(e) => return Err(Outcome::Failed(e)),
         }
-        Err(e) => Err(Outcome::Failed(e)),
+        attempt += 1;
     }
 }
 

@@ -9,14 +9,17 @@ use hermes_ztoc::SpanId;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BrokenReason {
-    /// A span's compressed bytes failed verification twice in a row.
-    #[error("span {span} failed verification twice (expected {expected}, got {actual})")]
+    /// A span's compressed bytes failed verification on every fetch (`VERIFY_ATTEMPTS` in a row).
+    #[error(
+        "span {span} failed verification on {attempts} fetches in a row (expected {expected}, got {actual})",
+        attempts = crate::reader::VERIFY_ATTEMPTS
+    )]
     SpanDigest {
         /// The span.
         span: SpanId,
         /// Digest in the zTOC.
         expected: String,
-        /// Digest of the bytes read the second time.
+        /// Digest of the bytes read the last time.
         actual: String,
     },
     /// A span's verified bytes did not decode: the zTOC does not describe this layer.

@@ -3,8 +3,9 @@
 //! A miss fetches the request's missing spans with as few range reads as possible (neighbouring
 //! spans are coalesced into one read), verifies each span against the zTOC's digest before it
 //! is decoded, stores it in the cache and then answers from the cache. Concurrent readers of one
-//! span wait for one fetch. A span that fails verification is fetched once more; a second
-//! failure marks the layer broken and every later read fails.
+//! span wait for one fetch. A span that fails verification is fetched again, up to
+//! [`VERIFY_ATTEMPTS`] fetches in all; if none verifies, the layer is marked broken and every
+//! later read fails.
 //!
 //! While a background fetcher runs, the verified compressed bytes of the spans reads fetch are
 //! also kept, in a sparse file next to the cache, until it has hashed them: it needs every
@@ -28,6 +29,12 @@ use crate::{BrokenReason, Error, Result};
 
 /// Most compressed bytes one coalesced range read asks for.
 const MAX_COALESCED_BYTES: u64 = 32 << 20;
+
+/// Fetches of one span before a failed verification breaks the layer. Corruption in transit (a
+/// proxy, a NIC, a cache on the way) is transient, and a fresh fetch cures it: with only one
+/// more fetch, two corrupted answers in a row broke a layer for good under a chaos soak. A blob
+/// that differs from its zTOC fails every fetch, so a few attempts bound the cost.
+pub(crate) const VERIFY_ATTEMPTS: u32 = 4;
 
 /// Where a layer stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +66,8 @@ pub struct ReaderStats {
     pub background_bytes_fetched: u64,
     /// Spans stored by the background fetcher.
     pub background_spans_fetched: u64,
-    /// Spans whose bytes failed verification (each is fetched once more).
+    /// Span fetches whose bytes failed verification (each is fetched again, up to
+    /// `VERIFY_ATTEMPTS` fetches in all).
     pub verify_failures: u64,
     /// Times the background fetcher paused because reads were fetching.
     pub background_pauses: u64,
@@ -479,36 +487,36 @@ impl LayerReader {
         Ok(())
     }
 
-    /// Verify and decode one span; refetch it once if its bytes fail verification. Bytes a
-    /// read fetched are kept for the background digest once verified.
+    /// Verify and decode one span; fetch it again while its bytes fail verification, up to
+    /// [`VERIFY_ATTEMPTS`] fetches in all. Bytes a read fetched are kept for the background
+    /// digest once verified.
     fn decode(&self, span: &Span, bytes: &[u8], priority: Priority) -> Result<Vec<u8>> {
-        let keep = |verified: &[u8]| {
-            if priority == Priority::Foreground {
-                self.keep(span, verified);
-            }
-        };
-        let decoded = match self.ztoc.decode_span(span.id, bytes) {
-            Err(hermes_ztoc::Error::SpanDigestMismatch { .. }) => {
-                bump(&self.counters.verify_failures, 1);
-                tracing::warn!(
-                    span = span.id,
-                    "span failed verification; fetching it again"
-                );
-                let len = span.compressed.end - span.compressed.start;
-                let again = self.fetch(span.compressed.start, len, priority)?;
-                let decoded = self.ztoc.decode_span(span.id, &again).map_err(|e| {
-                    if matches!(e, hermes_ztoc::Error::SpanDigestMismatch { .. }) {
-                        bump(&self.counters.verify_failures, 1);
+        let mut refetched: Option<Vec<u8>> = None;
+        let mut attempt = 1;
+        let decoded = loop {
+            let current = refetched.as_deref().unwrap_or(bytes);
+            match self.ztoc.decode_span(span.id, current) {
+                Err(e @ hermes_ztoc::Error::SpanDigestMismatch { .. }) => {
+                    bump(&self.counters.verify_failures, 1);
+                    if attempt >= VERIFY_ATTEMPTS {
+                        return Err(broken(span.id, e));
                     }
-                    broken(span.id, e)
-                })?;
-                keep(&again);
-                decoded
-            }
-            other => {
-                let decoded = other.map_err(|e| broken(span.id, e))?;
-                keep(bytes);
-                decoded
+                    tracing::warn!(
+                        span = span.id,
+                        attempt,
+                        "span failed verification; fetching it again"
+                    );
+                    let len = span.compressed.end - span.compressed.start;
+                    refetched = Some(self.fetch(span.compressed.start, len, priority)?);
+                    attempt += 1;
+                }
+                other => {
+                    let decoded = other.map_err(|e| broken(span.id, e))?;
+                    if priority == Priority::Foreground {
+                        self.keep(span, current);
+                    }
+                    break decoded;
+                }
             }
         };
         if decoded.len() as u64 != span.uncompressed.end - span.uncompressed.start {

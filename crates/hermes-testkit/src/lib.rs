@@ -3,8 +3,9 @@
 //!
 //! - [`Registry`]: Debian's `docker-registry` (anonymous or htpasswd-protected).
 //! - [`FaultProxy`]: an HTTP/1.1 reverse proxy in front of a registry that injects drops, resets,
-//!   stalls, error statuses, 429s, truncated and corrupted bodies, caps bandwidth and can play a
-//!   bearer-token auth server.
+//!   stalls, error statuses, 429s, truncated and corrupted bodies (queued, or at random from a
+//!   seed), caps bandwidth and can play a bearer-token auth server. The `fault-proxy` binary runs
+//!   one as a process for scripts (`bench/chaos.py`).
 //! - [`Containerd`]: Debian's containerd + runc with its own root, state and socket, optionally
 //!   with a proxy snapshotter and the CRI plugin pulling from a local registry.
 //! - [`TestImage`]: builds OCI images from generated file trees and pushes them with `skopeo`.
@@ -26,5 +27,5 @@ pub use containerd::{
 };
 pub use error::{Error, Result};
 pub use image::{LayerInfo, PushedImage, PushedIndex, SparseFormat, TestImage};
-pub use proxy::{Fault, FaultProxy, FaultRule, LoggedRequest};
+pub use proxy::{Fault, FaultProxy, FaultRule, LoggedRequest, RandomFaults};
 pub use registry::Registry;

@@ -1,7 +1,8 @@
 //! An HTTP/1.1 reverse proxy for reliability tests: it forwards every request to an upstream
 //! (normally a [`Registry`](crate::Registry)), streaming bodies both ways, and applies queued
-//! [`FaultRule`]s, a bandwidth cap and, optionally, a bearer-token auth front (token endpoint,
-//! `WWW-Authenticate` challenges) in front of an anonymous upstream.
+//! [`FaultRule`]s, seeded [`RandomFaults`] (for soak runs), a bandwidth cap and, optionally, a
+//! bearer-token auth front (token endpoint, `WWW-Authenticate` challenges) in front of an
+//! anonymous upstream.
 //!
 //! It runs its own single-threaded tokio runtime on its own thread, so sync and async tests can use
 //! it alike. It does not pool upstream connections (one per request) and does not speak TLS.
@@ -66,6 +67,24 @@ pub enum Fault {
     Redirect,
 }
 
+impl Fault {
+    /// A short name of the fault's kind (`drop`, `reset`, `stall`, `status`, `429`, `truncate`,
+    /// `corrupt`, `ignore_range`, `redirect`), for counts and reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::DropAfter(_) => "drop",
+            Fault::Reset => "reset",
+            Fault::Stall(_) => "stall",
+            Fault::Status(_) => "status",
+            Fault::TooManyRequests { .. } => "429",
+            Fault::Truncate(_) => "truncate",
+            Fault::Corrupt { .. } => "corrupt",
+            Fault::IgnoreRange => "ignore_range",
+            Fault::Redirect => "redirect",
+        }
+    }
+}
+
 /// A fault applied to the next `times` requests that match `method` (any if `None`) and whose path
 /// contains `path_contains`. Rules are consulted in the order they were pushed; the first matching
 /// rule with uses left wins.
@@ -114,6 +133,113 @@ impl FaultRule {
     }
 }
 
+/// Faults at random, for soak runs: each request that matches `method` and `path_contains` gets,
+/// with probability `rate`, one fault drawn from a generator seeded with `seed`: a drop or a
+/// truncation after a random number of body bytes, a reset, a stall of up to `max_stall`, a 500,
+/// 502 or 503, a 429 with `Retry-After: 1`, or one corrupted byte. Offsets are drawn within the
+/// requested range's length (1 KiB without a `Range` header, which covers manifests). Queued
+/// [`FaultRule`]s come first. The same seed draws the same sequence of faults; which request gets
+/// which depends on the order concurrent requests arrive in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RandomFaults {
+    /// Seed of the generator.
+    pub seed: u64,
+    /// Probability, 0 to 1, that a matching request gets a fault.
+    pub rate: f64,
+    /// HTTP method to match (case-insensitive), or any.
+    pub method: Option<String>,
+    /// Substring the request path must contain (`""` matches every path).
+    pub path_contains: String,
+    /// Longest stall.
+    pub max_stall: Duration,
+}
+
+impl RandomFaults {
+    /// Faults on `rate` of all requests, stalls of up to 2 s.
+    pub fn new(seed: u64, rate: f64) -> RandomFaults {
+        RandomFaults {
+            seed,
+            rate,
+            method: None,
+            path_contains: String::new(),
+            max_stall: Duration::from_secs(2),
+        }
+    }
+
+    /// Only requests whose path contains `path_contains`.
+    pub fn path_contains(mut self, path_contains: impl Into<String>) -> RandomFaults {
+        self.path_contains = path_contains.into();
+        self
+    }
+
+    /// Only requests with this method.
+    pub fn method(mut self, method: impl Into<String>) -> RandomFaults {
+        self.method = Some(method.into());
+        self
+    }
+
+    /// Stalls last up to `max_stall`.
+    pub fn max_stall(mut self, max_stall: Duration) -> RandomFaults {
+        self.max_stall = max_stall;
+        self
+    }
+
+    fn matches(&self, method: &str, path: &str) -> bool {
+        self.method
+            .as_deref()
+            .is_none_or(|m| m.eq_ignore_ascii_case(method))
+            && path.contains(&self.path_contains)
+    }
+}
+
+/// [`RandomFaults`] with their generator.
+#[derive(Debug)]
+struct RandomState {
+    config: RandomFaults,
+    rng: fastrand::Rng,
+}
+
+impl RandomState {
+    fn new(config: RandomFaults) -> RandomState {
+        let rng = fastrand::Rng::with_seed(config.seed);
+        RandomState { config, rng }
+    }
+
+    /// The fault for a request, if it gets one; `body_len` is the expected body length.
+    fn draw(&mut self, method: &str, path: &str, body_len: u64) -> Option<Fault> {
+        if !self.config.matches(method, path) || self.rng.f64() >= self.config.rate {
+            return None;
+        }
+        let rng = &mut self.rng;
+        let len = body_len.max(1);
+        Some(match rng.u8(0..7) {
+            0 => Fault::DropAfter(rng.u64(0..len)),
+            1 => Fault::Reset,
+            2 => {
+                let max = u64::try_from(self.config.max_stall.as_millis()).unwrap_or(u64::MAX);
+                Fault::Stall(Duration::from_millis(rng.u64(0..=max)))
+            }
+            3 => Fault::Status([500, 502, 503][rng.usize(0..3)]),
+            4 => Fault::TooManyRequests {
+                retry_after_secs: 1,
+            },
+            5 => Fault::Truncate(rng.u64(0..len)),
+            _ => Fault::Corrupt {
+                at: rng.u64(0..len),
+            },
+        })
+    }
+}
+
+/// The length of a `bytes=A-B` range, or 1 KiB (a manifest's size) without one.
+fn expected_body_len(range: Option<&str>) -> u64 {
+    range
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| Some(b.parse::<u64>().ok()?.checked_sub(a.parse().ok()?)? + 1))
+        .unwrap_or(1024)
+}
+
 /// One request the proxy saw, with the status it answered (0 when it answered nothing).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggedRequest {
@@ -125,6 +251,8 @@ pub struct LoggedRequest {
     pub range: Option<String>,
     /// Status sent to the client; 0 for [`Fault::Reset`].
     pub status: u16,
+    /// The fault injected, if any.
+    pub fault: Option<Fault>,
 }
 
 /// A running fault-injecting proxy. Stops its thread (closing all connections) on `Drop`.
@@ -155,6 +283,7 @@ struct BearerAuth {
 #[derive(Debug, Default)]
 struct State {
     rules: VecDeque<FaultRule>,
+    random: Option<RandomState>,
     log: Vec<LoggedRequest>,
     bucket: Option<TokenBucket>,
     /// Issued bearer tokens and when each expires.
@@ -246,6 +375,12 @@ impl FaultProxy {
         self.shared.state().rules.clear();
     }
 
+    /// Injects faults at random from now on (`None`: stops). Setting them again restarts the
+    /// generator from the seed.
+    pub fn set_random_faults(&self, faults: Option<RandomFaults>) {
+        self.shared.state().random = faults.map(RandomState::new);
+    }
+
     /// Caps response body bytes per second over all connections together (`None`: no cap).
     pub fn set_bandwidth(&self, bytes_per_sec: Option<u64>) {
         self.shared.state().bucket = bytes_per_sec.map(TokenBucket::new);
@@ -254,6 +389,11 @@ impl FaultProxy {
     /// The requests seen so far, in the order their responses were decided.
     pub fn log(&self) -> Vec<LoggedRequest> {
         self.shared.state().log.clone()
+    }
+
+    /// The requests seen so far, forgetting them (none is lost between reading and clearing).
+    pub fn take_log(&self) -> Vec<LoggedRequest> {
+        std::mem::take(&mut self.shared.state().log)
     }
 
     /// Forgets the logged requests.
@@ -286,12 +426,16 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn take_fault(&self, method: &str, path: &str) -> Option<Fault> {
+    fn take_fault(&self, method: &str, path: &str, range: Option<&str>) -> Option<Fault> {
         let mut state = self.state();
-        let index = state
+        let Some(index) = state
             .rules
             .iter()
-            .position(|rule| rule.matches(method, path))?;
+            .position(|rule| rule.matches(method, path))
+        else {
+            let body_len = expected_body_len(range);
+            return state.random.as_mut()?.draw(method, path, body_len);
+        };
         let rule = &mut state.rules[index];
         rule.times -= 1;
         let fault = rule.fault.clone();
@@ -362,17 +506,18 @@ async fn handle(
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let fault = shared.take_fault(&method, &path, range.as_deref());
     let log = |status: u16| {
         let entry = LoggedRequest {
             method: method.clone(),
             path: path.clone(),
             range: range.clone(),
             status,
+            fault: fault.clone(),
         };
         shared.state().log.push(entry);
     };
 
-    let fault = shared.take_fault(&method, &path);
     match fault {
         Some(Fault::Reset) => {
             log(0);
@@ -775,6 +920,74 @@ mod tests {
         assert!(!rule.matches("HEAD", "/v2/r/blobs/sha256:00"));
         assert!(!rule.matches("GET", "/v2/r/manifests/latest"));
         assert!(!rule.times(0).matches("GET", "/v2/r/blobs/sha256:00"));
+    }
+
+    fn draws(config: RandomFaults, n: usize, body_len: u64) -> Vec<Option<Fault>> {
+        let mut state = RandomState::new(config);
+        (0..n)
+            .map(|_| state.draw("GET", "/v2/r/blobs/sha256:00", body_len))
+            .collect()
+    }
+
+    #[test]
+    fn random_faults_replay_from_their_seed() {
+        let a = draws(RandomFaults::new(7, 0.5), 500, 4096);
+        assert_eq!(a, draws(RandomFaults::new(7, 0.5), 500, 4096));
+        assert_ne!(a, draws(RandomFaults::new(8, 0.5), 500, 4096));
+    }
+
+    #[test]
+    fn random_faults_hit_at_their_rate_with_every_kind_within_bounds() {
+        let max_stall = Duration::from_millis(300);
+        let drawn = draws(RandomFaults::new(1, 0.3).max_stall(max_stall), 10_000, 4096);
+        let faults: Vec<&Fault> = drawn.iter().flatten().collect();
+        assert!(
+            (2700..3300).contains(&faults.len()),
+            "{} faults in 10000 requests at rate 0.3",
+            faults.len()
+        );
+        let mut kinds: Vec<&str> = faults.iter().map(|f| f.kind()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(
+            kinds,
+            [
+                "429", "corrupt", "drop", "reset", "stall", "status", "truncate"
+            ]
+        );
+        for fault in faults {
+            match fault {
+                Fault::DropAfter(n) | Fault::Truncate(n) | Fault::Corrupt { at: n } => {
+                    assert!(*n < 4096, "{fault:?} is past the body")
+                }
+                Fault::Stall(d) => assert!(*d <= max_stall, "{fault:?}"),
+                Fault::Status(code) => assert!([500, 502, 503].contains(code), "{fault:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn random_faults_only_hit_matching_requests() {
+        let mut state = RandomState::new(
+            RandomFaults::new(3, 1.0)
+                .path_contains("/blobs/")
+                .method("GET"),
+        );
+        assert!(state.draw("GET", "/v2/r/blobs/sha256:00", 10).is_some());
+        assert_eq!(state.draw("HEAD", "/v2/r/blobs/sha256:00", 10), None);
+        assert_eq!(state.draw("GET", "/v2/r/manifests/v1", 10), None);
+        let mut never = RandomState::new(RandomFaults::new(3, 0.0));
+        assert!((0..1000).all(|_| never.draw("GET", "/", 10).is_none()));
+    }
+
+    #[test]
+    fn expected_body_len_is_the_range_length_or_a_manifest_size() {
+        assert_eq!(expected_body_len(Some("bytes=100-199")), 100);
+        assert_eq!(expected_body_len(Some("bytes=5-5")), 1);
+        assert_eq!(expected_body_len(Some("bytes=100-")), 1024);
+        assert_eq!(expected_body_len(Some("bytes=9-1")), 1024);
+        assert_eq!(expected_body_len(None), 1024);
     }
 
     #[test]

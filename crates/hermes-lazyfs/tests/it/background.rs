@@ -103,6 +103,56 @@ fn background_fetch_with_a_wrong_size_breaks_the_layer() {
 }
 
 #[test]
+fn background_fetch_of_a_span_corrupted_in_transit_three_times_running_completes() {
+    // Seen in a chaos soak: the second corrupted answer for one span broke the layer.
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    let span = layer.ztoc.span(4).unwrap();
+    source.corrupt(span.compressed.start + 50, 3);
+    let outcome = BackgroundFetcher::start(
+        Arc::clone(&reader),
+        layer.digest.clone(),
+        layer.blob.len() as u64,
+    )
+    .unwrap()
+    .wait();
+    assert!(matches!(outcome, Outcome::FullyLocal), "{outcome:?}");
+    assert_eq!(reader.stats().verify_failures, 3);
+    assert!(reader.read(0, layer.tar.len() as u64).unwrap() == layer.tar);
+}
+
+#[test]
+fn a_gzip_header_corrupted_in_transit_is_fetched_again_not_a_broken_layer() {
+    // Seen in a chaos soak: a flipped byte of the gzip header, which no span digest covers,
+    // made the whole-blob digest differ and broke a layer whose every span had verified.
+    let layer = multi_span_layer();
+    let first = layer.ztoc.span(0).unwrap();
+    assert!(
+        first.compressed.start > 0,
+        "the gzip header precedes span 0"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    source.corrupt(3, 1);
+    let outcome = BackgroundFetcher::start(
+        Arc::clone(&reader),
+        layer.digest.clone(),
+        layer.blob.len() as u64,
+    )
+    .unwrap()
+    .wait();
+    assert!(matches!(outcome, Outcome::FullyLocal), "{outcome:?}");
+    assert_eq!(reader.state(), LayerState::FullyLocal);
+    assert_eq!(
+        reader.cache().verified_digest().as_deref(),
+        Some(layer.digest.as_str())
+    );
+}
+
+#[test]
 fn background_fetch_of_a_tampered_span_breaks_the_layer() {
     let layer = multi_span_layer();
     let dir = tempfile::tempdir().unwrap();

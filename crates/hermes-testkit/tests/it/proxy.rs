@@ -5,7 +5,9 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use hermes_testkit::{Fault, FaultProxy, FaultRule, PushedImage, Registry, TestImage};
+use hermes_testkit::{
+    Fault, FaultProxy, FaultRule, PushedImage, RandomFaults, Registry, TestImage,
+};
 
 use crate::support::{End, OCI_MANIFEST, get, request, sha256, skopeo_inspect_raw};
 
@@ -488,4 +490,110 @@ fn redirect_sends_the_client_to_the_upstream() {
     assert_eq!(redirect.header("location"), Some(expected.as_str()));
     let followed = get(f.registry.addr(), &format!("{}?x=1", f.blob_path));
     assert!(followed.status == 200 && followed.body == f.blob);
+}
+
+#[test]
+fn random_faults_hit_matching_requests_and_stop_when_cleared() {
+    let f = fixture();
+    let proxy = FaultProxy::start(f.registry.addr()).unwrap();
+    proxy.set_random_faults(Some(
+        RandomFaults::new(42, 1.0)
+            .path_contains("/blobs/")
+            .max_stall(Duration::from_millis(20)),
+    ));
+    let mut intact = 0;
+    for _ in 0..40 {
+        let answer = request(
+            proxy.addr(),
+            "GET",
+            &f.blob_path,
+            &[("Range", "bytes=0-999")],
+        );
+        if answer
+            .is_ok_and(|r| r.status == 206 && r.end == End::Complete && r.body == f.blob[..1000])
+        {
+            intact += 1;
+        }
+    }
+    let log = proxy.log();
+    assert_eq!(log.len(), 40, "{log:?}");
+    assert!(
+        log.iter().all(|r| r.fault.is_some()),
+        "rate 1 faults every request: {log:?}"
+    );
+    // Only stalls leave the answer intact.
+    let stalls = log
+        .iter()
+        .filter(|r| matches!(r.fault, Some(Fault::Stall(_))))
+        .count();
+    assert_eq!(intact, stalls, "{log:?}");
+    assert!(stalls < 40, "{log:?}");
+
+    let manifest = format!("/v2/faults/manifests/{}", f.pushed.manifest_digest);
+    let clean = request(proxy.addr(), "GET", &manifest, &[("Accept", OCI_MANIFEST)]).unwrap();
+    assert_eq!(clean.status, 200, "other paths are not faulted");
+
+    proxy.set_random_faults(None);
+    proxy.clear_log();
+    let whole = get(proxy.addr(), &f.blob_path);
+    assert!(whole.status == 200 && whole.body == f.blob);
+    assert_eq!(proxy.log()[0].fault, None);
+}
+
+#[test]
+fn the_fault_proxy_binary_turns_seeded_faults_on_and_off_on_stdin_and_counts_them() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let f = fixture();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fault-proxy"))
+        .args([
+            "--upstream",
+            &f.registry.host(),
+            "--rate",
+            "1",
+            "--max-stall-ms",
+            "10",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut answer = |command: &str| -> serde_json::Value {
+        if !command.is_empty() {
+            writeln!(stdin, "{command}").unwrap();
+        }
+        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
+    };
+    let host = answer("")["listening"].as_str().unwrap().to_owned();
+    let addr: std::net::SocketAddr = host.parse().unwrap();
+
+    assert_eq!(get(addr, &f.blob_path).body, f.blob, "no faults until told");
+    assert_eq!(answer("on 7")["faults"], "on");
+    for _ in 0..5 {
+        let _ = request(addr, "GET", &f.blob_path, &[("Range", "bytes=0-99")]);
+    }
+    let stats = answer("stats");
+    assert_eq!(stats["requests"], 6, "{stats}");
+    assert_eq!(stats["range_requests"], 5, "{stats}");
+    let faults: u64 = stats["faults"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(faults, 5, "rate 1 faults every request once on: {stats}");
+    assert_eq!(answer("off")["faults"], "off");
+    assert_eq!(get(addr, &f.blob_path).body, f.blob);
+    assert_eq!(
+        answer("stats")["requests"],
+        1,
+        "stats count since the last call"
+    );
+    assert!(answer("bogus").get("error").is_some());
+
+    drop(stdin);
+    assert!(child.wait().unwrap().success(), "exits when stdin closes");
 }
