@@ -1293,6 +1293,7 @@ mod tests {
         s.store
             .put_image(&hermes_oci::ImageRecord {
                 reference: "registry.test/app:v1".into(),
+                aliases: Vec::new(),
                 manifest_digest: manifest.clone(),
                 platform: None,
                 span_size: 4 << 20,

@@ -289,6 +289,7 @@ impl Builder {
         };
         let record = ImageRecord {
             reference: reference.to_string(),
+            aliases: Vec::new(),
             manifest_digest: image.fetched.digest.clone(),
             platform: image.platform.as_ref().map(Platform::to_string),
             span_size,

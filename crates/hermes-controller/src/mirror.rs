@@ -298,7 +298,7 @@ impl Mirror {
         }
         let config = self
             .client
-            .get_blob(&at, &manifest.config.digest)
+            .get_config(&at, &manifest.config)
             .await
             .map_err(oci("read the entry of", &at))?;
         let entry: Entry = serde_json::from_slice(&config).map_err(|e| Error::Oci {
@@ -312,7 +312,7 @@ impl Mirror {
         summary.entries += 1;
         for layer in &entry.layers {
             if let Some(ztoc) = &layer.ztoc {
-                if !manifest.layers.iter().any(|d| d.digest == *ztoc) {
+                let Some(listed) = manifest.layers.iter().find(|d| d.digest == *ztoc) else {
                     return Err(Error::Oci {
                         action: "read the entry of",
                         subject: at.to_string(),
@@ -323,12 +323,14 @@ impl Mirror {
                             repository: self.repository.repository.clone(),
                         }),
                     });
-                }
+                };
                 if !store.has_blob(ztoc) {
-                    // get_blob checks the digest: a damaged copy is an error, never stored.
+                    // get_blob checks the digest and the size: a damaged copy is an error,
+                    // never stored.
+                    let size = u64::try_from(listed.size).unwrap_or(0);
                     let bytes = self
                         .client
-                        .get_blob(&at, ztoc)
+                        .get_blob(&at, ztoc, size)
                         .await
                         .map_err(oci("download the zTOC", ztoc))?;
                     summary.bytes += bytes.len() as u64;

@@ -673,6 +673,7 @@ mod tests {
     fn record(manifest: u8, layers: &[u8]) -> ImageRecord {
         ImageRecord {
             reference: "registry.test/app:v1".to_owned(),
+            aliases: Vec::new(),
             manifest_digest: digest(manifest),
             platform: None,
             span_size: SPAN,

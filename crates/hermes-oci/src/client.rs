@@ -3,10 +3,11 @@
 //! pure functions so they can be tested without a server.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf as _, Bytes, BytesMut};
 use reqwest::header::{
     ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, LOCATION, RANGE,
     RETRY_AFTER, WWW_AUTHENTICATE,
@@ -55,6 +56,47 @@ impl RetryPolicy {
     }
 }
 
+/// How long one request may take in all: connecting, authenticating, every retry and its
+/// backoff, and reading the body. That is `floor` plus the time the most bytes the request may
+/// return take at `min_bytes_per_sec`.
+///
+/// Why this shape: [`ClientOptions::read_timeout`] only catches a server that stops sending; one
+/// that trickles a byte now and then never trips it and would hold a build or a FUSE read
+/// forever. A fixed deadline would either cut big blobs off on slow links or let small requests
+/// hang for as long as the biggest one may take; scaling with the bytes asked bounds both. The
+/// defaults (60 s + 256 KiB/s) let a manifest (at most 4 MiB) take 76 s, a 4 MiB span 76 s and a
+/// 1 GiB layer about 69 minutes: slower than that is treated as a broken registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    /// Time every request gets, whatever its size (connection set-up, tokens, retries).
+    pub floor: Duration,
+    /// The slowest average transfer rate tolerated.
+    pub min_bytes_per_sec: u64,
+}
+
+impl Default for Deadline {
+    fn default() -> Self {
+        Self {
+            floor: Duration::from_secs(60),
+            min_bytes_per_sec: 256 << 10,
+        }
+    }
+}
+
+impl Deadline {
+    /// The deadline of a request that returns (or sends) at most `bytes`.
+    pub fn for_bytes(&self, bytes: u64) -> Duration {
+        let transfer = bytes.saturating_mul(1000) / self.min_bytes_per_sec.max(1);
+        self.floor.saturating_add(Duration::from_millis(transfer))
+    }
+}
+
+/// containerd's (and distribution's) limit on a manifest: 4 MiB.
+pub const DEFAULT_MAX_METADATA_SIZE: u64 = 4 << 20;
+
+/// How much of an error response's body is read, to show in the error.
+const ERROR_BODY_PREFIX: u64 = 4 << 10;
+
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -64,8 +106,15 @@ pub struct ClientOptions {
     pub credentials: Credentials,
     /// Retry policy.
     pub retry: RetryPolicy,
-    /// Longest wait for the next bytes of a response before the connection counts as dropped.
+    /// Longest wait for the next bytes of a response before the connection counts as dropped
+    /// (the stall timeout; a dropped connection is retried or resumed).
     pub read_timeout: Duration,
+    /// Overall deadline of each request, retries included.
+    pub deadline: Deadline,
+    /// Largest manifest, image index, image config, referrers list, tag list page and token
+    /// response read into memory; a longer body is an [`Error::TooLarge`]. A repository's whole
+    /// tag list may be 16 times this.
+    pub max_metadata_size: u64,
     /// Blobs larger than this are uploaded in chunks (PATCH) rather than in one PUT.
     pub upload_chunk_size: usize,
 }
@@ -77,6 +126,8 @@ impl Default for ClientOptions {
             credentials: Credentials::none(),
             retry: RetryPolicy::default(),
             read_timeout: Duration::from_secs(30),
+            deadline: Deadline::default(),
+            max_metadata_size: DEFAULT_MAX_METADATA_SIZE,
             upload_chunk_size: 16 << 20,
         }
     }
@@ -190,6 +241,109 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 fn is_retryable_status(s: StatusCode) -> bool {
     s == StatusCode::TOO_MANY_REQUESTS || matches!(s.as_u16(), 500 | 502 | 503 | 504)
+}
+
+/// One request's retry budget, shared by every step that can fail transiently (sending, reading
+/// the body, resuming a stream), so one request makes at most [`RetryPolicy::max_attempts`]
+/// attempts in all.
+#[derive(Debug, Default)]
+struct Retries {
+    /// Failed attempts so far.
+    failures: u32,
+    /// The registry has answered once: from then on a refused connection is a drop to retry,
+    /// not a registry that is down.
+    connected: bool,
+}
+
+impl Retries {
+    /// Counts a failed attempt and waits its backoff, or gives up when the budget is spent.
+    async fn failed(
+        &mut self,
+        policy: &RetryPolicy,
+        registry: &str,
+        failure: String,
+        retry_after: Option<Duration>,
+    ) -> Result<()> {
+        self.failures += 1;
+        match policy.delay(self.failures, retry_after) {
+            Some(d) if self.failures < policy.max_attempts => {
+                warn!(
+                    registry,
+                    attempt = self.failures,
+                    "retrying in {d:?}: {failure}"
+                );
+                tokio::time::sleep(d).await;
+                Ok(())
+            }
+            _ => Err(Error::RetriesExhausted {
+                registry: registry.to_owned(),
+                attempts: self.failures,
+                last: failure,
+            }),
+        }
+    }
+}
+
+/// Reads a response body chunk by chunk: drops its first `skip` bytes, keeps the next `keep` and
+/// stops as soon as it has them, leaving the rest unread. Returns the kept bytes (fewer if the
+/// body ended first) and whether bytes beyond them arrived; with `probe_end` it reads on until it
+/// knows, so that "exactly `keep` bytes" and "more" are told apart.
+async fn read_part(
+    resp: &mut Response,
+    mut skip: u64,
+    keep: u64,
+    probe_end: bool,
+    what: &'static str,
+) -> Result<(Bytes, bool)> {
+    // Bounded by `keep`, which the caller chose: never by what the server announces alone.
+    let announced = resp.content_length().unwrap_or(0).saturating_sub(skip);
+    let mut out = BytesMut::with_capacity(keep.min(announced) as usize);
+    loop {
+        if out.len() as u64 == keep && !probe_end {
+            return Ok((out.freeze(), false));
+        }
+        let mut chunk = match resp.chunk().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return Ok((out.freeze(), false)),
+            Err(source) => {
+                return Err(Error::Body {
+                    what,
+                    url: resp.url().to_string(),
+                    source,
+                });
+            }
+        };
+        if skip > 0 {
+            let n = skip.min(chunk.len() as u64);
+            skip -= n;
+            chunk.advance(n as usize);
+        }
+        let room = (keep - out.len() as u64) as usize;
+        if chunk.len() > room {
+            out.extend_from_slice(&chunk[..room]);
+            return Ok((out.freeze(), true));
+        }
+        out.extend_from_slice(&chunk);
+    }
+}
+
+/// Reads a whole response body of at most `limit` bytes. A longer body, announced or sent, is an
+/// [`Error::TooLarge`] naming `what` and the URL as soon as that shows, so a hostile server costs
+/// at most `limit` bytes of memory whatever it sends. Time is not bounded here: run it within a
+/// deadline.
+pub async fn read_body(mut resp: Response, limit: u64, what: &'static str) -> Result<Bytes> {
+    let too_large = |resp: &Response| Error::TooLarge {
+        what,
+        url: resp.url().to_string(),
+        limit,
+    };
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Err(too_large(&resp));
+    }
+    match read_part(&mut resp, 0, limit, true, what).await? {
+        (_, true) => Err(too_large(&resp)),
+        (body, false) => Ok(body),
+    }
 }
 
 impl Client {
@@ -321,10 +475,8 @@ impl Client {
                     debug!(status = %resp.status(), %realm, "token endpoint refused");
                     return Ok(false);
                 }
-                let body = resp.bytes().await.map_err(|source| Error::Unreachable {
-                    registry: realm.clone(),
-                    source,
-                })?;
+                let body =
+                    read_body(resp, self.inner.options.max_metadata_size, "token response").await?;
                 let token = serde_json::from_slice::<TokenResponse>(&body)
                     .ok()
                     .and_then(|t| t.into_token(Instant::now()));
@@ -338,15 +490,40 @@ impl Client {
         }
     }
 
-    /// Send with authentication and retries. Returns any non-retryable response (the caller
-    /// interprets 404 and friends); 401/403 after authenticating become [`Error::Unauthorized`].
+    /// Runs `work`, one request's whole exchange, within the deadline of a request that moves
+    /// at most `bytes`.
+    async fn within<T>(
+        &self,
+        what: &'static str,
+        req: &Req,
+        bytes: u64,
+        work: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let after = self.inner.options.deadline.for_bytes(bytes);
+        tokio::time::timeout(after, work).await.unwrap_or_else(|_| {
+            Err(Error::DeadlineExceeded {
+                what,
+                url: self.url(req),
+                after,
+            })
+        })
+    }
+
+    /// Send with authentication and retries, within the deadline for its request body. Returns
+    /// any non-retryable response (the caller interprets 404 and friends; reading its body is
+    /// the caller's, under a deadline of its own); 401/403 after authenticating become
+    /// [`Error::Unauthorized`].
     async fn send(&self, req: &Req) -> Result<Response> {
-        let policy = &self.inner.options.retry;
-        let mut attempt = 0u32;
+        let bytes = req.body.as_ref().map_or(0, |b| b.len() as u64);
+        let mut retries = Retries::default();
+        self.within("response", req, bytes, self.send_counted(req, &mut retries))
+            .await
+    }
+
+    /// [`Client::send`] spending the caller's retry budget and under the caller's deadline.
+    async fn send_counted(&self, req: &Req, retries: &mut Retries) -> Result<Response> {
         let mut authenticated = false;
-        let mut connected = false;
         loop {
-            attempt += 1;
             let mut builder = self.inner.http.request(req.method.clone(), self.url(req));
             for (k, v) in &req.headers {
                 builder = builder.header(k, v);
@@ -364,7 +541,7 @@ impl Client {
             }
             let (failure, wait) = match builder.send().await {
                 Ok(resp) => {
-                    connected = true;
+                    retries.connected = true;
                     let status = resp.status();
                     if status == StatusCode::UNAUTHORIZED && !authenticated {
                         authenticated = true;
@@ -373,8 +550,8 @@ impl Client {
                             .get(WWW_AUTHENTICATE)
                             .and_then(|v| v.to_str().ok())
                             .map(str::to_owned);
+                        // Authenticating is not a failed attempt.
                         if self.authenticate(req, challenge.as_deref()).await? {
-                            attempt -= 1; // authenticating is not a failure
                             continue;
                         }
                     }
@@ -394,7 +571,7 @@ impl Client {
                 }
                 // A registry that never answered is down or misnamed: fail fast. Drops after a
                 // successful exchange are transient and retried.
-                Err(e) if e.is_connect() && !connected => {
+                Err(e) if e.is_connect() && !retries.connected => {
                     return Err(Error::Unreachable {
                         registry: req.registry.clone(),
                         source: e,
@@ -402,26 +579,21 @@ impl Client {
                 }
                 Err(e) => (e.to_string(), None),
             };
-            let delay = policy.delay(attempt, wait);
-            match delay {
-                Some(d) if attempt < policy.max_attempts => {
-                    warn!(registry = %req.registry, attempt, "retrying in {d:?}: {failure}");
-                    tokio::time::sleep(d).await;
-                }
-                _ => {
-                    return Err(Error::RetriesExhausted {
-                        registry: req.registry.clone(),
-                        attempts: attempt,
-                        last: failure,
-                    });
-                }
-            }
+            retries
+                .failed(&self.inner.options.retry, &req.registry, failure, wait)
+                .await?;
         }
     }
 
-    async fn status_error(req: &Req, resp: Response) -> Error {
+    /// An unexpected answer as an error, with the start of its body (registry error JSON). At
+    /// most a few KiB are read, for at most the deadline's floor.
+    async fn status_error(&self, req: &Req, mut resp: Response) -> Error {
         let status = resp.status().as_u16();
-        let body = resp.text().await.unwrap_or_default();
+        let prefix = read_part(&mut resp, 0, ERROR_BODY_PREFIX, false, "error response");
+        let body = match tokio::time::timeout(self.inner.options.deadline.floor, prefix).await {
+            Ok(Ok((bytes, _))) => String::from_utf8_lossy(&bytes).into_owned(),
+            _ => String::new(),
+        };
         Error::Status {
             registry: req.registry.clone(),
             method: req.method.to_string(),
@@ -431,7 +603,8 @@ impl Client {
         }
     }
 
-    /// Fetch a manifest or index by tag or digest; a digest reference is verified.
+    /// Fetch a manifest or index by tag or digest; a digest reference is verified. At most
+    /// [`ClientOptions::max_metadata_size`] bytes are read.
     pub async fn get_manifest(&self, r: &Reference) -> Result<FetchedManifest> {
         let req = Req::new(
             Method::GET,
@@ -439,7 +612,13 @@ impl Client {
             format!("/v2/{}/manifests/{}", r.repository, r.manifest_ref()),
         )
         .header(ACCEPT, media::MANIFEST_ACCEPT);
-        let resp = self.send(&req).await?;
+        let limit = self.inner.options.max_metadata_size;
+        self.within("manifest", &req, limit, self.fetch_manifest(r, &req))
+            .await
+    }
+
+    async fn fetch_manifest(&self, r: &Reference, req: &Req) -> Result<FetchedManifest> {
+        let resp = self.send_counted(req, &mut Retries::default()).await?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Err(Error::NotFound {
                 what: "manifest",
@@ -449,17 +628,14 @@ impl Client {
             });
         }
         if !resp.status().is_success() {
-            return Err(Self::status_error(&req, resp).await);
+            return Err(self.status_error(req, resp).await);
         }
         let content_type = resp
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned());
-        let bytes = resp.bytes().await.map_err(|source| Error::Unreachable {
-            registry: r.registry.clone(),
-            source,
-        })?;
+        let bytes = read_body(resp, self.inner.options.max_metadata_size, "manifest").await?;
         let digest = Digest::of(&bytes);
         if let Some(expected) = &r.digest
             && *expected != digest
@@ -583,7 +759,7 @@ impl Client {
             os: Option<String>,
             variant: Option<String>,
         }
-        let bytes = self.get_blob(r, &manifest.config.digest).await?;
+        let bytes = self.get_config(r, &manifest.config).await?;
         let c: Config =
             serde_json::from_slice(&bytes).map_err(|source| Error::MalformedManifest {
                 digest: manifest.config.digest.clone(),
@@ -622,7 +798,10 @@ impl Client {
     }
 
     /// Read `len` bytes at `offset` of a blob with an HTTP Range GET. A registry that ignores
-    /// `Range` and sends the whole blob is detected (the wanted slice is cut from it).
+    /// `Range` and sends the whole blob is detected: its answer is read only up to the wanted
+    /// slice, the bytes before it discarded as they stream by. A partial answer longer than
+    /// `len` is an [`Error::TooLarge`]. One retry budget covers sending and reading, and the
+    /// whole read has the deadline of `len` bytes.
     pub async fn blob_range(
         &self,
         r: &Reference,
@@ -633,51 +812,58 @@ impl Client {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        let req = Self::blob_req(r, digest)
-            .header(RANGE, format!("bytes={}-{}", offset, offset + len - 1));
-        let policy = &self.inner.options.retry;
-        let mut attempt = 0;
+        let last = offset.saturating_add(len - 1);
+        let req = Self::blob_req(r, digest).header(RANGE, format!("bytes={offset}-{last}"));
+        self.within(
+            "blob range",
+            &req,
+            len,
+            self.read_range(r, digest, &req, offset, len),
+        )
+        .await
+    }
+
+    async fn read_range(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        req: &Req,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes> {
+        const WHAT: &str = "blob range";
+        let mut retries = Retries::default();
         loop {
-            attempt += 1;
-            let resp = self.send(&req).await?;
-            let status = resp.status();
-            if status == StatusCode::NOT_FOUND {
-                return Err(Self::not_found_blob(r, digest));
-            }
-            if status != StatusCode::PARTIAL_CONTENT && status != StatusCode::OK {
-                return Err(Self::status_error(&req, resp).await);
-            }
-            let body = resp.bytes().await;
-            let failure = match body {
-                Ok(body) if status == StatusCode::PARTIAL_CONTENT && body.len() as u64 == len => {
-                    return Ok(body);
+            let mut resp = self.send_counted(req, &mut retries).await?;
+            let body = match resp.status() {
+                StatusCode::PARTIAL_CONTENT => read_body(resp, len, WHAT).await,
+                StatusCode::OK => {
+                    warn!(registry = %r.registry, "registry ignored Range and sends the whole blob");
+                    read_part(&mut resp, offset, len, false, WHAT)
+                        .await
+                        .map(|(body, _)| body)
                 }
-                Ok(body) if status == StatusCode::OK && body.len() as u64 >= offset + len => {
-                    warn!(registry = %r.registry, "registry ignored Range and sent the whole blob");
-                    return Ok(body.slice(offset as usize..(offset + len) as usize));
-                }
-                Ok(body) => format!("range read returned {} of {len} bytes", body.len()),
-                Err(e) => e.to_string(),
+                StatusCode::NOT_FOUND => return Err(Self::not_found_blob(r, digest)),
+                _ => return Err(self.status_error(req, resp).await),
             };
-            match policy.delay(attempt, None) {
-                Some(d) if attempt < policy.max_attempts => {
-                    warn!(registry = %r.registry, attempt, "retrying range read in {d:?}: {failure}");
-                    tokio::time::sleep(d).await;
-                }
-                _ => {
-                    return Err(Error::RetriesExhausted {
-                        registry: r.registry.clone(),
-                        attempts: attempt,
-                        last: failure,
-                    });
-                }
-            }
+            let failure = match body {
+                Ok(body) if body.len() as u64 == len => return Ok(body),
+                Ok(body) => format!("range read returned {} of {len} bytes", body.len()),
+                Err(Error::Body { source, .. }) => source.to_string(),
+                Err(e) => return Err(e),
+            };
+            retries
+                .failed(&self.inner.options.retry, &r.registry, failure, None)
+                .await?;
         }
     }
 
-    /// Fetch a whole (small) blob, verified against its digest.
-    pub async fn get_blob(&self, r: &Reference, digest: &Digest) -> Result<Bytes> {
-        let mut stream = self.blob_stream(r, digest, None);
+    /// Fetch a whole blob of `size` bytes (its descriptor's) into memory, verified against its
+    /// digest; a blob going on past `size` is an [`Error::BlobTooLong`]. Memory is bounded by
+    /// `size`: take it from a descriptor only after checking it against a limit of your own (as
+    /// [`Client::get_config`] does).
+    pub async fn get_blob(&self, r: &Reference, digest: &Digest, size: u64) -> Result<Bytes> {
+        let mut stream = self.blob_stream(r, digest, size);
         let mut out = Vec::new();
         while let Some(chunk) = stream.next().await {
             out.extend_from_slice(&chunk?);
@@ -685,9 +871,27 @@ impl Client {
         Ok(Bytes::from(out))
     }
 
-    /// Stream a whole blob, resuming from the last byte received after a dropped connection,
-    /// and verifying size and digest at the end (the last item is an error on mismatch).
-    pub fn blob_stream(&self, r: &Reference, digest: &Digest, size: Option<u64>) -> BlobStream {
+    /// Fetch a blob that is read whole into memory and is small by nature (an image config),
+    /// verified; one whose descriptor declares more than [`ClientOptions::max_metadata_size`] is
+    /// an [`Error::TooLarge`], refused before any request.
+    pub async fn get_config(&self, r: &Reference, descriptor: &Descriptor) -> Result<Bytes> {
+        let limit = self.inner.options.max_metadata_size;
+        let size = u64::try_from(descriptor.size).unwrap_or(0);
+        if size > limit {
+            return Err(Error::TooLarge {
+                what: "config blob",
+                url: self.url(&Self::blob_req(r, &descriptor.digest)),
+                limit,
+            });
+        }
+        self.get_blob(r, &descriptor.digest, size).await
+    }
+
+    /// Stream a whole blob of `size` bytes (its descriptor's), resuming from the last byte
+    /// received after a dropped connection, and verifying size and digest (the last item is an
+    /// error on mismatch, or as soon as the blob goes on past `size`). The stream has the
+    /// deadline of `size` bytes, counted over the time spent waiting in [`BlobStream::next`].
+    pub fn blob_stream(&self, r: &Reference, digest: &Digest, size: u64) -> BlobStream {
         BlobStream {
             client: self.clone(),
             reference: r.clone(),
@@ -697,7 +901,9 @@ impl Client {
             hasher: Some(Hasher::new()),
             response: None,
             skip: 0,
-            attempt: 0,
+            retries: Retries::default(),
+            budget: self.inner.options.deadline.for_bytes(size),
+            spent: Duration::ZERO,
             done: false,
         }
     }
@@ -766,7 +972,7 @@ impl Client {
             return Ok(digest);
         }
         if resp.status() != StatusCode::ACCEPTED {
-            return Err(Self::status_error(&start, resp).await);
+            return Err(self.status_error(&start, resp).await);
         }
         let mut location = self.location(&start, &resp)?;
         let chunk = self.inner.options.upload_chunk_size.max(1);
@@ -781,7 +987,7 @@ impl Client {
                 patch.body = Some(bytes.slice(offset..end));
                 let resp = self.send(&patch).await?;
                 if resp.status() != StatusCode::ACCEPTED {
-                    return Err(Self::status_error(&patch, resp).await);
+                    return Err(self.status_error(&patch, resp).await);
                 }
                 location = self.location(&patch, &resp)?;
                 offset = end;
@@ -798,13 +1004,20 @@ impl Client {
         put.body = Some(bytes.slice(offset..));
         let resp = self.send(&put).await?;
         if resp.status() != StatusCode::CREATED {
-            return Err(Self::status_error(&put, resp).await);
+            return Err(self.status_error(&put, resp).await);
         }
         Ok(digest)
     }
 
-    /// Mount a blob from another repository of the same registry; falls back to copying it.
-    pub async fn push_blob_mount(&self, r: &Reference, digest: &Digest, from: &str) -> Result<()> {
+    /// Mount a blob of `size` bytes from another repository of the same registry; falls back to
+    /// copying it (through memory).
+    pub async fn push_blob_mount(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        size: u64,
+        from: &str,
+    ) -> Result<()> {
         let mut req = Req::new(
             Method::POST,
             r,
@@ -824,7 +1037,7 @@ impl Client {
             repository: from.to_owned(),
             ..r.clone()
         };
-        let blob = self.get_blob(&source, digest).await?;
+        let blob = self.get_blob(&source, digest, size).await?;
         self.push_blob(r, blob, None).await.map(|_| ())
     }
 
@@ -847,41 +1060,40 @@ impl Client {
         req.body = Some(bytes);
         let resp = self.send(&req).await?;
         if !resp.status().is_success() {
-            return Err(Self::status_error(&req, resp).await);
+            return Err(self.status_error(&req, resp).await);
         }
         Ok(digest)
     }
 
     /// Every tag of the repository (following the registry's `Link` pages); none if the
-    /// repository does not exist yet.
+    /// repository does not exist yet. Each page is at most [`ClientOptions::max_metadata_size`]
+    /// and the whole list at most 16 times that, each page counting at least 4 KiB (so that
+    /// endless empty pages end too).
     pub async fn tags(&self, r: &Reference) -> Result<Vec<String>> {
         #[derive(serde::Deserialize)]
         struct TagList {
             #[serde(default)]
             tags: Option<Vec<String>>,
         }
+        let page_limit = self.inner.options.max_metadata_size;
+        let list_limit = page_limit.saturating_mul(16);
         let mut tags = Vec::new();
+        let mut listed = 0u64;
         let mut target = format!("/v2/{}/tags/list?n=1000", r.repository);
         loop {
             let req = Req::new(Method::GET, r, target.clone());
-            let resp = self.send(&req).await?;
-            if resp.status() == StatusCode::NOT_FOUND {
+            let page = self.within("tag list page", &req, page_limit, self.tag_page(&req));
+            let Some((bytes, next)) = page.await? else {
                 return Ok(tags);
+            };
+            listed = listed.saturating_add((bytes.len() as u64).max(4 << 10));
+            if listed > list_limit {
+                return Err(Error::TooLarge {
+                    what: "tag list",
+                    url: self.url(&req),
+                    limit: list_limit,
+                });
             }
-            if !resp.status().is_success() {
-                return Err(Self::status_error(&req, resp).await);
-            }
-            // `Link: </v2/NAME/tags/list?n=1000&last=TAG>; rel="next"`
-            let next = resp
-                .headers()
-                .get(reqwest::header::LINK)
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| v.contains("rel=\"next\""))
-                .and_then(|v| Some(v.split_once('<')?.1.split_once('>')?.0.to_owned()));
-            let bytes = resp.bytes().await.map_err(|source| Error::Unreachable {
-                registry: r.registry.clone(),
-                source,
-            })?;
             let page: TagList = serde_json::from_slice(&bytes).map_err(|e| Error::Status {
                 registry: req.registry.clone(),
                 method: "GET".into(),
@@ -897,6 +1109,27 @@ impl Client {
         }
     }
 
+    /// One page of a tag list and the next page's target; `None` if the repository does not
+    /// exist.
+    async fn tag_page(&self, req: &Req) -> Result<Option<(Bytes, Option<String>)>> {
+        let resp = self.send_counted(req, &mut Retries::default()).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            return Err(self.status_error(req, resp).await);
+        }
+        // `Link: </v2/NAME/tags/list?n=1000&last=TAG>; rel="next"`
+        let next = resp
+            .headers()
+            .get(reqwest::header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.contains("rel=\"next\""))
+            .and_then(|v| Some(v.split_once('<')?.1.split_once('>')?.0.to_owned()));
+        let bytes = read_body(resp, self.inner.options.max_metadata_size, "tag list page").await?;
+        Ok(Some((bytes, next)))
+    }
+
     /// Delete a manifest (and so every tag pointing at it). `Ok(false)` when it did not exist;
     /// an error when the registry refuses deletes (distribution: `storage.delete.enabled`).
     pub async fn delete_manifest(&self, r: &Reference, digest: &Digest) -> Result<bool> {
@@ -910,7 +1143,7 @@ impl Client {
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(false),
             s if s.is_success() => Ok(true),
-            _ => Err(Self::status_error(&req, resp).await),
+            _ => Err(self.status_error(&req, resp).await),
         }
     }
 
@@ -932,16 +1165,17 @@ impl Client {
             ),
         )
         .header(ACCEPT, media::OCI_INDEX);
-        let resp = self.send(&req).await?;
-        let index: Option<Index> = if resp.status().is_success() {
-            let bytes = resp.bytes().await.map_err(|source| Error::Unreachable {
-                registry: r.registry.clone(),
-                source,
-            })?;
-            serde_json::from_slice(&bytes).ok()
-        } else {
-            None
-        };
+        let limit = self.inner.options.max_metadata_size;
+        let listed = self.within("referrers list", &req, limit, async {
+            let resp = self.send_counted(&req, &mut Retries::default()).await?;
+            if !resp.status().is_success() {
+                return Ok(None);
+            }
+            read_body(resp, limit, "referrers list").await.map(Some)
+        });
+        let index: Option<Index> = listed
+            .await?
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
         let index = match index {
             Some(index) => index,
             None => match self.get_manifest(&r.with_tag(&fallback_tag(subject))).await {
@@ -1014,13 +1248,18 @@ pub struct BlobStream {
     client: Client,
     reference: Reference,
     digest: Digest,
-    size: Option<u64>,
+    /// The size the descriptor declares: the stream ends there, and errors if the blob does not.
+    size: u64,
     received: u64,
     hasher: Option<Hasher>,
     response: Option<Response>,
     /// Bytes to discard from a response that ignored our Range on resume.
     skip: u64,
-    attempt: u32,
+    retries: Retries,
+    /// The stream's deadline ([`Deadline::for_bytes`] of `size`), counted over the time spent
+    /// in `next`: time the caller takes with the chunks is not the registry's.
+    budget: Duration,
+    spent: Duration,
     done: bool,
 }
 
@@ -1035,22 +1274,35 @@ impl BlobStream {
         if self.done {
             return None;
         }
-        let item = self.next_inner().await;
+        let started = Instant::now();
+        let left = self.budget.saturating_sub(self.spent);
+        let item = match tokio::time::timeout(left, self.next_inner()).await {
+            Ok(item) => item,
+            Err(_) => Some(Err(Error::DeadlineExceeded {
+                what: "blob",
+                url: self
+                    .client
+                    .url(&Client::blob_req(&self.reference, &self.digest)),
+                after: self.budget,
+            })),
+        };
+        self.spent += started.elapsed();
         if matches!(item, Some(Err(_)) | None) {
             self.done = true;
+            // Closes the connection of a stream that ended in an error.
+            self.response = None;
         }
         item
     }
 
     async fn next_inner(&mut self) -> Option<Result<Bytes>> {
-        let registry = self.reference.registry.clone();
         loop {
             if self.response.is_none() {
                 let mut req = Client::blob_req(&self.reference, &self.digest);
                 if self.received > 0 {
                     req = req.header(RANGE, format!("bytes={}-", self.received));
                 }
-                let resp = match self.client.send(&req).await {
+                let resp = match self.client.send_counted(&req, &mut self.retries).await {
                     Ok(resp) => resp,
                     Err(e) => return Some(Err(e)),
                 };
@@ -1060,7 +1312,7 @@ impl BlobStream {
                     StatusCode::NOT_FOUND => {
                         return Some(Err(Client::not_found_blob(&self.reference, &self.digest)));
                     }
-                    _ => return Some(Err(Client::status_error(&req, resp).await)),
+                    _ => return Some(Err(self.client.status_error(&req, resp).await)),
                 }
                 self.response = Some(resp);
             }
@@ -1068,17 +1320,17 @@ impl BlobStream {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => {
                     self.response = None;
-                    if self.size.is_none_or(|s| self.received >= s) {
+                    if self.received >= self.size {
                         return self.finish();
                     }
-                    if let Err(e) = self.backoff("connection closed early".into()).await {
+                    if let Err(e) = self.resume("connection closed early".into()).await {
                         return Some(Err(e));
                     }
                     continue;
                 }
                 Err(e) => {
                     self.response = None;
-                    if let Err(e) = self.backoff(e.to_string()).await {
+                    if let Err(e) = self.resume(e.to_string()).await {
                         return Some(Err(e));
                     }
                     continue;
@@ -1094,17 +1346,14 @@ impl BlobStream {
             if chunk.is_empty() {
                 continue;
             }
-            self.received += chunk.len() as u64;
-            if let Some(size) = self.size
-                && self.received > size
-            {
-                let actual = Digest::of(b"");
-                return Some(Err(Error::DigestMismatch {
-                    registry,
+            if self.received.saturating_add(chunk.len() as u64) > self.size {
+                return Some(Err(Error::BlobTooLong {
+                    registry: self.reference.registry.clone(),
                     expected: self.digest.clone(),
-                    actual,
+                    size: self.size,
                 }));
             }
+            self.received += chunk.len() as u64;
             if let Some(h) = &mut self.hasher {
                 h.update(&chunk);
             }
@@ -1112,21 +1361,20 @@ impl BlobStream {
         }
     }
 
-    async fn backoff(&mut self, failure: String) -> Result<()> {
-        self.attempt += 1;
-        let policy = &self.client.inner.options.retry;
-        match policy.delay(self.attempt, None) {
-            Some(d) if self.attempt < policy.max_attempts => {
-                warn!(registry = %self.reference.registry, blob = %self.digest, received = self.received, "resuming blob in {d:?}: {failure}");
-                tokio::time::sleep(d).await;
-                Ok(())
-            }
-            _ => Err(Error::RetriesExhausted {
-                registry: self.reference.registry.clone(),
-                attempts: self.attempt,
-                last: failure,
-            }),
-        }
+    /// A dropped response: spend one attempt of the stream's budget, then resume.
+    async fn resume(&mut self, failure: String) -> Result<()> {
+        let failure = format!(
+            "blob {} broke off after {} bytes: {failure}",
+            self.digest, self.received
+        );
+        self.retries
+            .failed(
+                &self.client.inner.options.retry,
+                &self.reference.registry,
+                failure,
+                None,
+            )
+            .await
     }
 
     fn finish(&mut self) -> Option<Result<Bytes>> {

@@ -1,5 +1,7 @@
 //! The crate's one error type.
 
+use std::time::Duration;
+
 use crate::Digest;
 
 /// Everything that can go wrong talking to a registry, building an index or using the store.
@@ -96,6 +98,57 @@ pub enum Error {
         expected: Digest,
         /// The digest of what arrived.
         actual: Digest,
+    },
+
+    /// A blob that goes on past the size its descriptor declares.
+    #[error(
+        "blob {expected} from {registry} is longer than the {size} bytes its descriptor declares; stopped reading, nothing was stored"
+    )]
+    BlobTooLong {
+        /// Registry host.
+        registry: String,
+        /// The digest asked for.
+        expected: Digest,
+        /// The size the descriptor declares.
+        size: u64,
+    },
+
+    /// A response body longer than Hermes reads for its kind: a broken or hostile server.
+    #[error(
+        "the {what} from {url} is larger than {limit} bytes; stopped reading (the server is broken or hostile)"
+    )]
+    TooLarge {
+        /// What the body was to be ("manifest", "token response", …).
+        what: &'static str,
+        /// The URL it came from.
+        url: String,
+        /// The most bytes read for it.
+        limit: u64,
+    },
+
+    /// A request (retries included) that did not finish within its deadline.
+    #[error(
+        "the {what} from {url} did not arrive within {after:?}, retries included; the server is too slow or stalls"
+    )]
+    DeadlineExceeded {
+        /// What was asked for.
+        what: &'static str,
+        /// The URL.
+        url: String,
+        /// The deadline.
+        after: Duration,
+    },
+
+    /// A response body that broke off (after the request itself had succeeded).
+    #[error("reading the {what} from {url} failed")]
+    Body {
+        /// What the body was to be.
+        what: &'static str,
+        /// The URL it came from.
+        url: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
     },
 
     /// A manifest of a kind Hermes does not handle.

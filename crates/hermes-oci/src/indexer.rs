@@ -177,6 +177,7 @@ pub async fn build_index(
     };
     let record = ImageRecord {
         reference: reference.to_string(),
+        aliases: Vec::new(),
         manifest_digest: image.fetched.digest.clone(),
         platform: image.platform.as_ref().map(Platform::to_string),
         span_size: options.span_size,
@@ -186,7 +187,7 @@ pub async fn build_index(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    store.put_image(&record)?;
+    let record = store.put_image(&record)?;
     Ok(IndexResult {
         record,
         image,
@@ -250,7 +251,7 @@ pub async fn index_layer(
 
     let started = Instant::now();
     let (tx, rx) = mpsc::channel::<Result<Bytes>>(32);
-    let mut stream = client.blob_stream(reference, &layer.digest, Some(size));
+    let mut stream = client.blob_stream(reference, &layer.digest, size);
     // Aborted when this future is dropped (a cancelled build), so the stream stops and the
     // builder thread sees the end of its input.
     let feeder = AbortOnDrop(tokio::spawn(async move {
@@ -454,13 +455,19 @@ pub async fn push_soci(
                 || target.registry != image.reference.registry
             {
                 for d in std::iter::once(&image.manifest.config).chain(&image.manifest.layers) {
+                    let size = d.size.max(0) as u64;
                     if !client.blob_exists(target, &d.digest).await? {
                         if source_repo.is_some() {
                             client
-                                .push_blob_mount(target, &d.digest, &image.reference.repository)
+                                .push_blob_mount(
+                                    target,
+                                    &d.digest,
+                                    size,
+                                    &image.reference.repository,
+                                )
                                 .await?;
                         } else {
-                            let blob = client.get_blob(&image.reference, &d.digest).await?;
+                            let blob = client.get_blob(&image.reference, &d.digest, size).await?;
                             client.push_blob(target, blob, None).await?;
                         }
                     }

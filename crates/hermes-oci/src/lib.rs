@@ -19,8 +19,8 @@ mod store;
 
 pub use auth::{Challenge, Credential, Credentials};
 pub use client::{
-    BlobStream, Client, ClientOptions, FetchedManifest, ResolvedImage, RetryPolicy, encode_query,
-    fallback_tag,
+    BlobStream, Client, ClientOptions, DEFAULT_MAX_METADATA_SIZE, Deadline, FetchedManifest,
+    ResolvedImage, RetryPolicy, encode_query, fallback_tag, read_body,
 };
 pub use digest::{Digest, Hasher};
 pub use error::{Error, Result};

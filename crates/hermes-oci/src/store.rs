@@ -327,11 +327,34 @@ impl Store {
             .join(format!("{}.json", manifest.hex()))
     }
 
-    /// Save an image record under its manifest digest.
-    pub fn put_image(&self, record: &ImageRecord) -> Result<()> {
+    /// Save an image record under its manifest digest; returns it as stored. Records are keyed
+    /// by manifest, not by name: the names a stored record for the manifest has and `record`
+    /// lacks are kept as its aliases, so indexing an image under a second name (another tag,
+    /// registry mirror or digest reference) does not make the first one unknown.
+    pub fn put_image(&self, record: &ImageRecord) -> Result<ImageRecord> {
+        let mut record = record.clone();
+        if let Some(stored) = self.image(&record.manifest_digest)? {
+            // Oldest first: the stored aliases, then the name it was stored under.
+            for name in stored.aliases.iter().chain([&stored.reference]) {
+                if !record.is_named(name) {
+                    record.aliases.push(name.clone());
+                }
+            }
+        }
         let path = self.image_path(&record.manifest_digest);
-        let json = serde_json::to_vec_pretty(record).unwrap_or_default();
-        self.write_atomic(&path, &json)
+        let json = serde_json::to_vec_pretty(&record).unwrap_or_default();
+        self.write_atomic(&path, &json)?;
+        Ok(record)
+    }
+
+    /// The record of one manifest, if stored (and readable).
+    pub fn image(&self, manifest: &Digest) -> Result<Option<ImageRecord>> {
+        let path = self.image_path(manifest);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path, "read image record")(e)),
+        }
     }
 
     /// All image records, newest first.
@@ -387,8 +410,11 @@ fn remove_if_present(path: &Path) -> Result<()> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageRecord {
-    /// The reference as given.
+    /// The reference as given (the latest, when the image was indexed under several names).
     pub reference: String,
+    /// The other names the image was indexed under, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     /// The platform-specific manifest digest.
     pub manifest_digest: Digest,
     /// Platform, when chosen from an index.
@@ -401,6 +427,18 @@ pub struct ImageRecord {
     pub soci_index: Option<Digest>,
     /// When (Unix seconds).
     pub built_at_unix: u64,
+}
+
+impl ImageRecord {
+    /// Every name the image was indexed under: `reference`, then the aliases.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.reference.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
+
+    /// Whether the image was indexed under `name` (compared as given).
+    pub fn is_named(&self, name: &str) -> bool {
+        self.names().any(|n| n == name)
+    }
 }
 
 /// One layer's outcome.
@@ -479,6 +517,7 @@ mod tests {
     fn record(manifest: &Digest, ztoc: &Digest, soci_index: Option<Digest>) -> ImageRecord {
         ImageRecord {
             reference: "registry.test/app:v1".into(),
+            aliases: Vec::new(),
             manifest_digest: manifest.clone(),
             platform: None,
             span_size: 4096,
@@ -559,6 +598,28 @@ mod tests {
             "empty layer directories go"
         );
         assert!(store.has_blob(&za), "blobs stay until a sweep");
+    }
+
+    #[test]
+    fn a_second_name_for_a_manifest_keeps_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (m, z) = (Digest::of(b"m"), Digest::of(b"z"));
+        let first = record(&m, &z, None);
+        assert_eq!(store.put_image(&first).unwrap(), first, "nothing to merge");
+        let second = ImageRecord {
+            reference: "mirror.test/app:latest".into(),
+            ..first.clone()
+        };
+        let stored = store.put_image(&second).unwrap();
+        assert_eq!(stored.reference, "mirror.test/app:latest");
+        assert_eq!(stored.aliases, vec!["registry.test/app:v1".to_owned()]);
+        assert_eq!(store.images().unwrap(), vec![stored.clone()]);
+        // Indexing again under a known name adds nothing.
+        let again = store.put_image(&first).unwrap();
+        assert_eq!(again.reference, "registry.test/app:v1");
+        assert_eq!(again.aliases, vec!["mirror.test/app:latest".to_owned()]);
+        assert!(again.is_named("registry.test/app:v1") && again.is_named("mirror.test/app:latest"));
     }
 
     #[test]

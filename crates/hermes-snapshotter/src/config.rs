@@ -2,6 +2,7 @@
 //! default that works on a node set up by `deploy/`, unknown keys rejected. Command-line flags
 //! override the file (the binary applies them).
 
+use std::io::Read as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,6 +15,27 @@ use crate::{Error, Result};
 pub const DEFAULT_ROOT: &str = "/var/lib/hermes/node";
 /// The snapshots socket containerd's `proxy_plugins.hermes` points at.
 pub const DEFAULT_SOCKET: &str = "/run/hermes/snapshotter.sock";
+/// The largest config file read; a real one is well under a KiB.
+pub const MAX_CONFIG_SIZE: u64 = 1 << 20;
+
+/// Reads a small text file whole, refusing one longer than `limit` bytes after reading no more
+/// than `limit + 1` (so `/dev/zero` or a log given by mistake costs nothing).
+pub(crate) fn read_small_file(path: &Path, limit: u64, op: &'static str) -> Result<String> {
+    let fail = |source| Error::io(op, path)(source);
+    let file = std::fs::File::open(path).map_err(fail)?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(fail)?;
+    if bytes.len() as u64 > limit {
+        return Err(fail(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("larger than {limit} bytes: is it the right file?"),
+        )));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| fail(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+}
 
 /// Node daemon settings.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -101,9 +123,9 @@ impl Default for NodeConfig {
 }
 
 impl NodeConfig {
-    /// Reads a config file: `.toml`, or `.yaml`/`.yml`.
+    /// Reads a config file: `.toml`, or `.yaml`/`.yml`, of at most [`MAX_CONFIG_SIZE`] bytes.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(Error::io("read config", path))?;
+        let text = read_small_file(path, MAX_CONFIG_SIZE, "read config")?;
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         match ext {
             "toml" => Self::from_toml(&text),
@@ -287,6 +309,31 @@ controller:
             let err = NodeConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn an_endless_or_huge_config_file_is_refused_after_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("node.toml");
+        // Valid TOML (comments), only too long to be a config.
+        let line = "# padding\n";
+        let text = line.repeat(MAX_CONFIG_SIZE as usize / line.len() + 1);
+        std::fs::write(&big, text).unwrap();
+        for path in [big.as_path(), Path::new("/dev/zero")] {
+            let err = NodeConfig::load(path).expect_err("too large");
+            let Error::Io { op, source, .. } = &err else {
+                panic!("{}: expected an I/O error, got {err:?}", path.display())
+            };
+            assert_eq!(*op, "read config");
+            assert_eq!(source.kind(), std::io::ErrorKind::FileTooLarge, "{source}");
+            assert!(
+                source.to_string().contains(&MAX_CONFIG_SIZE.to_string()),
+                "{source}"
+            );
+        }
+        let small = dir.path().join("small.toml");
+        std::fs::write(&small, "# just a comment\n").unwrap();
+        assert_eq!(NodeConfig::load(&small).unwrap(), NodeConfig::default());
     }
 
     #[test]

@@ -11,8 +11,10 @@
 //! node has. A controller that is down does not stop lazy starts: the local copy is used.
 //!
 //! Sources that are down answer slowly at worst: every controller request has a short timeout
-//! and any failure only means "no zTOC from here". Images without a zTOC are reported to the
-//! controller (`POST /v1/misses`, once per manifest) so a policy can have them indexed.
+//! and any failure only means "no zTOC from here". Bodies are read up to a cap
+//! ([`MAX_ZTOC_SIZE`], [`MAX_PROFILE_SIZE`]): a broken or hostile source costs bounded memory.
+//! Images without a zTOC are reported to the controller (`POST /v1/misses`, once per manifest)
+//! so a policy can have them indexed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -24,8 +26,16 @@ use hermes_oci::{Client, Digest, Reference, Store};
 use tokio::runtime::Handle;
 use tracing::{debug, info, warn};
 
-use crate::config::ControllerConfig;
+use crate::config::{ControllerConfig, read_small_file};
 use crate::{Error, RemoteLayer, Result};
+
+/// The largest zTOC fetched. zTOCs grow with a layer's files and spans (a 32 KiB window per
+/// span): a 10 GiB layer with a million files stays well below this.
+pub const MAX_ZTOC_SIZE: u64 = 256 << 20;
+/// The largest startup prefetch profile fetched (span ids: a few KiB in practice).
+pub const MAX_PROFILE_SIZE: u64 = 16 << 20;
+/// The largest controller token file read.
+const MAX_TOKEN_FILE_SIZE: u64 = 64 << 10;
 
 /// Where a zTOC came from (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -204,8 +214,7 @@ impl IndexSources {
             Some(c) => {
                 let token = match &c.token_file {
                     Some(path) => Some(
-                        std::fs::read_to_string(path)
-                            .map_err(Error::io("read controller token", path))?
+                        read_small_file(path, MAX_TOKEN_FILE_SIZE, "read controller token")?
                             .trim()
                             .to_owned(),
                     ),
@@ -378,22 +387,29 @@ impl IndexSources {
             url: url.clone(),
             message,
         };
-        let (status, header, disabled, body) = self
-            .runtime
-            .block_on(async {
-                let resp = req.send().await?;
-                let status = resp.status();
-                let text = |name: &str| {
-                    resp.headers()
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned)
-                };
-                let (header, disabled) = (text("docker-content-digest"), text("hermes-disabled"));
-                let body = resp.bytes().await?;
-                Ok::<_, reqwest::Error>((status, header, disabled, body))
-            })
-            .map_err(|e| fail(format!("request failed: {e}")))?;
+        let (status, header, disabled, body) = self.runtime.block_on(async {
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| fail(format!("request failed: {e}")))?;
+            let status = resp.status();
+            let text = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let (header, disabled) = (text("docker-content-digest"), text("hermes-disabled"));
+            // Only a zTOC's body is of use; an error page is not read at all.
+            let body = if status.is_success() {
+                hermes_oci::read_body(resp, MAX_ZTOC_SIZE, "zTOC")
+                    .await
+                    .map_err(|e| fail(e.to_string()))?
+            } else {
+                Default::default()
+            };
+            Ok::<_, Error>((status, header, disabled, body))
+        })?;
         if status == reqwest::StatusCode::NOT_MODIFIED && kept.is_some() {
             return Ok(FromController::Same);
         }
@@ -437,9 +453,17 @@ impl IndexSources {
         }) else {
             return Ok(None);
         };
+        let size = u64::try_from(entry.size).unwrap_or(0);
+        if size > MAX_ZTOC_SIZE {
+            return Err(Error::Registry(hermes_oci::Error::TooLarge {
+                what: "SOCI zTOC",
+                url: reference.with_digest(entry.digest.clone()).to_string(),
+                limit: MAX_ZTOC_SIZE,
+            }));
+        }
         let bytes = self
             .runtime
-            .block_on(client.get_blob(&reference, &entry.digest))?;
+            .block_on(client.get_blob(&reference, &entry.digest, size))?;
         Ok(Some(bytes.to_vec()))
     }
 
@@ -498,15 +522,19 @@ impl IndexSources {
             &format!("/v1/layers/{layer}/prefetch"),
         );
         let got = self.runtime.block_on(async {
-            let resp = req.send().await?;
-            let ok = resp.status().is_success();
-            let body = resp.bytes().await?;
-            Ok::<_, reqwest::Error>(ok.then_some(body))
+            let resp = req.send().await.map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Ok(None);
+            }
+            hermes_oci::read_body(resp, MAX_PROFILE_SIZE, "prefetch profile")
+                .await
+                .map(Some)
+                .map_err(|e| e.to_string())
         });
         match got {
             Ok(body) => body.map(|b| b.to_vec()),
-            Err(e) => {
-                debug!(url, error = %e, "no prefetch profile");
+            Err(error) => {
+                debug!(url, error, "no prefetch profile");
                 None
             }
         }

@@ -303,6 +303,9 @@ async fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
 
 fn print_record(out: &mut impl Write, r: &ImageRecord) -> std::io::Result<()> {
     writeln!(out, "image:       {}", r.reference)?;
+    for alias in &r.aliases {
+        writeln!(out, "also:        {alias}")?;
+    }
     writeln!(out, "manifest:    {}", r.manifest_digest)?;
     if let Some(p) = &r.platform {
         writeln!(out, "platform:    {p}")?;
@@ -336,10 +339,9 @@ fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
             let wanted = Reference::parse(target).ok();
             let found = records.iter().find(|r| {
                 r.manifest_digest.as_str() == target
-                    || r.reference == *target
+                    || r.is_named(target)
                     || wanted.as_ref().is_some_and(|w| {
-                        w.to_string() == r.reference
-                            || w.digest.as_ref() == Some(&r.manifest_digest)
+                        r.is_named(&w.to_string()) || w.digest.as_ref() == Some(&r.manifest_digest)
                     })
             });
             match found {

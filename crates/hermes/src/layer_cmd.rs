@@ -63,7 +63,7 @@ fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         .images()?
         .into_iter()
         .find(|r| {
-            r.reference == reference.to_string()
+            r.is_named(&reference.to_string())
                 || reference.digest.as_ref() == Some(&r.manifest_digest)
         })
         .with_context(|| {

@@ -125,7 +125,7 @@ pub async fn pull(
         .with_context(|| format!("registry: cannot resolve {reference}"))?;
     let manifest = &resolved.manifest;
     let config = registry
-        .get_blob(reference, &manifest.config.digest)
+        .get_config(reference, &manifest.config)
         .await
         .with_context(|| format!("registry: cannot fetch config {}", manifest.config.digest))?;
     let diff_ids = diff_ids(&config, manifest)?;
@@ -334,7 +334,7 @@ impl Pull<'_> {
         };
         let stream = self
             .registry
-            .blob_stream(self.reference, &layer.digest, Some(size));
+            .blob_stream(self.reference, &layer.digest, size);
         self.c
             .write_content(
                 &ingest_ref(&layer.digest),

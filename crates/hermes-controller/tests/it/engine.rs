@@ -186,7 +186,7 @@ async fn a_running_image_is_indexed_once_and_a_restart_reuses_the_store() {
         .unwrap()
         .expect("zTOC stored");
     let blob = client()
-        .get_blob(&Reference::parse(&reference).unwrap(), &layer)
+        .get_blob(&Reference::parse(&reference).unwrap(), &layer, big.size)
         .await
         .expect("layer blob");
     let expected = hermes_ztoc::build(

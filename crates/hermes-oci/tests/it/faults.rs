@@ -129,7 +129,7 @@ async fn server_errors_and_429_are_retried_within_a_budget() {
         .find(|l| l.digest.as_str() == s.layer)
         .expect("big layer");
     let blob = c
-        .get_blob(&r, &big.digest)
+        .get_blob(&r, &big.digest, big.size as u64)
         .await
         .expect("blob after retries");
     assert!(blob.as_ref() == s.blob.as_slice());
@@ -215,7 +215,7 @@ async fn a_registry_ignoring_range_and_redirects_are_handled() {
         Fault::Redirect,
     ));
     let blob = c
-        .get_blob(&r, &digest)
+        .get_blob(&r, &digest, s.blob.len() as u64)
         .await
         .expect("blob through a redirect");
     assert!(blob.as_ref() == s.blob.as_slice());

@@ -3,5 +3,6 @@
 
 mod bad_input;
 mod faults;
+mod hostile;
 mod registry;
 mod support;

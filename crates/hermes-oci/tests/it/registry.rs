@@ -33,7 +33,10 @@ async fn pushed_image_pulls_back_indexes_and_reads_lazily() {
     assert_eq!(image.fetched.digest.as_str(), pushed.manifest_digest);
     assert_eq!(image.manifest.layers.len(), pushed.layers.len());
     for (layer, want) in image.manifest.layers.iter().zip(&pushed.layers) {
-        let blob = c.get_blob(&r, &layer.digest).await.expect("blob");
+        let blob = c
+            .get_blob(&r, &layer.digest, layer.size as u64)
+            .await
+            .expect("blob");
         assert_eq!(
             hermes_oci::Digest::of(&blob).as_str(),
             want.digest,
@@ -501,7 +504,14 @@ async fn blobs_upload_in_chunks_and_mount_across_repositories() {
     assert_eq!(digest, hermes_oci::Digest::of(&blob));
     let patches = proxy.log().iter().filter(|l| l.method == "PATCH").count();
     assert_eq!(patches, 3, "2.6 MB in 1 MiB chunks: {:?}", proxy.log());
-    assert!(c.get_blob(&a, &digest).await.expect("read back").as_ref() == blob.as_slice());
+    let size = blob.len() as u64;
+    assert!(
+        c.get_blob(&a, &digest, size)
+            .await
+            .expect("read back")
+            .as_ref()
+            == blob.as_slice()
+    );
 
     proxy.clear_log();
     c.push_blob(&b, bytes::Bytes::from(blob.clone()), Some("up/a"))
@@ -517,7 +527,7 @@ async fn blobs_upload_in_chunks_and_mount_across_repositories() {
         "no upload when mounted: {log:?}"
     );
     assert!(
-        c.get_blob(&b, &digest)
+        c.get_blob(&b, &digest, size)
             .await
             .expect("read back from b")
             .as_ref()

@@ -19,6 +19,7 @@ pub fn client(credentials: Credentials) -> Client {
         },
         read_timeout: Duration::from_secs(2),
         upload_chunk_size: 1 << 20,
+        ..ClientOptions::default()
     })
     .expect("client")
 }

@@ -311,3 +311,90 @@ fn ztocs_are_found_in_soci_v2_and_v1_indexes_in_the_registry() {
         );
     }
 }
+
+/// A one-connection server that answers any request with `head` and `body`, then holds the
+/// connection open without sending more until the client closes it.
+fn serve_once_then_hold(head: String, body: Vec<u8>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = conn.write_all(head.as_bytes());
+        let _ = conn.write_all(&body);
+        // Hold until the client gives up on the connection.
+        while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    url
+}
+
+#[test]
+fn a_controller_announcing_a_ztoc_beyond_the_cap_is_not_read() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        1u64 << 40
+    );
+    let url = serve_once_then_hold(head, vec![0; 64 << 10]);
+    let mut controller = ControllerConfig::new(url.clone());
+    // Long enough that only the cap, not the timeout, can end the read.
+    controller.timeout_ms = 60_000;
+    let sources = IndexSources::new(
+        Store::open(dir.path().join("n")).unwrap(),
+        Some(&controller),
+        None,
+        rt.handle().clone(),
+    )
+    .unwrap();
+    let d = Digest::of(b"layer").to_string();
+    let err = sources
+        .find(&layer("127.0.0.1:1/x:y", &Digest::of(b"m").to_string(), &d))
+        .expect_err("too large");
+    let message = err.to_string();
+    assert!(
+        message.contains(&url)
+            && message.contains(&format!(
+                "larger than {} bytes",
+                hermes_snapshotter::sources::MAX_ZTOC_SIZE
+            )),
+        "{message}"
+    );
+    assert_eq!(
+        sources.counters().get(Source::Controller, Lookup::Failed),
+        1
+    );
+}
+
+#[test]
+fn a_token_file_beyond_the_cap_is_refused() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, vec![b'a'; 1 << 20]).unwrap();
+    let mut controller = ControllerConfig::new("http://127.0.0.1:1");
+    controller.token_file = Some(token.clone());
+    let Err(err) = IndexSources::new(
+        Store::open(dir.path().join("n")).unwrap(),
+        Some(&controller),
+        None,
+        rt.handle().clone(),
+    ) else {
+        panic!("a 1 MiB token file was accepted")
+    };
+    let hermes_snapshotter::Error::Io { op, path, source } = &err else {
+        panic!("expected an I/O error, got {err:?}")
+    };
+    assert_eq!((*op, path), ("read controller token", &token));
+    assert_eq!(source.kind(), std::io::ErrorKind::FileTooLarge, "{source}");
+}

@@ -172,3 +172,33 @@ fn bad_input_fails_with_one_clear_line_and_leaves_nothing() {
         "hermes index build",
     );
 }
+
+#[test]
+fn indexing_a_manifest_under_a_second_name_keeps_the_first_indexed() {
+    let registry = Registry::start().expect("registry");
+    let image = TestImage::new().file("etc/motd", b"hi".to_vec());
+    let first = image.push(&registry.host(), "cli/alias:v1").expect("push");
+    let second = image
+        .push(&registry.host(), "cli/alias:latest")
+        .expect("push");
+    assert_eq!(
+        first.manifest_digest, second.manifest_digest,
+        "one manifest under two names"
+    );
+    let store = tempfile::tempdir().expect("tempdir");
+    let s = store.path().to_str().unwrap();
+    for name in [&first.reference, &second.reference] {
+        let run = hermes(&["index", "build", name, "--plain-http", "--store", s]);
+        assert!(run.status.success(), "{name}: {}", text(&run.stderr));
+    }
+    for name in [&first.reference, &second.reference] {
+        let info = hermes(&["index", "info", name, "--store", s, "--json"]);
+        assert!(
+            info.status.success(),
+            "{name} is still indexed: {}",
+            text(&info.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+        assert_eq!(v["manifestDigest"], first.manifest_digest.as_str());
+    }
+}
