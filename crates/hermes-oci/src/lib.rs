@@ -6,6 +6,8 @@
 //! Not here: containerd, FUSE, Kubernetes. Registry credential helpers are not run; credentials
 //! come from docker `config.json` `auths` or Kubernetes pull secrets.
 
+#![warn(missing_docs)]
+
 mod auth;
 mod client;
 mod digest;
