@@ -2,8 +2,7 @@
 //! own finds, minimised, sit beside them): `cargo run -p hermes-fuzz --example seeds`.
 //!
 //! Seeds are small on purpose: the fuzzer mutates them millions of times, and the corpus is
-//! committed. Gzip zTOCs carry a 32 KiB window per checkpoint after the first, so they get at
-//! most two spans.
+//! committed. A gzip zTOC carries a 32 KiB window per checkpoint, so there is one, with one span.
 
 use std::io::Write;
 use std::path::Path;
@@ -20,7 +19,14 @@ fn main() -> std::io::Result<()> {
 
     let layers = [("small", small_tar()), ("links", links_tar())];
     for (name, tar) in &layers {
-        for (mode, mode_name) in [(1u8, "plain"), (2, "gzip"), (3, "members"), (4, "zstd")] {
+        // The small layer only as plain tar: its encoded forms add no coverage to the links
+        // layer's (and gzip zTOCs weigh 33 KiB each: one is enough).
+        let modes: &[(u8, &str)] = if *name == "small" {
+            &[(1, "plain")]
+        } else {
+            &[(1, "plain"), (2, "gzip"), (3, "members"), (4, "zstd")]
+        };
+        for &(mode, mode_name) in modes {
             // Chunks and spans of 512 B: several spans even in a small layer.
             write(
                 "tar",
@@ -33,6 +39,9 @@ fn main() -> std::io::Result<()> {
             ("zstd", Compression::Zstd, 512),
             ("gzip", Compression::Gzip, 1 << 20),
         ] {
+            if *name == "small" && compression == Compression::Gzip {
+                continue;
+            }
             let blob = match compression {
                 Compression::Gzip => gzip(tar),
                 Compression::Zstd => zstd_frames(tar, 512),

@@ -374,14 +374,31 @@ fn apply(doc: &mut Value, op: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// Set (to anything) to skip decoding spans longer than [`KNOWN_SPAN_CAP`]: span decoding
+/// allocates the span's claimed length up front (`vec![0u8; len]`), a known bug being fixed
+/// separately that otherwise ends most long `ztoc` runs in the same crash.
+pub const SKIP_KNOWN_ENV: &str = "HERMES_FUZZ_SKIP_KNOWN";
+
+/// See [`SKIP_KNOWN_ENV`].
+pub const KNOWN_SPAN_CAP: u64 = 64 << 20;
+
 /// Plans and reads everything a node would through `z`, with `blob` as the layer. Errors are
 /// expected (hostile input); only panics and aborts count.
 fn read_through(z: &Ztoc, blob: &[u8]) {
+    static SKIP_KNOWN: OnceLock<bool> = OnceLock::new();
+    let skip_known = *SKIP_KNOWN.get_or_init(|| std::env::var_os(SKIP_KNOWN_ENV).is_some());
     let _ = z.path_index();
+    let plans_only = skip_known
+        && z.spans()
+            .any(|s| s.uncompressed.end - s.uncompressed.start > KNOWN_SPAN_CAP);
     let entries = z.entries().iter().enumerate().take(MAX_ITEMS);
     for (i, e) in entries {
         let _ = (e.path(), e.xattrs().count(), e.display_name());
         if e.kind != EntryKind::Reg {
+            continue;
+        }
+        if plans_only {
+            let _ = z.plan_entry(i, 0..e.size);
             continue;
         }
         if let Ok(Some(plan)) = z.plan_entry(i, 0..e.size) {
@@ -398,9 +415,14 @@ fn read_through(z: &Ztoc, blob: &[u8]) {
         size / 3..size / 2,
         size.saturating_sub(1)..size + 1,
     ] {
-        if let Ok(Some(plan)) = z.plan(range) {
+        if let Ok(Some(plan)) = z.plan(range)
+            && !plans_only
+        {
             let _ = z.read_planned(blob, &plan, &mut io::sink());
         }
+    }
+    if plans_only {
+        return;
     }
     for span in z.spans().take(MAX_ITEMS) {
         if let Some(compressed) = slice(blob, &span.compressed) {

@@ -1,3 +1,3 @@
-//! The fuzz smoke run: every committed corpus and regression input, replayed through its harness.
+//! The fuzz smoke run: every committed corpus input replayed through its harness.
 
 mod corpus;
