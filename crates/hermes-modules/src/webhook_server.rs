@@ -29,7 +29,7 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
-use crate::selector::{load_policies, select};
+use crate::selector::{ModulesPolicy, load_policies, select};
 use crate::webhook::{InjectConfig, allow, review};
 
 const MAX_HEADER: usize = 16 << 10;
@@ -394,6 +394,28 @@ fn read_head(r: &mut impl BufRead) -> std::io::Result<(String, String, usize)> {
 
 /// Decide one review: inject for a pod a policy selects, allow anything else unchanged.
 pub fn mutate(request: &Value, cfg: &WebhookConfig) -> Value {
+    if request["request"]["kind"]["kind"] != "Pod" {
+        return allow(request);
+    }
+    let policies = match load_policies(&cfg.policies) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!("policies unreadable, allowing the pod unchanged: {e}");
+            return allow(request);
+        }
+    };
+    mutate_with_policies(request, &policies, &cfg.image, cfg.metrics_port)
+}
+
+/// [`mutate`] with the policies already read: the whole decision for one `AdmissionReview`
+/// request, with no I/O, so it can be tested and fuzzed on hostile reviews. `image` and
+/// `metrics_port` are the injected containers' image and the supervisor's metrics port.
+pub fn mutate_with_policies(
+    request: &Value,
+    policies: &[ModulesPolicy],
+    image: &str,
+    metrics_port: u16,
+) -> Value {
     let req = &request["request"];
     if req["kind"]["kind"] != "Pod" {
         return allow(request);
@@ -402,23 +424,16 @@ pub fn mutate(request: &Value, cfg: &WebhookConfig) -> Value {
         .as_str()
         .or_else(|| req["object"]["metadata"]["namespace"].as_str())
         .unwrap_or("default");
-    let policies = match load_policies(&cfg.policies) {
-        Ok(p) => p,
-        Err(e) => {
-            warn!("policies unreadable, allowing the pod unchanged: {e}");
-            return allow(request);
-        }
-    };
-    match select(&policies, namespace, &req["object"]) {
+    match select(policies, namespace, &req["object"]) {
         None => allow(request),
         Some(policy) => {
             info!(policy = %policy.name, namespace, "injecting memory modules");
             review(
                 request,
                 &InjectConfig {
-                    image: cfg.image.clone(),
+                    image: image.to_owned(),
                     loader_config_map: policy.modules.loader_config_map.clone(),
-                    metrics_port: cfg.metrics_port,
+                    metrics_port,
                 },
             )
         }
