@@ -13,6 +13,8 @@
 //! Inputs are bounded by the fuzzer (a few KB to a few hundred KB); per input, the harnesses touch
 //! at most [`MAX_ITEMS`] entries and spans so one execution stays in the millisecond range.
 
+#![warn(missing_docs)]
+
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::OnceLock;
