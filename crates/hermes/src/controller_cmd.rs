@@ -109,18 +109,11 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         })?,
         None => Platform::host(),
     };
-    let token = match &args.token_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the token file {}", path.display()))?;
-            let token = text.trim().to_owned();
-            if token.is_empty() {
-                bail!("the token file {} is empty", path.display());
-            }
-            Some(token)
-        }
-        None => None,
-    };
+    let token = args
+        .token_file
+        .as_deref()
+        .map(crate::token::read_token_file)
+        .transpose()?;
     if !args.policies.is_dir() {
         bail!(
             "the policy directory {} does not exist: create it (it may be empty) or pass --policies DIR",

@@ -113,15 +113,11 @@ pub fn run(cmd: KubeCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
-    let token = match &args.token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the node API token {}", path.display()))?
-                .trim()
-                .to_owned(),
-        ),
-        None => None,
-    };
+    let token = args
+        .token_file
+        .as_deref()
+        .map(crate::token::read_token_file)
+        .transpose()?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(hermes_controller::tls::server_config(cert, key)?),
         _ => None,
