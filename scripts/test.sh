@@ -41,6 +41,10 @@ if [ "$status" -ne 0 ]; then
   exit "$status"
 fi
 
+step "fuzz smoke run: every committed corpus input and fixed crash through the fuzz harnesses"
+# (The workspace tests ran it too; this names it. Fuzzing itself: scripts/fuzz.sh, see bench/results/fuzz.md.)
+cargo test -p hermes-fuzz --locked -q
+
 step "benchmark smoke runs (small inputs: check the scripts work; ratios are not judged here)"
 bash bench/ztoc-build.sh --size-mb 64 --release=false
 bash bench/index-build.sh --release=false --layers 2 --layer-mb 16 --runs 1
