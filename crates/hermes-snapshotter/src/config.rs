@@ -37,6 +37,24 @@ pub(crate) fn read_small_file(path: &Path, limit: u64, op: &'static str) -> Resu
         .map_err(|e| fail(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
+/// The largest bearer-token file read; a real token is well under a KiB.
+pub const MAX_TOKEN_FILE_SIZE: u64 = 64 << 10;
+
+/// Reads the node API's bearer token from `path` the one way every Hermes command does (the
+/// node, `hermes controller`, `hermes kube controller`, `hermes status`): at most
+/// [`MAX_TOKEN_FILE_SIZE`] bytes, surrounding white space trimmed, an empty token refused.
+pub fn read_token_file(path: &Path) -> Result<String> {
+    let text = read_small_file(path, MAX_TOKEN_FILE_SIZE, "read token file")?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(Error::io("read token file", path)(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the file is empty: put the token in it",
+        )));
+    }
+    Ok(token.to_owned())
+}
+
 /// Node daemon settings.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -240,6 +258,27 @@ fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u64, D
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_is_trimmed_and_an_empty_or_endless_token_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  s3cret\n").unwrap();
+        assert_eq!(read_token_file(&path).unwrap(), "s3cret");
+
+        std::fs::write(&path, " \n").unwrap();
+        let err = read_token_file(&path).unwrap_err().to_string();
+        assert!(err.contains("read token file"), "{err}");
+        let Error::Io { source, .. } = read_token_file(&path).unwrap_err() else {
+            panic!("not an I/O error")
+        };
+        assert_eq!(source.kind(), std::io::ErrorKind::InvalidData, "{source}");
+
+        let Error::Io { source, .. } = read_token_file(Path::new("/dev/zero")).unwrap_err() else {
+            panic!("not an I/O error")
+        };
+        assert_eq!(source.kind(), std::io::ErrorKind::FileTooLarge, "{source}");
+    }
 
     #[test]
     fn empty_file_gives_the_defaults() {

@@ -26,7 +26,7 @@ use hermes_oci::{Client, Digest, Reference, Store};
 use tokio::runtime::Handle;
 use tracing::{debug, info, warn};
 
-use crate::config::{ControllerConfig, read_small_file};
+use crate::config::{ControllerConfig, read_token_file};
 use crate::{Error, RemoteLayer, Result};
 
 /// The largest zTOC fetched. zTOCs grow with a layer's files and spans (a 32 KiB window per
@@ -34,8 +34,6 @@ use crate::{Error, RemoteLayer, Result};
 pub const MAX_ZTOC_SIZE: u64 = 256 << 20;
 /// The largest startup prefetch profile fetched (span ids: a few KiB in practice).
 pub const MAX_PROFILE_SIZE: u64 = 16 << 20;
-/// The largest controller token file read.
-const MAX_TOKEN_FILE_SIZE: u64 = 64 << 10;
 
 /// Where a zTOC came from (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -212,14 +210,7 @@ impl IndexSources {
     ) -> Result<Self> {
         let controller = match controller {
             Some(c) => {
-                let token = match &c.token_file {
-                    Some(path) => Some(
-                        read_small_file(path, MAX_TOKEN_FILE_SIZE, "read controller token")?
-                            .trim()
-                            .to_owned(),
-                    ),
-                    None => None,
-                };
+                let token = c.token_file.as_deref().map(read_token_file).transpose()?;
                 let _ = rustls::crypto::ring::default_provider().install_default();
                 let http = reqwest::Client::builder()
                     .timeout(c.timeout())

@@ -112,7 +112,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let token = args
         .token_file
         .as_deref()
-        .map(crate::token::read_token_file)
+        .map(hermes_snapshotter::config::read_token_file)
         .transpose()?;
     if !args.policies.is_dir() {
         bail!(

@@ -116,7 +116,7 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
     let token = args
         .token_file
         .as_deref()
-        .map(crate::token::read_token_file)
+        .map(hermes_snapshotter::config::read_token_file)
         .transpose()?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(hermes_controller::tls::server_config(cert, key)?),

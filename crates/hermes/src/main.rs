@@ -14,7 +14,6 @@ mod pull;
 mod pull_cmd;
 mod size;
 mod status_cmd;
-mod token;
 mod ztoc_cmd;
 
 /// Hermes: containers from unmodified OCI images start in seconds by loading their layers lazily.

@@ -37,7 +37,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let token = args
         .token_file
         .as_deref()
-        .map(crate::token::read_token_file)
+        .map(hermes_snapshotter::config::read_token_file)
         .transpose()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -395,6 +395,6 @@ fn a_token_file_beyond_the_cap_is_refused() {
     let hermes_snapshotter::Error::Io { op, path, source } = &err else {
         panic!("expected an I/O error, got {err:?}")
     };
-    assert_eq!((*op, path), ("read controller token", &token));
+    assert_eq!((*op, path), ("read token file", &token));
     assert_eq!(source.kind(), std::io::ErrorKind::FileTooLarge, "{source}");
 }
