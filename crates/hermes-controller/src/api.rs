@@ -1214,8 +1214,9 @@ mod tests {
     #[tokio::test]
     async fn a_refusal_whose_reason_is_no_valid_header_value_still_carries_the_header() {
         let s = start(None).await;
-        let layer = Digest::parse(LAYER).unwrap();
+        // The controller has the zTOC: only the refusal keeps it from the node.
         let ztoc = s.store.put_blob(b"ztoc bytes").unwrap();
+        let layer = Digest::parse(LAYER).unwrap();
         s.store.set_ztoc_for_layer(&layer, 4 << 20, &ztoc).unwrap();
         let manifest = Digest::of(b"manifest");
         s.api.set_images([ImageReport {

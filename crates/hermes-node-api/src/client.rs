@@ -65,7 +65,7 @@ pub enum Error {
         url: String,
         /// The read error (e.g. the body is larger than its cap).
         #[source]
-        source: hermes_oci::Error,
+        source: Box<hermes_oci::Error>,
     },
     /// A zTOC's body does not have the digest its header names.
     #[error("the zTOC from {url} has digest {actual}, its header says {header}")]
@@ -304,7 +304,7 @@ async fn success(
         .await
         .map_err(|source| Error::Body {
             url: url.to_owned(),
-            source,
+            source: Box::new(source),
         })
 }
 

@@ -371,11 +371,9 @@ fn a_wrong_token_is_a_failed_lookup_not_a_missing_ztoc() {
     let err = sources
         .find(&layer("127.0.0.1:1/x:y", &Digest::of(b"m").to_string(), &d))
         .expect_err("unauthorised");
+    let failed = sources.counters().get(Source::Controller, Lookup::Failed);
     assert!(error_chain(&err).contains("401"), "{}", error_chain(&err));
-    assert_eq!(
-        sources.counters().get(Source::Controller, Lookup::Failed),
-        1
-    );
+    assert_eq!(failed, 1, "a refused token is a failed lookup");
 }
 
 #[test]
