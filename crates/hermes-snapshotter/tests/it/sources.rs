@@ -252,7 +252,7 @@ fn poll(what: &str, ready: impl Fn() -> bool) {
             std::time::Instant::now() < deadline,
             "{what} did not happen"
         );
-        std::thread::yield_now();
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
