@@ -19,15 +19,3 @@ pub mod status;
 pub mod view;
 
 pub use error::{Error, Result};
-
-/// An error and its sources on one line, for logs and status messages.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}

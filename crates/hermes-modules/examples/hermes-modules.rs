@@ -18,7 +18,7 @@ fn main() -> ExitCode {
     match run_command(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", hermes_modules::resolve::error_chain(&e));
+            eprintln!("error: {}", hermes_node_api::error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -8,6 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
+use hermes_node_api::error_chain;
+
 use crate::directive::{Origin, parse_directives, parse_modules_env};
 use crate::error::Result;
 use crate::plan::{self, ModulePlan, PlanOutcome, PlanSource};
@@ -158,18 +160,6 @@ fn from_static(
 pub fn resolve_phase(opts: &ResolveOptions, state: &Path, phase: &str) -> Result<PlanOutcome> {
     let r = resolve(opts)?;
     plan::commit(state, phase, ModulePlan::new(r.source, phase, r.modules))
-}
-
-/// An error and its causes on one line, for storing in the plan.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Pod and node metadata for the script's environment, from the process environment (as the

@@ -26,7 +26,7 @@ use crate::modules::{Module, instantiate};
 use crate::plan::ModulePlan;
 use crate::procfs;
 use crate::registry::PlannedModule;
-use crate::resolve::error_chain;
+use hermes_node_api::error_chain;
 
 /// First restart delay; doubles per consecutive failure up to [`MAX_BACKOFF`].
 pub const BASE_BACKOFF: Duration = Duration::from_millis(200);

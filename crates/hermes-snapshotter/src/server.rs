@@ -40,18 +40,11 @@ fn to_status(e: Error) -> Status {
         | Error::Config { .. }
         | Error::Registry(_)
         | Error::Ztoc { .. }
-        | Error::Controller { .. }
+        | Error::Controller(_)
         | Error::Mount { .. }
         | Error::Metrics { .. } => Code::Internal,
     };
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    Status::new(code, msg)
+    Status::new(code, hermes_node_api::error_chain(&e))
 }
 
 #[derive(Debug)]

@@ -7,5 +7,6 @@ mod kube;
 mod layer;
 mod modules;
 mod node;
+mod node_api;
 mod pull;
 mod ztoc;

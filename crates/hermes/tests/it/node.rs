@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hermes_node_api::labels::{CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, SNAPSHOT_REF};
 use hermes_snapshotter::api::containerd::services::snapshots::v1 as pb;
-use hermes_snapshotter::{
-    LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
-};
 use hermes_testkit::{FaultProxy, PushedImage, Registry, SparseFormat, TestImage};
+
+use crate::node_api::Controller;
 
 const HERMES: &str = env!("CARGO_BIN_EXE_hermes");
 
@@ -268,14 +268,14 @@ fn mount_rootfs(mounts: &[hermes_snapshotter::api::containerd::types::Mount], at
 
 fn labels(image: &PushedImage, layer: usize, chain: &str) -> HashMap<String, String> {
     HashMap::from([
-        (LABEL_TARGET_REF.to_owned(), chain.to_owned()),
+        (SNAPSHOT_REF.to_owned(), chain.to_owned()),
         (
-            LABEL_LAYER_DIGEST.to_owned(),
+            CRI_LAYER_DIGEST.to_owned(),
             image.layers[layer].digest.clone(),
         ),
-        (LABEL_IMAGE_REF.to_owned(), image.reference.clone()),
+        (CRI_IMAGE_REF.to_owned(), image.reference.clone()),
         (
-            LABEL_MANIFEST_DIGEST.to_owned(),
+            CRI_MANIFEST_DIGEST.to_owned(),
             image.manifest_digest.clone(),
         ),
     ])
@@ -958,63 +958,6 @@ fn old_gnu_sparse_files_fail_containerds_unpack_and_are_not_served_lazily() {
         1,
         "only the plain layer is lazy"
     );
-}
-
-/// The controller's node API (hermes-controller's own server) over a zTOC store, on a port.
-struct Controller {
-    url: String,
-    runtime: tokio::runtime::Runtime,
-}
-
-impl Controller {
-    fn start(store: &Path) -> Controller {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let (misses, _) = tokio::sync::mpsc::channel(16);
-        let api = hermes_controller::api::NodeApi::new(
-            hermes_oci::Store::open(store).expect("store"),
-            None,
-            vec![256 << 10],
-            misses,
-        );
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        runtime.spawn(hermes_controller::api::serve(
-            listener,
-            api,
-            std::future::pending(),
-        ));
-        Controller { url, runtime }
-    }
-
-    /// `GET path` → (status, body).
-    fn get(&self, path: &str) -> (u16, String) {
-        let addr = self.url.trim_start_matches("http://").to_owned();
-        let mut s = std::net::TcpStream::connect(addr).expect("controller");
-        use std::io::Write;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read");
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
-    }
 }
 
 #[test]
