@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::catalog::{ModuleCatalog, ModuleKind};
 use crate::error::{Error, Result};
 use crate::plan::{PlanSource, PlanStatus};
-use crate::registry::{ModuleKind, Registry};
 use crate::resolve::{DEFAULT_SCRIPT_PATH, ResolveOptions, pod_metadata_env, resolve_phase};
 use crate::script::{DEFAULT_OUTPUT_LIMIT, ScriptOptions};
 use crate::static_config::{DEFAULT_STATIC_PATH, OnScriptError};
@@ -282,17 +282,17 @@ fn describe_source(s: &PlanSource) -> String {
 }
 
 fn profiles_cmd(a: ProfilesArgs) -> Result<ExitCode> {
-    let mut reg = Registry::builtin();
+    let mut catalog = ModuleCatalog::builtin();
     if let Some(p) = &a.profiles {
-        reg = reg.with_overrides(&crate::registry::ProfilesFile::load(p)?)?;
+        catalog = catalog.with_overrides(&crate::catalog::ProfilesFile::load(p)?)?;
     }
     let mut s = String::from("modules:\n");
     for m in ModuleKind::ALL {
         s.push_str(&format!("  {m}\n"));
     }
     s.push_str("profiles:\n");
-    for name in reg.profile_names() {
-        if let Some(p) = reg.profile(name) {
+    for name in catalog.profile_names() {
+        if let Some(p) = catalog.profile(name) {
             s.push_str(&format!(
                 "  {name}: interval_ms={} window={} growth_threshold_kib_per_min={} report_interval_ms={} alloc_sample_every={} top_mappings={}\n",
                 p.interval_ms,

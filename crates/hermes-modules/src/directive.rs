@@ -3,7 +3,7 @@
 //! A directive line is `module=NAME[,config=PROFILE][,KEY=VALUE…]`. Blank lines and lines starting
 //! with `#` are ignored; whitespace around the line, each field, each key and each value is
 //! trimmed. This module checks syntax only: whether a module or profile exists is decided by
-//! [`crate::registry::Registry`].
+//! [`crate::catalog::ModuleCatalog`].
 
 use std::collections::BTreeMap;
 use std::fmt;

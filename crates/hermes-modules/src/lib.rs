@@ -2,7 +2,7 @@
 //! gets, keeps that decision stable across init phases, and runs the modules.
 //!
 //! - [`directive`]: the loader script's output language (`module=NAME[,config=PROFILE][,K=V…]`);
-//! - [`registry`]: built-in modules and tuning profiles, directive validation;
+//! - [`catalog`]: the module catalog (built-in modules and tuning profiles), directive validation;
 //! - [`static_config`]: `modules.yaml`, `HERMES_MODULES`, `onScriptError`;
 //! - [`script`]: running the loader script (shell, timeout, process group, bounded output);
 //! - [`resolve`] and [`plan`]: resolution and the phase-idempotent state file;
@@ -13,6 +13,7 @@
 //! - [`cli`]: the `hermes modules …` subcommands.
 #![warn(missing_docs)]
 
+pub mod catalog;
 pub mod cli;
 pub mod directive;
 mod error;
@@ -20,7 +21,6 @@ pub mod metrics;
 pub mod modules;
 pub mod plan;
 pub mod procfs;
-pub mod registry;
 pub mod resolve;
 pub mod script;
 pub mod selector;

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::catalog::{ModuleKind, PlannedModule, Profile};
 use crate::error::Result;
 use crate::metrics::{Family, Samples};
 use crate::procfs::{self, CgroupMemory, Mapping, MappingKind, ProcessMemory};
-use crate::registry::{ModuleKind, PlannedModule, Profile};
 use crate::trend::{self, Trend};
 
 /// A running module instance.

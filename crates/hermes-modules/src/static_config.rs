@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use crate::catalog::ProfilePatch;
 use crate::directive::Directive;
 use crate::error::{Error, Result};
-use crate::registry::ProfilePatch;
 
 /// Default location of the static configuration file.
 pub const DEFAULT_STATIC_PATH: &str = "/etc/hermes/modules.yaml";

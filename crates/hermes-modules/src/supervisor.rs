@@ -19,13 +19,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::catalog::PlannedModule;
 use crate::cli::RunArgs;
 use crate::error::{Error, Result};
 use crate::metrics::{self, Family, Samples};
 use crate::modules::{Module, instantiate};
 use crate::plan::ModulePlan;
 use crate::procfs;
-use crate::registry::PlannedModule;
 use crate::resolve::error_chain;
 
 /// First restart delay; doubles per consecutive failure up to [`MAX_BACKOFF`].
@@ -478,7 +478,7 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{ModuleKind, Registry};
+    use crate::catalog::{ModuleCatalog, ModuleKind};
     use std::sync::atomic::AtomicUsize;
 
     /// Panics in its first two incarnations' first sample, then works.
@@ -503,7 +503,10 @@ mod tests {
     #[test]
     fn a_panicking_module_is_isolated_and_restarted_with_backoff() {
         let dir = tempfile::tempdir().unwrap();
-        let mut settings = Registry::builtin().profile("dev-tunings").unwrap().clone();
+        let mut settings = ModuleCatalog::builtin()
+            .profile("dev-tunings")
+            .unwrap()
+            .clone();
         settings.interval_ms = 10;
         let planned = PlannedModule {
             module: ModuleKind::MemLogger,

@@ -6,16 +6,16 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use hermes_modules::catalog::ModuleCatalog;
 use hermes_modules::directive::{Origin, parse_directives};
 use hermes_modules::plan::{ModulePlan, PlanSource};
-use hermes_modules::registry::Registry;
 use hermes_modules::supervisor::{RunConfig, RunLock, Supervisor, Target};
 
 use crate::support::{Proc, example_bin, signal, wait_for};
 
 fn fast_plan(text: &str) -> ModulePlan {
     let o = Origin::Script("/test".into());
-    let modules = Registry::builtin()
+    let modules = ModuleCatalog::builtin()
         .plan(&o, &parse_directives(&o, text).unwrap())
         .unwrap();
     ModulePlan::new(
