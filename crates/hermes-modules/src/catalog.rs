@@ -204,7 +204,7 @@ pub struct ProfilesFile {
 impl ProfilesFile {
     /// Reads and parses a profiles file.
     pub fn load(path: &Path) -> Result<Self> {
-        crate::static_config::load_yaml(path)
+        crate::yaml::load_yaml(path)
     }
 }
 

@@ -1,12 +1,32 @@
 //! The crate's one error type.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::directive::Origin;
-
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where directives came from; every error names it together with the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The standard output of a loader script.
+    Script(PathBuf),
+    /// The `modules:` list of a static configuration file.
+    StaticFile(PathBuf),
+    /// The `HERMES_MODULES` environment variable (entries are numbered like lines).
+    EnvVar,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Script(p) => write!(f, "loader script {} output", p.display()),
+            Origin::StaticFile(p) => write!(f, "static config {}", p.display()),
+            Origin::EnvVar => f.write_str("HERMES_MODULES entry"),
+        }
+    }
+}
 
 /// Where a directive is: its origin, 1-based line (or entry) number and trimmed text.
 #[derive(Debug, Clone, PartialEq, Eq)]

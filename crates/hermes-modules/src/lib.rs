@@ -29,5 +29,6 @@ pub mod supervisor;
 pub mod trend;
 pub mod webhook;
 pub mod webhook_server;
+mod yaml;
 
 pub use error::{At, Error, Result, SyntaxProblem};
