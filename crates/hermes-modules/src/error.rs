@@ -313,14 +313,6 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
-    /// Standard input could not be read or is not the expected JSON.
-    #[error("cannot read {what} from stdin")]
-    Stdin {
-        /// What was expected.
-        what: &'static str,
-        /// The cause.
-        source: std::io::Error,
-    },
     /// The webhook's TLS certificate or key could not be loaded.
     #[error(
         "cannot load the webhook's TLS {what} from {path}: give a PEM certificate chain and its private key"
@@ -341,7 +333,7 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
-    /// Writing the command's output to stdout failed.
+    /// Writing the supervisor's output (its start and stop lines) failed.
     #[error("cannot write to stdout")]
     Stdout {
         /// The cause.

@@ -10,11 +10,12 @@
 //!   modules on real processes, `/metrics` and JSON reports;
 //! - [`webhook`]: the admission webhook's pure patch builder; [`selector`]: which pods
 //!   (HermesPolicy `memoryModules`); [`webhook_server`]: the HTTPS server;
-//! - [`cli`]: the `hermes modules …` subcommands.
+//!
+//! The command line (`hermes modules …`, clap) is the `hermes` binary's: it fills the plain
+//! option structs here ([`resolve::ResolveOptions`], [`supervisor::RunOptions`]).
 #![warn(missing_docs)]
 
 pub mod catalog;
-pub mod cli;
 pub mod directive;
 mod error;
 pub mod metrics;

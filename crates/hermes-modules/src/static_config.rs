@@ -27,7 +27,7 @@ use crate::error::Result;
 pub const DEFAULT_STATIC_PATH: &str = "/etc/hermes/modules.yaml";
 
 /// What to do when the loader script exists but fails (non-zero exit, timeout, bad output).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnScriptError {
     /// Fail the phase with the script's error (the default: a broken script is visible).

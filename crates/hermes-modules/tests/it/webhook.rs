@@ -196,45 +196,6 @@ fn non_pods_and_empty_requests_are_allowed_unchanged() {
     assert!(patch_of(&resp).is_none());
 }
 
-#[test]
-fn review_command_answers_from_stdin() {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
-    let mut c = Command::new(crate::support::example_bin())
-        .args(["review", "--image", "hermes:test"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let req = serde_json::to_vec(&admission_review(bare_pod())).unwrap();
-    c.stdin.take().unwrap().write_all(&req).unwrap();
-    let out = c.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let resp: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut pod = bare_pod();
-    apply(&mut pod, &patch_of(&resp).unwrap());
-    assert_eq!(pod["spec"]["initContainers"][1]["image"], "hermes:test");
-
-    let bad = Command::new(crate::support::example_bin())
-        .args(["review", "--image", "x"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).starts_with(
-            "error: cannot read an AdmissionReview JSON document from stdin: EOF while parsing"
-        ),
-        "{}",
-        String::from_utf8_lossy(&bad.stderr)
-    );
-}
-
 /// A self-signed certificate for 127.0.0.1 made with the real openssl tool.
 fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
