@@ -21,11 +21,11 @@ use std::sync::OnceLock;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use hermes_kube::webhook::selector::{LabelSelector, MemoryModules, ModulesPolicy, Requirement};
+use hermes_kube::webhook::server::mutate_with_policies;
+use hermes_kube::webhook::{InjectConfig, pod_patch};
 use hermes_modules::catalog::ModuleCatalog;
 use hermes_modules::directive::{Origin, parse_directives, parse_modules_env};
-use hermes_modules::selector::{LabelSelector, MemoryModules, ModulesPolicy, Requirement};
-use hermes_modules::webhook::{InjectConfig, pod_patch};
-use hermes_modules::webhook_server::mutate_with_policies;
 use hermes_oci::manifest::{Index, LayerEncoding, Manifest, Platform, to_go_json};
 use hermes_oci::soci::annotation;
 use hermes_oci::{Challenge, Digest, Reference};

@@ -313,26 +313,6 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
-    /// The webhook's TLS certificate or key could not be loaded.
-    #[error(
-        "cannot load the webhook's TLS {what} from {path}: give a PEM certificate chain and its private key"
-    )]
-    Tls {
-        /// `certificate` or `key`.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// The webhook could not listen on its address.
-    #[error("cannot listen on {addr} for the admission webhook")]
-    WebhookBind {
-        /// The address.
-        addr: String,
-        /// The cause.
-        source: std::io::Error,
-    },
     /// Writing the supervisor's output (its start and stop lines) failed.
     #[error("cannot write to stdout")]
     Stdout {

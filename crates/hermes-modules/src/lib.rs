@@ -7,9 +7,21 @@
 //! - [`script`]: running the loader script (shell, timeout, process group, bounded output);
 //! - [`resolve`] and [`plan`]: resolution and the phase-idempotent state file;
 //! - [`supervisor`], [`modules`], [`procfs`], [`trend`], [`metrics`]: running the built-in
-//!   modules on real processes, `/metrics` and JSON reports;
-//! - [`webhook`]: the admission webhook's pure patch builder; [`selector`]: which pods
-//!   (HermesPolicy `memoryModules`); [`webhook_server`]: the HTTPS server;
+//!   modules on real processes, `/metrics` and JSON reports.
+//!
+//! Dependencies between the modules point one way, down from the entry points `resolve` and
+//! `supervisor` to `error`; nothing points back up:
+//!
+//! ```text
+//! resolve ──> plan, script, static_config        supervisor ──> modules, plan, resolve (error text)
+//! static_config ──> catalog                      modules ──> catalog, procfs, trend, metrics
+//! catalog ──> directive, yaml                    plan ──> catalog
+//! directive, yaml, script, procfs, metrics ──> error (with `Origin`);  trend stands alone
+//! ```
+//!
+//! What is deliberately not here: the admission webhook that injects the installer into pods is
+//! cluster-side and lives in `hermes-kube` (`hermes_kube::webhook`); the LD_PRELOAD interposer is
+//! `hermes-memprof`.
 //!
 //! The command line (`hermes modules …`, clap) is the `hermes` binary's: it fills the plain
 //! option structs here ([`resolve::ResolveOptions`], [`supervisor::RunOptions`]).
@@ -24,12 +36,9 @@ pub mod plan;
 pub mod procfs;
 pub mod resolve;
 pub mod script;
-pub mod selector;
 pub mod static_config;
 pub mod supervisor;
 pub mod trend;
-pub mod webhook;
-pub mod webhook_server;
 mod yaml;
 
 pub use error::{At, Error, Result, SyntaxProblem};

@@ -1,6 +1,6 @@
 //! `hermes modules …`: the memory module installer's commands. The flags are parsed here and
 //! mapped to the library's plain options (`hermes_modules::resolve::ResolveOptions`,
-//! `hermes_modules::supervisor::RunOptions`, the webhook's `WebhookConfig`); the output for
+//! `hermes_modules::supervisor::RunOptions`, `hermes_kube::webhook::server::WebhookConfig`); the output for
 //! people is written here too.
 
 use std::io::{Read, Write};
@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
+use hermes_kube::webhook::server::{self, DEFAULT_MAX_CONNECTIONS, WebhookConfig};
+use hermes_kube::webhook::{InjectConfig, review};
 use hermes_modules::catalog::{ModuleCatalog, ModuleKind, ProfilesFile};
 use hermes_modules::plan::{PlanSource, PlanStatus};
 use hermes_modules::resolve::{
@@ -18,8 +20,6 @@ use hermes_modules::resolve::{
 use hermes_modules::script::{DEFAULT_OUTPUT_LIMIT, ScriptOptions};
 use hermes_modules::static_config::{DEFAULT_STATIC_PATH, OnScriptError};
 use hermes_modules::supervisor::{RunOptions, Target};
-use hermes_modules::webhook::{InjectConfig, review};
-use hermes_modules::webhook_server::{self, DEFAULT_MAX_CONNECTIONS, WebhookConfig};
 
 /// Exit code of `resolve --fail-on-drift` when this phase's resolution differs from the plan.
 pub const EXIT_DRIFT: u8 = 3;
@@ -358,7 +358,7 @@ fn profiles_cmd(a: ProfilesArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn webhook_cmd(a: WebhookArgs) -> anyhow::Result<ExitCode> {
-    let server = webhook_server::start(WebhookConfig {
+    let server = server::start(WebhookConfig {
         listen: a.listen,
         cert: a.tls_cert,
         key: a.tls_key,

@@ -9,4 +9,3 @@ mod profiler;
 mod resolve;
 mod supervisor;
 mod support;
-mod webhook;

@@ -497,9 +497,9 @@ fn review_command_answers_from_stdin() {
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json answer");
     // The patch builder's own tests check the patch; here: the flags reach it (the image, the
     // default loader ConfigMap and metrics port) and its answer is printed unchanged.
-    let expected = hermes_modules::webhook::review(
+    let expected = hermes_kube::webhook::review(
         &request,
-        &hermes_modules::webhook::InjectConfig {
+        &hermes_kube::webhook::InjectConfig {
             image: "hermes:test".into(),
             loader_config_map: "hermes-module-loader".into(),
             metrics_port: 9477,

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use hermes_modules::webhook::{
+use hermes_kube::webhook::server;
+use hermes_kube::webhook::{
     INJECTED_ANNOTATION, INSTALLER_NAME, InjectConfig, SUPERVISOR_NAME, review,
 };
-use hermes_modules::webhook_server;
 
 fn cfg() -> InjectConfig {
     InjectConfig {
@@ -278,7 +278,7 @@ fn try_curl(
 fn start_webhook(
     dir: &std::path::Path,
     header_timeout: Duration,
-) -> (webhook_server::WebhookServer, PathBuf) {
+) -> (server::WebhookServer, PathBuf) {
     let (cert, key) = self_signed(dir);
     let policies = dir.join("policies");
     std::fs::create_dir(&policies).expect("mkdir");
@@ -287,7 +287,7 @@ fn start_webhook(
         "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata:\n  name: shop-memory\nspec:\n  images: [\"registry.example/shop/*\"]\n  memoryModules:\n    namespaces: [shop]\n    podSelector:\n      matchLabels: {app: cart}\n    loaderConfigMap: shop-loader\n",
     )
     .expect("policy");
-    let server = webhook_server::start(webhook_server::WebhookConfig {
+    let server = server::start(server::WebhookConfig {
         listen: "127.0.0.1:0".into(),
         cert: cert.clone(),
         key,
@@ -295,7 +295,7 @@ fn start_webhook(
         image: "registry.example/hermes:0.1.0".into(),
         metrics_port: 9477,
         header_timeout,
-        max_connections: webhook_server::DEFAULT_MAX_CONNECTIONS,
+        max_connections: server::DEFAULT_MAX_CONNECTIONS,
     })
     .expect("webhook");
     (server, cert)
@@ -304,7 +304,7 @@ fn start_webhook(
 #[test]
 fn https_webhook_injects_only_pods_a_policy_selects() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server, cert) = start_webhook(dir.path(), webhook_server::DEFAULT_HEADER_TIMEOUT);
+    let (server, cert) = start_webhook(dir.path(), server::DEFAULT_HEADER_TIMEOUT);
     let policies = dir.path().join("policies");
     let base = format!("https://{}", server.addr());
     assert_eq!(curl(&cert, &format!("{base}/healthz"), None).0, 200);
@@ -409,7 +409,7 @@ fn idle_connections_beyond_the_cap_do_not_starve_reviews() {
     // ones were closed to make room), not after they timed out or were all dropped.
     let open = idle.iter().filter(|c| still_open(c)).count();
     assert!(
-        open >= webhook_server::DEFAULT_MAX_CONNECTIONS / 2,
+        open >= server::DEFAULT_MAX_CONNECTIONS / 2,
         "answered after {:?} with only {open} of 200 idle connections still open",
         started.elapsed()
     );
