@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::catalog::PlannedModule;
 use crate::error::{Error, Result};
-use crate::metrics::{self, Family, Samples};
+use crate::metrics::{self, Samples, families};
 use crate::modules::{Module, instantiate};
 use crate::plan::ModulePlan;
 use crate::procfs;
@@ -145,21 +145,14 @@ pub struct Supervisor {
     metrics_addr: Option<SocketAddr>,
 }
 
-const UP: Family = Family {
-    name: "hermes_module_up",
-    help: "1 when the module's last sample succeeded.",
-    kind: "gauge",
-};
-const RESTARTS: Family = Family {
-    name: "hermes_module_restarts_total",
-    help: "Restarts of a module after a failure.",
-    kind: "counter",
-};
-const SAMPLES: Family = Family {
-    name: "hermes_module_samples_total",
-    help: "Samples a module has taken.",
-    kind: "counter",
-};
+families! {
+    /// 1 when the module's last sample succeeded.
+    UP: gauge = "hermes_module_up";
+    /// Restarts of a module after a failure.
+    RESTARTS: counter = "hermes_module_restarts_total";
+    /// Samples a module has taken.
+    SAMPLES: counter = "hermes_module_samples_total";
+}
 
 fn render(statuses: &Statuses) -> String {
     let map = lock(statuses);

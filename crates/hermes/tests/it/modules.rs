@@ -526,28 +526,7 @@ fn review_command_answers_from_stdin() {
 #[test]
 fn webhook_command_serves_https_and_prints_its_address() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=hermes-webhook",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl is required for the webhook TLS test: apt-get install openssl");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (cert, key) = crate::controller::self_signed(dir.path());
     let policies = dir.path().join("policies");
     std::fs::create_dir(&policies).expect("mkdir");
     let (_server, mut out) = Proc::spawn(
