@@ -13,10 +13,13 @@
 //! `supervisor` to `error`; nothing points back up:
 //!
 //! ```text
-//! resolve ──> plan, script, static_config        supervisor ──> modules, plan, resolve (error text)
-//! static_config ──> catalog                      modules ──> catalog, procfs, trend, metrics
-//! catalog ──> directive, yaml                    plan ──> catalog
-//! directive, yaml, script, procfs, metrics ──> error (with `Origin`);  trend stands alone
+//! resolve ──> plan, script, static_config, catalog, directive
+//! supervisor ──> modules, plan, procfs, metrics, resolve (for error text)
+//! modules ──> catalog, procfs, trend, metrics
+//! static_config ──> catalog, directive, yaml
+//! plan ──> catalog
+//! catalog ──> directive, yaml
+//! directive, yaml, script, procfs, metrics ──> error (which holds `Origin`); trend: none
 //! ```
 //!
 //! What is deliberately not here: the admission webhook that injects the installer into pods is
