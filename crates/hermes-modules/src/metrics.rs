@@ -26,7 +26,7 @@ pub struct Family {
 }
 
 impl Family {
-    /// A gauge: a value that goes up and down. `help` is trimmed (see [`families!`]).
+    /// A gauge: a value that goes up and down. `help` is trimmed (doc comments via `families!`).
     pub const fn gauge(name: &'static str, help: &'static str) -> Self {
         Self {
             name,
@@ -35,7 +35,7 @@ impl Family {
         }
     }
 
-    /// A counter: a total that only grows. `help` is trimmed (see [`families!`]).
+    /// A counter: a total that only grows. `help` is trimmed (doc comments via `families!`).
     pub const fn counter(name: &'static str, help: &'static str) -> Self {
         Self {
             name,
