@@ -6,10 +6,14 @@
 //! - [`view`]: cluster objects → the core's inputs (running containers, policies, pull secrets);
 //! - [`status`]: the core's statuses → `HermesImage`/`HermesPolicy` status and pod Events;
 //! - [`controller`]: leader election, watches feeding the core's engine
-//!   (`hermes_controller::engine`), writing statuses and Events.
+//!   (`hermes_controller::engine`), writing statuses and Events;
+//! - [`webhook`]: the memory modules' mutating admission webhook: the injection patch, which
+//!   pods a HermesPolicy's `memoryModules` selects ([`webhook::selector`]) and its HTTPS server
+//!   ([`webhook::server`]). The installer it injects is `hermes-modules`.
 //!
-//! Everything but [`controller`] is plain functions over values, tested without a server; the
-//! loop is tested against a real kube-apiserver (`tests/it`).
+//! Everything but [`controller`] and [`webhook::server`] is plain functions over values, tested
+//! without a server; the loop is tested against a real kube-apiserver, the webhook's server with
+//! real TLS clients (`tests/it`).
 #![warn(missing_docs)]
 
 pub mod controller;
@@ -17,5 +21,6 @@ pub mod crd;
 mod error;
 pub mod status;
 pub mod view;
+pub mod webhook;
 
 pub use error::{Error, Result};

@@ -625,7 +625,7 @@ fn unreachable_registries_fail_and_retry_and_a_killed_controller_resumes() {
 }
 
 /// A self-signed server certificate for 127.0.0.1 made with the real openssl tool: (cert, key).
-fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     let out = Command::new("openssl")
         .args([
