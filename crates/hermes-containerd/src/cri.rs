@@ -21,7 +21,14 @@ use crate::{Error, Result, connect_unix};
 pub struct Cri {
     runtime: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
+    /// The runtime handler (a `RuntimeClass`'s handler) for pulls and pods; empty: the default.
+    runtime_handler: String,
 }
+
+/// The pod annotation containerd's CRI reads a pull's runtime handler from. containerd 2.1
+/// reads only this (not `ImageSpec.runtime_handler`); a kubelet passes a pod's annotations in
+/// the pull's sandbox config, so a pod annotated with it pulls into its handler's snapshotter.
+const RUNTIME_HANDLER_ANNOTATION: &str = "io.containerd.cri.runtime-handler";
 
 /// A running pod sandbox.
 #[derive(Debug, Clone)]
@@ -68,7 +75,18 @@ impl Cri {
         Ok(Cri {
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
+            runtime_handler: String::new(),
         })
+    }
+
+    /// The same endpoint, pulling images and running pods with runtime handler `handler` as a
+    /// kubelet does for a pod whose `RuntimeClass` names it (containerd 2.x can give a handler
+    /// its own snapshotter).
+    pub fn with_runtime_handler(&self, handler: &str) -> Cri {
+        Cri {
+            runtime_handler: handler.to_owned(),
+            ..self.clone()
+        }
     }
 
     /// The raw runtime service client, for calls this type does not wrap.
@@ -93,13 +111,20 @@ impl Cri {
     /// Pulls `image` as a kubelet does (no credentials) and returns the image ID the runtime
     /// reports.
     pub async fn pull_image(&self, image: &str) -> Result<String> {
+        let sandbox_config = (!self.runtime_handler.is_empty()).then(|| cri::PodSandboxConfig {
+            annotations: HashMap::from([(
+                RUNTIME_HANDLER_ANNOTATION.to_owned(),
+                self.runtime_handler.clone(),
+            )]),
+            ..Default::default()
+        });
         let pulled = self
             .images
             .clone()
             .pull_image(cri::PullImageRequest {
-                image: Some(image_spec(image)),
+                image: Some(self.image_spec(image)),
                 auth: None,
-                sandbox_config: None,
+                sandbox_config,
             })
             .await
             .map_err(Error::rpc("cri.PullImage"))?
@@ -144,7 +169,7 @@ impl Cri {
             .clone()
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(config.clone()),
-                runtime_handler: String::new(),
+                runtime_handler: self.runtime_handler.clone(),
             })
             .await
             .map_err(Error::rpc("cri.RunPodSandbox"))?
@@ -171,7 +196,7 @@ impl Cri {
                 name: name.to_owned(),
                 attempt: 0,
             }),
-            image: Some(image_spec(image)),
+            image: Some(self.image_spec(image)),
             command: command.iter().map(|c| (*c).to_owned()).collect(),
             log_path: format!("{name}.log"),
             linux: Some(cri::LinuxContainerConfig::default()),
@@ -249,7 +274,7 @@ impl Cri {
         self.images
             .clone()
             .remove_image(cri::RemoveImageRequest {
-                image: Some(image_spec(image)),
+                image: Some(self.image_spec(image)),
             })
             .await
             .map_err(Error::rpc("cri.RemoveImage"))?;
@@ -282,10 +307,13 @@ fn time_from_nanos(nanos: i64) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_nanos(nanos))
 }
 
-fn image_spec(image: &str) -> cri::ImageSpec {
-    cri::ImageSpec {
-        image: image.to_owned(),
-        ..Default::default()
+impl Cri {
+    fn image_spec(&self, image: &str) -> cri::ImageSpec {
+        cri::ImageSpec {
+            image: image.to_owned(),
+            runtime_handler: self.runtime_handler.clone(),
+            ..Default::default()
+        }
     }
 }
 

@@ -590,14 +590,31 @@ fn config_v3(dir: &Path, address: &Path, hosts_dir: &Path, options: &ContainerdB
         ));
     }
     if options.hermes_runtime_handler {
+        // The runtime's snapshotter serves its containers; CRI's image service pulls for the
+        // handler into the snapshotter its `runtime_platforms` entry names (without it, a pull
+        // for the handler goes to the default snapshotter and containerd unpacks the image
+        // again, without the labels, when the container is created).
         config.push_str(&format!(
             r#"[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.{HERMES_RUNTIME_HANDLER}]
   runtime_type = "io.containerd.runc.v2"
   snapshotter = "{PROXY_SNAPSHOTTER}"
-"#
+[plugins."io.containerd.cri.v1.images".runtime_platforms.{HERMES_RUNTIME_HANDLER}]
+  platform = "linux/{arch}"
+  snapshotter = "{PROXY_SNAPSHOTTER}"
+"#,
+            arch = oci_arch(),
         ));
     }
     config
+}
+
+/// This machine's architecture as OCI platforms name it.
+fn oci_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
 }
 
 fn running_as_root() -> bool {
@@ -861,6 +878,10 @@ mod tests {
         assert!(
             toml.contains("[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.hermes]\n  runtime_type = \"io.containerd.runc.v2\"\n  snapshotter = \"hermes\""),
             "{toml}"
+        );
+        assert!(
+            toml.contains("[plugins.\"io.containerd.cri.v1.images\".runtime_platforms.hermes]\n  platform = \"linux/"),
+            "pulls for the handler need their own snapshotter too:\n{toml}"
         );
     }
 

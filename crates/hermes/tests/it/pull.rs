@@ -1,11 +1,11 @@
-//! `hermes pull` into a real containerd whose `hermes` proxy snapshotter is a real `hermes node`,
-//! then `ctr run --snapshotter hermes`: indexed layers are mounted lazily, the others unpacked
-//! by containerd, and the container runs either way.
+//! `hermes pull` into a real containerd (1.6 and 2.x) whose `hermes` proxy snapshotter is a real
+//! `hermes node`, then `ctr run --snapshotter hermes`: indexed layers are mounted lazily, the
+//! others unpacked by containerd, and the container runs either way.
 
 use std::path::Path;
 use std::process::Command;
 
-use hermes_testkit::{Containerd, PushedImage, Registry, busybox_image};
+use hermes_testkit::{Containerd, Flavour, PushedImage, Registry, busybox_image};
 
 use crate::node::{Node, index, require_root};
 
@@ -53,9 +53,10 @@ pub(crate) fn hermes_pull(containerd: &Containerd, image: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn start(dir: &Path, registry: &Registry) -> (Node, Containerd) {
+fn start(flavour: Flavour, dir: &Path, registry: &Registry) -> (Node, Containerd) {
     let node = Node::start(dir, &["--plain-http"]);
     let containerd = Containerd::builder()
+        .flavour(flavour)
         .proxy_snapshotter(&node.socket)
         .registry_host(&registry.host())
         .start()
@@ -75,14 +76,14 @@ fn ctr_run(containerd: &Containerd, node: &Node, image: &str, id: &str) -> Strin
         })
 }
 
-#[test]
-fn hermes_pull_then_ctr_run_starts_an_indexed_image_from_lazy_layers() {
+on_each_containerd! {
+fn hermes_pull_then_ctr_run_starts_an_indexed_image_from_lazy_layers(flavour) {
     require_root();
     let registry = Registry::start().expect("registry");
     let image = message_image(&registry, "pull/lazy:v1", "hello from lazy layers");
     let dir = tempfile::tempdir().expect("tempdir");
     index(&image.reference, &dir.path().join("node/ztocs"));
-    let (node, containerd) = start(dir.path(), &registry);
+    let (node, containerd) = start(flavour, dir.path(), &registry);
 
     let out = hermes_pull(&containerd, &image.reference);
     assert!(
@@ -108,14 +109,15 @@ fn hermes_pull_then_ctr_run_starts_an_indexed_image_from_lazy_layers() {
         "{content}"
     );
 }
+}
 
-#[test]
-fn an_image_without_a_ztoc_is_unpacked_by_containerd_and_runs() {
+on_each_containerd! {
+fn an_image_without_a_ztoc_is_unpacked_by_containerd_and_runs(flavour) {
     require_root();
     let registry = Registry::start().expect("registry");
     let image = message_image(&registry, "pull/plain:v1", "hello from the normal path");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (node, containerd) = start(dir.path(), &registry);
+    let (node, containerd) = start(flavour, dir.path(), &registry);
 
     let out = hermes_pull(&containerd, &image.reference);
     assert!(out.contains("4 layers: 0 lazy, 4 unpacked"), "{out}");
@@ -126,4 +128,5 @@ fn an_image_without_a_ztoc_is_unpacked_by_containerd_and_runs() {
     // A second pull finds everything in place.
     let again = hermes_pull(&containerd, &image.reference);
     assert!(again.contains("4 already present"), "{again}");
+}
 }
