@@ -64,6 +64,8 @@ fn start(flavour: Flavour, dir: &Path, registry: &Registry) -> (Node, Containerd
     (node, containerd)
 }
 
+/// `ctr run --rm` of `image` as container `id` (runc keeps its state per namespace, not per
+/// containerd: tests running at the same time need distinct IDs).
 fn ctr_run(containerd: &Containerd, node: &Node, image: &str, id: &str) -> String {
     containerd
         .ctr(&["run", "--rm", "--snapshotter", "hermes", image, id])
@@ -93,7 +95,7 @@ fn hermes_pull_then_ctr_run_starts_an_indexed_image_from_lazy_layers(flavour) {
     );
     assert_eq!(out.matches(" lazy\n").count(), 4, "{out}");
     assert_eq!(
-        ctr_run(&containerd, &node, &image.reference, "lazy-1"),
+        ctr_run(&containerd, &node, &image.reference, &format!("lazy-{}", flavour.name())),
         "hello from lazy layers\n"
     );
     // Nothing was downloaded into containerd: the layer blobs are not in its content store.
@@ -122,7 +124,7 @@ fn an_image_without_a_ztoc_is_unpacked_by_containerd_and_runs(flavour) {
     let out = hermes_pull(&containerd, &image.reference);
     assert!(out.contains("4 layers: 0 lazy, 4 unpacked"), "{out}");
     assert_eq!(
-        ctr_run(&containerd, &node, &image.reference, "plain-1"),
+        ctr_run(&containerd, &node, &image.reference, &format!("plain-{}", flavour.name())),
         "hello from the normal path\n"
     );
     // A second pull finds everything in place.
