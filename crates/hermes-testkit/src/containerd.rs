@@ -90,6 +90,7 @@ pub struct ContainerdBuilder {
     flavour: Flavour,
     cri_pull: CriPull,
     hermes_runtime_handler: bool,
+    deploy_snippet: Option<String>,
 }
 
 impl ContainerdBuilder {
@@ -139,6 +140,16 @@ impl ContainerdBuilder {
     /// while the others use the CRI snapshotter. containerd 2.x only (1.6 refuses).
     pub fn hermes_runtime_handler(mut self) -> Self {
         self.hermes_runtime_handler = true;
+        self
+    }
+
+    /// Configures containerd 2.x from `snippet`, a version 3 config as a user merges it (proxy
+    /// plugin, CRI snapshotter and labels, runtimes) instead of the settings the other options
+    /// generate; the testkit adds only what is about this machine and this temp dir: root, state,
+    /// sockets, the sandbox image, registry hosts, CNI dirs, the stream server and
+    /// `restrict_oom_score_adj`. Needs [`Self::cri`]; 1.6 refuses.
+    pub fn deploy_snippet(mut self, snippet: &str) -> Self {
+        self.deploy_snippet = Some(snippet.to_owned());
         self
     }
 
@@ -247,6 +258,8 @@ impl Containerd {
                 Some("CRI pulls through the transfer service")
             } else if options.hermes_runtime_handler {
                 Some("per-runtime-handler snapshotters")
+            } else if options.deploy_snippet.is_some() {
+                Some("version 3 config")
             } else {
                 None
             };
@@ -453,6 +466,13 @@ fn config_toml(
     hosts_dir: &Path,
     options: &ContainerdBuilder,
 ) -> String {
+    if let (Flavour::V2, Some(snippet), Some(sandbox)) = (
+        options.flavour,
+        &options.deploy_snippet,
+        &options.sandbox_image,
+    ) {
+        return config_from_snippet(dir, address, hosts_dir, sandbox, snippet);
+    }
     let mut config = match options.flavour {
         Flavour::V1_6 => config_v2(dir, address, hosts_dir, options),
         Flavour::V2 => config_v3(dir, address, hosts_dir, options),
@@ -486,7 +506,6 @@ fn cri_snapshotter(options: &ContainerdBuilder) -> String {
 
 /// The part of both config versions that does not depend on the version.
 fn config_common(dir: &Path, address: &Path, version: u8, disabled: &[&str]) -> String {
-    let d = dir.display();
     let disabled = if disabled.is_empty() {
         String::new()
     } else {
@@ -494,10 +513,22 @@ fn config_common(dir: &Path, address: &Path, version: u8, disabled: &[&str]) -> 
         format!("disabled_plugins = [{}]\n", list.join(", "))
     };
     format!(
-        r#"version = {version}
-root = "{d}/root"
-state = "{d}/state"
-{disabled}[grpc]
+        "version = {version}\n{}{disabled}{}",
+        config_dirs(dir),
+        config_sockets(dir, address)
+    )
+}
+
+/// The top-level keys: where containerd keeps its data.
+fn config_dirs(dir: &Path) -> String {
+    let d = dir.display();
+    format!("root = \"{d}/root\"\nstate = \"{d}/state\"\n")
+}
+
+/// The tables every config has: sockets and the `opt` dir in the temp dir.
+fn config_sockets(dir: &Path, address: &Path) -> String {
+    format!(
+        r#"[grpc]
   address = "{addr}"
 [ttrpc]
   address = "{addr}.ttrpc"
@@ -506,6 +537,7 @@ state = "{d}/state"
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
 "#,
+        d = dir.display(),
         addr = address.display(),
     )
 }
@@ -604,6 +636,65 @@ fn config_v3(dir: &Path, address: &Path, hosts_dir: &Path, options: &ContainerdB
 "#,
             arch = oci_arch(),
         ));
+    }
+    config
+}
+
+/// A user's version 3 `snippet` with this machine's and this temp dir's settings added: the
+/// top-level keys right after its `version` line (before any table), the tables at the end.
+fn config_from_snippet(
+    dir: &Path,
+    address: &Path,
+    hosts_dir: &Path,
+    sandbox: &str,
+    snippet: &str,
+) -> String {
+    let top = config_dirs(dir);
+    let mut config = String::new();
+    let mut placed = false;
+    for line in snippet.lines() {
+        config.push_str(line);
+        config.push('\n');
+        if !placed && line.trim_start().starts_with("version") {
+            config.push_str(&top);
+            placed = true;
+        }
+    }
+    if !placed {
+        config.insert_str(0, &format!("version = 3\n{top}"));
+    }
+    let d = dir.display();
+    config.push_str(&config_sockets(dir, address));
+    config.push_str(&format!(
+        r#"[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "{sandbox}"
+[plugins."io.containerd.cri.v1.images".registry]
+  config_path = "{hosts}"
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dirs = ["{d}/cni/bin"]
+  conf_dir = "{d}/cni/net.d"
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+"#,
+        hosts = hosts_dir.display(),
+    ));
+    // A table may not be defined twice: add the key to the snippet's runtime table if it has one.
+    let runtime_table = [
+        "[plugins.'io.containerd.cri.v1.runtime']",
+        "[plugins.\"io.containerd.cri.v1.runtime\"]",
+    ];
+    match runtime_table.iter().find(|t| config.contains(*t)) {
+        Some(table) => {
+            config = config.replacen(
+                table,
+                &format!("{table}\n  restrict_oom_score_adj = true"),
+                1,
+            )
+        }
+        None => config.push_str(
+            "[plugins.\"io.containerd.cri.v1.runtime\"]\n  restrict_oom_score_adj = true\n",
+        ),
     }
     config
 }
@@ -886,10 +977,55 @@ mod tests {
     }
 
     #[test]
+    fn a_deploy_snippet_gets_this_machines_settings_around_it() {
+        let snippet = "# comment\nversion = 3\n[proxy_plugins.hermes]\n  type = \"snapshot\"\n[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.hermes]\n  snapshotter = \"hermes\"\n";
+        let toml = config_toml(
+            Path::new("/d"),
+            Path::new("/d/c.sock"),
+            Path::new("/d/certs.d"),
+            &Containerd::builder()
+                .flavour(Flavour::V2)
+                .cri("127.0.0.1:5000/pause:1")
+                .deploy_snippet(snippet),
+        );
+        assert!(
+            toml.starts_with("# comment\nversion = 3\nroot = \"/d/root\"\nstate = \"/d/state\"\n[proxy_plugins.hermes]"),
+            "{toml}"
+        );
+        assert_eq!(toml.matches("[proxy_plugins.hermes]").count(), 1, "{toml}");
+        assert_eq!(
+            toml.matches("restrict_oom_score_adj = true").count(),
+            1,
+            "{toml}"
+        );
+        assert!(
+            toml.contains("sandbox = \"127.0.0.1:5000/pause:1\""),
+            "{toml}"
+        );
+        assert!(toml.contains("[grpc]\n  address = \"/d/c.sock\""), "{toml}");
+        let with_runtime_table = config_toml(
+            Path::new("/d"),
+            Path::new("/d/c.sock"),
+            Path::new("/d/certs.d"),
+            &Containerd::builder()
+                .flavour(Flavour::V2)
+                .cri("127.0.0.1:5000/pause:1")
+                .deploy_snippet("version = 3\n[plugins.'io.containerd.cri.v1.runtime']\n  x = 1\n"),
+        );
+        assert!(
+            with_runtime_table.contains(
+                "[plugins.'io.containerd.cri.v1.runtime']\n  restrict_oom_score_adj = true\n  x = 1"
+            ),
+            "a table defined once:\n{with_runtime_table}"
+        );
+    }
+
+    #[test]
     fn containerd_1_6_refuses_what_only_2_has() {
         for builder in [
             Containerd::builder().cri_pull(CriPull::Transfer),
             Containerd::builder().hermes_runtime_handler(),
+            Containerd::builder().deploy_snippet("version = 3\n"),
         ] {
             let error = builder.start().expect_err("1.6 cannot");
             assert!(matches!(error, Error::Unsupported { .. }), "{error}");

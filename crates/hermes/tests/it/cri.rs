@@ -473,3 +473,99 @@ async fn containerd_2_runtime_handler_hermes_starts_lazily_while_the_default_han
         "the normal unpack downloaded the layers"
     );
 }
+
+/// `deploy/containerd/NAME` with the node's socket in place of the deployed one.
+fn deploy_snippet(name: &str, node: &Path) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/containerd")
+        .join(name);
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    assert!(
+        text.contains(DEPLOYED_SOCKET),
+        "{name} names {DEPLOYED_SOCKET}"
+    );
+    text.replace(DEPLOYED_SOCKET, &node.display().to_string())
+}
+
+/// Where `deploy/containerd/hermes-node.service` serves the snapshotter.
+const DEPLOYED_SOCKET: &str = "/run/hermes/snapshotter.sock";
+
+/// The containerd 2.x snippets users merge, as they are: with `config-v3-global.toml` an indexed
+/// image starts lazily through CRI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_config_v3_global_starts_an_indexed_image_lazily_on_containerd_2() {
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let image = lazy_image(&registry, "cri/deploy-global:v1", "deployed globally");
+    let dir = tempfile::tempdir().expect("tempdir");
+    index(&image.reference, &dir.path().join("node/ztocs"));
+    let socket = dir.path().join("hermes.sock");
+    let cluster = Cluster::start_with(
+        dir.path(),
+        &registry,
+        &["--plain-http", "--no-background-fetch"],
+        |b| {
+            b.flavour(Flavour::V2)
+                .deploy_snippet(&deploy_snippet("config-v3-global.toml", &socket))
+        },
+    );
+    assert_eq!(
+        cluster.run(&image.reference, "global").await,
+        vec!["deployed globally"]
+    );
+    let m = cluster.node.metrics();
+    assert_eq!(
+        metric(&m, "hermes_node_lazy_mounts_total", &[]),
+        image.layers.len() as f64,
+        "{m}\n{}",
+        cluster.diagnostics()
+    );
+}
+
+/// With `config-v3-runtime-handler.toml` the default handler unpacks into overlayfs and a pod of
+/// the `hermes` handler (annotated as the snippet says) starts lazily.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_config_v3_runtime_handler_opts_in_only_the_hermes_handler_on_containerd_2() {
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let lazy = lazy_image(&registry, "cri/deploy-handler:v1", "opted in");
+    let plain = lazy_image(&registry, "cri/deploy-default:v1", "not opted in");
+    let dir = tempfile::tempdir().expect("tempdir");
+    index(&lazy.reference, &dir.path().join("node/ztocs"));
+    index(&plain.reference, &dir.path().join("node/ztocs"));
+    let socket = dir.path().join("hermes.sock");
+    let mut snippet = deploy_snippet("config-v3-runtime-handler.toml", &socket);
+    if std::env::consts::ARCH == "aarch64" {
+        snippet = snippet.replace("linux/amd64", "linux/arm64");
+    }
+    let cluster = Cluster::start_with(
+        dir.path(),
+        &registry,
+        &["--plain-http", "--no-background-fetch"],
+        |b| b.flavour(Flavour::V2).deploy_snippet(&snippet),
+    );
+    assert_eq!(
+        cluster.run(&plain.reference, "default").await,
+        vec!["not opted in"]
+    );
+    let m = cluster.node.metrics();
+    assert_eq!(
+        metric(&m, "hermes_node_lazy_mounts_total", &[]),
+        0.0,
+        "an indexed image of a default pod stays on overlayfs:\n{m}"
+    );
+    assert_eq!(
+        cluster
+            .run_with_handler(&lazy.reference, "opted-in", HERMES_RUNTIME_HANDLER)
+            .await,
+        vec!["opted in"]
+    );
+    let m = cluster.node.metrics();
+    assert_eq!(
+        metric(&m, "hermes_node_lazy_mounts_total", &[]),
+        lazy.layers.len() as f64,
+        "{m}\n{}",
+        cluster.diagnostics()
+    );
+}
