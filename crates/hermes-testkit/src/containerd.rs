@@ -91,6 +91,7 @@ pub struct ContainerdBuilder {
     cri_pull: CriPull,
     hermes_runtime_handler: bool,
     deploy_snippet: Option<String>,
+    no_annotation_export: bool,
 }
 
 impl ContainerdBuilder {
@@ -140,6 +141,13 @@ impl ContainerdBuilder {
     /// while the others use the CRI snapshotter. containerd 2.x only (1.6 refuses).
     pub fn hermes_runtime_handler(mut self) -> Self {
         self.hermes_runtime_handler = true;
+        self
+    }
+
+    /// Leaves out the proxy plugin's `enable_remote_snapshot_annotations` export on containerd
+    /// 2.x (declared by default), to show what the transfer service passes without it.
+    pub fn without_annotation_export(mut self) -> Self {
+        self.no_annotation_export = true;
         self
     }
 
@@ -482,7 +490,7 @@ fn config_toml(
             "[proxy_plugins.{PROXY_SNAPSHOTTER}]\n  type = \"snapshot\"\n  address = \"{}\"\n",
             socket.display()
         ));
-        if options.flavour == Flavour::V2 {
+        if options.flavour == Flavour::V2 && !options.no_annotation_export {
             // Without it the transfer service gives a proxy snapshotter no image labels.
             config.push_str(&format!(
                 "[proxy_plugins.{PROXY_SNAPSHOTTER}.exports]\n  enable_remote_snapshot_annotations = \"true\"\n"

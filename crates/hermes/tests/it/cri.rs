@@ -331,6 +331,17 @@ fn layer_prepare_labels(node: &Node, layers: usize) -> Vec<String> {
 /// returns the label names each layer's Prepare carried, having checked that every layer was
 /// mounted lazily.
 async fn labels_of_a_cri_pull_on_containerd_2(pull: CriPull, repo: &str) -> Vec<String> {
+    let (names, lazy, layers) = cri_pull_on_containerd_2(repo, |b| b.cri_pull(pull)).await;
+    assert_eq!(lazy, layers, "every layer lazy through the {pull:?} pull");
+    names
+}
+
+/// Pulls and runs an indexed image through CRI on containerd 2.x configured by `configure`;
+/// returns the label names each layer's Prepare carried, the lazy mounts and the layer count.
+async fn cri_pull_on_containerd_2(
+    repo: &str,
+    configure: impl FnOnce(ContainerdBuilder) -> ContainerdBuilder,
+) -> (Vec<String>, f64, f64) {
     require_root();
     let registry = Registry::start().expect("registry");
     let image = lazy_image(&registry, repo, "labelled");
@@ -340,7 +351,7 @@ async fn labels_of_a_cri_pull_on_containerd_2(pull: CriPull, repo: &str) -> Vec<
         dir.path(),
         &registry,
         &["--plain-http", "--no-background-fetch"],
-        |b| b.flavour(Flavour::V2).cri_pull(pull),
+        |b| configure(b.flavour(Flavour::V2)),
     );
     assert_eq!(
         cluster.run(&image.reference, "labels").await,
@@ -348,18 +359,16 @@ async fn labels_of_a_cri_pull_on_containerd_2(pull: CriPull, repo: &str) -> Vec<
     );
     let names = layer_prepare_labels(&cluster.node, image.layers.len());
     eprintln!(
-        "containerd {} CRI pull {pull:?}: the snapshotter got {}",
+        "containerd {} ({repo}): the snapshotter got {}",
         cluster.containerd.version(),
         names.join(", ")
     );
-    let m = cluster.node.metrics();
-    assert_eq!(
-        metric(&m, "hermes_node_lazy_mounts_total", &[]),
-        image.layers.len() as f64,
-        "every layer lazy through the {pull:?} pull:\n{m}\n{}",
-        cluster.diagnostics()
+    let lazy = metric(
+        &cluster.node.metrics(),
+        "hermes_node_lazy_mounts_total",
+        &[],
     );
-    names
+    (names, lazy, image.layers.len() as f64)
 }
 
 /// The labels CRI's remote-snapshotter handler sets (containerd's `snapshotters` package):
@@ -393,6 +402,18 @@ async fn containerd_2_cri_transfer_pull_gives_the_snapshotter_the_cri_layer_labe
             "{label} missing: {names:?}"
         );
     }
+}
+
+/// Why the proxy plugin exports `enable_remote_snapshot_annotations`: without it the transfer
+/// service gives the snapshotter only the target ref, and no layer can be mounted lazily.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_2_cri_transfer_pull_without_the_export_gives_only_the_target_ref() {
+    let (names, lazy, _) = cri_pull_on_containerd_2("cri/no-export:v1", |b| {
+        b.cri_pull(CriPull::Transfer).without_annotation_export()
+    })
+    .await;
+    assert_eq!(names, vec![LABEL_TARGET_REF.to_owned()]);
+    assert_eq!(lazy, 0.0, "nothing lazy without the layer labels");
 }
 
 /// A `RuntimeClass` opts pods into Hermes on containerd 2.x: the runtime handler `hermes` has
