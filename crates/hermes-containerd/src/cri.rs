@@ -16,7 +16,7 @@ use crate::api::runtime::v1::image_service_client::ImageServiceClient;
 use crate::api::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use crate::{Error, Result, connect_unix};
 
-/// A CRI endpoint (containerd 1.6 serves it on its main socket).
+/// A CRI endpoint (containerd 1.6 and 2.x serve it on their main socket).
 #[derive(Debug, Clone)]
 pub struct Cri {
     runtime: RuntimeServiceClient<Channel>,
@@ -79,9 +79,11 @@ impl Cri {
         })
     }
 
-    /// The same endpoint, pulling images and running pods with runtime handler `handler` as a
-    /// kubelet does for a pod whose `RuntimeClass` names it (containerd 2.x can give a handler
-    /// its own snapshotter).
+    /// The same endpoint, pulling images and running pods with runtime handler `handler`, as a
+    /// kubelet does for a pod of a `RuntimeClass` with that handler, annotated with
+    /// `io.containerd.cri.runtime-handler` (containerd 2.x can give a handler its own
+    /// snapshotter). Pulls also carry `ImageSpec.runtime_handler`, which kubelets send with their
+    /// `RuntimeClassInImageCriApi` feature gate.
     pub fn with_runtime_handler(&self, handler: &str) -> Cri {
         Cri {
             runtime_handler: handler.to_owned(),
@@ -281,6 +283,15 @@ impl Cri {
         Ok(())
     }
 
+    /// `image` for this client's runtime handler.
+    fn image_spec(&self, image: &str) -> cri::ImageSpec {
+        cri::ImageSpec {
+            image: image.to_owned(),
+            runtime_handler: self.runtime_handler.clone(),
+            ..Default::default()
+        }
+    }
+
     /// Stops and removes the pod and its containers.
     pub async fn remove_pod(&self, pod: &Pod) -> Result<()> {
         self.runtime
@@ -305,16 +316,6 @@ impl Cri {
 fn time_from_nanos(nanos: i64) -> Option<SystemTime> {
     let nanos = u64::try_from(nanos).ok().filter(|n| *n > 0)?;
     Some(UNIX_EPOCH + Duration::from_nanos(nanos))
-}
-
-impl Cri {
-    fn image_spec(&self, image: &str) -> cri::ImageSpec {
-        cri::ImageSpec {
-            image: image.to_owned(),
-            runtime_handler: self.runtime_handler.clone(),
-            ..Default::default()
-        }
-    }
 }
 
 /// The message lines of a CRI log file (`TIMESTAMP STREAM TAG MESSAGE` per line; partial lines,
