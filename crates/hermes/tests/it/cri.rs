@@ -3,7 +3,8 @@
 //! on containerd 1.6 and 2.x: an indexed image starts from lazy layers having fetched a small part
 //! of its bytes; an image without an index, and an indexed one whose index source is down, start
 //! the normal way; after `kill -9` of the node a new container starts. On 2.x only: the labels
-//! each CRI pull path gives the snapshotter, and a runtime handler with its own snapshotter.
+//! each CRI pull path gives the snapshotter, a runtime handler with its own snapshotter, and the
+//! version 3 snippets in `deploy/containerd/` as users merge them.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
