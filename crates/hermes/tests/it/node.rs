@@ -957,12 +957,12 @@ fn odd_but_valid_layers_give_the_same_file_tree_as_containerds_normal_unpack(fla
 }
 }
 
+on_each_containerd! {
 /// containerd's unpacker has no case for the old GNU sparse type: its pull fails. Hermes must
 /// not serve such a layer (it falls back, and the normal pull fails the same way).
-#[test]
-fn old_gnu_sparse_files_fail_containerds_unpack_and_are_not_served_lazily() {
+fn old_gnu_sparse_files_fail_containerds_unpack_and_are_not_served_lazily(flavour) {
     require_root();
-    let (registry, containerd) = registry_and_containerd(Flavour::V1_6);
+    let (registry, containerd) = registry_and_containerd(flavour);
     let pushed = TestImage::new()
         .file("a", b"plain layer\n".to_vec())
         .layer()
@@ -983,6 +983,7 @@ fn old_gnu_sparse_files_fail_containerds_unpack_and_are_not_served_lazily() {
         1,
         "only the plain layer is lazy"
     );
+}
 }
 
 /// The controller's node API (hermes-controller's own server) over a zTOC store, on a port.
