@@ -71,6 +71,15 @@ fn labels(m: std::collections::HashMap<String, String>) -> BTreeMap<String, Stri
     m.into_iter().collect()
 }
 
+/// The label names a request carries, sorted and comma-separated: which labels a containerd
+/// passes depends on its version and pull path, and the debug log shows it (values stay out:
+/// they hold image references).
+fn label_names(m: &std::collections::HashMap<String, String>) -> String {
+    let mut names: Vec<&str> = m.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    names.join(",")
+}
+
 fn mounts_pb(mounts: Vec<Mount>) -> Vec<types::Mount> {
     mounts
         .into_iter()
@@ -113,7 +122,7 @@ impl SnapshotsApi for Service {
         request: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = request.into_inner();
-        debug!(key = %r.key, parent = %r.parent, "prepare");
+        debug!(key = %r.key, parent = %r.parent, labels = %label_names(&r.labels), "prepare");
         let mounts = self
             .run(move |c| c.prepare(&r.key, &r.parent, labels(r.labels)))
             .await?;
