@@ -3,8 +3,11 @@
 # machine, with Hermes installed from deploy/ the way a user would: for the end-to-end tests and
 # for trying Hermes by hand.
 #
-#   kube.sh up DIR [--hermes BIN]   start it all with state in DIR; writes DIR/kubeconfig and
-#                                   DIR/env (REGISTRY=host:port, NODE_METRICS=..., ...)
+#   kube.sh up DIR [--hermes BIN] [--no-background-fetch]
+#                                   start it all with state in DIR; writes DIR/kubeconfig and
+#                                   DIR/env (REGISTRY=host:port, NODE_METRICS=..., ...); the
+#                                   option goes to the node's config (tests measure what a start
+#                                   fetches)
 #   kube.sh down DIR                stop everything `up` started and remove what it left: processes,
 #                                   mounts, the bridge, iptables rules, pod logs, DIR
 #   kube.sh node-restart DIR        restart the Hermes node service (SIGTERM to the daemon only, as
@@ -113,7 +116,8 @@ start_registry() {
   mkdir -p "$DIR/registry"
   cat >"$DIR/registry/config.yml" <<EOF
 version: 0.1
-log: {level: warn, formatter: text}
+# info: one line per request with the bytes written (tests count what the node fetched).
+log: {level: info, formatter: text}
 storage:
   filesystem: {rootdirectory: $DIR/registry/data}
   delete: {enabled: true}
@@ -210,10 +214,11 @@ push_images() {
 
 install_node_service() {
   local hermes_bin=$1
+  mkdir -p "$DIR/node"
   bash "$ROOT_DIR/deploy/node/install.sh" --binary "$hermes_bin" --kubeconfig "$DIR/kubeconfig" \
     --bin-dir "$DIR/node/bin" --config-dir "$DIR/node/etc" --root "$DIR/node/root" \
     --socket "$DIR/node/run/snapshotter.sock" --metrics "127.0.0.1:$NODE_METRICS_PORT" \
-    --plain-http --no-start >"$DIR/node/command"
+    --plain-http ${NODE_INSTALL_FLAGS:-} --no-start >"$DIR/node/command"
 }
 
 # The service manager this machine lacks: restart the daemon when it exits (systemd's
@@ -323,6 +328,7 @@ KUBECTL=$BIN/kubectl
 REGISTRY=$REGISTRY
 NODE_NAME=$NODE_NAME
 NODE_METRICS=http://127.0.0.1:$NODE_METRICS_PORT/metrics
+NODE_INSTALL_FLAGS=${NODE_INSTALL_FLAGS:-}
 CONTAINERD_ADDRESS=$DIR/containerd/containerd.sock
 EOF
 }
@@ -334,6 +340,7 @@ cmd_up() {
   while (($#)); do
     case $1 in
       --hermes) hermes_bin=$2; shift 2 ;;
+      --no-background-fetch) NODE_INSTALL_FLAGS=--no-background-fetch; shift ;;
       *) die "unknown option $1" ;;
     esac
   done
@@ -394,7 +401,7 @@ kill_shims() {
 
 unmount_under() {
   local prefix=$1 point
-  awk '{print $5}' /proc/self/mountinfo | grep -E "^$prefix(/|$)" | sort -r | uniq | while read -r point; do
+  { awk '{print $5}' /proc/self/mountinfo | grep -E "^$prefix(/|$)" || true; } | sort -r | uniq | while read -r point; do
     umount "$point" 2>/dev/null || umount -l "$point" 2>/dev/null || true
   done
 }

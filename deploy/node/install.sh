@@ -8,7 +8,7 @@
 #   install.sh --binary PATH [--kubeconfig FILE] [--token-file FILE] [--controller URL]
 #              [--bin-dir /usr/local/bin] [--config-dir /etc/hermes] [--root /var/lib/hermes/node]
 #              [--socket /run/hermes/snapshotter.sock] [--metrics 127.0.0.1:9465] [--plain-http]
-#              [--no-start]
+#              [--no-background-fetch] [--no-start]
 #
 # --controller defaults to http://CLUSTER-IP:8080 of the Service hermes-system/hermes-controller
 # (the host resolves no cluster DNS names; kube-proxy routes the ClusterIP), --token-file to the
@@ -26,7 +26,7 @@ UNIT_TEMPLATE=$HERE/../containerd/hermes-node.service
 
 binary="" kubeconfig="" token_file="" controller="" bin_dir=/usr/local/bin config_dir=/etc/hermes
 root=/var/lib/hermes/node socket=/run/hermes/snapshotter.sock metrics=127.0.0.1:9465 plain_http=false
-start=1
+background_fetch=true start=1
 while (($#)); do
   case $1 in
     --binary) binary=$2; shift 2 ;;
@@ -39,6 +39,7 @@ while (($#)); do
     --socket) socket=$2; shift 2 ;;
     --metrics) metrics=$2; shift 2 ;;
     --plain-http) plain_http=true; shift ;;
+    --no-background-fetch) background_fetch=false; shift ;;
     --no-start) start=0; shift ;;
     -h | --help) sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
@@ -76,6 +77,7 @@ cat >"$config_dir/node.toml.new" <<TOML
 root = "$root"
 socket = "$socket"
 plain_http = $plain_http
+background_fetch = $background_fetch
 metrics = "$metrics"
 
 [controller]

@@ -4,6 +4,7 @@ mod controller;
 mod cri;
 mod index;
 mod kube;
+mod kube_node;
 mod layer;
 mod modules;
 mod node;
