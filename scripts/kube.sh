@@ -17,7 +17,8 @@
 # What runs: etcd and kube-apiserver (kube-apiserver.sh), kube-controller-manager, kube-scheduler,
 # a docker-registry, the Hermes node daemon as a host service (deploy/node/install.sh, under a
 # small supervisor: this machine has no systemd), containerd 1.6 (its own root, state and socket,
-# CRI with `snapshotter = "hermes"`), a kubelet on loopback, a bridge pod network (Debian's CNI
+# CRI with `snapshotter = "hermes"`), a kubelet (node IP: the bridge address; v1.20 refuses a
+# loopback node IP, and the API server reaches it there for logs and exec), a bridge pod network (Debian's CNI
 # plugins) and, in place of kube-proxy (not built here), a loop that keeps iptables DNAT rules from
 # each Service's ClusterIP to its ready endpoints. Then: `kubectl apply` of deploy/crds and
 # deploy/kubernetes, the node API token Secret, the Hermes image (scripts/image.sh, BIN or
@@ -145,7 +146,7 @@ subsets:
 EOF
   start_daemon "$DIR" kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig "$DIR/kubeconfig" --leader-elect=false --port=0 --secure-port=0 \
-    --controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route,-attachdetach,-persistentvolume-binder,-persistentvolume-expander' \
+    --controllers='*,-nodeipam,-cloud-node-lifecycle,-service,-route,-attachdetach,-persistentvolume-binder,-persistentvolume-expander' \
     --root-ca-file "$DIR/api/ca.crt" --service-account-private-key-file "$DIR/api/sa.key" \
     --use-service-account-credentials=false --cluster-signing-cert-file "$DIR/api/ca.crt" \
     --cluster-signing-key-file "$DIR/api/ca.key" --logtostderr=true --v=0
@@ -305,13 +306,13 @@ start_kubelet() {
     --container-runtime-endpoint "unix://$DIR/containerd/containerd.sock" \
     --runtime-request-timeout 10m \
     --root-dir "$DIR/kubelet" --cert-dir "$DIR/kubelet/pki" --volume-plugin-dir "$DIR/kubelet/volume-plugins" \
-    --hostname-override "$NODE_NAME" --node-ip 127.0.0.1 \
+    --hostname-override "$NODE_NAME" --node-ip "$GATEWAY" \
     --fail-swap-on=false --cgroup-driver=cgroupfs --cgroups-per-qos=false --enforce-node-allocatable= \
     --pod-infra-container-image "$REGISTRY/pause:v1" \
     --image-gc-high-threshold=100 --image-gc-low-threshold=99 --eviction-hard= \
     --anonymous-auth=false --client-ca-file "$DIR/api/ca.crt" --authorization-mode=AlwaysAllow \
     --authentication-token-webhook=false \
-    --port "$port" --read-only-port=0 --healthz-port "$healthz" --address 127.0.0.1 \
+    --port "$port" --read-only-port=0 --healthz-port "$healthz" --address "$GATEWAY" \
     --logtostderr=true --v=0
   wait_for "node $NODE_NAME Ready" 90 kubectl_ wait --for condition=Ready --timeout=1s "node/$NODE_NAME"
 }
@@ -454,6 +455,7 @@ cmd_down() {
     rm -rf "/var/log/pods/$entry"
   done
   find /var/log/containers -maxdepth 1 -xtype l -delete 2>/dev/null || true
+  rmdir /var/log/pods /var/log/containers /run/netns 2>/dev/null || true
   iptables -t nat -D PREROUTING -j "$PROXY_CHAIN" 2>/dev/null || true
   iptables -t nat -D OUTPUT -j "$PROXY_CHAIN" 2>/dev/null || true
   iptables -t nat -F "$PROXY_CHAIN" 2>/dev/null || true
