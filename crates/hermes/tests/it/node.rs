@@ -683,6 +683,7 @@ fn the_node_root_and_socket_are_private_whatever_the_umask() {
     // directory is its top `fs` dir: containers running as a non-root user (the controller's
     // own pods under a kubelet) could not exec anything. They are 0755, as in containerd's
     // overlayfs snapshotter; the 0700 node root keeps other host users out.
+    rt.block_on(container(&node.socket, &pushed, "p", "p-container"));
     let snapshots = node.root.join("snapshots");
     let fs_dirs: Vec<PathBuf> = std::fs::read_dir(&snapshots)
         .unwrap()
