@@ -273,6 +273,11 @@ impl Kube {
 
 impl Drop for Kube {
     fn drop(&mut self) {
+        // For a person debugging a failure: keep the cluster (`scripts/kube.sh down DIR` later).
+        if std::env::var_os("HERMES_KUBE_KEEP").is_some() {
+            eprintln!("HERMES_KUBE_KEEP: cluster left running in {}", self.dir.display());
+            return;
+        }
         let out = run(Command::new("bash")
             .arg(repo_root().join("scripts/kube.sh"))
             .arg("down")
@@ -367,10 +372,14 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
         .tempdir()
         .expect("temp dir");
     let kube = Kube::up(dir.path());
+    // `kube.sh down` removes the dir (or HERMES_KUBE_KEEP keeps it).
+    let _dir = dir.keep();
 
     // Installed from deploy/: both controller replicas ready, one of them leading.
-    let deployment = kube.json(&["-n", "hermes-system", "get", "deployment", "hermes-controller"]);
-    assert_eq!(deployment["status"]["readyReplicas"], 2, "{deployment:#}");
+    kube.wait("both controller replicas ready", 120, || {
+        let d = kube.json(&["-n", "hermes-system", "get", "deployment", "hermes-controller"]);
+        (d["status"]["readyReplicas"] == 2).then_some(())
+    });
     let holder = kube.wait("a controller replica holds the Lease", 60, || {
         let lease = kube.json(&["-n", "hermes-system", "get", "lease", "hermes-controller"]);
         lease["spec"]["holderIdentity"].as_str().map(str::to_owned)
@@ -380,10 +389,14 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
     let image = push_test_image(&kube.registry);
     let repo = format!("{}/kube/lazy", kube.registry);
     let total: u64 = image.layers.iter().map(|l| l.size).sum();
+    // Every layer indexed (minLayerSize 0): containerd 1.6's unpacker, on the first layer a
+    // snapshotter does not mount remotely, fetches that layer and every later one in full, lazy
+    // or not, so one small unindexed layer (here the 107-byte /etc/message) before the big ones
+    // would make the start fetch the whole image.
     let policy = |mode: &str| {
         format!(
             "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {{name: kube-lazy}}\n\
-             spec:\n  images: [\"{repo}:*\"]\n  mode: \"{mode}\"\n  index: {{minLayerSize: 1Mi}}\n"
+             spec:\n  images: [\"{repo}:*\"]\n  mode: \"{mode}\"\n  index: {{minLayerSize: \"0\"}}\n"
         )
     };
     kube.apply(&policy("Lazy"));
