@@ -311,7 +311,7 @@ start_kubelet() {
     --pod-infra-container-image "$REGISTRY/pause:v1" \
     --image-gc-high-threshold=100 --image-gc-low-threshold=99 --eviction-hard= \
     --anonymous-auth=false --client-ca-file "$DIR/api/ca.crt" --authorization-mode=AlwaysAllow \
-    --authentication-token-webhook=false \
+    --authentication-token-webhook=false --make-iptables-util-chains=false \
     --port "$port" --read-only-port=0 --healthz-port "$healthz" --address "$GATEWAY" \
     --logtostderr=true --v=0
   wait_for "node $NODE_NAME Ready" 90 kubectl_ wait --for condition=Ready --timeout=1s "node/$NODE_NAME"
