@@ -260,7 +260,10 @@ impl Kube {
             .lines()
             .filter(|r| r.starts_with(repo) || *r == image.config_digest)
             .collect();
-        assert!(!mine.is_empty(), "the node has no reference to {repo}: {refs}");
+        assert!(
+            !mine.is_empty(),
+            "the node has no reference to {repo}: {refs}"
+        );
         let mut args = vec!["images", "rm", "--sync"];
         args.extend(mine.iter().copied());
         self.ctr(&args);
@@ -275,7 +278,10 @@ impl Drop for Kube {
     fn drop(&mut self) {
         // For a person debugging a failure: keep the cluster (`scripts/kube.sh down DIR` later).
         if std::env::var_os("HERMES_KUBE_KEEP").is_some() {
-            eprintln!("HERMES_KUBE_KEEP: cluster left running in {}", self.dir.display());
+            eprintln!(
+                "HERMES_KUBE_KEEP: cluster left running in {}",
+                self.dir.display()
+            );
             return;
         }
         let out = run(Command::new("bash")
@@ -377,7 +383,13 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
 
     // Installed from deploy/: both controller replicas ready, one of them leading.
     kube.wait("both controller replicas ready", 120, || {
-        let d = kube.json(&["-n", "hermes-system", "get", "deployment", "hermes-controller"]);
+        let d = kube.json(&[
+            "-n",
+            "hermes-system",
+            "get",
+            "deployment",
+            "hermes-controller",
+        ]);
         (d["status"]["readyReplicas"] == 2).then_some(())
     });
     let holder = kube.wait("a controller replica holds the Lease", 60, || {
@@ -404,13 +416,21 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
     // A first pod runs through the normal path; the controller sees it through the pod watch.
     let before = kube.committed_snapshots();
     assert_eq!(kube.start_pod("first", &image.reference), MESSAGE);
-    let layer_snapshots: BTreeSet<String> =
-        kube.committed_snapshots().difference(&before).cloned().collect();
+    let layer_snapshots: BTreeSet<String> = kube
+        .committed_snapshots()
+        .difference(&before)
+        .cloned()
+        .collect();
     assert_eq!(
         kube.node_metrics()
             .lines()
             .filter(|l| l.starts_with("hermes_node_lazy_mounts_total"))
-            .map(|l| l.rsplit(' ').next().unwrap_or("").parse::<f64>().unwrap_or(0.0))
+            .map(|l| l
+                .rsplit(' ')
+                .next()
+                .unwrap_or("")
+                .parse::<f64>()
+                .unwrap_or(0.0))
             .sum::<f64>(),
         0.0,
         "nothing is indexed yet: the first pod starts the normal way"
@@ -455,7 +475,10 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
          from the registry ({:.1}%), first line after {start_secs:.1} s",
         100.0 * fetched as f64 / total as f64
     );
-    assert_eq!(lazy, indexed_layers as f64, "every indexed layer mounted lazily:\n{m}");
+    assert_eq!(
+        lazy, indexed_layers as f64,
+        "every indexed layer mounted lazily:\n{m}"
+    );
     assert!(
         fetched * 10 < total,
         "fetched {fetched} of {total} compressed bytes"
@@ -480,7 +503,11 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
         .arg(repo_root().join("scripts/kube.sh"))
         .arg("node-restart")
         .arg(&kube.dir));
-    assert!(restart.status.success(), "node-restart: {}", text(&restart.stderr));
+    assert!(
+        restart.status.success(),
+        "node-restart: {}",
+        text(&restart.stderr)
+    );
     read_next(&kube, 2);
     // A new build: a different file (the test has one build; any change of bytes makes it new).
     let upgrade_dir = tempfile::tempdir().expect("temp dir");
@@ -499,9 +526,16 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
         .arg("node-upgrade")
         .arg(&kube.dir)
         .arg(&new_build));
-    assert!(upgrade.status.success(), "node-upgrade: {}", text(&upgrade.stderr));
+    assert!(
+        upgrade.status.success(),
+        "node-upgrade: {}",
+        text(&upgrade.stderr)
+    );
     let installed = std::fs::read(kube.dir.join("node/bin/hermes")).expect("installed binary");
-    assert!(installed.ends_with(b"hermes-upgrade-marker"), "the new build is installed");
+    assert!(
+        installed.ends_with(b"hermes-upgrade-marker"),
+        "the new build is installed"
+    );
     read_next(&kube, DATA_FILES - 3);
     let pod = kube.json(&["-n", "default", "get", "pod", "second"]);
     assert_eq!(pod["status"]["phase"], "Running", "{pod:#}");

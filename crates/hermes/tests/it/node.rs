@@ -691,9 +691,18 @@ fn the_node_root_and_socket_are_private_whatever_the_umask() {
         .map(|e| e.path().join("fs"))
         .filter(|p| p.exists())
         .collect();
-    assert!(!fs_dirs.is_empty(), "no snapshot under {}", snapshots.display());
+    assert!(
+        !fs_dirs.is_empty(),
+        "no snapshot under {}",
+        snapshots.display()
+    );
     for fs_dir in &fs_dirs {
-        assert_eq!(mode(fs_dir), 0o755, "{} (a container's root dir)", fs_dir.display());
+        assert_eq!(
+            mode(fs_dir),
+            0o755,
+            "{} (a container's root dir)",
+            fs_dir.display()
+        );
     }
     // Everything the node and its layer servers wrote, except what the lazy mounts and snapshot
     // trees show (their modes are the layer's own) and the zTOCs this test put there with
