@@ -16,7 +16,7 @@ export CARGO_TERM_COLOR=never RUST_BACKTRACE=1
 export PROPTEST_CASES="${PROPTEST_CASES:-}"
 [ -z "$PROPTEST_CASES" ] && unset PROPTEST_CASES
 
-step "kube-apiserver v1.20 for the Kubernetes adapter's tests (built once, cached)"
+step "Kubernetes v1.20 (API server, kubectl, kubelet, scheduler, controller-manager) for the Kubernetes tests (built once, cached)"
 bash scripts/kube-apiserver.sh build
 
 step "format"
@@ -51,6 +51,9 @@ bash bench/index-build.sh --release=false --layers 2 --layer-mb 16 --runs 1
 # Container start through containerd, normal pull vs Hermes lazy vs no index, <= 1 GB generated image
 # behind a 32 MB/s registry: fails unless the lazy start is faster than the normal path.
 bash bench/startup.sh --quick --release=false
+# Pod start through a real kubelet (scripts/kube.sh's single-node cluster, Hermes from deploy/):
+# a first pod pulled normally, then, once the controller indexed it, a second one lazily.
+bash bench/startup.sh --kubernetes --quick --release=false
 # Chaos soak, short: 10 lazy starts through CRI under seeded random registry faults, node and
 # controller SIGKILLed mid-way; fails on any failed start or any byte unlike the normal path's.
 bash bench/chaos.sh --quick --release=false
