@@ -79,6 +79,12 @@ class Cluster:
         refs = [r for r in self.ctr(["images", "ls", "-q"]).split() if r.startswith(repo) or r == config_digest]
         self.ctr(["images", "rm", "--sync"] + refs)
         stack.wait_for("the image's snapshots removed", lambda: not (layer_snapshots & self.committed_snapshots()), 120)
+        # containerd drops the snapshots from its metadata first and has Hermes delete their
+        # trees after, holding snapshot operations meanwhile (a 500 MB tree takes seconds): the
+        # next pod's sandbox would wait for that. Wait until no snapshot dir outlives its record.
+        snapshots_dir = os.path.join(self.dir, "node", "root", "snapshots")
+        listed = lambda: len(self.ctr(["snapshots", "--snapshotter", "hermes", "ls"]).splitlines()) - 1  # noqa: E731
+        stack.wait_for("Hermes removed the image's snapshot trees", lambda: len(os.listdir(snapshots_dir)) <= listed(), 300)
 
 
 def image_config(layout_dir: str) -> tuple:
