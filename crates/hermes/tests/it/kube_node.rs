@@ -274,6 +274,59 @@ impl Kube {
     }
 }
 
+impl Kube {
+    fn down(&self) -> Output {
+        run(Command::new("bash")
+            .arg(repo_root().join("scripts/kube.sh"))
+            .arg("down")
+            .arg(&self.dir))
+    }
+
+    /// `kube.sh down`, then what it must leave: no process and no mount of the cluster, no log
+    /// of its pods under /var/log/pods, no state dir.
+    fn down_and_check(self, pod_uids: &[String]) {
+        let dir = self.dir.clone();
+        let out = self.down();
+        // Down already: no second `down` from Drop.
+        std::mem::forget(self);
+        assert!(out.status.success(), "kube.sh down: {}", text(&out.stderr));
+        let needle = dir.to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&needle)).collect();
+        assert!(left.is_empty(), "mounts left by kube.sh down: {left:#?}");
+        let mut procs = Vec::new();
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) {
+                procs.push(cmdline);
+            }
+        }
+        assert!(
+            procs.is_empty(),
+            "processes left by kube.sh down: {procs:#?}"
+        );
+        let logs: Vec<String> = std::fs::read_dir("/var/log/pods")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|name| pod_uids.iter().any(|uid| name.ends_with(uid.as_str())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(logs.is_empty(), "pod logs left by kube.sh down: {logs:?}");
+        assert!(!dir.exists(), "{} left by kube.sh down", dir.display());
+    }
+
+    fn pod_uid(&self, name: &str) -> String {
+        let pod = self.json(&["-n", "default", "get", "pod", name]);
+        pod["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
 impl Drop for Kube {
     fn drop(&mut self) {
         // For a person debugging a failure: keep the cluster (`scripts/kube.sh down DIR` later).
@@ -284,10 +337,7 @@ impl Drop for Kube {
             );
             return;
         }
-        let out = run(Command::new("bash")
-            .arg(repo_root().join("scripts/kube.sh"))
-            .arg("down")
-            .arg(&self.dir));
+        let out = self.down();
         if !out.status.success() {
             eprintln!("kube.sh down failed: {}", text(&out.stderr));
         }
@@ -416,6 +466,7 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
     // A first pod runs through the normal path; the controller sees it through the pod watch.
     let before = kube.committed_snapshots();
     assert_eq!(kube.start_pod("first", &image.reference), MESSAGE);
+    let mut pod_uids = vec![kube.pod_uid("first")];
     let layer_snapshots: BTreeSet<String> = kube
         .committed_snapshots()
         .difference(&before)
@@ -466,6 +517,7 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
     let log_from = kube.registry_log().len();
     let started = Instant::now();
     assert_eq!(kube.start_pod("second", &image.reference), MESSAGE);
+    pod_uids.push(kube.pod_uid("second"));
     let start_secs = started.elapsed().as_secs_f64();
     let fetched = registry_layer_bytes(&kube.registry_log(), log_from, &image);
     let m = kube.node_metrics();
@@ -555,6 +607,7 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
     let lazy_before = metric(&kube.node_metrics(), "hermes_node_lazy_mounts_total", &[]);
     let log_from = kube.registry_log().len();
     assert_eq!(kube.start_pod("third", &image.reference), MESSAGE);
+    pod_uids.push(kube.pod_uid("third"));
     let fetched = registry_layer_bytes(&kube.registry_log(), log_from, &image);
     let m = kube.node_metrics();
     assert_eq!(
@@ -566,5 +619,6 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
         fetched >= total,
         "mode Off pulls the whole image: {fetched} of {total} bytes"
     );
-    kube.delete_pod("third");
+    // `down` leaves nothing behind, with the controller's pods still running.
+    kube.down_and_check(&pod_uids);
 }
