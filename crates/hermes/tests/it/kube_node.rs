@@ -595,6 +595,16 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
         pod["status"]["containerStatuses"][0]["restartCount"], 0,
         "{pod:#}"
     );
+    // Both new daemons found the lazy layers' servers alive (the supervisor signalled only the
+    // daemon, as KillMode=process does) and adopted them instead of mounting them again.
+    let node_log =
+        std::fs::read_to_string(kube.dir.join("logs/hermes-node.log")).unwrap_or_default();
+    let adopted = format!("lazy layers adopted {indexed_layers}, re-mounted 0, failed 0");
+    assert_eq!(
+        node_log.matches(&adopted).count(),
+        2,
+        "a restart and an upgrade each adopt every lazy layer:\n{node_log}"
+    );
 
     // The kill switch: the next pod of the image is pulled the normal way.
     kube.apply(&policy("Off"));
