@@ -6,22 +6,27 @@
 #   bench/startup.sh [--quick] [--image quick|ml|torch|LAYOUT_DIR] [--rate-mbps 32] [--release=true|false]
 #                    [--modes normal,lazy,replay,fallback] [--workload entrypoint|light|read-all]
 #                    [--write-results NAME] [--containerd 1.6|2]
+#   bench/startup.sh --kubernetes [--quick] [--image quick|ml|torch|LAYOUT_DIR] [--rate-mbps 32] [--keep]
 #
 # --quick: the <= 1 GB generated image, and fail unless lazy start beats the normal path (CI smoke);
 # it prints the containerd version and the lazy-vs-normal ratio: `OK (containerd V): ... (N.Nx)`.
 # --containerd 2: containerd 2.x (scripts/containerd2.sh fetch caches it) instead of the system's 1.6.
+# --kubernetes: pod start as the kubelet reports it (bench/kube_startup.py): a single-node cluster
+# from scripts/kube.sh with Hermes installed from deploy/, a first pod pulled normally, then, once
+# the controller has indexed the image, a second pod started lazily; prints the ratio as (N.Nx).
 # --image torch: Debian + Python + torch with its CUDA wheels (bench/torch_image.py builds it once:
 # debootstrap needed, ~3 GB download, ~12 GB disk under /var/cache/hermes-bench).
 # Results: bench/results/startup-NAME.{md,json,png} with --write-results NAME (installs matplotlib
 # with pip for the chart if python3 lacks it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RELEASE=true ARGS=()
+RELEASE=true ARGS=() SCRIPT=bench/startup.py
 for arg in "$@"; do
   case "$arg" in
     --release=*) RELEASE="${arg#*=}" ;;
     --quick) ARGS+=(--image quick --check) ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --kubernetes) SCRIPT=bench/kube_startup.py ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;
     *) ARGS+=("$arg") ;;
   esac
 done
@@ -40,4 +45,4 @@ else
   cargo build --workspace --bins >&2  # same feature set as the test build: no rebuild
   HERMES="$TARGET/debug/hermes"
 fi
-exec python3 bench/startup.py --hermes "$HERMES" "${ARGS[@]}"
+exec python3 "$SCRIPT" --hermes "$HERMES" "${ARGS[@]}"

@@ -44,8 +44,10 @@ class Bucket:
 class ThrottleProxy:
     """The proxy on its own asyncio loop in a daemon thread (for in-process use)."""
 
-    def __init__(self, listen_port: int, upstream: tuple, rate_bytes: float, stats_port: int = 0):
+    def __init__(self, listen_port: int, upstream: tuple, rate_bytes: float, stats_port: int = 0,
+                 listen_host: str = "127.0.0.1"):
         self.listen_port, self.upstream, self.stats_port = listen_port, upstream, stats_port
+        self.listen_host = listen_host
         self.bucket = Bucket(rate_bytes)
         self.down = 0
         self.up = 0
@@ -90,7 +92,7 @@ class ThrottleProxy:
         writer.close()
 
     async def _main(self) -> None:
-        await asyncio.start_server(self._client, "127.0.0.1", self.listen_port)
+        await asyncio.start_server(self._client, self.listen_host, self.listen_port)
         if self.stats_port:
             await asyncio.start_server(self._stats, "127.0.0.1", self.stats_port)
         self.ready.set()

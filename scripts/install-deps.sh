@@ -20,6 +20,9 @@ APT_PACKAGES=(
   # (scripts/kube-apiserver.sh): Go toolchain, build tools, the patched vendor packages, etcd
   golang-1.19-go rsync make dpkg-dev jq etcd-server
   golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
+  # the single-node cluster of scripts/kube.sh (kubelet pods on a bridge network, a stand-in for
+  # kube-proxy) and its end-to-end tests
+  containernetworking-plugins iptables iproute2 util-linux
 )
 
 log() { printf '[install-deps] %s\n' "$*" >&2; }

@@ -11,7 +11,10 @@
 #   kube-apiserver.sh start DIR      the same in the background; `stop DIR` ends it
 #
 # run options: --port P (apiserver, default: a free port), --etcd-port P, --etcd-peer-port P,
-# --parent-pid PID (exit when that process is gone: tests pass their own pid).
+# --parent-pid PID (exit when that process is gone: tests pass their own pid),
+# --bind-address A (default 127.0.0.1), --san IP:X|DNS:X (more names on the serving cert),
+# --with-nodes (for a cluster with a kubelet: service-account admission on, kubelet client
+# certificate, kubelets reached by InternalIP). scripts/kube.sh sources this file for its functions.
 #
 # The build (one `make` call for all five binaries, so the shared packages compile once) takes
 # 25-35 minutes on 2 cores the first time; the binaries are cached in
@@ -137,14 +140,16 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# CA, apiserver serving cert (SAN 127.0.0.1), admin client cert (system:masters), SA key pair.
+# CA, apiserver serving cert (SAN 127.0.0.1 and any extra SANs given as "IP:x DNS:y"), admin
+# client cert (system:masters), SA key pair.
 make_certs() {
-  local d=$1
+  local d=$1 extra_sans=${2:-} sans="IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc" san
+  for san in $extra_sans; do sans+=",$san"; done
   (
     cd "$d"
     openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3 -subj "/CN=hermes-test-ca" 2>/dev/null
     openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "/CN=kube-apiserver" 2>/dev/null
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n' >server.ext
+    printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "$sans" >server.ext
     openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 3 -extfile server.ext 2>/dev/null
     openssl req -newkey rsa:2048 -nodes -keyout admin.key -out admin.csr -subj "/O=system:masters/CN=admin" 2>/dev/null
     printf 'extendedKeyUsage=clientAuth\n' >admin.ext
@@ -177,12 +182,15 @@ EOF
 }
 
 cmd_run() {
-  local dir=${1:?usage: run DIR [--port P] [--etcd-port P] [--etcd-peer-port P] [--parent-pid PID]}
+  local dir=${1:?usage: run DIR [--port P] [--etcd-port P] [--etcd-peer-port P] [--parent-pid PID] [--bind-address A] [--san S] [--with-nodes]}
   shift
-  local port="" etcd_port="" peer_port="" parent=""
+  local port="" etcd_port="" peer_port="" parent="" bind=127.0.0.1 sans="" with_nodes=0
   while (($#)); do
     case $1 in
       --port) port=$2; shift 2 ;;
+      --bind-address) bind=$2; shift 2 ;;
+      --san) sans+=" $2"; shift 2 ;;
+      --with-nodes) with_nodes=1; shift ;;
       --etcd-port) etcd_port=$2; shift 2 ;;
       --etcd-peer-port) peer_port=$2; shift 2 ;;
       --parent-pid) parent=$2; shift 2 ;;
@@ -197,7 +205,14 @@ cmd_run() {
   [ -n "$port" ] || port=$(free_port)
   [ -n "$etcd_port" ] || etcd_port=$(free_port)
   [ -n "$peer_port" ] || peer_port=$(free_port)
-  make_certs "$dir"
+  make_certs "$dir" "$sans"
+  # Without kubelets, pods never run: skip service-account tokens. With them, pods get tokens and
+  # the API server reaches kubelets (logs, exec, port-forward) by InternalIP with the admin cert.
+  local node_flags=(--disable-admission-plugins ServiceAccount)
+  if ((with_nodes)); then
+    node_flags=(--kubelet-preferred-address-types InternalIP
+      --kubelet-client-certificate "$dir/admin.crt" --kubelet-client-key "$dir/admin.key")
+  fi
   local etcd_pid api_pid
   cleanup() {
     trap - EXIT INT TERM
@@ -215,14 +230,14 @@ cmd_run() {
   etcd_pid=$!
   "$bin/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$port" --insecure-port 0 \
+    --bind-address "$bind" --advertise-address 127.0.0.1 --secure-port "$port" --insecure-port 0 \
     --tls-cert-file "$dir/server.crt" --tls-private-key-file "$dir/server.key" \
     --client-ca-file "$dir/ca.crt" \
     --service-account-key-file "$dir/sa.pub" --service-account-signing-key-file "$dir/sa.key" \
     --service-account-issuer https://kubernetes.default.svc --api-audiences https://kubernetes.default.svc \
     --service-cluster-ip-range 10.0.0.0/24 --endpoint-reconciler-type none \
     --authorization-mode Node,RBAC --enable-priority-and-fairness=false --allow-privileged=true \
-    --disable-admission-plugins ServiceAccount \
+    "${node_flags[@]}" \
     --logtostderr=true --v=0 >"$dir/apiserver.log" 2>&1 &
   api_pid=$!
   write_kubeconfig "$dir" "$port"
@@ -266,11 +281,14 @@ cmd_stop() {
   rm -f "$dir/run.pid"
 }
 
+# Sourced (by scripts/kube.sh) for its functions: no command.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
+
 case ${1:-} in
   deps) cmd_deps ;;
   build) cmd_build ;;
   run) shift; cmd_run "$@" ;;
   start) shift; cmd_start "$@" ;;
   stop) shift; cmd_stop "$@" ;;
-  *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

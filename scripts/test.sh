@@ -16,7 +16,7 @@ export CARGO_TERM_COLOR=never RUST_BACKTRACE=1
 export PROPTEST_CASES="${PROPTEST_CASES:-}"
 [ -z "$PROPTEST_CASES" ] && unset PROPTEST_CASES
 
-step "kube-apiserver v1.20 for the Kubernetes adapter's tests (built once, cached)"
+step "Kubernetes v1.20 (API server, kubectl, kubelet, scheduler, controller-manager) for the Kubernetes tests (built once, cached)"
 bash scripts/kube-apiserver.sh build
 
 step "format"
@@ -54,6 +54,9 @@ bash bench/startup.sh --quick --release=false
 # The same on containerd 2.x (2.1.9, fetched by install-deps.sh): version 3 config, its transfer
 # service pulling for `ctr`.
 bash bench/startup.sh --quick --release=false --containerd 2
+# Pod start through a real kubelet (scripts/kube.sh's single-node cluster, Hermes from deploy/):
+# a first pod pulled normally, then, once the controller indexed it, a second one lazily.
+bash bench/startup.sh --kubernetes --quick --release=false
 # Chaos soak, short: 10 lazy starts through CRI under seeded random registry faults, node and
 # controller SIGKILLed mid-way; fails on any failed start or any byte unlike the normal path's.
 bash bench/chaos.sh --quick --release=false

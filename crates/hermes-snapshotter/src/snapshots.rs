@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -598,6 +598,12 @@ fn non_empty(s: &str) -> Option<&str> {
 fn create_layer_dirs(dir: &Path, kind: Kind) -> Result<()> {
     let fs_dir = dir.join("fs");
     fs::create_dir_all(&fs_dir).map_err(Error::io("create snapshot dir", &fs_dir))?;
+    // `fs` becomes the root directory of containers (overlayfs takes the upper dir's mode), so
+    // it is 0755 as in containerd's overlayfs snapshotter, not the node's umask 077: a container
+    // running as a non-root user could not reach its own files. The 0700 node root still keeps
+    // other host users out.
+    fs::set_permissions(&fs_dir, fs::Permissions::from_mode(0o755))
+        .map_err(Error::io("set the mode of snapshot dir", &fs_dir))?;
     if kind == Kind::Active {
         let work = dir.join("work");
         fs::create_dir(&work).map_err(Error::io("create snapshot work dir", &work))?;

@@ -77,7 +77,7 @@ pub struct ControllerArgs {
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Talk plain HTTP to registries (in-cluster registries without TLS).
-    #[arg(long)]
+    #[arg(long, env = "HERMES_PLAIN_HTTP")]
     plain_http: bool,
     /// Keep the artifact store in this OCI repository (`registry/name`, e.g. the cluster's own
     /// registry) as well: the leader publishes what it builds, every replica copies it into its

@@ -14,7 +14,6 @@ use crate::cluster::Cluster;
 const CHART_FILES: &[(&str, &str)] = &[
     ("rbac.yaml", "rbac.yaml"),
     ("controller.yaml", "controller.yaml"),
-    ("node.yaml", "node.yaml"),
 ];
 
 fn docs(text: &str, what: &str) -> Vec<Value> {
@@ -119,7 +118,7 @@ async fn manifests_pass_kubectl_client_and_server_dry_runs() {
         assert!(ok, "kubectl apply {dry_run} of deploy/: {out}");
         for kind in [
             "deployment.apps/hermes-controller",
-            "daemonset.apps/hermes-node",
+            "serviceaccount/hermes-controller",
             "service/hermes-controller",
             "clusterrole.rbac.authorization.k8s.io/hermes-controller",
             "hermespolicy.hermes.dev/acme-prod",
@@ -138,7 +137,7 @@ async fn manifests_pass_kubectl_client_and_server_dry_runs() {
         Some(&rendered),
     );
     assert!(ok, "rendered chart: {out}");
-    assert!(out.contains("daemonset.apps/hermes-node"), "{out}");
+    assert!(out.contains("deployment.apps/hermes-controller"), "{out}");
     // A manifest with a schema error is caught by the same check (the check can fail).
     let broken = read(&root.join("deploy/kubernetes/controller.yaml"))
         .replace("replicas: 2", "replicas: two");

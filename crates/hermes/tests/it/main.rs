@@ -50,6 +50,7 @@ mod controller;
 mod cri;
 mod index;
 mod kube;
+mod kube_node;
 mod layer;
 mod modules;
 mod node;

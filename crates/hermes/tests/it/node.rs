@@ -697,9 +697,34 @@ fn the_node_root_and_socket_are_private_whatever_the_umask() {
     let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
     assert_eq!(mode(&node.root), 0o700, "node root");
     assert_eq!(mode(&node.socket), 0o600, "snapshotter socket");
-    // Everything the node and its layer servers wrote, except what the lazy mounts show (their
-    // modes are the layer's own) and the zTOCs this test put there with `hermes index build`
-    // under its own umask: the 0700 root keeps others from reaching either.
+    // Regression: snapshot `fs` dirs were 0700 under the node's umask, and a container's root
+    // directory is its top `fs` dir: containers running as a non-root user (the controller's
+    // own pods under a kubelet) could not exec anything. They are 0755, as in containerd's
+    // overlayfs snapshotter; the 0700 node root keeps other host users out.
+    rt.block_on(container(&node.socket, &pushed, "p", "p-container"));
+    let snapshots = node.root.join("snapshots");
+    let fs_dirs: Vec<PathBuf> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("fs"))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(
+        !fs_dirs.is_empty(),
+        "no snapshot under {}",
+        snapshots.display()
+    );
+    for fs_dir in &fs_dirs {
+        assert_eq!(
+            mode(fs_dir),
+            0o755,
+            "{} (a container's root dir)",
+            fs_dir.display()
+        );
+    }
+    // Everything the node and its layer servers wrote, except what the lazy mounts and snapshot
+    // trees show (their modes are the layer's own) and the zTOCs this test put there with
+    // `hermes index build` under its own umask: the 0700 root keeps others from reaching them.
     let out = Command::new("find")
         .arg(&node.root)
         .args([
@@ -711,6 +736,9 @@ fn the_node_root_and_socket_are_private_whatever_the_umask() {
             "-o",
             "-name",
             "ztocs",
+            "-o",
+            "-path",
+            "*/snapshots/*/fs",
             ")",
         ])
         .args(["-prune", "-o"])

@@ -1,0 +1,634 @@
+//! Hermes in a real single-node Kubernetes cluster (`scripts/kube.sh`: etcd, API server,
+//! controller-manager, scheduler, a kubelet on containerd 1.6, a bridge pod network), installed
+//! from `deploy/` the way a user would, and driven with kubectl only: the controller sees pods
+//! through the real pod watch, the kubelet's second start of an indexed image is lazy, the node
+//! service restarts and upgrades under a running lazy pod, and `mode: "Off"` turns it all off.
+//!
+//! One cluster for the whole scenario (starting one takes most of a minute); `kube.sh down`
+//! runs on every exit, failures included. A missing part fails the test with what to install.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hermes_testkit::{PushedImage, busybox_image};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::node::{metric, require_root};
+
+/// Files of the data layer the lazy pod reads one by one (across node restarts).
+const DATA_FILES: usize = 6;
+/// Size of each data file: one default span, so each read fetches new bytes.
+const DATA_FILE_BYTES: usize = 4 << 20;
+/// What the pods of the test image print first.
+const MESSAGE: &str = "hello from a kubelet";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A cluster started by `kube.sh up`, brought down by `kube.sh down` on drop.
+struct Kube {
+    dir: PathBuf,
+    kubectl: PathBuf,
+    kubeconfig: PathBuf,
+    registry: String,
+    metrics: String,
+    containerd: PathBuf,
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+impl Kube {
+    fn up(dir: &Path) -> Kube {
+        let script = repo_root().join("scripts/kube.sh");
+        let out = run(Command::new("bash")
+            .arg(&script)
+            .arg("up")
+            .arg(dir)
+            .arg("--hermes")
+            .arg(env!("CARGO_BIN_EXE_hermes"))
+            .arg("--no-background-fetch"));
+        if !out.status.success() {
+            let logs = tail_logs(dir);
+            let _ = run(Command::new("bash").arg(&script).arg("down").arg(dir));
+            panic!(
+                "scripts/kube.sh up failed ({}):\n{}\n{}\n{logs}",
+                out.status,
+                text(&out.stdout),
+                text(&out.stderr)
+            );
+        }
+        let env = std::fs::read_to_string(dir.join("env")).expect("kube.sh writes DIR/env");
+        let var = |name: &str| -> String {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{name} missing from DIR/env:\n{env}"))
+                .to_owned()
+        };
+        Kube {
+            dir: dir.to_owned(),
+            kubectl: var("KUBECTL").into(),
+            kubeconfig: var("KUBECONFIG").into(),
+            registry: var("REGISTRY"),
+            metrics: var("NODE_METRICS"),
+            containerd: var("CONTAINERD_ADDRESS").into(),
+        }
+    }
+
+    fn kubectl_output(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(&self.kubectl);
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        match stdin {
+            None => run(&mut cmd),
+            Some(input) => {
+                use std::io::Write;
+                let mut child = cmd
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("start kubectl");
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(input.as_bytes())
+                    .expect("write to kubectl");
+                child.wait_with_output().expect("kubectl")
+            }
+        }
+    }
+
+    /// `kubectl ARGS`; a failure fails the test with kubectl's output and the cluster's logs.
+    fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.kubectl_output(args, None);
+        if !out.status.success() {
+            panic!(
+                "kubectl {} failed: {}\n{}",
+                args.join(" "),
+                text(&out.stderr),
+                self.diagnostics()
+            );
+        }
+        text(&out.stdout)
+    }
+
+    fn apply(&self, yaml: &str) {
+        let out = self.kubectl_output(&["apply", "-f", "-"], Some(yaml));
+        assert!(
+            out.status.success(),
+            "kubectl apply failed: {}\n{yaml}",
+            text(&out.stderr)
+        );
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&self.kubectl(&all)).expect("kubectl -o json")
+    }
+
+    /// Polls `check` until it returns a value; fails with `what` and the logs after `secs`.
+    fn wait<T>(&self, what: &str, secs: u64, mut check: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(v) = check() {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!("{what}: not within {secs} s\n{}", self.diagnostics());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn ctr(&self, args: &[&str]) -> String {
+        let out = run(Command::new("ctr")
+            .arg("--address")
+            .arg(&self.containerd)
+            .args(["-n", "k8s.io"])
+            .args(args));
+        assert!(
+            out.status.success(),
+            "ctr {} failed: {}",
+            args.join(" "),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    fn node_metrics(&self) -> String {
+        let out = run(Command::new("curl").args(["-fsS", &self.metrics]));
+        assert!(
+            out.status.success(),
+            "node metrics at {}: {}",
+            self.metrics,
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    }
+
+    /// The registry's log so far (one line per request, with the bytes it wrote).
+    fn registry_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("logs/registry.log")).unwrap_or_default()
+    }
+
+    fn diagnostics(&self) -> String {
+        let pods = self.kubectl_output(&["get", "pods", "-A", "-o", "wide"], None);
+        let events = self.kubectl_output(&["get", "events", "-A"], None);
+        format!(
+            "pods:\n{}\nevents:\n{}\n{}",
+            text(&pods.stdout),
+            text(&events.stdout),
+            tail_logs(&self.dir)
+        )
+    }
+
+    /// Creates a pod of `image` in `default` and waits until it runs and has printed its first
+    /// line; returns that line.
+    fn start_pod(&self, name: &str, image: &str) -> String {
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 0\n  \
+             containers:\n    - {{name: app, image: \"{image}\", imagePullPolicy: IfNotPresent}}\n"
+        ));
+        self.wait(&format!("pod {name} prints its first line"), 120, || {
+            let pod = self.json(&["-n", "default", "get", "pod", name]);
+            let phase = pod["status"]["phase"].as_str().unwrap_or("");
+            assert!(
+                phase != "Failed" && phase != "Succeeded",
+                "pod {name} ended: {pod:#}"
+            );
+            if phase != "Running" {
+                return None;
+            }
+            let out = self.kubectl_output(&["-n", "default", "logs", name], None);
+            let log = text(&out.stdout);
+            log.lines().next().map(str::to_owned)
+        })
+    }
+
+    fn delete_pod(&self, name: &str) {
+        self.kubectl(&[
+            "-n",
+            "default",
+            "delete",
+            "pod",
+            name,
+            "--grace-period=0",
+            "--force",
+            "--wait=true",
+        ]);
+    }
+
+    /// `sha256sum PATH` inside the pod's container.
+    fn sha256_in_pod(&self, pod: &str, path: &str) -> String {
+        let out = self.kubectl(&["-n", "default", "exec", pod, "--", "sha256sum", path]);
+        out.split_whitespace().next().unwrap_or_default().to_owned()
+    }
+
+    /// Committed snapshots in Hermes (what an image's layers leave on the node).
+    fn committed_snapshots(&self) -> BTreeSet<String> {
+        self.ctr(&["snapshots", "--snapshotter", "hermes", "ls"])
+            .lines()
+            .skip(1)
+            .filter(|l| l.split_whitespace().nth(2) == Some("Committed"))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect()
+    }
+
+    /// Removes every reference to the image from containerd (what `crictl rmi` does) and waits
+    /// until its layer snapshots are gone, so the next pod pulls it again.
+    fn remove_image(&self, image: &PushedImage, layer_snapshots: &BTreeSet<String>) {
+        let refs = self.ctr(&["images", "ls", "-q"]);
+        let repo = image
+            .reference
+            .rsplit_once(':')
+            .map_or(image.reference.as_str(), |(repo, _)| repo);
+        let mine: Vec<&str> = refs
+            .lines()
+            .filter(|r| r.starts_with(repo) || *r == image.config_digest)
+            .collect();
+        assert!(
+            !mine.is_empty(),
+            "the node has no reference to {repo}: {refs}"
+        );
+        let mut args = vec!["images", "rm", "--sync"];
+        args.extend(mine.iter().copied());
+        self.ctr(&args);
+        self.wait("the image's layer snapshots removed", 90, || {
+            let now = self.committed_snapshots();
+            layer_snapshots.is_disjoint(&now).then_some(())
+        });
+    }
+}
+
+impl Kube {
+    fn down(&self) -> Output {
+        run(Command::new("bash")
+            .arg(repo_root().join("scripts/kube.sh"))
+            .arg("down")
+            .arg(&self.dir))
+    }
+
+    /// `kube.sh down`, then what it must leave: no process and no mount of the cluster, no log
+    /// of its pods under /var/log/pods, no state dir.
+    fn down_and_check(self, pod_uids: &[String]) {
+        let dir = self.dir.clone();
+        let out = self.down();
+        // Down already: no second `down` from Drop.
+        std::mem::forget(self);
+        assert!(out.status.success(), "kube.sh down: {}", text(&out.stderr));
+        let needle = dir.to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let left: Vec<&str> = mounts.lines().filter(|l| l.contains(&needle)).collect();
+        assert!(left.is_empty(), "mounts left by kube.sh down: {left:#?}");
+        let mut procs = Vec::new();
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) {
+                procs.push(cmdline);
+            }
+        }
+        assert!(
+            procs.is_empty(),
+            "processes left by kube.sh down: {procs:#?}"
+        );
+        let logs: Vec<String> = std::fs::read_dir("/var/log/pods")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|name| pod_uids.iter().any(|uid| name.ends_with(uid.as_str())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(logs.is_empty(), "pod logs left by kube.sh down: {logs:?}");
+        assert!(!dir.exists(), "{} left by kube.sh down", dir.display());
+    }
+
+    fn pod_uid(&self, name: &str) -> String {
+        let pod = self.json(&["-n", "default", "get", "pod", name]);
+        pod["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+impl Drop for Kube {
+    fn drop(&mut self) {
+        // For a person debugging a failure: keep the cluster (`scripts/kube.sh down DIR` later).
+        if std::env::var_os("HERMES_KUBE_KEEP").is_some() {
+            eprintln!(
+                "HERMES_KUBE_KEEP: cluster left running in {}",
+                self.dir.display()
+            );
+            return;
+        }
+        let out = self.down();
+        if !out.status.success() {
+            eprintln!("kube.sh down failed: {}", text(&out.stderr));
+        }
+    }
+}
+
+fn tail_logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for name in ["hermes-node", "containerd", "kubelet"] {
+        let log = std::fs::read_to_string(dir.join("logs").join(format!("{name}.log")))
+            .unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        out.push_str(&format!("--- {name} log (tail):\n{tail}\n"));
+    }
+    out
+}
+
+/// Deterministic, incompressible content for data file `i`.
+fn data_file(i: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1);
+    let mut out = Vec::with_capacity(DATA_FILE_BYTES);
+    while out.len() < DATA_FILE_BYTES {
+        // xorshift64*
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(DATA_FILE_BYTES);
+    out
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The test image: busybox, a message, three big layers and a layer of data files.
+fn push_test_image(registry: &str) -> PushedImage {
+    let mut image = busybox_image()
+        .expect("busybox image")
+        .symlink("bin/sha256sum", "busybox")
+        .layer()
+        .file("etc/message", format!("{MESSAGE}\n"))
+        .big_layer(8)
+        .big_layer(8)
+        .big_layer(8)
+        .layer();
+    for i in 0..DATA_FILES {
+        image = image.file(&format!("data/f{i}"), data_file(i));
+    }
+    image
+        .entrypoint(&["/bin/sh", "-c", "cat /etc/message; exec sleep 1000000"])
+        .push(registry, "kube/lazy:v1")
+        .expect("push the test image")
+}
+
+/// Compressed bytes of `image`'s layers the registry sent, in log lines after `from`.
+fn registry_layer_bytes(log: &str, from: usize, image: &PushedImage) -> u64 {
+    log[from.min(log.len())..]
+        .lines()
+        .filter(|l| l.contains("response completed") && l.contains("http.request.method=GET"))
+        .filter(|l| image.layers.iter().any(|layer| l.contains(&layer.digest)))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("http.response.written="))
+                .and_then(|n| n.trim_matches('"').parse::<u64>().ok())
+        })
+        .sum()
+}
+
+fn hermes_image<'a>(list: &'a Value, repo: &str) -> Option<&'a Value> {
+    list["items"].as_array()?.iter().find(|i| {
+        i["spec"]["image"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(repo))
+    })
+}
+
+#[test]
+fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazily() {
+    require_root();
+    let dir = tempfile::Builder::new()
+        .prefix("hermes-kube-")
+        .tempdir()
+        .expect("temp dir");
+    let kube = Kube::up(dir.path());
+    // `kube.sh down` removes the dir (or HERMES_KUBE_KEEP keeps it).
+    let _dir = dir.keep();
+
+    // Installed from deploy/: both controller replicas ready, one of them leading.
+    kube.wait("both controller replicas ready", 120, || {
+        let d = kube.json(&[
+            "-n",
+            "hermes-system",
+            "get",
+            "deployment",
+            "hermes-controller",
+        ]);
+        (d["status"]["readyReplicas"] == 2).then_some(())
+    });
+    let holder = kube.wait("a controller replica holds the Lease", 60, || {
+        let lease = kube.json(&["-n", "hermes-system", "get", "lease", "hermes-controller"]);
+        lease["spec"]["holderIdentity"].as_str().map(str::to_owned)
+    });
+    assert!(holder.starts_with("hermes-controller-"), "{holder}");
+
+    let image = push_test_image(&kube.registry);
+    let repo = format!("{}/kube/lazy", kube.registry);
+    let total: u64 = image.layers.iter().map(|l| l.size).sum();
+    // Every layer indexed (minLayerSize 0): containerd 1.6's unpacker, on the first layer a
+    // snapshotter does not mount remotely, fetches that layer and every later one in full, lazy
+    // or not, so one small unindexed layer (here the 107-byte /etc/message) before the big ones
+    // would make the start fetch the whole image.
+    let policy = |mode: &str| {
+        format!(
+            "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {{name: kube-lazy}}\n\
+             spec:\n  images: [\"{repo}:*\"]\n  mode: \"{mode}\"\n  index: {{minLayerSize: \"0\"}}\n"
+        )
+    };
+    kube.apply(&policy("Lazy"));
+
+    // A first pod runs through the normal path; the controller sees it through the pod watch.
+    let before = kube.committed_snapshots();
+    assert_eq!(kube.start_pod("first", &image.reference), MESSAGE);
+    let mut pod_uids = vec![kube.pod_uid("first")];
+    let layer_snapshots: BTreeSet<String> = kube
+        .committed_snapshots()
+        .difference(&before)
+        .cloned()
+        .collect();
+    assert_eq!(
+        kube.node_metrics()
+            .lines()
+            .filter(|l| l.starts_with("hermes_node_lazy_mounts_total"))
+            .map(|l| l
+                .rsplit(' ')
+                .next()
+                .unwrap_or("")
+                .parse::<f64>()
+                .unwrap_or(0.0))
+            .sum::<f64>(),
+        0.0,
+        "nothing is indexed yet: the first pod starts the normal way"
+    );
+    let indexed = kube.wait("the HermesImage goes Ready", 180, || {
+        let list = kube.json(&["get", "hermesimages"]);
+        let img = hermes_image(&list, &repo)?;
+        (img["status"]["phase"] == "Ready").then(|| img.clone())
+    });
+    assert_eq!(indexed["spec"]["digest"], image.manifest_digest.as_str());
+    let indexed_layers = indexed["status"]["indexedLayers"].as_u64().unwrap_or(0);
+    assert!(indexed_layers >= 4, "{indexed:#}");
+    kube.wait("the pod's HermesIndexReady event", 60, || {
+        let events = kube.json(&[
+            "-n",
+            "default",
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=first",
+        ]);
+        events["items"]
+            .as_array()?
+            .iter()
+            .any(|e| e["reason"] == "HermesIndexReady")
+            .then_some(())
+    });
+
+    // The image leaves the node; a second pod starts lazily.
+    kube.delete_pod("first");
+    kube.remove_image(&image, &layer_snapshots);
+    let lazy_before = metric(&kube.node_metrics(), "hermes_node_lazy_mounts_total", &[]);
+    let log_from = kube.registry_log().len();
+    let started = Instant::now();
+    assert_eq!(kube.start_pod("second", &image.reference), MESSAGE);
+    pod_uids.push(kube.pod_uid("second"));
+    let start_secs = started.elapsed().as_secs_f64();
+    let fetched = registry_layer_bytes(&kube.registry_log(), log_from, &image);
+    let m = kube.node_metrics();
+    let lazy = metric(&m, "hermes_node_lazy_mounts_total", &[]) - lazy_before;
+    eprintln!(
+        "lazy start through the kubelet: {lazy} lazy mounts, {fetched} of {total} compressed bytes \
+         from the registry ({:.1}%), first line after {start_secs:.1} s",
+        100.0 * fetched as f64 / total as f64
+    );
+    assert_eq!(
+        lazy, indexed_layers as f64,
+        "every indexed layer mounted lazily:\n{m}"
+    );
+    assert!(
+        fetched * 10 < total,
+        "fetched {fetched} of {total} compressed bytes"
+    );
+
+    // The node service restarts, then upgrades, under the lazy pod: files it never read before
+    // still read right.
+    let mut next = 0;
+    let mut read_next = |kube: &Kube, count: usize| {
+        for _ in 0..count {
+            let path = format!("/data/f{next}");
+            assert_eq!(
+                kube.sha256_in_pod("second", &path),
+                hex_sha256(&data_file(next)),
+                "{path} in the lazily started pod"
+            );
+            next += 1;
+        }
+    };
+    read_next(&kube, 1);
+    let restart = run(Command::new("bash")
+        .arg(repo_root().join("scripts/kube.sh"))
+        .arg("node-restart")
+        .arg(&kube.dir));
+    assert!(
+        restart.status.success(),
+        "node-restart: {}",
+        text(&restart.stderr)
+    );
+    read_next(&kube, 2);
+    // A new build: a different file (the test has one build; any change of bytes makes it new).
+    let upgrade_dir = tempfile::tempdir().expect("temp dir");
+    let new_build = upgrade_dir.path().join("hermes");
+    std::fs::copy(env!("CARGO_BIN_EXE_hermes"), &new_build).expect("copy hermes");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&new_build)
+            .expect("open the copy");
+        f.write_all(b"hermes-upgrade-marker").expect("append");
+    }
+    let upgrade = run(Command::new("bash")
+        .arg(repo_root().join("scripts/kube.sh"))
+        .arg("node-upgrade")
+        .arg(&kube.dir)
+        .arg(&new_build));
+    assert!(
+        upgrade.status.success(),
+        "node-upgrade: {}",
+        text(&upgrade.stderr)
+    );
+    let installed = std::fs::read(kube.dir.join("node/bin/hermes")).expect("installed binary");
+    assert!(
+        installed.ends_with(b"hermes-upgrade-marker"),
+        "the new build is installed"
+    );
+    read_next(&kube, DATA_FILES - 3);
+    let pod = kube.json(&["-n", "default", "get", "pod", "second"]);
+    assert_eq!(pod["status"]["phase"], "Running", "{pod:#}");
+    assert_eq!(
+        pod["status"]["containerStatuses"][0]["restartCount"], 0,
+        "{pod:#}"
+    );
+    // Both new daemons found the lazy layers' servers alive (the supervisor signalled only the
+    // daemon, as KillMode=process does) and adopted them instead of mounting them again.
+    let node_log =
+        std::fs::read_to_string(kube.dir.join("logs/hermes-node.log")).unwrap_or_default();
+    let adopted = format!("lazy layers adopted {indexed_layers}, re-mounted 0, failed 0");
+    assert_eq!(
+        node_log.matches(&adopted).count(),
+        2,
+        "a restart and an upgrade each adopt every lazy layer:\n{node_log}"
+    );
+
+    // The kill switch: the next pod of the image is pulled the normal way.
+    kube.apply(&policy("Off"));
+    kube.wait("the controller has seen the policy change", 60, || {
+        let p = kube.json(&["get", "hermespolicy", "kube-lazy"]);
+        (p["status"]["observedGeneration"] == p["metadata"]["generation"]).then_some(())
+    });
+    kube.delete_pod("second");
+    kube.remove_image(&image, &layer_snapshots);
+    let lazy_before = metric(&kube.node_metrics(), "hermes_node_lazy_mounts_total", &[]);
+    let log_from = kube.registry_log().len();
+    assert_eq!(kube.start_pod("third", &image.reference), MESSAGE);
+    pod_uids.push(kube.pod_uid("third"));
+    let fetched = registry_layer_bytes(&kube.registry_log(), log_from, &image);
+    let m = kube.node_metrics();
+    assert_eq!(
+        metric(&m, "hermes_node_lazy_mounts_total", &[]),
+        lazy_before,
+        "no lazy mount with mode Off:\n{m}"
+    );
+    assert!(
+        fetched >= total,
+        "mode Off pulls the whole image: {fetched} of {total} bytes"
+    );
+    // `down` leaves nothing behind, with the controller's pods still running.
+    kube.down_and_check(&pod_uids);
+}
