@@ -26,6 +26,7 @@ use hermes_oci::{Reference, Store};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::PolicyError;
 use crate::api::{self, NodeApi};
 use crate::builder::Builder;
 use crate::engine::{Engine, EngineOptions};
@@ -55,7 +56,7 @@ pub fn load_policy_texts(files: &[(String, String)]) -> (Vec<Policy>, Vec<Policy
                     if names.insert(policy.name.clone()) {
                         valid.push(policy);
                     } else {
-                        let error = Error::DuplicatePolicy {
+                        let error = PolicyError::DuplicatePolicy {
                             policy: policy.name.clone(),
                         };
                         invalid.push(PolicyStatus::invalid(&policy.name, &error));
@@ -64,9 +65,8 @@ pub fn load_policy_texts(files: &[(String, String)]) -> (Vec<Policy>, Vec<Policy
             }
             Err(error) => {
                 let name = match &error {
-                    Error::InvalidPolicy { policy, .. } | Error::DuplicatePolicy { policy } => {
-                        policy.clone()
-                    }
+                    PolicyError::InvalidPolicy { policy, .. }
+                    | PolicyError::DuplicatePolicy { policy } => policy.clone(),
                     _ => file.clone(),
                 };
                 invalid.push(PolicyStatus::invalid(&name, &error));

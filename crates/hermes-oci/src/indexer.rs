@@ -17,8 +17,7 @@ use crate::soci::{self, SociVersion, ZtocRef};
 use crate::store::{ImageRecord, LayerOutcome, LayerRecord, Store};
 use crate::{Digest, Error, Reference, Result};
 
-/// soci's default minimum layer size (10 MiB): smaller layers are pulled whole.
-pub const DEFAULT_MIN_LAYER_SIZE: u64 = 10 << 20;
+pub use hermes_oci_types::DEFAULT_MIN_LAYER_SIZE;
 
 /// What to build.
 #[derive(Debug, Clone)]

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
-use hermes_oci::{Digest, ImageRecord, LayerOutcome, Reference};
+use hermes_oci_types::{Digest, ImageRecord, LayerOutcome, Reference};
 use serde::{Deserialize, Serialize};
 
 use crate::matcher::{Decision, RunningContainer, Specificity, decide};
@@ -273,7 +273,7 @@ pub struct PolicyStatus {
 
 impl PolicyStatus {
     /// The status of a policy that failed validation: `Valid=False` with the error.
-    pub fn invalid(name: &str, error: &crate::Error) -> Self {
+    pub fn invalid(name: &str, error: &dyn std::error::Error) -> Self {
         Self {
             name: name.to_owned(),
             matched_images: 0,
@@ -639,7 +639,7 @@ mod tests {
     use crate::matcher::tests::{container, policies};
     use crate::queue::tests::{at, digest};
     use crate::queue::{QueueEvent, QueueOptions};
-    use hermes_oci::LayerRecord;
+    use hermes_oci_types::LayerRecord;
 
     const TAR_GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
     const MIB: u64 = 1 << 20;

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use hermes_oci::Digest;
+use hermes_oci_types::Digest;
 use serde::{Deserialize, Serialize};
 
 /// Default of [`ProfileLimits::traces_per_layer`].

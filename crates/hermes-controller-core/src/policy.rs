@@ -21,7 +21,7 @@ pub const API_VERSION: &str = "hermes.dev/v1alpha1";
 /// `kind` of policy documents.
 pub const KIND: &str = "HermesPolicy";
 /// Layers smaller than this are not indexed unless a policy says otherwise (10 MiB).
-pub const DEFAULT_MIN_LAYER_SIZE: u64 = hermes_oci::DEFAULT_MIN_LAYER_SIZE;
+pub const DEFAULT_MIN_LAYER_SIZE: u64 = hermes_oci_types::DEFAULT_MIN_LAYER_SIZE;
 /// Default span size (4 MiB).
 pub const DEFAULT_SPAN_SIZE: u64 = 4 << 20;
 /// Default length of the recorded startup window when `prefetch.record` is on.
