@@ -248,10 +248,10 @@ impl Builder {
                 layer_records(&store, &image, span_size, min, &seconds)
             })
             .await
-            .map_err(|e| Error::Io {
+            .map_err(|source| Error::Task {
                 action: "assemble the image record of",
-                path: reference.to_string(),
-                source: std::io::Error::other(e),
+                subject: reference.to_string(),
+                source,
             })??
         };
         let soci_ztocs: Vec<ZtocRef> = layers
@@ -399,16 +399,13 @@ fn layer_records(
                 None => None,
             };
             let (Some(ztoc), Some(bytes)) = (ztoc, bytes) else {
-                return Err(Error::Io {
-                    action: "find the zTOC of layer",
-                    path: layer.digest.to_string(),
-                    source: std::io::ErrorKind::NotFound.into(),
+                return Err(Error::ZtocMissing {
+                    layer: layer.digest.clone(),
                 });
             };
-            let parsed = hermes_ztoc::Ztoc::from_bytes(&bytes).map_err(|e| Error::Io {
-                action: "read the stored zTOC of layer",
-                path: layer.digest.to_string(),
-                source: std::io::Error::other(e),
+            let parsed = hermes_ztoc::Ztoc::from_bytes(&bytes).map_err(|source| Error::Ztoc {
+                layer: layer.digest.clone(),
+                source,
             })?;
             let known = seconds.get(&layer.digest).copied();
             LayerOutcome::Indexed {

@@ -29,6 +29,35 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The store names a zTOC for a layer but does not hold its blob.
+    #[error(
+        "the store names a zTOC for layer {layer} but does not hold its blob (deleted meanwhile?)"
+    )]
+    ZtocMissing {
+        /// The layer.
+        layer: hermes_oci::Digest,
+    },
+    /// A zTOC in the store does not parse.
+    #[error("the stored zTOC of layer {layer} is unreadable")]
+    Ztoc {
+        /// The layer it indexes.
+        layer: hermes_oci::Digest,
+        /// Why it does not parse.
+        #[source]
+        source: hermes_ztoc::Error,
+    },
+    /// A background task (a resolve, a layer build, finishing an image) panicked or was
+    /// aborted.
+    #[error("the task to {action} {subject} did not complete")]
+    Task {
+        /// What the task did.
+        action: &'static str,
+        /// The image or layer it did it for.
+        subject: String,
+        /// How it ended.
+        #[source]
+        source: tokio::task::JoinError,
+    },
     /// The node API's TLS certificate or key cannot be used.
     #[error("cannot use {path} for TLS: {reason}")]
     Tls {

@@ -9,6 +9,7 @@
 //! - [`builder`]: the registry and store work (resolve, build a layer, finish an image);
 //! - [`status`]: image reports (status plus build statistics), kept durably;
 //! - [`engine`]: the controller loop both adapters drive;
+//! - [`publish`]: what the engine publishes, as a trait the node API implements;
 //! - [`mirror`]: the artifact store published to an OCI repository, for several replicas;
 //! - [`tls`]: TLS for the node API.
 //!
@@ -22,6 +23,7 @@ pub mod engine;
 mod error;
 pub mod mirror;
 pub mod misses;
+pub mod publish;
 pub mod standalone;
 pub mod status;
 pub mod tls;
