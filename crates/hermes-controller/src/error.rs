@@ -58,6 +58,15 @@ pub enum Error {
         #[source]
         source: tokio::task::JoinError,
     },
+    /// The node API cannot listen on its address.
+    #[error("cannot listen on {address}")]
+    Listen {
+        /// The address asked for.
+        address: String,
+        /// The bind error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The node API's TLS certificate or key cannot be used.
     #[error("cannot use {path} for TLS: {reason}")]
     Tls {

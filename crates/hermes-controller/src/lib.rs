@@ -11,6 +11,7 @@
 //! - [`engine`]: the controller loop both adapters drive;
 //! - [`publish`]: what the engine publishes, as a trait the node API implements;
 //! - [`mirror`]: the artifact store published to an OCI repository, for several replicas;
+//! - [`server`]: the node API's socket, token and TLS, set up alike by both adapters;
 //! - [`tls`]: TLS for the node API.
 //!
 //! The adapters live in their own crates on top of [`engine`]: `hermes-standalone` (policy
@@ -24,7 +25,7 @@ mod error;
 pub mod mirror;
 pub mod misses;
 pub mod publish;
-pub mod standalone;
+pub mod server;
 pub mod status;
 pub mod tls;
 

@@ -6,7 +6,8 @@
 //! - [`view`]: cluster objects → the core's inputs (running containers, policies, pull secrets);
 //! - [`status`]: the core's statuses → `HermesImage`/`HermesPolicy` status and pod Events;
 //! - [`controller`]: leader election, watches feeding the core's engine
-//!   (`hermes_controller::engine`), writing statuses and Events.
+//!   (`hermes_controller::engine`), writing statuses and Events;
+//! - [`run()`]: the whole Kubernetes mode (store, node API, controller) as the binary starts it.
 //!
 //! Everything but [`controller`] is plain functions over values, tested without a server; the
 //! loop is tested against a real kube-apiserver (`tests/it`).
@@ -15,10 +16,12 @@
 pub mod controller;
 pub mod crd;
 mod error;
+mod run;
 pub mod status;
 pub mod view;
 
 pub use error::{Error, Result};
+pub use run::{Config, run};
 
 /// An error and its sources on one line, for logs and status messages.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
