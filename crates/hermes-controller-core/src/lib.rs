@@ -4,6 +4,7 @@
 //!
 //! - [`policy`]: the `HermesPolicy` model, parsed from YAML and validated;
 //! - [`selector`]: Kubernetes label selectors;
+//! - [`modules`]: a policy's `memoryModules` (which pods get memory modules);
 //! - [`pattern`]: image globs over `registry/repo[:tag]` and digest pins;
 //! - [`matcher`]: the policy that applies to a running container (most specific wins, `Off`
 //!   is a kill switch);
@@ -18,6 +19,7 @@
 
 mod error;
 pub mod matcher;
+pub mod modules;
 pub mod pattern;
 pub mod policy;
 pub mod prefetch;
