@@ -16,10 +16,10 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use hermes_oci::manifest::{Descriptor, LayerEncoding, Platform};
-use hermes_oci::soci::{self, SociVersion, ZtocRef};
+use hermes_oci::soci::SociVersion;
 use hermes_oci::{
-    Client, Digest, ImageRecord, IndexOptions, IndexResult, LayerOutcome, LayerRecord, Reference,
-    ResolvedImage, Store,
+    Client, Digest, ImageRecord, IndexOptions, LayerOutcome, LayerRecord, Reference, ResolvedImage,
+    Store,
 };
 use tracing::{info, instrument, warn};
 
@@ -254,63 +254,24 @@ impl Builder {
                 source,
             })??
         };
-        let soci_ztocs: Vec<ZtocRef> = layers
-            .iter()
-            .filter_map(|l| match &l.outcome {
-                LayerOutcome::Indexed {
-                    ztoc,
-                    ztoc_size,
-                    soci_compatible: true,
-                    ..
-                } => Some(ZtocRef {
-                    ztoc: ztoc.clone(),
-                    size: *ztoc_size,
-                    layer: l.digest.clone(),
-                    layer_media_type: l.media_type.clone(),
-                    span_size,
-                }),
-                _ => None,
-            })
-            .collect();
-        let soci_index = if soci_ztocs.is_empty() {
-            None
-        } else {
-            let bytes = soci::index_manifest(
-                SociVersion::V2,
-                &soci_ztocs,
-                &self.build_tool_identifier,
-                None,
-            );
-            Some(
-                self.store
-                    .put_blob(&bytes)
-                    .map_err(oci("store the SOCI index of", reference))?,
-            )
-        };
-        let record = ImageRecord {
-            reference: reference.to_string(),
-            aliases: Vec::new(),
-            manifest_digest: image.fetched.digest.clone(),
-            platform: image.platform.as_ref().map(Platform::to_string),
+        let result = hermes_oci::assemble_index(
+            &self.store,
+            reference,
+            image.clone(),
             span_size,
             layers,
-            soci_index,
-            built_at_unix: unix_now(),
-        };
+            &self.build_tool_identifier,
+        )
+        .map_err(oci("store the SOCI index of", reference))?;
         let version = match policy.push {
             Push::None => None,
             Push::SociV1 => Some(SociVersion::V1),
             Push::SociV2 => Some(SociVersion::V2),
         };
         if let Some(version) = version
-            && !soci_ztocs.is_empty()
+            && !result.soci_ztocs.is_empty()
         {
             let target = push_target(reference, &image.fetched.digest, version);
-            let result = IndexResult {
-                record: record.clone(),
-                image: image.clone(),
-                soci_ztocs,
-            };
             let pushed = hermes_oci::push_soci(
                 &self.client,
                 &self.store,
@@ -323,6 +284,7 @@ impl Builder {
             .map_err(oci("push the SOCI index of", reference))?;
             info!(target = %target, soci_index = %pushed.soci_index, "SOCI index pushed");
         }
+        let record = result.record;
         // Published before the record is stored locally: a failure leaves the image unfinished,
         // so it is retried, and never stored here but missing from the repository.
         if let Some(mirror) = &self.mirror {
@@ -354,12 +316,6 @@ pub fn push_target(reference: &Reference, manifest: &Digest, version: SociVersio
             repository.with_tag(&tag)
         }
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Per-layer records of an image from what the store holds.

@@ -25,8 +25,8 @@ pub use client::{
 pub use error::{Error, Result};
 pub use hermes_oci_types::{DOCKER_HUB, Digest, Error as ParseError, Hasher, Reference};
 pub use indexer::{
-    DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult, PushSummary, build_index, index_layer,
-    push_soci,
+    DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult, PushSummary, assemble_index, build_index,
+    index_layer, push_soci,
 };
 pub use range::RegistryRangeReader;
 pub use store::{
