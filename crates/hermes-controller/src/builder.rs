@@ -388,6 +388,56 @@ fn layer_records(
 mod tests {
     use super::*;
 
+    /// A resolved image of one gzip layer, `layer`, in no registry.
+    fn one_layer_image(layer: &Digest) -> ResolvedImage {
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": Digest::of(b"{}").as_str(),
+                "size": 2,
+            },
+            "layers": [{
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": layer.as_str(),
+                "size": 100,
+            }],
+        });
+        ResolvedImage {
+            reference: Reference::parse("registry.test/app:v1").unwrap(),
+            manifest: serde_json::from_value(manifest).unwrap(),
+            fetched: hermes_oci::FetchedManifest {
+                bytes: bytes::Bytes::new(),
+                media_type: String::new(),
+                digest: Digest::of(b"manifest"),
+            },
+            platform: None,
+            index: None,
+        }
+    }
+
+    #[test]
+    fn a_missing_or_unreadable_stored_ztoc_is_a_typed_error_naming_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let layer = Digest::of(b"layer");
+        let image = one_layer_image(&layer);
+        let span = 1 << 20;
+        let records = |store: &Store| layer_records(store, &image, span, 0, &BTreeMap::new());
+        match records(&store) {
+            Err(Error::ZtocMissing { layer: l }) => assert_eq!(l, layer),
+            other => panic!("expected ZtocMissing, got {other:?}"),
+        }
+        let garbage = store.put_blob(b"not a zTOC").unwrap();
+        store.set_ztoc_for_layer(&layer, span, &garbage).unwrap();
+        match records(&store) {
+            Err(e @ Error::Ztoc { .. }) => {
+                assert!(e.to_string().contains(layer.as_str()), "{e}");
+            }
+            other => panic!("expected Ztoc, got {other:?}"),
+        }
+    }
+
     #[test]
     fn push_targets_follow_soci_conventions() {
         let d = Digest::of(b"m");
