@@ -11,6 +11,7 @@ Every process started is recorded in DIR/pids/NAME.pid so another invocation can
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -183,11 +184,20 @@ def start_registry(procs: Procs, data_dir: str, port: int) -> None:
 # containerd
 
 
-def containerd_config(dir: str, node_socket: str) -> str:
-    return f"""version = 2
+def containerd_config(dir: str, node_socket: str, version: int = 2) -> str:
+    """A containerd without CRI, with the node as the `hermes` proxy snapshotter: config version 2
+    for containerd 1.6, version 3 for 2.x (whose transfer service, used by its `ctr pull`, gives a
+    proxy snapshotter the image labels only when the proxy exports
+    `enable_remote_snapshot_annotations`)."""
+    if version == 3:
+        disabled = '"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"'
+        exports = '[proxy_plugins.hermes.exports]\n  enable_remote_snapshot_annotations = "true"\n'
+    else:
+        disabled, exports = '"io.containerd.grpc.v1.cri"', ""
+    return f"""version = {version}
 root = "{dir}/root"
 state = "{dir}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = [{disabled}]
 [grpc]
   address = "{dir}/containerd.sock"
 [ttrpc]
@@ -199,27 +209,58 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [proxy_plugins.hermes]
   type = "snapshot"
   address = "{node_socket}"
-"""
+{exports}"""
+
+
+def containerd2_bin() -> str:
+    """The directory with containerd 2.x's containerd, shim and ctr (scripts/containerd2.sh fetch
+    caches it; HERMES_CONTAINERD2_BIN overrides)."""
+    if os.environ.get("HERMES_CONTAINERD2_BIN"):
+        return os.environ["HERMES_CONTAINERD2_BIN"]
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "containerd2.sh")
+    r = subprocess.run(["bash", script, "bin"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if r.returncode != 0 or not r.stdout.strip():
+        sys.exit(f"containerd 2.x is not fetched ({r.stderr.decode(errors='replace').strip()}): "
+                 "run bash scripts/containerd2.sh fetch")
+    return r.stdout.decode().strip()
 
 
 class Containerd:
-    def __init__(self, procs: Procs, dir: str, node_socket: str):
+    """A containerd in DIR: the system's 1.6 (FLAVOUR "1.6") or the cached 2.x ("2", its directory
+    first on its PATH so that it starts its own shim; runc stays the system's)."""
+
+    def __init__(self, procs: Procs, dir: str, node_socket: str, flavour: str = "1.6"):
         self.procs, self.dir, self.node_socket = procs, dir, node_socket
         self.address = os.path.join(dir, "containerd.sock")
+        if flavour not in ("1.6", "2"):
+            raise ValueError(f"containerd flavour {flavour!r}: 1.6 or 2")
+        self.bin_dir = containerd2_bin() if flavour == "2" else None
+        self.containerd_bin = os.path.join(self.bin_dir, "containerd") if self.bin_dir else "containerd"
+        self.ctr_bin = os.path.join(self.bin_dir, "ctr") if self.bin_dir else "ctr"
+        self.config_version = 3 if self.bin_dir else 2
+
+    def version(self) -> str:
+        """What `containerd --version` says, e.g. 1.6.20 or 2.1.9."""
+        out = subprocess.run([self.containerd_bin, "--version"], stdout=subprocess.PIPE).stdout.decode().split()
+        word = out[2].lstrip("v") if len(out) > 2 else "?"
+        return re.split(r"[~+-]", word)[0]
 
     def start(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
         config = os.path.join(self.dir, "config.toml")
         with open(config, "w") as f:
-            f.write(containerd_config(self.dir, self.node_socket))
-        p = self.procs.start("containerd", ["containerd", "--config", config])
+            f.write(containerd_config(self.dir, self.node_socket, self.config_version))
+        env = None
+        if self.bin_dir:
+            env = dict(os.environ, PATH=self.bin_dir + os.pathsep + os.environ.get("PATH", ""))
+        p = self.procs.start("containerd", [self.containerd_bin, "--config", config], env=env)
         wait_for("containerd", lambda: self.ctr(["version"], check=False).returncode == 0, 60, p,
                  self.procs.logfile("containerd"))
 
     def ctr(self, args: list, check: bool = True, namespace: str = NAMESPACE, **kw) -> subprocess.CompletedProcess:
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.PIPE)
-        r = subprocess.run(["ctr", "--address", self.address, "-n", namespace] + args,
+        r = subprocess.run([self.ctr_bin, "--address", self.address, "-n", namespace] + args,
                            stdin=subprocess.DEVNULL, **kw)
         if check and r.returncode != 0:
             raise RuntimeError(f"ctr -n {namespace} {' '.join(args)}: {r.stderr.decode(errors='replace')[-2000:]}")
@@ -470,7 +511,7 @@ def timed_start(containerd: Containerd, pull_cmd: list, snapshotter: str, ref: s
         s.stop()
         raise RuntimeError(f"{' '.join(pull_cmd)} failed: {r.stderr.decode(errors='replace')[-3000:]}")
     pulled = s.now()
-    p = subprocess.Popen(["ctr", "--address", containerd.address, "-n", NAMESPACE, "run", "--rm",
+    p = subprocess.Popen([containerd.ctr_bin, "--address", containerd.address, "-n", NAMESPACE, "run", "--rm",
                           "--snapshotter", snapshotter, ref, name] + list(args),
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = ready = None

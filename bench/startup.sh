@@ -5,9 +5,11 @@
 #
 #   bench/startup.sh [--quick] [--image quick|ml|torch|LAYOUT_DIR] [--rate-mbps 32] [--release=true|false]
 #                    [--modes normal,lazy,replay,fallback] [--workload entrypoint|light|read-all]
-#                    [--write-results NAME]
+#                    [--write-results NAME] [--containerd 1.6|2]
 #
-# --quick: the <= 1 GB generated image, and fail unless lazy start beats the normal path (CI smoke).
+# --quick: the <= 1 GB generated image, and fail unless lazy start beats the normal path (CI smoke);
+# it prints the containerd version and the lazy-vs-normal ratio: `OK (containerd V): ... (N.Nx)`.
+# --containerd 2: containerd 2.x (scripts/containerd2.sh fetch caches it) instead of the system's 1.6.
 # --image torch: Debian + Python + torch with its CUDA wheels (bench/torch_image.py builds it once:
 # debootstrap needed, ~3 GB download, ~12 GB disk under /var/cache/hermes-bench).
 # Results: bench/results/startup-NAME.{md,json,png} with --write-results NAME (installs matplotlib
@@ -19,7 +21,7 @@ for arg in "$@"; do
   case "$arg" in
     --release=*) RELEASE="${arg#*=}" ;;
     --quick) ARGS+=(--image quick --check) ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) ARGS+=("$arg") ;;
   esac
 done

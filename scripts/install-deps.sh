@@ -55,3 +55,8 @@ for comp in rustfmt clippy; do
   fi
 done
 log "rust: $(rustc --version)"
+
+# containerd 2.1.9 beside the system's 1.6 (unpacked from Debian's newer suite into a cache, never
+# installed): the containerd-based tests and the quick benchmark run on both.
+bash "$(dirname "$0")/containerd2.sh" fetch >/dev/null
+log "containerd 2.x: $("$(bash "$(dirname "$0")/containerd2.sh" bin)/containerd" --version)"

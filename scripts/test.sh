@@ -51,6 +51,9 @@ bash bench/index-build.sh --release=false --layers 2 --layer-mb 16 --runs 1
 # Container start through containerd, normal pull vs Hermes lazy vs no index, <= 1 GB generated image
 # behind a 32 MB/s registry: fails unless the lazy start is faster than the normal path.
 bash bench/startup.sh --quick --release=false
+# The same on containerd 2.x (2.1.9, fetched by install-deps.sh): version 3 config, its transfer
+# service pulling for `ctr`.
+bash bench/startup.sh --quick --release=false --containerd 2
 # Chaos soak, short: 10 lazy starts through CRI under seeded random registry faults, node and
 # controller SIGKILLed mid-way; fails on any failed start or any byte unlike the normal path's.
 bash bench/chaos.sh --quick --release=false

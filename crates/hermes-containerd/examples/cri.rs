@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::{Parser, Subcommand};
 use hermes_containerd::{ContainerState, Cri, log_lines};
+use hermes_node_api::error_chain;
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -69,7 +70,7 @@ fn main() -> ExitCode {
     let answer = runtime.block_on(async {
         let cri = match Cri::connect(&args.address).await {
             Ok(cri) => cri,
-            Err(error) => return failed("connect", chain(&error), json!({})),
+            Err(error) => return failed("connect", error_chain(&error), json!({})),
         };
         match args.command {
             Command::Start {
@@ -84,7 +85,7 @@ fn main() -> ExitCode {
             }
             Command::RemoveImage { image } => match cri.remove_image(&image).await {
                 Ok(()) => json!({ "ok": true }),
-                Err(error) => failed("RemoveImage", chain(&error), json!({})),
+                Err(error) => failed("RemoveImage", error_chain(&error), json!({})),
             },
         }
     });
@@ -97,17 +98,6 @@ fn failed(step: &str, error: String, mut so_far: Value) -> Value {
     so_far["failed_step"] = json!(step);
     so_far["error"] = json!(error);
     so_far
-}
-
-/// The error and its causes, `: `-separated.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        text.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    text
 }
 
 /// Seconds from `t0` to `t`, negative if `t` is earlier.
@@ -129,18 +119,18 @@ async fn start(
     let t0 = SystemTime::now();
     let mut out = json!({});
     if let Err(error) = cri.pull_image(image).await {
-        return failed("PullImage", chain(&error), out);
+        return failed("PullImage", error_chain(&error), out);
     }
     out["pulled_s"] = json!(since(t0, SystemTime::now()));
     let pod = match cri.run_host_network_pod(pod_name, "chaos", log_dir).await {
         Ok(pod) => pod,
-        Err(error) => return failed("RunPodSandbox", chain(&error), out),
+        Err(error) => return failed("RunPodSandbox", error_chain(&error), out),
     };
     let outcome = run_in(cri, &pod, image, command, timeout_secs, t0, &mut out).await;
     let log = std::fs::read_to_string(Cri::log_path(&pod, "app")).unwrap_or_default();
     out["lines"] = json!(log_lines(&log));
     if let Err(error) = cri.remove_pod(&pod).await {
-        out["cleanup_error"] = json!(chain(&error));
+        out["cleanup_error"] = json!(error_chain(&error));
     }
     match outcome {
         Ok(()) => {
@@ -164,14 +154,14 @@ async fn run_in(
     let id = cri
         .start_container(pod, "app", image, command)
         .await
-        .map_err(|e| ("CreateContainer/StartContainer", chain(&e)))?;
+        .map_err(|e| ("CreateContainer/StartContainer", error_chain(&e)))?;
     out["created_s"] = json!(since(t0, SystemTime::now()));
     let deadline = Instant::now() + Duration::from_secs(timeout_secs);
     loop {
         let status = cri
             .container_status(&id)
             .await
-            .map_err(|e| ("ContainerStatus", chain(&e)))?;
+            .map_err(|e| ("ContainerStatus", error_chain(&e)))?;
         if let Some(t) = status.started_at {
             out["running_s"] = json!(since(t0, t));
         }

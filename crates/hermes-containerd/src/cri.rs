@@ -16,12 +16,19 @@ use crate::api::runtime::v1::image_service_client::ImageServiceClient;
 use crate::api::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use crate::{Error, Result, connect_unix};
 
-/// A CRI endpoint (containerd 1.6 serves it on its main socket).
+/// A CRI endpoint (containerd 1.6 and 2.x serve it on their main socket).
 #[derive(Debug, Clone)]
 pub struct Cri {
     runtime: RuntimeServiceClient<Channel>,
     images: ImageServiceClient<Channel>,
+    /// The runtime handler (a `RuntimeClass`'s handler) for pulls and pods; empty: the default.
+    runtime_handler: String,
 }
+
+/// The pod annotation containerd's CRI reads a pull's runtime handler from. containerd 2.1
+/// reads only this (not `ImageSpec.runtime_handler`); a kubelet passes a pod's annotations in
+/// the pull's sandbox config, so a pod annotated with it pulls into its handler's snapshotter.
+const RUNTIME_HANDLER_ANNOTATION: &str = "io.containerd.cri.runtime-handler";
 
 /// A running pod sandbox.
 #[derive(Debug, Clone)]
@@ -68,7 +75,20 @@ impl Cri {
         Ok(Cri {
             runtime: RuntimeServiceClient::new(channel.clone()),
             images: ImageServiceClient::new(channel),
+            runtime_handler: String::new(),
         })
+    }
+
+    /// The same endpoint, pulling images and running pods with runtime handler `handler`, as a
+    /// kubelet does for a pod of a `RuntimeClass` with that handler, annotated with
+    /// `io.containerd.cri.runtime-handler` (containerd 2.x can give a handler its own
+    /// snapshotter). Pulls also carry `ImageSpec.runtime_handler`, which kubelets send with their
+    /// `RuntimeClassInImageCriApi` feature gate.
+    pub fn with_runtime_handler(&self, handler: &str) -> Cri {
+        Cri {
+            runtime_handler: handler.to_owned(),
+            ..self.clone()
+        }
     }
 
     /// The raw runtime service client, for calls this type does not wrap.
@@ -93,13 +113,20 @@ impl Cri {
     /// Pulls `image` as a kubelet does (no credentials) and returns the image ID the runtime
     /// reports.
     pub async fn pull_image(&self, image: &str) -> Result<String> {
+        let sandbox_config = (!self.runtime_handler.is_empty()).then(|| cri::PodSandboxConfig {
+            annotations: HashMap::from([(
+                RUNTIME_HANDLER_ANNOTATION.to_owned(),
+                self.runtime_handler.clone(),
+            )]),
+            ..Default::default()
+        });
         let pulled = self
             .images
             .clone()
             .pull_image(cri::PullImageRequest {
-                image: Some(image_spec(image)),
+                image: Some(self.image_spec(image)),
                 auth: None,
-                sandbox_config: None,
+                sandbox_config,
             })
             .await
             .map_err(Error::rpc("cri.PullImage"))?
@@ -144,7 +171,7 @@ impl Cri {
             .clone()
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(config.clone()),
-                runtime_handler: String::new(),
+                runtime_handler: self.runtime_handler.clone(),
             })
             .await
             .map_err(Error::rpc("cri.RunPodSandbox"))?
@@ -171,7 +198,7 @@ impl Cri {
                 name: name.to_owned(),
                 attempt: 0,
             }),
-            image: Some(image_spec(image)),
+            image: Some(self.image_spec(image)),
             command: command.iter().map(|c| (*c).to_owned()).collect(),
             log_path: format!("{name}.log"),
             linux: Some(cri::LinuxContainerConfig::default()),
@@ -249,11 +276,20 @@ impl Cri {
         self.images
             .clone()
             .remove_image(cri::RemoveImageRequest {
-                image: Some(image_spec(image)),
+                image: Some(self.image_spec(image)),
             })
             .await
             .map_err(Error::rpc("cri.RemoveImage"))?;
         Ok(())
+    }
+
+    /// `image` for this client's runtime handler.
+    fn image_spec(&self, image: &str) -> cri::ImageSpec {
+        cri::ImageSpec {
+            image: image.to_owned(),
+            runtime_handler: self.runtime_handler.clone(),
+            ..Default::default()
+        }
     }
 
     /// Stops and removes the pod and its containers.
@@ -280,13 +316,6 @@ impl Cri {
 fn time_from_nanos(nanos: i64) -> Option<SystemTime> {
     let nanos = u64::try_from(nanos).ok().filter(|n| *n > 0)?;
     Some(UNIX_EPOCH + Duration::from_nanos(nanos))
-}
-
-fn image_spec(image: &str) -> cri::ImageSpec {
-    cri::ImageSpec {
-        image: image.to_owned(),
-        ..Default::default()
-    }
 }
 
 /// The message lines of a CRI log file (`TIMESTAMP STREAM TAG MESSAGE` per line; partial lines,

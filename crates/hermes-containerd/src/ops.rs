@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use hermes_node_api::labels;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -17,8 +18,6 @@ use crate::api::containerd::services::snapshots::v1 as snapshots;
 use crate::api::containerd::types::{Descriptor, Mount};
 use crate::{Containerd, Error, Result};
 
-/// Label on a lease after which containerd's GC may remove it (RFC 3339 time).
-const LABEL_GC_EXPIRE: &str = "containerd.io/gc.expire";
 /// Size of the data in one content `Write` message.
 const WRITE_CHUNK: usize = 1 << 20;
 
@@ -64,7 +63,7 @@ impl Containerd {
             .leases()
             .create(leases::CreateRequest {
                 id: id.to_owned(),
-                labels: HashMap::from([(LABEL_GC_EXPIRE.to_owned(), rfc3339(expires))]),
+                labels: HashMap::from([(labels::GC_EXPIRE.to_owned(), rfc3339(expires))]),
             })
             .await
             .map_err(Error::rpc("leases.Create"))?

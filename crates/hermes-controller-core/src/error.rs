@@ -49,14 +49,5 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// An error and its causes, `: `-separated, for statuses and logs (a YAML error's key and line
-/// are in its cause).
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+/// are in its cause): the workspace's one formatter.
+pub use hermes_node_api::error_chain as chain;

@@ -15,6 +15,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+// The wire types of traces and profiles are the node-API contract's.
+pub use hermes_node_api::{PrefetchProfile, TraceReport};
 use hermes_oci_types::Digest;
 use serde::{Deserialize, Serialize};
 
@@ -57,29 +59,6 @@ impl Default for ProfileLimits {
             spans_per_node: MAX_SPANS_PER_NODE,
         }
     }
-}
-
-/// One node's report: per layer, span indices in the order they were first read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct TraceReport {
-    /// Reporting node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    /// Layer digest → span indices in read order.
-    pub layers: BTreeMap<Digest, Vec<u32>>,
-}
-
-/// The merged profile of a layer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PrefetchProfile {
-    /// The layer.
-    pub layer: Digest,
-    /// Spans to prefetch, most important first.
-    pub spans: Vec<u32>,
-    /// How many traces were merged.
-    pub traces: usize,
 }
 
 /// One kept trace, as saved.

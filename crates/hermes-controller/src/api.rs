@@ -15,10 +15,11 @@
 //! - `POST /v1/misses` → `{"image": REF, "digest"?: DIGEST, "node"?: NAME}`, handed to the
 //!   controller loop through a bounded channel (202; 503 when the channel is full);
 //! - `POST /v1/traces` → a [`TraceReport`] of startup reads (202);
-//!   `GET /v1/layers/{layer-digest}/prefetch` → the merged [`PrefetchProfile`](crate::prefetch::PrefetchProfile), 404 if none;
+//!   `GET /v1/layers/{layer-digest}/prefetch` → the merged [`PrefetchProfile`](hermes_node_api::PrefetchProfile), 404 if none;
 //! - `GET /healthz`, `GET /readyz` (503 until [`NodeApi::set_ready`]), `GET /metrics`.
 //!
-//! `/v1/*` needs `Authorization: Bearer TOKEN` when a token is configured. Health and metrics
+//! The paths, bodies and header rules are the contract's ([`hermes_node_api`]), which the
+//! node's client shares. `/v1/*` needs `Authorization: Bearer TOKEN` when a token is configured. Health and metrics
 //! do not. TLS with [`serve_tls`] (see [`crate::tls`]). Each layer's recent traces are saved
 //! under the store's directory (`profiles/<layer hex>.json`) and read back by [`NodeApi::new`].
 //!
@@ -44,6 +45,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hermes_node_api::{
+    CONTENT_DIGEST_HEADER, TraceReport, ZtocQuery, disabled_header_value, etag, not_modified, paths,
+};
 use hermes_oci::{Digest, Reference, Store};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -58,23 +62,14 @@ use tokio::sync::mpsc;
 
 use crate::matcher::off_for_node;
 use crate::policy::Policy;
-use crate::prefetch::{KeptTrace, ProfileBook, ProfileLimits, TraceReport};
+use crate::prefetch::{KeptTrace, ProfileBook, ProfileLimits};
 use crate::reconcile::Phase;
 use crate::status::{ImageReport, PolicyReport};
 
-/// A node's report that it started an image without an index.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Miss {
-    /// The image reference the node started.
-    pub image: String,
-    /// Its manifest digest, if the node knows it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<Digest>,
-    /// The reporting node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-}
+// The contract's wire types and bounds, where the controller's users have always found them.
+pub use hermes_node_api::{
+    MAX_IMAGE_LEN, MAX_LAYERS_PER_REPORT, MAX_MISS_BODY, MAX_NODE_NAME_LEN, MAX_TRACE_BODY, Miss,
+};
 
 /// How a layer build ended (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
@@ -112,18 +107,6 @@ struct RefusalLabels {
     reason: MissRefusal,
 }
 
-/// Longest image reference a miss may name: a 255-character name (the distribution spec's
-/// limit, registry included), a 128-character tag and a digest fit.
-pub const MAX_IMAGE_LEN: usize = 512;
-/// Longest node name in a miss or a trace report (a Kubernetes node name is a DNS subdomain).
-pub const MAX_NODE_NAME_LEN: usize = 253;
-/// Largest `POST /v1/misses` body.
-pub const MAX_MISS_BODY: usize = 4 << 10;
-/// Largest `POST /v1/traces` body: one trace of the most spans kept
-/// ([`MAX_SPANS_PER_TRACE`](crate::prefetch::MAX_SPANS_PER_TRACE)) fits.
-pub const MAX_TRACE_BODY: usize = 2 << 20;
-/// Most layers in one trace report (overlayfs stacks at most 128 layers).
-pub const MAX_LAYERS_PER_REPORT: usize = 128;
 /// Default of [`ApiLimits::header_read_timeout`].
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of [`ApiLimits::idle_timeout`].
@@ -338,9 +321,10 @@ impl IntoResponse for ApiError {
         };
         let mut response =
             (status, axum::Json(serde_json::json!({ "error": message }))).into_response();
-        if let Some(reason) = disabled
-            && let Ok(value) = HeaderValue::from_str(reason.as_str())
-        {
+        if let Some(reason) = disabled {
+            // Always a valid value: a refusal never loses its header.
+            let value = HeaderValue::from_str(&disabled_header_value(&reason))
+                .unwrap_or(HeaderValue::from_static("disabled"));
             response.headers_mut().insert(DISABLED_HEADER, value);
         }
         if status == StatusCode::UNAUTHORIZED {
@@ -353,7 +337,8 @@ impl IntoResponse for ApiError {
 }
 
 /// The header of a zTOC answer that forbids a lazy start (its value says why).
-pub const DISABLED_HEADER: header::HeaderName = header::HeaderName::from_static("hermes-disabled");
+pub const DISABLED_HEADER: header::HeaderName =
+    header::HeaderName::from_static(hermes_node_api::DISABLED_HEADER);
 
 fn parse_digest(text: &str) -> Result<Digest, ApiError> {
     Digest::parse(text).map_err(|_| ApiError::BadDigest(text.to_owned()))
@@ -477,25 +462,25 @@ impl NodeApi {
     /// The routes.
     pub fn router(&self) -> Router {
         let v1 = Router::new()
-            .route("/v1/layers/{digest}/ztoc", get(get_ztoc))
-            .route("/v1/images", get(list_images))
-            .route("/v1/images/{digest}", get(get_image))
-            .route("/v1/policies", get(list_policies))
-            .route("/v1/layers/{digest}/prefetch", get(get_prefetch))
+            .route(paths::ZTOC, get(get_ztoc))
+            .route(paths::IMAGES, get(list_images))
+            .route(paths::IMAGE, get(get_image))
+            .route(paths::POLICIES, get(list_policies))
+            .route(paths::PREFETCH, get(get_prefetch))
             .route(
-                "/v1/misses",
+                paths::MISSES,
                 post(post_miss).layer(DefaultBodyLimit::max(MAX_MISS_BODY)),
             )
             .route(
-                "/v1/traces",
+                paths::TRACES,
                 post(post_traces).layer(DefaultBodyLimit::max(MAX_TRACE_BODY)),
             )
             .route_layer(middleware::from_fn_with_state(self.clone(), require_token));
         Router::new()
             .merge(v1)
-            .route("/healthz", get(|| async { "ok" }))
-            .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics))
+            .route(paths::HEALTHZ, get(|| async { "ok" }))
+            .route(paths::READYZ, get(readyz))
+            .route(paths::METRICS, get(metrics))
             .with_state(self.clone())
     }
 }
@@ -516,13 +501,6 @@ async fn require_token(
         }
     }
     Ok(next.run(request).await)
-}
-
-/// What a node may say about the image a layer belongs to.
-#[derive(Debug, Default, Deserialize)]
-struct ZtocQuery {
-    image: Option<String>,
-    manifest: Option<String>,
 }
 
 async fn get_ztoc(
@@ -567,10 +545,11 @@ async fn get_ztoc(
         return Err(ApiError::NotFound("zTOC for this layer"));
     };
     api.inner.metrics.artifacts_served.inc();
-    let etag = format!("\"{ztoc}\"");
+    let etag = etag(&ztoc);
     if headers
         .get(header::IF_NONE_MATCH)
-        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| not_modified(v, &ztoc))
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
@@ -579,7 +558,7 @@ async fn get_ztoc(
             (header::ETAG, etag),
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
             (
-                header::HeaderName::from_static("docker-content-digest"),
+                header::HeaderName::from_static(CONTENT_DIGEST_HEADER),
                 ztoc.to_string(),
             ),
         ],
@@ -1230,6 +1209,40 @@ mod tests {
         );
         let bad = request(&s, "GET", &format!("{url}&manifest=nope"), None, "").await;
         assert_eq!(bad.status, 400, "{}", bad.text());
+    }
+
+    #[tokio::test]
+    async fn a_refusal_whose_reason_is_no_valid_header_value_still_carries_the_header() {
+        let s = start(None).await;
+        // The controller has the zTOC: only the refusal keeps it from the node.
+        let ztoc = s.store.put_blob(b"ztoc bytes").unwrap();
+        let layer = Digest::parse(LAYER).unwrap();
+        s.store.set_ztoc_for_layer(&layer, 4 << 20, &ztoc).unwrap();
+        let manifest = Digest::of(b"manifest");
+        s.api.set_images([ImageReport {
+            status: crate::reconcile::ImageStatus {
+                digest: manifest.clone(),
+                reference: "registry.test/app:v1".into(),
+                policy: "stop".into(),
+                phase: Phase::Skipped,
+                reason: Some("policy stop\nhas mode Off (é)".into()),
+                pods: 1,
+                layers: Vec::new(),
+            },
+            build_seconds: 0.0,
+            bytes_read: 0,
+            last_error: None,
+            updated_at_unix: 0,
+        }]);
+        // Without the header a node would take the 404 for "no zTOC here" and start the image
+        // lazily from its own copy, against the Off policy.
+        let url = format!("/v1/layers/{LAYER}/ztoc?manifest={}", manifest.as_str());
+        let refused = request(&s, "GET", &url, None, "").await;
+        assert_eq!(refused.status, 404, "{}", refused.text());
+        assert_eq!(
+            refused.header("hermes-disabled"),
+            Some("policy stop?has mode Off (?)")
+        );
     }
 
     #[tokio::test]

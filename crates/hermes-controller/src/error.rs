@@ -83,4 +83,6 @@ pub enum Error {
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// An error and its causes, `: `-separated, for statuses and logs (a YAML error's key and line
+/// are in its cause): the workspace's one formatter.
 pub use hermes_controller_core::chain;

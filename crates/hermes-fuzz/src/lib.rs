@@ -21,11 +21,11 @@ use std::sync::OnceLock;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use hermes_kube::webhook::selector::{LabelSelector, MemoryModules, ModulesPolicy, Requirement};
+use hermes_kube::webhook::server::mutate_with_policies;
+use hermes_kube::webhook::{InjectConfig, pod_patch};
+use hermes_modules::catalog::ModuleCatalog;
 use hermes_modules::directive::{Origin, parse_directives, parse_modules_env};
-use hermes_modules::registry::Registry;
-use hermes_modules::selector::{LabelSelector, MemoryModules, ModulesPolicy, Requirement};
-use hermes_modules::webhook::{InjectConfig, pod_patch};
-use hermes_modules::webhook_server::mutate_with_policies;
 use hermes_oci::manifest::{Index, LayerEncoding, Manifest, Platform, to_go_json};
 use hermes_oci::soci::annotation;
 use hermes_oci::{Challenge, Digest, Reference};
@@ -159,7 +159,7 @@ pub fn tar(data: &[u8]) {
     }
 }
 
-/// Registry JSON: an image manifest, an image index or manifest list, a SOCI index (a manifest),
+/// ModuleCatalog JSON: an image manifest, an image index or manifest list, a SOCI index (a manifest),
 /// and the strings the node takes from containerd labels and registry headers (references,
 /// platforms, digests, `WWW-Authenticate` challenges).
 ///
@@ -235,8 +235,8 @@ pub fn node_config(data: &[u8]) {
 /// `HERMES_MODULES` short form, parsed and then planned against the built-in module table, as
 /// `hermes modules resolve` does.
 pub fn directive(data: &[u8]) {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    let registry = REGISTRY.get_or_init(Registry::builtin);
+    static CATALOG: OnceLock<ModuleCatalog> = OnceLock::new();
+    let catalog = CATALOG.get_or_init(ModuleCatalog::builtin);
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -245,7 +245,7 @@ pub fn directive(data: &[u8]) {
         (&script, parse_directives(&script, text)),
         (&Origin::EnvVar, parse_modules_env(text)),
     ] {
-        let planned = parsed.and_then(|ds| registry.plan(origin, &ds));
+        let planned = parsed.and_then(|ds| catalog.plan(origin, &ds));
         if let Err(e) = planned {
             let _ = e.to_string();
         }

@@ -163,7 +163,7 @@ async fn lead_forever(client: &Client, setup: &EngineSetup, options: &Controller
             Err(e) => Err(Error::Engine(Box::new(e))),
         };
         if let Err(e) = result {
-            warn!(error = %crate::error_chain(&e), "controller loop failed; restarting in 5 s");
+            warn!(error = %hermes_node_api::error_chain(&e), "controller loop failed; restarting in 5 s");
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
     }

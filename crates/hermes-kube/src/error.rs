@@ -39,6 +39,42 @@ pub enum Error {
         #[source]
         source: Box<kube_lease_manager::LeaseManagerError>,
     },
+    /// A HermesPolicy directory or file could not be read (the admission webhook's policies).
+    #[error("cannot read {path}")]
+    PolicyRead {
+        /// The directory or file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A HermesPolicy file is not valid YAML for its schema.
+    #[error("invalid HermesPolicy file {path}")]
+    PolicyParse {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause (names the key, line and column).
+        source: Box<serde_saphyr::Error>,
+    },
+    /// The webhook's TLS certificate or key could not be loaded.
+    #[error(
+        "cannot load the webhook's TLS {what} from {path}: give a PEM certificate chain and its private key"
+    )]
+    Tls {
+        /// `certificate` or `key`.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The webhook could not listen on its address.
+    #[error("cannot listen on {addr} for the admission webhook")]
+    WebhookBind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// Result with [`Error`].

@@ -7,10 +7,14 @@
 //! - [`status`]: the core's statuses → `HermesImage`/`HermesPolicy` status and pod Events;
 //! - [`controller`]: leader election, watches feeding the core's engine
 //!   (`hermes_controller::engine`), writing statuses and Events;
-//! - [`run()`]: the whole Kubernetes mode (store, node API, controller) as the binary starts it.
+//! - [`run()`]: the whole Kubernetes mode (store, node API, controller) as the binary starts it;
+//! - [`webhook`]: the memory modules' mutating admission webhook: the injection patch, which
+//!   pods a HermesPolicy's `memoryModules` selects ([`webhook::selector`]) and its HTTPS server
+//!   ([`webhook::server`]). The installer it injects is `hermes-modules`.
 //!
-//! Everything but [`controller`] is plain functions over values, tested without a server; the
-//! loop is tested against a real kube-apiserver (`tests/it`).
+//! Everything but [`controller`] and [`webhook::server`] is plain functions over values, tested
+//! without a server; the loop is tested against a real kube-apiserver, the webhook's server with
+//! real TLS clients (`tests/it`).
 #![warn(missing_docs)]
 
 pub mod controller;
@@ -19,18 +23,7 @@ mod error;
 mod run;
 pub mod status;
 pub mod view;
+pub mod webhook;
 
 pub use error::{Error, Result};
 pub use run::{Config, run};
-
-/// An error and its sources on one line, for logs and status messages.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}

@@ -3,34 +3,13 @@
 //! A directive line is `module=NAME[,config=PROFILE][,KEY=VALUE…]`. Blank lines and lines starting
 //! with `#` are ignored; whitespace around the line, each field, each key and each value is
 //! trimmed. This module checks syntax only: whether a module or profile exists is decided by
-//! [`crate::registry::Registry`].
+//! [`crate::catalog::ModuleCatalog`].
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::path::PathBuf;
 
 use crate::error::{At, Error, Result, SyntaxProblem};
-
-/// Where directives came from; every error names it together with the line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    /// The standard output of a loader script.
-    Script(PathBuf),
-    /// The `modules:` list of a static configuration file.
-    StaticFile(PathBuf),
-    /// The `HERMES_MODULES` environment variable (entries are numbered like lines).
-    EnvVar,
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Origin::Script(p) => write!(f, "loader script {} output", p.display()),
-            Origin::StaticFile(p) => write!(f, "static config {}", p.display()),
-            Origin::EnvVar => f.write_str("HERMES_MODULES entry"),
-        }
-    }
-}
+// Where directives come from is part of every error's location, so it lives with the errors.
+pub use crate::error::Origin;
 
 /// One parsed directive: a module, an optional tuning profile and setting overrides.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,6 +155,7 @@ pub fn parse_modules_env(value: &str) -> Result<Vec<Directive>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn script() -> Origin {
         Origin::Script(PathBuf::from("/etc/hermes/load-sidecars.sh"))

@@ -1,12 +1,32 @@
 //! The crate's one error type.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::directive::Origin;
-
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where directives came from; every error names it together with the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The standard output of a loader script.
+    Script(PathBuf),
+    /// The `modules:` list of a static configuration file.
+    StaticFile(PathBuf),
+    /// The `HERMES_MODULES` environment variable (entries are numbered like lines).
+    EnvVar,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Script(p) => write!(f, "loader script {} output", p.display()),
+            Origin::StaticFile(p) => write!(f, "static config {}", p.display()),
+            Origin::EnvVar => f.write_str("HERMES_MODULES entry"),
+        }
+    }
+}
 
 /// Where a directive is: its origin, 1-based line (or entry) number and trimmed text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,35 +313,7 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
-    /// Standard input could not be read or is not the expected JSON.
-    #[error("cannot read {what} from stdin")]
-    Stdin {
-        /// What was expected.
-        what: &'static str,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The webhook's TLS certificate or key could not be loaded.
-    #[error(
-        "cannot load the webhook's TLS {what} from {path}: give a PEM certificate chain and its private key"
-    )]
-    Tls {
-        /// `certificate` or `key`.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// The webhook could not listen on its address.
-    #[error("cannot listen on {addr} for the admission webhook")]
-    WebhookBind {
-        /// The address.
-        addr: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// Writing the command's output to stdout failed.
+    /// Writing the supervisor's output (its start and stop lines) failed.
     #[error("cannot write to stdout")]
     Stdout {
         /// The cause.

@@ -25,6 +25,46 @@ pub struct Family {
     pub kind: &'static str,
 }
 
+impl Family {
+    /// A gauge: a value that goes up and down. `help` is trimmed (doc comments via `families!`).
+    pub const fn gauge(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            help: help.trim_ascii(),
+            kind: "gauge",
+        }
+    }
+
+    /// A counter: a total that only grows. `help` is trimmed (doc comments via `families!`).
+    pub const fn counter(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            help: help.trim_ascii(),
+            kind: "counter",
+        }
+    }
+}
+
+/// Declares metric families as constants, two lines each: the doc comment is the family's
+/// `# HELP` text (and the constant's documentation), then `NAME: gauge|counter = "metric_name";`.
+///
+/// ```text
+/// families! {
+///     /// Resident set size of a target process.
+///     RSS: gauge = "hermes_mem_rss_bytes";
+/// }
+/// ```
+macro_rules! families {
+    ($($(#[doc = $help:literal])+ $name:ident: $kind:ident = $metric:literal;)*) => {
+        $(
+            $(#[doc = $help])+
+            const $name: $crate::metrics::Family =
+                $crate::metrics::Family::$kind($metric, concat!($($help),+));
+        )*
+    };
+}
+pub(crate) use families;
+
 /// One sample line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -147,11 +187,25 @@ fn handle(mut conn: TcpStream, body: &(dyn Fn() -> String + Send + Sync)) -> std
 mod tests {
     use super::*;
 
-    const F: Family = Family {
-        name: "hermes_test_bytes",
-        help: "Test.",
-        kind: "gauge",
-    };
+    const F: Family = Family::gauge("hermes_test_bytes", "Test.");
+
+    families! {
+        /// A help text written over
+        /// two doc lines.
+        TWO_LINES: counter = "hermes_two_lines_total";
+    }
+
+    #[test]
+    fn families_take_their_help_from_the_doc_comment() {
+        assert_eq!(
+            TWO_LINES,
+            Family {
+                name: "hermes_two_lines_total",
+                help: "A help text written over two doc lines.",
+                kind: "counter",
+            }
+        );
+    }
 
     #[test]
     fn renders_one_header_per_family_and_escapes() {

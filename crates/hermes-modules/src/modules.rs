@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::catalog::{ModuleKind, PlannedModule, Profile};
 use crate::error::Result;
-use crate::metrics::{Family, Samples};
+use crate::metrics::{Samples, families};
 use crate::procfs::{self, CgroupMemory, Mapping, MappingKind, ProcessMemory};
-use crate::registry::{ModuleKind, PlannedModule, Profile};
 use crate::trend::{self, Trend};
 
 /// A running module instance.
@@ -44,31 +44,18 @@ fn pid_label(pid: u32) -> Vec<(&'static str, String)> {
     vec![("pid", pid.to_string())]
 }
 
-const RSS: Family = Family {
-    name: "hermes_mem_rss_bytes",
-    help: "Resident set size of a target process.",
-    kind: "gauge",
-};
-const PSS: Family = Family {
-    name: "hermes_mem_pss_bytes",
-    help: "Proportional set size of a target process.",
-    kind: "gauge",
-};
-const SWAP: Family = Family {
-    name: "hermes_mem_swap_bytes",
-    help: "Swapped-out memory of a target process.",
-    kind: "gauge",
-};
-const CG_USAGE: Family = Family {
-    name: "hermes_cgroup_memory_usage_bytes",
-    help: "Memory usage of a target's cgroup.",
-    kind: "gauge",
-};
-const CG_LIMIT: Family = Family {
-    name: "hermes_cgroup_memory_limit_bytes",
-    help: "Memory limit of a target's cgroup (absent when unlimited).",
-    kind: "gauge",
-};
+families! {
+    /// Resident set size of a target process.
+    RSS: gauge = "hermes_mem_rss_bytes";
+    /// Proportional set size of a target process.
+    PSS: gauge = "hermes_mem_pss_bytes";
+    /// Swapped-out memory of a target process.
+    SWAP: gauge = "hermes_mem_swap_bytes";
+    /// Memory usage of a target's cgroup.
+    CG_USAGE: gauge = "hermes_cgroup_memory_usage_bytes";
+    /// Memory limit of a target's cgroup (absent when unlimited).
+    CG_LIMIT: gauge = "hermes_cgroup_memory_limit_bytes";
+}
 
 /// `mem-logger`: RSS, PSS and swap per target, and memory usage/limit of their cgroups, with a
 /// bounded series (the profile's window) per target for the report.
@@ -163,21 +150,14 @@ impl Module for MemLogger {
     }
 }
 
-const GROWTH: Family = Family {
-    name: "hermes_mem_growth_kib_per_minute",
-    help: "Robust (Theil-Sen) growth trend of a target's RSS+swap over the window.",
-    kind: "gauge",
-};
-const LEAK: Family = Family {
-    name: "hermes_mem_leak_suspected",
-    help: "1 when both the trend and the floor of the window grow faster than the threshold.",
-    kind: "gauge",
-};
-const ALERTS: Family = Family {
-    name: "hermes_mem_leak_alerts_total",
-    help: "Times a target started to be suspected of leaking.",
-    kind: "counter",
-};
+families! {
+    /// Robust (Theil-Sen) growth trend of a target's RSS+swap over the window.
+    GROWTH: gauge = "hermes_mem_growth_kib_per_minute";
+    /// 1 when both the trend and the floor of the window grow faster than the threshold.
+    LEAK: gauge = "hermes_mem_leak_suspected";
+    /// Times a target started to be suspected of leaking.
+    ALERTS: counter = "hermes_mem_leak_alerts_total";
+}
 
 /// Per-target state of the tracer.
 #[derive(Debug, Default)]
@@ -314,36 +294,20 @@ impl MemprofStats {
     }
 }
 
-const LIVE: Family = Family {
-    name: "hermes_alloc_live_bytes",
-    help: "Bytes currently allocated through malloc (LD_PRELOAD interposer).",
-    kind: "gauge",
-};
-const ALLOCS: Family = Family {
-    name: "hermes_alloc_total",
-    help: "Allocations counted by the interposer.",
-    kind: "counter",
-};
-const FREES: Family = Family {
-    name: "hermes_free_total",
-    help: "Frees counted by the interposer.",
-    kind: "counter",
-};
-const RATE: Family = Family {
-    name: "hermes_alloc_rate_per_second",
-    help: "Allocations per second between the last two samples.",
-    kind: "gauge",
-};
-const HIST: Family = Family {
-    name: "hermes_alloc_size_bytes_bucket",
-    help: "Sampled allocation sizes (cumulative buckets).",
-    kind: "counter",
-};
-const MAPPING: Family = Family {
-    name: "hermes_mapping_rss_bytes",
-    help: "Resident bytes of a target by mapping kind (smaps).",
-    kind: "gauge",
-};
+families! {
+    /// Bytes currently allocated through malloc (LD_PRELOAD interposer).
+    LIVE: gauge = "hermes_alloc_live_bytes";
+    /// Allocations counted by the interposer.
+    ALLOCS: counter = "hermes_alloc_total";
+    /// Frees counted by the interposer.
+    FREES: counter = "hermes_free_total";
+    /// Allocations per second between the last two samples.
+    RATE: gauge = "hermes_alloc_rate_per_second";
+    /// Sampled allocation sizes (cumulative buckets).
+    HIST: counter = "hermes_alloc_size_bytes_bucket";
+    /// Resident bytes of a target by mapping kind (smaps).
+    MAPPING: gauge = "hermes_mapping_rss_bytes";
+}
 
 #[derive(Debug, Default)]
 struct Profiled {

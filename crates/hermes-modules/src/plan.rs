@@ -18,8 +18,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::catalog::PlannedModule;
 use crate::error::{Error, Result};
-use crate::registry::PlannedModule;
 
 /// Version of the state file format.
 pub const PLAN_VERSION: u32 = 1;
@@ -369,12 +369,12 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::ModuleCatalog;
     use crate::directive::{Origin, parse_directives};
-    use crate::registry::Registry;
 
     fn plan(text: &str, phase: &str) -> ModulePlan {
         let o = Origin::Script(PathBuf::from("/s"));
-        let modules = Registry::builtin()
+        let modules = ModuleCatalog::builtin()
             .plan(&o, &parse_directives(&o, text).unwrap())
             .unwrap();
         ModulePlan::new(PlanSource::Script { path: "/s".into() }, phase, modules)

@@ -8,10 +8,12 @@
 
 use std::path::{Path, PathBuf};
 
+use hermes_node_api::error_chain;
+
+use crate::catalog::{ModuleCatalog, PlannedModule, ProfilesFile};
 use crate::directive::{Origin, parse_directives, parse_modules_env};
 use crate::error::Result;
 use crate::plan::{self, ModulePlan, PlanOutcome, PlanSource};
-use crate::registry::{PlannedModule, ProfilesFile, Registry};
 use crate::script::{ScriptOptions, run_script};
 use crate::static_config::{OnScriptError, StaticConfig};
 
@@ -73,18 +75,18 @@ pub fn resolve(opts: &ResolveOptions) -> Result<Resolution> {
         )),
         None => None,
     };
-    let mut registry = Registry::builtin();
+    let mut catalog = ModuleCatalog::builtin();
     if let Some((_, cfg)) = &static_cfg {
-        registry = registry.with_overrides(&ProfilesFile {
+        catalog = catalog.with_overrides(&ProfilesFile {
             profiles: cfg.profiles.clone(),
         })?;
     }
     if let Some(p) = &opts.profiles_file {
-        registry = registry.with_overrides(&ProfilesFile::load(p)?)?;
+        catalog = catalog.with_overrides(&ProfilesFile::load(p)?)?;
     }
 
     if opts.script.exists() {
-        match from_script(&registry, opts) {
+        match from_script(&catalog, opts) {
             Ok(r) => return Ok(r),
             Err(e) => {
                 let policy = opts
@@ -94,7 +96,7 @@ pub fn resolve(opts: &ResolveOptions) -> Result<Resolution> {
                 tracing::warn!(script = %opts.script.display(), %policy, error = %e, "loader script failed");
                 let fallback = match policy {
                     OnScriptError::Fail => return Err(e),
-                    OnScriptError::Static => from_static(&registry, opts, static_cfg.as_ref())?,
+                    OnScriptError::Static => from_static(&catalog, opts, static_cfg.as_ref())?,
                     OnScriptError::None => Resolution {
                         source: PlanSource::Nothing,
                         modules: Vec::new(),
@@ -112,10 +114,10 @@ pub fn resolve(opts: &ResolveOptions) -> Result<Resolution> {
             }
         }
     }
-    from_static(&registry, opts, static_cfg.as_ref())
+    from_static(&catalog, opts, static_cfg.as_ref())
 }
 
-fn from_script(registry: &Registry, opts: &ResolveOptions) -> Result<Resolution> {
+fn from_script(catalog: &ModuleCatalog, opts: &ResolveOptions) -> Result<Resolution> {
     let run = run_script(&opts.script, &opts.script_options)?;
     if !run.stderr.trim().is_empty() {
         tracing::info!(script = %opts.script.display(), stderr = %run.stderr.trim(), "loader script stderr");
@@ -126,13 +128,13 @@ fn from_script(registry: &Registry, opts: &ResolveOptions) -> Result<Resolution>
         source: PlanSource::Script {
             path: opts.script.clone(),
         },
-        modules: registry.plan(&origin, &directives)?,
+        modules: catalog.plan(&origin, &directives)?,
         script_stderr: Some(run.stderr),
     })
 }
 
 fn from_static(
-    registry: &Registry,
+    catalog: &ModuleCatalog,
     opts: &ResolveOptions,
     static_cfg: Option<&(PathBuf, StaticConfig)>,
 ) -> Result<Resolution> {
@@ -147,7 +149,7 @@ fn from_static(
         (_, None) => (PlanSource::Nothing, Origin::EnvVar, Vec::new()),
     };
     Ok(Resolution {
-        modules: registry.plan(&origin, &directives)?,
+        modules: catalog.plan(&origin, &directives)?,
         source,
         script_stderr: None,
     })
@@ -158,18 +160,6 @@ fn from_static(
 pub fn resolve_phase(opts: &ResolveOptions, state: &Path, phase: &str) -> Result<PlanOutcome> {
     let r = resolve(opts)?;
     plan::commit(state, phase, ModulePlan::new(r.source, phase, r.modules))
-}
-
-/// An error and its causes on one line, for storing in the plan.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Pod and node metadata for the script's environment, from the process environment (as the

@@ -101,10 +101,7 @@ pub fn run_script(script: &Path, opts: &ScriptOptions) -> Result<ScriptRun> {
             shell: shell.clone(),
             source,
         })?;
-    let guard = GroupGuard {
-        pgid: child.id(),
-        shell: shell.clone(),
-    };
+    let guard = GroupGuard { pgid: child.id() };
 
     let (out_tx, out_rx) = mpsc::channel();
     let mut stdout = child.stdout.take();
@@ -235,28 +232,26 @@ pub(crate) fn wait_until(
     }
 }
 
-/// Kills the script's process group when dropped (the workspace forbids `unsafe`, so the
-/// shell's `kill` builtin sends the signal).
+/// Kills the script's process group when dropped.
 struct GroupGuard {
     pgid: u32,
-    shell: PathBuf,
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        kill_group(&self.shell, self.pgid);
+        kill_group(self.pgid);
     }
 }
 
-/// Sends SIGKILL to process group `pgid`.
-pub(crate) fn kill_group(shell: &Path, pgid: u32) {
-    let _ = Command::new(shell)
-        .arg("-c")
-        .arg(format!("kill -9 -- -{pgid} 2>/dev/null"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+/// Sends SIGKILL to process group `pgid`. The group may be gone already (the script and all
+/// its children exited): that is not an error, so the result is ignored.
+fn kill_group(pgid: u32) {
+    if let Some(pgid) = i32::try_from(pgid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+    }
 }
 
 #[cfg(test)]

@@ -15,20 +15,19 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 
+use crate::catalog::ProfilePatch;
 use crate::directive::Directive;
-use crate::error::{Error, Result};
-use crate::registry::ProfilePatch;
+use crate::error::Result;
 
 /// Default location of the static configuration file.
 pub const DEFAULT_STATIC_PATH: &str = "/etc/hermes/modules.yaml";
 
 /// What to do when the loader script exists but fails (non-zero exit, timeout, bad output).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnScriptError {
     /// Fail the phase with the script's error (the default: a broken script is visible).
@@ -107,7 +106,7 @@ pub struct StaticConfig {
 impl StaticConfig {
     /// Reads and parses a static configuration file.
     pub fn load(path: &Path) -> Result<Self> {
-        load_yaml(path)
+        crate::yaml::load_yaml(path)
     }
 
     /// The modules as directives, numbered by their position in the list.
@@ -138,18 +137,6 @@ impl StaticConfig {
             })
             .collect()
     }
-}
-
-/// Reads a YAML file into `T`, naming the file in errors.
-pub(crate) fn load_yaml<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
-        path: PathBuf::from(path),
-        source,
-    })?;
-    serde_saphyr::from_str(&text).map_err(|source| Error::ConfigParse {
-        path: PathBuf::from(path),
-        source: Box::new(source),
-    })
 }
 
 #[cfg(test)]

@@ -7,10 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -19,14 +19,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::cli::RunArgs;
+use crate::catalog::PlannedModule;
 use crate::error::{Error, Result};
-use crate::metrics::{self, Family, Samples};
+use crate::metrics::{self, Samples, families};
 use crate::modules::{Module, instantiate};
 use crate::plan::ModulePlan;
 use crate::procfs;
-use crate::registry::PlannedModule;
-use crate::resolve::error_chain;
+use hermes_node_api::error_chain;
 
 /// First restart delay; doubles per consecutive failure up to [`MAX_BACKOFF`].
 pub const BASE_BACKOFF: Duration = Duration::from_millis(200);
@@ -146,21 +145,14 @@ pub struct Supervisor {
     metrics_addr: Option<SocketAddr>,
 }
 
-const UP: Family = Family {
-    name: "hermes_module_up",
-    help: "1 when the module's last sample succeeded.",
-    kind: "gauge",
-};
-const RESTARTS: Family = Family {
-    name: "hermes_module_restarts_total",
-    help: "Restarts of a module after a failure.",
-    kind: "counter",
-};
-const SAMPLES: Family = Family {
-    name: "hermes_module_samples_total",
-    help: "Samples a module has taken.",
-    kind: "counter",
-};
+families! {
+    /// 1 when the module's last sample succeeded.
+    UP: gauge = "hermes_module_up";
+    /// Restarts of a module after a failure.
+    RESTARTS: counter = "hermes_module_restarts_total";
+    /// Samples a module has taken.
+    SAMPLES: counter = "hermes_module_samples_total";
+}
 
 fn render(statuses: &Statuses) -> String {
     let map = lock(statuses);
@@ -430,15 +422,30 @@ impl Drop for RunLock {
     }
 }
 
-/// `hermes modules run`: loads the plan, supervises until SIGTERM/SIGINT (or `--duration`).
-pub(crate) fn run_cmd(a: RunArgs) -> Result<ExitCode> {
-    let plan = ModulePlan::load(&a.state)?;
-    let _lock = RunLock::acquire(&a.state)?;
-    let target = match (a.target.target_pid, a.target.target_cgroup) {
-        (Some(p), _) => Target::Pid(p),
-        (None, Some(c)) => Target::Cgroup(c),
-        (None, None) => Target::All,
-    };
+/// What `hermes modules run` supervises: a plan's state file, the targets and where the
+/// metrics and reports go.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The state file written by `resolve` (its plan is run; its lock taken).
+    pub state: PathBuf,
+    /// Which processes the modules observe.
+    pub target: Target,
+    /// Address of the `/metrics` endpoint (port 0 picks one).
+    pub metrics_addr: String,
+    /// Directory for the JSON reports.
+    pub report_dir: PathBuf,
+    /// Where the LD_PRELOAD interposer writes its statistics.
+    pub memprof_dir: PathBuf,
+    /// Stop by itself after this long (`None`: until SIGTERM/SIGINT).
+    pub duration: Option<Duration>,
+}
+
+/// `hermes modules run`: loads the plan, takes its lock and supervises until SIGTERM/SIGINT
+/// (or [`RunOptions::duration`]). Writes `metrics on http://ADDR/metrics; modules: …` to `out`
+/// once the modules run and `stopped: …` at the end; returns the final statuses.
+pub fn run(opts: RunOptions, out: &mut impl Write) -> Result<Vec<ModuleStatus>> {
+    let plan = ModulePlan::load(&opts.state)?;
+    let _lock = RunLock::acquire(&opts.state)?;
     let term = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, term.clone())
@@ -446,16 +453,15 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<ExitCode> {
     }
     let sup = Supervisor::start(RunConfig {
         plan,
-        target,
-        metrics_addr: Some(a.metrics_addr),
-        report_dir: a.report_dir,
-        memprof_dir: a.memprof_dir,
+        target: opts.target,
+        metrics_addr: Some(opts.metrics_addr),
+        report_dir: opts.report_dir,
+        memprof_dir: opts.memprof_dir,
     })?;
-    let mut out = std::io::stdout().lock();
     let modules: Vec<String> = sup.status().into_iter().map(|s| s.key).collect();
     if let Some(addr) = sup.metrics_addr() {
-        crate::cli::write_out(
-            &mut out,
+        write_out(
+            out,
             &format!(
                 "metrics on http://{addr}/metrics; modules: {}\n",
                 modules.join(", ")
@@ -463,7 +469,7 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<ExitCode> {
         )?;
     }
     let started = Instant::now();
-    while !term.load(Ordering::Relaxed) && a.duration.is_none_or(|d| started.elapsed() < d) {
+    while !term.load(Ordering::Relaxed) && opts.duration.is_none_or(|d| started.elapsed() < d) {
         thread::sleep(Duration::from_millis(20));
     }
     let fin = sup.stop();
@@ -471,14 +477,22 @@ pub(crate) fn run_cmd(a: RunArgs) -> Result<ExitCode> {
         .iter()
         .map(|s| format!("{} samples={} restarts={}", s.key, s.samples, s.restarts))
         .collect();
-    crate::cli::write_out(&mut out, &format!("stopped: {}\n", summary.join("; ")))?;
-    Ok(ExitCode::SUCCESS)
+    write_out(out, &format!("stopped: {}\n", summary.join("; ")))?;
+    Ok(fin)
+}
+
+/// Writes a line for whoever started the supervisor; a closed pipe (`| head`) is not an error.
+fn write_out(out: &mut impl Write, s: &str) -> Result<()> {
+    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.map_err(|source| Error::Stdout { source }),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{ModuleKind, Registry};
+    use crate::catalog::{ModuleCatalog, ModuleKind};
     use std::sync::atomic::AtomicUsize;
 
     /// Panics in its first two incarnations' first sample, then works.
@@ -503,7 +517,10 @@ mod tests {
     #[test]
     fn a_panicking_module_is_isolated_and_restarted_with_backoff() {
         let dir = tempfile::tempdir().unwrap();
-        let mut settings = Registry::builtin().profile("dev-tunings").unwrap().clone();
+        let mut settings = ModuleCatalog::builtin()
+            .profile("dev-tunings")
+            .unwrap()
+            .clone();
         settings.interval_ms = 10;
         let planned = PlannedModule {
             module: ModuleKind::MemLogger,

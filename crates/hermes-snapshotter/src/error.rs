@@ -118,13 +118,8 @@ pub enum Error {
         source: hermes_ztoc::Error,
     },
     /// The controller's node API failed or answered something unusable.
-    #[error("controller {url}: {message}")]
-    Controller {
-        /// The request URL.
-        url: String,
-        /// What went wrong.
-        message: String,
-    },
+    #[error("controller")]
+    Controller(#[from] hermes_node_api::client::Error),
     /// A lazy layer could not be mounted.
     #[error("lazy mount of layer {layer}: {message}")]
     Mount {

@@ -132,7 +132,7 @@ pub fn serve_layer(
         reader.keep_for_background();
     }
     let handle = hermes_lazyfs::mount(reader.clone(), &opts.mountpoint)
-        .map_err(|e| mount_err(format!("{e}: {}", error_chain(&e))))?;
+        .map_err(|e| mount_err(hermes_node_api::error_chain(&e)))?;
     let mounted = Instant::now();
     let mounted_unix_ms = unix_ms();
     let dev = std::os::unix::fs::MetadataExt::dev(
@@ -230,16 +230,6 @@ fn read_profile(path: &Path) -> Option<Vec<u32>> {
     serde_json::from_slice::<Profile>(&bytes)
         .ok()
         .map(|p| p.spans)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push(s.to_string());
-        source = s.source();
-    }
-    out.join(": ")
 }
 
 /// Writes `bytes` to `path` through a temp file and a rename.

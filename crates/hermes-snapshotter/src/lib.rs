@@ -42,10 +42,7 @@ pub use error::{Error, Result};
 pub use layer_server::{LayerStats, ServeOptions, serve_layer};
 pub use lazy::LazyLayers;
 pub use node_layers::{Miss, NodeLayers, NodeLayersOptions, Recovery, ServerCommand};
-pub use remote::{
-    FallbackReason, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
-    NoRemoteLayers, RemoteError, RemoteLayer, RemoteLayers,
-};
+pub use remote::{FallbackReason, NoRemoteLayers, RemoteError, RemoteLayer, RemoteLayers};
 pub use server::{ServerHandle, connect, serve};
 pub use snapshots::{Info, Kind, Labels, Mount, Snapshots, Usage};
 pub use sources::IndexSources;

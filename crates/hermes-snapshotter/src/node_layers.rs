@@ -408,7 +408,7 @@ impl NodeLayers {
                 match self.sources.post_trace(&stats.layer, &stats.trace) {
                     Ok(()) => sent += 1,
                     Err(e) => {
-                        warn!(layer = %stats.layer, error = %e, "startup trace not sent; will retry");
+                        warn!(layer = %stats.layer, error = %hermes_node_api::error_chain(&e), "startup trace not sent; will retry");
                         continue;
                     }
                 }

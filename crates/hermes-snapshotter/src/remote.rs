@@ -8,14 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Label with the name the snapshot gets once the layer is unpacked (its chain ID).
-pub const LABEL_TARGET_REF: &str = "containerd.io/snapshot.ref";
-/// CRI label: digest of the compressed layer blob.
-pub const LABEL_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
-/// CRI label: the image reference being pulled.
-pub const LABEL_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-/// CRI label: the image manifest digest.
-pub const LABEL_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
+use hermes_node_api::labels;
 
 /// A layer containerd is about to unpack, as told by the `Prepare` labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,13 +43,13 @@ impl RemoteLayer {
         labels: &BTreeMap<String, String>,
     ) -> Result<Self, NotRemote> {
         let non_empty = |k: &str| labels.get(k).filter(|v| !v.is_empty()).cloned();
-        let target = non_empty(LABEL_TARGET_REF).ok_or(NotRemote::NoTarget)?;
-        let layer_digest = non_empty(LABEL_LAYER_DIGEST).ok_or(NotRemote::NoLayerDigest)?;
+        let target = non_empty(labels::SNAPSHOT_REF).ok_or(NotRemote::NoTarget)?;
+        let layer_digest = non_empty(labels::CRI_LAYER_DIGEST).ok_or(NotRemote::NoLayerDigest)?;
         Ok(RemoteLayer {
             target,
             layer_digest,
-            image_ref: non_empty(LABEL_IMAGE_REF),
-            manifest_digest: non_empty(LABEL_MANIFEST_DIGEST),
+            image_ref: non_empty(labels::CRI_IMAGE_REF),
+            manifest_digest: non_empty(labels::CRI_MANIFEST_DIGEST),
             parent: parent.map(str::to_owned),
             labels: labels.clone(),
         })
@@ -174,13 +167,13 @@ mod tests {
 
     #[test]
     fn labels_without_target_are_not_remote() {
-        let l = labels(&[(LABEL_LAYER_DIGEST, "sha256:aa")]);
+        let l = labels(&[(labels::CRI_LAYER_DIGEST, "sha256:aa")]);
         assert_eq!(RemoteLayer::from_labels(None, &l), Err(NotRemote::NoTarget));
     }
 
     #[test]
     fn target_without_digest_is_not_remote() {
-        let l = labels(&[(LABEL_TARGET_REF, "sha256:chain")]);
+        let l = labels(&[(labels::SNAPSHOT_REF, "sha256:chain")]);
         assert_eq!(
             RemoteLayer::from_labels(None, &l),
             Err(NotRemote::NoLayerDigest)
@@ -190,9 +183,9 @@ mod tests {
     #[test]
     fn cri_labels_make_a_request() {
         let l = labels(&[
-            (LABEL_TARGET_REF, "sha256:chain"),
-            (LABEL_LAYER_DIGEST, "sha256:layer"),
-            (LABEL_IMAGE_REF, "reg/img:1"),
+            (labels::SNAPSHOT_REF, "sha256:chain"),
+            (labels::CRI_LAYER_DIGEST, "sha256:layer"),
+            (labels::CRI_IMAGE_REF, "reg/img:1"),
         ]);
         let r = RemoteLayer::from_labels(Some("p"), &l).expect("remote request");
         assert_eq!(r.target, "sha256:chain");

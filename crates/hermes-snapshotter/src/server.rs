@@ -40,18 +40,11 @@ fn to_status(e: Error) -> Status {
         | Error::Config { .. }
         | Error::Registry(_)
         | Error::Ztoc { .. }
-        | Error::Controller { .. }
+        | Error::Controller(_)
         | Error::Mount { .. }
         | Error::Metrics { .. } => Code::Internal,
     };
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    Status::new(code, msg)
+    Status::new(code, hermes_node_api::error_chain(&e))
 }
 
 #[derive(Debug)]
@@ -76,6 +69,15 @@ impl Service {
 
 fn labels(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
     m.into_iter().collect()
+}
+
+/// The label names a request carries, sorted and comma-separated: which labels a containerd
+/// passes depends on its version and pull path, and the debug log shows it (values stay out:
+/// they hold image references).
+fn label_names(m: &std::collections::HashMap<String, String>) -> String {
+    let mut names: Vec<&str> = m.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    names.join(",")
 }
 
 fn mounts_pb(mounts: Vec<Mount>) -> Vec<types::Mount> {
@@ -120,7 +122,7 @@ impl SnapshotsApi for Service {
         request: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = request.into_inner();
-        debug!(key = %r.key, parent = %r.parent, "prepare");
+        debug!(key = %r.key, parent = %r.parent, labels = %label_names(&r.labels), "prepare");
         let mounts = self
             .run(move |c| c.prepare(&r.key, &r.parent, labels(r.labels)))
             .await?;

@@ -183,7 +183,7 @@ impl Snapshots {
             Ok(Some(dir)) => dir,
             Ok(None) => return Err(FallbackReason::NotAvailable),
             Err(e) => {
-                warn!(target_ref = %layer.target, error = %e, "remote layer source failed");
+                warn!(target_ref = %layer.target, error = %hermes_node_api::error_chain(&*e), "remote layer source failed");
                 return Err(FallbackReason::RemoteError);
             }
         };

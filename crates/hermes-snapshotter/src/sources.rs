@@ -14,12 +14,14 @@
 //! and any failure only means "no zTOC from here". Bodies are read up to a cap
 //! ([`MAX_ZTOC_SIZE`], [`MAX_PROFILE_SIZE`]): a broken or hostile source costs bounded memory.
 //! Images without a zTOC are reported to the controller (`POST /v1/misses`, once per manifest)
-//! so a policy can have them indexed.
+//! so a policy can have them indexed. The controller is spoken to through the node-API
+//! contract's client ([`hermes_node_api::Client`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use hermes_node_api::{ClientOptions, Miss, TraceReport, ZtocAnswer, ZtocQuery, error_chain};
 use hermes_oci::manifest::{Manifest, media};
 use hermes_oci::soci::annotation;
 use hermes_oci::{Client, Digest, Reference, Store};
@@ -29,11 +31,7 @@ use tracing::{debug, info, warn};
 use crate::config::{ControllerConfig, read_token_file};
 use crate::{Error, RemoteLayer, Result};
 
-/// The largest zTOC fetched. zTOCs grow with a layer's files and spans (a 32 KiB window per
-/// span): a 10 GiB layer with a million files stays well below this.
-pub const MAX_ZTOC_SIZE: u64 = 256 << 20;
-/// The largest startup prefetch profile fetched (span ids: a few KiB in practice).
-pub const MAX_PROFILE_SIZE: u64 = 16 << 20;
+pub use hermes_node_api::{MAX_PROFILE_SIZE, MAX_ZTOC_SIZE};
 
 /// Where a zTOC came from (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -142,53 +140,11 @@ impl Answer {
     }
 }
 
-/// The controller's answer to a zTOC request.
-#[derive(Debug)]
-enum FromController {
-    /// A zTOC (verified against its digest header).
-    Ztoc(Vec<u8>),
-    /// The copy the node named is still the zTOC (304).
-    Same,
-    /// None (404).
-    NotFound,
-    /// Refused (404 with `Hermes-Disabled`); the reason.
-    Disabled(String),
-}
-
-/// The controller's node API, as a client.
-#[derive(Debug)]
-struct Controller {
-    base: String,
-    token: Option<String>,
-    http: reqwest::Client,
-}
-
-impl Controller {
-    /// A request to `path` under the base URL, with the bearer token if there is one.
-    fn request(&self, method: reqwest::Method, path: &str) -> (String, reqwest::RequestBuilder) {
-        let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        (url, req)
-    }
-
-    /// A JSON POST to `path`.
-    fn post_json(&self, path: &str, body: &serde_json::Value) -> (String, reqwest::RequestBuilder) {
-        let (url, req) = self.request(reqwest::Method::POST, path);
-        let req = req
-            .header("content-type", "application/json")
-            .body(body.to_string());
-        (url, req)
-    }
-}
-
 /// The index sources of a node.
 #[derive(Debug)]
 pub struct IndexSources {
     store: Store,
-    controller: Option<Controller>,
+    controller: Option<hermes_node_api::Client>,
     registry: Option<Client>,
     runtime: Handle,
     node: String,
@@ -210,21 +166,12 @@ impl IndexSources {
     ) -> Result<Self> {
         let controller = match controller {
             Some(c) => {
-                let token = c.token_file.as_deref().map(read_token_file).transpose()?;
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                let http = reqwest::Client::builder()
-                    .timeout(c.timeout())
-                    .connect_timeout(c.timeout())
-                    .build()
-                    .map_err(|e| Error::Controller {
-                        url: c.url.clone(),
-                        message: format!("cannot build an HTTP client: {e}"),
-                    })?;
-                Some(Controller {
-                    base: c.url.trim_end_matches('/').to_owned(),
-                    token,
-                    http,
-                })
+                let options = ClientOptions {
+                    token: c.token_file.as_deref().map(read_token_file).transpose()?,
+                    timeout: c.timeout(),
+                    ca_pem: None,
+                };
+                Some(hermes_node_api::Client::new(&c.url, options)?)
             }
             None => None,
         };
@@ -263,26 +210,27 @@ impl IndexSources {
         if self.controller.is_some() {
             let kept = local.as_ref().map(|f| &f.digest);
             match self.ask_controller(layer, &digest, kept) {
-                Ok(FromController::Disabled(reason)) => {
+                Ok(ZtocAnswer::Disabled(reason)) => {
                     self.counters.count(Source::Controller, Lookup::Refused);
                     info!(layer = %digest, %reason, "the controller refuses a lazy start");
                     return Ok(Answer::Disabled(reason));
                 }
-                Ok(FromController::Ztoc(bytes)) => {
+                Ok(ZtocAnswer::Ztoc(bytes)) => {
                     self.counters.count(Source::Controller, Lookup::Found);
                     return self
                         .keep(&digest, bytes, Source::Controller)
                         .map(Answer::Ztoc);
                 }
                 // Confirmed: counted below as found locally.
-                Ok(FromController::Same) => {}
-                Ok(FromController::NotFound) => {
+                Ok(ZtocAnswer::Same) => {}
+                Ok(ZtocAnswer::NotFound) => {
                     answered = true;
+                    debug!(layer = %digest, "controller has no zTOC");
                     self.counters.count(Source::Controller, Lookup::NotFound);
                 }
                 Err(e) => {
                     self.counters.count(Source::Controller, Lookup::Failed);
-                    warn!(layer = %digest, error = %e, "controller lookup failed");
+                    warn!(layer = %digest, error = %error_chain(&e), "controller lookup failed");
                     last_err = Some(e);
                 }
             }
@@ -306,7 +254,7 @@ impl IndexSources {
                 }
                 Err(e) => {
                     self.counters.count(Source::Registry, Lookup::Failed);
-                    warn!(layer = %digest, error = %format!("{e:#}"), "registry SOCI lookup failed");
+                    warn!(layer = %digest, error = %error_chain(&e), "registry SOCI lookup failed");
                     last_err = Some(e);
                 }
             }
@@ -355,72 +303,15 @@ impl IndexSources {
         remote: &RemoteLayer,
         layer: &Digest,
         kept: Option<&Digest>,
-    ) -> Result<FromController> {
+    ) -> Result<ZtocAnswer> {
         let Some(c) = &self.controller else {
-            return Ok(FromController::NotFound);
+            return Ok(ZtocAnswer::NotFound);
         };
-        let mut query = Vec::new();
-        if let Some(image) = &remote.image_ref {
-            query.push(format!("image={}", hermes_oci::encode_query(image)));
-        }
-        if let Some(manifest) = &remote.manifest_digest {
-            query.push(format!("manifest={}", hermes_oci::encode_query(manifest)));
-        }
-        let mut path = format!("/v1/layers/{layer}/ztoc");
-        if !query.is_empty() {
-            path = format!("{path}?{}", query.join("&"));
-        }
-        let (url, mut req) = c.request(reqwest::Method::GET, &path);
-        if let Some(kept) = kept {
-            req = req.header("if-none-match", format!("\"{kept}\""));
-        }
-        let fail = |message: String| Error::Controller {
-            url: url.clone(),
-            message,
+        let query = ZtocQuery {
+            image: remote.image_ref.clone(),
+            manifest: remote.manifest_digest.clone(),
         };
-        let (status, header, disabled, body) = self.runtime.block_on(async {
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| fail(format!("request failed: {e}")))?;
-            let status = resp.status();
-            let text = |name: &str| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
-            let (header, disabled) = (text("docker-content-digest"), text("hermes-disabled"));
-            // Only a zTOC's body is of use; an error page is not read at all.
-            let body = if status.is_success() {
-                hermes_oci::read_body(resp, MAX_ZTOC_SIZE, "zTOC")
-                    .await
-                    .map_err(|e| fail(e.to_string()))?
-            } else {
-                Default::default()
-            };
-            Ok::<_, Error>((status, header, disabled, body))
-        })?;
-        if status == reqwest::StatusCode::NOT_MODIFIED && kept.is_some() {
-            return Ok(FromController::Same);
-        }
-        if status == reqwest::StatusCode::NOT_FOUND {
-            if let Some(reason) = disabled {
-                return Ok(FromController::Disabled(reason));
-            }
-            debug!(%layer, "controller has no zTOC");
-            return Ok(FromController::NotFound);
-        }
-        if !status.is_success() {
-            return Err(fail(format!("answered {status}")));
-        }
-        let actual = Digest::of(&body);
-        match header {
-            Some(h) if h != actual.as_str() => Err(fail(format!(
-                "zTOC body has digest {actual}, the header says {h}"
-            ))),
-            _ => Ok(FromController::Ztoc(body.to_vec())),
-        }
+        Ok(self.runtime.block_on(c.ztoc(layer, &query, kept))?)
     }
 
     fn ask_registry(&self, layer: &RemoteLayer, digest: &Digest) -> Result<Option<Vec<u8>>> {
@@ -505,27 +396,14 @@ impl IndexSources {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The controller's merged startup profile of a layer (its JSON), if it has one.
+    /// The controller's merged startup profile of a layer (its JSON, as the layer server
+    /// reads it), if it has one.
     pub fn prefetch_profile(&self, layer: &Digest) -> Option<Vec<u8>> {
         let c = self.controller.as_ref()?;
-        let (url, req) = c.request(
-            reqwest::Method::GET,
-            &format!("/v1/layers/{layer}/prefetch"),
-        );
-        let got = self.runtime.block_on(async {
-            let resp = req.send().await.map_err(|e| e.to_string())?;
-            if !resp.status().is_success() {
-                return Ok(None);
-            }
-            hermes_oci::read_body(resp, MAX_PROFILE_SIZE, "prefetch profile")
-                .await
-                .map(Some)
-                .map_err(|e| e.to_string())
-        });
-        match got {
-            Ok(body) => body.map(|b| b.to_vec()),
-            Err(error) => {
-                debug!(url, error, "no prefetch profile");
+        match self.runtime.block_on(c.prefetch_profile(layer)) {
+            Ok(profile) => profile.and_then(|p| serde_json::to_vec(&p).ok()),
+            Err(e) => {
+                debug!(%layer, error = %error_chain(&e), "no prefetch profile");
                 None
             }
         }
@@ -536,25 +414,16 @@ impl IndexSources {
         let Some(c) = &self.controller else {
             return Ok(());
         };
-        let mut body = serde_json::json!({ "layers": { layer: spans } });
-        if !self.node.is_empty() {
-            body["node"] = self.node.clone().into();
-        }
-        let (url, req) = c.post_json("/v1/traces", &body);
-        let status = self
-            .runtime
-            .block_on(async { req.send().await.map(|r| r.status()) })
-            .map_err(|e| Error::Controller {
-                url: url.clone(),
-                message: format!("request failed: {e}"),
-            })?;
-        if !status.is_success() {
-            return Err(Error::Controller {
-                url,
-                message: format!("answered {status}"),
-            });
-        }
-        Ok(())
+        let report = TraceReport {
+            node: self.node_name(),
+            layers: [(Digest::parse(layer)?, spans.to_vec())].into(),
+        };
+        Ok(self.runtime.block_on(c.post_trace(&report))?)
+    }
+
+    /// This node's name for reports (none if the hostname is unknown).
+    fn node_name(&self) -> Option<String> {
+        (!self.node.is_empty()).then(|| self.node.clone())
     }
 
     /// Tells the controller, once per manifest, that an image started without an index. Does
@@ -579,19 +448,21 @@ impl IndexSources {
                 return;
             }
         }
-        let mut body = serde_json::json!({ "image": image });
-        if let Some(d) = &layer.manifest_digest {
-            body["digest"] = d.clone().into();
-        }
-        if !self.node.is_empty() {
-            body["node"] = self.node.clone().into();
-        }
-        let (url, req) = c.post_json("/v1/misses", &body);
+        // A manifest label that is no digest is left out: the controller resolves the image
+        // by its reference then.
+        let miss = Miss {
+            image: image.clone(),
+            digest: layer
+                .manifest_digest
+                .as_deref()
+                .and_then(|d| Digest::parse(d).ok()),
+            node: self.node_name(),
+        };
+        let c = c.clone();
         self.runtime.spawn(async move {
-            match req.send().await {
-                Ok(r) if r.status().is_success() => debug!(url, "miss reported"),
-                Ok(r) => debug!(url, status = %r.status(), "miss not accepted"),
-                Err(e) => debug!(url, error = %e, "miss not reported"),
+            match c.post_miss(&miss).await {
+                Ok(()) => debug!(image = miss.image, "miss reported"),
+                Err(e) => debug!(image = miss.image, error = %error_chain(&e), "miss not reported"),
             }
         });
     }

@@ -59,6 +59,23 @@ pub enum Error {
         /// The log's contents.
         log: String,
     },
+    /// containerd 2.x was asked for and is not there.
+    #[error(
+        "containerd 2.x is not available ({reason}): run `bash scripts/containerd2.sh fetch` \
+         (or set HERMES_CONTAINERD2_BIN to a directory with containerd, containerd-shim-runc-v2 and ctr)"
+    )]
+    Containerd2Missing {
+        /// What was missing.
+        reason: String,
+    },
+    /// A containerd feature was asked of a containerd that lacks it.
+    #[error("{flavour} has no {feature}: use containerd 2")]
+    Unsupported {
+        /// The feature.
+        feature: &'static str,
+        /// The containerd asked.
+        flavour: String,
+    },
     /// An external command exited unsuccessfully.
     #[error("`{command}` failed ({status}):\n{stderr}")]
     Command {
@@ -85,13 +102,7 @@ pub enum Error {
 
 impl std::fmt::Debug for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self}")?;
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
+        f.write_str(&hermes_node_api::error_chain(self))
     }
 }
 

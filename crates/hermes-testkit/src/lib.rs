@@ -6,8 +6,9 @@
 //!   stalls, error statuses, 429s, truncated and corrupted bodies (queued, or at random from a
 //!   seed), caps bandwidth and can play a bearer-token auth server. The `fault-proxy` binary runs
 //!   one as a process for scripts (`bench/chaos.py`).
-//! - [`Containerd`]: Debian's containerd + runc with its own root, state and socket, optionally
-//!   with a proxy snapshotter and the CRI plugin pulling from a local registry.
+//! - [`Containerd`]: containerd 1.6 (the system's) or 2.x (see [`Flavour`]) with the system's
+//!   runc, its own root, state and socket, optionally with a proxy snapshotter and the CRI plugin
+//!   pulling from a local registry.
 //! - [`TestImage`]: builds OCI images from generated file trees and pushes them with `skopeo`.
 //!
 //! It deliberately contains no Hermes logic: tests compare what Hermes reads back against what
@@ -23,7 +24,8 @@ mod proxy;
 mod registry;
 
 pub use containerd::{
-    Containerd, ContainerdBuilder, PROXY_SNAPSHOTTER, busybox, busybox_image, sandbox_image,
+    CONTAINERD2_BIN_ENV, Containerd, ContainerdBuilder, CriPull, Flavour, HERMES_RUNTIME_HANDLER,
+    PROXY_SNAPSHOTTER, busybox, busybox_image, sandbox_image,
 };
 pub use error::{Error, Result};
 pub use image::{LayerInfo, PushedImage, PushedIndex, SparseFormat, TestImage};

@@ -9,6 +9,7 @@ mod controller_cmd;
 mod index_cmd;
 mod kube_cmd;
 mod layer_cmd;
+mod modules_cmd;
 mod node_cmd;
 mod pull;
 mod pull_cmd;
@@ -53,7 +54,7 @@ enum Command {
     Pull(pull_cmd::PullArgs),
     /// Memory sidecar modules: resolve which load (runtime script or static config), run them.
     #[command(subcommand)]
-    Modules(hermes_modules::cli::ModulesCommand),
+    Modules(modules_cmd::ModulesCommand),
     /// The controller: indexes running images that a HermesPolicy selects and serves the
     /// indexes to nodes (`--standalone`: policies from a directory, a local containerd).
     Controller(controller_cmd::ControllerArgs),
@@ -88,7 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node(args) => node_cmd::run(args),
         Command::Kube(cmd) => kube_cmd::run(cmd),
         Command::Pull(args) => pull_cmd::run(args),
-        Command::Modules(cmd) => Ok(hermes_modules::cli::run_command(cmd)?),
+        Command::Modules(cmd) => modules_cmd::run(cmd),
         Command::Controller(args) => controller_cmd::run(args),
         Command::Status(args) => status_cmd::run(args),
     }

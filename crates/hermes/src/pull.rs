@@ -25,23 +25,12 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use hermes_containerd::api::containerd::types::{Descriptor, Mount};
 use hermes_containerd::{BlobRef, Chunks, Containerd, Platform};
+use hermes_node_api::labels;
 use hermes_oci::manifest::Manifest;
 use hermes_oci::{BlobStream, Digest, Reference};
 use serde::Deserialize;
 use tracing::{debug, info};
 
-/// Label with the name the snapshot gets once unpacked (its chain ID).
-pub const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
-/// CRI label: the image reference being pulled.
-pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
-/// CRI label: the image manifest digest.
-pub const LABEL_CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-digest";
-/// CRI label: the digest of the compressed layer blob.
-pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
-/// CRI label: this and the following layers' digests, comma-separated, as many as fit.
-pub const LABEL_CRI_IMAGE_LAYERS: &str = "containerd.io/snapshot/cri.image-layers";
-/// Content label: the diff ID of a layer blob once it has been applied.
-pub const LABEL_UNCOMPRESSED: &str = "containerd.io/uncompressed";
 /// containerd's limit on a label's key plus value, in bytes.
 const MAX_LABEL_BYTES: usize = 4096;
 /// How long a pull's lease lives if the pull dies before removing it.
@@ -183,12 +172,7 @@ impl Pull<'_> {
                     .manifests
                     .iter()
                     .enumerate()
-                    .map(|(i, m)| {
-                        (
-                            format!("containerd.io/gc.ref.content.m.{i}"),
-                            m.digest.to_string(),
-                        )
-                    })
+                    .map(|(i, m)| (labels::gc_ref_content_manifest(i), m.digest.to_string()))
                     .collect();
                 self.store(&index.digest, index.bytes.clone(), labels)
                     .await?;
@@ -233,7 +217,7 @@ impl Pull<'_> {
             self.c
                 .set_content_labels(
                     &config_digest,
-                    HashMap::from([(format!("containerd.io/gc.ref.snapshot.{sn}"), top.clone())]),
+                    HashMap::from([(labels::gc_ref_snapshot(sn), top.clone())]),
                 )
                 .await?;
         }
@@ -365,7 +349,7 @@ impl Pull<'_> {
         self.c
             .set_content_labels(
                 layer.digest.as_str(),
-                HashMap::from([(LABEL_UNCOMPRESSED.to_owned(), applied)]),
+                HashMap::from([(labels::UNCOMPRESSED.to_owned(), applied)]),
             )
             .await?;
         Ok(LayerOutcome::Unpacked)
@@ -466,7 +450,7 @@ pub fn snapshot_labels(
         } else {
             format!(",{}", l.digest)
         };
-        if LABEL_CRI_IMAGE_LAYERS.len() + layers.len() + item.len() > MAX_LABEL_BYTES {
+        if labels::CRI_IMAGE_LAYERS.len() + layers.len() + item.len() > MAX_LABEL_BYTES {
             break;
         }
         layers.push_str(&item);
@@ -477,14 +461,14 @@ pub fn snapshot_labels(
         .map(|l| l.digest.to_string())
         .unwrap_or_default();
     HashMap::from([
-        (LABEL_SNAPSHOT_REF.to_owned(), chain.to_owned()),
-        (LABEL_CRI_IMAGE_REF.to_owned(), image_ref.to_owned()),
+        (labels::SNAPSHOT_REF.to_owned(), chain.to_owned()),
+        (labels::CRI_IMAGE_REF.to_owned(), image_ref.to_owned()),
         (
-            LABEL_CRI_MANIFEST_DIGEST.to_owned(),
+            labels::CRI_MANIFEST_DIGEST.to_owned(),
             manifest_digest.to_owned(),
         ),
-        (LABEL_CRI_LAYER_DIGEST.to_owned(), digest),
-        (LABEL_CRI_IMAGE_LAYERS.to_owned(), layers),
+        (labels::CRI_LAYER_DIGEST.to_owned(), digest),
+        (labels::CRI_IMAGE_LAYERS.to_owned(), layers),
     ])
 }
 
@@ -492,14 +476,11 @@ pub fn snapshot_labels(
 /// layer (missing blobs, e.g. lazy layers, are simply not followed).
 pub fn manifest_gc_labels(manifest: &Manifest) -> HashMap<String, String> {
     let mut labels = HashMap::from([(
-        "containerd.io/gc.ref.content.config".to_owned(),
+        labels::GC_REF_CONTENT_CONFIG.to_owned(),
         manifest.config.digest.to_string(),
     )]);
     for (i, layer) in manifest.layers.iter().enumerate() {
-        labels.insert(
-            format!("containerd.io/gc.ref.content.l.{i}"),
-            layer.digest.to_string(),
-        );
+        labels.insert(labels::gc_ref_content_layer(i), layer.digest.to_string());
     }
     labels
 }
@@ -544,15 +525,15 @@ mod tests {
     fn snapshot_labels_are_cri_s_with_the_following_layers() {
         let m = manifest(3);
         let labels = snapshot_labels("r/x:1", "sha256:mm", &m, 1, "sha256:chain");
-        assert_eq!(labels[LABEL_SNAPSHOT_REF], "sha256:chain");
-        assert_eq!(labels[LABEL_CRI_IMAGE_REF], "r/x:1");
-        assert_eq!(labels[LABEL_CRI_MANIFEST_DIGEST], "sha256:mm");
+        assert_eq!(labels[labels::SNAPSHOT_REF], "sha256:chain");
+        assert_eq!(labels[labels::CRI_IMAGE_REF], "r/x:1");
+        assert_eq!(labels[labels::CRI_MANIFEST_DIGEST], "sha256:mm");
         assert_eq!(
-            labels[LABEL_CRI_LAYER_DIGEST],
+            labels[labels::CRI_LAYER_DIGEST],
             m.layers[1].digest.to_string()
         );
         assert_eq!(
-            labels[LABEL_CRI_IMAGE_LAYERS],
+            labels[labels::CRI_IMAGE_LAYERS],
             format!("{},{}", m.layers[1].digest, m.layers[2].digest)
         );
     }
@@ -561,11 +542,11 @@ mod tests {
     fn the_image_layers_label_stops_before_containerd_s_size_limit() {
         let m = manifest(100);
         let labels = snapshot_labels("r/x:1", "sha256:mm", &m, 0, "c");
-        let value = &labels[LABEL_CRI_IMAGE_LAYERS];
-        assert!(LABEL_CRI_IMAGE_LAYERS.len() + value.len() <= 4096);
+        let value = &labels[labels::CRI_IMAGE_LAYERS];
+        assert!(labels::CRI_IMAGE_LAYERS.len() + value.len() <= 4096);
         let n = value.split(',').count();
         // 71 bytes per digest plus a comma: as many as fit, and not one more.
-        assert_eq!(n, (4096 - LABEL_CRI_IMAGE_LAYERS.len() + 1) / 72);
+        assert_eq!(n, (4096 - labels::CRI_IMAGE_LAYERS.len() + 1) / 72);
     }
 
     #[test]

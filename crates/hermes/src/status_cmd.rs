@@ -1,5 +1,6 @@
 //! `hermes status [IMAGE]`: what the controller knows about running images and policies, from
-//! its node API (`GET /v1/images`, `GET /v1/policies`).
+//! its node API (`GET /v1/images`, `GET /v1/policies`) through the contract's client, so every
+//! request has a deadline and every answer a size cap.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use hermes_controller::reconcile::LayerState;
 use hermes_controller::status::{ImageReport, PolicyReport};
+use hermes_node_api::client::{Client, ClientOptions, Error as ApiError};
 use hermes_oci::Reference;
 
 use crate::controller_cmd::DEFAULT_LISTEN;
@@ -39,24 +41,33 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .map(hermes_snapshotter::config::read_token_file)
         .transpose()?;
+    let ca_pem = args
+        .tls_ca
+        .as_deref()
+        .map(|path| {
+            std::fs::read(path)
+                .with_context(|| format!("cannot read the CA certificate {}", path.display()))
+        })
+        .transpose()?;
+    let client = Client::new(
+        &args.controller,
+        ClientOptions {
+            token,
+            ca_pem,
+            ..ClientOptions::default()
+        },
+    )
+    .with_context(|| match &args.tls_ca {
+        Some(path) => format!("is {} a PEM certificate?", path.display()),
+        None => "cannot set up an HTTP client".to_owned(),
+    })?;
+    let base = client.base().to_owned();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let base = args.controller.trim_end_matches('/').to_owned();
     let (images, policies): (Vec<ImageReport>, Vec<PolicyReport>) = runtime.block_on(async {
-        // reqwest is built without a default TLS crypto provider.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut http = reqwest::Client::builder();
-        if let Some(path) = &args.tls_ca {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
-            let ca = reqwest::Certificate::from_pem(&pem)
-                .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
-            http = http.add_root_certificate(ca);
-        }
-        let http = http.build().context("cannot set up an HTTP client")?;
-        let images = get(&http, &base, "/v1/images", token.as_deref()).await?;
-        let policies = get(&http, &base, "/v1/policies", token.as_deref()).await?;
+        let images = client.images().await.map_err(|e| explain(e, &base))?;
+        let policies = client.policies().await.map_err(|e| explain(e, &base))?;
         anyhow::Ok((images, policies))
     })?;
     let mut out = std::io::stdout().lock();
@@ -86,35 +97,18 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn get<T: serde::de::DeserializeOwned>(
-    http: &reqwest::Client,
-    base: &str,
-    path: &str,
-    token: Option<&str>,
-) -> anyhow::Result<T> {
-    let url = format!("{base}{path}");
-    let mut request = http.get(&url);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    let response = request.send().await.with_context(|| {
-        format!("cannot reach the controller at {base}: is `hermes controller` running there? (--controller URL or HERMES_CONTROLLER)")
-    })?;
-    let status = response.status();
-    let body = response
-        .bytes()
-        .await
-        .with_context(|| format!("cannot read the answer to GET {url}"))?;
-    if status == reqwest::StatusCode::UNAUTHORIZED {
-        bail!("the controller at {base} wants a bearer token: pass --token-file FILE");
-    }
-    if !status.is_success() {
-        bail!(
-            "the controller answered {status} to GET {url}: {}",
-            String::from_utf8_lossy(&body)
-        );
-    }
-    serde_json::from_slice(&body).with_context(|| format!("unexpected answer to GET {url}"))
+/// A node-API error with what to do about it.
+fn explain(error: ApiError, base: &str) -> anyhow::Error {
+    let hint = match &error {
+        ApiError::Request { .. } => format!(
+            "cannot reach the controller at {base}: is `hermes controller` running there? (--controller URL or HERMES_CONTROLLER)"
+        ),
+        ApiError::Unauthorized { .. } => {
+            format!("the controller at {base} wants a bearer token: pass --token-file FILE")
+        }
+        _ => format!("the controller at {base} answered something unusable"),
+    };
+    anyhow::Error::new(error).context(hint)
 }
 
 fn is_image(report: &ImageReport, wanted: &str) -> bool {

@@ -7,3 +7,4 @@ mod controller;
 mod crds;
 mod leader;
 mod manifests;
+mod webhook;

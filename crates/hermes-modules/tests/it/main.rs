@@ -1,6 +1,7 @@
-//! Integration tests of hermes-modules with real processes: loader scripts, init phases as
-//! separate processes, the supervisor binary, target processes that leak or saw-tooth, and C
-//! programs run under the LD_PRELOAD interposer.
+//! Integration tests of hermes-modules with real processes: loader scripts, init phases, the
+//! supervisor, target processes that leak or saw-tooth, and C programs run under the LD_PRELOAD
+//! interposer. The `hermes modules …` commands as processes are tested with the `hermes` binary
+//! (`crates/hermes/tests/it/modules.rs`).
 
 mod modules;
 mod phases;
@@ -8,4 +9,3 @@ mod profiler;
 mod resolve;
 mod supervisor;
 mod support;
-mod webhook;

@@ -4,14 +4,17 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use hermes_modules::catalog::{ModuleCatalog, Profile};
 use hermes_modules::modules::{MemLogger, MemTracer, Module};
-use hermes_modules::registry::{Profile, Registry};
 use hermes_modules::supervisor::Target;
 
 use crate::support::{Proc, require};
 
 fn profile(interval_ms: u64, window: u32, threshold: f64) -> Profile {
-    let mut p = Registry::builtin().profile("dev-tunings").unwrap().clone();
+    let mut p = ModuleCatalog::builtin()
+        .profile("dev-tunings")
+        .unwrap()
+        .clone();
     p.interval_ms = interval_ms;
     p.window = window;
     p.growth_threshold_kib_per_min = threshold;

@@ -8,9 +8,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use hermes_modules::catalog::ModuleCatalog;
 use hermes_modules::modules::{MemProfiler, MemprofStats, Module};
 use hermes_modules::procfs::MappingKind;
-use hermes_modules::registry::Registry;
 
 use crate::support::{Proc, compile_c, memprof_so, wait_for};
 
@@ -203,7 +203,10 @@ fn mem_profiler_reads_live_and_final_statistics_and_smaps() {
         Some("ready"),
     );
     let pid = p.pid();
-    let mut settings = Registry::builtin().profile("dev-tunings").unwrap().clone();
+    let mut settings = ModuleCatalog::builtin()
+        .profile("dev-tunings")
+        .unwrap()
+        .clone();
     settings.top_mappings = 5;
     let mut prof = MemProfiler::new(settings, stats_dir.clone());
 
@@ -339,7 +342,10 @@ int main(void) {
     );
     let pid = p.pid();
     let mut prof = MemProfiler::new(
-        Registry::builtin().profile("dev-tunings").unwrap().clone(),
+        ModuleCatalog::builtin()
+            .profile("dev-tunings")
+            .unwrap()
+            .clone(),
         stats_dir,
     );
     let t0 = std::time::Instant::now();

@@ -4,8 +4,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hermes_modules::Error;
+use hermes_modules::catalog::PlannedModule;
 use hermes_modules::plan::PlanSource;
-use hermes_modules::registry::PlannedModule;
 use hermes_modules::resolve::resolve;
 use hermes_modules::static_config::OnScriptError;
 

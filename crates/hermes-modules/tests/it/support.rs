@@ -1,4 +1,4 @@
-//! Test helpers: scripts, processes, the example binary and the interposer library.
+//! Test helpers: scripts, processes and the interposer library.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -96,15 +96,6 @@ impl Drop for Proc {
     }
 }
 
-/// Sends a signal by name with the `kill` utility.
-pub fn signal(pid: u32, sig: &str) {
-    let st = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success(), "kill -{sig} {pid} failed");
-}
-
 /// A program that must exist, or the test fails saying what to install.
 pub fn require(program: &str, package: &str) -> PathBuf {
     let out = Command::new("/bin/sh")
@@ -123,23 +114,6 @@ fn target_dir() -> PathBuf {
     // .../target/debug/deps/it-HASH → .../target
     let exe = std::env::current_exe().unwrap();
     exe.ancestors().nth(3).unwrap().to_path_buf()
-}
-
-/// The `hermes-modules` example binary (built by `cargo test -p hermes-modules`).
-pub fn example_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/hermes-modules");
-    assert!(
-        p.exists(),
-        "{} is missing: run the tests with `cargo test -p hermes-modules` (which builds the examples)",
-        p.display()
-    );
-    p
 }
 
 /// Builds `libhermes_memprof.so` once (in its own target dir, so the outer cargo's lock and

@@ -3,9 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use hermes_snapshotter::{
-    Error, FallbackReason, Kind, LABEL_LAYER_DIGEST, LABEL_TARGET_REF, NoRemoteLayers,
-};
+use hermes_node_api::labels;
+use hermes_snapshotter::{Error, FallbackReason, Kind, NoRemoteLayers};
 
 use crate::support::{Answer, Double, core};
 
@@ -225,8 +224,8 @@ fn remote_prepare_commits_the_target_and_answers_already_exists() {
     let double = Double::new(Answer::Dir(layer.path().to_owned()));
     let (_d, s) = core(double.clone());
     let labels = l(&[
-        (LABEL_TARGET_REF, "sha256:chain1"),
-        (LABEL_LAYER_DIGEST, "sha256:l1"),
+        (labels::SNAPSHOT_REF, "sha256:chain1"),
+        (labels::CRI_LAYER_DIGEST, "sha256:l1"),
     ]);
     let err = s.prepare("extract-1", "", labels.clone()).unwrap_err();
     assert!(
@@ -269,8 +268,8 @@ fn every_remote_failure_falls_back_to_an_active_snapshot_and_is_counted() {
     for (answer, reason) in cases {
         let (_d, s) = core(Double::new(answer.clone()));
         let labels = l(&[
-            (LABEL_TARGET_REF, "sha256:c"),
-            (LABEL_LAYER_DIGEST, "sha256:l"),
+            (labels::SNAPSHOT_REF, "sha256:c"),
+            (labels::CRI_LAYER_DIGEST, "sha256:l"),
         ]);
         let m = s
             .prepare("extract", "", labels)
@@ -295,7 +294,7 @@ fn every_remote_failure_falls_back_to_an_active_snapshot_and_is_counted() {
 fn target_without_layer_digest_falls_back_without_asking() {
     let double = Double::new(Answer::Fail);
     let (_d, s) = core(double.clone());
-    s.prepare("extract", "", l(&[(LABEL_TARGET_REF, "sha256:c")]))
+    s.prepare("extract", "", l(&[(labels::SNAPSHOT_REF, "sha256:c")]))
         .unwrap();
     assert!(double.asked().is_empty());
     assert_eq!(s.fallback_count(FallbackReason::NoLayerDigest), 1);
@@ -327,8 +326,8 @@ fn concurrent_remote_prepares_of_one_layer_all_answer_already_exists() {
     let layer = tempfile::tempdir().unwrap();
     let (_d, s) = core(Double::new(Answer::Dir(layer.path().to_owned())));
     let labels = l(&[
-        (LABEL_TARGET_REF, "sha256:c"),
-        (LABEL_LAYER_DIGEST, "sha256:l"),
+        (labels::SNAPSHOT_REF, "sha256:c"),
+        (labels::CRI_LAYER_DIGEST, "sha256:l"),
     ]);
     let results: Vec<_> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..8)

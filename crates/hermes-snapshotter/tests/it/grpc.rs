@@ -3,8 +3,9 @@
 use std::fs;
 use std::sync::Arc;
 
+use hermes_node_api::labels;
 use hermes_snapshotter::api::containerd::services::snapshots::v1 as pb;
-use hermes_snapshotter::{FallbackReason, LABEL_LAYER_DIGEST, LABEL_TARGET_REF, NoRemoteLayers};
+use hermes_snapshotter::{FallbackReason, NoRemoteLayers};
 use tonic::Code;
 
 use crate::support::{
@@ -171,12 +172,9 @@ async fn remote_prepare_answers_already_exists_and_stat_shows_the_committed_laye
     let c = &mut s.client;
 
     let cri = labels(&[
-        (LABEL_TARGET_REF, "sha256:chain-a"),
-        (LABEL_LAYER_DIGEST, "sha256:layer-a"),
-        (
-            "containerd.io/snapshot/cri.image-ref",
-            "127.0.0.1:5000/app:1",
-        ),
+        (labels::SNAPSHOT_REF, "sha256:chain-a"),
+        (labels::CRI_LAYER_DIGEST, "sha256:layer-a"),
+        (labels::CRI_IMAGE_REF, "127.0.0.1:5000/app:1"),
     ]);
     let status = c
         .prepare(prepare("extract-1 sha256:chain-a", "", cri))
@@ -192,7 +190,9 @@ async fn remote_prepare_answers_already_exists_and_stat_shows_the_committed_laye
         .unwrap();
     assert_eq!(info.kind, pb::Kind::Committed as i32);
     assert_eq!(
-        info.labels.get(LABEL_LAYER_DIGEST).map(String::as_str),
+        info.labels
+            .get(labels::CRI_LAYER_DIGEST)
+            .map(String::as_str),
         Some("sha256:layer-a")
     );
     assert_eq!(
@@ -227,8 +227,8 @@ async fn failing_remote_source_falls_back_to_a_normal_snapshot() {
     let mut s = Served::start(double.clone()).await;
     let c = &mut s.client;
     let cri = labels(&[
-        (LABEL_TARGET_REF, "sha256:chain-b"),
-        (LABEL_LAYER_DIGEST, "sha256:layer-b"),
+        (labels::SNAPSHOT_REF, "sha256:chain-b"),
+        (labels::CRI_LAYER_DIGEST, "sha256:layer-b"),
     ]);
     let m = c
         .prepare(prepare("extract-b", "", cri))

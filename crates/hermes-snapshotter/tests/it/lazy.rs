@@ -6,11 +6,9 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
 
+use hermes_node_api::labels;
 use hermes_oci::{Client, ClientOptions, IndexOptions, Reference, Store};
-use hermes_snapshotter::{
-    Error, FallbackReason, LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_TARGET_REF, LazyLayers,
-    Snapshots,
-};
+use hermes_snapshotter::{Error, FallbackReason, LazyLayers, Snapshots};
 use hermes_testkit::{Registry, TestImage};
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -69,9 +67,9 @@ fn an_indexed_layer_is_committed_as_a_lazy_mount_and_read_through_overlay() {
     ));
     let snapshots = Snapshots::open(dir.path().join("snapshots"), lazy.clone()).expect("snapshots");
     let l = labels(&[
-        (LABEL_TARGET_REF, "sha256:chain-app"),
-        (LABEL_LAYER_DIGEST, layer.digest.as_str()),
-        (LABEL_IMAGE_REF, pushed.reference.as_str()),
+        (labels::SNAPSHOT_REF, "sha256:chain-app"),
+        (labels::CRI_LAYER_DIGEST, layer.digest.as_str()),
+        (labels::CRI_IMAGE_REF, pushed.reference.as_str()),
     ]);
     let err = snapshots
         .prepare("extract-app", "", l)
@@ -92,9 +90,9 @@ fn an_indexed_layer_is_committed_as_a_lazy_mount_and_read_through_overlay() {
         .min_by_key(|l| l.size)
         .expect("small layer");
     let l = labels(&[
-        (LABEL_TARGET_REF, "sha256:chain-small"),
-        (LABEL_LAYER_DIGEST, small.digest.as_str()),
-        (LABEL_IMAGE_REF, pushed.reference.as_str()),
+        (labels::SNAPSHOT_REF, "sha256:chain-small"),
+        (labels::CRI_LAYER_DIGEST, small.digest.as_str()),
+        (labels::CRI_IMAGE_REF, pushed.reference.as_str()),
     ]);
     snapshots
         .prepare("extract-small", "", l)

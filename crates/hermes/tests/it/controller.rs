@@ -349,10 +349,12 @@ fn pushed(image: TestImage, registry: &Registry, repo: &str) -> PushedImage {
     image.push(&registry.host(), repo).expect("push test image")
 }
 
-#[test]
-fn a_running_matching_image_is_indexed_served_and_switched_off() {
+on_each_containerd! {
+/// The controller's containerd watch on both containerds.
+fn a_running_matching_image_is_indexed_served_and_switched_off(flavour) {
     let registry = Registry::start().expect("registry");
     let containerd = Containerd::builder()
+        .flavour(flavour)
         .registry_host(&registry.host())
         .start()
         .expect("containerd (apt-get install containerd runc)");
@@ -361,8 +363,11 @@ fn a_running_matching_image_is_indexed_served_and_switched_off() {
     let other = pushed(sleeper(&[("srv/other.bin", 4)]), &registry, "else/other:v1");
     let app_ref = format!("{host}/ctl/app:v1");
     let other_ref = format!("{host}/else/other:v1");
-    run_container(&containerd, &app_ref, &app_ref, "app");
-    run_container(&containerd, &other_ref, &other_ref, "other");
+    // runc keeps its state per namespace, not per containerd: the IDs must differ between the
+    // flavours, which run at the same time.
+    let id = |name: &str| format!("{name}-{}", flavour.name());
+    run_container(&containerd, &app_ref, &app_ref, &id("app"));
+    run_container(&containerd, &other_ref, &other_ref, &id("other"));
 
     let controller = StandaloneController::start(containerd.address(), &[]);
     controller.write_policy(
@@ -485,6 +490,7 @@ fn a_running_matching_image_is_indexed_served_and_switched_off() {
     );
     let off = controller.wait_for(&app_ref, "Skipped", |r| phase(r) == "Skipped");
     assert_eq!(off["reason"], "policy stop-app has mode Off");
+}
 }
 
 #[test]
@@ -625,7 +631,7 @@ fn unreachable_registries_fail_and_retry_and_a_killed_controller_resumes() {
 }
 
 /// A self-signed server certificate for 127.0.0.1 made with the real openssl tool: (cert, key).
-fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     let out = Command::new("openssl")
         .args([

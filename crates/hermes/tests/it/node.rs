@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hermes_node_api::labels::{CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, SNAPSHOT_REF};
 use hermes_snapshotter::api::containerd::services::snapshots::v1 as pb;
-use hermes_snapshotter::{
-    LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_MANIFEST_DIGEST, LABEL_TARGET_REF,
-};
-use hermes_testkit::{FaultProxy, PushedImage, Registry, SparseFormat, TestImage};
+use hermes_testkit::{FaultProxy, Flavour, PushedImage, Registry, SparseFormat, TestImage};
+
+use crate::node_api::Controller;
 
 const HERMES: &str = env!("CARGO_BIN_EXE_hermes");
 
@@ -80,7 +80,7 @@ impl Node {
         node
     }
 
-    fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -97,7 +97,8 @@ impl Node {
             .arg("--metrics")
             .arg(format!("127.0.0.1:{}", self.metrics))
             .args(&self.extra)
-            .env("RUST_LOG", "info")
+            // The snapshots server logs the label names of each Prepare at debug.
+            .env("RUST_LOG", "info,hermes_snapshotter::server=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -121,12 +122,29 @@ impl Node {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// The label names of every Prepare the daemon got, in order (its debug log says them).
+    pub(crate) fn prepare_labels(&self) -> Vec<Vec<String>> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains(" prepare "))
+            .filter_map(|l| l.split(" labels=").nth(1))
+            .map(|names| {
+                let names = names.split_whitespace().next().unwrap_or("");
+                names
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .collect()
+    }
+
     /// Waits until the daemon's log says `needle` (it may print just after its socket listens).
-    fn wait_log(&self, needle: &str) {
+    pub(crate) fn wait_log(&self, needle: &str) {
         let deadline = Instant::now() + Duration::from_secs(15);
         while !self.log().contains(needle) {
             assert!(
@@ -150,7 +168,7 @@ impl Node {
         out
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().expect("kill -9");
             c.wait().expect("reap");
@@ -268,14 +286,14 @@ fn mount_rootfs(mounts: &[hermes_snapshotter::api::containerd::types::Mount], at
 
 fn labels(image: &PushedImage, layer: usize, chain: &str) -> HashMap<String, String> {
     HashMap::from([
-        (LABEL_TARGET_REF.to_owned(), chain.to_owned()),
+        (SNAPSHOT_REF.to_owned(), chain.to_owned()),
         (
-            LABEL_LAYER_DIGEST.to_owned(),
+            CRI_LAYER_DIGEST.to_owned(),
             image.layers[layer].digest.clone(),
         ),
-        (LABEL_IMAGE_REF.to_owned(), image.reference.clone()),
+        (CRI_IMAGE_REF.to_owned(), image.reference.clone()),
         (
-            LABEL_MANIFEST_DIGEST.to_owned(),
+            CRI_MANIFEST_DIGEST.to_owned(),
             image.manifest_digest.clone(),
         ),
     ])
@@ -757,9 +775,10 @@ fn walk(root: &Path) -> Vec<String> {
 }
 
 /// A registry and a containerd that pulls from it into its own overlayfs snapshotter.
-fn registry_and_containerd() -> (Registry, hermes_testkit::Containerd) {
+fn registry_and_containerd(flavour: Flavour) -> (Registry, hermes_testkit::Containerd) {
     let registry = Registry::start().expect("registry");
     let containerd = hermes_testkit::Containerd::builder()
+        .flavour(flavour)
         .registry_host(&registry.host())
         .start()
         .expect("containerd");
@@ -784,9 +803,13 @@ fn ctr_pull(
 /// `image` pushed, then unpacked both ways: by containerd's own pull into its overlayfs
 /// snapshotter, and lazily by Hermes with every layer indexed (asserted). Returns both trees as
 /// [`walk`] lists them: (containerd's, lazy).
-fn trees_unpacked_both_ways(image: &TestImage, name: &str) -> (Vec<String>, Vec<String>) {
+fn trees_unpacked_both_ways(
+    flavour: Flavour,
+    image: &TestImage,
+    name: &str,
+) -> (Vec<String>, Vec<String>) {
     require_root();
-    let (registry, containerd) = registry_and_containerd();
+    let (registry, containerd) = registry_and_containerd(flavour);
     let pushed = image
         .push(&registry.host(), &format!("node/{name}:v1"))
         .expect("push");
@@ -838,8 +861,8 @@ fn trees_unpacked_both_ways(image: &TestImage, name: &str) -> (Vec<String>, Vec<
     (walk(&normal.path), walk(&lazy.path))
 }
 
-#[test]
-fn lazy_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
+on_each_containerd! {
+fn lazy_layers_give_the_same_file_tree_as_containerds_normal_unpack(flavour) {
     let image = TestImage::new()
         .dir("etc")
         .file("etc/app.conf", b"threads = 4\n".to_vec())
@@ -856,7 +879,7 @@ fn lazy_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
         .file("etc/app.conf", b"threads = 8\n".to_vec())
         .file("models/extra.bin", noise(700 << 10, 6))
         .symlink("latest", "models/weights.bin");
-    let (want, got) = trees_unpacked_both_ways(&image, "tree");
+    let (want, got) = trees_unpacked_both_ways(flavour, &image, "tree");
     assert!(
         want.iter().any(|l| l.starts_with("./latest l")),
         "{want:#?}"
@@ -869,14 +892,15 @@ fn lazy_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
     );
     assert_eq!(
         got, want,
-        "lazy tree (left) differs from containerd's unpack (right)"
+        "lazy tree (left) differs from {flavour}'s unpack (right)"
     );
 }
+}
 
+on_each_containerd! {
 /// Layers that earlier builds refused (falling back) or served differently from containerd:
 /// root entries, a PAX global header, sparse files, files and links under symlinked directories.
-#[test]
-fn odd_but_valid_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
+fn odd_but_valid_layers_give_the_same_file_tree_as_containerds_normal_unpack(flavour) {
     let (a, b, c) = (noise(5000, 7), noise(70 << 10, 8), noise(300, 9));
     let fragments: &[(u64, &[u8])] = &[(0, &a[..]), (1 << 20, &b[..]), ((3 << 20) - 300, &c[..])];
     let image = TestImage::new()
@@ -905,7 +929,7 @@ fn odd_but_valid_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
         .symlink("w", "x")
         .whiteout("w/keep")
         .file("w/new", b"layer 2 through its own link\n".to_vec());
-    let (want, got) = trees_unpacked_both_ways(&image, "odd");
+    let (want, got) = trees_unpacked_both_ways(flavour, &image, "odd");
     for expected in [
         "./x/f f",
         "./y/f f",
@@ -928,16 +952,17 @@ fn odd_but_valid_layers_give_the_same_file_tree_as_containerds_normal_unpack() {
     assert!(!want.iter().any(|l| l.contains("keep")), "{want:#?}");
     assert_eq!(
         got, want,
-        "lazy tree (left) differs from containerd's unpack (right)"
+        "lazy tree (left) differs from {flavour}'s unpack (right)"
     );
 }
+}
 
+on_each_containerd! {
 /// containerd's unpacker has no case for the old GNU sparse type: its pull fails. Hermes must
 /// not serve such a layer (it falls back, and the normal pull fails the same way).
-#[test]
-fn old_gnu_sparse_files_fail_containerds_unpack_and_are_not_served_lazily() {
+fn old_gnu_sparse_files_fail_containerds_unpack_and_are_not_served_lazily(flavour) {
     require_root();
-    let (registry, containerd) = registry_and_containerd();
+    let (registry, containerd) = registry_and_containerd(flavour);
     let pushed = TestImage::new()
         .file("a", b"plain layer\n".to_vec())
         .layer()
@@ -959,62 +984,6 @@ fn old_gnu_sparse_files_fail_containerds_unpack_and_are_not_served_lazily() {
         "only the plain layer is lazy"
     );
 }
-
-/// The controller's node API (hermes-controller's own server) over a zTOC store, on a port.
-struct Controller {
-    url: String,
-    runtime: tokio::runtime::Runtime,
-}
-
-impl Controller {
-    fn start(store: &Path) -> Controller {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let (misses, _) = tokio::sync::mpsc::channel(16);
-        let api = hermes_controller::api::NodeApi::new(
-            hermes_oci::Store::open(store).expect("store"),
-            None,
-            vec![256 << 10],
-            misses,
-        );
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        runtime.spawn(hermes_controller::api::serve(
-            listener,
-            api,
-            std::future::pending(),
-        ));
-        Controller { url, runtime }
-    }
-
-    /// `GET path` → (status, body).
-    fn get(&self, path: &str) -> (u16, String) {
-        let addr = self.url.trim_start_matches("http://").to_owned();
-        let mut s = std::net::TcpStream::connect(addr).expect("controller");
-        use std::io::Write;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("read");
-        let status = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
-    }
 }
 
 #[test]

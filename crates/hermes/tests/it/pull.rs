@@ -1,11 +1,11 @@
-//! `hermes pull` into a real containerd whose `hermes` proxy snapshotter is a real `hermes node`,
-//! then `ctr run --snapshotter hermes`: indexed layers are mounted lazily, the others unpacked
-//! by containerd, and the container runs either way.
+//! `hermes pull` into a real containerd (1.6 and 2.x) whose `hermes` proxy snapshotter is a real
+//! `hermes node`, then `ctr run --snapshotter hermes`: indexed layers are mounted lazily, the
+//! others unpacked by containerd, and the container runs either way.
 
 use std::path::Path;
 use std::process::Command;
 
-use hermes_testkit::{Containerd, PushedImage, Registry, busybox_image};
+use hermes_testkit::{Containerd, Flavour, PushedImage, Registry, busybox_image};
 
 use crate::node::{Node, index, require_root};
 
@@ -53,9 +53,10 @@ pub(crate) fn hermes_pull(containerd: &Containerd, image: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn start(dir: &Path, registry: &Registry) -> (Node, Containerd) {
+fn start(flavour: Flavour, dir: &Path, registry: &Registry) -> (Node, Containerd) {
     let node = Node::start(dir, &["--plain-http"]);
     let containerd = Containerd::builder()
+        .flavour(flavour)
         .proxy_snapshotter(&node.socket)
         .registry_host(&registry.host())
         .start()
@@ -63,6 +64,8 @@ fn start(dir: &Path, registry: &Registry) -> (Node, Containerd) {
     (node, containerd)
 }
 
+/// `ctr run --rm` of `image` as container `id` (runc keeps its state per namespace, not per
+/// containerd: tests running at the same time need distinct IDs).
 fn ctr_run(containerd: &Containerd, node: &Node, image: &str, id: &str) -> String {
     containerd
         .ctr(&["run", "--rm", "--snapshotter", "hermes", image, id])
@@ -75,14 +78,14 @@ fn ctr_run(containerd: &Containerd, node: &Node, image: &str, id: &str) -> Strin
         })
 }
 
-#[test]
-fn hermes_pull_then_ctr_run_starts_an_indexed_image_from_lazy_layers() {
+on_each_containerd! {
+fn hermes_pull_then_ctr_run_starts_an_indexed_image_from_lazy_layers(flavour) {
     require_root();
     let registry = Registry::start().expect("registry");
     let image = message_image(&registry, "pull/lazy:v1", "hello from lazy layers");
     let dir = tempfile::tempdir().expect("tempdir");
     index(&image.reference, &dir.path().join("node/ztocs"));
-    let (node, containerd) = start(dir.path(), &registry);
+    let (node, containerd) = start(flavour, dir.path(), &registry);
 
     let out = hermes_pull(&containerd, &image.reference);
     assert!(
@@ -92,7 +95,7 @@ fn hermes_pull_then_ctr_run_starts_an_indexed_image_from_lazy_layers() {
     );
     assert_eq!(out.matches(" lazy\n").count(), 4, "{out}");
     assert_eq!(
-        ctr_run(&containerd, &node, &image.reference, "lazy-1"),
+        ctr_run(&containerd, &node, &image.reference, &format!("lazy-{}", flavour.name())),
         "hello from lazy layers\n"
     );
     // Nothing was downloaded into containerd: the layer blobs are not in its content store.
@@ -108,22 +111,24 @@ fn hermes_pull_then_ctr_run_starts_an_indexed_image_from_lazy_layers() {
         "{content}"
     );
 }
+}
 
-#[test]
-fn an_image_without_a_ztoc_is_unpacked_by_containerd_and_runs() {
+on_each_containerd! {
+fn an_image_without_a_ztoc_is_unpacked_by_containerd_and_runs(flavour) {
     require_root();
     let registry = Registry::start().expect("registry");
     let image = message_image(&registry, "pull/plain:v1", "hello from the normal path");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (node, containerd) = start(dir.path(), &registry);
+    let (node, containerd) = start(flavour, dir.path(), &registry);
 
     let out = hermes_pull(&containerd, &image.reference);
     assert!(out.contains("4 layers: 0 lazy, 4 unpacked"), "{out}");
     assert_eq!(
-        ctr_run(&containerd, &node, &image.reference, "plain-1"),
+        ctr_run(&containerd, &node, &image.reference, &format!("plain-{}", flavour.name())),
         "hello from the normal path\n"
     );
     // A second pull finds everything in place.
     let again = hermes_pull(&containerd, &image.reference);
     assert!(again.contains("4 already present"), "{again}");
+}
 }

@@ -1,7 +1,7 @@
 //! Built-in modules and tuning profiles, and turning directives into planned modules.
 //!
 //! Profiles are named settings (intervals, thresholds, sampling). The built-in table
-//! ([`Registry::builtin`]) can be overridden and extended by a profiles file
+//! ([`ModuleCatalog::builtin`]) can be overridden and extended by a profiles file
 //! ([`ProfilesFile`]); a directive may override single settings (`module=mem-tracer,window=20`).
 
 use std::collections::BTreeMap;
@@ -204,7 +204,7 @@ pub struct ProfilesFile {
 impl ProfilesFile {
     /// Reads and parses a profiles file.
     pub fn load(path: &Path) -> Result<Self> {
-        crate::static_config::load_yaml(path)
+        crate::yaml::load_yaml(path)
     }
 }
 
@@ -231,19 +231,20 @@ impl PlannedModule {
     }
 }
 
-/// Known modules and profiles.
+/// The module catalog: the built-in modules and the tuning profiles they run with (not an OCI
+/// registry).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Registry {
+pub struct ModuleCatalog {
     profiles: BTreeMap<String, Profile>,
 }
 
-impl Default for Registry {
+impl Default for ModuleCatalog {
     fn default() -> Self {
         Self::builtin()
     }
 }
 
-impl Registry {
+impl ModuleCatalog {
     /// The built-in profile table:
     ///
     /// | profile | interval | window | growth alert | report |
@@ -429,12 +430,12 @@ mod tests {
     }
 
     fn plan(text: &str) -> Result<Vec<PlannedModule>> {
-        Registry::builtin().plan(&origin(), &parse_directives(&origin(), text)?)
+        ModuleCatalog::builtin().plan(&origin(), &parse_directives(&origin(), text)?)
     }
 
     #[test]
     fn builtin_profiles_exist_and_are_valid() {
-        let r = Registry::builtin();
+        let r = ModuleCatalog::builtin();
         for name in [
             DEFAULT_PROFILE,
             "dev-tunings",
@@ -544,7 +545,7 @@ mod tests {
             "profiles:\n  prod-tunings:\n    interval_ms: 2000\n  team-a:\n    base: my-base\n    window: 8\n  my-base:\n    base: dev-tunings\n    top_mappings: 3\n",
         )
         .unwrap();
-        let r = Registry::builtin().with_overrides(&f).unwrap();
+        let r = ModuleCatalog::builtin().with_overrides(&f).unwrap();
         let prod = r.profile("prod-tunings").unwrap();
         assert_eq!(prod.interval_ms, 2000);
         assert_eq!(prod.window, 40, "unset fields keep the built-in value");
@@ -556,7 +557,7 @@ mod tests {
     fn profiles_file_errors() {
         let bad = |y: &str| {
             let f: ProfilesFile = serde_saphyr::from_str(y).unwrap();
-            Registry::builtin()
+            ModuleCatalog::builtin()
                 .with_overrides(&f)
                 .unwrap_err()
                 .to_string()

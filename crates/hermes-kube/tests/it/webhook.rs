@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use hermes_modules::webhook::{
+use hermes_kube::webhook::server;
+use hermes_kube::webhook::{
     INJECTED_ANNOTATION, INSTALLER_NAME, InjectConfig, SUPERVISOR_NAME, review,
 };
-use hermes_modules::webhook_server;
 
 fn cfg() -> InjectConfig {
     InjectConfig {
@@ -196,45 +196,6 @@ fn non_pods_and_empty_requests_are_allowed_unchanged() {
     assert!(patch_of(&resp).is_none());
 }
 
-#[test]
-fn review_command_answers_from_stdin() {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
-    let mut c = Command::new(crate::support::example_bin())
-        .args(["review", "--image", "hermes:test"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let req = serde_json::to_vec(&admission_review(bare_pod())).unwrap();
-    c.stdin.take().unwrap().write_all(&req).unwrap();
-    let out = c.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let resp: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut pod = bare_pod();
-    apply(&mut pod, &patch_of(&resp).unwrap());
-    assert_eq!(pod["spec"]["initContainers"][1]["image"], "hermes:test");
-
-    let bad = Command::new(crate::support::example_bin())
-        .args(["review", "--image", "x"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).starts_with(
-            "error: cannot read an AdmissionReview JSON document from stdin: EOF while parsing"
-        ),
-        "{}",
-        String::from_utf8_lossy(&bad.stderr)
-    );
-}
-
 /// A self-signed certificate for 127.0.0.1 made with the real openssl tool.
 fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
@@ -317,7 +278,7 @@ fn try_curl(
 fn start_webhook(
     dir: &std::path::Path,
     header_timeout: Duration,
-) -> (webhook_server::WebhookServer, PathBuf) {
+) -> (server::WebhookServer, PathBuf) {
     let (cert, key) = self_signed(dir);
     let policies = dir.join("policies");
     std::fs::create_dir(&policies).expect("mkdir");
@@ -326,7 +287,7 @@ fn start_webhook(
         "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata:\n  name: shop-memory\nspec:\n  images: [\"registry.example/shop/*\"]\n  memoryModules:\n    namespaces: [shop]\n    podSelector:\n      matchLabels: {app: cart}\n    loaderConfigMap: shop-loader\n",
     )
     .expect("policy");
-    let server = webhook_server::start(webhook_server::WebhookConfig {
+    let server = server::start(server::WebhookConfig {
         listen: "127.0.0.1:0".into(),
         cert: cert.clone(),
         key,
@@ -334,7 +295,7 @@ fn start_webhook(
         image: "registry.example/hermes:0.1.0".into(),
         metrics_port: 9477,
         header_timeout,
-        max_connections: webhook_server::DEFAULT_MAX_CONNECTIONS,
+        max_connections: server::DEFAULT_MAX_CONNECTIONS,
     })
     .expect("webhook");
     (server, cert)
@@ -343,7 +304,7 @@ fn start_webhook(
 #[test]
 fn https_webhook_injects_only_pods_a_policy_selects() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (server, cert) = start_webhook(dir.path(), webhook_server::DEFAULT_HEADER_TIMEOUT);
+    let (server, cert) = start_webhook(dir.path(), server::DEFAULT_HEADER_TIMEOUT);
     let policies = dir.path().join("policies");
     let base = format!("https://{}", server.addr());
     assert_eq!(curl(&cert, &format!("{base}/healthz"), None).0, 200);
@@ -448,7 +409,7 @@ fn idle_connections_beyond_the_cap_do_not_starve_reviews() {
     // ones were closed to make room), not after they timed out or were all dropped.
     let open = idle.iter().filter(|c| still_open(c)).count();
     assert!(
-        open >= webhook_server::DEFAULT_MAX_CONNECTIONS / 2,
+        open >= server::DEFAULT_MAX_CONNECTIONS / 2,
         "answered after {:?} with only {open} of 200 idle connections still open",
         started.elapsed()
     );

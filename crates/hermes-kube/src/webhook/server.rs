@@ -29,7 +29,7 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
-use crate::selector::{ModulesPolicy, load_policies, select};
+use crate::webhook::selector::{ModulesPolicy, load_policies, select};
 use crate::webhook::{InjectConfig, allow, review};
 
 const MAX_HEADER: usize = 16 << 10;

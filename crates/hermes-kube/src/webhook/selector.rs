@@ -131,7 +131,7 @@ impl ModulesPolicy {
 /// Read every HermesPolicy with `memoryModules` from `*.yaml`/`*.yml` files in `dir` (one or
 /// more documents per file). Policies with `mode: Off` are left out (the kill switch).
 pub fn load_policies(dir: &Path) -> Result<Vec<ModulesPolicy>> {
-    let entries = std::fs::read_dir(dir).map_err(|source| Error::ConfigRead {
+    let entries = std::fs::read_dir(dir).map_err(|source| Error::PolicyRead {
         path: dir.to_owned(),
         source,
     })?;
@@ -142,7 +142,7 @@ pub fn load_policies(dir: &Path) -> Result<Vec<ModulesPolicy>> {
     files.sort();
     let mut out = Vec::new();
     for path in files {
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::ConfigRead {
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::PolicyRead {
             path: path.clone(),
             source,
         })?;
@@ -151,7 +151,7 @@ pub fn load_policies(dir: &Path) -> Result<Vec<ModulesPolicy>> {
             .filter(|d| !d.trim().trim_start_matches("---").trim().is_empty())
         {
             let doc: PolicyDoc =
-                serde_saphyr::from_str(doc).map_err(|source| Error::ConfigParse {
+                serde_saphyr::from_str(doc).map_err(|source| Error::PolicyParse {
                     path: path.clone(),
                     source: Box::new(source),
                 })?;

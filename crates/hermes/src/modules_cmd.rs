@@ -1,25 +1,31 @@
-//! The `hermes modules …` subcommands: argument structs (clap derive) and their entry point.
-//!
-//! The binary only parses and calls [`run_command`]; everything else is here so that the same
-//! commands can be exercised without the `hermes` binary (see `examples/hermes-modules.rs`).
+//! `hermes modules …`: the memory module installer's commands. The flags are parsed here and
+//! mapped to the library's plain options (`hermes_modules::resolve::ResolveOptions`,
+//! `hermes_modules::supervisor::RunOptions`, `hermes_kube::webhook::server::WebhookConfig`); the output for
+//! people is written here too.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::error::{Error, Result};
-use crate::plan::{PlanSource, PlanStatus};
-use crate::registry::{ModuleKind, Registry};
-use crate::resolve::{DEFAULT_SCRIPT_PATH, ResolveOptions, pod_metadata_env, resolve_phase};
-use crate::script::{DEFAULT_OUTPUT_LIMIT, ScriptOptions};
-use crate::static_config::{DEFAULT_STATIC_PATH, OnScriptError};
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use hermes_kube::webhook::server::{self, DEFAULT_MAX_CONNECTIONS, WebhookConfig};
+use hermes_kube::webhook::{InjectConfig, review};
+use hermes_modules::catalog::{ModuleCatalog, ModuleKind, ProfilesFile};
+use hermes_modules::plan::{PlanSource, PlanStatus};
+use hermes_modules::resolve::{
+    DEFAULT_SCRIPT_PATH, ResolveOptions, pod_metadata_env, resolve_phase,
+};
+use hermes_modules::script::{DEFAULT_OUTPUT_LIMIT, ScriptOptions};
+use hermes_modules::static_config::{DEFAULT_STATIC_PATH, OnScriptError};
+use hermes_modules::supervisor::{RunOptions, Target};
 
 /// Exit code of `resolve --fail-on-drift` when this phase's resolution differs from the plan.
 pub const EXIT_DRIFT: u8 = 3;
 
 /// Memory module installer: decide which memory sidecar modules load, and run them.
-#[derive(Debug, clap::Subcommand)]
+#[derive(Debug, Subcommand)]
 pub enum ModulesCommand {
     /// Decide the module plan for this pod (an init phase) and record it in the state file.
     ///
@@ -53,145 +59,176 @@ pub enum ModulesCommand {
 }
 
 /// Arguments of `hermes modules webhook`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Args)]
 pub struct WebhookArgs {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8443")]
-    pub listen: String,
+    listen: String,
     /// PEM certificate chain for TLS.
     #[arg(
         long,
         value_name = "FILE",
         default_value = "/etc/hermes/webhook/tls.crt"
     )]
-    pub tls_cert: PathBuf,
+    tls_cert: PathBuf,
     /// PEM private key for TLS.
     #[arg(
         long,
         value_name = "FILE",
         default_value = "/etc/hermes/webhook/tls.key"
     )]
-    pub tls_key: PathBuf,
+    tls_key: PathBuf,
     /// Directory of HermesPolicy YAML (e.g. a mounted ConfigMap).
     #[arg(long, value_name = "DIR", default_value = "/etc/hermes/policies")]
-    pub policies: PathBuf,
+    policies: PathBuf,
     /// The Hermes image for the injected containers.
     #[arg(long, value_name = "IMAGE", env = "HERMES_IMAGE")]
-    pub image: String,
+    image: String,
     /// The supervisor's metrics port in injected pods.
     #[arg(long, value_name = "PORT", default_value_t = 9477)]
-    pub metrics_port: u16,
+    metrics_port: u16,
     /// Time a client has for its TLS handshake and request head (and again for the body);
     /// slower or idle connections are closed.
     #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
-    pub header_timeout: Duration,
+    header_timeout: Duration,
     /// Connections served at once; when all are taken, a new one closes the oldest connection
     /// whose request has not arrived yet.
-    #[arg(long, value_name = "N", default_value_t = crate::webhook_server::DEFAULT_MAX_CONNECTIONS)]
-    pub max_connections: usize,
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
 }
 
 /// Arguments of `hermes modules review`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Args)]
 pub struct ReviewArgs {
     /// The Hermes image for the injected containers.
     #[arg(long, value_name = "IMAGE", env = "HERMES_IMAGE")]
-    pub image: String,
+    image: String,
     /// The ConfigMap holding load-sidecars.sh (and optionally modules.yaml).
     #[arg(long, value_name = "NAME", default_value = "hermes-module-loader")]
-    pub loader_config_map: String,
+    loader_config_map: String,
     /// The supervisor's metrics port.
     #[arg(long, value_name = "PORT", default_value_t = 9477)]
-    pub metrics_port: u16,
+    metrics_port: u16,
 }
 
 /// Arguments of `hermes modules resolve`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Args)]
 pub struct ResolveArgs {
     /// Loader script; run if it exists.
     #[arg(long, value_name = "PATH", env = "HERMES_MODULE_SCRIPT", default_value = DEFAULT_SCRIPT_PATH)]
-    pub script: PathBuf,
+    script: PathBuf,
     /// Static configuration file (YAML); used when there is no script, must exist if given.
     /// Without it, HERMES_MODULES and then /etc/hermes/modules.yaml are used.
     #[arg(long = "static", value_name = "FILE")]
-    pub static_file: Option<PathBuf>,
+    static_file: Option<PathBuf>,
     /// Static module list: comma-separated entries NAME or NAME:PROFILE.
     #[arg(long, value_name = "LIST", env = "HERMES_MODULES")]
-    pub modules: Option<String>,
+    modules: Option<String>,
     /// Profiles file (YAML, `profiles: {NAME: {SETTING: VALUE}}`) over the built-in profiles.
     #[arg(long, value_name = "FILE", env = "HERMES_MODULE_PROFILES")]
-    pub profiles: Option<PathBuf>,
+    profiles: Option<PathBuf>,
     /// State file shared by all phases (written atomically; the plan in force).
     #[arg(long, value_name = "FILE", env = "HERMES_MODULE_STATE")]
-    pub state: PathBuf,
+    state: PathBuf,
     /// Name of this init phase, recorded in STATE.phases.
     #[arg(long, value_name = "NAME", default_value = "init")]
-    pub phase: String,
+    phase: String,
     /// What to do when the script fails: fail, use the static configuration, or load nothing.
     /// Default: the static file's `onScriptError`, else `fail`.
     #[arg(long, value_enum, env = "HERMES_ON_SCRIPT_ERROR")]
-    pub on_script_error: Option<OnScriptError>,
+    on_script_error: Option<OnScriptErrorArg>,
     /// Kill the script (and its process group) after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
-    pub script_timeout: Duration,
+    script_timeout: Duration,
     /// Kill the script when its output exceeds this many bytes.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_OUTPUT_LIMIT)]
-    pub max_output: usize,
+    max_output: usize,
     /// Exit with code 3 when this phase's resolution differs from the stored plan.
     #[arg(long)]
-    pub fail_on_drift: bool,
+    fail_on_drift: bool,
     /// Print the outcome as JSON.
     #[arg(long)]
-    pub json: bool,
+    json: bool,
+}
+
+/// `--on-script-error`: the library's [`OnScriptError`] as a flag value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnScriptErrorArg {
+    /// Fail the phase with the script's error (the default: a broken script is visible).
+    Fail,
+    /// Log the error and use the static configuration instead.
+    Static,
+    /// Log the error and load no modules.
+    None,
+}
+
+impl From<OnScriptErrorArg> for OnScriptError {
+    fn from(a: OnScriptErrorArg) -> Self {
+        match a {
+            OnScriptErrorArg::Fail => Self::Fail,
+            OnScriptErrorArg::Static => Self::Static,
+            OnScriptErrorArg::None => Self::None,
+        }
+    }
 }
 
 /// Which processes `run` observes.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Args)]
 #[group(required = false, multiple = false)]
 pub struct TargetArgs {
     /// One process.
     #[arg(long, value_name = "PID")]
-    pub target_pid: Option<u32>,
+    target_pid: Option<u32>,
     /// Every process of a cgroup (a directory under /sys/fs/cgroup).
     #[arg(long, value_name = "PATH")]
-    pub target_cgroup: Option<PathBuf>,
+    target_cgroup: Option<PathBuf>,
     /// Every process visible in /proc (the default; with shareProcessNamespace, the pod).
     #[arg(long)]
-    pub all_processes: bool,
+    all_processes: bool,
+}
+
+impl TargetArgs {
+    fn target(self) -> Target {
+        match (self.target_pid, self.target_cgroup) {
+            (Some(p), _) => Target::Pid(p),
+            (None, Some(c)) => Target::Cgroup(c),
+            (None, None) => Target::All,
+        }
+    }
 }
 
 /// Arguments of `hermes modules run`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Args)]
 pub struct RunArgs {
     /// State file written by `resolve`.
     #[arg(long, value_name = "FILE", env = "HERMES_MODULE_STATE")]
-    pub state: PathBuf,
+    state: PathBuf,
     /// Target selection.
     #[command(flatten)]
-    pub target: TargetArgs,
+    target: TargetArgs,
     /// Address of the Prometheus /metrics endpoint (port 0 picks one; printed on start).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9477")]
-    pub metrics_addr: String,
+    metrics_addr: String,
     /// Directory for the JSON reports (one file per module).
     #[arg(long, value_name = "DIR", default_value = "/var/run/hermes/reports")]
-    pub report_dir: PathBuf,
+    report_dir: PathBuf,
     /// Directory where the LD_PRELOAD interposer writes its statistics (HERMES_MEMPROF_OUT).
     #[arg(long, value_name = "DIR", default_value = "/var/run/hermes/memprof")]
-    pub memprof_dir: PathBuf,
+    memprof_dir: PathBuf,
     /// Stop by itself after this many seconds (default: run until SIGTERM).
     #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
-    pub duration: Option<Duration>,
+    duration: Option<Duration>,
 }
 
 /// Arguments of `hermes modules profiles`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Args)]
 pub struct ProfilesArgs {
     /// Profiles file applied over the built-in table.
     #[arg(long, value_name = "FILE", env = "HERMES_MODULE_PROFILES")]
-    pub profiles: Option<PathBuf>,
+    profiles: Option<PathBuf>,
 }
 
-fn parse_seconds(s: &str) -> std::result::Result<Duration, String> {
+fn parse_seconds(s: &str) -> Result<Duration, String> {
     s.parse::<f64>()
         .ok()
         .filter(|x| x.is_finite() && *x > 0.0)
@@ -200,24 +237,37 @@ fn parse_seconds(s: &str) -> std::result::Result<Duration, String> {
 }
 
 /// Runs a `hermes modules` subcommand.
-pub fn run_command(cmd: ModulesCommand) -> Result<ExitCode> {
+pub fn run(cmd: ModulesCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ModulesCommand::Resolve(a) => resolve_cmd(a),
-        ModulesCommand::Run(a) => crate::supervisor::run_cmd(a),
+        ModulesCommand::Run(a) => {
+            hermes_modules::supervisor::run(
+                RunOptions {
+                    state: a.state,
+                    target: a.target.target(),
+                    metrics_addr: a.metrics_addr,
+                    report_dir: a.report_dir,
+                    memprof_dir: a.memprof_dir,
+                    duration: a.duration,
+                },
+                &mut std::io::stdout().lock(),
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
         ModulesCommand::Profiles(a) => profiles_cmd(a),
         ModulesCommand::Review(a) => review_cmd(a),
         ModulesCommand::Webhook(a) => webhook_cmd(a),
     }
 }
 
-fn resolve_cmd(a: ResolveArgs) -> Result<ExitCode> {
+fn resolve_cmd(a: ResolveArgs) -> anyhow::Result<ExitCode> {
     let opts = ResolveOptions {
         script: a.script,
         static_file: a.static_file,
         default_static_file: PathBuf::from(DEFAULT_STATIC_PATH),
         profiles_file: a.profiles,
         modules_env: a.modules,
-        on_script_error: a.on_script_error,
+        on_script_error: a.on_script_error.map(OnScriptError::from),
         script_options: ScriptOptions {
             timeout: a.script_timeout,
             output_limit: a.max_output,
@@ -231,9 +281,8 @@ fn resolve_cmd(a: ResolveArgs) -> Result<ExitCode> {
     if let PlanStatus::Drifted { added, removed } = &outcome.status {
         tracing::warn!(phase = %outcome.phase, ?added, ?removed, "this phase resolved a different module set; keeping the stored plan");
     }
-    let mut out = std::io::stdout().lock();
     let text = if a.json {
-        serde_json::to_string_pretty(&outcome).unwrap_or_default() + "\n"
+        serde_json::to_string_pretty(&outcome)? + "\n"
     } else {
         let mut s = format!(
             "phase {}: plan {} (created by phase {}, source: {})\n",
@@ -259,7 +308,7 @@ fn resolve_cmd(a: ResolveArgs) -> Result<ExitCode> {
         }
         s
     };
-    write_out(&mut out, &text)?;
+    write_stdout(&text)?;
     Ok(if drifted && a.fail_on_drift {
         ExitCode::from(EXIT_DRIFT)
     } else {
@@ -281,18 +330,18 @@ fn describe_source(s: &PlanSource) -> String {
     }
 }
 
-fn profiles_cmd(a: ProfilesArgs) -> Result<ExitCode> {
-    let mut reg = Registry::builtin();
+fn profiles_cmd(a: ProfilesArgs) -> anyhow::Result<ExitCode> {
+    let mut catalog = ModuleCatalog::builtin();
     if let Some(p) = &a.profiles {
-        reg = reg.with_overrides(&crate::registry::ProfilesFile::load(p)?)?;
+        catalog = catalog.with_overrides(&ProfilesFile::load(p)?)?;
     }
     let mut s = String::from("modules:\n");
     for m in ModuleKind::ALL {
         s.push_str(&format!("  {m}\n"));
     }
     s.push_str("profiles:\n");
-    for name in reg.profile_names() {
-        if let Some(p) = reg.profile(name) {
+    for name in catalog.profile_names() {
+        if let Some(p) = catalog.profile(name) {
             s.push_str(&format!(
                 "  {name}: interval_ms={} window={} growth_threshold_kib_per_min={} report_interval_ms={} alloc_sample_every={} top_mappings={}\n",
                 p.interval_ms,
@@ -304,12 +353,12 @@ fn profiles_cmd(a: ProfilesArgs) -> Result<ExitCode> {
             ));
         }
     }
-    write_out(&mut std::io::stdout().lock(), &s)?;
+    write_stdout(&s)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn webhook_cmd(a: WebhookArgs) -> Result<ExitCode> {
-    let server = crate::webhook_server::start(crate::webhook_server::WebhookConfig {
+fn webhook_cmd(a: WebhookArgs) -> anyhow::Result<ExitCode> {
+    let server = server::start(WebhookConfig {
         listen: a.listen,
         cert: a.tls_cert,
         key: a.tls_key,
@@ -319,42 +368,33 @@ fn webhook_cmd(a: WebhookArgs) -> Result<ExitCode> {
         header_timeout: a.header_timeout,
         max_connections: a.max_connections,
     })?;
-    write_out(
-        &mut std::io::stdout().lock(),
-        &format!("{}\n", server.addr()),
-    )?;
+    write_stdout(&format!("{}\n", server.addr()))?;
     server.wait();
     Ok(ExitCode::SUCCESS)
 }
 
-fn review_cmd(a: ReviewArgs) -> Result<ExitCode> {
-    let what = "an AdmissionReview JSON document";
+fn review_cmd(a: ReviewArgs) -> anyhow::Result<ExitCode> {
+    let what = "cannot read an AdmissionReview JSON document from stdin";
     let mut input = String::new();
-    std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut input)
-        .map_err(|source| Error::Stdin { what, source })?;
-    let request: serde_json::Value = serde_json::from_str(&input).map_err(|e| Error::Stdin {
-        what,
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-    })?;
-    let cfg = crate::webhook::InjectConfig {
+    std::io::stdin()
+        .lock()
+        .read_to_string(&mut input)
+        .context(what)?;
+    let request: serde_json::Value = serde_json::from_str(&input).context(what)?;
+    let cfg = InjectConfig {
         image: a.image,
         loader_config_map: a.loader_config_map,
         metrics_port: a.metrics_port,
     };
-    let response = crate::webhook::review(&request, &cfg);
-    write_out(
-        &mut std::io::stdout().lock(),
-        &(serde_json::to_string(&response).unwrap_or_default() + "\n"),
-    )?;
+    write_stdout(&(serde_json::to_string(&review(&request, &cfg))? + "\n"))?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes to stdout; a closed pipe (`| head`) is not an error.
-pub(crate) fn write_out(out: &mut impl Write, s: &str) -> Result<()> {
-    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => r.map_err(|source| Error::Stdout { source }),
-    }
+/// Writes to stdout and flushes (a closed pipe is a clean exit in `main`).
+fn write_stdout(s: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.as_bytes())?;
+    out.flush()
 }
 
 #[cfg(test)]
@@ -395,7 +435,10 @@ mod tests {
         assert_eq!(a.static_file, Some(PathBuf::from("/m.yaml")));
         assert_eq!(a.phase, "p2");
         assert!(a.json);
-        assert_eq!(a.on_script_error, Some(OnScriptError::Static));
+        assert_eq!(
+            a.on_script_error.map(OnScriptError::from),
+            Some(OnScriptError::Static)
+        );
         assert_eq!(a.script_timeout, Duration::from_millis(500));
     }
 
@@ -425,8 +468,8 @@ mod tests {
             panic!("expected run")
         };
         assert_eq!(
-            a.target.target_cgroup,
-            Some(PathBuf::from("/sys/fs/cgroup/x"))
+            a.target.target(),
+            Target::Cgroup(PathBuf::from("/sys/fs/cgroup/x"))
         );
     }
 

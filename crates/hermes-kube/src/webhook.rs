@@ -8,9 +8,13 @@
 //! already has the marker or the installer container gets an empty patch, so the webhook is
 //! idempotent (reinvocation, retries).
 //!
-//! Policy matching (which pods), TLS and the HTTP server are not here.
+//! Which pods a policy selects is [`selector`]; the HTTPS server that answers the API server is
+//! [`server`]. This module is the pure patch builder.
 
 use serde_json::{Value, json};
+
+pub mod selector;
+pub mod server;
 
 /// Annotation that marks an injected pod.
 pub const INJECTED_ANNOTATION: &str = "hermes.dev/memory-modules";

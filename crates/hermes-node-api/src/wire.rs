@@ -1,0 +1,189 @@
+//! What crosses the wire: request and response bodies, the query of a zTOC lookup, the headers
+//! and their rules, and the bounds both sides hold a body to.
+
+use std::collections::BTreeMap;
+
+use hermes_oci_types::Digest;
+use serde::{Deserialize, Serialize};
+
+/// Largest zTOC a node reads (from the controller or a registry). zTOCs grow with a layer's
+/// files and spans (a 32 KiB window per span): a 10 GiB layer with a million files stays well
+/// below this.
+pub const MAX_ZTOC_SIZE: u64 = 256 << 20;
+/// Largest startup prefetch profile a node reads (span ids: a few KiB in practice).
+pub const MAX_PROFILE_SIZE: u64 = 16 << 20;
+/// Largest list of image or policy reports a client reads.
+pub const MAX_REPORTS_SIZE: u64 = 64 << 20;
+/// Most bytes of an error answer a client reads to show it.
+pub const MAX_ERROR_BODY: u64 = 4 << 10;
+/// Longest image reference a miss may name: a 255-character name (the distribution spec's
+/// limit, registry included), a 128-character tag and a digest fit.
+pub const MAX_IMAGE_LEN: usize = 512;
+/// Longest node name in a miss or a trace report (a Kubernetes node name is a DNS subdomain).
+pub const MAX_NODE_NAME_LEN: usize = 253;
+/// Largest `POST /v1/misses` body.
+pub const MAX_MISS_BODY: usize = 4 << 10;
+/// Largest `POST /v1/traces` body: one trace of the most spans the controller keeps (65 536)
+/// fits.
+pub const MAX_TRACE_BODY: usize = 2 << 20;
+/// Most layers in one trace report (overlayfs stacks at most 128 layers).
+pub const MAX_LAYERS_PER_REPORT: usize = 128;
+
+/// Header of a 404 zTOC answer that forbids a lazy start of the image; its value says why.
+/// The node must then not start the image lazily, whatever copy of the zTOC it keeps.
+pub const DISABLED_HEADER: &str = "hermes-disabled";
+/// Header of a zTOC answer: the zTOC's digest, which the node checks the body against.
+pub const CONTENT_DIGEST_HEADER: &str = "docker-content-digest";
+
+/// A node's report that it started an image without an index (`POST /v1/misses`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Miss {
+    /// The image reference the node started.
+    pub image: String,
+    /// Its manifest digest, if the node knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Digest>,
+    /// The reporting node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// One node's startup reads (`POST /v1/traces`): per layer, span indices in the order they
+/// were first read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TraceReport {
+    /// Reporting node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Layer digest → span indices in read order.
+    pub layers: BTreeMap<Digest, Vec<u32>>,
+}
+
+/// The merged startup profile of a layer (`GET /v1/layers/{digest}/prefetch`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrefetchProfile {
+    /// The layer.
+    pub layer: Digest,
+    /// Spans to prefetch, most important first.
+    pub spans: Vec<u32>,
+    /// How many traces were merged.
+    pub traces: usize,
+}
+
+/// What a node says about the image a layer belongs to when it asks for the layer's zTOC, so
+/// the controller can refuse the image. Both are optional: a lookup without them is answered
+/// from the layer alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZtocQuery {
+    /// The image reference, as containerd names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The image's manifest digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+}
+
+/// The `ETag` of a zTOC answer, and the `If-None-Match` value of a node naming the copy it
+/// keeps: the zTOC's digest, quoted.
+pub fn etag(ztoc: &Digest) -> String {
+    format!("\"{ztoc}\"")
+}
+
+/// Whether an `If-None-Match` header value names `current`, so the answer is 304 and the node
+/// keeps its copy. The value is a comma-separated list of entity tags, compared weakly (a
+/// `W/` prefix is ignored), or `*`; a zTOC's tag is its digest, so equal tags are equal bytes.
+pub fn not_modified(if_none_match: &str, current: &Digest) -> bool {
+    let want = etag(current);
+    if_none_match
+        .split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == want)
+}
+
+/// A refusal reason as a [`DISABLED_HEADER`] value: what is not printable ASCII (a line
+/// break, a non-ASCII name) becomes `?`, so any reason makes a valid header and a refusal
+/// never loses its header.
+pub fn disabled_header_value(reason: &str) -> String {
+    reason
+        .chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_none_match_names_the_kept_ztoc_by_its_quoted_digest() {
+        let current = Digest::of(b"ztoc");
+        let old = Digest::of(b"old");
+        assert_eq!(etag(&current), format!("\"{current}\""));
+        assert!(not_modified(&etag(&current), &current));
+        assert!(!not_modified(&etag(&old), &current));
+        assert!(not_modified(
+            &format!("{}, {}", etag(&old), etag(&current)),
+            &current
+        ));
+        assert!(not_modified(&format!("W/{}", etag(&current)), &current));
+        assert!(not_modified("*", &current));
+        // Unquoted, or only a prefix of the digest: not the same zTOC.
+        assert!(!not_modified(current.as_str(), &current));
+        assert!(!not_modified(
+            &format!("\"{}\"", &current.as_str()[..20]),
+            &current
+        ));
+        assert!(!not_modified("", &current));
+    }
+
+    #[test]
+    fn any_refusal_reason_makes_a_valid_header_value() {
+        assert_eq!(
+            disabled_header_value("policy stop has mode Off"),
+            "policy stop has mode Off"
+        );
+        let odd = disabled_header_value("line\nbreak\ttab é\u{7f}");
+        assert_eq!(odd, "line?break?tab ??");
+        assert!(odd.bytes().all(|b| b == b' ' || b.is_ascii_graphic()));
+        assert_eq!(disabled_header_value(""), "");
+    }
+
+    #[test]
+    fn wire_bodies_have_digest_keys_and_reject_unknown_fields() {
+        let d = Digest::of(b"layer");
+        let report: TraceReport =
+            serde_json::from_str(&format!(r#"{{"node":"n1","layers":{{"{d}":[3,1]}}}}"#))
+                .expect("report");
+        assert_eq!(report.layers[&d], vec![3, 1]);
+        assert!(serde_json::from_str::<TraceReport>(r#"{"layers":{"sha256:x":[1]}}"#).is_err());
+        assert!(serde_json::from_str::<TraceReport>(r#"{"layers":{},"x":1}"#).is_err());
+
+        let miss = Miss {
+            image: "r/x:1".into(),
+            digest: None,
+            node: Some("n1".into()),
+        };
+        assert_eq!(
+            serde_json::to_string(&miss).expect("json"),
+            r#"{"image":"r/x:1","node":"n1"}"#
+        );
+        assert!(serde_json::from_str::<Miss>(r#"{"image":"r/x:1","digest":"nope"}"#).is_err());
+        assert!(serde_json::from_str::<Miss>(r#"{"image":"r/x:1","extra":1}"#).is_err());
+
+        // A profile from a newer controller with more fields still reads.
+        let profile: PrefetchProfile = serde_json::from_str(&format!(
+            r#"{{"layer":"{d}","spans":[2,0],"traces":3,"later":true}}"#
+        ))
+        .expect("profile");
+        assert_eq!(profile.spans, vec![2, 0]);
+    }
+}
