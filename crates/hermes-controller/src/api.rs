@@ -1179,7 +1179,7 @@ mod tests {
         assert_eq!(newer.body, b"ztoc bytes");
 
         // An Off policy for the image: refused with the reason, even with a copy on the node.
-        let policies = crate::matcher::tests::policies(&[
+        let policies = hermes_controller_core::testing::policies(&[
             ("apps", "  images: [\"ghcr.io/acme/**\"]\n"),
             (
                 "stop-web",
@@ -1347,7 +1347,7 @@ mod tests {
 
         let invalid = crate::reconcile::PolicyStatus::invalid(
             "broken",
-            &crate::Error::InvalidPolicy {
+            &hermes_controller_core::Error::InvalidPolicy {
                 policy: "broken".into(),
                 field: "spec.mode".into(),
                 reason: "unknown".into(),

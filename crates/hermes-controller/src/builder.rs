@@ -16,10 +16,10 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use hermes_oci::manifest::{Descriptor, LayerEncoding, Platform};
-use hermes_oci::soci::{self, SociVersion, ZtocRef};
+use hermes_oci::soci::SociVersion;
 use hermes_oci::{
-    Client, Digest, ImageRecord, IndexOptions, IndexResult, LayerOutcome, LayerRecord, Reference,
-    ResolvedImage, Store,
+    Client, Digest, ImageRecord, IndexOptions, LayerOutcome, LayerRecord, Reference, ResolvedImage,
+    Store,
 };
 use tracing::{info, instrument, warn};
 
@@ -248,69 +248,30 @@ impl Builder {
                 layer_records(&store, &image, span_size, min, &seconds)
             })
             .await
-            .map_err(|e| Error::Io {
+            .map_err(|source| Error::Task {
                 action: "assemble the image record of",
-                path: reference.to_string(),
-                source: std::io::Error::other(e),
+                subject: reference.to_string(),
+                source,
             })??
         };
-        let soci_ztocs: Vec<ZtocRef> = layers
-            .iter()
-            .filter_map(|l| match &l.outcome {
-                LayerOutcome::Indexed {
-                    ztoc,
-                    ztoc_size,
-                    soci_compatible: true,
-                    ..
-                } => Some(ZtocRef {
-                    ztoc: ztoc.clone(),
-                    size: *ztoc_size,
-                    layer: l.digest.clone(),
-                    layer_media_type: l.media_type.clone(),
-                    span_size,
-                }),
-                _ => None,
-            })
-            .collect();
-        let soci_index = if soci_ztocs.is_empty() {
-            None
-        } else {
-            let bytes = soci::index_manifest(
-                SociVersion::V2,
-                &soci_ztocs,
-                &self.build_tool_identifier,
-                None,
-            );
-            Some(
-                self.store
-                    .put_blob(&bytes)
-                    .map_err(oci("store the SOCI index of", reference))?,
-            )
-        };
-        let record = ImageRecord {
-            reference: reference.to_string(),
-            aliases: Vec::new(),
-            manifest_digest: image.fetched.digest.clone(),
-            platform: image.platform.as_ref().map(Platform::to_string),
+        let result = hermes_oci::assemble_index(
+            &self.store,
+            reference,
+            image.clone(),
             span_size,
             layers,
-            soci_index,
-            built_at_unix: unix_now(),
-        };
+            &self.build_tool_identifier,
+        )
+        .map_err(oci("store the SOCI index of", reference))?;
         let version = match policy.push {
             Push::None => None,
             Push::SociV1 => Some(SociVersion::V1),
             Push::SociV2 => Some(SociVersion::V2),
         };
         if let Some(version) = version
-            && !soci_ztocs.is_empty()
+            && !result.soci_ztocs.is_empty()
         {
             let target = push_target(reference, &image.fetched.digest, version);
-            let result = IndexResult {
-                record: record.clone(),
-                image: image.clone(),
-                soci_ztocs,
-            };
             let pushed = hermes_oci::push_soci(
                 &self.client,
                 &self.store,
@@ -323,6 +284,7 @@ impl Builder {
             .map_err(oci("push the SOCI index of", reference))?;
             info!(target = %target, soci_index = %pushed.soci_index, "SOCI index pushed");
         }
+        let record = result.record;
         // Published before the record is stored locally: a failure leaves the image unfinished,
         // so it is retried, and never stored here but missing from the repository.
         if let Some(mirror) = &self.mirror {
@@ -354,12 +316,6 @@ pub fn push_target(reference: &Reference, manifest: &Digest, version: SociVersio
             repository.with_tag(&tag)
         }
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Per-layer records of an image from what the store holds.
@@ -399,16 +355,13 @@ fn layer_records(
                 None => None,
             };
             let (Some(ztoc), Some(bytes)) = (ztoc, bytes) else {
-                return Err(Error::Io {
-                    action: "find the zTOC of layer",
-                    path: layer.digest.to_string(),
-                    source: std::io::ErrorKind::NotFound.into(),
+                return Err(Error::ZtocMissing {
+                    layer: layer.digest.clone(),
                 });
             };
-            let parsed = hermes_ztoc::Ztoc::from_bytes(&bytes).map_err(|e| Error::Io {
-                action: "read the stored zTOC of layer",
-                path: layer.digest.to_string(),
-                source: std::io::Error::other(e),
+            let parsed = hermes_ztoc::Ztoc::from_bytes(&bytes).map_err(|source| Error::Ztoc {
+                layer: layer.digest.clone(),
+                source,
             })?;
             let known = seconds.get(&layer.digest).copied();
             LayerOutcome::Indexed {
@@ -434,6 +387,56 @@ fn layer_records(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resolved image of one gzip layer, `layer`, in no registry.
+    fn one_layer_image(layer: &Digest) -> ResolvedImage {
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": Digest::of(b"{}").as_str(),
+                "size": 2,
+            },
+            "layers": [{
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": layer.as_str(),
+                "size": 100,
+            }],
+        });
+        ResolvedImage {
+            reference: Reference::parse("registry.test/app:v1").unwrap(),
+            manifest: serde_json::from_value(manifest).unwrap(),
+            fetched: hermes_oci::FetchedManifest {
+                bytes: bytes::Bytes::new(),
+                media_type: String::new(),
+                digest: Digest::of(b"manifest"),
+            },
+            platform: None,
+            index: None,
+        }
+    }
+
+    #[test]
+    fn a_missing_or_unreadable_stored_ztoc_is_a_typed_error_naming_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let layer = Digest::of(b"layer");
+        let image = one_layer_image(&layer);
+        let span = 1 << 20;
+        let records = |store: &Store| layer_records(store, &image, span, 0, &BTreeMap::new());
+        match records(&store) {
+            Err(Error::ZtocMissing { layer: l }) => assert_eq!(l, layer),
+            other => panic!("expected ZtocMissing, got {other:?}"),
+        }
+        let garbage = store.put_blob(b"not a zTOC").unwrap();
+        store.set_ztoc_for_layer(&layer, span, &garbage).unwrap();
+        match records(&store) {
+            Err(e @ Error::Ztoc { .. }) => {
+                assert!(e.to_string().contains(layer.as_str()), "{e}");
+            }
+            other => panic!("expected Ztoc, got {other:?}"),
+        }
+    }
 
     #[test]
     fn push_targets_follow_soci_conventions() {

@@ -1,6 +1,6 @@
 //! The controller loop shared by the standalone and Kubernetes adapters: it feeds the
 //! reconciler, carries out its actions with the [`Builder`] on background tasks, and publishes
-//! statuses to the node API and the [`ReportBook`].
+//! statuses through a [`Publisher`] (the node API) and to the [`ReportBook`].
 //!
 //! An adapter gives the [`Engine`] its policies ([`Engine::set_policies`]) and running
 //! containers ([`Engine::set_containers`]) whenever it learns of changes, and drives it with
@@ -33,13 +33,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::api::{BuildOutcome, Miss, MissRefusal, NodeApi};
+use crate::api::{BuildOutcome, Miss, MissRefusal};
 use crate::builder::{Builder, LayerBuild, LayerResult, Resolved};
 use crate::error::chain;
 use crate::matcher::{RunningContainer, selects_miss};
 use crate::mirror::Collected;
 use crate::misses::{DEFAULT_MAX_MISSES, MissTable, Recorded};
 use crate::policy::{DEFAULT_SPAN_SIZE, Policy};
+use crate::publish::Publisher;
 use crate::queue::{BuildQueue, JobId, LayerKey, QueueEvent, QueueOptions};
 use crate::reconcile::{
     Action, GcMemory, ImageStatus, Inputs, ManifestInfo, Phase, PolicyStatus, ReconcileOptions,
@@ -91,6 +92,18 @@ enum Task {
     Miss(String, String),
 }
 
+impl Task {
+    /// What the task does and to what, for its error if it panics.
+    fn describe(&self) -> (&'static str, String) {
+        match self {
+            Task::Resolve(digest) => ("resolve", digest.to_string()),
+            Task::Build(_, key) => ("index layer", key.digest.to_string()),
+            Task::Finish(manifest) => ("finish image", manifest.to_string()),
+            Task::Miss(image, node) => ("resolve the miss of", format!("{image} on node {node}")),
+        }
+    }
+}
+
 /// What a background task reports.
 #[derive(Debug)]
 enum Event {
@@ -113,7 +126,7 @@ struct EdgeFailure {
 pub struct Engine {
     options: EngineOptions,
     builder: Builder,
-    api: NodeApi,
+    publisher: Box<dyn Publisher>,
     misses_rx: mpsc::Receiver<Miss>,
     misses_open: bool,
     book: ReportBook,
@@ -181,21 +194,21 @@ pub fn store_contents(store: &Store) -> Result<StoreContents> {
 }
 
 impl Engine {
-    /// An engine building into `builder`'s store, publishing to `api` (whose misses arrive on
-    /// `misses`) and keeping reports in `book`. Reads the store once.
+    /// An engine building into `builder`'s store, publishing to `publisher` (the node API,
+    /// whose misses arrive on `misses`) and keeping reports in `book`. Reads the store once.
     pub fn new(
         options: EngineOptions,
         builder: Builder,
-        api: NodeApi,
+        publisher: impl Publisher + 'static,
         misses: mpsc::Receiver<Miss>,
         book: ReportBook,
     ) -> Result<Self> {
         let contents = store_contents(builder.store())?;
-        api.set_images(book.reports().cloned());
+        publisher.images(book.reports().cloned().collect());
         Ok(Self {
             queue: BuildQueue::new(options.queue.clone()),
             builder,
-            api,
+            publisher: Box::new(publisher),
             misses_rx: misses,
             misses_open: true,
             book,
@@ -230,8 +243,8 @@ impl Engine {
                 spans.push(p.span_size);
             }
         }
-        self.api.set_span_sizes(spans);
-        self.api.set_active_policies(self.policies.clone());
+        self.publisher.span_sizes(spans);
+        self.publisher.active_policies(self.policies.clone());
     }
 
     /// Replace the running containers.
@@ -482,10 +495,11 @@ impl Engine {
                     return;
                 };
                 self.busy.remove(&task);
-                let failed = || Error::Io {
-                    action: "finish a background task for",
-                    path: format!("{task:?}"),
-                    source: std::io::Error::other(e.to_string()),
+                let (action, subject) = task.describe();
+                let failed = move || Error::Task {
+                    action,
+                    subject,
+                    source: e,
                 };
                 match task.clone() {
                     Task::Resolve(d) => Event::Resolved(d, Err(failed())),
@@ -582,9 +596,8 @@ impl Engine {
                 (BuildOutcome::Failed, Err(error))
             }
         };
-        self.api
-            .metrics()
-            .record_build(outcome, build.seconds, build.bytes_read);
+        self.publisher
+            .build_finished(outcome, build.seconds, build.bytes_read);
         self.book.record_layer(
             &key.digest,
             build.seconds,
@@ -633,7 +646,7 @@ impl Engine {
                 image = miss.image,
                 node, "miss for an image no policy selects; ignored"
             );
-            self.api.metrics().refuse_miss(MissRefusal::Unselected);
+            self.publisher.miss_refused(MissRefusal::Unselected);
             return;
         }
         let task = Task::Miss(miss.image.clone(), node.clone());
@@ -650,7 +663,7 @@ impl Engine {
                 image = miss.image,
                 node, "too many misses being resolved; ignored"
             );
-            self.api.metrics().refuse_miss(MissRefusal::ResolvesBusy);
+            self.publisher.miss_refused(MissRefusal::ResolvesBusy);
             return;
         }
         let builder = self.builder.clone();
@@ -666,12 +679,12 @@ impl Engine {
     fn keep_miss(&mut self, image: Reference, node: &str, digest: Digest, now: SystemTime) {
         if !selects_miss(&self.policies, &image, Some(&digest)) {
             debug!(%image, node, "miss for an image no policy selects; ignored");
-            self.api.metrics().refuse_miss(MissRefusal::Unselected);
+            self.publisher.miss_refused(MissRefusal::Unselected);
             return;
         }
         let full = self.misses.record(image, node, digest, now) == Recorded::Full;
         if full {
-            self.api.metrics().refuse_miss(MissRefusal::TableFull);
+            self.publisher.miss_refused(MissRefusal::TableFull);
             if !self.misses_full {
                 warn!(
                     max_misses = self.options.max_misses,
@@ -723,7 +736,8 @@ impl Engine {
             }
             Err(e) => warn!(error = %chain(&e), "cannot write image reports"),
         }
-        self.api.set_images(self.book.reports().cloned());
+        self.publisher
+            .images(self.book.reports().cloned().collect());
         let mut reports: Vec<PolicyReport> = policies
             .into_iter()
             .chain(self.invalid.iter().cloned())
@@ -733,12 +747,9 @@ impl Engine {
             })
             .collect();
         reports.sort_by(|a, b| a.name.cmp(&b.name));
-        self.api.set_policies(reports.clone());
+        self.publisher.policies(reports.clone());
         self.policy_statuses = reports;
-        self.api
-            .metrics()
-            .queue_depth
-            .set(i64::try_from(self.queue.image_count()).unwrap_or(i64::MAX));
+        self.publisher.queue_depth(self.queue.image_count());
     }
 
     /// Every `sweep_every`: sweep the store of unreferenced blobs and temp files, and reread

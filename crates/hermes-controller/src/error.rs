@@ -1,48 +1,11 @@
-//! The controller core's errors.
+//! The controller's errors.
 
-/// What went wrong in the controller core.
+/// What went wrong in the controller.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A policy document is not valid YAML or does not have the `HermesPolicy` shape (unknown
-    /// key, wrong type, unknown `mode`); the message names the key and line.
-    #[error("cannot parse HermesPolicy documents from {source_name}")]
-    Parse {
-        /// Where the text came from (a file path, or `<inline>`).
-        source_name: String,
-        /// The YAML error, with its location.
-        #[source]
-        source: Box<serde_saphyr::Error>,
-    },
-    /// A document is not a `hermes.dev/v1alpha1` `HermesPolicy`.
-    #[error(
-        "{source_name}: document {document} is {api_version}/{kind}, expected hermes.dev/v1alpha1/HermesPolicy"
-    )]
-    WrongKind {
-        /// Where the text came from.
-        source_name: String,
-        /// The document's index (0-based) in the text.
-        document: usize,
-        /// Its `apiVersion`.
-        api_version: String,
-        /// Its `kind`.
-        kind: String,
-    },
-    /// A policy parsed but one of its fields has a value the controller cannot use.
-    #[error("HermesPolicy {policy:?}: {field}: {reason}")]
-    InvalidPolicy {
-        /// `metadata.name` of the policy.
-        policy: String,
-        /// The field's path, e.g. `spec.images[2]`.
-        field: String,
-        /// What is wrong with it and what is expected.
-        reason: String,
-    },
-    /// Two policies have the same name.
-    #[error("HermesPolicy {policy:?} is defined twice (names must be unique)")]
-    DuplicatePolicy {
-        /// The repeated name.
-        policy: String,
-    },
+    /// A `HermesPolicy` does not parse or validate.
+    #[error(transparent)]
+    Policy(#[from] hermes_controller_core::Error),
     /// A registry or artifact store operation failed.
     #[error("cannot {action} {subject}")]
     Oci {
@@ -66,6 +29,44 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The store names a zTOC for a layer but does not hold its blob.
+    #[error(
+        "the store names a zTOC for layer {layer} but does not hold its blob (deleted meanwhile?)"
+    )]
+    ZtocMissing {
+        /// The layer.
+        layer: hermes_oci::Digest,
+    },
+    /// A zTOC in the store does not parse.
+    #[error("the stored zTOC of layer {layer} is unreadable")]
+    Ztoc {
+        /// The layer it indexes.
+        layer: hermes_oci::Digest,
+        /// Why it does not parse.
+        #[source]
+        source: hermes_ztoc::Error,
+    },
+    /// A background task (a resolve, a layer build, finishing an image) panicked or was
+    /// aborted.
+    #[error("the task to {action} {subject} did not complete")]
+    Task {
+        /// What the task did.
+        action: &'static str,
+        /// The image or layer it did it for.
+        subject: String,
+        /// How it ended.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The node API cannot listen on its address.
+    #[error("cannot listen on {address}")]
+    Listen {
+        /// The address asked for.
+        address: String,
+        /// The bind error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The node API's TLS certificate or key cannot be used.
     #[error("cannot use {path} for TLS: {reason}")]
     Tls {
@@ -84,4 +85,4 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// An error and its causes, `: `-separated, for statuses and logs (a YAML error's key and line
 /// are in its cause): the workspace's one formatter.
-pub use hermes_node_api::error_chain as chain;
+pub use hermes_controller_core::chain;

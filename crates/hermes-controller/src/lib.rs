@@ -1,45 +1,36 @@
-//! The Hermes controller's core: which running images a `HermesPolicy` wants indexed, the
-//! build queue that indexes their layers once each, and the reconciler that turns the world
-//! (policies, running containers, store contents, queue) into actions and statuses.
+//! The Hermes controller's engine and node API: the I/O around the pure core
+//! (`hermes-controller-core`, whose modules [`policy`], [`selector`], [`modules`], [`pattern`],
+//! [`matcher`], [`queue`], [`reconcile`] and [`prefetch`] are re-exported here).
 //!
-//! - [`policy`]: the `HermesPolicy` model, parsed from YAML and validated;
-//! - [`selector`]: Kubernetes label selectors;
-//! - [`pattern`]: image globs over `registry/repo[:tag]` and digest pins;
-//! - [`matcher`]: the policy that applies to a running container (most specific wins, `Off`
-//!   is a kill switch);
-//! - [`queue`]: the [`BuildQueue`](queue::BuildQueue), deduplicated by manifest and layer digest;
-//! - [`reconcile`]: the reconciler, a function of its inputs;
 //! - [`misses`]: nodes' reports of images started without an index, kept (bounded) as running
 //!   containers;
-//! - [`prefetch`]: startup read traces merged into per-layer prefetch profiles;
 //! - [`api`]: the node HTTP API (axum) serving zTOCs, statuses and prefetch profiles and
 //!   taking misses and traces;
 //! - [`builder`]: the registry and store work (resolve, build a layer, finish an image);
 //! - [`status`]: image reports (status plus build statistics), kept durably;
 //! - [`engine`]: the controller loop both adapters drive;
+//! - [`publish`]: what the engine publishes, as a trait the node API implements;
 //! - [`mirror`]: the artifact store published to an OCI repository, for several replicas;
-//! - [`standalone`]: the standalone adapter (policy directory, local containerd);
+//! - [`server`]: the node API's socket, token and TLS, set up alike by both adapters;
 //! - [`tls`]: TLS for the node API.
 //!
-//! The modules up to [`prefetch`] are pure: no I/O, no clock (time is passed in). The
-//! Kubernetes adapter lives in its own crate (`hermes-kube`) on top of [`engine`].
+//! The adapters live in their own crates on top of [`engine`]: `hermes-standalone` (policy
+//! directory, local containerd) and `hermes-kube`.
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod builder;
 pub mod engine;
 mod error;
-pub mod matcher;
 pub mod mirror;
 pub mod misses;
-pub mod pattern;
-pub mod policy;
-pub mod prefetch;
-pub mod queue;
-pub mod reconcile;
-pub mod selector;
-pub mod standalone;
+pub mod publish;
+pub mod server;
 pub mod status;
 pub mod tls;
 
 pub use error::{Error, Result, chain};
+pub use hermes_controller_core::Error as PolicyError;
+pub use hermes_controller_core::{
+    matcher, modules, pattern, policy, prefetch, queue, reconcile, selector,
+};

@@ -100,7 +100,7 @@ impl MissTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::tests::digest;
+    use hermes_controller_core::testing::digest;
 
     fn image(name: &str) -> Reference {
         Reference::parse(name).unwrap()

@@ -273,8 +273,8 @@ impl ReportBook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::tests::{at, digest};
     use crate::reconcile::{LayerState, LayerStatus};
+    use hermes_controller_core::testing::{at, digest};
 
     fn status(n: u8, phase: Phase, layers: &[u8]) -> ImageStatus {
         ImageStatus {

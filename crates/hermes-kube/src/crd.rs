@@ -246,11 +246,19 @@ fn tighten(schema: &mut schemars::Schema) {
             }
         }
     }
-    if let Some(modules) = props.get_mut("memoryModules") {
-        let description = modules.get("description").cloned();
-        *modules = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
-        if let (Some(map), Some(d)) = (modules.as_object_mut(), description) {
-            map.insert("description".to_owned(), d);
+    if let Some(modules) = props
+        .get_mut("memoryModules")
+        .and_then(|m| m.get_mut("properties"))
+        .and_then(Value::as_object_mut)
+    {
+        if let Some(selector) = modules.get_mut("podSelector") {
+            *selector = label_selector(selector.get("description"));
+        }
+        if let Some(Value::Object(namespaces)) = modules.get_mut("namespaces") {
+            namespaces.insert("items".into(), json!({"type": "string", "minLength": 1}));
+        }
+        if let Some(Value::Object(loader)) = modules.get_mut("loaderConfigMap") {
+            loader.insert("minLength".into(), json!(1));
         }
     }
 }

@@ -23,6 +23,11 @@ pub enum Error {
     /// The controller core's engine could not be set up (store, reports, registry client).
     #[error("controller engine")]
     Engine(#[source] Box<hermes_controller::Error>),
+    /// No identity for the Lease: none given, no `HOSTNAME`, no host name.
+    #[error(
+        "cannot tell this replica's Lease identity: pass --identity or set POD_NAME (the pod name, from the downward API)"
+    )]
+    NoIdentity,
     /// Leader election failed.
     #[error("leader election on Lease {namespace}/{name}")]
     Lease {

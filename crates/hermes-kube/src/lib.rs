@@ -7,6 +7,7 @@
 //! - [`status`]: the core's statuses → `HermesImage`/`HermesPolicy` status and pod Events;
 //! - [`controller`]: leader election, watches feeding the core's engine
 //!   (`hermes_controller::engine`), writing statuses and Events;
+//! - [`run()`]: the whole Kubernetes mode (store, node API, controller) as the binary starts it;
 //! - [`webhook`]: the memory modules' mutating admission webhook: the injection patch, which
 //!   pods a HermesPolicy's `memoryModules` selects ([`webhook::selector`]) and its HTTPS server
 //!   ([`webhook::server`]). The installer it injects is `hermes-modules`.
@@ -19,8 +20,10 @@
 pub mod controller;
 pub mod crd;
 mod error;
+mod run;
 pub mod status;
 pub mod view;
 pub mod webhook;
 
 pub use error::{Error, Result};
+pub use run::{Config, run};

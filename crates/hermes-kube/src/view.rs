@@ -156,7 +156,7 @@ pub fn service_account_name(pod: &Pod) -> String {
 }
 
 /// A policy object as the core sees it: validated, or the error saying which field is wrong.
-pub fn policy(object: &HermesPolicy) -> Result<Policy, hermes_controller::Error> {
+pub fn policy(object: &HermesPolicy) -> Result<Policy, hermes_controller::PolicyError> {
     Policy::from_spec(&object.name_any(), &object.spec.policy)
 }
 

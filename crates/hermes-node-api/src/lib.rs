@@ -15,7 +15,8 @@
 //!
 //! It holds no server and no policy: what the controller answers is decided in
 //! `hermes-controller`, what the node does with the answer in `hermes-snapshotter`. Without the
-//! default `http` feature only [`labels`] and [`error_chain`] are built, with no dependency.
+//! default `http` feature only [`labels`] and [`error_chain`] are built, with no dependency;
+//! the `wire` feature adds the wire types and header rules (no HTTP stack, no registry client).
 #![warn(missing_docs)]
 
 pub mod labels;
@@ -24,12 +25,12 @@ pub mod labels;
 pub mod client;
 #[cfg(feature = "http")]
 pub mod paths;
-#[cfg(feature = "http")]
+#[cfg(feature = "wire")]
 mod wire;
 
 #[cfg(feature = "http")]
 pub use client::{Client, ClientOptions, ZtocAnswer};
-#[cfg(feature = "http")]
+#[cfg(feature = "wire")]
 pub use wire::*;
 
 /// An error and its causes, `: `-separated, on one line (for logs, statuses and plans).

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use hermes_oci::Digest;
+use hermes_oci_types::Digest;
 use serde::{Deserialize, Serialize};
 
 /// Largest zTOC a node reads (from the controller or a registry). zTOCs grow with a layer's

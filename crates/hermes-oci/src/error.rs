@@ -8,18 +8,9 @@ use crate::Digest;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// An image reference that does not parse.
-    #[error("invalid image reference {reference:?}: {what}")]
-    InvalidReference {
-        /// The text given.
-        reference: String,
-        /// What is wrong with it.
-        what: &'static str,
-    },
-
-    /// A digest that is not `sha256:<64 hex>`.
-    #[error("invalid digest {0:?}: expected sha256:<64 lower-case hex digits>")]
-    InvalidDigest(String),
+    /// A digest or image reference that does not parse.
+    #[error(transparent)]
+    Invalid(#[from] hermes_oci_types::Error),
 
     /// The registry could not be reached (after retries).
     #[error(

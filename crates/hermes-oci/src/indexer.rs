@@ -17,8 +17,7 @@ use crate::soci::{self, SociVersion, ZtocRef};
 use crate::store::{ImageRecord, LayerOutcome, LayerRecord, Store};
 use crate::{Digest, Error, Reference, Result};
 
-/// soci's default minimum layer size (10 MiB): smaller layers are pulled whole.
-pub const DEFAULT_MIN_LAYER_SIZE: u64 = 10 << 20;
+pub use hermes_oci_types::DEFAULT_MIN_LAYER_SIZE;
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -146,6 +145,29 @@ pub async fn build_index(
         return Err(e);
     }
     let layers: Vec<LayerRecord> = layers.into_iter().flatten().collect();
+    let result = assemble_index(
+        store,
+        reference,
+        image,
+        options.span_size,
+        layers,
+        &options.build_tool_identifier,
+    )?;
+    let record = store.put_image(&result.record)?;
+    Ok(IndexResult { record, ..result })
+}
+
+/// The index of an image whose layers are done: the SOCI v2 index manifest over the zTOCs
+/// soci can serve, stored in `store` (none when no layer has one), and the image record, which
+/// is not stored (the caller decides when: the controller publishes it first).
+pub fn assemble_index(
+    store: &Store,
+    reference: &Reference,
+    image: ResolvedImage,
+    span_size: u64,
+    layers: Vec<LayerRecord>,
+    build_tool_identifier: &str,
+) -> Result<IndexResult> {
     let soci_ztocs: Vec<ZtocRef> = layers
         .iter()
         .filter_map(|l| match &l.outcome {
@@ -159,7 +181,7 @@ pub async fn build_index(
                 size: *ztoc_size,
                 layer: l.digest.clone(),
                 layer_media_type: l.media_type.clone(),
-                span_size: options.span_size,
+                span_size,
             }),
             _ => None,
         })
@@ -167,12 +189,7 @@ pub async fn build_index(
     let soci_index = if soci_ztocs.is_empty() {
         None
     } else {
-        let bytes = soci::index_manifest(
-            SociVersion::V2,
-            &soci_ztocs,
-            &options.build_tool_identifier,
-            None,
-        );
+        let bytes = soci::index_manifest(SociVersion::V2, &soci_ztocs, build_tool_identifier, None);
         Some(store.put_blob(&bytes)?)
     };
     let record = ImageRecord {
@@ -180,14 +197,13 @@ pub async fn build_index(
         aliases: Vec::new(),
         manifest_digest: image.fetched.digest.clone(),
         platform: image.platform.as_ref().map(Platform::to_string),
-        span_size: options.span_size,
+        span_size,
         layers,
         soci_index,
         built_at_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    let record = store.put_image(&record)?;
     Ok(IndexResult {
         record,
         image,

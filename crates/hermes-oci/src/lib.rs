@@ -10,12 +10,10 @@
 
 mod auth;
 mod client;
-mod digest;
 mod error;
 mod indexer;
 pub mod manifest;
 mod range;
-mod reference;
 pub mod soci;
 mod store;
 
@@ -24,14 +22,13 @@ pub use client::{
     BlobStream, Client, ClientOptions, DEFAULT_MAX_METADATA_SIZE, Deadline, FetchedManifest,
     ResolvedImage, RetryPolicy, encode_query, fallback_tag, read_body,
 };
-pub use digest::{Digest, Hasher};
 pub use error::{Error, Result};
+pub use hermes_oci_types::{DOCKER_HUB, Digest, Error as ParseError, Hasher, Reference};
 pub use indexer::{
-    DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult, PushSummary, build_index, index_layer,
-    push_soci,
+    DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult, PushSummary, assemble_index, build_index,
+    index_layer, push_soci,
 };
 pub use range::RegistryRangeReader;
-pub use reference::{DOCKER_HUB, Reference};
 pub use store::{
     ImageRecord, LayerArtifact, LayerOutcome, LayerRecord, Store, StoredLayer, SweepSummary,
 };

@@ -151,3 +151,11 @@ impl Error {
         move |source| Error::Io { op, path, source }
     }
 }
+
+/// A digest or image reference that does not parse, reported as the registry error it was
+/// before those types moved out of `hermes-oci`.
+impl From<hermes_oci::ParseError> for Error {
+    fn from(error: hermes_oci::ParseError) -> Self {
+        Error::Registry(error.into())
+    }
+}

@@ -1,6 +1,6 @@
 //! `hermes controller --standalone …`: the policy-driven index builder without Kubernetes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +12,7 @@ use hermes_controller::engine::EngineOptions;
 use hermes_controller::policy::parse_duration;
 use hermes_controller::queue::QueueOptions;
 use hermes_controller::reconcile::ReconcileOptions;
-use hermes_controller::standalone::{ContainerdSource, StandaloneConfig};
+use hermes_controller::server::NodeApiServer;
 use hermes_oci::manifest::Platform;
 
 use crate::index_cmd::{RegistryArgs, client};
@@ -109,21 +109,12 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         })?,
         None => Platform::host(),
     };
-    let token = args
-        .token_file
-        .as_deref()
-        .map(hermes_snapshotter::config::read_token_file)
-        .transpose()?;
     if !args.policies.is_dir() {
         bail!(
             "the policy directory {} does not exist: create it (it may be empty) or pass --policies DIR",
             args.policies.display()
         );
     }
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(hermes_controller::tls::server_config(cert, key)?),
-        _ => None,
-    };
     let engine = EngineOptions {
         queue: QueueOptions {
             max_concurrent: args.concurrency,
@@ -142,17 +133,18 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
-        // Tests and scripts start with port 0 and read the address from here.
-        eprintln!("listening on {}", listener.local_addr()?);
-        let config = StandaloneConfig {
+        let server = node_api_server(
+            &args.listen,
+            args.token_file.as_deref(),
+            args.tls_cert.as_deref().zip(args.tls_key.as_deref()),
+        )
+        .await?;
+        let config = hermes_standalone::Config {
             policies: args.policies,
             data: args.data,
-            listener,
-            token,
-            tls,
+            server,
+            containerd: args.containerd,
+            namespaces: args.namespace,
             client: client(&args.registry)?,
             platform,
             build_tool_identifier: args.build_tool_identifier,
@@ -166,10 +158,25 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
                 None => None,
             },
         };
-        let source = ContainerdSource::new(args.containerd, args.namespace);
-        hermes_controller::standalone::run(config, source, shutdown_signal()?).await?;
+        hermes_standalone::run(config, shutdown_signal()?).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The node API's socket, token and TLS from the command line, the same way in both controller
+/// modes: the token file is read like the node reads its own (an empty file is refused).
+pub async fn node_api_server(
+    listen: &str,
+    token_file: Option<&Path>,
+    tls: Option<(&Path, &Path)>,
+) -> anyhow::Result<NodeApiServer> {
+    let token = token_file
+        .map(hermes_snapshotter::config::read_token_file)
+        .transpose()?;
+    let server = NodeApiServer::bind(listen, token, tls).await?;
+    // Tests and scripts start with port 0 and read the address from here.
+    eprintln!("listening on {}", server.local_addr()?);
+    Ok(server)
 }
 
 /// Completes on SIGTERM or SIGINT.

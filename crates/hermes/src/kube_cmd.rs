@@ -5,17 +5,14 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use hermes_controller::api::{self, NodeApi};
 use hermes_controller::engine::EngineOptions;
 use hermes_controller::reconcile::ReconcileOptions;
-use hermes_kube::controller::{self, ControllerOptions, EngineSetup};
-use hermes_oci::{ClientOptions, Store};
-use tokio::sync::Notify;
+use hermes_kube::controller::ControllerOptions;
+use hermes_oci::ClientOptions;
 
 use crate::index_cmd::{self, RegistryArgs};
 
@@ -33,7 +30,7 @@ pub enum KubeCommand {
 
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
-    /// This replica's identity in the Lease [default: the host name].
+    /// This replica's identity in the Lease [default: $HOSTNAME, else the host name].
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
     /// Namespace of the leader-election Lease.
@@ -113,57 +110,12 @@ pub fn run(cmd: KubeCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
-    let token = args
-        .token_file
-        .as_deref()
-        .map(hermes_snapshotter::config::read_token_file)
-        .transpose()?;
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(hermes_controller::tls::server_config(cert, key)?),
-        _ => None,
-    };
-    let store = Store::open(&args.data)
-        .with_context(|| format!("cannot open the artifact store {}", args.data.display()))?;
-    let client = kube::Client::try_default()
-        .await
-        .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
-    let identity = match args.identity {
-        Some(id) => id,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "hermes-controller".to_owned()),
-    };
-
-    let (misses_tx, mut misses) = tokio::sync::mpsc::channel(256);
-    let api = NodeApi::new(
-        store.clone(),
-        token,
-        vec![hermes_controller::policy::DEFAULT_SPAN_SIZE],
-        misses_tx,
-    );
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let stop_api = Arc::new(Notify::new());
-    eprintln!("listening on {}", listener.local_addr()?);
-    let server = tokio::spawn({
-        let (api, stop) = (api.clone(), stop_api.clone());
-        let stopped = async move { stop.notified().await };
-        async move {
-            match tls {
-                Some(tls) => api::serve_tls(listener, tls, api, stopped).await,
-                None => api::serve(listener, api, stopped).await,
-            }
-        }
-    });
-    // In a cluster the pod watch sees every running image; misses are only logged.
-    tokio::spawn(async move {
-        while let Some(miss) = misses.recv().await {
-            tracing::debug!(?miss, "node reported a miss");
-        }
-    });
-    api.set_ready(true);
-
+    let server = crate::controller_cmd::node_api_server(
+        &args.listen.to_string(),
+        args.token_file.as_deref(),
+        args.tls_cert.as_deref().zip(args.tls_key.as_deref()),
+    )
+    .await?;
     let mirror = match args.store_repository.as_deref().filter(|r| !r.is_empty()) {
         Some(repository) => {
             let settings = RegistryArgs::from_settings(args.plain_http, args.docker_config.clone());
@@ -173,37 +125,33 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let setup = EngineSetup {
-        options: EngineOptions {
+    let config = hermes_kube::Config {
+        identity: args.identity,
+        controller: ControllerOptions {
+            lease_namespace: args.lease_namespace,
+            lease_name: args.lease_name,
+            lease_duration: Duration::from_secs(args.lease_duration),
+            lease_grace: Duration::from_secs(args.lease_grace),
+            resync: Duration::from_secs(args.resync),
+            ..ControllerOptions::default()
+        },
+        engine: EngineOptions {
             reconcile: ReconcileOptions {
                 gc_grace: Duration::from_secs(args.gc_grace_hours * 3600),
                 retry_failed_after: Duration::from_secs(args.retry_after),
             },
             ..EngineOptions::default()
         },
-        store,
-        reports: Some(args.data.join("reports")),
+        data: args.data,
+        server,
         client: ClientOptions {
             plain_http: args.plain_http,
             ..ClientOptions::default()
         },
-        api,
         mirror,
         sync_every: Duration::from_secs(args.store_sync.max(1)),
     };
-    let options = ControllerOptions {
-        identity,
-        lease_namespace: args.lease_namespace,
-        lease_name: args.lease_name,
-        lease_duration: Duration::from_secs(args.lease_duration),
-        lease_grace: Duration::from_secs(args.lease_grace),
-        resync: Duration::from_secs(args.resync),
-        ..ControllerOptions::default()
-    };
-    let result = controller::run(client, &setup, options, shutdown_signal()).await;
-    stop_api.notify_one();
-    let _ = server.await;
-    Ok(result?)
+    Ok(hermes_kube::run(config, shutdown_signal()).await?)
 }
 
 /// The store repository `repository` (`registry/name`, from `--store-repository`), reached with

@@ -28,9 +28,14 @@ fn policy(name: &str, spec: &str) -> Vec<Policy> {
 
 /// The test policy for everything under `host`: 1 MiB minimum layer size and spans.
 pub(crate) fn policy_for(host: &str) -> Vec<Policy> {
+    policy_indexing("test", host, "minLayerSize: 1Mi, spanSize: 1Mi")
+}
+
+/// Policy `name` for everything under `host`, with `index` settings (flow-style YAML).
+fn policy_indexing(name: &str, host: &str, index: &str) -> Vec<Policy> {
     policy(
-        "test",
-        &format!("  images: [\"{host}/**\"]\n  index: {{minLayerSize: 1Mi, spanSize: 1Mi}}\n"),
+        name,
+        &format!("  images: [\"{host}/**\"]\n  index: {{{index}}}\n"),
     )
 }
 
@@ -248,13 +253,7 @@ async fn a_layer_past_the_build_limits_is_not_indexable_and_the_image_is_ready()
     let (mut e, api, store) = engine(dir.path(), fast_options());
     // The controller builds whatever runs, down to the minimum layer size (measured compressed).
     e.set_policies(
-        policy(
-            "tiny",
-            &format!(
-                "  images: [\"{}/**\"]\n  index: {{minLayerSize: 1Ki, spanSize: 1Mi}}\n",
-                registry.host()
-            ),
-        ),
+        policy_indexing("tiny", &registry.host(), "minLayerSize: 1Ki, spanSize: 1Mi"),
         Vec::new(),
     );
     e.set_containers(vec![container("a", &reference, &pushed.manifest_digest)]);
@@ -457,12 +456,10 @@ async fn a_nodes_miss_is_indexed_and_the_soci_index_pushed_as_the_policy_asks() 
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut e, api, _store) = engine(dir.path(), fast_options());
     e.set_policies(
-        policy(
+        policy_indexing(
             "push",
-            &format!(
-                "  images: [\"{}/**\"]\n  index: {{minLayerSize: 1Mi, spanSize: 1Mi, push: SociV2}}\n",
-                registry.host()
-            ),
+            &registry.host(),
+            "minLayerSize: 1Mi, spanSize: 1Mi, push: SociV2",
         ),
         Vec::new(),
     );

@@ -70,6 +70,18 @@ async fn crds_establish_and_reject_malformed_policies() {
             "  images: [a]\n  podSelector: {matchExpressions: [{key: a, operator: Near}]}\n",
             "spec.podSelector.matchExpressions",
         ),
+        (
+            "  images: [a]\n  memoryModules: {podSelector: {matchExpressions: [{key: a, operator: Near}]}}\n",
+            "spec.memoryModules.podSelector.matchExpressions",
+        ),
+        (
+            "  images: [a]\n  memoryModules: {namespaces: [\"\"]}\n",
+            "spec.memoryModules.namespaces",
+        ),
+        (
+            "  images: [a]\n  memoryModules: {loaderConfigMap: 7}\n",
+            "spec.memoryModules.loaderConfigMap",
+        ),
         ("  mode: Lazy\n", "spec.images"),
     ];
     for (spec, field) in rejected {
@@ -102,6 +114,19 @@ async fn crds_establish_and_reject_malformed_policies() {
     assert_eq!(
         stored.spec.policy.index.push,
         hermes_controller::policy::Push::None
+    );
+    // memoryModules is typed: its loader's default is filled in too.
+    let modules = cluster
+        .apply_policy(&doc("  images: [a]\n  memoryModules: {namespaces: [ml]}\n"))
+        .await
+        .expect("well-formed memoryModules accepted");
+    assert_eq!(
+        modules
+            .spec
+            .policy
+            .memory_modules
+            .map(|m| m.loader_config_map),
+        Some(hermes_controller::modules::DEFAULT_LOADER_CONFIG_MAP.to_owned())
     );
     // Printer columns are served.
     let (ok, table) = cluster.server.kubectl(&["get", "hermespolicies"], None);

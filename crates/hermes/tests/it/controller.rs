@@ -652,6 +652,47 @@ pub(crate) fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 #[test]
+fn both_controller_modes_refuse_an_empty_token_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, " \n").expect("token file");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("policies");
+    let data = dir.path().join("data");
+    let standalone = [
+        "controller",
+        "--standalone",
+        "--policies",
+        path_str(&policies),
+        "--data",
+        path_str(&data),
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        path_str(&token),
+    ];
+    let kube = [
+        "kube",
+        "controller",
+        "--data",
+        path_str(&data),
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        path_str(&token),
+    ];
+    for args in [&standalone[..], &kube[..]] {
+        let out = hermes(args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started: {stderr}");
+        assert!(
+            stderr.contains(path_str(&token)) && stderr.contains("empty"),
+            "{args:?}: the error should name the empty token file: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn the_node_api_serves_https_and_wants_the_token() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (cert, key) = self_signed(dir.path());

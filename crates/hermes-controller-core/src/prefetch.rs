@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 // The wire types of traces and profiles are the node-API contract's.
 pub use hermes_node_api::{PrefetchProfile, TraceReport};
-use hermes_oci::Digest;
+use hermes_oci_types::Digest;
 use serde::{Deserialize, Serialize};
 
 /// Default of [`ProfileLimits::traces_per_layer`].

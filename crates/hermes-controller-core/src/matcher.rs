@@ -12,7 +12,7 @@
 
 use std::cmp::Reverse;
 
-use hermes_oci::{Digest, Reference};
+use hermes_oci_types::{Digest, Reference};
 
 use crate::pattern::ImagePattern;
 use crate::policy::{Mode, Policy};
@@ -189,40 +189,11 @@ pub fn selects_miss(policies: &[Policy], image: &Reference, digest: Option<&Dige
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::policy::parse_policies;
 
     pub(crate) const PIN: &str =
         "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
-    /// Policies from `(name, extra spec lines)`.
-    pub(crate) fn policies(specs: &[(&str, &str)]) -> Vec<Policy> {
-        let text = specs
-            .iter()
-            .map(|(name, spec)| {
-                format!(
-                    "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {{name: {name}}}\nspec:\n{spec}"
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("---\n");
-        parse_policies(&text, "test").unwrap()
-    }
-
-    pub(crate) fn container(
-        ns: &str,
-        pod: &str,
-        image: &str,
-        digest: Option<&str>,
-    ) -> RunningContainer {
-        RunningContainer {
-            namespace: ns.to_owned(),
-            pod: pod.to_owned(),
-            namespace_labels: [("env".to_owned(), ns.to_owned())].into(),
-            pod_labels: [("app".to_owned(), pod.to_owned())].into(),
-            image: Reference::parse(image).unwrap(),
-            digest: digest.map(|d| Digest::parse(d).unwrap()),
-        }
-    }
+    pub(crate) use crate::testing::{container, policies};
 
     fn winner(policies: &[Policy], c: &RunningContainer) -> String {
         match decide(policies, c) {

@@ -3,7 +3,7 @@
 //! - `*` matches within one path segment (or within the tag), `**` as a whole segment matches any
 //!   number of segments (including none); `**` alone matches every image.
 //! - The tag is optional: without one, every tag (and a digest-only reference) matches.
-//! - Names are normalised the way [`hermes_oci::Reference::parse`] normalises references: a first
+//! - Names are normalised the way [`hermes_oci_types::Reference::parse`] normalises references: a first
 //!   segment without `.` or `:` that is not `localhost` is a Docker Hub path (`nginx` →
 //!   `docker.io/library/nginx`, `team/app` → `docker.io/team/app`). A wildcard-only first segment
 //!   followed by more segments stands for the registry (`*/team/app`).
@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use hermes_oci::{DOCKER_HUB, Digest, Reference};
+use hermes_oci_types::{DOCKER_HUB, Digest, Reference};
 
 /// A compiled entry of `spec.images`.
 #[derive(Clone, PartialEq, Eq)]

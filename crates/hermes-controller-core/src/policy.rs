@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::modules::MemoryModules;
 use crate::pattern::ImagePattern;
 use crate::selector::LabelSelector;
 use crate::{Error, Result};
@@ -21,7 +22,7 @@ pub const API_VERSION: &str = "hermes.dev/v1alpha1";
 /// `kind` of policy documents.
 pub const KIND: &str = "HermesPolicy";
 /// Layers smaller than this are not indexed unless a policy says otherwise (10 MiB).
-pub const DEFAULT_MIN_LAYER_SIZE: u64 = hermes_oci::DEFAULT_MIN_LAYER_SIZE;
+pub const DEFAULT_MIN_LAYER_SIZE: u64 = hermes_oci_types::DEFAULT_MIN_LAYER_SIZE;
 /// Default span size (4 MiB).
 pub const DEFAULT_SPAN_SIZE: u64 = 4 << 20;
 /// Default length of the recorded startup window when `prefetch.record` is on.
@@ -77,9 +78,9 @@ pub struct PolicySpec {
     /// Fetch the whole layer in the background within this duration (Go syntax: `90s`, `5m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fully_local_within: Option<String>,
-    /// Memory modules for matching pods; read by the modules webhook, opaque here.
+    /// Memory modules: which pods get them and their loader (read by the modules webhook).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_modules: Option<serde_json::Value>,
+    pub memory_modules: Option<MemoryModules>,
 }
 
 /// What nodes do with a matching image.
@@ -237,8 +238,8 @@ pub struct Policy {
     pub prefetch_window: Duration,
     /// `spec.fullyLocalWithin`.
     pub fully_local_within: Option<Duration>,
-    /// `spec.memoryModules`, unchanged.
-    pub memory_modules: Option<serde_json::Value>,
+    /// `spec.memoryModules`.
+    pub memory_modules: Option<MemoryModules>,
 }
 
 impl Policy {
@@ -273,6 +274,13 @@ impl Policy {
             if let Some((sub, reason)) = selector.as_ref().and_then(LabelSelector::problem) {
                 return Err(invalid(&format!("{field}.{sub}"), reason));
             }
+        }
+        if let Some((sub, reason)) = spec
+            .memory_modules
+            .as_ref()
+            .and_then(MemoryModules::problem)
+        {
+            return Err(invalid(&format!("spec.memoryModules.{sub}"), reason));
         }
         let min_layer_size = spec
             .index
@@ -443,7 +451,10 @@ spec:
         );
         assert_eq!(
             web.memory_modules,
-            Some(serde_json::json!({"namespaces": ["prod"]}))
+            Some(MemoryModules {
+                namespaces: vec!["prod".to_owned()],
+                ..MemoryModules::default()
+            })
         );
         let min = &p[1];
         assert_eq!(min.mode, Mode::Lazy);

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
-use hermes_oci::{Digest, Reference};
+use hermes_oci_types::{Digest, Reference};
 
 /// A zTOC to build: zTOCs are keyed by layer digest and span size.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -562,13 +562,7 @@ impl BuildQueue {
 pub(crate) mod tests {
     use super::*;
 
-    pub(crate) fn digest(n: u8) -> Digest {
-        Digest::parse(&format!("sha256:{}", format!("{n:02x}").repeat(32))).unwrap()
-    }
-
-    pub(crate) fn at(secs: u64) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
-    }
+    pub(crate) use crate::testing::{at, digest};
 
     const SPAN: u64 = 4 << 20;
 

@@ -16,12 +16,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
-use hermes_oci::{Digest, ImageRecord, LayerOutcome, Reference};
+use hermes_oci_types::{Digest, ImageRecord, LayerOutcome, Reference};
 use serde::{Deserialize, Serialize};
 
 use crate::matcher::{Decision, RunningContainer, Specificity, decide};
 use crate::policy::{Mode, Policy};
-use crate::queue::{BuildQueue, ImageRequest, LayerKey, LayerProgress, LayerSpec};
+use crate::queue::{BuildQueue, ImageFailure, ImageRequest, LayerKey, LayerProgress, LayerSpec};
 
 /// A resolved platform manifest, reduced to what the reconciler needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,7 +273,7 @@ pub struct PolicyStatus {
 
 impl PolicyStatus {
     /// The status of a policy that failed validation: `Valid=False` with the error.
-    pub fn invalid(name: &str, error: &crate::Error) -> Self {
+    pub fn invalid(name: &str, error: &dyn std::error::Error) -> Self {
         Self {
             name: name.to_owned(),
             matched_images: 0,
@@ -315,18 +315,34 @@ fn is_tar(media_type: &str) -> bool {
     media_type.contains("tar")
 }
 
-/// Run one reconcile pass.
+/// Run one reconcile pass: group the running containers by image (`group_by_image`), plan
+/// each image (`Pass::plan_image`), cancel builds no image wants, collect what has been
+/// unused for `gc_grace` (`Pass::collect_garbage`), then sum up per policy.
 pub fn reconcile(inputs: &Inputs<'_>) -> Outcome {
-    let Inputs {
+    let groups = group_by_image(inputs.policies, inputs.containers, inputs.manifests);
+    let mut pass = Pass::default();
+    for (digest, group) in &groups {
+        pass.plan_image(inputs, digest, group);
+    }
+    pass.cancel_unwanted(inputs.queue);
+    let gc = pass.collect_garbage(inputs);
+    let policies = policy_statuses(inputs.policies, &pass.images);
+    Outcome {
+        actions: pass.actions,
+        images: pass.images,
         policies,
-        containers,
-        manifests,
-        store,
-        queue,
         gc,
-        options,
-        now,
-    } = *inputs;
+    }
+}
+
+/// The running containers some policy matches, by image (the platform manifest once resolved,
+/// else the containers' digest), each with the most specific `Apply` policy and the first
+/// `Off` one. Containers are visited by namespace and pod, so the reference kept is stable.
+fn group_by_image<'a>(
+    policies: &'a [Policy],
+    containers: &'a [RunningContainer],
+    manifests: &'a BTreeMap<Digest, ManifestInfo>,
+) -> BTreeMap<Digest, Group<'a>> {
     let mut sorted: Vec<&RunningContainer> = containers.iter().collect();
     sorted.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
 
@@ -367,16 +383,28 @@ pub fn reconcile(inputs: &Inputs<'_>) -> Outcome {
             Decision::Unmatched => {}
         }
     }
+    groups
+}
 
-    let mut actions = Vec::new();
-    let mut images = Vec::new();
-    let mut wanted_images: BTreeSet<Digest> = BTreeSet::new();
-    let mut wanted_ztocs: BTreeSet<LayerKey> = BTreeSet::new();
-    for (digest, group) in &groups {
+/// What one pass has decided so far.
+#[derive(Default)]
+struct Pass {
+    actions: Vec<Action>,
+    images: Vec<ImageStatus>,
+    /// Images some policy wants indexed: their records and builds are kept.
+    wanted_images: BTreeSet<Digest>,
+    /// zTOCs those images need: kept.
+    wanted_ztocs: BTreeSet<LayerKey>,
+}
+
+impl Pass {
+    /// The status of one running image and what to do for it: skip it (`Off`), resolve its
+    /// manifest, queue its missing layers, update its pod count, or write its record.
+    fn plan_image(&mut self, inputs: &Inputs<'_>, digest: &Digest, group: &Group<'_>) {
         let pods = u32::try_from(group.pods.len()).unwrap_or(u32::MAX);
         let Some((_, policy)) = group.best else {
             let off = group.off.map_or("", |p| p.name.as_str());
-            images.push(ImageStatus {
+            self.images.push(ImageStatus {
                 digest: digest.clone(),
                 reference: group.reference.to_string(),
                 policy: off.to_owned(),
@@ -385,9 +413,9 @@ pub fn reconcile(inputs: &Inputs<'_>) -> Outcome {
                 pods,
                 layers: Vec::new(),
             });
-            continue;
+            return;
         };
-        wanted_images.insert(digest.clone());
+        self.wanted_images.insert(digest.clone());
         let mut status = ImageStatus {
             digest: digest.clone(),
             reference: group.reference.to_string(),
@@ -398,87 +426,36 @@ pub fn reconcile(inputs: &Inputs<'_>) -> Outcome {
             layers: Vec::new(),
         };
         let Some(info) = group.info else {
-            actions.push(Action::Resolve {
+            self.actions.push(Action::Resolve {
                 reference: group.reference.clone(),
                 digest: group.container_digest.clone(),
             });
             status.reason = Some("resolving the manifest".to_owned());
-            images.push(status);
-            continue;
+            self.images.push(status);
+            return;
         };
-        let record = store
+        let record = inputs
+            .store
             .images
             .get(digest)
             .filter(|r| r.span_size == policy.span_size);
-        let failure = queue.failure(digest);
-        let failure_current = failure.filter(|f| now < f.at + options.retry_failed_after);
+        let failure = inputs.queue.failure(digest);
+        let failure_current =
+            failure.filter(|f| inputs.now < f.at + inputs.options.retry_failed_after);
         let mut missing = Vec::new();
         for layer in &info.layers {
-            let key = LayerKey {
-                digest: layer.digest.clone(),
-                span_size: policy.span_size,
-            };
-            let recorded_skip = record.and_then(|r| {
-                r.layers.iter().find_map(|l| match &l.outcome {
-                    LayerOutcome::Skipped { reason } if l.digest == layer.digest => {
-                        Some(reason.clone())
-                    }
-                    _ => None,
-                })
-            });
-            let state = if !is_tar(&layer.media_type) {
-                LayerState::Skipped {
-                    reason: format!("media type {} is not a tar layer", layer.media_type),
-                }
-            } else if layer.size < policy.min_layer_size {
-                LayerState::Skipped {
-                    reason: format!(
-                        "{} bytes is below minLayerSize ({})",
-                        layer.size, policy.min_layer_size
-                    ),
-                }
-            } else if let Some(reason) = store.unindexable.get(&key).cloned().or(recorded_skip) {
-                LayerState::Skipped { reason }
-            } else if store.ztocs.contains(&key) {
-                wanted_ztocs.insert(key);
-                LayerState::Indexed
-            } else {
-                wanted_ztocs.insert(key.clone());
-                match queue.layer(&key) {
-                    Some(LayerProgress::Queued | LayerProgress::Cancelling) => LayerState::Queued,
-                    Some(LayerProgress::Building { attempt }) => LayerState::Building { attempt },
-                    Some(LayerProgress::Retrying {
-                        failures,
-                        last_error,
-                        ..
-                    }) => LayerState::Retrying {
-                        failures,
-                        last_error,
-                    },
-                    None => {
-                        missing.push(LayerSpec {
-                            digest: layer.digest.clone(),
-                            size: layer.size,
-                        });
-                        match failure_current {
-                            Some(f) if f.layer == layer.digest => LayerState::Failed {
-                                reason: f.error.clone(),
-                            },
-                            _ => LayerState::Pending,
-                        }
-                    }
-                }
-            };
+            let state =
+                self.layer_state(inputs, policy, record, failure_current, layer, &mut missing);
             status.layers.push(LayerStatus {
                 digest: layer.digest.clone(),
                 size: layer.size,
                 state,
             });
         }
-        if let Some(progress) = queue.image(digest) {
+        if let Some(progress) = inputs.queue.image(digest) {
             status.phase = Phase::Building;
             if progress.pods != pods {
-                actions.push(Action::SetPods {
+                self.actions.push(Action::SetPods {
                     manifest: digest.clone(),
                     pods,
                 });
@@ -494,7 +471,7 @@ pub fn reconcile(inputs: &Inputs<'_>) -> Outcome {
                 Some(f) => format!("retrying after: {}", f.error),
                 None => format!("{} layers to index", missing.len()),
             });
-            actions.push(Action::Enqueue(ImageRequest {
+            self.actions.push(Action::Enqueue(ImageRequest {
                 manifest: digest.clone(),
                 reference: group.reference.clone(),
                 policy: policy.name.clone(),
@@ -507,68 +484,150 @@ pub fn reconcile(inputs: &Inputs<'_>) -> Outcome {
         } else {
             status.phase = Phase::Building;
             status.reason = Some("writing the image record".to_owned());
-            actions.push(Action::Finish {
+            self.actions.push(Action::Finish {
                 manifest: digest.clone(),
                 reference: group.reference.clone(),
                 policy: policy.name.clone(),
             });
         }
-        images.push(status);
+        self.images.push(status);
     }
 
-    for manifest in queue.images() {
-        if !wanted_images.contains(manifest) {
-            actions.push(Action::Cancel {
-                manifest: manifest.clone(),
-            });
-        }
-    }
-
-    let mut new_gc = GcMemory::default();
-    let expired =
-        |since: SystemTime| now.duration_since(since).unwrap_or_default() >= options.gc_grace;
-    let mut kept_record_ztocs = BTreeSet::new();
-    for (manifest, record) in &store.images {
-        if wanted_images.contains(manifest) {
-            continue;
-        }
-        let since = gc.images_unused_since.get(manifest).copied().unwrap_or(now);
-        if expired(since) {
-            actions.push(Action::CollectImage {
-                manifest: manifest.clone(),
-            });
+    /// Where one layer of an image stands: skipped (not tar, too small, unindexable), indexed,
+    /// in the queue, or missing (added to `missing`, `Failed` if the image's current failure
+    /// is this layer's). Every layer that has or needs a zTOC is wanted.
+    fn layer_state(
+        &mut self,
+        inputs: &Inputs<'_>,
+        policy: &Policy,
+        record: Option<&ImageRecord>,
+        failure_current: Option<&ImageFailure>,
+        layer: &LayerInfo,
+        missing: &mut Vec<LayerSpec>,
+    ) -> LayerState {
+        let key = LayerKey {
+            digest: layer.digest.clone(),
+            span_size: policy.span_size,
+        };
+        let recorded_skip = record.and_then(|r| {
+            r.layers.iter().find_map(|l| match &l.outcome {
+                LayerOutcome::Skipped { reason } if l.digest == layer.digest => {
+                    Some(reason.clone())
+                }
+                _ => None,
+            })
+        });
+        if !is_tar(&layer.media_type) {
+            LayerState::Skipped {
+                reason: format!("media type {} is not a tar layer", layer.media_type),
+            }
+        } else if layer.size < policy.min_layer_size {
+            LayerState::Skipped {
+                reason: format!(
+                    "{} bytes is below minLayerSize ({})",
+                    layer.size, policy.min_layer_size
+                ),
+            }
+        } else if let Some(reason) = inputs
+            .store
+            .unindexable
+            .get(&key)
+            .cloned()
+            .or(recorded_skip)
+        {
+            LayerState::Skipped { reason }
+        } else if inputs.store.ztocs.contains(&key) {
+            self.wanted_ztocs.insert(key);
+            LayerState::Indexed
         } else {
-            new_gc.images_unused_since.insert(manifest.clone(), since);
-            kept_record_ztocs.extend(
-                record
-                    .layers
-                    .iter()
-                    .filter(|l| matches!(l.outcome, LayerOutcome::Indexed { .. }))
-                    .map(|l| LayerKey {
-                        digest: l.digest.clone(),
-                        span_size: record.span_size,
-                    }),
-            );
-        }
-    }
-    for key in &store.ztocs {
-        if wanted_ztocs.contains(key) {
-            continue;
-        }
-        let since = gc.ztocs_unused_since.get(key).copied().unwrap_or(now);
-        if expired(since) && !kept_record_ztocs.contains(key) {
-            actions.push(Action::CollectZtoc { key: key.clone() });
-        } else {
-            new_gc.ztocs_unused_since.insert(key.clone(), since);
+            self.wanted_ztocs.insert(key.clone());
+            match inputs.queue.layer(&key) {
+                Some(LayerProgress::Queued | LayerProgress::Cancelling) => LayerState::Queued,
+                Some(LayerProgress::Building { attempt }) => LayerState::Building { attempt },
+                Some(LayerProgress::Retrying {
+                    failures,
+                    last_error,
+                    ..
+                }) => LayerState::Retrying {
+                    failures,
+                    last_error,
+                },
+                None => {
+                    missing.push(LayerSpec {
+                        digest: layer.digest.clone(),
+                        size: layer.size,
+                    });
+                    match failure_current {
+                        Some(f) if f.layer == layer.digest => LayerState::Failed {
+                            reason: f.error.clone(),
+                        },
+                        _ => LayerState::Pending,
+                    }
+                }
+            }
         }
     }
 
-    let policies = policy_statuses(policies, &images);
-    Outcome {
-        actions,
-        images,
-        policies,
-        gc: new_gc,
+    /// Cancel the queued builds of images no policy wants any more.
+    fn cancel_unwanted(&mut self, queue: &BuildQueue) {
+        for manifest in queue.images() {
+            if !self.wanted_images.contains(manifest) {
+                self.actions.push(Action::Cancel {
+                    manifest: manifest.clone(),
+                });
+            }
+        }
+    }
+
+    /// Collect image records and zTOCs unused for `gc_grace` (a zTOC a kept record names is
+    /// kept too); remember since when the others are unused, for the next pass.
+    fn collect_garbage(&mut self, inputs: &Inputs<'_>) -> GcMemory {
+        let Inputs {
+            store,
+            gc,
+            options,
+            now,
+            ..
+        } = *inputs;
+        let mut new_gc = GcMemory::default();
+        let expired =
+            |since: SystemTime| now.duration_since(since).unwrap_or_default() >= options.gc_grace;
+        let mut kept_record_ztocs = BTreeSet::new();
+        for (manifest, record) in &store.images {
+            if self.wanted_images.contains(manifest) {
+                continue;
+            }
+            let since = gc.images_unused_since.get(manifest).copied().unwrap_or(now);
+            if expired(since) {
+                self.actions.push(Action::CollectImage {
+                    manifest: manifest.clone(),
+                });
+            } else {
+                new_gc.images_unused_since.insert(manifest.clone(), since);
+                kept_record_ztocs.extend(
+                    record
+                        .layers
+                        .iter()
+                        .filter(|l| matches!(l.outcome, LayerOutcome::Indexed { .. }))
+                        .map(|l| LayerKey {
+                            digest: l.digest.clone(),
+                            span_size: record.span_size,
+                        }),
+                );
+            }
+        }
+        for key in &store.ztocs {
+            if self.wanted_ztocs.contains(key) {
+                continue;
+            }
+            let since = gc.ztocs_unused_since.get(key).copied().unwrap_or(now);
+            if expired(since) && !kept_record_ztocs.contains(key) {
+                self.actions.push(Action::CollectZtoc { key: key.clone() });
+            } else {
+                new_gc.ztocs_unused_since.insert(key.clone(), since);
+            }
+        }
+        new_gc
     }
 }
 
@@ -639,7 +698,7 @@ mod tests {
     use crate::matcher::tests::{container, policies};
     use crate::queue::tests::{at, digest};
     use crate::queue::{QueueEvent, QueueOptions};
-    use hermes_oci::LayerRecord;
+    use hermes_oci_types::LayerRecord;
 
     const TAR_GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
     const MIB: u64 = 1 << 20;

@@ -26,14 +26,16 @@ use hermes_oci::{Reference, Store};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::api::{self, NodeApi};
-use crate::builder::Builder;
-use crate::engine::{Engine, EngineOptions};
-use crate::matcher::RunningContainer;
-use crate::policy::{DEFAULT_SPAN_SIZE, Policy, parse_policies};
-use crate::reconcile::PolicyStatus;
-use crate::status::ReportBook;
-use crate::{Error, Result};
+use hermes_controller::PolicyError;
+use hermes_controller::api::NodeApi;
+use hermes_controller::builder::Builder;
+use hermes_controller::engine::{Engine, EngineOptions};
+use hermes_controller::matcher::RunningContainer;
+use hermes_controller::policy::{DEFAULT_SPAN_SIZE, Policy, parse_policies};
+use hermes_controller::reconcile::PolicyStatus;
+use hermes_controller::server::NodeApiServer;
+use hermes_controller::status::ReportBook;
+use hermes_controller::{Error, Result};
 
 /// Label CRI puts on containers with their pod's name.
 pub const POD_NAME_LABEL: &str = "io.kubernetes.pod.name";
@@ -55,7 +57,7 @@ pub fn load_policy_texts(files: &[(String, String)]) -> (Vec<Policy>, Vec<Policy
                     if names.insert(policy.name.clone()) {
                         valid.push(policy);
                     } else {
-                        let error = Error::DuplicatePolicy {
+                        let error = PolicyError::DuplicatePolicy {
                             policy: policy.name.clone(),
                         };
                         invalid.push(PolicyStatus::invalid(&policy.name, &error));
@@ -64,9 +66,8 @@ pub fn load_policy_texts(files: &[(String, String)]) -> (Vec<Policy>, Vec<Policy
             }
             Err(error) => {
                 let name = match &error {
-                    Error::InvalidPolicy { policy, .. } | Error::DuplicatePolicy { policy } => {
-                        policy.clone()
-                    }
+                    PolicyError::InvalidPolicy { policy, .. }
+                    | PolicyError::DuplicatePolicy { policy } => policy.clone(),
                     _ => file.clone(),
                 };
                 invalid.push(PolicyStatus::invalid(&name, &error));
@@ -268,17 +269,17 @@ fn container(namespace: &str, c: hermes_containerd::RunningContainer) -> Option<
 
 /// What the standalone controller needs.
 #[derive(Debug)]
-pub struct StandaloneConfig {
+pub struct Config {
     /// The policy directory.
     pub policies: PathBuf,
     /// The data directory (`store/`, `status/`).
     pub data: PathBuf,
-    /// Where the node API listens.
-    pub listener: tokio::net::TcpListener,
-    /// Bearer token for `/v1/*`, if any.
-    pub token: Option<String>,
-    /// Serve the node API over TLS with this configuration ([`crate::tls::server_config`]).
-    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// The node API's socket, token and TLS.
+    pub server: NodeApiServer,
+    /// The containerd socket whose running containers are watched.
+    pub containerd: PathBuf,
+    /// containerd namespaces to watch (every namespace when empty).
+    pub namespaces: Vec<String>,
     /// Registry client for resolving and building.
     pub client: hermes_oci::Client,
     /// Platform images are indexed for.
@@ -289,8 +290,9 @@ pub struct StandaloneConfig {
     pub engine: EngineOptions,
     /// How often policies and containers are polled.
     pub poll_interval: Duration,
-    /// A store repository to publish to, and to copy from at start (see [`crate::mirror`]).
-    pub mirror: Option<crate::mirror::Mirror>,
+    /// A store repository to publish to, and to copy from at start (see
+    /// [`hermes_controller::mirror`]).
+    pub mirror: Option<hermes_controller::mirror::Mirror>,
 }
 
 /// The artifact store under a data directory.
@@ -303,9 +305,20 @@ pub fn reports_dir(data: &Path) -> PathBuf {
     data.join("status/images")
 }
 
-/// Run the standalone controller until `shutdown` completes.
+/// Run the standalone controller, watching the containers of `config.containerd`, until
+/// `shutdown` completes.
 pub async fn run(
-    config: StandaloneConfig,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let source = ContainerdSource::new(&config.containerd, config.namespaces.clone());
+    run_with(config, source, shutdown).await
+}
+
+/// Run the standalone controller with the running containers of `source` until `shutdown`
+/// completes.
+pub async fn run_with(
+    config: Config,
     mut source: impl ContainerSource,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -318,7 +331,7 @@ pub async fn run(
     let (misses_tx, misses_rx) = mpsc::channel(256);
     let node_api = NodeApi::new(
         store.clone(),
-        config.token,
+        config.server.token().map(str::to_owned),
         vec![DEFAULT_SPAN_SIZE],
         misses_tx,
     );
@@ -332,26 +345,18 @@ pub async fn run(
         // A new data dir starts with everything published before: nothing is built twice. A
         // repository that cannot be read does not keep the controller down: it builds instead.
         if let Err(e) = mirror.sync(&store).await {
-            tracing::warn!(repository = %mirror.repository(), error = %crate::chain(&e),
+            tracing::warn!(repository = %mirror.repository(), error = %hermes_controller::chain(&e),
                 "cannot copy the store repository; what is missing is built again");
         }
         builder = builder.with_mirror(mirror);
     }
     let mut engine = Engine::new(config.engine, builder, node_api.clone(), misses_rx, book)?;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let addr = config.listener.local_addr().ok();
+    let addr = config.server.local_addr().ok();
     let stopped = async {
         let _ = server_stopped.await;
     };
-    let server = match config.tls {
-        Some(tls) => tokio::spawn(api::serve_tls(
-            config.listener,
-            tls,
-            node_api.clone(),
-            stopped,
-        )),
-        None => tokio::spawn(api::serve(config.listener, node_api.clone(), stopped)),
-    };
+    let server = tokio::spawn(config.server.serve(node_api.clone(), stopped));
     info!(listen = ?addr, policies = %config.policies.display(), data = %config.data.display(), "standalone controller started");
 
     let mut policies = PolicyDir::new(&config.policies);
@@ -366,7 +371,7 @@ pub async fn run(
             }
             Ok(false) => {}
             Err(e) => {
-                let text = crate::error::chain(&e);
+                let text = hermes_controller::chain(&e);
                 if last_policy_error.as_ref() != Some(&text) {
                     warn!(
                         error = text,
