@@ -21,7 +21,9 @@ use std::sync::OnceLock;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use hermes_kube::webhook::selector::{LabelSelector, MemoryModules, ModulesPolicy, Requirement};
+use hermes_controller::modules::MemoryModules;
+use hermes_controller::selector::{LabelRequirement, LabelSelector, Operator};
+use hermes_kube::webhook::selector::ModulesPolicy;
 use hermes_kube::webhook::server::mutate_with_policies;
 use hermes_kube::webhook::{InjectConfig, pod_patch};
 use hermes_modules::catalog::ModuleCatalog;
@@ -300,9 +302,9 @@ fn policies() -> &'static [ModulesPolicy] {
                     loader_config_map: format!("{name}-loader"),
                 },
             };
-        let requirement = |key: &str, operator: &str, values: &[&str]| Requirement {
+        let requirement = |key: &str, operator: Operator, values: &[&str]| LabelRequirement {
             key: key.to_owned(),
-            operator: operator.to_owned(),
+            operator,
             values: values.iter().map(|s| s.to_string()).collect(),
         };
         vec![
@@ -312,10 +314,10 @@ fn policies() -> &'static [ModulesPolicy] {
                 Some(LabelSelector {
                     match_labels: [("app".to_owned(), "trainer".to_owned())].into(),
                     match_expressions: vec![
-                        requirement("tier", "In", &["gpu", "cpu"]),
-                        requirement("canary", "NotIn", &["true"]),
-                        requirement("team", "Exists", &[]),
-                        requirement("legacy", "DoesNotExist", &[]),
+                        requirement("tier", Operator::In, &["gpu", "cpu"]),
+                        requirement("canary", Operator::NotIn, &["true"]),
+                        requirement("team", Operator::Exists, &[]),
+                        requirement("legacy", Operator::DoesNotExist, &[]),
                     ],
                 }),
             ),
@@ -324,7 +326,7 @@ fn policies() -> &'static [ModulesPolicy] {
                 &[],
                 Some(LabelSelector {
                     match_labels: [("hermes.dev/profile".to_owned(), "on".to_owned())].into(),
-                    match_expressions: vec![requirement("x", "Bogus", &[])],
+                    match_expressions: vec![requirement("x", Operator::DoesNotExist, &[])],
                 }),
             ),
             policy("batch", &["batch"], None),

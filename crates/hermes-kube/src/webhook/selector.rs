@@ -1,10 +1,14 @@
 //! Which pods get memory modules: the `memoryModules` part of HermesPolicy objects, read from a
 //! directory of YAML (a mounted ConfigMap, or the standalone controller's policy directory), and
-//! Kubernetes label selectors evaluated against a pod. Pure except for reading the directory.
+//! evaluated against a pod. The types and their matching are the controller's
+//! ([`MemoryModules`], [`LabelSelector`](hermes_controller::selector::LabelSelector)), so the
+//! webhook, the controller and the CRD schema read `memoryModules` the same way. Pure except
+//! for reading the directory.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use hermes_controller::modules::MemoryModules;
+use hermes_controller::selector::Labels;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -30,73 +34,6 @@ struct Spec {
     memory_modules: Option<MemoryModules>,
 }
 
-/// A policy's `spec.memoryModules`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct MemoryModules {
-    /// Namespaces the policy applies to (all when empty).
-    #[serde(default)]
-    pub namespaces: Vec<String>,
-    /// Pods it applies to (all when absent).
-    #[serde(default)]
-    pub pod_selector: Option<LabelSelector>,
-    /// The ConfigMap with `load-sidecars.sh` to mount at `/etc/hermes/`.
-    #[serde(default = "default_loader")]
-    pub loader_config_map: String,
-}
-
-fn default_loader() -> String {
-    "hermes-module-loader".to_owned()
-}
-
-/// A Kubernetes label selector.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LabelSelector {
-    /// Labels that must be present with these values.
-    #[serde(default)]
-    pub match_labels: BTreeMap<String, String>,
-    /// Set-based requirements.
-    #[serde(default)]
-    pub match_expressions: Vec<Requirement>,
-}
-
-/// One `matchExpressions` entry.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Requirement {
-    /// Label key.
-    pub key: String,
-    /// `In`, `NotIn`, `Exists` or `DoesNotExist`.
-    pub operator: String,
-    /// Values for `In` / `NotIn`.
-    #[serde(default)]
-    pub values: Vec<String>,
-}
-
-impl LabelSelector {
-    /// Whether `labels` satisfy the selector (unknown operators match nothing).
-    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
-            && self
-                .match_expressions
-                .iter()
-                .all(|r| match r.operator.as_str() {
-                    "In" => labels.get(&r.key).is_some_and(|v| r.values.contains(v)),
-                    "NotIn" => labels.get(&r.key).is_none_or(|v| !r.values.contains(v)),
-                    "Exists" => labels.contains_key(&r.key),
-                    "DoesNotExist" => !labels.contains_key(&r.key),
-                    _ => false,
-                })
-    }
-
-    fn terms(&self) -> usize {
-        self.match_labels.len() + self.match_expressions.len()
-    }
-}
-
 /// A policy that asks for memory modules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModulesPolicy {
@@ -104,28 +41,6 @@ pub struct ModulesPolicy {
     pub name: String,
     /// Its `memoryModules`.
     pub modules: MemoryModules,
-}
-
-impl ModulesPolicy {
-    fn applies(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
-        (self.modules.namespaces.is_empty()
-            || self.modules.namespaces.iter().any(|n| n == namespace))
-            && self
-                .modules
-                .pod_selector
-                .as_ref()
-                .is_none_or(|s| s.matches(labels))
-    }
-
-    fn specificity(&self) -> (usize, usize) {
-        (
-            usize::from(!self.modules.namespaces.is_empty()),
-            self.modules
-                .pod_selector
-                .as_ref()
-                .map_or(0, LabelSelector::terms),
-        )
-    }
 }
 
 /// Read every HermesPolicy with `memoryModules` from `*.yaml`/`*.yml` files in `dir` (one or
@@ -181,7 +96,7 @@ pub fn select<'a>(
     namespace: &str,
     pod: &Value,
 ) -> Option<&'a ModulesPolicy> {
-    let labels: BTreeMap<String, String> = pod["metadata"]["labels"]
+    let labels: Labels = pod["metadata"]["labels"]
         .as_object()
         .map(|m| {
             m.iter()
@@ -191,10 +106,11 @@ pub fn select<'a>(
         .unwrap_or_default();
     policies
         .iter()
-        .filter(|p| p.applies(namespace, &labels))
+        .filter(|p| p.modules.applies(namespace, &labels))
         .max_by(|a, b| {
-            a.specificity()
-                .cmp(&b.specificity())
+            a.modules
+                .specificity()
+                .cmp(&b.modules.specificity())
                 .then_with(|| b.name.cmp(&a.name))
         })
 }
@@ -266,26 +182,27 @@ mod tests {
     }
 
     #[test]
-    fn selectors_follow_kubernetes_semantics() {
-        let labels: BTreeMap<String, String> = [("a".to_owned(), "1".to_owned())].into();
-        let sel = |exprs: Vec<Requirement>| LabelSelector {
-            match_labels: BTreeMap::new(),
-            match_expressions: exprs,
+    fn selector_operators_follow_kubernetes_semantics_and_unknown_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = |op: &str, values: &str| {
+            format!(
+                "kind: HermesPolicy\nmetadata:\n  name: p\nspec:\n  memoryModules:\n    podSelector:\n      matchExpressions: [{{key: a, operator: {op}, values: {values}}}]\n"
+            )
         };
-        let req = |op: &str, vals: &[&str]| Requirement {
-            key: "a".into(),
-            operator: op.into(),
-            values: vals.iter().map(|v| v.to_string()).collect(),
-        };
-        assert!(sel(vec![req("In", &["1", "2"])]).matches(&labels));
-        assert!(!sel(vec![req("NotIn", &["1"])]).matches(&labels));
-        assert!(sel(vec![req("Exists", &[])]).matches(&labels));
-        assert!(!sel(vec![req("DoesNotExist", &[])]).matches(&labels));
-        assert!(
-            !sel(vec![req("Gt", &["0"])]).matches(&labels),
-            "unknown operators match nothing"
-        );
-        assert!(LabelSelector::default().matches(&labels));
+        let pod = json!({"metadata": {"labels": {"a": "1"}}});
+        for (op, values, selected) in [
+            ("In", "[\"1\", \"2\"]", true),
+            ("NotIn", "[\"1\"]", false),
+            ("Exists", "[]", true),
+            ("DoesNotExist", "[]", false),
+        ] {
+            write(dir.path(), "p.yaml", &policy(op, values));
+            let policies = load_policies(dir.path()).unwrap();
+            assert_eq!(select(&policies, "any", &pod).is_some(), selected, "{op}");
+        }
+        write(dir.path(), "p.yaml", &policy("Gt", "[\"0\"]"));
+        let err = load_policies(dir.path()).unwrap_err();
+        assert!(format!("{err:?}").contains("Gt"), "{err:?}");
     }
 }
 
