@@ -11,7 +11,7 @@ use std::time::Duration;
 use hermes_lazyfs::{BackgroundFetcher, LayerState, OpenPrefetch, Outcome};
 
 use crate::fs::Mounted;
-use crate::layer::{Built, TestLayer, noise, wait_until};
+use crate::layer::{Built, Source, TestLayer, noise, wait_until};
 
 /// A ten-span file in one directory and, far from it in the tar, a small file in another.
 fn layer() -> Built {
@@ -48,6 +48,16 @@ fn file_only() -> OpenPrefetch {
         workers: 4,
         request_bytes: 192 << 10,
         sibling_spans: 0,
+    }
+}
+
+/// Releases held reads when dropped, so a failing test unwinds instead of hanging on a thread
+/// that waits for the source. Declare it after what joins such threads.
+struct Release<'a>(&'a Source);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
 
@@ -122,6 +132,7 @@ fn a_read_of_another_file_proceeds_while_an_open_time_prefetch_is_in_flight() {
     source.hold_range(compressed(&layer, "pkg/big.bin"));
     // Two slots: prefetch may take one, the other stays for reads.
     let m = Mounted::with_prefetch(&layer, &source, 2, Some(file_only()));
+    let _release = Release(&source);
 
     let _open = std::fs::File::open(m.root.join("pkg/big.bin")).unwrap();
     wait_until("the prefetch's request in flight", || source.blocked() >= 1);
@@ -148,6 +159,7 @@ fn reads_of_different_files_are_served_concurrently() {
     let source = layer.source();
     source.hold_range(compressed(&layer, "pkg/big.bin"));
     let m = Mounted::with_prefetch(&layer, &source, 4, None);
+    let _release = Release(&source);
 
     let big = std::thread::spawn({
         let path = m.root.join("pkg/big.bin");
@@ -211,6 +223,7 @@ fn the_background_fetcher_waits_while_an_open_time_prefetch_is_in_flight() {
         layer.blob.len() as u64,
     )
     .unwrap();
+    let _release = Release(&source);
     wait_until("the background fetcher paused", || {
         reader.stats().background_pauses >= 1
     });
