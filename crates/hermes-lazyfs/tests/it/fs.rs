@@ -41,7 +41,7 @@ pub struct Mounted {
 
 impl Mounted {
     fn new(layer: &Built, source: &Source) -> Self {
-        Self::mount_with(layer, source, |reader, root| mount(reader, root))
+        Self::mount_with(layer, source, mount)
     }
 
     /// Mounted with at most `limit` concurrent range requests and `open_prefetch`.
