@@ -101,7 +101,7 @@ fn module(rng: &mut Rng, len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 16);
     while out.len() < len {
         let r = rng.next();
-        if r % 5 == 0 {
+        if r.is_multiple_of(5) {
             out.extend_from_slice(format!("{:x}", r >> 20).as_bytes());
         } else {
             out.extend_from_slice(WORDS[(r >> 8) as usize % WORDS.len()].as_bytes());
@@ -172,13 +172,16 @@ fn run(
 fn main() {
     let a = parse();
     let (blob, packages, size) = build_layer(&a);
-    let ztoc = Arc::new(hermes_ztoc::build(
-        blob.as_slice(),
-        &BuildOptions {
-            span_size: a.span_size,
-            ..BuildOptions::default()
-        },
-    ).unwrap());
+    let ztoc = Arc::new(
+        hermes_ztoc::build(
+            blob.as_slice(),
+            &BuildOptions {
+                span_size: a.span_size,
+                ..BuildOptions::default()
+            },
+        )
+        .unwrap(),
+    );
     // Imports jump between packages (not in tar order) and read a package's modules in turn.
     let mut rng = Rng(42);
     let mut order: Vec<usize> = (0..packages.len()).collect();
