@@ -1,14 +1,16 @@
 //! The FUSE edge: a read-only filesystem over a layer's [`Tree`] and [`LayerReader`].
 //!
 //! It only translates: names and attributes come from the tree, file bytes from the reader, and
-//! every reader error becomes `EIO` in [`errno`]. Mounting uses fuser's own mount code (no
+//! every reader error becomes `EIO` in [`errno`]. Opening a regular file also queues its spans
+//! (and some of its neighbours') for [open-time prefetch](crate::OpenPrefetch). Mounting uses fuser's own mount code (no
 //! libfuse, no fusermount: the node daemon runs as root).
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuser::{
@@ -17,14 +19,17 @@ use fuser::{
     ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 
+use crate::prefetch::{self, Prefetcher};
 use crate::tree::{Kind, Node, Tree};
-use crate::{Error, LayerReader, Result};
+use crate::{Error, LayerReader, OpenPrefetch, Result};
 
 /// A layer never changes: the kernel may cache names and attributes for long.
 const TTL: Duration = Duration::from_secs(3600);
 const BLOCK: u32 = 4096;
 /// FUSE request threads per mount: reads of different spans proceed in parallel.
 const THREADS: usize = 4;
+/// Most files of a directory looked at to pick the neighbours of an opened file.
+const MAX_SIBLINGS: usize = 256;
 
 /// Map a reader error to the errno a process sees. The one place this happens.
 fn errno(e: &Error) -> Errno {
@@ -35,11 +40,68 @@ fn errno(e: &Error) -> Errno {
 struct LazyFs {
     tree: Tree,
     reader: Arc<LayerReader>,
+    prefetch: Option<Prefetcher>,
+    /// Directories whose files were queued as neighbours already (once per mount is enough:
+    /// what they fetched stays cached).
+    siblings_queued: Mutex<HashSet<u64>>,
 }
 
 impl LazyFs {
     fn node(&self, ino: INodeNo) -> std::result::Result<&Node, Errno> {
         self.tree.get(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    /// Queue the spans of an opened file, then of the files after it in its directory (in tar
+    /// order, then those before it) up to the neighbour budget.
+    fn prefetch_on_open(&self, node: &Node) {
+        let Some(prefetcher) = &self.prefetch else {
+            return;
+        };
+        let Some(range) = node.data_range() else {
+            return;
+        };
+        let ztoc = self.reader.ztoc();
+        let spans = |r: &std::ops::Range<u64>| ztoc.span_of(r.start)..=ztoc.span_of(r.end - 1);
+        let own = spans(&range);
+        prefetcher.schedule(own.clone(), prefetch::Kind::File);
+        let budget = prefetcher.options().sibling_spans;
+        if budget == 0 {
+            return;
+        }
+        let first_time = self
+            .siblings_queued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.parent);
+        let Some(dir) = self.tree.get(node.parent).filter(|_| first_time) else {
+            return;
+        };
+        let mut files: Vec<_> = dir
+            .children
+            .values()
+            .take(MAX_SIBLINGS)
+            .filter_map(|&ino| self.tree.get(ino)?.data_range())
+            .filter(|r| r.start != range.start)
+            .collect();
+        files.sort_by_key(|r| r.start);
+        let split = files.partition_point(|r| r.start < range.start);
+        let (before, after) = files.split_at(split);
+        // Spans the neighbours add to the opened file's, counted as one hull: neighbours in tar
+        // order mostly share or extend it.
+        let own_len = own.end() - own.start();
+        let (mut lo, mut hi) = (*own.start(), *own.end());
+        for r in after.iter().chain(before.iter().rev()) {
+            let s = spans(r);
+            let (new_lo, new_hi) = (lo.min(*s.start()), hi.max(*s.end()));
+            if new_hi - new_lo - own_len > budget {
+                continue;
+            }
+            prefetcher.schedule(s, prefetch::Kind::Sibling);
+            (lo, hi) = (new_lo, new_hi);
+            if hi - lo - own_len == budget {
+                break;
+            }
+        }
     }
 
     fn attr(&self, ino: u64, node: &Node) -> FileAttr {
@@ -119,7 +181,12 @@ impl Filesystem for LazyFs {
         match self.node(ino) {
             Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY => reply.error(Errno::EROFS),
             Ok(node) if node.kind == Kind::Dir => reply.error(Errno::EISDIR),
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(node) => {
+                if node.kind == Kind::File {
+                    self.prefetch_on_open(node);
+                }
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -226,12 +293,25 @@ pub struct MountHandle {
     reader: Arc<LayerReader>,
 }
 
+/// Mount `reader`'s layer read-only at `mountpoint` (an existing directory), with open-time
+/// prefetch as [`OpenPrefetch::default`]; see [`mount_with`].
+pub fn mount(reader: Arc<LayerReader>, mountpoint: &Path) -> Result<MountHandle> {
+    mount_with(reader, mountpoint, Some(OpenPrefetch::default()))
+}
+
 /// Mount `reader`'s layer read-only at `mountpoint` (an existing directory). Every user may
 /// read it (`allow_other`, which overlayfs needs); the kernel checks permissions against the
 /// layer's modes. The mount is `nosuid,nodev`: a setuid binary run from the layer itself grants
 /// nothing and its device nodes open nothing. Containers are unaffected: they run the layer
 /// through an overlayfs mount, whose own flags govern setuid and device files.
-pub fn mount(reader: Arc<LayerReader>, mountpoint: &Path) -> Result<MountHandle> {
+///
+/// `open_prefetch` fetches an opened file's spans (and its neighbours') ahead of its reads;
+/// `None` fetches only what reads ask for.
+pub fn mount_with(
+    reader: Arc<LayerReader>,
+    mountpoint: &Path,
+    open_prefetch: Option<OpenPrefetch>,
+) -> Result<MountHandle> {
     let mount_err = |source| Error::Mount {
         path: mountpoint.to_owned(),
         source,
@@ -248,9 +328,14 @@ pub fn mount(reader: Arc<LayerReader>, mountpoint: &Path) -> Result<MountHandle>
     ];
     config.acl = SessionACL::All;
     config.n_threads = Some(THREADS);
+    let prefetch = open_prefetch
+        .map(|options| Prefetcher::start(Arc::clone(&reader), options))
+        .transpose()?;
     let fs = LazyFs {
         tree,
         reader: Arc::clone(&reader),
+        prefetch,
+        siblings_queued: Mutex::new(HashSet::new()),
     };
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(mount_err)?;
     let mut handle = MountHandle {

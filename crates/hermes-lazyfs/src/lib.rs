@@ -8,7 +8,8 @@
 //! - [`BackgroundFetcher`] fetches the rest in the background, yielding to reads, and checks the
 //!   whole blob's digest before declaring the layer [`LayerState::FullyLocal`];
 //! - [`mount`] presents the layer as a read-only FUSE filesystem, whiteouts as overlayfs
-//!   expects of a lower directory.
+//!   expects of a lower directory, and prefetches an opened file's spans ahead of its reads
+//!   ([`OpenPrefetch`]), with concurrent range requests bounded by a [`FetchLimit`].
 //!
 //! It deliberately does not talk to registries, containerd or the controller: callers pass the
 //! range reader and decide where caches live and when layers are mounted.
@@ -19,11 +20,16 @@ mod background;
 mod cache;
 mod error;
 mod fuse;
+mod prefetch;
 mod reader;
 mod tree;
 
 pub use background::{BackgroundFetcher, LayerDigest, Outcome};
 pub use cache::SpanCache;
 pub use error::{BrokenReason, Error, Result};
-pub use fuse::{MountHandle, mount};
-pub use reader::{LatencyHistogram, LayerReader, LayerState, READ_LATENCY_BOUNDS, ReaderStats};
+pub use fuse::{MountHandle, mount, mount_with};
+pub use prefetch::OpenPrefetch;
+pub use reader::{
+    DEFAULT_FETCH_LIMIT, FetchLimit, LatencyHistogram, LayerReader, LayerState,
+    READ_LATENCY_BOUNDS, ReaderStats,
+};

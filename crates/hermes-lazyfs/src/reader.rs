@@ -12,6 +12,11 @@
 //! compressed byte for the whole-blob digest, and reading them from there instead of the
 //! registry means a layer is downloaded once, however much of it was read on demand first.
 //!
+//! Every range read takes a slot of the reader's [`FetchLimit`] (a bound on concurrent requests
+//! that several readers may share); reads take free slots first and one slot is always left to
+//! them, so a read never waits behind prefetch or background requests for a slot. No lock is
+//! held across a fetch: the flight table only records which spans are claimed.
+//!
 //! This is the pure core: no FUSE, no threads of its own. Transport retries belong to the
 //! [`RangeReader`] (the registry client retries; a failed fetch here leaves the layer usable).
 
@@ -29,6 +34,9 @@ use crate::{BrokenReason, Error, Result};
 
 /// Most compressed bytes one coalesced range read asks for.
 const MAX_COALESCED_BYTES: u64 = 32 << 20;
+
+/// Concurrent range requests of a reader whose caller sets no [`FetchLimit`].
+pub const DEFAULT_FETCH_LIMIT: usize = 8;
 
 /// Fetches of one span before a failed verification breaks the layer. Corruption in transit (a
 /// proxy, a NIC, a cache on the way) is transient, and a fresh fetch cures it: with only one
@@ -71,6 +79,10 @@ pub struct ReaderStats {
     pub verify_failures: u64,
     /// Times the background fetcher paused because reads were fetching.
     pub background_pauses: u64,
+    /// Spans fetched ahead of reads by open-time prefetch (also counted in `spans_fetched`).
+    pub prefetch_spans_fetched: u64,
+    /// Most range requests that were in flight at once on this reader's [`FetchLimit`].
+    pub max_concurrent_requests: u64,
     /// How long [`LayerReader::read`] calls took, fetches included.
     pub read_latency: LatencyHistogram,
 }
@@ -135,6 +147,7 @@ struct Counters {
     background_spans_fetched: AtomicU64,
     verify_failures: AtomicU64,
     background_pauses: AtomicU64,
+    prefetch_spans_fetched: AtomicU64,
     read_latency: LatencyCounters,
 }
 
@@ -142,18 +155,108 @@ fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
-/// Who asks for a fetch: reads come first, the background fetcher yields to them.
+/// Who asks for a fetch: reads come first, open-time prefetch next, the background fetcher last.
+/// Reads and prefetch are both foreground for the background fetcher's quiet time: a prefetch
+/// is a read the container is about to make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Priority {
     Foreground,
+    Prefetch,
     Background,
+}
+
+impl Priority {
+    fn is_foreground(self) -> bool {
+        self != Priority::Background
+    }
+}
+
+/// A bound on concurrent range requests, shared by every [`LayerReader`] it is given to (a
+/// clone shares the bound). Reads that wait for a slot get the next free one before prefetch
+/// and background requests, and those never take the last slot, so a read waits only for
+/// other reads.
+#[derive(Debug, Clone)]
+pub struct FetchLimit(Arc<Slots>);
+
+#[derive(Debug)]
+struct Slots {
+    limit: usize,
+    state: Mutex<SlotState>,
+    freed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    busy: usize,
+    /// Reads waiting for a slot: others wait while there are any.
+    reads_waiting: usize,
+    /// The most slots ever busy at once.
+    peak: usize,
+}
+
+impl FetchLimit {
+    /// At most `limit` concurrent range requests (at least one).
+    pub fn new(limit: usize) -> Self {
+        Self(Arc::new(Slots {
+            limit: limit.max(1),
+            state: Mutex::new(SlotState::default()),
+            freed: Condvar::new(),
+        }))
+    }
+
+    /// The bound.
+    pub fn limit(&self) -> usize {
+        self.0.limit
+    }
+
+    /// The most requests that were in flight at once.
+    pub fn peak(&self) -> usize {
+        self.lock().peak
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        // Every update is a counter change: consistent after a panic elsewhere.
+        self.0.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait for a slot; it is freed when the returned guard drops.
+    fn acquire(&self, priority: Priority) -> Slot<'_> {
+        let slots = &self.0;
+        let mut state = self.lock();
+        if priority == Priority::Foreground {
+            state.reads_waiting += 1;
+            while state.busy >= slots.limit {
+                state = slots.freed.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+            state.reads_waiting -= 1;
+        } else {
+            // One slot stays free for reads (unless the bound is one).
+            let cap = (slots.limit - 1).max(1);
+            while state.busy >= cap || state.reads_waiting > 0 {
+                state = slots.freed.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        state.busy += 1;
+        state.peak = state.peak.max(state.busy);
+        Slot(self)
+    }
+}
+
+/// A busy slot of a [`FetchLimit`].
+struct Slot<'a>(&'a FetchLimit);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.lock().busy -= 1;
+        self.0.0.freed.notify_all();
+    }
 }
 
 #[derive(Debug)]
 struct Flight {
     /// Spans some thread is fetching now.
     fetching: HashSet<SpanId>,
-    /// Foreground fetches in progress.
+    /// Foreground fetches (reads and open-time prefetch) in progress.
     foreground: usize,
     /// When the last foreground fetch ended.
     last_foreground: Option<std::time::Instant>,
@@ -164,6 +267,7 @@ struct Flight {
 pub struct LayerReader {
     ztoc: Arc<Ztoc>,
     source: Box<dyn RangeReader + Send + Sync>,
+    limit: FetchLimit,
     cache: SpanCache,
     /// End of the last span: reads are clamped to it.
     end: u64,
@@ -216,6 +320,7 @@ impl LayerReader {
         Self {
             ztoc,
             source: Box::new(source),
+            limit: FetchLimit::new(DEFAULT_FETCH_LIMIT),
             cache,
             end,
             flight: Mutex::new(Flight {
@@ -229,6 +334,18 @@ impl LayerReader {
             trace: Mutex::new(Trace::default()),
             kept: Mutex::new(None),
         }
+    }
+
+    /// Bound this reader's range requests by `limit` (shared with the other readers given it)
+    /// instead of its own [`DEFAULT_FETCH_LIMIT`].
+    pub fn with_fetch_limit(mut self, limit: FetchLimit) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// The bound on this reader's concurrent range requests.
+    pub fn fetch_limit(&self) -> &FetchLimit {
+        &self.limit
     }
 
     fn lock_kept(&self) -> MutexGuard<'_, Option<Kept>> {
@@ -322,6 +439,8 @@ impl LayerReader {
             background_spans_fetched: get(&c.background_spans_fetched),
             verify_failures: get(&c.verify_failures),
             background_pauses: get(&c.background_pauses),
+            prefetch_spans_fetched: get(&c.prefetch_spans_fetched),
+            max_concurrent_requests: self.limit.peak() as u64,
             read_latency: c.read_latency.snapshot(),
         }
     }
@@ -393,6 +512,42 @@ impl LayerReader {
                 continue;
             }
             self.ensure(first..=last)?;
+        }
+        Ok(())
+    }
+
+    /// Fetch the missing spans of `ids` ahead of reads (open-time prefetch), in runs of
+    /// neighbours of at most `run_bytes` compressed bytes, one claimed run at a time so reads
+    /// wait for no more than the run they need. Spans other threads are fetching are skipped,
+    /// not waited for. Counts as foreground for the background fetcher.
+    pub(crate) fn prefetch_ahead(&self, ids: RangeInclusive<SpanId>, run_bytes: u64) -> Result<()> {
+        let last = *ids.end();
+        if last >= self.ztoc.span_count() {
+            return Ok(());
+        }
+        let mut next = *ids.start();
+        while next <= last {
+            let mut flight = self.lock();
+            if let LayerState::Broken(reason) = &flight.state {
+                return Err(Error::Broken(reason.clone()));
+            }
+            let free = |id: &SpanId| !self.cache.contains(*id) && !flight.fetching.contains(id);
+            let Some(first) = (next..=last).find(free) else {
+                return Ok(());
+            };
+            let start = self.span(first)?.compressed.start;
+            let mut run = vec![first];
+            for id in first + 1..=last {
+                if !free(&id) || self.span(id)?.compressed.end - start > run_bytes {
+                    break;
+                }
+                run.push(id);
+            }
+            next = run[run.len() - 1] + 1;
+            let claim = Claim::new(self, &mut flight, run, Priority::Prefetch);
+            drop(flight);
+            let result = self.fetch_claimed(&claim.ids, Priority::Prefetch);
+            claim.finish(result)?;
         }
         Ok(())
     }
@@ -480,10 +635,13 @@ impl LayerReader {
     fn store(&self, spans: &[(Span, Vec<u8>)], priority: Priority) -> Result<()> {
         self.cache.store(spans)?;
         let counter = match priority {
-            Priority::Foreground => &self.counters.spans_fetched,
+            Priority::Foreground | Priority::Prefetch => &self.counters.spans_fetched,
             Priority::Background => &self.counters.background_spans_fetched,
         };
         bump(counter, spans.len() as u64);
+        if priority == Priority::Prefetch {
+            bump(&self.counters.prefetch_spans_fetched, spans.len() as u64);
+        }
         Ok(())
     }
 
@@ -512,7 +670,7 @@ impl LayerReader {
                 }
                 other => {
                     let decoded = other.map_err(|e| broken(span.id, e))?;
-                    if priority == Priority::Foreground {
+                    if priority.is_foreground() {
                         self.keep(span, current);
                     }
                     break decoded;
@@ -535,14 +693,14 @@ impl LayerReader {
     /// One range read of the layer blob; a short answer is an error.
     pub(crate) fn fetch(&self, offset: u64, len: u64, priority: Priority) -> Result<Vec<u8>> {
         bump(&self.counters.range_requests, 1);
-        let data = self
-            .source
-            .read_at(offset, len)
-            .map_err(|source| Error::Fetch {
-                offset,
-                len,
-                source,
-            })?;
+        let slot = self.limit.acquire(priority);
+        let data = self.source.read_at(offset, len);
+        drop(slot);
+        let data = data.map_err(|source| Error::Fetch {
+            offset,
+            len,
+            source,
+        })?;
         if data.len() as u64 != len {
             return Err(Error::Fetch {
                 offset,
@@ -554,7 +712,7 @@ impl LayerReader {
             });
         }
         let counter = match priority {
-            Priority::Foreground => &self.counters.bytes_fetched,
+            Priority::Foreground | Priority::Prefetch => &self.counters.bytes_fetched,
             Priority::Background => &self.counters.background_bytes_fetched,
         };
         bump(counter, len);
@@ -681,7 +839,7 @@ impl<'a> Claim<'a> {
         priority: Priority,
     ) -> Self {
         flight.fetching.extend(ids.iter().copied());
-        if priority == Priority::Foreground {
+        if priority.is_foreground() {
             flight.foreground += 1;
         }
         Self {
@@ -707,7 +865,7 @@ impl Drop for Claim<'_> {
         for id in &self.ids {
             flight.fetching.remove(id);
         }
-        if self.priority == Priority::Foreground {
+        if self.priority.is_foreground() {
             flight.foreground -= 1;
             flight.last_foreground = Some(std::time::Instant::now());
         }

@@ -139,6 +139,13 @@ impl Node {
         Ok(out)
     }
 
+    /// Where a regular file's bytes are in the tar, if they are stored there as they read (not
+    /// for a sparse file, whose fragments are packed) and there are any.
+    pub fn data_range(&self) -> Option<std::ops::Range<u64>> {
+        (self.kind == Kind::File && self.sparse.is_none() && self.size > 0)
+            .then(|| self.data_offset..self.data_offset + self.size)
+    }
+
     /// Extended attributes, the overlayfs opaque marker included.
     pub fn xattrs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let opaque = self.opaque.then_some((OPAQUE_XATTR, &b"y"[..]));

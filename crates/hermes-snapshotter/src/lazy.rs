@@ -8,7 +8,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use hermes_lazyfs::{BackgroundFetcher, LayerDigest, LayerReader, MountHandle, SpanCache};
+use hermes_lazyfs::{
+    BackgroundFetcher, DEFAULT_FETCH_LIMIT, FetchLimit, LayerDigest, LayerReader, MountHandle,
+    SpanCache,
+};
 use hermes_oci::{Client, Digest, Reference, RegistryRangeReader, Store};
 use tracing::info;
 
@@ -21,6 +24,8 @@ pub struct LazyLayers {
     runtime: tokio::runtime::Handle,
     root: PathBuf,
     background: bool,
+    /// One bound on range requests for every layer mounted here.
+    fetch_limit: FetchLimit,
     mounts: Mutex<HashMap<String, Mounted>>,
     /// Serialises mounting so two images sharing a layer never mount it twice.
     mounting: Mutex<()>,
@@ -58,6 +63,7 @@ impl LazyLayers {
             runtime,
             root: root.to_owned(),
             background,
+            fetch_limit: FetchLimit::new(DEFAULT_FETCH_LIMIT),
             mounts: Mutex::new(HashMap::new()),
             mounting: Mutex::new(()),
         }
@@ -93,7 +99,9 @@ impl LazyLayers {
         );
         let cache = SpanCache::open(&self.root.join("cache").join(digest.hex()), &ztoc)?;
         let size = ztoc.compressed_archive_size();
-        let reader = Arc::new(LayerReader::new(ztoc, source, cache));
+        let reader = Arc::new(
+            LayerReader::new(ztoc, source, cache).with_fetch_limit(self.fetch_limit.clone()),
+        );
         if self.background {
             reader.keep_for_background();
         }

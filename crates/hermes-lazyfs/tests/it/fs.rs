@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hermes_lazyfs::{LayerReader, MountHandle, mount};
+use hermes_lazyfs::{FetchLimit, LayerReader, MountHandle, OpenPrefetch, mount, mount_with};
 
 use crate::layer::{Built, Source, TestLayer, noise, wait_until};
 
@@ -33,14 +33,37 @@ fn mounted(path: &Path) -> bool {
 }
 
 /// A mounted layer in a temp dir; unmounts first, then removes the dirs.
-struct Mounted {
+pub struct Mounted {
     handle: Option<MountHandle>,
-    root: PathBuf,
+    pub root: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Mounted {
     fn new(layer: &Built, source: &Source) -> Self {
+        Self::mount_with(layer, source, mount)
+    }
+
+    /// Mounted with at most `limit` concurrent range requests and `open_prefetch`.
+    pub fn with_prefetch(
+        layer: &Built,
+        source: &Source,
+        limit: usize,
+        open_prefetch: Option<OpenPrefetch>,
+    ) -> Self {
+        Self::mount_with(layer, source, |reader, root| {
+            let reader = Arc::into_inner(reader)
+                .unwrap()
+                .with_fetch_limit(FetchLimit::new(limit));
+            mount_with(Arc::new(reader), root, open_prefetch)
+        })
+    }
+
+    fn mount_with(
+        layer: &Built,
+        source: &Source,
+        mount: impl FnOnce(Arc<LayerReader>, &Path) -> hermes_lazyfs::Result<MountHandle>,
+    ) -> Self {
         require_fuse();
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("mnt");
@@ -57,7 +80,11 @@ impl Mounted {
         }
     }
 
-    fn reader(&self) -> &LayerReader {
+    pub fn handle(&self) -> &MountHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    pub fn reader(&self) -> &LayerReader {
         self.handle.as_ref().unwrap().reader()
     }
 }

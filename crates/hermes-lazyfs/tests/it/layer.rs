@@ -371,6 +371,10 @@ struct Faults {
     panic: u64,
     /// Reads wait while held.
     held: bool,
+    /// Reads overlapping one of these blob ranges wait until [`Source::release`].
+    held_ranges: Vec<Range<u64>>,
+    /// How long every read takes (a slow registry).
+    delay: Duration,
     /// Reads waiting now.
     blocked: u64,
 }
@@ -386,6 +390,9 @@ struct SourceInner {
     log: Mutex<Vec<Range<u64>>>,
     faults: Mutex<Faults>,
     changed: Condvar,
+    /// Reads in progress now, and the most at once.
+    in_flight: AtomicU64,
+    peak: AtomicU64,
 }
 
 impl Source {
@@ -397,6 +404,8 @@ impl Source {
             log: Mutex::new(Vec::new()),
             faults: Mutex::new(Faults::default()),
             changed: Condvar::new(),
+            in_flight: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
         }))
     }
     pub fn requests(&self) -> u64 {
@@ -424,8 +433,23 @@ impl Source {
     pub fn hold(&self) {
         self.0.faults.lock().unwrap().held = true;
     }
+    /// Make reads that overlap `range` (blob offsets) wait until [`Source::release`].
+    pub fn hold_range(&self, range: Range<u64>) {
+        self.0.faults.lock().unwrap().held_ranges.push(range);
+    }
+    /// Make every read take `delay`.
+    pub fn slow(&self, delay: Duration) {
+        self.0.faults.lock().unwrap().delay = delay;
+    }
+    /// The most reads that were in progress at once.
+    pub fn peak_concurrency(&self) -> u64 {
+        self.0.peak.load(Ordering::SeqCst)
+    }
     pub fn release(&self) {
-        self.0.faults.lock().unwrap().held = false;
+        let mut faults = self.0.faults.lock().unwrap();
+        faults.held = false;
+        faults.held_ranges.clear();
+        drop(faults);
         self.0.changed.notify_all();
     }
     /// Reads waiting in [`Source::hold`] now.
@@ -439,12 +463,27 @@ impl RangeReader for Source {
         let inner = &self.0;
         inner.requests.fetch_add(1, Ordering::SeqCst);
         inner.log.lock().unwrap().push(offset..offset + len);
+        let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        inner.peak.fetch_max(now, Ordering::SeqCst);
+        let _done = InFlight(&inner.in_flight);
         let mut faults = inner.faults.lock().unwrap();
         faults.blocked += 1;
-        while faults.held {
+        let range = offset..offset + len;
+        while faults.held
+            || faults
+                .held_ranges
+                .iter()
+                .any(|h| h.start < range.end && range.start < h.end)
+        {
             faults = inner.changed.wait(faults).unwrap();
         }
         faults.blocked -= 1;
+        let delay = faults.delay;
+        if !delay.is_zero() {
+            drop(faults);
+            std::thread::sleep(delay);
+            faults = inner.faults.lock().unwrap();
+        }
         if faults.panic > 0 {
             faults.panic -= 1;
             drop(faults);
@@ -466,6 +505,15 @@ impl RangeReader for Source {
         }
         inner.bytes.fetch_add(len, Ordering::SeqCst);
         Ok(data)
+    }
+}
+
+/// Counts a read out of [`SourceInner::in_flight`] when it ends, however it ends.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -5,4 +5,5 @@ mod background;
 mod cache;
 mod fs;
 mod layer;
+mod prefetch;
 mod reader;
