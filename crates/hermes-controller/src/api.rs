@@ -192,61 +192,25 @@ impl Metrics {
     }
 
     fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "hermes_controller_artifacts_served",
-            "zTOCs served to nodes",
-            self.artifacts_served.clone(),
-        );
-        registry.register(
-            "hermes_controller_artifacts_missing",
-            "zTOC requests for layers without one",
-            self.artifacts_missing.clone(),
-        );
-        registry.register(
-            "hermes_controller_artifacts_refused",
-            "zTOC requests refused because an Off policy matches the image",
-            self.artifacts_refused.clone(),
-        );
-        registry.register(
-            "hermes_controller_misses",
-            "images nodes started without an index",
-            self.misses.clone(),
-        );
-        registry.register(
-            "hermes_controller_misses_refused",
-            "misses not counted, by reason",
-            self.misses_refused.clone(),
-        );
-        registry.register(
-            "hermes_controller_profile_spans",
-            "span indices kept from startup traces",
-            self.profile_spans.clone(),
-        );
-        registry.register(
-            "hermes_controller_profile_evictions",
-            "startup traces dropped for a node's quota or a full profile book",
-            self.profile_evictions.clone(),
-        );
-        registry.register(
-            "hermes_controller_queue_depth",
-            "images waiting in the build queue",
-            self.queue_depth.clone(),
-        );
-        registry.register(
-            "hermes_controller_builds",
-            "layer builds by outcome",
-            self.builds.clone(),
-        );
-        registry.register(
-            "hermes_controller_build_seconds",
-            "time per layer build",
-            self.build_seconds.clone(),
-        );
-        registry.register(
-            "hermes_controller_bytes_read",
-            "layer bytes read from registries",
-            self.bytes_read.clone(),
-        );
+        // One line per metric: name, help text, field.
+        macro_rules! register {
+            ($($name:literal, $help:literal, $field:ident;)*) => {
+                $(registry.register($name, $help, self.$field.clone());)*
+            };
+        }
+        register! {
+            "hermes_controller_artifacts_served", "zTOCs served to nodes", artifacts_served;
+            "hermes_controller_artifacts_missing", "zTOC requests for layers without one", artifacts_missing;
+            "hermes_controller_artifacts_refused", "zTOC requests refused because an Off policy matches the image", artifacts_refused;
+            "hermes_controller_misses", "images nodes started without an index", misses;
+            "hermes_controller_misses_refused", "misses not counted, by reason", misses_refused;
+            "hermes_controller_profile_spans", "span indices kept from startup traces", profile_spans;
+            "hermes_controller_profile_evictions", "startup traces dropped for a node's quota or a full profile book", profile_evictions;
+            "hermes_controller_queue_depth", "images waiting in the build queue", queue_depth;
+            "hermes_controller_builds", "layer builds by outcome", builds;
+            "hermes_controller_build_seconds", "time per layer build", build_seconds;
+            "hermes_controller_bytes_read", "layer bytes read from registries", bytes_read;
+        }
     }
 }
 

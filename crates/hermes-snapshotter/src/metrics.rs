@@ -44,6 +44,14 @@ fn counter_family(registry: &mut Registry, name: &str, help: &str, values: Vec<(
     registry.register(name, help, family);
 }
 
+/// Counts labelled `reason`.
+fn by_reason<const N: usize>(counts: [(&str, u64); N]) -> Vec<(Labels, u64)> {
+    counts
+        .into_iter()
+        .map(|(reason, n)| (vec![("reason", reason.to_owned())], n))
+        .collect()
+}
+
 /// The metrics in the OpenMetrics text format.
 pub fn render(snapshots: &Snapshots, layers: &NodeLayers) -> String {
     let mut registry = Registry::with_prefix("hermes_node");
@@ -52,29 +60,13 @@ pub fn render(snapshots: &Snapshots, layers: &NodeLayers) -> String {
         &mut registry,
         "fallbacks",
         "Layer prepares with CRI labels that became a normal pull, by reason",
-        FallbackReason::ALL
-            .iter()
-            .map(|r| {
-                (
-                    vec![("reason", r.as_str().to_owned())],
-                    snapshots.fallback_count(*r),
-                )
-            })
-            .collect(),
+        by_reason(FallbackReason::ALL.map(|r| (r.as_str(), snapshots.fallback_count(r)))),
     );
     counter_family(
         &mut registry,
         "lazy_misses",
         "Layers the lazy source did not mount, by reason",
-        Miss::ALL
-            .iter()
-            .map(|m| {
-                (
-                    vec![("reason", m.as_str().to_owned())],
-                    layers.miss_count(*m),
-                )
-            })
-            .collect(),
+        by_reason(Miss::ALL.map(|m| (m.as_str(), layers.miss_count(m)))),
     );
     let counters = layers.sources().counters();
     let mut lookups = Vec::new();

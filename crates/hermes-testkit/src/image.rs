@@ -636,9 +636,13 @@ fn layer_tar(entries: &[Entry]) -> Result<Vec<u8>> {
                     .append_data(&mut header, path, std::io::empty())
                     .map_err(tar_error)?;
             }
-            Entry::Symlink { path, target } => {
-                header.set_entry_type(tar::EntryType::Symlink);
-                header.set_mode(0o777);
+            Entry::Symlink { path, target } | Entry::Hardlink { path, target } => {
+                let (kind, mode) = match entry {
+                    Entry::Symlink { .. } => (tar::EntryType::Symlink, 0o777),
+                    _ => (tar::EntryType::Link, 0o644),
+                };
+                header.set_entry_type(kind);
+                header.set_mode(mode);
                 header.set_size(0);
                 builder
                     .append_link(&mut header, path, target)
@@ -655,14 +659,6 @@ fn layer_tar(entries: &[Entry]) -> Result<Vec<u8>> {
                 let whiteout = format!("{parent}.wh.{name}");
                 builder
                     .append_data(&mut header, whiteout, std::io::empty())
-                    .map_err(tar_error)?;
-            }
-            Entry::Hardlink { path, target } => {
-                header.set_entry_type(tar::EntryType::Link);
-                header.set_mode(0o644);
-                header.set_size(0);
-                builder
-                    .append_link(&mut header, path, target)
                     .map_err(tar_error)?;
             }
             Entry::RootDir { name } => {

@@ -15,14 +15,7 @@ fn containerd_pulls_from_the_local_registry_and_runs_a_busybox_container() {
         .entrypoint(&["/bin/cat", "/etc/greeting"])
         .push(&registry.host(), "greet:v1")
         .unwrap();
-    let containerd = Containerd::builder()
-        .registry_host(&registry.host())
-        .start()
-        .unwrap();
-    let hosts = containerd.hosts_dir().display().to_string();
-    containerd
-        .ctr(&["images", "pull", "--hosts-dir", &hosts, &image.reference])
-        .unwrap();
+    let containerd = containerd_with_pulled(&registry, &image.reference);
     let out = containerd
         .ctr(&["run", "--rm", &image.reference, "greet-1"])
         .unwrap_or_else(|e| panic!("{e:?}\ncontainerd log:\n{}", containerd.log()));
@@ -37,14 +30,7 @@ fn dropping_containerd_leaves_no_process_no_mount_and_no_dir() {
         .entrypoint(&["/bin/sleep", "600"])
         .push(&registry.host(), "sleeper:v1")
         .unwrap();
-    let containerd = Containerd::builder()
-        .registry_host(&registry.host())
-        .start()
-        .unwrap();
-    let hosts = containerd.hosts_dir().display().to_string();
-    containerd
-        .ctr(&["images", "pull", "--hosts-dir", &hosts, &image.reference])
-        .unwrap();
+    let containerd = containerd_with_pulled(&registry, &image.reference);
     containerd
         .ctr(&["run", "-d", &image.reference, "sleeper-1"])
         .unwrap();
@@ -117,4 +103,17 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
         .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
         .filter(|c| c.contains(needle))
         .collect()
+}
+
+/// A containerd (1.6) reading `registry`, with `reference` pulled.
+fn containerd_with_pulled(registry: &Registry, reference: &str) -> Containerd {
+    let containerd = Containerd::builder()
+        .registry_host(&registry.host())
+        .start()
+        .unwrap();
+    let hosts = containerd.hosts_dir().display().to_string();
+    containerd
+        .ctr(&["images", "pull", "--hosts-dir", &hosts, reference])
+        .unwrap();
+    containerd
 }
