@@ -503,6 +503,7 @@ fn review_command_answers_from_stdin() {
             image: "hermes:test".into(),
             loader_config_map: "hermes-module-loader".into(),
             metrics_port: 9477,
+            sidecar: hermes_kube::webhook::SidecarMode::Native,
         },
     );
     assert!(expected["response"]["patch"].is_string(), "{expected}");
