@@ -538,6 +538,8 @@ fn webhook_command_serves_https_and_prints_its_address() {
                 "127.0.0.1:0",
                 "--image",
                 "hermes:test",
+                "--sidecar-mode",
+                "native",
             ])
             .arg("--tls-cert")
             .arg(&cert)
@@ -571,5 +573,35 @@ fn webhook_command_serves_https_and_prints_its_address() {
         "200",
         "GET {url}: {}",
         String::from_utf8_lossy(&curl.stderr)
+    );
+}
+
+/// `--sidecar-mode auto` (the default) needs the API server's version: with no cluster to ask,
+/// the webhook does not start and says what to pass instead.
+#[test]
+fn webhook_sidecar_mode_auto_without_a_cluster_fails_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = hermes_modules_cmd()
+        .args([
+            "webhook",
+            "--listen",
+            "127.0.0.1:0",
+            "--image",
+            "hermes:test",
+        ])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
+        .env("HOME", dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "error: --sidecar-mode auto: cannot tell whether the cluster has native sidecars: "
+        ),
+        "{stderr}"
     );
 }
