@@ -35,6 +35,21 @@ fn one_cluster_at_a_time() -> MutexGuard<'static, ()> {
     CLUSTER.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A cluster of its own for one test, started once no other test here runs one. The turn is
+/// held until the cluster is down: bind both (`let (_turn, kube) = …`), which drops `kube` first.
+fn new_cluster() -> (MutexGuard<'static, ()>, Kube) {
+    require_root();
+    let turn = one_cluster_at_a_time();
+    let dir = tempfile::Builder::new()
+        .prefix("hermes-kube-")
+        .tempdir()
+        .expect("temp dir");
+    let kube = Kube::up(dir.path());
+    // `kube.sh down` removes the dir (or HERMES_KUBE_KEEP keeps it).
+    let _ = dir.keep();
+    (turn, kube)
+}
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -432,15 +447,7 @@ fn hermes_image<'a>(list: &'a Value, repo: &str) -> Option<&'a Value> {
 
 #[test]
 fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazily() {
-    require_root();
-    let _turn = one_cluster_at_a_time();
-    let dir = tempfile::Builder::new()
-        .prefix("hermes-kube-")
-        .tempdir()
-        .expect("temp dir");
-    let kube = Kube::up(dir.path());
-    // `kube.sh down` removes the dir (or HERMES_KUBE_KEEP keeps it).
-    let _dir = dir.keep();
+    let (_turn, kube) = new_cluster();
 
     // Installed from deploy/: both controller replicas ready, one of them leading.
     kube.wait("both controller replicas ready", 120, || {
@@ -686,6 +693,16 @@ impl Kube {
         .collect()
     }
 
+    /// Waits until the supervisor reports `module` up; returns every `hermes_module_up` sample.
+    fn wait_module_up(&self, what: &str, module: &str) -> Vec<(String, f64)> {
+        self.wait(what, 60, || {
+            let up = self.modules_up();
+            up.iter()
+                .any(|(labels, v)| labels.contains(module) && *v == 1.0)
+                .then_some(up)
+        })
+    }
+
     /// Processes in the pod (one PID namespace) whose command line contains `needle`.
     fn pod_processes(&self, needle: &str) -> Vec<String> {
         // /proc, not `ps`: busybox's ps cuts long command lines.
@@ -720,14 +737,7 @@ fn names(list: &Value) -> Vec<String> {
 
 #[test]
 fn memory_modules_through_the_webhook_load_once_when_the_kubelet_reruns_init() {
-    require_root();
-    let _turn = one_cluster_at_a_time();
-    let dir = tempfile::Builder::new()
-        .prefix("hermes-kube-")
-        .tempdir()
-        .expect("temp dir");
-    let kube = Kube::up(dir.path());
-    let _dir = dir.keep();
+    let (_turn, kube) = new_cluster();
 
     // Installed as deploy/README.md says: the webhook's TLS, policies and caBundle by
     // deploy/modules/install.sh, then `kubectl apply -f deploy/modules/`.
@@ -841,12 +851,7 @@ fn memory_modules_through_the_webhook_load_once_when_the_kubelet_reruns_init() {
     assert_eq!(phases.len(), 1, "{phases:#?}");
 
     // The chosen module runs beside the app, in the supervisor.
-    let up = kube.wait("the supervisor reports mem-tracer up", 60, || {
-        let up = kube.modules_up();
-        up.iter()
-            .any(|(l, v)| l.contains("mem-tracer") && *v == 1.0)
-            .then_some(up)
-    });
+    let up = kube.wait_module_up("the supervisor reports mem-tracer up", "mem-tracer");
     assert_eq!(up.len(), 1, "only the planned module: {up:?}");
     assert_eq!(kube.pod_processes("modules run").len(), 1);
 
@@ -890,12 +895,7 @@ fn memory_modules_through_the_webhook_load_once_when_the_kubelet_reruns_init() {
     );
     // Exactly once: the same plan, one supervisor, the one module up.
     assert_eq!(plan_after, plan, "the plan file is never rewritten");
-    let up = kube.wait("the new supervisor reports mem-tracer up", 60, || {
-        let up = kube.modules_up();
-        up.iter()
-            .any(|(l, v)| l.contains("mem-tracer") && *v == 1.0)
-            .then_some(up)
-    });
+    let up = kube.wait_module_up("the new supervisor reports mem-tracer up", "mem-tracer");
     assert_eq!(up.len(), 1, "the module loads once, not twice: {up:?}");
     let supervisors = kube.pod_processes("modules run");
     assert_eq!(
