@@ -5,13 +5,14 @@
 #   image.sh hermes [--binary PATH] [--layout DIR] [--push REF] [--insecure]
 #       the Hermes image: the `hermes` binary (default: target/release/hermes, debug info
 #       stripped) as /usr/local/bin/hermes, its shared libraries, CA certificates, /etc/passwd
-#       with the non-root user 65532, /tmp; entrypoint `hermes`. Build the release binary for
+#       with the non-root user 65532, /tmp, and busybox as /bin/sh (the memory-module installer
+#       runs the loader ConfigMap's load-sidecars.sh with it); entrypoint `hermes`. Build the release binary for
 #       real use (`cargo build --release -p hermes`); tests pass their debug build.
 #   image.sh pause [--layout DIR] [--push REF] [--insecure]
 #       a sandbox ("pause") image: busybox sleeping forever (for clusters without Internet).
 #
 # --push REF copies the image to a registry (`skopeo copy`); --insecure allows plain HTTP.
-# Without --layout a temp dir is used and removed. Needs: tar, gzip, sha256sum, skopeo (push).
+# Without --layout a temp dir is used and removed. Needs: tar, gzip, sha256sum, busybox, skopeo (push).
 set -euo pipefail
 
 log() { printf '[image] %s\n' "$*" >&2; }
@@ -77,6 +78,11 @@ hermes_rootfs() {
   mkdir -p "$rootfs/etc/ssl/certs" "$rootfs/tmp" "$rootfs/var/lib/hermes-controller"
   chmod 1777 "$rootfs/tmp"
   [ -f /etc/ssl/certs/ca-certificates.crt ] && cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
+  # The installer init container runs load-sidecars.sh with /bin/sh (no bash in the image).
+  local busybox
+  busybox=$(command -v busybox) || die "busybox missing (apt-get install busybox-static): the image's /bin/sh"
+  install -D -m 0755 "$busybox" "$rootfs/bin/busybox"
+  ln -s busybox "$rootfs/bin/sh"
   printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' \
     >"$rootfs/etc/passwd"
   printf 'root:x:0:\nnonroot:x:65532:\n' >"$rootfs/etc/group"

@@ -25,7 +25,7 @@ use hermes_controller::modules::MemoryModules;
 use hermes_controller::selector::{LabelRequirement, LabelSelector, Operator};
 use hermes_kube::webhook::selector::ModulesPolicy;
 use hermes_kube::webhook::server::mutate_with_policies;
-use hermes_kube::webhook::{InjectConfig, pod_patch};
+use hermes_kube::webhook::{InjectConfig, SidecarMode, pod_patch};
 use hermes_modules::catalog::ModuleCatalog;
 use hermes_modules::directive::{Origin, parse_directives, parse_modules_env};
 use hermes_oci::manifest::{Index, LayerEncoding, Manifest, Platform, to_go_json};
@@ -264,8 +264,7 @@ pub fn admission(data: &[u8]) {
     let Ok(request) = serde_json::from_slice::<Value>(data) else {
         return;
     };
-    let cfg = inject_config();
-    let response = mutate_with_policies(&request, policies(), &cfg.image, cfg.metrics_port);
+    let response = mutate_with_policies(&request, policies(), inject_config());
     let _ = serde_json::to_vec(&response).expect("a review response serializes");
     let answer = &response["response"];
     assert_eq!(answer["allowed"], true, "the webhook always allows");
@@ -285,7 +284,7 @@ pub fn admission(data: &[u8]) {
         apply(&mut pod, op).unwrap_or_else(|e| panic!("patch op {op} does not apply: {e}"));
     }
     assert!(
-        pod_patch(&pod, cfg).is_empty(),
+        pod_patch(&pod, inject_config()).is_empty(),
         "a patched pod gets patched again"
     );
 }
@@ -340,6 +339,7 @@ fn inject_config() -> &'static InjectConfig {
         image: "registry.example/hermes:fuzz".to_owned(),
         loader_config_map: String::new(),
         metrics_port: 9464,
+        sidecar: SidecarMode::Native,
     })
 }
 

@@ -67,6 +67,16 @@ pub enum Error {
         /// The cause.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The API server's `/version` has no numeric major and minor version.
+    #[error(
+        "the API server reports version {major:?}.{minor:?}, not numbers: pass --sidecar-mode native or container"
+    )]
+    ServerVersion {
+        /// Its `major`.
+        major: String,
+        /// Its `minor`.
+        minor: String,
+    },
     /// The webhook could not listen on its address.
     #[error("cannot listen on {addr} for the admission webhook")]
     WebhookBind {

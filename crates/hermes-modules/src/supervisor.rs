@@ -346,13 +346,15 @@ impl ModuleCtx {
     }
 }
 
-/// Ensures one supervisor per state file, so each planned module is loaded once: a lock file
-/// `STATE.run.lock` holding the owner's pid, created atomically (written aside, then
-/// hard-linked). A lock whose pid no longer exists (a crashed or restarted supervisor) is taken
-/// over. Released on drop.
+/// Ensures one supervisor per state file, so each planned module is loaded once: an exclusive
+/// `flock` on `STATE.run.lock`, which also holds the owner's pid for the error message. The
+/// kernel drops the lock when its holder dies, so a crashed supervisor, or one whose pod sandbox
+/// was killed, leaves nothing to take over. A pid alone would not do: a new sandbox starts a new
+/// PID namespace, where the old supervisor's pid is soon some other process of the pod.
+/// Released on drop (the file stays: removing it could let two supervisors lock two files).
 #[derive(Debug)]
 pub struct RunLock {
-    path: PathBuf,
+    _file: fs::File,
 }
 
 impl RunLock {
@@ -366,59 +368,35 @@ impl RunLock {
     /// Takes the lock, or fails with [`Error::AlreadyRunning`].
     pub fn acquire(state: &Path) -> Result<Self> {
         let path = Self::path_for(state);
-        let me = std::process::id();
-        let werr = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source| Error::StateWrite { path: p, source }
+        let werr = |source| Error::StateWrite {
+            path: path.clone(),
+            source,
         };
-        let tmp = path.with_file_name(format!(
-            ".{}.{me}",
-            path.file_name()
-                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-        ));
-        fs::write(&tmp, me.to_string()).map_err(werr(&tmp))?;
-        let mut result = Err(Error::AlreadyRunning {
-            state: state.to_path_buf(),
-            pid: 0,
-        });
-        for _ in 0..3 {
-            match fs::hard_link(&tmp, &path) {
-                Ok(()) => {
-                    result = Ok(Self { path: path.clone() });
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let owner = fs::read_to_string(&path)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<u32>().ok());
-                    match owner {
-                        Some(pid) if pid != me && Path::new(&format!("/proc/{pid}")).exists() => {
-                            result = Err(Error::AlreadyRunning {
-                                state: state.to_path_buf(),
-                                pid,
-                            });
-                            break;
-                        }
-                        _ => {
-                            tracing::info!(lock = %path.display(), ?owner, "taking over a stale supervisor lock");
-                            let _ = fs::remove_file(&path);
-                        }
-                    }
-                }
-                Err(e) => {
-                    result = Err(werr(&path)(e));
-                    break;
-                }
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(werr)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let pid = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
+                return Err(Error::AlreadyRunning {
+                    state: state.to_path_buf(),
+                    pid,
+                });
             }
+            Err(fs::TryLockError::Error(e)) => return Err(werr(e)),
         }
-        let _ = fs::remove_file(&tmp);
-        result
-    }
-}
-
-impl Drop for RunLock {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        file.set_len(0).map_err(werr)?;
+        file.write_all(std::process::id().to_string().as_bytes())
+            .map_err(werr)?;
+        Ok(Self { _file: file })
     }
 }
 

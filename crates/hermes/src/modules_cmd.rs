@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use hermes_kube::webhook::server::{self, DEFAULT_MAX_CONNECTIONS, WebhookConfig};
-use hermes_kube::webhook::{InjectConfig, review};
+use hermes_kube::webhook::{InjectConfig, SidecarMode, review};
 use hermes_modules::catalog::{ModuleCatalog, ModuleKind, ProfilesFile};
 use hermes_modules::plan::{PlanSource, PlanStatus};
 use hermes_modules::resolve::{
@@ -47,7 +47,7 @@ pub enum ModulesCommand {
     /// Answer an AdmissionReview v1 request (JSON on stdin) with the injection patch (stdout).
     ///
     /// This is the admission webhook's logic without its HTTPS server: the response adds the
-    /// installer init container, the supervisor as a native sidecar, shareProcessNamespace, the
+    /// installer init container, the supervisor (--sidecar-mode), shareProcessNamespace, the
     /// loader ConfigMap at /etc/hermes/ and a shared state volume; an injected pod is unchanged.
     Review(ReviewArgs),
     /// Serve the mutating admission webhook over HTTPS (POST /mutate, GET /healthz).
@@ -87,6 +87,11 @@ pub struct WebhookArgs {
     /// The supervisor's metrics port in injected pods.
     #[arg(long, value_name = "PORT", default_value_t = 9477)]
     metrics_port: u16,
+    /// How the supervisor runs beside the app: `native` (a native sidecar, Kubernetes 1.29+),
+    /// `container` (a regular container, older clusters) or `auto` (from the API server's
+    /// version, read once at startup with the in-cluster configuration or KUBECONFIG).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "auto")]
+    sidecar_mode: SidecarModeArg,
     /// Time a client has for its TLS handshake and request head (and again for the body);
     /// slower or idle connections are closed.
     #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
@@ -109,6 +114,39 @@ pub struct ReviewArgs {
     /// The supervisor's metrics port.
     #[arg(long, value_name = "PORT", default_value_t = 9477)]
     metrics_port: u16,
+    /// How the supervisor runs beside the app (see `hermes modules webhook --help`).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "native")]
+    sidecar_mode: SidecarModeArg,
+}
+
+/// `--sidecar-mode`: a [`SidecarMode`], or `auto` to ask the API server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SidecarModeArg {
+    /// From the API server's version: native on 1.29 and later.
+    Auto,
+    /// An init container with `restartPolicy: Always`.
+    Native,
+    /// A regular container beside the app.
+    Container,
+}
+
+impl SidecarModeArg {
+    /// The mode to inject with; `auto` reads the API server's version (once).
+    fn resolve(self) -> anyhow::Result<SidecarMode> {
+        match self {
+            Self::Native => Ok(SidecarMode::Native),
+            Self::Container => Ok(SidecarMode::Container),
+            Self::Auto => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("cannot start the async runtime")?;
+                runtime.block_on(server::detect_sidecar_mode()).context(
+                    "--sidecar-mode auto: cannot tell whether the cluster has native sidecars",
+                )
+            }
+        }
+    }
 }
 
 /// Arguments of `hermes modules resolve`.
@@ -365,6 +403,7 @@ fn webhook_cmd(a: WebhookArgs) -> anyhow::Result<ExitCode> {
         policies: a.policies,
         image: a.image,
         metrics_port: a.metrics_port,
+        sidecar: a.sidecar_mode.resolve()?,
         header_timeout: a.header_timeout,
         max_connections: a.max_connections,
     })?;
@@ -385,6 +424,7 @@ fn review_cmd(a: ReviewArgs) -> anyhow::Result<ExitCode> {
         image: a.image,
         loader_config_map: a.loader_config_map,
         metrics_port: a.metrics_port,
+        sidecar: a.sidecar_mode.resolve()?,
     };
     write_stdout(&(serde_json::to_string(&review(&request, &cfg))? + "\n"))?;
     Ok(ExitCode::SUCCESS)

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::webhook::selector::{ModulesPolicy, load_policies, select};
-use crate::webhook::{InjectConfig, allow, review};
+use crate::webhook::{InjectConfig, SidecarMode, allow, review};
 
 const MAX_HEADER: usize = 16 << 10;
 const MAX_BODY: usize = 8 << 20;
@@ -57,6 +57,8 @@ pub struct WebhookConfig {
     pub image: String,
     /// The supervisor's metrics port.
     pub metrics_port: u16,
+    /// How the supervisor is injected ([`detect_sidecar_mode`] for the cluster's own).
+    pub sidecar: SidecarMode,
     /// Time a connection has from being accepted to the end of its request head, TLS
     /// handshake included; the body must then arrive within the same time again.
     pub header_timeout: Duration,
@@ -404,17 +406,22 @@ pub fn mutate(request: &Value, cfg: &WebhookConfig) -> Value {
             return allow(request);
         }
     };
-    mutate_with_policies(request, &policies, &cfg.image, cfg.metrics_port)
+    let inject = InjectConfig {
+        image: cfg.image.clone(),
+        loader_config_map: String::new(),
+        metrics_port: cfg.metrics_port,
+        sidecar: cfg.sidecar,
+    };
+    mutate_with_policies(request, &policies, &inject)
 }
 
 /// [`mutate`] with the policies already read: the whole decision for one `AdmissionReview`
-/// request, with no I/O, so it can be tested and fuzzed on hostile reviews. `image` and
-/// `metrics_port` are the injected containers' image and the supervisor's metrics port.
+/// request, with no I/O, so it can be tested and fuzzed on hostile reviews. `inject` says what
+/// to inject; its loader ConfigMap is replaced by the selecting policy's.
 pub fn mutate_with_policies(
     request: &Value,
     policies: &[ModulesPolicy],
-    image: &str,
-    metrics_port: u16,
+    inject: &InjectConfig,
 ) -> Value {
     let req = &request["request"];
     if req["kind"]["kind"] != "Pod" {
@@ -431,11 +438,31 @@ pub fn mutate_with_policies(
             review(
                 request,
                 &InjectConfig {
-                    image: image.to_owned(),
                     loader_config_map: policy.modules.loader_config_map.clone(),
-                    metrics_port,
+                    ..inject.clone()
                 },
             )
         }
     }
+}
+
+/// The sidecar mode for the cluster the webhook runs in: the API server's `/version`, asked once
+/// through the in-cluster configuration (or `KUBECONFIG`). Every authenticated identity may read
+/// `/version` (the default `system:public-info-viewer` role), so no RBAC rule is needed.
+pub async fn detect_sidecar_mode() -> Result<SidecarMode> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(Error::kube("connect to the API server to read its version"))?;
+    let info = client
+        .apiserver_version()
+        .await
+        .map_err(Error::kube("GET /version"))?;
+    let mode = SidecarMode::for_server_version(&info.major, &info.minor).ok_or_else(|| {
+        Error::ServerVersion {
+            major: info.major.clone(),
+            minor: info.minor.clone(),
+        }
+    })?;
+    info!(version = %info.git_version, ?mode, "sidecar mode chosen from the API server's version");
+    Ok(mode)
 }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use hermes_kube::webhook::server;
 use hermes_kube::webhook::{
-    INJECTED_ANNOTATION, INSTALLER_NAME, InjectConfig, SUPERVISOR_NAME, review,
+    INJECTED_ANNOTATION, INSTALLER_NAME, InjectConfig, SUPERVISOR_NAME, SidecarMode, review,
 };
 
 fn cfg() -> InjectConfig {
@@ -17,6 +17,7 @@ fn cfg() -> InjectConfig {
         image: "registry.example/hermes:0.1.0".into(),
         loader_config_map: "hermes-module-loader".into(),
         metrics_port: 9477,
+        sidecar: SidecarMode::Native,
     }
 }
 
@@ -294,6 +295,7 @@ fn start_webhook(
         policies,
         image: "registry.example/hermes:0.1.0".into(),
         metrics_port: 9477,
+        sidecar: SidecarMode::Native,
         header_timeout,
         max_connections: server::DEFAULT_MAX_CONNECTIONS,
     })

@@ -3,13 +3,17 @@
 //! from `deploy/` the way a user would, and driven with kubectl only: the controller sees pods
 //! through the real pod watch, the kubelet's second start of an indexed image is lazy, the node
 //! service restarts and upgrades under a running lazy pod, and `mode: "Off"` turns it all off.
+//! The memory-module webhook, installed from `deploy/modules/`, injects the installer into a
+//! selected pod; its modules load once, also when the kubelet re-runs the pod's init.
 //!
-//! One cluster for the whole scenario (starting one takes most of a minute); `kube.sh down`
-//! runs on every exit, failures included. A missing part fails the test with what to install.
+//! One cluster per scenario (starting one takes most of a minute; one at a time per machine, so
+//! the tests take turns); `kube.sh down` runs on every exit, failures included. A missing part
+//! fails the test with what to install.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hermes_testkit::{PushedImage, busybox_image};
@@ -24,6 +28,27 @@ const DATA_FILES: usize = 6;
 const DATA_FILE_BYTES: usize = 4 << 20;
 /// What the pods of the test image print first.
 const MESSAGE: &str = "hello from a kubelet";
+
+/// `kube.sh` runs one cluster per machine: the tests here take turns.
+fn one_cluster_at_a_time() -> MutexGuard<'static, ()> {
+    static CLUSTER: Mutex<()> = Mutex::new(());
+    CLUSTER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A cluster of its own for one test, started once no other test here runs one. The turn is
+/// held until the cluster is down: bind both (`let (_turn, kube) = …`), which drops `kube` first.
+fn new_cluster() -> (MutexGuard<'static, ()>, Kube) {
+    require_root();
+    let turn = one_cluster_at_a_time();
+    let dir = tempfile::Builder::new()
+        .prefix("hermes-kube-")
+        .tempdir()
+        .expect("temp dir");
+    let kube = Kube::up(dir.path());
+    // `kube.sh down` removes the dir (or HERMES_KUBE_KEEP keeps it).
+    let _ = dir.keep();
+    (turn, kube)
+}
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -422,14 +447,7 @@ fn hermes_image<'a>(list: &'a Value, repo: &str) -> Option<&'a Value> {
 
 #[test]
 fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazily() {
-    require_root();
-    let dir = tempfile::Builder::new()
-        .prefix("hermes-kube-")
-        .tempdir()
-        .expect("temp dir");
-    let kube = Kube::up(dir.path());
-    // `kube.sh down` removes the dir (or HERMES_KUBE_KEEP keeps it).
-    let _dir = dir.keep();
+    let (_turn, kube) = new_cluster();
 
     // Installed from deploy/: both controller replicas ready, one of them leading.
     kube.wait("both controller replicas ready", 120, || {
@@ -631,4 +649,269 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
     );
     // `down` leaves nothing behind, with the controller's pods still running.
     kube.down_and_check(&pod_uids);
+}
+
+/// The pod the memory-module test starts: in `ml`, selected by deploy/modules/policy-example.yaml.
+const MODULES_POD: &str = "serving";
+const INSTALLER: &str = "hermes-modules-install";
+const SUPERVISOR: &str = "hermes-modules-supervisor";
+
+impl Kube {
+    /// `kubectl -n ml exec serving -c CONTAINER -- ARGS`.
+    fn exec_ml(&self, container: &str, args: &[&str]) -> String {
+        let mut all = vec!["-n", "ml", "exec", MODULES_POD, "-c", container, "--"];
+        all.extend(args);
+        self.kubectl(&all)
+    }
+
+    /// The supervisor's view of the pod's state volume: the plan file and its phase record.
+    fn module_state(&self) -> (String, Vec<Value>) {
+        let plan = self.exec_ml(SUPERVISOR, &["busybox", "cat", "/var/run/hermes/plan.json"]);
+        let phases = self
+            .exec_ml(
+                SUPERVISOR,
+                &["busybox", "cat", "/var/run/hermes/plan.json.phases"],
+            )
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("phase line {l:?}: {e}")))
+            .collect();
+        (plan, phases)
+    }
+
+    /// `hermes_module_up` samples of the supervisor's /metrics: (labels, value).
+    fn modules_up(&self) -> Vec<(String, f64)> {
+        self.exec_ml(
+            SUPERVISOR,
+            &["busybox", "wget", "-qO-", "http://127.0.0.1:9477/metrics"],
+        )
+        .lines()
+        .filter_map(|l| l.strip_prefix("hermes_module_up"))
+        .filter_map(|l| {
+            let (labels, value) = l.rsplit_once(' ')?;
+            Some((labels.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+    }
+
+    /// Waits until the supervisor reports `module` up; returns every `hermes_module_up` sample.
+    fn wait_module_up(&self, what: &str, module: &str) -> Vec<(String, f64)> {
+        self.wait(what, 60, || {
+            let up = self.modules_up();
+            up.iter()
+                .any(|(labels, v)| labels.contains(module) && *v == 1.0)
+                .then_some(up)
+        })
+    }
+
+    /// Processes in the pod (one PID namespace) whose command line contains `needle`.
+    fn pod_processes(&self, needle: &str) -> Vec<String> {
+        // /proc, not `ps`: busybox's ps cuts long command lines.
+        let script = "for d in /proc/[0-9]*; do tr '\\0' ' ' < $d/cmdline 2>/dev/null; echo; done";
+        self.exec_ml(SUPERVISOR, &["busybox", "sh", "-c", script])
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The pod is running with every container ready; returns it.
+    fn modules_pod_ready(&self) -> Option<Value> {
+        let pod = self.json(&["-n", "ml", "get", "pod", MODULES_POD]);
+        let statuses = pod["status"]["containerStatuses"].as_array()?;
+        (pod["status"]["phase"] == "Running"
+            && !statuses.is_empty()
+            && statuses.iter().all(|c| c["ready"] == true))
+        .then_some(pod)
+    }
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .map(|cs| {
+            cs.iter()
+                .filter_map(|c| c["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn memory_modules_through_the_webhook_load_once_when_the_kubelet_reruns_init() {
+    let (_turn, kube) = new_cluster();
+
+    // Installed as deploy/README.md says: the webhook's TLS, policies and caBundle by
+    // deploy/modules/install.sh, then `kubectl apply -f deploy/modules/`.
+    let modules = repo_root().join("deploy/modules");
+    kube.kubectl(&["create", "namespace", "ml"]);
+    let install = run(Command::new("bash")
+        .arg(modules.join("install.sh"))
+        .arg("--kubeconfig")
+        .arg(&kube.kubeconfig)
+        .arg("--policy")
+        .arg(modules.join("policy-example.yaml"))
+        .arg("--wait")
+        .env("PATH", path_with(&kube.kubectl)));
+    assert!(
+        install.status.success(),
+        "deploy/modules/install.sh: {}\n{}",
+        text(&install.stderr),
+        kube.diagnostics()
+    );
+    kube.kubectl(&["apply", "-f", &modules.to_string_lossy()]);
+    let webhook = kube.json(&[
+        "get",
+        "mutatingwebhookconfiguration",
+        "hermes-memory-modules",
+    ]);
+    assert!(
+        webhook["webhooks"][0]["clientConfig"]["caBundle"]
+            .as_str()
+            .is_some_and(|b| !b.is_empty()),
+        "re-applying deploy/modules keeps the caBundle: {webhook:#}"
+    );
+
+    let app = busybox_image()
+        .expect("busybox image")
+        .entrypoint(&["/bin/sh", "-c", "echo app up; exec sleep 1000000"])
+        .push(&kube.registry, "kube/serving:v1")
+        .expect("push the app image");
+    let pod_yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {MODULES_POD}\n  namespace: ml\n  \
+         labels: {{app.kubernetes.io/component: serving}}\n\
+         spec:\n  terminationGracePeriodSeconds: 0\n  \
+         containers:\n    - name: app\n      image: \"{}\"\n      \
+         env: [{{name: CLUSTER_ENV, value: staging}}]\n",
+        app.reference
+    );
+    // The webhook answers once its Service routes to it: until then the API server lets pods
+    // through unchanged (failurePolicy Ignore), so ask with a server-side dry run first.
+    kube.wait("the webhook patches a selected pod (dry run)", 90, || {
+        let out = kube.kubectl_output(
+            &["create", "--dry-run=server", "-o", "json", "-f", "-"],
+            Some(&pod_yaml),
+        );
+        let pod: Value = serde_json::from_slice(&out.stdout).ok()?;
+        pod["metadata"]["annotations"]["hermes.dev/memory-modules"]
+            .is_string()
+            .then_some(())
+    });
+    kube.apply(&pod_yaml);
+
+    // The patch, for a v1.20 API server: the installer as the only init container, the
+    // supervisor beside the app (a native sidecar would hold the pod in its init phase).
+    let pod = kube.json(&["-n", "ml", "get", "pod", MODULES_POD]);
+    assert_eq!(
+        names(&pod["spec"]["initContainers"]),
+        [INSTALLER],
+        "{pod:#}"
+    );
+    assert_eq!(
+        names(&pod["spec"]["containers"]),
+        ["app", SUPERVISOR],
+        "{pod:#}"
+    );
+    assert_eq!(pod["spec"]["shareProcessNamespace"], true);
+    let pod_uid = pod["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    kube.wait("the injected pod runs, every container ready", 120, || {
+        kube.modules_pod_ready()
+    });
+    let app_log = kube.kubectl(&["-n", "ml", "logs", MODULES_POD, "-c", "app"]);
+    assert_eq!(app_log.lines().next(), Some("app up"), "{app_log}");
+
+    // The init step ran the ConfigMap's load-sidecars.sh with the pod's CLUSTER_ENV=staging.
+    let installed = kube.kubectl(&["-n", "ml", "logs", MODULES_POD, "-c", INSTALLER]);
+    assert!(
+        installed.contains(
+            "plan created (created by phase pod-init, source: script /etc/hermes/load-sidecars.sh)"
+        ) && installed.contains("  mem-tracer:staging-tunings\n"),
+        "installer log: {installed}"
+    );
+    let (plan, phases) = kube.module_state();
+    let planned: Value = serde_json::from_str(&plan).expect("plan.json");
+    let keys = |plan: &Value| -> Vec<String> {
+        plan["modules"]
+            .as_array()
+            .map(|ms| {
+                ms.iter()
+                    .map(|m| {
+                        format!(
+                            "{}:{}",
+                            m["module"].as_str().unwrap_or("?"),
+                            m["config"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(keys(&planned), ["mem-tracer:staging-tunings"], "{plan}");
+    assert_eq!(phases.len(), 1, "{phases:#?}");
+
+    // The chosen module runs beside the app, in the supervisor.
+    let up = kube.wait_module_up("the supervisor reports mem-tracer up", "mem-tracer");
+    assert_eq!(up.len(), 1, "only the planned module: {up:?}");
+    assert_eq!(kube.pod_processes("modules run").len(), 1);
+
+    // The kubelet re-runs init: the pod's sandbox dies (its pause process killed), the kubelet
+    // makes a new one and runs the installer again, then the app and the supervisor.
+    let sandboxes = kube.ctr(&[
+        "containers",
+        "ls",
+        "-q",
+        &format!(
+            "labels.\"io.kubernetes.pod.uid\"=={pod_uid},labels.\"io.cri-containerd.kind\"==sandbox"
+        ),
+    ]);
+    let sandbox = sandboxes
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("no sandbox of pod {pod_uid} in containerd: {sandboxes:?}"));
+    kube.ctr(&["tasks", "kill", "-s", "SIGKILL", sandbox]);
+    let pod = kube.wait("the kubelet restarts the pod in a new sandbox", 120, || {
+        let pod = kube.modules_pod_ready()?;
+        let app_restarts = pod["status"]["containerStatuses"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == "app")?["restartCount"]
+            .as_u64()?;
+        (app_restarts >= 1).then_some(pod)
+    });
+    let (plan_after, phases) = kube.wait("the re-run installer recorded its phase", 60, || {
+        let (plan, phases) = kube.module_state();
+        (phases.len() >= 2).then_some((plan, phases))
+    });
+    assert_eq!(
+        phases.len(),
+        2,
+        "init ran twice, no more: {phases:#?}\n{pod:#}"
+    );
+    let installed = kube.kubectl(&["-n", "ml", "logs", MODULES_POD, "-c", INSTALLER]);
+    assert!(
+        installed.contains("phase pod-init: plan unchanged (created by phase pod-init"),
+        "the second init converges on the stored plan: {installed}"
+    );
+    // Exactly once: the same plan, one supervisor, the one module up.
+    assert_eq!(plan_after, plan, "the plan file is never rewritten");
+    let up = kube.wait_module_up("the new supervisor reports mem-tracer up", "mem-tracer");
+    assert_eq!(up.len(), 1, "the module loads once, not twice: {up:?}");
+    let supervisors = kube.pod_processes("modules run");
+    assert_eq!(
+        supervisors.len(),
+        1,
+        "one supervisor in the pod: {supervisors:#?}"
+    );
+
+    kube.down_and_check(&[pod_uid]);
+}
+
+/// PATH with kubectl's directory first (deploy/modules/install.sh calls `kubectl`).
+fn path_with(kubectl: &Path) -> std::ffi::OsString {
+    let mut dirs = vec![kubectl.parent().unwrap_or(Path::new("/")).to_owned()];
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    std::env::join_paths(dirs).expect("PATH")
 }

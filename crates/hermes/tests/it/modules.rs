@@ -503,6 +503,7 @@ fn review_command_answers_from_stdin() {
             image: "hermes:test".into(),
             loader_config_map: "hermes-module-loader".into(),
             metrics_port: 9477,
+            sidecar: hermes_kube::webhook::SidecarMode::Native,
         },
     );
     assert!(expected["response"]["patch"].is_string(), "{expected}");
@@ -531,13 +532,8 @@ fn webhook_command_serves_https_and_prints_its_address() {
     std::fs::create_dir(&policies).expect("mkdir");
     let (_server, mut out) = Proc::spawn(
         hermes_modules_cmd()
-            .args([
-                "webhook",
-                "--listen",
-                "127.0.0.1:0",
-                "--image",
-                "hermes:test",
-            ])
+            .args(WEBHOOK_ARGS)
+            .args(["--sidecar-mode", "native"])
             .arg("--tls-cert")
             .arg(&cert)
             .arg("--tls-key")
@@ -570,5 +566,38 @@ fn webhook_command_serves_https_and_prints_its_address() {
         "200",
         "GET {url}: {}",
         String::from_utf8_lossy(&curl.stderr)
+    );
+}
+
+/// `hermes modules webhook` on a free port, injecting `hermes:test`.
+const WEBHOOK_ARGS: [&str; 5] = [
+    "webhook",
+    "--listen",
+    "127.0.0.1:0",
+    "--image",
+    "hermes:test",
+];
+
+/// `--sidecar-mode auto` (the default) needs the API server's version: with no cluster to ask,
+/// the webhook does not start and says what to pass instead.
+#[test]
+fn webhook_sidecar_mode_auto_without_a_cluster_fails_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = hermes_modules_cmd()
+        .args(WEBHOOK_ARGS)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("KUBECONFIG", dir.path().join("no-kubeconfig"))
+        .env("HOME", dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "error: --sidecar-mode auto: cannot tell whether the cluster has native sidecars: "
+        ),
+        "{stderr}"
     );
 }
