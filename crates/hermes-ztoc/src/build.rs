@@ -382,8 +382,17 @@ impl<R: BufRead> GzipIndexer<R> {
             message: e.to_string(),
         }
     }
+}
 
-    /// Inflate until the output buffer is full or the stream ends.
+impl<R: BufRead> Decompressor for GzipIndexer<R> {
+    fn out(&mut self) -> &mut OutBuf {
+        &mut self.out
+    }
+
+    fn done(&self) -> bool {
+        self.done
+    }
+
     fn decode_more(&mut self) -> Result<()> {
         while !self.done && self.out.end < self.out.buf.len() {
             let input = self.input.available()?;
@@ -434,20 +443,6 @@ impl<R: BufRead> GzipIndexer<R> {
         }
         Ok(())
     }
-}
-
-impl<R: BufRead> Decompressor for GzipIndexer<R> {
-    fn out(&mut self) -> &mut OutBuf {
-        &mut self.out
-    }
-
-    fn done(&self) -> bool {
-        self.done
-    }
-
-    fn decode_more(&mut self) -> Result<()> {
-        GzipIndexer::decode_more(self)
-    }
 
     fn finish(mut self) -> Result<Encoded> {
         self.hasher.close();
@@ -495,6 +490,16 @@ impl<R: BufRead> ZstdIndexer<R> {
             done: false,
         })
     }
+}
+
+impl<R: BufRead> Decompressor for ZstdIndexer<R> {
+    fn out(&mut self) -> &mut OutBuf {
+        &mut self.out
+    }
+
+    fn done(&self) -> bool {
+        self.done
+    }
 
     fn decode_more(&mut self) -> Result<()> {
         use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
@@ -527,20 +532,6 @@ impl<R: BufRead> ZstdIndexer<R> {
             }
         }
         Ok(())
-    }
-}
-
-impl<R: BufRead> Decompressor for ZstdIndexer<R> {
-    fn out(&mut self) -> &mut OutBuf {
-        &mut self.out
-    }
-
-    fn done(&self) -> bool {
-        self.done
-    }
-
-    fn decode_more(&mut self) -> Result<()> {
-        ZstdIndexer::decode_more(self)
     }
 
     fn finish(mut self) -> Result<Encoded> {

@@ -509,49 +509,77 @@ fn without_an_index_or_with_the_controller_down_layers_fall_back_quickly() {
     assert!(took < Duration::from_secs(10), "fallback took {took:?}");
 }
 
+/// An image pushed to a registry and read through a fault proxy, indexed, its one layer
+/// mounted lazily by a node without background fetch, and a container's rootfs over it.
+/// Fields drop in order: the rootfs is unmounted before the node stops.
+struct LazyBehindProxy {
+    rootfs: Rootfs,
+    node: Node,
+    proxy: FaultProxy,
+    pushed: PushedImage,
+    _dir: tempfile::TempDir,
+    _registry: Registry,
+}
+
+impl LazyBehindProxy {
+    fn start(image: TestImage, name: &str, tag: &str) -> LazyBehindProxy {
+        let registry = Registry::start().expect("registry");
+        let proxy = FaultProxy::start(registry.addr()).expect("proxy");
+        let pushed = image.push(&registry.host(), name).expect("push");
+        let image = PushedImage {
+            reference: format!("{}/{name}", proxy.host()),
+            ..pushed.clone()
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        index(&image.reference, &dir.path().join("node/ztocs"));
+        let node = Node::start(dir.path(), &["--plain-http", "--no-background-fetch"]);
+        let rt = runtime();
+        assert_eq!(rt.block_on(unpack(&node.socket, &image, tag)), 1);
+        let rootfs = mount_rootfs(
+            &rt.block_on(container(&node.socket, &image, tag, "c")),
+            &dir.path().join("c"),
+        );
+        LazyBehindProxy {
+            rootfs,
+            node,
+            proxy,
+            pushed,
+            _dir: dir,
+            _registry: registry,
+        }
+    }
+}
+
 #[test]
 fn a_registry_that_dies_after_start_keeps_fetched_data_served_and_fails_missing_reads_with_eio() {
     require_root();
-    let registry = Registry::start().expect("registry");
-    let proxy = FaultProxy::start(registry.addr()).expect("proxy");
-    let pushed = TestImage::new()
-        .file("app/hot.txt", b"hot\n".to_vec())
-        .file("app/cold.bin", noise(3 << 20, 7))
-        .push(&registry.host(), "node/dies:v1")
-        .expect("push");
-    let image = PushedImage {
-        reference: format!("{}/node/dies:v1", proxy.host()),
-        ..pushed.clone()
-    };
-    let dir = tempfile::tempdir().expect("tempdir");
-    index(&image.reference, &dir.path().join("node/ztocs"));
-    let node = Node::start(dir.path(), &["--plain-http", "--no-background-fetch"]);
-    let rt = runtime();
-    assert_eq!(rt.block_on(unpack(&node.socket, &image, "d")), 1);
-    let rootfs = mount_rootfs(
-        &rt.block_on(container(&node.socket, &image, "d", "c")),
-        &dir.path().join("c"),
+    let s = LazyBehindProxy::start(
+        TestImage::new()
+            .file("app/hot.txt", b"hot\n".to_vec())
+            .file("app/cold.bin", noise(3 << 20, 7)),
+        "node/dies:v1",
+        "d",
     );
     assert_eq!(
-        std::fs::read(rootfs.path.join("app/hot.txt")).unwrap(),
+        std::fs::read(s.rootfs.path.join("app/hot.txt")).unwrap(),
         b"hot\n"
     );
 
     // Every later request is refused, as when the registry is gone.
-    proxy
+    s.proxy
         .push(hermes_testkit::FaultRule::new("/v2/", hermes_testkit::Fault::Reset).times(u32::MAX));
     assert_eq!(
-        std::fs::read(rootfs.path.join("app/hot.txt")).unwrap(),
+        std::fs::read(s.rootfs.path.join("app/hot.txt")).unwrap(),
         b"hot\n",
         "cached data"
     );
     let started = Instant::now();
-    let err = match std::fs::read(rootfs.path.join("app/cold.bin")) {
+    let err = match std::fs::read(s.rootfs.path.join("app/cold.bin")) {
         Ok(b) => panic!(
             "read {} bytes with the registry gone:\n{}\n{:?}",
             b.len(),
-            node.logs(),
-            proxy.log()
+            s.node.logs(),
+            s.proxy.log()
         ),
         Err(e) => e,
     };
@@ -566,47 +594,35 @@ fn a_registry_that_dies_after_start_keeps_fetched_data_served_and_fails_missing_
 #[test]
 fn a_span_tampered_with_in_the_registry_is_never_served() {
     require_root();
-    let registry = Registry::start().expect("registry");
-    let proxy = FaultProxy::start(registry.addr()).expect("proxy");
-    let pushed = TestImage::new()
-        .file("app/weights.bin", noise(1 << 20, 1))
-        .file("app/more.bin", noise(2 << 20, 2))
-        .push(&registry.host(), "node/tampered:v1")
-        .expect("push");
-    let image = PushedImage {
-        reference: format!("{}/node/tampered:v1", proxy.host()),
-        ..pushed.clone()
-    };
-    let dir = tempfile::tempdir().expect("tempdir");
-    index(&image.reference, &dir.path().join("node/ztocs"));
-    let node = Node::start(dir.path(), &["--plain-http", "--no-background-fetch"]);
-    let rt = runtime();
-    assert_eq!(rt.block_on(unpack(&node.socket, &image, "t")), 1);
-    let rootfs = mount_rootfs(
-        &rt.block_on(container(&node.socket, &image, "t", "c")),
-        &dir.path().join("c"),
+    let s = LazyBehindProxy::start(
+        TestImage::new()
+            .file("app/weights.bin", noise(1 << 20, 1))
+            .file("app/more.bin", noise(2 << 20, 2)),
+        "node/tampered:v1",
+        "t",
     );
     // One tampered answer: the span fails verification, is fetched again, and only the good
     // bytes are served.
-    proxy.push(hermes_testkit::FaultRule::new(
+    s.proxy.push(hermes_testkit::FaultRule::new(
         "/blobs/",
         hermes_testkit::Fault::Corrupt { at: 100 },
     ));
-    let read = std::fs::read(rootfs.path.join("app/weights.bin")).expect("read after a refetch");
+    let read = std::fs::read(s.rootfs.path.join("app/weights.bin")).expect("read after a refetch");
     assert!(
-        read == pushed.layers[0].files["app/weights.bin"],
+        read == s.pushed.layers[0].files["app/weights.bin"],
         "wrong bytes served ({} bytes read)",
         read.len()
     );
     // Tampered every time: the layer is broken and reads fail; wrong bytes are never served.
-    proxy.push(
+    s.proxy.push(
         hermes_testkit::FaultRule::new("/blobs/", hermes_testkit::Fault::Corrupt { at: 100 })
             .times(u32::MAX),
     );
-    let err =
-        std::fs::read(rootfs.path.join("app/more.bin")).expect_err("tampered bytes are not served");
+    let err = std::fs::read(s.rootfs.path.join("app/more.bin"))
+        .expect_err("tampered bytes are not served");
     assert_eq!(err.raw_os_error(), Some(5), "EIO, got {err}");
-    node.wait_metrics(|m| metric(m, "hermes_node_verify_failures_total", &[]) >= 2.0);
+    s.node
+        .wait_metrics(|m| metric(m, "hermes_node_verify_failures_total", &[]) >= 2.0);
 }
 
 #[test]
