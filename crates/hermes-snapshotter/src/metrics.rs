@@ -20,7 +20,8 @@ use crate::{FallbackReason, Snapshots};
 struct Buckets {
     sum: f64,
     count: u64,
-    /// (upper bound, cumulative count).
+    /// (upper bound, count in this bucket alone): the encoder makes them cumulative, so
+    /// cumulative counts here would be summed twice.
     buckets: Vec<(f64, u64)>,
 }
 
@@ -50,6 +51,29 @@ fn by_reason<const N: usize>(counts: [(&str, u64); N]) -> Vec<(Labels, u64)> {
         .into_iter()
         .map(|(reason, n)| (vec![("reason", reason.to_owned())], n))
         .collect()
+}
+
+/// All layer servers' read latencies as one histogram: their per-bucket counts added up.
+fn read_latency(stats: &[crate::LayerStats]) -> Buckets {
+    let bounds = hermes_lazyfs::READ_LATENCY_BOUNDS;
+    let mut counts = vec![0u64; bounds.len() + 1];
+    let mut sum_micros = 0u64;
+    for s in stats {
+        for (c, v) in counts.iter_mut().zip(&s.read_latency_buckets) {
+            *c = c.saturating_add(*v);
+        }
+        sum_micros = sum_micros.saturating_add(s.read_latency_sum_micros);
+    }
+    Buckets {
+        sum: sum_micros as f64 / 1e6,
+        count: counts.iter().fold(0u64, |a, &c| a.saturating_add(c)),
+        buckets: bounds
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(counts)
+            .collect(),
+    }
 }
 
 /// The metrics in the OpenMetrics text format.
@@ -154,34 +178,10 @@ pub fn render(snapshots: &Snapshots, layers: &NodeLayers) -> String {
         fully_local,
     );
 
-    let bounds = hermes_lazyfs::READ_LATENCY_BOUNDS;
-    let mut counts = vec![0u64; bounds.len() + 1];
-    let mut sum_micros = 0u64;
-    for s in &stats {
-        for (c, v) in counts.iter_mut().zip(&s.read_latency_buckets) {
-            *c += v;
-        }
-        sum_micros += s.read_latency_sum_micros;
-    }
-    let mut cumulative = 0;
-    let buckets = bounds
-        .iter()
-        .copied()
-        .chain([f64::INFINITY])
-        .zip(&counts)
-        .map(|(b, c)| {
-            cumulative += c;
-            (b, cumulative)
-        })
-        .collect();
     registry.register(
         "read_latency_seconds",
         "Latency of reads of lazy layers (fetches included)",
-        Buckets {
-            sum: sum_micros as f64 / 1e6,
-            count: cumulative,
-            buckets,
-        },
+        read_latency(&stats),
     );
 
     let mut out = String::new();
@@ -189,4 +189,43 @@ pub fn render(snapshots: &Snapshots, layers: &NodeLayers) -> String {
         out.clear();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LayerStats;
+
+    fn layer(buckets: &[(usize, u64)]) -> LayerStats {
+        let mut counts = vec![0; hermes_lazyfs::READ_LATENCY_BOUNDS.len() + 1];
+        for &(i, n) in buckets {
+            counts[i] = n;
+        }
+        LayerStats {
+            read_latency_buckets: counts,
+            read_latency_sum_micros: 1_000,
+            ..LayerStats::default()
+        }
+    }
+
+    #[test]
+    fn read_latency_of_several_servers_is_not_cumulated_twice() {
+        // Two servers' per-bucket counts, spread over fast, slow and unbounded buckets.
+        let stats = [layer(&[(0, 5), (3, 2), (10, 1)]), layer(&[(0, 1), (7, 4)])];
+        let mut registry = Registry::with_prefix("hermes_node");
+        registry.register("read_latency_seconds", "test", read_latency(&stats));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        assert_eq!(
+            hermes_testkit::prometheus::check_histograms(&text),
+            Ok(1),
+            "{text}"
+        );
+        assert!(
+            text.contains("hermes_node_read_latency_seconds_count 13\n")
+                && text.contains("hermes_node_read_latency_seconds_bucket{le=\"0.0001\"} 6\n")
+                && text.contains("hermes_node_read_latency_seconds_bucket{le=\"0.005\"} 8\n"),
+            "{text}"
+        );
+    }
 }

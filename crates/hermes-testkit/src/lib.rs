@@ -10,6 +10,7 @@
 //!   runc, its own root, state and socket, optionally with a proxy snapshotter and the CRI plugin
 //!   pulling from a local registry.
 //! - [`TestImage`]: builds OCI images from generated file trees and pushes them with `skopeo`.
+//! - [`prometheus::check_histograms`]: the invariants every histogram of a scrape must hold.
 //!
 //! It deliberately contains no Hermes logic: tests compare what Hermes reads back against what
 //! these helpers wrote. A missing tool is an error whose message says what to install; tests must
@@ -20,6 +21,7 @@ mod containerd;
 mod error;
 mod image;
 mod probe;
+pub mod prometheus;
 mod proxy;
 mod registry;
 

@@ -421,6 +421,13 @@ fn lazy_layers_survive_kill_9_of_the_daemon_and_are_remounted_when_their_servers
             && metric(m, "hermes_node_layers", &["state=\"lazy\""]) == 2.0
             && metric(m, "hermes_node_read_latency_seconds_count", &[]) > 0.0
     });
+    // Regression: the layer servers' latency buckets were made cumulative twice (+Inf far above
+    // _count). After real reads, every histogram a scraper sees must be consistent.
+    let scrape = node.metrics();
+    match hermes_testkit::prometheus::check_histograms(&scrape) {
+        Ok(n) => assert!(n >= 1, "no histogram in the scrape:\n{scrape}"),
+        Err(e) => panic!("{e}\n{scrape}"),
+    }
 
     // The daemon dies: the running container still reads, including data never fetched.
     node.kill9();
