@@ -2,10 +2,12 @@
 //!
 //! The layer is read once, front to back, through a decoder that also records checkpoints and
 //! hashes compressed spans; the tar headers are read from the decoder's output and file data is
-//! skipped without copying. Memory is bounded by the decoder buffers plus the zTOC itself;
-//! nothing is written to disk.
+//! skipped without copying. [`build`] keeps the zTOC in memory and writes nothing to disk;
+//! [`build_to`] keeps only the decoder buffers and spills entries and checkpoints to unnamed
+//! files until it writes the zTOC out.
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
@@ -13,8 +15,12 @@ use crate::entry::{Entry, EntryKind, clean_path, go_time_text};
 use crate::gotar::{Header, TarReader};
 use crate::inflate::{self, Flush, Inflater};
 use crate::limits::{Limits, Tally};
-use crate::zinfo::{Compression, GzipBlobWriter, WINDOW_SIZE, tar_blob, zstd_blob};
-use crate::ztoc::{DEFAULT_SPAN_SIZE, Parts, SOCI_BUILD_TOOL_IDENTIFIER, Ztoc, digest_string};
+use crate::stream::{Blob, BlobSink, EntrySpill, spill_file};
+use crate::zinfo::{Compression, GzipBlobWriter, WINDOW_SIZE, Zinfo, tar_blob, zstd_blob};
+use crate::ztoc::{
+    DEFAULT_SPAN_SIZE, EntryOrder, Geometry, Parts, SOCI_BUILD_TOOL_IDENTIFIER, Streamed, Ztoc,
+    check_geometry, digest_string,
+};
 use crate::{Error, Result};
 
 /// What to build.
@@ -44,8 +50,118 @@ impl Default for BuildOptions {
 const INPUT_CHUNK: usize = 128 * 1024;
 const OUTPUT_CHUNK: usize = 256 * 1024;
 
-/// Build a zTOC from a layer blob read front to back.
+/// Build a zTOC from a layer blob read front to back, in memory.
 pub fn build<R: Read>(layer: R, options: &BuildOptions) -> Result<Ztoc> {
+    let mut entries = Vec::new();
+    let scan = scan(layer, options, None, &mut |e| {
+        entries.push(e);
+        Ok(())
+    })?;
+    Ztoc::from_parts(Parts {
+        build_tool_identifier: options.build_tool_identifier.clone(),
+        compressed_archive_size: scan.encoded.compressed_size,
+        uncompressed_archive_size: scan.uncompressed_size,
+        entries,
+        compression: scan.compression,
+        span_digests: scan.encoded.span_digests,
+        checkpoints: scan.encoded.checkpoints.into_vec()?,
+    })
+}
+
+/// What [`build_to`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Built {
+    /// How the layer is compressed.
+    pub compression: Compression,
+    /// Size of the layer blob.
+    pub compressed_archive_size: u64,
+    /// Size of the tar stream.
+    pub uncompressed_archive_size: u64,
+    /// Tar entries in the zTOC.
+    pub entries: u64,
+    /// Spans (checkpoints).
+    pub span_count: u32,
+    /// Whether soci-snapshotter can serve the zTOC ([`Ztoc::is_soci_compatible`]).
+    pub soci_compatible: bool,
+    /// Bytes written: the zTOC's size.
+    pub ztoc_size: u64,
+}
+
+/// Build a zTOC from a layer blob read front to back and write it to `out`, byte for byte what
+/// [`build`] then [`Ztoc::to_bytes`] give, without holding the table of contents or the
+/// checkpoints in memory: they wait in unnamed spill files in `spill_dir` (mode 0600, gone when
+/// the build ends, fails or dies). Memory stays at the decoder's buffers plus a few bytes per
+/// entry and span, whatever the layer's size; disk use is about the zTOC's size, twice.
+///
+/// Nothing is written to `out` before the whole layer has been read and checked; on an error,
+/// `out` may hold a partial zTOC and must be discarded.
+pub fn build_to<R: Read, W: Write>(
+    layer: R,
+    options: &BuildOptions,
+    spill_dir: &Path,
+    mut out: W,
+) -> Result<Built> {
+    let mut spill = EntrySpill::new(spill_dir)?;
+    let mut order = EntryOrder::default();
+    let mut soci_compatible = true;
+    let scan = scan(layer, options, Some(spill_dir), &mut |e| {
+        order.admit(spill.count(), &e)?;
+        soci_compatible &= e.sparse().is_none();
+        spill.push(&e)
+    })?;
+    let compressed_archive_size = scan.encoded.compressed_size;
+    order.finish(scan.uncompressed_size)?;
+    let zinfo = &scan.encoded.zinfo;
+    check_geometry(&Geometry {
+        zinfo,
+        compression: scan.compression,
+        compressed_archive_size,
+        uncompressed_archive_size: scan.uncompressed_size,
+        span_digests: &scan.encoded.span_digests,
+    })?;
+    let span_count = u32::try_from(zinfo.span_count()).map_err(|_| Error::TooLarge {
+        what: "span list",
+        size: zinfo.span_count(),
+    })?;
+    let entries = spill.count();
+    let ztoc_size = Streamed {
+        build_tool_identifier: &options.build_tool_identifier,
+        compressed_archive_size,
+        uncompressed_archive_size: scan.uncompressed_size,
+        compression: scan.compression,
+        max_span_id: span_count as i32 - 1,
+        span_digests: &scan.encoded.span_digests,
+        checkpoints: &scan.encoded.checkpoints,
+        entries: spill.into_reverse()?,
+        entry_count: entries,
+    }
+    .write(spill_dir, &mut out)?;
+    out.flush().map_err(Error::Output)?;
+    Ok(Built {
+        compression: scan.compression,
+        compressed_archive_size,
+        uncompressed_archive_size: scan.uncompressed_size,
+        entries,
+        span_count,
+        soci_compatible: scan.compression.is_soci_compatible() && soci_compatible,
+        ztoc_size,
+    })
+}
+
+/// One pass over a layer: entries go to `sink` in archive order.
+struct Scan {
+    compression: Compression,
+    uncompressed_size: u64,
+    encoded: Encoded,
+}
+
+/// Read the layer; gzip checkpoints go to a spill file in `spill_dir` if there is one.
+fn scan<R: Read>(
+    layer: R,
+    options: &BuildOptions,
+    spill_dir: Option<&Path>,
+    sink: &mut dyn FnMut(Entry) -> Result<()>,
+) -> Result<Scan> {
     if options.span_size == 0 || options.span_size > i64::MAX as u64 {
         return Err(Error::InvalidSpanSize(options.span_size));
     }
@@ -55,26 +171,34 @@ pub fn build<R: Read>(layer: R, options: &BuildOptions) -> Result<Ztoc> {
         None => detect(layer.fill_buf()?),
     };
     let tally = Tally::new(options.limits);
-    let (entries, uncompressed_archive_size, encoded) = match compression {
+    let (uncompressed_size, encoded) = match compression {
         Compression::Gzip => {
-            read_toc(Decoding(GzipIndexer::new(layer, options.span_size)?), tally)?
+            let blob = match spill_dir {
+                Some(dir) => BlobSink::File(
+                    BufWriter::with_capacity(2 * WINDOW_SIZE, spill_file(dir)?),
+                    dir.to_path_buf(),
+                ),
+                None => BlobSink::Memory(Vec::new()),
+            };
+            let indexer = GzipIndexer::new(layer, options.span_size, blob)?;
+            read_toc(Decoding(indexer), tally, sink)?
         }
-        Compression::Zstd => {
-            read_toc(Decoding(ZstdIndexer::new(layer, options.span_size)?), tally)?
+        Compression::Zstd => read_toc(
+            Decoding(ZstdIndexer::new(layer, options.span_size)?),
+            tally,
+            sink,
+        )?,
+        Compression::Uncompressed => {
+            read_toc(PlainIndexer::new(layer, options.span_size), tally, sink)?
         }
-        Compression::Uncompressed => read_toc(PlainIndexer::new(layer, options.span_size), tally)?,
     };
     if encoded.compressed_size == 0 {
         return Err(Error::EmptyLayer);
     }
-    Ztoc::from_parts(Parts {
-        build_tool_identifier: options.build_tool_identifier.clone(),
-        compressed_archive_size: encoded.compressed_size,
-        uncompressed_archive_size,
-        entries,
+    Ok(Scan {
         compression,
-        span_digests: encoded.span_digests,
-        checkpoints: encoded.checkpoints,
+        uncompressed_size,
+        encoded,
     })
 }
 
@@ -97,7 +221,9 @@ pub fn detect(head: &[u8]) -> Compression {
 struct Encoded {
     compressed_size: u64,
     span_digests: Vec<String>,
-    checkpoints: Vec<u8>,
+    checkpoints: Blob,
+    /// The checkpoints' geometry (gzip windows left out).
+    zinfo: Zinfo,
 }
 
 /// A decoder that indexes as it goes.
@@ -106,17 +232,22 @@ trait Indexer: BufRead {
     fn finish(self) -> Result<Encoded>;
 }
 
-fn read_toc<I: Indexer>(decoder: I, mut tally: Tally) -> Result<(Vec<Entry>, u64, Encoded)> {
+fn read_toc<I: Indexer>(
+    decoder: I,
+    mut tally: Tally,
+    sink: &mut dyn FnMut(Entry) -> Result<()>,
+) -> Result<(u64, Encoded)> {
     let mut tar = TarReader::new(decoder);
-    let mut entries = Vec::new();
+    let mut first = true;
     while let Some(hdr) = tar.next_header()? {
         if hdr.typeflag == b'g' {
-            check_global_header(&hdr, entries.is_empty())?;
+            check_global_header(&hdr, first)?;
             continue;
         }
         let entry = entry_from_header(hdr)?;
         tally.admit(&entry)?;
-        entries.push(entry);
+        sink(entry)?;
+        first = false;
     }
     let size = tar.position();
     let mut decoder = tar.into_inner();
@@ -128,7 +259,7 @@ fn read_toc<I: Indexer>(decoder: I, mut tally: Tally) -> Result<(Vec<Entry>, u64
         }
         decoder.consume(n);
     }
-    Ok((entries, size, decoder.finish()?))
+    Ok((size, decoder.finish()?))
 }
 
 /// A PAX global header describes no file and is left out of the zTOC, as containerd's unpack
@@ -355,7 +486,7 @@ struct GzipIndexer<R> {
 }
 
 impl<R: BufRead> GzipIndexer<R> {
-    fn new(src: R, span_size: u64) -> Result<Self> {
+    fn new(src: R, span_size: u64, blob: BlobSink) -> Result<Self> {
         Ok(Self {
             input: Input {
                 src,
@@ -370,7 +501,7 @@ impl<R: BufRead> GzipIndexer<R> {
             total_out: 0,
             last_checkpoint_out: 0,
             span_size,
-            blob: GzipBlobWriter::new(span_size),
+            blob: GzipBlobWriter::new(span_size, blob)?,
             hasher: SpanHasher::default(),
             done: false,
         })
@@ -435,7 +566,7 @@ impl<R: BufRead> Decompressor for GzipIndexer<R> {
             {
                 let bits = (step.data_type & 7) as u8;
                 self.blob
-                    .push(self.input.total, self.total_out, bits, self.out.window());
+                    .push(self.input.total, self.total_out, bits, self.out.window())?;
                 let carry = [self.input.last_byte];
                 self.hasher.next_span(if bits != 0 { &carry } else { &[] });
                 self.last_checkpoint_out = self.total_out;
@@ -446,10 +577,12 @@ impl<R: BufRead> Decompressor for GzipIndexer<R> {
 
     fn finish(mut self) -> Result<Encoded> {
         self.hasher.close();
+        let (checkpoints, zinfo) = self.blob.finish()?;
         Ok(Encoded {
             compressed_size: self.input.total,
             span_digests: self.hasher.digests,
-            checkpoints: self.blob.finish(),
+            checkpoints,
+            zinfo,
         })
     }
 }
@@ -539,10 +672,12 @@ impl<R: BufRead> Decompressor for ZstdIndexer<R> {
             return Err(Error::ZstdNotSeekable);
         }
         self.hasher.close();
+        let blob = zstd_blob(self.span_size, &self.points);
         Ok(Encoded {
             compressed_size: self.input.total,
             span_digests: self.hasher.digests,
-            checkpoints: zstd_blob(self.span_size, &self.points),
+            zinfo: Zinfo::parse(Compression::Zstd, &blob)?,
+            checkpoints: Blob::Memory(blob),
         })
     }
 }
@@ -599,10 +734,12 @@ impl<R: BufRead> BufRead for PlainIndexer<R> {
 impl<R: BufRead> Indexer for PlainIndexer<R> {
     fn finish(mut self) -> Result<Encoded> {
         self.hasher.close();
+        let blob = tar_blob(self.span_size, self.total);
         Ok(Encoded {
             compressed_size: self.total,
             span_digests: self.hasher.digests,
-            checkpoints: tar_blob(self.span_size, self.total),
+            zinfo: Zinfo::parse(Compression::Uncompressed, &blob)?,
+            checkpoints: Blob::Memory(blob),
         })
     }
 }

@@ -98,6 +98,29 @@ pub enum Error {
     #[error("invalid span size {0}: it must be at least 1 byte")]
     InvalidSpanSize(u64),
 
+    /// A spill file of a streamed build (`build_to`) could not be created, written or read.
+    #[error("spill file in {dir} failed (the directory must be writable and have room)")]
+    Spill {
+        /// The spill directory.
+        dir: std::path::PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Writing a streamed zTOC to its destination failed.
+    #[error("writing the zTOC failed")]
+    Output(#[source] io::Error),
+
+    /// A zTOC part is larger than a flatbuffer can address (2 GiB).
+    #[error("{what} of {size} bytes is larger than a zTOC can hold (2 GiB)")]
+    TooLarge {
+        /// Which part.
+        what: &'static str,
+        /// Its size.
+        size: u64,
+    },
+
     /// The layer has no bytes at all.
     #[error("layer is empty")]
     EmptyLayer,

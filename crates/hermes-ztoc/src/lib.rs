@@ -3,7 +3,8 @@
 //! A zTOC is a table of contents of a tar layer plus checkpoints into its compressed stream, so
 //! that any file can be read by fetching and decoding only a few compressed byte ranges. This
 //! crate:
-//! - builds a zTOC from a layer stream in one pass ([`build`]): gzip (checkpoints with 32 KiB
+//! - builds a zTOC from a layer stream in one pass ([`build`], or [`build_to`], which streams it
+//!   out with memory independent of the layer's size): gzip (checkpoints with 32 KiB
 //!   windows at deflate block boundaries), plain tar, and multi-frame zstd (a Hermes extension);
 //!   a layer whose table of contents would pass the [`Limits`] (entries, name bytes, depth) is
 //!   [`Error::NotIndexable`] and is pulled normally;
@@ -16,7 +17,8 @@
 //!   zTOC's digest before decoding it ([`Ztoc::plan`], [`Ztoc::read_planned`], [`Ztoc::extract`]);
 //!   decoded spans grow with the bytes actually decoded, never to a length the zTOC claims.
 //!
-//! It is pure: `std::io` traits only, no async, no network, no files except through the caller.
+//! It is pure: `std::io` traits only, no async, no network, no files except through the caller
+//! (a streamed build, [`build_to`], spills to unnamed files in a directory the caller names).
 
 mod build;
 mod entry;
@@ -27,10 +29,11 @@ mod gotar;
 mod inflate;
 mod limits;
 mod sparse;
+mod stream;
 mod zinfo;
 mod ztoc;
 
-pub use build::{BuildOptions, build, detect};
+pub use build::{BuildOptions, Built, build, build_to, detect};
 pub use entry::{Entry, EntryKind, XATTR_PAX_PREFIX, clean_path};
 pub use error::{Error, Result};
 pub use extract::{CountingReader, RangeReader, ReadPlan};

@@ -8,6 +8,7 @@
 use std::ops::Range;
 
 use crate::fbread::Table;
+use crate::stream::{Blob, BlobSink};
 use crate::{Error, Result};
 
 /// Bytes of gzip history stored with each checkpoint.
@@ -406,33 +407,56 @@ fn parse_zstd(blob: &[u8]) -> Result<Zinfo> {
     Ok(Zinfo::Zstd { span_size, points })
 }
 
-/// Writes a gzip blob (version 2) as checkpoints arrive.
+/// Writes a gzip blob (version 2) as checkpoints arrive, to memory or a spill file, and keeps
+/// the points (without their windows) for the span geometry.
 #[derive(Debug)]
 pub(crate) struct GzipBlobWriter {
-    blob: Vec<u8>,
-    count: i32,
+    sink: BlobSink,
+    span_size: u64,
+    points: Vec<Point>,
 }
 
 impl GzipBlobWriter {
-    pub(crate) fn new(span_size: u64) -> Self {
-        let mut blob = Vec::with_capacity(GZIP_HEADER_LEN + GZIP_RECORD_LEN * 4);
-        blob.extend_from_slice(&0i32.to_le_bytes());
-        blob.extend_from_slice(&(span_size as i64).to_le_bytes());
-        Self { blob, count: 0 }
+    pub(crate) fn new(span_size: u64, mut sink: BlobSink) -> Result<Self> {
+        // The count is written last, once known.
+        sink.write(&0i32.to_le_bytes())?;
+        sink.write(&(span_size as i64).to_le_bytes())?;
+        Ok(Self {
+            sink,
+            span_size,
+            points: Vec::new(),
+        })
     }
 
-    pub(crate) fn push(&mut self, input: u64, output: u64, bits: u8, window: &[u8]) {
+    pub(crate) fn push(&mut self, input: u64, output: u64, bits: u8, window: &[u8]) -> Result<()> {
         debug_assert_eq!(window.len(), WINDOW_SIZE);
-        self.blob.extend_from_slice(&(input as i64).to_le_bytes());
-        self.blob.extend_from_slice(&(output as i64).to_le_bytes());
-        self.blob.push(bits);
-        self.blob.extend_from_slice(window);
-        self.count += 1;
+        self.sink.write(&(input as i64).to_le_bytes())?;
+        self.sink.write(&(output as i64).to_le_bytes())?;
+        self.sink.write(&[bits])?;
+        self.sink.write(window)?;
+        self.points.push(Point {
+            input,
+            output,
+            bits,
+            window: None,
+        });
+        Ok(())
     }
 
-    pub(crate) fn finish(mut self) -> Vec<u8> {
-        self.blob[..4].copy_from_slice(&self.count.to_le_bytes());
-        self.blob
+    /// The blob, and its geometry (points without windows: for checks, not for decoding).
+    pub(crate) fn finish(self) -> Result<(Blob, Zinfo)> {
+        let count = i32::try_from(self.points.len()).map_err(|_| Error::TooLarge {
+            what: "checkpoint list",
+            size: self.points.len() as u64,
+        })?;
+        let blob = self.sink.finish(&count.to_le_bytes())?;
+        Ok((
+            blob,
+            Zinfo::Gzip {
+                span_size: self.span_size,
+                points: self.points,
+            },
+        ))
     }
 }
 

@@ -1,12 +1,15 @@
 //! The zTOC: SOCI's flatbuffer (spec §1), its validation, and its span geometry.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::ops::Range;
+use std::path::Path;
 
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
 
 use crate::entry::{Entry, EntryKind};
 use crate::fbread::Table;
+use crate::stream::{Blob, RevWriter, ReverseEntries};
 use crate::zinfo::{Compression, Zinfo};
 use crate::{Error, Result};
 
@@ -191,68 +194,21 @@ impl Ztoc {
                 index: 0,
             });
         }
-        self.zinfo.validate(self.compressed_archive_size)?;
-        if self.span_digests.len() as u64 != self.zinfo.span_count() {
-            return Err(Error::Invalid {
-                what: "span digest count differs from the span count",
-                index: self.span_digests.len() as u64,
-            });
-        }
-        for (i, d) in self.span_digests.iter().enumerate() {
-            if !is_sha256_digest(d) {
-                return Err(Error::Invalid {
-                    what: "span digest is not sha256:<64 hex>",
-                    index: i as u64,
-                });
-            }
-        }
-        // After the digest count check, which bounds the span count by the buffer size.
-        // Readers size buffers from a span's uncompressed length, which nothing verifies (the
-        // digests cover compressed bytes): a claim its compressed bytes cannot hold is corrupt.
-        for span in self.spans() {
-            let compressed = span.compressed.end - span.compressed.start;
-            let uncompressed = span.uncompressed.end - span.uncompressed.start;
-            if uncompressed > compressed.saturating_mul(self.compression.max_expansion()) {
-                return Err(Error::Invalid {
-                    what: "span decodes to more bytes than its compressed bytes can hold",
-                    index: u64::from(span.id),
-                });
-            }
-        }
-        if self.uncompressed_archive_size > 0
-            && self.compression == Compression::Uncompressed
-            && self.uncompressed_archive_size > self.compressed_archive_size
-        {
-            return Err(Error::Invalid {
-                what: "tar larger than its blob",
-                index: 0,
-            });
-        }
+        check_geometry(&Geometry {
+            zinfo: &self.zinfo,
+            compression: self.compression,
+            compressed_archive_size: self.compressed_archive_size,
+            uncompressed_archive_size: self.uncompressed_archive_size,
+            span_digests: &self.span_digests,
+        })?;
         // Readers derive each header offset from the previous entry's end (spec §1.2).
         let mut order: Vec<usize> = (0..self.entries.len()).collect();
         order.sort_by_key(|&i| self.entries[i].offset);
-        let mut next_header = 0u64;
+        let mut check = EntryOrder::default();
         for i in order {
-            let e = &self.entries[i];
-            let end = e.offset.checked_add(e.size).ok_or(Error::Invalid {
-                what: "entry size overflows",
-                index: i as u64,
-            })?;
-            if next_header > e.offset {
-                return Err(Error::Invalid {
-                    what: "entry overlaps the previous entry",
-                    index: i as u64,
-                });
-            }
-            if e.kind.has_data() && end > self.uncompressed_archive_size {
-                return Err(Error::Invalid {
-                    what: "entry data beyond the end of the tar",
-                    index: i as u64,
-                });
-            }
-            next_header = end.div_ceil(512) * 512;
+            check.admit(i as u64, &self.entries[i])?;
         }
-        Ok(())
+        check.finish(self.uncompressed_archive_size)
     }
 
     /// Serialize exactly as soci's Go marshaler does (spec §1.3).
@@ -379,6 +335,201 @@ impl Ztoc {
         ztoc.validate()?;
         Ok(ztoc)
     }
+}
+
+/// The span geometry and sizes of a zTOC, checked before anything reads through it.
+pub(crate) struct Geometry<'a> {
+    pub zinfo: &'a Zinfo,
+    pub compression: Compression,
+    pub compressed_archive_size: u64,
+    pub uncompressed_archive_size: u64,
+    pub span_digests: &'a [String],
+}
+
+/// Spec §5.3 checks on the checkpoints and digests, plus bounds readers rely on.
+pub(crate) fn check_geometry(g: &Geometry<'_>) -> Result<()> {
+    g.zinfo.validate(g.compressed_archive_size)?;
+    if g.span_digests.len() as u64 != g.zinfo.span_count() {
+        return Err(Error::Invalid {
+            what: "span digest count differs from the span count",
+            index: g.span_digests.len() as u64,
+        });
+    }
+    for (i, d) in g.span_digests.iter().enumerate() {
+        if !is_sha256_digest(d) {
+            return Err(Error::Invalid {
+                what: "span digest is not sha256:<64 hex>",
+                index: i as u64,
+            });
+        }
+    }
+    // After the digest count check, which bounds the span count by the buffer size.
+    // Readers size buffers from a span's uncompressed length, which nothing verifies (the
+    // digests cover compressed bytes): a claim its compressed bytes cannot hold is corrupt.
+    for i in 0..g.zinfo.span_count() {
+        let compressed = g.zinfo.compressed_range(i, g.compressed_archive_size);
+        let uncompressed =
+            g.zinfo
+                .uncompressed_range(i, g.uncompressed_archive_size, g.compressed_archive_size);
+        if uncompressed.end - uncompressed.start
+            > (compressed.end - compressed.start).saturating_mul(g.compression.max_expansion())
+        {
+            return Err(Error::Invalid {
+                what: "span decodes to more bytes than its compressed bytes can hold",
+                index: i,
+            });
+        }
+    }
+    if g.uncompressed_archive_size > 0
+        && g.compression == Compression::Uncompressed
+        && g.uncompressed_archive_size > g.compressed_archive_size
+    {
+        return Err(Error::Invalid {
+            what: "tar larger than its blob",
+            index: 0,
+        });
+    }
+    Ok(())
+}
+
+/// Entries fed in offset order must not overlap, and data must end inside the tar.
+#[derive(Debug, Default)]
+pub(crate) struct EntryOrder {
+    next_header: u64,
+    /// (end of the data that ends last, its entry).
+    data_end: Option<(u64, u64)>,
+}
+
+impl EntryOrder {
+    pub(crate) fn admit(&mut self, index: u64, e: &Entry) -> Result<()> {
+        let end = e.offset.checked_add(e.size).ok_or(Error::Invalid {
+            what: "entry size overflows",
+            index,
+        })?;
+        if self.next_header > e.offset {
+            return Err(Error::Invalid {
+                what: "entry overlaps the previous entry",
+                index,
+            });
+        }
+        if e.kind.has_data() && self.data_end.is_none_or(|(last, _)| end > last) {
+            self.data_end = Some((end, index));
+        }
+        self.next_header = end.div_ceil(512) * 512;
+        Ok(())
+    }
+
+    pub(crate) fn finish(&self, uncompressed_archive_size: u64) -> Result<()> {
+        match self.data_end {
+            Some((end, index)) if end > uncompressed_archive_size => Err(Error::Invalid {
+                what: "entry data beyond the end of the tar",
+                index,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A built zTOC whose entries and checkpoints wait in spill files, written without ever
+/// holding the flatbuffer ([`Ztoc::to_bytes`]'s bytes, front to back).
+pub(crate) struct Streamed<'a> {
+    pub build_tool_identifier: &'a str,
+    pub compressed_archive_size: u64,
+    pub uncompressed_archive_size: u64,
+    pub compression: Compression,
+    pub max_span_id: i32,
+    pub span_digests: &'a [String],
+    pub checkpoints: &'a Blob,
+    pub entries: ReverseEntries,
+    pub entry_count: u64,
+}
+
+impl Streamed<'_> {
+    /// The same builder calls, in the same order, as [`Ztoc::serialize`].
+    pub(crate) fn write<W: Write>(mut self, spill_dir: &Path, out: &mut W) -> Result<u64> {
+        let mut b = RevWriter::new(spill_dir);
+        let version = b.create_byte_string(ZTOC_VERSION.as_bytes())?;
+        let bti = b.create_byte_string(self.build_tool_identifier.as_bytes())?;
+        let mut metadata = Vec::new();
+        while let Some(e) = self.entries.next_back()? {
+            metadata.push(write_entry_streamed(&mut b, &e)?);
+            b.maybe_spill()?;
+        }
+        if metadata.len() as u64 != self.entry_count {
+            return Err(Error::Invalid {
+                what: "entry spill holds a different number of entries",
+                index: metadata.len() as u64,
+            });
+        }
+        metadata.reverse();
+        let metadata = b.create_offset_vector(&metadata)?;
+        let toc_start = b.start_table()?;
+        b.slot_offset(slot::TOC_METADATA, metadata)?;
+        let toc = b.end_table(toc_start)?;
+
+        let checkpoints = b.create_byte_vector(self.checkpoints)?;
+        let mut digests = Vec::with_capacity(self.span_digests.len());
+        for d in self.span_digests {
+            digests.push(b.create_byte_string(d.as_bytes())?);
+        }
+        let digests = b.create_offset_vector(&digests)?;
+        let ci_start = b.start_table()?;
+        b.slot_i32(slot::CI_MAX_SPAN, self.max_span_id, 0)?;
+        b.slot_offset(slot::CI_DIGESTS, digests)?;
+        b.slot_offset(slot::CI_CHECKPOINTS, checkpoints)?;
+        b.slot_i8(
+            slot::CI_ALGORITHM,
+            self.compression.to_fb(),
+            Compression::Gzip.to_fb(),
+        )?;
+        let ci = b.end_table(ci_start)?;
+
+        let root_start = b.start_table()?;
+        b.slot_offset(slot::ZTOC_VERSION, version)?;
+        b.slot_offset(slot::ZTOC_BTI, bti)?;
+        b.slot_offset(slot::ZTOC_TOC, toc)?;
+        b.slot_i64(slot::ZTOC_CSIZE, self.compressed_archive_size as i64, 0)?;
+        b.slot_i64(slot::ZTOC_USIZE, self.uncompressed_archive_size as i64, 0)?;
+        b.slot_offset(slot::ZTOC_CINFO, ci)?;
+        let root = b.end_table(root_start)?;
+        b.finish(root, out)
+    }
+}
+
+/// [`write_entry`] on a [`RevWriter`].
+fn write_entry_streamed(b: &mut RevWriter<'_>, e: &Entry) -> Result<u32> {
+    let name = b.create_byte_string(&e.name)?;
+    let kind = b.create_byte_string(e.kind.as_str().as_bytes())?;
+    let linkname = b.create_byte_string(&e.linkname)?;
+    let uname = b.create_byte_string(&e.uname)?;
+    let gname = b.create_byte_string(&e.gname)?;
+    let mod_time = b.create_byte_string(&e.mod_time)?;
+    let mut xattrs = Vec::with_capacity(e.pax.len());
+    for (k, v) in &e.pax {
+        let key = b.create_byte_string(k)?;
+        let value = b.create_byte_string(v)?;
+        let start = b.start_table()?;
+        b.slot_offset(slot::XATTR_KEY, key)?;
+        b.slot_offset(slot::XATTR_VALUE, value)?;
+        xattrs.push(b.end_table(start)?);
+    }
+    let xattrs = b.create_offset_vector(&xattrs)?;
+    let start = b.start_table()?;
+    b.slot_offset(4, name)?;
+    b.slot_offset(6, kind)?;
+    b.slot_i64(8, e.offset as i64, 0)?;
+    b.slot_i64(10, e.size as i64, 0)?;
+    b.slot_offset(12, linkname)?;
+    b.slot_i64(14, e.mode, 0)?;
+    b.slot_u32(16, e.uid, 0)?;
+    b.slot_u32(18, e.gid, 0)?;
+    b.slot_offset(20, uname)?;
+    b.slot_offset(22, gname)?;
+    b.slot_offset(24, mod_time)?;
+    b.slot_i64(26, e.devmajor, 0)?;
+    b.slot_i64(28, e.devminor, 0)?;
+    b.slot_offset(30, xattrs)?;
+    b.end_table(start)
 }
 
 fn write_entry<'b>(

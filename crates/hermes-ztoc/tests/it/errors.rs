@@ -140,3 +140,76 @@ fn tar_without_end_marker_is_indexed_to_its_length() {
     let ztoc = hermes_ztoc::build(cut, &options(65536)).expect("no end marker");
     assert_eq!(ztoc.uncompressed_archive_size(), cut.len() as u64);
 }
+
+#[test]
+fn streamed_builds_fail_as_in_memory_builds_do_and_leave_no_spill_files() {
+    let tar = sample_tar();
+    let gzip = encode(
+        &tar,
+        Encoding::Gzip {
+            level: 6,
+            members: 1,
+        },
+    );
+    let mut corrupt = gzip.clone();
+    corrupt[gzip.len() / 3] ^= 0xff;
+    corrupt[gzip.len() / 3 + 1] ^= 0x5a;
+    let mut trailing = gzip.clone();
+    trailing.extend_from_slice(&[0u8; 100]);
+    let escaping = tar_with_raw_name(b"../etc/passwd", b'0', b"");
+    let cases: [(&str, &[u8], u64); 7] = [
+        ("truncated gzip", &gzip[..gzip.len() / 2], 65536),
+        ("corrupt gzip", &corrupt, 65536),
+        ("trailing garbage", &trailing, 65536),
+        ("truncated tar", &tar[..100_000], 65536),
+        ("empty layer", &[], 65536),
+        ("span size 0", &tar, 0),
+        ("escaping name", &escaping, 65536),
+    ];
+    for (what, layer, span) in cases {
+        let in_memory = hermes_ztoc::build(layer, &options(span)).expect_err(what);
+        let streamed = crate::support::streamed(layer, &options(span)).expect_err(what);
+        assert_eq!(streamed.to_string(), in_memory.to_string(), "{what}");
+    }
+}
+
+#[test]
+fn a_streamed_build_names_a_spill_dir_it_cannot_use_and_a_failed_output() {
+    let layer = encode(
+        &sample_tar(),
+        Encoding::Gzip {
+            level: 6,
+            members: 1,
+        },
+    );
+    let missing = std::path::Path::new("/nonexistent/hermes-spill");
+    let err = hermes_ztoc::build_to(layer.as_slice(), &options(4096), missing, Vec::new())
+        .expect_err("no spill dir");
+    assert!(
+        matches!(&err, Error::Spill { dir, .. } if dir == missing),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("/nonexistent/hermes-spill"),
+        "{err}"
+    );
+
+    struct Full;
+    impl std::io::Write for Full {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("disk full"))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let spill = tempfile::tempdir().expect("spill dir");
+    let err = hermes_ztoc::build_to(layer.as_slice(), &options(4096), spill.path(), Full)
+        .expect_err("output fails");
+    assert!(matches!(err, Error::Output(_)), "{err:?}");
+    assert_eq!(
+        std::fs::read_dir(spill.path()).expect("dir").count(),
+        0,
+        "spill files left behind"
+    );
+}

@@ -2,7 +2,7 @@
 
 use hermes_ztoc::Ztoc;
 
-use crate::support::{check_every_file, decompress, options, read};
+use crate::support::{check_every_file, decompress, options, read, streamed};
 
 const GOLDENS: &[(&str, u64)] = &[
     ("pax.tar", 1 << 20),
@@ -19,6 +19,13 @@ fn builds_byte_identical_ztocs_to_soci() {
         let ours = hermes_ztoc::build(blob.as_slice(), &options(span))
             .unwrap_or_else(|e| panic!("{layer}: {e}"));
         let bytes = ours.to_bytes();
+        let streamed = streamed(&blob, &options(span)).unwrap_or_else(|e| panic!("{layer}: {e}"));
+        assert!(
+            streamed == golden,
+            "{layer}: streamed zTOC differs from soci's ({} vs {} bytes)",
+            streamed.len(),
+            golden.len()
+        );
         if bytes != golden {
             let theirs = Ztoc::from_bytes(&golden).expect("golden parses");
             assert_eq!(

@@ -176,6 +176,13 @@ pub fn encode(tar: &[u8], encoding: Encoding) -> Vec<u8> {
 /// Build, round-trip, and read every file; assert minimal reads.
 pub fn check_layer(tar: &[u8], layer: &[u8], span: u64) -> Ztoc {
     let ztoc = hermes_ztoc::build(layer, &options(span)).expect("build");
+    let streamed = crate::support::streamed(layer, &options(span)).expect("streamed build");
+    assert!(
+        streamed == ztoc.to_bytes(),
+        "streamed zTOC differs from the in-memory one ({} vs {} bytes)",
+        streamed.len(),
+        ztoc.to_bytes().len()
+    );
     let reparsed = Ztoc::from_bytes(&ztoc.to_bytes()).expect("parse our own zTOC");
     assert!(
         reparsed.to_bytes() == ztoc.to_bytes(),

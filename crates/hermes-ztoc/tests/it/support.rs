@@ -83,3 +83,20 @@ pub fn check_every_file(ztoc: &Ztoc, layer: &[u8], tar_bytes: &[u8]) -> (usize, 
     }
     (files.len(), read)
 }
+
+/// The zTOC [`hermes_ztoc::build_to`] streams out for `layer`, checking that its spill files
+/// left nothing behind; `Err` is the build's error.
+pub fn streamed(layer: &[u8], options: &BuildOptions) -> hermes_ztoc::Result<Vec<u8>> {
+    let spill = tempfile::tempdir().expect("spill dir");
+    let mut out = Vec::new();
+    let built = hermes_ztoc::build_to(layer, options, spill.path(), &mut out);
+    let left: Vec<_> = std::fs::read_dir(spill.path())
+        .expect("spill dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "spill files left behind: {left:?}");
+    let built = built?;
+    assert_eq!(built.ztoc_size, out.len() as u64, "reported zTOC size");
+    Ok(out)
+}
