@@ -315,11 +315,32 @@ pub fn mount_with(
     mountpoint: &Path,
     open_prefetch: Option<OpenPrefetch>,
 ) -> Result<MountHandle> {
+    let tree = Tree::build(reader.ztoc().entries())?;
+    mount_tree(reader, tree, mountpoint, open_prefetch)
+}
+
+/// [`mount_with`] for a reader whose zTOC had its entries moved out
+/// ([`Ztoc::take_entries`](hermes_ztoc::Ztoc::take_entries)): the inode table is built from
+/// `entries`, which the caller then drops, so a long-lived server keeps each name once.
+pub fn mount_entries(
+    reader: Arc<LayerReader>,
+    entries: &[hermes_ztoc::Entry],
+    mountpoint: &Path,
+    open_prefetch: Option<OpenPrefetch>,
+) -> Result<MountHandle> {
+    mount_tree(reader, Tree::build(entries)?, mountpoint, open_prefetch)
+}
+
+fn mount_tree(
+    reader: Arc<LayerReader>,
+    tree: Tree,
+    mountpoint: &Path,
+    open_prefetch: Option<OpenPrefetch>,
+) -> Result<MountHandle> {
     let mount_err = |source| Error::Mount {
         path: mountpoint.to_owned(),
         source,
     };
-    let tree = Tree::build(reader.ztoc())?;
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::RO,

@@ -27,7 +27,7 @@ mod tree;
 pub use background::{BackgroundFetcher, LayerDigest, Outcome};
 pub use cache::SpanCache;
 pub use error::{BrokenReason, Error, Result};
-pub use fuse::{MountHandle, mount, mount_with};
+pub use fuse::{MountHandle, mount, mount_entries, mount_with};
 pub use prefetch::OpenPrefetch;
 pub use reader::{
     DEFAULT_FETCH_LIMIT, FetchLimit, LatencyHistogram, LayerReader, LayerState,

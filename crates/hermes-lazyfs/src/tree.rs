@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hermes_ztoc::{Entry, EntryKind, Piece, SparseMap, Ztoc, clean_path};
+use hermes_ztoc::{Entry, EntryKind, Piece, SparseMap, clean_path};
 
 use crate::{Error, LayerReader, Result};
 
@@ -166,15 +166,15 @@ pub(crate) struct Tree {
 }
 
 impl Tree {
-    /// Build the tree of `ztoc`'s layer.
-    pub fn build(ztoc: &Ztoc) -> Result<Self> {
+    /// Build the tree of a layer from its zTOC's entries.
+    pub fn build(entries: &[Entry]) -> Result<Self> {
         let mut root = Node::implicit_dir(ROOT);
         root.perm = 0o755;
         let mut tree = Self {
             nodes: vec![root],
             lookups: resolve::LOOKUP_BUDGET,
         };
-        for e in ztoc.entries() {
+        for e in entries {
             tree.add(e)?;
         }
         tree.count_links();
@@ -468,7 +468,7 @@ mod tests {
         }
         tar.extend_from_slice(&[0; 1024]);
         let ztoc = hermes_ztoc::build(&tar[..], &hermes_ztoc::BuildOptions::default()).unwrap();
-        Tree::build(&ztoc)
+        Tree::build(ztoc.entries())
     }
 
     /// The kind of what is at `path` (no symlink followed), if anything.

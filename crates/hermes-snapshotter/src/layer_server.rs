@@ -20,6 +20,12 @@ use tracing::{info, warn};
 
 use crate::{Error, Result};
 
+/// Environment the node gives each layer server. glibc gives every thread that allocates its
+/// own malloc arena and keeps what they free: with the FUSE threads' per-request buffers that
+/// grew a server by about 1 MiB per 1,000 entries walked; with one arena, by none
+/// (`bench/results/layer-rss.md`). An operator's own setting wins.
+pub const SERVER_ENV: &[(&str, &str)] = &[("MALLOC_ARENA_MAX", "1")];
+
 /// What `hermes layer serve` needs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -115,13 +121,17 @@ pub fn serve_layer(
         layer: opts.layer.clone(),
         message,
     };
-    let bytes = std::fs::read(&opts.ztoc).map_err(Error::io("read zTOC", &opts.ztoc))?;
-    let ztoc = Arc::new(
-        hermes_ztoc::Ztoc::from_bytes(&bytes).map_err(|source| Error::Ztoc {
-            layer: opts.layer.clone(),
-            source,
-        })?,
-    );
+    // This process lives as long as the mount: the file's bytes are dropped once parsed, and
+    // the entries once the inode table is built from them.
+    let mut ztoc = hermes_ztoc::Ztoc::from_bytes(
+        &std::fs::read(&opts.ztoc).map_err(Error::io("read zTOC", &opts.ztoc))?,
+    )
+    .map_err(|source| Error::Ztoc {
+        layer: opts.layer.clone(),
+        source,
+    })?;
+    let entries = ztoc.take_entries();
+    let ztoc = Arc::new(ztoc);
     let digest = Digest::parse(&opts.layer)?;
     let reference = Reference::parse(&opts.image)?;
     let source = RegistryRangeReader::new(client, reference, digest.clone(), runtime);
@@ -131,8 +141,9 @@ pub fn serve_layer(
         // Startup reads and prefetch come before the background fetcher: keep their bytes.
         reader.keep_for_background();
     }
-    let handle = hermes_lazyfs::mount(reader.clone(), &opts.mountpoint)
+    let handle = hermes_lazyfs::mount_entries(reader.clone(), &entries, &opts.mountpoint, None)
         .map_err(|e| mount_err(hermes_node_api::error_chain(&e)))?;
+    drop(entries);
     let mounted = Instant::now();
     let mounted_unix_ms = unix_ms();
     let dev = std::os::unix::fs::MetadataExt::dev(

@@ -39,7 +39,7 @@ pub use hermes_containerd_api as api;
 pub use config::NodeConfig;
 pub use daemon::Daemon;
 pub use error::{Error, Result};
-pub use layer_server::{LayerStats, ServeOptions, serve_layer};
+pub use layer_server::{LayerStats, SERVER_ENV, ServeOptions, serve_layer};
 pub use lazy::LazyLayers;
 pub use node_layers::{Miss, NodeLayers, NodeLayersOptions, Recovery, ServerCommand};
 pub use remote::{FallbackReason, NoRemoteLayers, RemoteError, RemoteLayer, RemoteLayers};

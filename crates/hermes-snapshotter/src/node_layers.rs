@@ -275,6 +275,11 @@ impl NodeLayers {
             .try_clone()
             .map_err(Error::io("open layer server log", &log_path))?;
         let mut cmd = Command::new(&self.opts.server.program);
+        for (key, value) in crate::layer_server::SERVER_ENV {
+            if std::env::var_os(key).is_none() {
+                cmd.env(key, value);
+            }
+        }
         cmd.args(&self.opts.server.args)
             .arg("--ztoc")
             .arg(dir.join("ztoc"))

@@ -175,6 +175,13 @@ impl Ztoc {
         self.checkpoints.get(at..at + crate::zinfo::WINDOW_SIZE)
     }
 
+    /// Move the entries out, leaving none: for a server that has built its inode table from
+    /// them and keeps the zTOC only to read spans (the entries are most of a parsed zTOC's
+    /// memory). [`Ztoc::entries`] is empty afterwards.
+    pub fn take_entries(&mut self) -> Vec<Entry> {
+        std::mem::take(&mut self.entries)
+    }
+
     /// Map of cleaned path → entry index; later entries win, as when unpacking.
     pub fn path_index(&self) -> Result<HashMap<Vec<u8>, usize>> {
         let mut index = HashMap::with_capacity(self.entries.len());

@@ -101,7 +101,10 @@ fn load(path: &Path) -> anyhow::Result<(Ztoc, String)> {
 }
 
 fn sha256(bytes: &[u8]) -> String {
-    let hash = Sha256::digest(bytes);
+    hex_digest(&Sha256::digest(bytes))
+}
+
+fn hex_digest(hash: &[u8]) -> String {
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256:{hex}")
 }
@@ -120,42 +123,66 @@ fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         },
         ..BuildOptions::default()
     };
-    let started = Instant::now();
-    let ztoc = hermes_ztoc::build(file, &options)
-        .with_context(|| format!("cannot index layer {}", args.layer.display()))?;
-    let elapsed = started.elapsed();
-    let bytes = ztoc.to_bytes();
     let output = args.output.unwrap_or_else(|| {
         let mut name = args.layer.clone().into_os_string();
         name.push(".ztoc");
         PathBuf::from(name)
     });
-    write_atomically(&output, &bytes)?;
+    let started = Instant::now();
+    // Streamed: memory stays flat however large the layer; spill files go next to the output.
+    let (built, digest) = write_atomically(&output, |out, dir| {
+        hermes_ztoc::build_to(file, &options, dir, out)
+            .with_context(|| format!("cannot index layer {}", args.layer.display()))
+    })?;
+    let elapsed = started.elapsed();
     let secs = elapsed.as_secs_f64().max(1e-9);
     eprintln!(
         "indexed {} ({}, {}): {} entries, {} spans of {} → {} ({}) in {:.2}s, {}/s",
         args.layer.display(),
-        ztoc.compression(),
-        human(ztoc.compressed_archive_size()),
-        ztoc.entries().len(),
-        ztoc.span_count(),
-        human(ztoc.span_size()),
+        built.compression,
+        human(built.compressed_archive_size),
+        built.entries,
+        built.span_count,
+        human(args.span_size),
         output.display(),
-        human(bytes.len() as u64),
+        human(built.ztoc_size),
         secs,
-        human((ztoc.compressed_archive_size() as f64 / secs) as u64),
+        human((built.compressed_archive_size as f64 / secs) as u64),
     );
-    if !ztoc.is_soci_compatible() {
+    if !built.soci_compatible {
         eprintln!(
             "note: zTOCs of zstd layers or with sparse files are a Hermes extension; soci-snapshotter cannot serve them"
         );
     }
-    println!("{}", sha256(&bytes));
+    println!("{digest}");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Temp file in the same directory, fsync, rename: readers never see a partial zTOC.
-fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// Hashes what goes through it.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Temp file in the same directory, written by `write` (given the directory for its own spill
+/// files), fsync, rename: readers never see a partial zTOC. Returns the digest of what was
+/// written with what `write` returned.
+fn write_atomically<T>(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write, &Path) -> anyhow::Result<T>,
+) -> anyhow::Result<(T, String)> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -163,17 +190,31 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp-{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
-    let result = (|| -> io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+    let cannot = || format!("cannot write {}", path.display());
+    let result = (|| -> anyhow::Result<(T, String)> {
+        let mut out = Hashing {
+            inner: BufWriter::new(File::create(&tmp).with_context(cannot)?),
+            hash: Sha256::new(),
+        };
+        let value = write(&mut out, dir)?;
+        let digest = hex_digest(&out.hash.finalize());
+        let f = out
+            .inner
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(cannot)?;
+        (|| -> io::Result<()> {
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            File::open(dir)?.sync_all()
+        })()
+        .with_context(cannot)?;
+        Ok((value, digest))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result.with_context(|| format!("cannot write {}", path.display()))
+    result
 }
 
 fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
