@@ -40,10 +40,25 @@ fn build_writes_socis_bytes_and_info_describes_them() {
         std::fs::read(&out).expect("output") == golden,
         "hermes ztoc build differs from soci's zTOC"
     );
-    assert!(
-        text(&run.stdout).trim().starts_with("sha256:"),
-        "prints the zTOC digest: {}",
-        text(&run.stdout)
+    // The digest is hashed as the zTOC streams out: it must be the written file's.
+    let written = {
+        use sha2::Digest;
+        let hash = sha2::Sha256::digest(std::fs::read(&out).expect("output"));
+        format!(
+            "sha256:{}",
+            hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    };
+    assert_eq!(text(&run.stdout).trim(), written, "prints the zTOC digest");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        left,
+        [std::ffi::OsString::from("gnu.ztoc")],
+        "only the zTOC is left"
     );
 
     let info = hermes(&["ztoc", "info", "--json", out.to_str().unwrap()]);
@@ -151,5 +166,39 @@ fn errors_are_clear() {
         text(&run.stderr).contains("unknown size unit"),
         "{}",
         text(&run.stderr)
+    );
+}
+
+#[test]
+fn a_failed_build_leaves_no_output_and_no_temp_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layer = std::fs::read(data("gnu.tar.gz")).expect("layer");
+    let cut = dir.path().join("cut.tar.gz");
+    std::fs::write(&cut, &layer[..layer.len() / 2]).expect("write");
+    let out = dir.path().join("cut.ztoc");
+    let run = hermes(&[
+        "ztoc",
+        "build",
+        cut.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--span-size",
+        "64KiB",
+    ]);
+    assert!(!run.status.success());
+    assert!(
+        text(&run.stderr).contains("cannot index layer") && text(&run.stderr).contains("truncated"),
+        "{}",
+        text(&run.stderr)
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        left,
+        [std::ffi::OsString::from("cut.tar.gz")],
+        "nothing but the layer is left"
     );
 }
