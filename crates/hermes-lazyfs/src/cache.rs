@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
-const DATA_FILE: &str = "data";
+pub(crate) const DATA_FILE: &str = "data";
 const BITMAP_FILE: &str = "spans";
 const VERIFIED_FILE: &str = "verified";
 const MAGIC: &[u8; 8] = b"HRMSPAN1";
@@ -86,6 +86,7 @@ impl SpanCache {
                 data.set_len(0).map_err(err(&data_path, "truncating"))?;
                 remove_if_present(&dir.join(VERIFIED_FILE))?;
                 remove_if_present(&bitmap_path)?;
+                remove_dir_if_present(&dir.join(crate::local::FILES_DIR))?;
                 vec![0; bitmap_len]
             }
         };
@@ -181,6 +182,11 @@ impl SpanCache {
         Ok(())
     }
 
+    /// The key of the zTOC this cache was written for, in hex.
+    pub(crate) fn key_hex(&self) -> String {
+        hex(&self.key)
+    }
+
     /// The layer digest recorded by [`SpanCache::mark_verified`], if any.
     pub fn verified_digest(&self) -> Option<String> {
         let text = fs::read_to_string(self.dir.join(VERIFIED_FILE)).ok()?;
@@ -245,8 +251,19 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
+fn remove_dir_if_present(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Cache {
+            path: path.to_owned(),
+            what: "removing",
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Replace `dir/name` with `bytes`: temp file, fsync, rename, fsync of the directory.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let target = dir.join(name);
     let err = |path: &Path, what| {

@@ -20,6 +20,7 @@ mod background;
 mod cache;
 mod error;
 mod fuse;
+mod local;
 mod prefetch;
 mod reader;
 mod tree;
@@ -27,7 +28,9 @@ mod tree;
 pub use background::{BackgroundFetcher, LayerDigest, Outcome};
 pub use cache::SpanCache;
 pub use error::{BrokenReason, Error, Result};
-pub use fuse::{MountHandle, mount, mount_with};
+pub use fuse::{
+    MountHandle, MountOptions, PassthroughStats, mount, mount_with, mount_with_options,
+};
 pub use prefetch::OpenPrefetch;
 pub use reader::{
     DEFAULT_FETCH_LIMIT, FetchLimit, LatencyHistogram, LayerReader, LayerState,

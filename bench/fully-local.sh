@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Whole-tree read of a fully local lazy layer against the same tree on plain disk (issue 16).
+#
+#   bench/fully-local.sh [--size-mb N] [--runs N] [--small] [--no-results]
+#
+# Generates a layer (bench/gen_layer.py, N MiB of tar, default 1024), gzips it, unpacks it onto
+# the local disk, and mounts it from one fully local span cache twice: with FUSE passthrough
+# (the default) and with every read served by the daemon (what happened before passthrough,
+# and what happens on kernels before 6.9). Each repeat reads the three trees with
+# `tar -cf - . | cat` (GNU tar skips reading files when writing to /dev/null), dropping the
+# page, dentry and inode caches before every read; the three are interleaved so background
+# load hits them alike. Prints `ratio lazy/disk: X` (passthrough mount, medians) and writes
+# bench/results/fully-local.md unless --small or --no-results. Needs root and /dev/fuse.
+# --small (64 MiB, 1 run) is a smoke test of the whole path, not a measurement.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIZE_MB=1024 RUNS=5 RESULTS=true
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size-mb) SIZE_MB="$2"; shift 2 ;;
+    --runs) RUNS="$2"; shift 2 ;;
+    --small) SIZE_MB=64 RUNS=1 RESULTS=false; shift ;;
+    --no-results) RESULTS=false; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+
+for tool in python3 gzip tar; do
+  command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 1; }
+done
+[ "$(id -u)" = 0 ] || { echo "run as root (FUSE mounts, drop_caches)" >&2; exit 1; }
+[ -e /dev/fuse ] || { echo "/dev/fuse is missing (modprobe fuse)" >&2; exit 1; }
+
+cargo build -q --release --locked -p hermes-lazyfs --example fully_local >&2
+BIN="${CARGO_TARGET_DIR:-target}/release/examples/fully_local"
+
+WORK="${BENCH_WORK:-$(mktemp -d /var/tmp/hermes-fully-local.XXXXXX)}"
+PID=""
+cleanup() {
+  exec 3>&- 2>/dev/null || true
+  [ -n "$PID" ] && wait "$PID" 2>/dev/null || true
+  for m in "$WORK/passthrough" "$WORK/daemon"; do
+    mountpoint -q "$m" 2>/dev/null && umount -l "$m"
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+echo "generating a ${SIZE_MB} MiB layer ..." >&2
+python3 bench/gen_layer.py "$SIZE_MB" | gzip -1 -n > "$WORK/layer.tar.gz"
+mkdir "$WORK/disk" "$WORK/passthrough" "$WORK/daemon"
+gzip -dc "$WORK/layer.tar.gz" | tar -xf - -C "$WORK/disk"
+FILES=$(find "$WORK/disk" -type f | wc -l)
+TAR_BYTES=$(gzip -dc "$WORK/layer.tar.gz" | wc -c)
+
+mkfifo "$WORK/ctl"
+"$BIN" "$WORK/layer.tar.gz" "$WORK/cache" "$WORK/passthrough" "$WORK/daemon" \
+  < "$WORK/ctl" > "$WORK/out.log" 2> "$WORK/err.log" &
+PID=$!
+exec 3> "$WORK/ctl"
+until grep -q '^ready' "$WORK/out.log"; do
+  kill -0 "$PID" 2>/dev/null || { cat "$WORK/err.log" >&2; echo "the layer server exited" >&2; exit 1; }
+  sleep 0.2
+done
+READY=$(grep '^ready' "$WORK/out.log")
+echo "$READY" >&2
+
+# Microseconds to read the tree at $1 whole, from cold caches.
+read_tree() {
+  sync
+  echo 3 > /proc/sys/vm/drop_caches
+  local t0 t1
+  t0=$(date +%s%N)
+  (cd "$1" && tar -cf - . | cat > /dev/null)
+  t1=$(date +%s%N)
+  echo $(( (t1 - t0) / 1000 ))
+}
+
+DISK=() PT=() DAEMON=()
+for i in $(seq "$RUNS"); do
+  # Rotate the order so no tree always follows the same one.
+  case $(( i % 3 )) in
+    1) order="disk passthrough daemon" ;;
+    2) order="passthrough daemon disk" ;;
+    0) order="daemon disk passthrough" ;;
+  esac
+  for what in $order; do
+    us=$(read_tree "$WORK/$what")
+    case "$what" in
+      disk) DISK+=("$us") ;; passthrough) PT+=("$us") ;; daemon) DAEMON+=("$us") ;;
+    esac
+    echo "run $i $what $(python3 -c "print(f'{$us / 1e6:.2f} s')")" >&2
+  done
+done
+exec 3>&-
+wait "$PID"
+PID=""
+STATS=$(grep '^passthrough ' "$WORK/out.log" || true)
+
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+D=$(median "${DISK[@]}") P=$(median "${PT[@]}") Q=$(median "${DAEMON[@]}")
+RATIO=$(python3 -c "print(f'{$P / $D:.2f}')")
+RATIO_DAEMON=$(python3 -c "print(f'{$Q / $D:.2f}')")
+secs() { python3 -c "print(f'{$1 / 1e6:.2f}')"; }
+
+echo "layer: $(( TAR_BYTES >> 20 )) MiB tar, $FILES files; $RUNS runs, medians"
+echo "disk:        $(secs "$D") s"
+echo "passthrough: $(secs "$P") s"
+echo "daemon:      $(secs "$Q") s (ratio $RATIO_DAEMON)"
+echo "ratio lazy/disk: $RATIO"
+
+if [ "$RESULTS" = true ]; then
+  list() { local out=""; for us in "$@"; do out+="$(secs "$us") "; done; echo "${out% }"; }
+  cat > bench/results/fully-local.md <<EOF
+# Fully local layer: whole-tree read against plain disk
+
+\`bench/fully-local.sh --size-mb $SIZE_MB --runs $RUNS\` on $(date -u +%Y-%m-%d), $(uname -r),
+$(nproc) cores, $(awk '/MemTotal/ {printf "%d GiB", $2 / 1048576}' /proc/meminfo) RAM, cache and
+trees on $(findmnt -no FSTYPE -T /var/tmp) ($(findmnt -no SOURCE -T /var/tmp)). Layer from \`bench/gen_layer.py\`:
+$(( TAR_BYTES >> 20 )) MiB of tar, $FILES files. Each read is \`tar -cf - . | cat\` after
+\`echo 3 > /proc/sys/vm/drop_caches\`; the three trees interleaved, medians of $RUNS.
+
+| tree | median | runs (s) | ratio to disk |
+|---|---|---|---|
+| plain disk | $(secs "$D") s | $(list "${DISK[@]}") | 1.00 |
+| lazy layer, passthrough | $(secs "$P") s | $(list "${PT[@]}") | **$RATIO** |
+| lazy layer, reads through the daemon | $(secs "$Q") s | $(list "${DAEMON[@]}") | $RATIO_DAEMON |
+
+ratio lazy/disk: **$RATIO** (target ≤ 1.25).
+
+Passthrough mount: \`$READY\`
+(copy_seconds: copying every regular file out of the span cache once the layer is fully local).
+At the end: \`$STATS\`.
+EOF
+  echo "wrote bench/results/fully-local.md" >&2
+fi
