@@ -1,28 +1,31 @@
 #!/usr/bin/env bash
 # Whole-tree read of a fully local lazy layer against the same tree on plain disk (issue 16).
 #
-#   bench/fully-local.sh [--size-mb N] [--runs N] [--small] [--no-results]
+#   bench/fully-local.sh [--size-mb N | --tree "DIR..."] [--runs N] [--small] [--no-results]
 #
-# Generates a layer (bench/gen_layer.py, N MiB of tar, default 1024), gzips it, unpacks it onto
+# Generates a layer (bench/gen_layer.py, N MiB of tar, default 1024; or with --tree, a tar of
+# real files: the given absolute directories, e.g. --tree "/usr/share /usr/include"), gzips it, unpacks it onto
 # the local disk, and mounts it from one fully local span cache twice: with FUSE passthrough
 # (the default) and with every read served by the daemon (what happened before passthrough,
 # and what happens on kernels before 6.9). Each repeat reads the three trees with
 # `tar -cf - . | cat` (GNU tar skips reading files when writing to /dev/null), dropping the
 # page, dentry and inode caches before every read; the three are interleaved so background
 # load hits them alike. Prints `ratio lazy/disk: X` (passthrough mount, medians) and writes
-# bench/results/fully-local.md unless --small or --no-results. Needs root and /dev/fuse.
+# bench/results/fully-local.md (fully-local-tree.md with --tree) unless --small or --no-results. Needs root and /dev/fuse.
 # --small (64 MiB, 1 run) is a smoke test of the whole path, not a measurement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ARGS="$*"
 
-SIZE_MB=1024 RUNS=5 RESULTS=true
+SIZE_MB=1024 RUNS=5 RESULTS=true TREE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-mb) SIZE_MB="$2"; shift 2 ;;
     --runs) RUNS="$2"; shift 2 ;;
+    --tree) TREE="$2"; shift 2 ;;
     --small) SIZE_MB=64 RUNS=1 RESULTS=false; shift ;;
     --no-results) RESULTS=false; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -48,8 +51,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "generating a ${SIZE_MB} MiB layer ..." >&2
-python3 bench/gen_layer.py "$SIZE_MB" | gzip -1 -n > "$WORK/layer.tar.gz"
+if [ -n "$TREE" ]; then
+  echo "packing $TREE into a layer ..." >&2
+  # shellcheck disable=SC2086 # a list of directories
+  tar -C / -cf - $(for d in $TREE; do echo "${d#/}"; done) 2>/dev/null | gzip -1 -n > "$WORK/layer.tar.gz"
+  SOURCE="a tar of $TREE"
+else
+  echo "generating a ${SIZE_MB} MiB layer ..." >&2
+  python3 bench/gen_layer.py "$SIZE_MB" | gzip -1 -n > "$WORK/layer.tar.gz"
+  SOURCE="\`bench/gen_layer.py $SIZE_MB\`"
+fi
 mkdir "$WORK/disk" "$WORK/passthrough" "$WORK/daemon"
 gzip -dc "$WORK/layer.tar.gz" | tar -xf - -C "$WORK/disk"
 FILES=$(find "$WORK/disk" -type f | wc -l)
@@ -113,12 +124,14 @@ echo "ratio lazy/disk: $RATIO"
 
 if [ "$RESULTS" = true ]; then
   list() { local out=""; for us in "$@"; do out+="$(secs "$us") "; done; echo "${out% }"; }
-  cat > bench/results/fully-local.md <<EOF
+  OUT=bench/results/fully-local.md
+  [ -n "$TREE" ] && OUT=bench/results/fully-local-tree.md
+  cat > "$OUT" <<EOF
 # Fully local layer: whole-tree read against plain disk
 
-\`bench/fully-local.sh --size-mb $SIZE_MB --runs $RUNS\` on $(date -u +%Y-%m-%d), $(uname -r),
+\`bench/fully-local.sh $ARGS\` on $(date -u +%Y-%m-%d), $(uname -r),
 $(nproc) cores, $(awk '/MemTotal/ {printf "%d GiB", $2 / 1048576}' /proc/meminfo) RAM, cache and
-trees on $(findmnt -no FSTYPE -T /var/tmp) ($(findmnt -no SOURCE -T /var/tmp)). Layer from \`bench/gen_layer.py\`:
+trees on $(findmnt -no FSTYPE -T /var/tmp) ($(findmnt -no SOURCE -T /var/tmp)). Layer: $SOURCE,
 $(( TAR_BYTES >> 20 )) MiB of tar, $FILES files. Each read is \`tar -cf - . | cat\` after
 \`echo 3 > /proc/sys/vm/drop_caches\`; the three trees interleaved, medians of $RUNS.
 
@@ -134,5 +147,5 @@ Passthrough mount: \`$READY\`
 (copy_seconds: copying every regular file out of the span cache once the layer is fully local).
 At the end: \`$STATS\`.
 EOF
-  echo "wrote bench/results/fully-local.md" >&2
+  echo "wrote $OUT" >&2
 fi

@@ -1,11 +1,13 @@
 //! Mounts one gzip tar layer, made fully local from a file, for `bench/fully-local.sh`: the
-//! zTOC is built from the file, the background fetcher reads the file through the span cache
-//! and checks its digest, and then the layer is mounted twice from that one cache: once with
-//! passthrough (waiting until every file's copy is in place) and once with every read served
-//! by the daemon (as before passthrough, or on a kernel without it). Prints `ready` with the
-//! passthrough counters, then serves until stdin closes, and prints the counters again.
+//! zTOC is built from the file, and the layer is mounted twice, each from its own span cache
+//! that a background fetcher filled from the file and verified: once with passthrough
+//! (waiting until every file's copy is in place) and once with every read served by the
+//! daemon from the span cache (as before passthrough, or on a kernel without it). Prints
+//! `ready` with the passthrough counters, then serves until stdin closes, and prints the
+//! counters again.
 //!
 //! `fully_local LAYER.tar.gz CACHE_DIR PASSTHROUGH_MOUNT DAEMON_MOUNT [SPAN_SIZE]`
+//! (the caches are `CACHE_DIR/passthrough` and `CACHE_DIR/daemon`)
 
 use std::fs::File;
 use std::io::{BufRead, Read};
@@ -71,16 +73,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let digest = LayerDigest::parse(&format!("sha256:{hex}"))?;
     let ztoc = Arc::new(ztoc);
-    let cache = SpanCache::open(&PathBuf::from(cache), &ztoc)?;
-    let reader = Arc::new(LayerReader::new(
-        Arc::clone(&ztoc),
-        FileSource(File::open(layer)?),
-        cache,
-    ));
-    match BackgroundFetcher::start(Arc::clone(&reader), digest, size)?.wait() {
-        Outcome::FullyLocal => {}
-        other => return Err(format!("the layer did not become fully local: {other:?}").into()),
-    }
+    let fully_local = |name: &str| -> Result<Arc<LayerReader>, Box<dyn std::error::Error>> {
+        let cache = SpanCache::open(&PathBuf::from(cache).join(name), &ztoc)?;
+        let reader = Arc::new(LayerReader::new(
+            Arc::clone(&ztoc),
+            FileSource(File::open(layer)?),
+            cache,
+        ));
+        match BackgroundFetcher::start(Arc::clone(&reader), digest.clone(), size)?.wait() {
+            Outcome::FullyLocal => Ok(reader),
+            other => Err(format!("the layer did not become fully local: {other:?}").into()),
+        }
+    };
+    let pt_reader = fully_local("passthrough")?;
+    let daemon_reader = fully_local("daemon")?;
     eprintln!(
         "fully local: {} entries, {} spans, {:.1} s",
         ztoc.entries().len(),
@@ -88,13 +94,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed().as_secs_f64()
     );
 
-    let passthrough = mount_with_options(
-        Arc::clone(&reader),
-        &PathBuf::from(pt_mount),
-        MountOptions::default(),
-    )?;
+    let passthrough =
+        mount_with_options(pt_reader, &PathBuf::from(pt_mount), MountOptions::default())?;
     let daemon = mount_with_options(
-        Arc::clone(&reader),
+        daemon_reader,
         &PathBuf::from(daemon_mount),
         MountOptions {
             passthrough: false,

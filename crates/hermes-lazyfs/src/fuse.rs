@@ -27,8 +27,8 @@ use std::time::Duration;
 use fuser::{
     BackgroundSession, BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
     FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyXattr, Request, SessionACL,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 
 use crate::local::LocalFiles;
@@ -130,6 +130,8 @@ struct Opens {
     /// Shared by every passthrough open of the inode (the kernel requires one backing file
     /// per inode); closed when the last of them is released.
     backing: Option<BackingId>,
+    /// The local copy, for reads this process serves once the copies replaced `data`.
+    copy: Option<Arc<std::fs::File>>,
 }
 
 struct LazyFs {
@@ -154,6 +156,27 @@ impl LazyFs {
         self.opens.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The copy to read a file's bytes from, once the copies replaced them in `data` (opened
+    /// once per open inode); `None` while `data` holds them.
+    fn moved_copy(&self, ino: u64, node: &Node) -> Option<Result<Arc<std::fs::File>>> {
+        if self.reader.cache().files_copied() != Some(true) {
+            return None;
+        }
+        // Complete (another mount of the same cache may have made them).
+        let path = self.passthrough.local.path_of(node.data_range()?.start)?;
+        let mut opens = self.opens();
+        let entry = opens.entry(ino).or_default();
+        if let Some(file) = &entry.copy {
+            return Some(Ok(Arc::clone(file)));
+        }
+        let opened = std::fs::File::open(&path).map_err(|source| Error::Cache {
+            path,
+            what: "opening the local copy",
+            source,
+        });
+        Some(opened.map(|file| Arc::clone(entry.copy.insert(Arc::new(file)))))
+    }
+
     /// Open a regular file: by passthrough to its copy when there is one and the kernel
     /// takes it, else served by this process.
     fn open_file(&self, ino: u64, node: &Node, reply: ReplyOpen) {
@@ -162,7 +185,7 @@ impl LazyFs {
             .data_range()
             .filter(|_| pt.wanted.load(Ordering::Relaxed))
             .and_then(|r| pt.local.get(r.start))
-            .filter(|_| self.reader.state() == LayerState::FullyLocal);
+            .filter(|_| !matches!(self.reader.state(), LayerState::Broken(_)));
         let mut opens = self.opens();
         let entry = opens.entry(ino).or_default();
         if let Some(path) = &copy {
@@ -253,6 +276,32 @@ impl LazyFs {
         }
     }
 
+    /// The entries of directory `ino` from position `offset` on (`.` and `..` first), each with
+    /// the position of the next one.
+    fn dir_entries(
+        &self,
+        ino: INodeNo,
+        offset: u64,
+    ) -> std::result::Result<impl Iterator<Item = (u64, u64, &Node, &OsStr)>, Errno> {
+        let dir = match self.node(ino) {
+            Ok(node) if node.kind == Kind::Dir => node,
+            Ok(_) => return Err(Errno::ENOTDIR),
+            Err(e) => return Err(e),
+        };
+        let parent = self.tree.get(dir.parent).unwrap_or(dir);
+        let dots = [(ino.0, dir, &b"."[..]), (dir.parent, parent, &b".."[..])];
+        let children = dir
+            .children
+            .iter()
+            .filter_map(|(name, &child)| Some((child, self.tree.get(child)?, name.as_slice())));
+        Ok(dots
+            .into_iter()
+            .chain(children)
+            .enumerate()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+            .map(|(i, (child, node, name))| (i as u64 + 1, child, node, OsStr::from_bytes(name))))
+    }
+
     fn attr(&self, ino: u64, node: &Node) -> FileAttr {
         FileAttr {
             ino: INodeNo(ino),
@@ -283,6 +332,30 @@ fn file_type(kind: Kind) -> FileType {
         Kind::Block => FileType::BlockDevice,
         Kind::Fifo => FileType::NamedPipe,
     }
+}
+
+/// Answer a read from a file's local copy.
+fn read_copy(file: &std::fs::File, offset: u64, len: u64, reply: ReplyData) {
+    use std::os::unix::fs::FileExt;
+    // Bounded by FUSE's maximum read size.
+    let mut buf = vec![0; len as usize];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "reading a local copy failed");
+                return reply.error(Errno::EIO);
+            }
+        }
+    }
+    if filled < buf.len() {
+        tracing::warn!(offset, len, filled, "a local copy is shorter than its file");
+        return reply.error(Errno::EIO);
+    }
+    reply.data(&buf);
 }
 
 /// Answer an xattr request: the size when asked for it, the bytes when they fit.
@@ -327,6 +400,11 @@ impl Filesystem for LazyFs {
     }
 
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Names and attributes in one reply: a tree walk (`tar`, `find`, `du`) needs no
+        // lookup per entry after reading its directory.
+        if std::env::var_os("HERMES_NO_RDP").is_none() {
+            let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        }
         let pt = &self.passthrough;
         if !pt.wanted.load(Ordering::Relaxed) {
             return Ok(());
@@ -402,6 +480,12 @@ impl Filesystem for LazyFs {
             return reply.data(&[]);
         }
         let len = u64::from(size).min(node.size - offset);
+        if let Some(copy) = self.moved_copy(ino.0, node) {
+            return match copy {
+                Ok(file) => read_copy(&file, offset, len, reply),
+                Err(e) => reply.error(errno(&e)),
+            };
+        }
         match node.read(&self.reader, offset, len) {
             Ok(bytes) => reply.data(&bytes),
             Err(e) => reply.error(errno(&e)),
@@ -416,24 +500,33 @@ impl Filesystem for LazyFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let dir = match self.node(ino) {
-            Ok(node) if node.kind == Kind::Dir => node,
-            Ok(_) => return reply.error(Errno::ENOTDIR),
+        let entries = match self.dir_entries(ino, offset) {
+            Ok(entries) => entries,
             Err(e) => return reply.error(e),
         };
-        let dots = [
-            (ino.0, FileType::Directory, &b"."[..]),
-            (dir.parent, FileType::Directory, &b".."[..]),
-        ];
-        let children = dir.children.iter().filter_map(|(name, &child)| {
-            let node = self.tree.get(child)?;
-            Some((child, file_type(node.kind), name.as_slice()))
-        });
-        for (i, (child, kind, name)) in dots.into_iter().chain(children).enumerate() {
-            if (i as u64) < offset {
-                continue;
+        for (next, child, node, name) in entries {
+            if reply.add(INodeNo(child), next, file_type(node.kind), name) {
+                break;
             }
-            if reply.add(INodeNo(child), i as u64 + 1, kind, OsStr::from_bytes(name)) {
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.dir_entries(ino, offset) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(e),
+        };
+        for (next, child, node, name) in entries {
+            let attr = self.attr(child, node);
+            if reply.add(INodeNo(child), next, name, &TTL, &attr, Generation(0)) {
                 break;
             }
         }
@@ -543,14 +636,17 @@ pub fn mount_with_options(
         .open_prefetch
         .map(|options| Prefetcher::start(Arc::clone(&reader), options))
         .transpose()?;
-    let cache = reader.cache();
     let files = tree
         .nodes()
         .filter_map(Node::data_range)
         .map(|r| (r.start, r.end - r.start))
         .collect();
+    // Sparse files are served from `data`: a layer with any keeps it whole.
+    let movable = !tree
+        .nodes()
+        .any(|n| n.kind == Kind::File && n.size > 0 && n.data_range().is_none());
     let passthrough = Arc::new(Passthrough {
-        local: LocalFiles::new(cache.dir(), cache.key_hex(), files),
+        local: LocalFiles::new(reader.cache(), files, movable),
         wanted: AtomicBool::new(options.passthrough),
         negotiated: AtomicBool::new(false),
         refused: AtomicBool::new(false),
@@ -576,7 +672,8 @@ pub fn mount_with_options(
     };
     // The INIT handshake is done: this stat is answered by the new filesystem.
     handle.dev = std::fs::metadata(mountpoint).map_err(mount_err)?.dev();
-    if handle.passthrough.wanted.load(Ordering::Relaxed) {
+    if handle.passthrough.wanted.load(Ordering::Relaxed) && !handle.passthrough.local.is_complete()
+    {
         handle.copier = Some(start_copier(&handle.reader, &handle.passthrough)?);
     }
     tracing::info!(mountpoint = %mountpoint.display(), "lazy layer mounted");
@@ -635,7 +732,7 @@ fn start_copier(
                     return;
                 }
                 let started = std::time::Instant::now();
-                match pt.local.materialize(&stop) {
+                match pt.local.materialize(reader.cache(), &stop) {
                     Ok(()) if pt.local.is_complete() => tracing::info!(
                         files = pt.local.copied(),
                         seconds = started.elapsed().as_secs_f64(),

@@ -10,17 +10,22 @@
 //! hardlink is the same inode as its target in the tree, so it shares its file here. Copies
 //! are written under a temporary name and renamed into place, so a file that an earlier
 //! process handed to the kernel never changes under it; when all are written they are synced
-//! (one `syncfs`) and `files/complete` records the cache's key, so the next process reuses
-//! them as they are. Without that record (a crash half way, another zTOC) they are written
-//! again.
+//! (one `syncfs`) and the cache records them as complete (`copied`), so the next process
+//! reuses them as they are. Without that record (a crash half way, another zTOC) they are
+//! written again.
+//!
+//! Then the copies become the only copy: the files' ranges are punched out of `data`, so a
+//! fully local layer takes its size on disk once, not twice, and the cache refuses to read
+//! them from `data` from then on (the mount reads the copies, by passthrough or itself). The
+//! record is written before the punching, so a crash in between loses nothing. A layer with
+//! sparse tar files (rare), which are served from `data`, keeps `data` whole instead.
 //!
 //! The directory is `0700` and the files `0600`, owned by the daemon (root): they hold the
 //! decompressed bytes of possibly private images, whatever the layer's own modes say (the
 //! kernel checks those against the FUSE inode, not the backing file).
 //!
-//! Sparse tar files (rare) are not copied: they keep being served through the daemon. So
-//! does everything while a layer is lazy. Copying costs a second copy of the regular files'
-//! bytes on filesystems without reflinks; see the crate README for the trade-off.
+//! Sparse tar files are not copied: they keep being served through the daemon. So does
+//! everything while a layer is lazy.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
@@ -28,12 +33,11 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::cache::SpanCache;
 use crate::{Error, Result};
 
 /// Subdirectory of the cache directory that holds the copies.
 pub(crate) const FILES_DIR: &str = "files";
-/// Written last, with the cache's key: every copy is complete and synced.
-const COMPLETE_FILE: &str = "complete";
 
 /// The copies of one layer's regular files: which exist, and where.
 #[derive(Debug)]
@@ -41,8 +45,8 @@ pub(crate) struct LocalFiles {
     dir: PathBuf,
     /// The cache's `data` file.
     data: PathBuf,
-    /// What `files/complete` must say for the copies to be reused.
-    key: String,
+    /// Whether the copies may replace the files' bytes in `data` (no sparse files).
+    movable: bool,
     /// Data offset and size of every regular file that gets a copy, sorted by offset, with
     /// whether its copy is in place.
     files: Vec<(u64, u64)>,
@@ -52,21 +56,26 @@ pub(crate) struct LocalFiles {
 }
 
 impl LocalFiles {
-    /// The copies for `files` (data offset, size) of the layer cached in `cache_dir` with key
-    /// `key`. Nothing is touched on disk until [`LocalFiles::materialize`].
-    pub fn new(cache_dir: &Path, key: String, mut files: Vec<(u64, u64)>) -> Self {
+    /// The copies for `files` (data offset, size) of the layer in `cache`; `movable`: they may
+    /// replace the files' bytes in `data`. Copies an earlier process completed are ready at
+    /// once; nothing else is touched on disk until [`LocalFiles::materialize`].
+    pub fn new(cache: &SpanCache, mut files: Vec<(u64, u64)>, movable: bool) -> Self {
         files.sort_unstable();
         files.dedup_by_key(|f| f.0);
         let ready = files.iter().map(|_| AtomicBool::new(false)).collect();
-        Self {
-            dir: cache_dir.join(FILES_DIR),
-            data: cache_dir.join(crate::cache::DATA_FILE),
-            key,
+        let local = Self {
+            dir: cache.dir().join(FILES_DIR),
+            data: cache.dir().join(crate::cache::DATA_FILE),
+            movable,
             files,
             ready,
             copied: AtomicU64::new(0),
             complete: AtomicBool::new(false),
+        };
+        if cache.files_copied().is_some() {
+            local.mark_all_ready();
         }
+        local
     }
 
     /// The copy of the file whose data starts at tar offset `offset`, if it is in place.
@@ -74,6 +83,15 @@ impl LocalFiles {
         let i = self.files.binary_search_by_key(&offset, |f| f.0).ok()?;
         self.ready[i]
             .load(Ordering::Acquire)
+            .then(|| self.path(offset))
+    }
+
+    /// Where the copy of the file whose data starts at tar offset `offset` is (or will be),
+    /// if it gets one.
+    pub fn path_of(&self, offset: u64) -> Option<PathBuf> {
+        self.files
+            .binary_search_by_key(&offset, |f| f.0)
+            .is_ok()
             .then(|| self.path(offset))
     }
 
@@ -96,16 +114,15 @@ impl LocalFiles {
         self.dir.join(format!("{offset:016x}"))
     }
 
-    /// Copy every file out of the verified cache, unless an earlier process did, in tar order;
-    /// each copy can be used as soon as it is in place. Returns early (`Ok`) when `stop` is set.
-    pub fn materialize(&self, stop: &AtomicBool) -> Result<()> {
+    /// Copy every file out of `cache` (fully local and verified), unless an earlier process
+    /// did, in tar order, then move them out of `data` if they may; each copy can be used as
+    /// soon as it is in place. Returns early (`Ok`) when `stop` is set.
+    pub fn materialize(&self, cache: &SpanCache, stop: &AtomicBool) -> Result<()> {
         let err = |path: &Path, what| {
             let path = path.to_owned();
             move |source| Error::Cache { path, what, source }
         };
-        let marker = self.dir.join(COMPLETE_FILE);
-        if fs::read_to_string(&marker).is_ok_and(|k| k.trim_end() == self.key) {
-            self.mark_all_ready();
+        if self.is_complete() {
             return Ok(());
         }
         // Copies of another zTOC, or of a run that did not finish: start over.
@@ -153,14 +170,16 @@ impl LocalFiles {
             self.ready[i].store(true, Ordering::Release);
             self.copied.fetch_add(1, Ordering::Relaxed);
         }
-        // One sync for all copies, then the record that they are complete.
+        // One sync for all copies, then the record that they are complete, then (and only
+        // then) the bytes in `data` can go.
         rustix::fs::syncfs(&data).map_err(|e| err(&self.dir, "syncing")(e.into()))?;
-        crate::cache::write_atomic(
-            &self.dir,
-            COMPLETE_FILE,
-            format!("{}\n", self.key).as_bytes(),
-        )?;
+        cache.record_copies(self.movable)?;
         self.complete.store(true, Ordering::Release);
+        if self.movable
+            && let Err(e) = cache.punch(self.files.iter().copied())
+        {
+            tracing::warn!(error = %e, path = %self.data.display(), "cannot free the copied bytes in the span cache; the layer takes twice its size on disk");
+        }
         Ok(())
     }
 

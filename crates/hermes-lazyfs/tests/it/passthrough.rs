@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use hermes_lazyfs::{
-    BackgroundFetcher, LayerReader, LayerState, MountHandle, MountOptions, Outcome,
+    BackgroundFetcher, Error, LayerReader, LayerState, MountHandle, MountOptions, Outcome,
     PassthroughStats, mount_with_options,
 };
 
@@ -163,9 +163,6 @@ fn a_fully_local_layer_is_read_by_passthrough_from_private_copies() {
         let entry = entry.unwrap();
         let meta = entry.metadata().unwrap();
         let name = entry.file_name();
-        if name == "complete" {
-            continue;
-        }
         copies += 1;
         assert_eq!(
             meta.permissions().mode() & 0o7777,
@@ -175,6 +172,20 @@ fn a_fully_local_layer_is_read_by_passthrough_from_private_copies() {
         assert_eq!(meta.uid(), 0, "{name:?} owner");
     }
     assert_eq!(copies, 3, "one copy per file with bytes");
+
+    // The copies are the only copy: their bytes left the span cache, which now refuses to
+    // read them rather than return the zeros of the holes.
+    let data = std::fs::metadata(m.cache.join("data")).unwrap();
+    let moved: u64 = files(&layer)[..3].iter().map(|(_, b)| b.len() as u64).sum();
+    assert!(
+        data.blocks() * 512 < layer.tar.len() as u64 - moved + 64 * 1024,
+        "data still takes {} bytes on disk for a {}-byte tar of which {moved} were moved",
+        data.blocks() * 512,
+        layer.tar.len()
+    );
+    let range = layer.file_range("data/a");
+    let err = m.reader().read(range.start, 10).unwrap_err();
+    assert!(matches!(err, Error::MovedToCopies { .. }), "{err:?}");
 }
 
 #[test]
@@ -191,7 +202,7 @@ fn copies_of_an_earlier_run_are_reused_and_a_new_ztoc_discards_them() {
     let copy = std::fs::read_dir(cache.join("files"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap() != "complete")
+        .next()
         .unwrap();
     let ino = std::fs::metadata(&copy).unwrap().ino();
     let m = LocalMount::new(&layer, &source, Some(&cache), MountOptions::default());
@@ -293,9 +304,10 @@ fn passthrough_refused_by_the_kernel_falls_back_to_the_daemon() {
         stats.fallback_opens, 8,
         "every open of a copied file fell back: {stats:?}"
     );
-    assert!(
-        m.reader().stats().requests > requests,
-        "the daemon served the reads"
+    assert_eq!(
+        m.reader().stats().requests,
+        requests,
+        "the daemon served the reads from the copies, not from the span cache"
     );
     drop(m);
 }
