@@ -144,7 +144,13 @@ struct LazyFs {
     passthrough: Arc<Passthrough>,
     /// Open regular files by inode.
     opens: Mutex<HashMap<u64, Opens>>,
+    /// Listings of open directories by file handle, fixed at `opendir`.
+    listings: Mutex<HashMap<u64, Listing>>,
+    next_dir_handle: AtomicU64,
 }
+
+/// A directory's entries (inode, name), in the order `readdir` returns them.
+type Listing = Arc<Vec<(u64, Box<[u8]>)>>;
 
 impl LazyFs {
     fn node(&self, ino: INodeNo) -> std::result::Result<&Node, Errno> {
@@ -276,30 +282,52 @@ impl LazyFs {
         }
     }
 
-    /// The entries of directory `ino` from position `offset` on (`.` and `..` first), each with
-    /// the position of the next one.
-    fn dir_entries(
-        &self,
-        ino: INodeNo,
-        offset: u64,
-    ) -> std::result::Result<impl Iterator<Item = (u64, u64, &Node, &OsStr)>, Errno> {
+    /// The entries of directory `ino`: `.`, `..`, then its children in tar order. A tree
+    /// walk (`tar`, `cp -r`, `du`) then reads the files in the order their bytes lie in the
+    /// span cache and in their copies, as it would read a freshly unpacked tree on disk;
+    /// name order sends it back and forth across the layer.
+    fn listing(&self, ino: INodeNo) -> std::result::Result<Listing, Errno> {
         let dir = match self.node(ino) {
             Ok(node) if node.kind == Kind::Dir => node,
             Ok(_) => return Err(Errno::ENOTDIR),
             Err(e) => return Err(e),
         };
-        let parent = self.tree.get(dir.parent).unwrap_or(dir);
-        let dots = [(ino.0, dir, &b"."[..]), (dir.parent, parent, &b".."[..])];
-        let children = dir
+        let mut children: Vec<(u64, Box<[u8]>)> = dir
             .children
             .iter()
-            .filter_map(|(name, &child)| Some((child, self.tree.get(child)?, name.as_slice())));
-        Ok(dots
-            .into_iter()
-            .chain(children)
+            .map(|(name, &child)| (child, name.as_slice().into()))
+            .collect();
+        // Inode numbers follow the tar's order of entries.
+        children.sort_unstable_by_key(|c| c.0);
+        let dots = [(ino.0, b"."[..].into()), (dir.parent, b".."[..].into())];
+        Ok(Arc::new(dots.into_iter().chain(children).collect()))
+    }
+
+    /// The listing of the open directory `fh` (of `ino`).
+    fn open_listing(&self, ino: INodeNo, fh: FileHandle) -> std::result::Result<Listing, Errno> {
+        let found = self
+            .listings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fh.0)
+            .cloned();
+        found.map_or_else(|| self.listing(ino), Ok)
+    }
+
+    /// The entries of `listing` from position `offset` on, each with the position of the next.
+    fn entries<'a>(
+        &'a self,
+        listing: &'a Listing,
+        offset: u64,
+    ) -> impl Iterator<Item = (u64, u64, &'a Node, &'a OsStr)> {
+        listing
+            .iter()
             .enumerate()
             .skip(usize::try_from(offset).unwrap_or(usize::MAX))
-            .map(|(i, (child, node, name))| (i as u64 + 1, child, node, OsStr::from_bytes(name))))
+            .filter_map(|(i, (child, name))| {
+                let node = self.tree.get(*child)?;
+                Some((i as u64 + 1, *child, node, OsStr::from_bytes(name)))
+            })
     }
 
     fn attr(&self, ino: u64, node: &Node) -> FileAttr {
@@ -492,19 +520,47 @@ impl Filesystem for LazyFs {
         }
     }
 
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let listing = match self.listing(ino) {
+            Ok(listing) => listing,
+            Err(e) => return reply.error(e),
+        };
+        let fh = self.next_dir_handle.fetch_add(1, Ordering::Relaxed);
+        self.listings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, listing);
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.listings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh.0);
+        reply.ok();
+    }
+
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.dir_entries(ino, offset) {
-            Ok(entries) => entries,
+        let listing = match self.open_listing(ino, fh) {
+            Ok(listing) => listing,
             Err(e) => return reply.error(e),
         };
-        for (next, child, node, name) in entries {
+        for (next, child, node, name) in self.entries(&listing, offset) {
             if reply.add(INodeNo(child), next, file_type(node.kind), name) {
                 break;
             }
@@ -516,15 +572,15 @@ impl Filesystem for LazyFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.dir_entries(ino, offset) {
-            Ok(entries) => entries,
+        let listing = match self.open_listing(ino, fh) {
+            Ok(listing) => listing,
             Err(e) => return reply.error(e),
         };
-        for (next, child, node, name) in entries {
+        for (next, child, node, name) in self.entries(&listing, offset) {
             let attr = self.attr(child, node);
             if reply.add(INodeNo(child), next, name, &TTL, &attr, Generation(0)) {
                 break;
@@ -660,6 +716,8 @@ pub fn mount_with_options(
         siblings_queued: Mutex::new(HashSet::new()),
         passthrough: Arc::clone(&passthrough),
         opens: Mutex::new(HashMap::new()),
+        listings: Mutex::new(HashMap::new()),
+        next_dir_handle: AtomicU64::new(1),
     };
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(mount_err)?;
     let mut handle = MountHandle {
