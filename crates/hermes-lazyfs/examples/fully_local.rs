@@ -94,15 +94,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed().as_secs_f64()
     );
 
-    let passthrough =
-        mount_with_options(pt_reader, &PathBuf::from(pt_mount), MountOptions::default())?;
+    let passthrough = mount_with_options(
+        pt_reader,
+        &PathBuf::from(pt_mount),
+        MountOptions {
+            passthrough: true,
+            ..MountOptions::default()
+        },
+    )?;
     let daemon = mount_with_options(
         daemon_reader,
         &PathBuf::from(daemon_mount),
-        MountOptions {
-            passthrough: false,
-            ..MountOptions::default()
-        },
+        MountOptions::default(),
     )?;
     let copying = Instant::now();
     while passthrough.passthrough_stats().negotiated && !passthrough.passthrough_stats().complete {

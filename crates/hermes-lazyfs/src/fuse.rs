@@ -55,24 +55,23 @@ fn errno(e: &Error) -> Errno {
 }
 
 /// How to mount a layer; see [`mount_with_options`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct MountOptions {
     /// Fetch an opened file's spans (and its neighbours') ahead of its reads; `None` fetches
     /// only what reads ask for.
     pub open_prefetch: Option<OpenPrefetch>,
     /// Once the layer is fully local, copy its regular files out of the span cache and let
-    /// the kernel read them directly (FUSE passthrough, Linux ≥ 6.9). `false` serves every
-    /// read through this process, as on kernels without passthrough, and copies nothing.
+    /// the kernel read them directly (FUSE passthrough, Linux ≥ 6.9); `false` (the default)
+    /// serves every read through this process from the span cache and copies nothing.
+    ///
+    /// Off by default because it was slower where it was measured
+    /// (`bench/results/fully-local.md`): a cold whole-tree read costs one disk read per file
+    /// from the copies, as from an unpacked tree, while the span cache keeps the layer's
+    /// files packed in tar order, which the daemon reads with the readahead of one file
+    /// (1.4-1.9x faster than passthrough there, and faster than the unpacked tree). What it
+    /// saves is the second page-cache copy of what is read (the kernel caches the span
+    /// cache's pages and the mount's) and a round trip per uncached read.
     pub passthrough: bool,
-}
-
-impl Default for MountOptions {
-    fn default() -> Self {
-        Self {
-            open_prefetch: None,
-            passthrough: true,
-        }
-    }
 }
 
 /// What passthrough did on one mount, for metrics. Counters are monotonic.
@@ -430,9 +429,7 @@ impl Filesystem for LazyFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Names and attributes in one reply: a tree walk (`tar`, `find`, `du`) needs no
         // lookup per entry after reading its directory.
-        if std::env::var_os("HERMES_NO_RDP").is_none() {
-            let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
-        }
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         let pt = &self.passthrough;
         if !pt.wanted.load(Ordering::Relaxed) {
             return Ok(());

@@ -10,6 +10,9 @@
 //! - [`mount`] presents the layer as a read-only FUSE filesystem, whiteouts as overlayfs
 //!   expects of a lower directory, and prefetches an opened file's spans ahead of its reads
 //!   ([`OpenPrefetch`]), with concurrent range requests bounded by a [`FetchLimit`].
+//!   Once the layer is fully local it can hand files to the kernel by FUSE passthrough
+//!   ([`MountOptions::passthrough`]: per-file copies that replace the files' bytes in the
+//!   span cache).
 //!
 //! It deliberately does not talk to registries, containerd or the controller: callers pass the
 //! range reader and decide where caches live and when layers are mounted.

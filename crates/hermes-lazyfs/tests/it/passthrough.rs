@@ -111,6 +111,14 @@ impl Drop for LocalMount {
     }
 }
 
+/// Mount options with passthrough on.
+fn passthrough() -> MountOptions {
+    MountOptions {
+        passthrough: true,
+        ..MountOptions::default()
+    }
+}
+
 fn require_passthrough(stats: &PassthroughStats) {
     assert!(
         stats.negotiated,
@@ -123,7 +131,7 @@ fn require_passthrough(stats: &PassthroughStats) {
 fn a_fully_local_layer_is_read_by_passthrough_from_private_copies() {
     let layer = layer();
     let source = layer.source();
-    let m = LocalMount::new(&layer, &source, None, MountOptions::default());
+    let m = LocalMount::new(&layer, &source, None, passthrough());
     require_passthrough(&m.stats());
     assert!(
         !m.cache.join("files").exists(),
@@ -195,7 +203,7 @@ fn copies_of_an_earlier_run_are_reused_and_a_new_ztoc_discards_them() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     {
-        let m = LocalMount::new(&layer, &source, Some(&cache), MountOptions::default());
+        let m = LocalMount::new(&layer, &source, Some(&cache), passthrough());
         m.make_fully_local(&layer);
         wait_until("every file copied", || m.stats().complete);
     }
@@ -205,7 +213,7 @@ fn copies_of_an_earlier_run_are_reused_and_a_new_ztoc_discards_them() {
         .next()
         .unwrap();
     let ino = std::fs::metadata(&copy).unwrap().ino();
-    let m = LocalMount::new(&layer, &source, Some(&cache), MountOptions::default());
+    let m = LocalMount::new(&layer, &source, Some(&cache), passthrough());
     m.make_fully_local(&layer);
     wait_until("every file copied", || m.stats().complete);
     assert_eq!(
@@ -224,7 +232,7 @@ fn copies_of_an_earlier_run_are_reused_and_a_new_ztoc_discards_them() {
         .file("x", 0o644, (0, 0), b"another layer")
         .finish();
     let source = other.source();
-    let m = LocalMount::new(&other, &source, Some(&cache), MountOptions::default());
+    let m = LocalMount::new(&other, &source, Some(&cache), passthrough());
     assert!(
         !cache.join("files").exists(),
         "copies of another zTOC are removed with its spans"
@@ -284,7 +292,7 @@ fn passthrough_refused_by_the_kernel_falls_back_to_the_daemon() {
     let layer = layer();
     let source = layer.source();
     let cache = overlay.merged.join("cache");
-    let m = LocalMount::new(&layer, &source, Some(&cache), MountOptions::default());
+    let m = LocalMount::new(&layer, &source, Some(&cache), passthrough());
     require_passthrough(&m.stats());
     m.make_fully_local(&layer);
     wait_until("every file copied", || m.stats().complete);
@@ -316,11 +324,7 @@ fn passthrough_refused_by_the_kernel_falls_back_to_the_daemon() {
 fn without_passthrough_nothing_is_copied_and_the_daemon_serves_reads() {
     let layer = layer();
     let source = layer.source();
-    let options = MountOptions {
-        passthrough: false,
-        ..MountOptions::default()
-    };
-    let m = LocalMount::new(&layer, &source, None, options);
+    let m = LocalMount::new(&layer, &source, None, MountOptions::default());
     m.make_fully_local(&layer);
     for (path, bytes) in files(&layer) {
         assert!(m.read(&path) == bytes, "{path}: wrong bytes");
@@ -337,7 +341,7 @@ fn without_passthrough_nothing_is_copied_and_the_daemon_serves_reads() {
 fn a_file_open_while_the_layer_becomes_local_keeps_its_bytes_and_later_opens_pass_through() {
     let layer = layer();
     let source = layer.source();
-    let m = LocalMount::new(&layer, &source, None, MountOptions::default());
+    let m = LocalMount::new(&layer, &source, None, passthrough());
     require_passthrough(&m.stats());
     let expected = files(&layer)[2].1.clone(); // data/b, several spans
     let path = m.root.join("data/b");
