@@ -1,6 +1,6 @@
-//! FUSE passthrough once a layer is fully local: reads go to per-file copies without the
-//! daemon, fall back to the daemon when the kernel refuses, and never mix up bytes when the
-//! layer becomes local under an open file.
+//! Fully local reads: directories listed in tar order; FUSE passthrough once a layer is fully
+//! local (reads go to per-file copies without the daemon, fall back to the daemon when the
+//! kernel refuses, and never mix up bytes when the layer becomes local under an open file).
 
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -391,4 +391,32 @@ fn a_file_open_while_the_layer_becomes_local_keeps_its_bytes_and_later_opens_pas
     one.read_to_end(&mut a).unwrap();
     two.read_to_end(&mut b).unwrap();
     assert!(a == expected && b == expected);
+}
+
+#[test]
+fn directories_list_in_tar_order_so_a_tree_walk_reads_the_layer_front_to_back() {
+    // Names against their tar order, and enough of them for several readdir replies.
+    let names: Vec<String> = (0..300).rev().map(|i| format!("file-{i:03}")).collect();
+    let mut built = TestLayer::new().dir("d", 0o755);
+    built = built
+        .file("d/zeta", 0o644, (0, 0), b"z")
+        .dir("d/sub", 0o755);
+    for name in &names {
+        built = built.file(&format!("d/{name}"), 0o644, (0, 0), name.as_bytes());
+    }
+    let layer = built.file("d/alpha", 0o644, (0, 0), b"a").finish();
+    let source = layer.source();
+    let m = LocalMount::new(&layer, &source, None, MountOptions::default());
+    let listed: Vec<String> = std::fs::read_dir(m.root.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let mut expected = vec!["zeta".to_string(), "sub".to_string()];
+    expected.extend(names.iter().cloned());
+    expected.push("alpha".into());
+    assert_eq!(listed, expected, "readdir order is the tar's");
+    // The attributes readdirplus returned are the entries' own.
+    let meta = std::fs::symlink_metadata(m.root.join("d/sub")).unwrap();
+    assert!(meta.is_dir());
+    assert_eq!(m.read("d/file-007"), b"file-007");
 }
