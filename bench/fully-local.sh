@@ -13,7 +13,7 @@
 # interleaved so background load hits them alike. Prints `ratio lazy/disk: X` (the default
 # mount, medians) and writes
 # bench/results/fully-local.md (fully-local-tree.md with --tree) unless --small or --no-results. Needs root and /dev/fuse.
-# --small (64 MiB, 1 run) is a smoke test of the whole path, not a measurement.
+# --small (24 MiB, 1 run, about 15 s) is a smoke test of the whole path, not a measurement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ARGS="$*"
@@ -24,9 +24,9 @@ while [ $# -gt 0 ]; do
     --size-mb) SIZE_MB="$2"; shift 2 ;;
     --runs) RUNS="$2"; shift 2 ;;
     --tree) TREE="$2"; shift 2 ;;
-    --small) SIZE_MB=64 RUNS=1 RESULTS=false; shift ;;
+    --small) SIZE_MB=24 RUNS=1 RESULTS=false; shift ;;
     --no-results) RESULTS=false; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
