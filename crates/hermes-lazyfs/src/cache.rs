@@ -6,7 +6,11 @@
 //! - `spans`: which spans `data` holds (a bitmap behind a header naming the zTOC it belongs
 //!   to), replaced atomically (temp file, fsync, rename) after the span's bytes are synced, so
 //!   a bit is only ever set for bytes that are on disk;
-//! - `verified`: present once the whole blob was checked against the layer digest.
+//! - `verified`: present once the whole blob was checked against the layer digest;
+//! - `files/`, `copied`: per-file copies of a fully local layer for FUSE passthrough
+//!   ([`crate::local`]); once `copied` says `moved`, `data` no longer holds the regular files'
+//!   bytes (their ranges are punched out, so the layer is on disk once) and reading them from
+//!   here fails instead of returning zeros.
 //!
 //! A cache written for a different zTOC (other span layout or digests) is discarded on open.
 //! Bytes are verified before they are stored; the cache trusts the local disk. It does not
@@ -23,9 +27,12 @@ use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
-const DATA_FILE: &str = "data";
+pub(crate) const DATA_FILE: &str = "data";
 const BITMAP_FILE: &str = "spans";
 const VERIFIED_FILE: &str = "verified";
+/// `<key> moved|kept`: every per-file copy is complete and synced; `moved`: their bytes were
+/// punched out of `data`.
+const COPIED_FILE: &str = "copied";
 const MAGIC: &[u8; 8] = b"HRMSPAN1";
 const HEADER_LEN: usize = MAGIC.len() + 4 + 32;
 
@@ -38,6 +45,8 @@ pub struct SpanCache {
     key: [u8; 32],
     /// The bitmap; its lock also serializes rewrites of the bitmap file.
     present: Mutex<Vec<u8>>,
+    /// What `copied` recorded: `None`, or whether the files' bytes were moved out of `data`.
+    copied: Mutex<Option<bool>>,
 }
 
 impl SpanCache {
@@ -86,6 +95,8 @@ impl SpanCache {
                 data.set_len(0).map_err(err(&data_path, "truncating"))?;
                 remove_if_present(&dir.join(VERIFIED_FILE))?;
                 remove_if_present(&bitmap_path)?;
+                remove_if_present(&dir.join(COPIED_FILE))?;
+                remove_dir_if_present(&dir.join(crate::local::FILES_DIR))?;
                 vec![0; bitmap_len]
             }
         };
@@ -94,12 +105,20 @@ impl SpanCache {
         if len < size {
             data.set_len(size).map_err(err(&data_path, "sizing"))?;
         }
+        let copied = fs::read_to_string(dir.join(COPIED_FILE))
+            .ok()
+            .and_then(|text| match text.trim_end().split_once(' ') {
+                Some((k, "moved")) if k == hex(&key) => Some(true),
+                Some((k, "kept")) if k == hex(&key) => Some(false),
+                _ => None,
+            });
         Ok(Self {
             dir: dir.to_owned(),
             data,
             span_count,
             key,
             present: Mutex::new(present),
+            copied: Mutex::new(copied),
         })
     }
 
@@ -130,7 +149,13 @@ impl SpanCache {
     }
 
     /// Read `len` cached tar bytes at `offset`. The caller checks that the spans are present.
+    /// Fails once the layer's file bytes were moved to per-file copies.
     pub fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        if self.files_copied() == Some(true) {
+            return Err(Error::MovedToCopies {
+                path: self.dir.join(DATA_FILE),
+            });
+        }
         let mut buf = vec![0; len];
         self.data
             .read_exact_at(&mut buf, offset)
@@ -178,6 +203,33 @@ impl SpanCache {
         bytes.extend_from_slice(&next);
         write_atomic(&self.dir, BITMAP_FILE, &bytes)?;
         *bitmap = next;
+        Ok(())
+    }
+
+    /// Whether the per-file copies are complete (recorded by [`SpanCache::record_copies`]),
+    /// and if so whether the files' bytes were moved out of `data`.
+    pub(crate) fn files_copied(&self) -> Option<bool> {
+        *self.copied.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record that every per-file copy is complete and synced; with `moved`, reading the
+    /// files' bytes from `data` fails from now on, and the caller may punch them out.
+    pub(crate) fn record_copies(&self, moved: bool) -> Result<()> {
+        let word = if moved { "moved" } else { "kept" };
+        let text = format!("{} {word}\n", hex(&self.key));
+        write_atomic(&self.dir, COPIED_FILE, text.as_bytes())?;
+        *self.copied.lock().unwrap_or_else(|e| e.into_inner()) = Some(moved);
+        Ok(())
+    }
+
+    /// Free the disk blocks of `ranges` of `data` (their bytes were moved elsewhere). Best
+    /// effort: returns the error of a filesystem that cannot punch holes.
+    pub(crate) fn punch(&self, ranges: impl Iterator<Item = (u64, u64)>) -> std::io::Result<()> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        for (offset, len) in ranges {
+            fallocate(&self.data, flags, offset, len)?;
+        }
         Ok(())
     }
 
@@ -245,8 +297,19 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
+fn remove_dir_if_present(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Cache {
+            path: path.to_owned(),
+            what: "removing",
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Replace `dir/name` with `bytes`: temp file, fsync, rename, fsync of the directory.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let target = dir.join(name);
     let err = |path: &Path, what| {

@@ -777,6 +777,16 @@ impl LayerReader {
         self.changed.notify_all();
     }
 
+    /// Wait while the layer is lazy and `stop` is unset (set it, then [`LayerReader::wake`]);
+    /// returns the state then.
+    pub(crate) fn wait_while_lazy(&self, stop: &AtomicBool) -> LayerState {
+        let mut flight = self.lock();
+        while flight.state == LayerState::Lazy && !stop.load(Ordering::Relaxed) {
+            flight = self.changed.wait(flight).unwrap_or_else(|e| e.into_inner());
+        }
+        flight.state.clone()
+    }
+
     /// Set the layer's state (a broken layer stays broken).
     pub(crate) fn set_state(&self, state: LayerState) {
         let mut flight = self.lock();

@@ -11,7 +11,7 @@ use hermes_lazyfs::{FetchLimit, LayerReader, MountHandle, OpenPrefetch, mount, m
 use crate::layer::{Built, Source, TestLayer, noise, wait_until};
 
 /// Fail loudly when the machine cannot mount FUSE.
-fn require_fuse() {
+pub fn require_fuse() {
     assert!(
         Path::new("/dev/fuse").exists(),
         "these tests mount FUSE: /dev/fuse is missing (load the fuse module: modprobe fuse)"
