@@ -25,7 +25,7 @@ mod reader;
 mod tree;
 
 pub use background::{BackgroundFetcher, LayerDigest, Outcome};
-pub use cache::SpanCache;
+pub use cache::{FLUSH_INTERVAL, SpanCache};
 pub use error::{BrokenReason, Error, Result};
 pub use fuse::{MountHandle, mount, mount_with};
 pub use prefetch::OpenPrefetch;
