@@ -10,8 +10,9 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
@@ -44,6 +45,8 @@ struct LazyFs {
     /// Directories whose files were queued as neighbours already (once per mount is enough:
     /// what they fetched stays cached).
     siblings_queued: Mutex<HashSet<u64>>,
+    /// Lookup requests answered, shared with the [`MountHandle`].
+    lookups: Arc<AtomicU64>,
 }
 
 impl LazyFs {
@@ -125,6 +128,27 @@ impl LazyFs {
     }
 }
 
+/// The attributes of a negative entry: only the node id 0 matters to the kernel.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLOCK,
+        flags: 0,
+    }
+}
+
 fn file_type(kind: Kind) -> FileType {
     match kind {
         Kind::Dir => FileType::Directory,
@@ -149,6 +173,7 @@ fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
 
 impl Filesystem for LazyFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
         match self.node(parent) {
             Ok(dir) if dir.kind != Kind::Dir => reply.error(Errno::ENOTDIR),
             Ok(_) => match self.tree.lookup(parent.0, name.as_bytes()) {
@@ -156,7 +181,10 @@ impl Filesystem for LazyFs {
                     Some(node) => reply.entry(&TTL, &self.attr(ino, node), Generation(0)),
                     None => reply.error(Errno::ENOENT),
                 },
-                None => reply.error(Errno::ENOENT),
+                // A negative entry (node id 0) the kernel keeps for TTL: the layer never gains
+                // the name, and Python's import probes every sys.path entry for names that
+                // are not there.
+                None => reply.entry(&TTL, &negative_entry(), Generation(0)),
             },
             Err(e) => reply.error(e),
         }
@@ -291,6 +319,7 @@ pub struct MountHandle {
     /// The FUSE connection's device number, to abort a mount that will not unmount.
     dev: u64,
     reader: Arc<LayerReader>,
+    lookups: Arc<AtomicU64>,
 }
 
 /// Mount `reader`'s layer read-only at `mountpoint` (an existing directory), fetching only what
@@ -334,11 +363,13 @@ pub fn mount_with(
     let prefetch = open_prefetch
         .map(|options| Prefetcher::start(Arc::clone(&reader), options))
         .transpose()?;
+    let lookups = Arc::new(AtomicU64::new(0));
     let fs = LazyFs {
         tree,
         reader: Arc::clone(&reader),
         prefetch,
         siblings_queued: Mutex::new(HashSet::new()),
+        lookups: Arc::clone(&lookups),
     };
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(mount_err)?;
     let mut handle = MountHandle {
@@ -346,6 +377,7 @@ pub fn mount_with(
         mountpoint: mountpoint.to_owned(),
         dev: 0,
         reader,
+        lookups,
     };
     // The INIT handshake is done: this stat is answered by the new filesystem.
     handle.dev = std::fs::metadata(mountpoint).map_err(mount_err)?.dev();
@@ -362,6 +394,12 @@ impl MountHandle {
     /// The reader behind the mount.
     pub fn reader(&self) -> &Arc<LayerReader> {
         &self.reader
+    }
+
+    /// Lookup requests the filesystem answered (names the kernel found in its cache, negative
+    /// ones included, never arrive).
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
     }
 
     /// Unmount and wait for the request threads to end.
