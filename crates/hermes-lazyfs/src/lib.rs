@@ -31,5 +31,5 @@ pub use fuse::{MountHandle, mount, mount_with};
 pub use prefetch::OpenPrefetch;
 pub use reader::{
     DEFAULT_FETCH_LIMIT, FetchLimit, LatencyHistogram, LayerReader, LayerState,
-    READ_LATENCY_BOUNDS, ReaderStats,
+    READ_LATENCY_BOUNDS, ReaderStats, TracedBytes,
 };

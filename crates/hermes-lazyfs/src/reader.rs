@@ -79,8 +79,11 @@ pub struct ReaderStats {
     pub verify_failures: u64,
     /// Times the background fetcher paused because reads were fetching.
     pub background_pauses: u64,
-    /// Spans fetched ahead of reads by open-time prefetch (also counted in `spans_fetched`).
+    /// Spans fetched ahead of reads by open-time prefetch and readahead (also counted in
+    /// `spans_fetched`).
     pub prefetch_spans_fetched: u64,
+    /// Times a readahead span waited for reads to finish fetching.
+    pub readahead_waits: u64,
     /// Most range requests that were in flight at once on this reader's [`FetchLimit`].
     pub max_concurrent_requests: u64,
     /// How long [`LayerReader::read`] calls took, fetches included.
@@ -148,6 +151,7 @@ struct Counters {
     verify_failures: AtomicU64,
     background_pauses: AtomicU64,
     prefetch_spans_fetched: AtomicU64,
+    readahead_waits: AtomicU64,
     read_latency: LatencyCounters,
 }
 
@@ -258,6 +262,8 @@ struct Flight {
     fetching: HashSet<SpanId>,
     /// Foreground fetches (reads and open-time prefetch) in progress.
     foreground: usize,
+    /// Fetches of reads (not prefetch) in progress.
+    reads: usize,
     /// When the last foreground fetch ended.
     last_foreground: Option<std::time::Instant>,
     state: LayerState,
@@ -291,12 +297,45 @@ struct Kept {
     spans: HashSet<SpanId>,
 }
 
-/// The spans reads touched first, in order, while a recording window is open.
+/// The spans reads touched first, in order, and the tar bytes they read, while a recording
+/// window is open.
 #[derive(Debug, Default)]
 struct Trace {
     until: Option<std::time::Instant>,
     seen: HashSet<SpanId>,
     spans: Vec<SpanId>,
+    /// Disjoint, non-adjacent tar byte ranges read: start → end.
+    ranges: std::collections::BTreeMap<u64, u64>,
+}
+
+impl Trace {
+    /// Add `start..end` to the ranges read, merging it with those it touches.
+    fn add_range(&mut self, mut start: u64, mut end: u64) {
+        if let Some((&s, &e)) = self.ranges.range(..=start).next_back()
+            && e >= start
+        {
+            start = s;
+            end = end.max(e);
+        }
+        let touching: Vec<u64> = self.ranges.range(start..=end).map(|(&s, _)| s).collect();
+        for s in touching {
+            if let Some(e) = self.ranges.remove(&s) {
+                end = end.max(e);
+            }
+        }
+        self.ranges.insert(start, end);
+    }
+}
+
+/// How much of a layer the reads of a trace window read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TracedBytes {
+    /// Distinct tar bytes read (through FUSE: with the kernel's readahead).
+    pub uncompressed: u64,
+    /// Their share of the compressed blob: for each span, the compressed bytes of the span in
+    /// proportion to the part of its uncompressed bytes that were read (compression is taken
+    /// as uniform within a span). What a fetch of exactly the bytes read would cost.
+    pub compressed: u64,
 }
 
 impl std::fmt::Debug for LayerReader {
@@ -326,6 +365,7 @@ impl LayerReader {
             flight: Mutex::new(Flight {
                 fetching: HashSet::new(),
                 foreground: 0,
+                reads: 0,
                 last_foreground: None,
                 state: LayerState::Lazy,
             }),
@@ -440,6 +480,7 @@ impl LayerReader {
             verify_failures: get(&c.verify_failures),
             background_pauses: get(&c.background_pauses),
             prefetch_spans_fetched: get(&c.prefetch_spans_fetched),
+            readahead_waits: get(&c.readahead_waits),
             max_concurrent_requests: self.limit.peak() as u64,
             read_latency: c.read_latency.snapshot(),
         }
@@ -461,7 +502,7 @@ impl LayerReader {
             return Ok(Vec::new());
         }
         let spans = self.ztoc.span_of(offset)..=self.ztoc.span_of(end - 1);
-        self.record(spans.clone());
+        self.record(spans.clone(), offset..end);
         if !self.ensure(spans)? {
             bump(&self.counters.cache_hits, 1);
         }
@@ -482,6 +523,26 @@ impl LayerReader {
         t.until = Some(std::time::Instant::now() + window);
     }
 
+    /// What the reads of the trace window read so far (see [`TracedBytes`]).
+    pub fn traced_bytes(&self) -> TracedBytes {
+        let t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = TracedBytes::default();
+        for (&start, &end) in &t.ranges {
+            out.uncompressed += end - start;
+            for id in self.ztoc.span_of(start)..=self.ztoc.span_of(end - 1) {
+                let Some(span) = self.ztoc.span(id) else {
+                    continue;
+                };
+                let (u, c) = (&span.uncompressed, &span.compressed);
+                let read = end.min(u.end).saturating_sub(start.max(u.start));
+                let whole = (u.end - u.start).max(1);
+                out.compressed +=
+                    ((u128::from(read) * u128::from(c.end - c.start)) / u128::from(whole)) as u64;
+            }
+        }
+        out
+    }
+
     /// The trace so far, and whether its window has closed.
     pub fn trace(&self) -> (Vec<SpanId>, bool) {
         let t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
@@ -489,9 +550,10 @@ impl LayerReader {
         (t.spans.clone(), closed)
     }
 
-    fn record(&self, spans: RangeInclusive<SpanId>) {
+    fn record(&self, spans: RangeInclusive<SpanId>, bytes: std::ops::Range<u64>) {
         let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
         if t.until.is_some_and(|u| std::time::Instant::now() < u) {
+            t.add_range(bytes.start, bytes.end);
             for id in spans {
                 if t.seen.insert(id) {
                     t.spans.push(id);
@@ -545,6 +607,51 @@ impl LayerReader {
             }
             next = run[run.len() - 1] + 1;
             let claim = Claim::new(self, &mut flight, run, Priority::Prefetch);
+            drop(flight);
+            let result = self.fetch_claimed(&claim.ids, Priority::Prefetch);
+            claim.finish(result)?;
+        }
+        Ok(())
+    }
+
+    /// Fetch the missing spans of `ids` one per request, each once no read is fetching (span
+    /// readahead: the link's idle time goes to the spans after a miss, a read never shares it
+    /// with more than one). Spans other threads are fetching are skipped; `stop` ends the wait.
+    pub(crate) fn readahead(
+        &self,
+        ids: RangeInclusive<SpanId>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<()> {
+        for id in ids {
+            if id >= self.ztoc.span_count() {
+                return Ok(());
+            }
+            let mut flight = self.lock();
+            let mut waited = false;
+            loop {
+                if let LayerState::Broken(reason) = &flight.state {
+                    return Err(Error::Broken(reason.clone()));
+                }
+                if flight.reads == 0 || stop() {
+                    break;
+                }
+                if !waited {
+                    waited = true;
+                    bump(&self.counters.readahead_waits, 1);
+                }
+                // Timed, so that a stop is seen even while a read hangs.
+                flight = self
+                    .changed
+                    .wait_timeout(flight, std::time::Duration::from_millis(50))
+                    .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+            }
+            if stop() {
+                return Ok(());
+            }
+            if self.cache.contains(id) || flight.fetching.contains(&id) {
+                continue;
+            }
+            let claim = Claim::new(self, &mut flight, vec![id], Priority::Prefetch);
             drop(flight);
             let result = self.fetch_claimed(&claim.ids, Priority::Prefetch);
             claim.finish(result)?;
@@ -842,6 +949,9 @@ impl<'a> Claim<'a> {
         if priority.is_foreground() {
             flight.foreground += 1;
         }
+        if priority == Priority::Foreground {
+            flight.reads += 1;
+        }
         Self {
             reader,
             ids,
@@ -868,6 +978,9 @@ impl Drop for Claim<'_> {
         if self.priority.is_foreground() {
             flight.foreground -= 1;
             flight.last_foreground = Some(std::time::Instant::now());
+        }
+        if self.priority == Priority::Foreground {
+            flight.reads -= 1;
         }
         if let Some(reason) = self.broken.take() {
             self.reader
