@@ -57,7 +57,7 @@ impl LazyFs {
     /// Queue the spans of an opened file, then of the files after it in its directory (in tar
     /// order, then those before it) up to the neighbour budget.
     fn prefetch_on_open(&self, node: &Node) {
-        let Some(prefetcher) = self.prefetch.as_ref().filter(|p| p.options().on_open) else {
+        let Some(prefetcher) = &self.prefetch else {
             return;
         };
         let Some(range) = node.data_range() else {
@@ -104,30 +104,6 @@ impl LazyFs {
             if hi - lo - own_len == budget {
                 break;
             }
-        }
-    }
-
-    /// Queue the spans after the one a read ending at file offset `end` needs, if that span
-    /// is missing (see [`OpenPrefetch::readahead_spans`]).
-    fn readahead(&self, node: &Node, end: u64) {
-        let Some(prefetcher) = &self.prefetch else {
-            return;
-        };
-        let count = prefetcher.options().readahead_spans;
-        let Some(range) = node.data_range().filter(|_| count > 0) else {
-            return;
-        };
-        let last = range
-            .start
-            .saturating_add(end)
-            .min(range.end)
-            .saturating_sub(1);
-        let span = self.reader.ztoc().span_of(last);
-        if !self.reader.cache().contains(span) {
-            prefetcher.schedule(
-                span.saturating_add(1)..=span.saturating_add(count),
-                prefetch::Kind::Readahead,
-            );
         }
     }
 
@@ -263,7 +239,6 @@ impl Filesystem for LazyFs {
             return reply.data(&[]);
         }
         let len = u64::from(size).min(node.size - offset);
-        self.readahead(node, offset + len);
         match node.read(&self.reader, offset, len) {
             Ok(bytes) => reply.data(&bytes),
             Err(e) => reply.error(errno(&e)),

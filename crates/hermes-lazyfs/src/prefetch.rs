@@ -9,12 +9,6 @@
 //! a package's imports read next. Requests go through the reader's [`FetchLimit`], where reads
 //! come first, so a prefetch never delays a read of another file.
 //!
-//! Span readahead: a read that misses span `s` also queues spans `s+1..=s+readahead_spans` (tar
-//! order: the modules of a package lie together). They are fetched one span per request and
-//! only while no read is fetching, so they fill the link's idle time (the container's own CPU
-//! time between two misses) instead of sharing it with a read; the newest misses' spans go
-//! first, and old jobs are dropped once [`MAX_READAHEAD_JOBS`] wait.
-//!
 //! It deliberately does no verification or caching of its own (the reader does both) and keeps
 //! no state across mounts. The queue is bounded; when full, new work is dropped (reads still
 //! fetch what they need).
@@ -33,9 +27,6 @@ use crate::{Error, LayerReader, LayerState, Result};
 /// Most queued prefetch jobs of each kind; beyond this new work is dropped.
 const MAX_QUEUED: usize = 4096;
 
-/// Most queued readahead jobs; the oldest go first (the reads have moved on).
-const MAX_READAHEAD_JOBS: usize = 16;
-
 /// How open-time prefetch runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpenPrefetch {
@@ -48,11 +39,6 @@ pub struct OpenPrefetch {
     /// Spans beyond the opened file's own that may be fetched for the files next to it in its
     /// directory (0: the opened file only).
     pub sibling_spans: u32,
-    /// Spans after a read's missing span to fetch while no read is fetching (0: none).
-    pub readahead_spans: u32,
-    /// Fetch an opened file's spans (and its neighbours') at open; `false` leaves only the
-    /// readahead.
-    pub on_open: bool,
 }
 
 impl Default for OpenPrefetch {
@@ -61,8 +47,6 @@ impl Default for OpenPrefetch {
             workers: 4,
             request_bytes: 4 << 20,
             sibling_spans: 4,
-            readahead_spans: 0,
-            on_open: true,
         }
     }
 }
@@ -87,8 +71,6 @@ struct Queue {
     files: VecDeque<RangeInclusive<SpanId>>,
     /// Spans of their neighbours, fetched when no opened file's spans wait.
     siblings: VecDeque<RangeInclusive<SpanId>>,
-    /// Spans after reads' misses, newest first, fetched last.
-    readahead: VecDeque<RangeInclusive<SpanId>>,
     stop: bool,
 }
 
@@ -99,8 +81,6 @@ pub(crate) enum Kind {
     File,
     /// Spans of files next to it.
     Sibling,
-    /// Spans after a read's miss.
-    Readahead,
 }
 
 impl Prefetcher {
@@ -170,17 +150,9 @@ impl Prefetcher {
             return;
         }
         let mut queue = self.shared.lock();
-        if kind == Kind::Readahead {
-            for job in jobs.into_iter().rev() {
-                queue.readahead.push_front(job);
-            }
-            queue.readahead.truncate(MAX_READAHEAD_JOBS);
-            self.shared.changed.notify_all();
-            return;
-        }
         let q = match kind {
             Kind::File => &mut queue.files,
-            _ => &mut queue.siblings,
+            Kind::Sibling => &mut queue.siblings,
         };
         let room = MAX_QUEUED.saturating_sub(q.len());
         if room < jobs.len() {
@@ -201,20 +173,18 @@ impl Shared {
 /// One worker: take the next job (opened files first) and fetch it, until stopped.
 fn work(shared: &Shared) {
     loop {
-        let (job, kind) = {
+        let job = {
             let mut queue = shared.lock();
             loop {
                 if queue.stop {
                     return;
                 }
-                if let Some(job) = queue.files.pop_front() {
-                    break (job, Kind::File);
-                }
-                if let Some(job) = queue.siblings.pop_front() {
-                    break (job, Kind::Sibling);
-                }
-                if let Some(job) = queue.readahead.pop_front() {
-                    break (job, Kind::Readahead);
+                if let Some(job) = queue
+                    .files
+                    .pop_front()
+                    .or_else(|| queue.siblings.pop_front())
+                {
+                    break job;
                 }
                 queue = shared
                     .changed
@@ -224,14 +194,10 @@ fn work(shared: &Shared) {
         };
         // A failed prefetch costs nothing but the time: the read that needs the span fetches
         // it again and reports the error. A broken layer is recorded by the reader.
-        let result = if kind == Kind::Readahead {
-            shared.reader.readahead(job.clone(), &|| shared.lock().stop)
-        } else {
-            shared
-                .reader
-                .prefetch_ahead(job.clone(), shared.options.request_bytes)
-        };
-        if let Err(e) = result {
+        if let Err(e) = shared
+            .reader
+            .prefetch_ahead(job.clone(), shared.options.request_bytes)
+        {
             tracing::debug!(first = job.start(), last = job.end(), error = %e, "open-time prefetch failed");
         }
     }

@@ -79,11 +79,8 @@ pub struct ReaderStats {
     pub verify_failures: u64,
     /// Times the background fetcher paused because reads were fetching.
     pub background_pauses: u64,
-    /// Spans fetched ahead of reads by open-time prefetch and readahead (also counted in
-    /// `spans_fetched`).
+    /// Spans fetched ahead of reads by open-time prefetch (also counted in `spans_fetched`).
     pub prefetch_spans_fetched: u64,
-    /// Times a readahead span waited for reads to finish fetching.
-    pub readahead_waits: u64,
     /// Most range requests that were in flight at once on this reader's [`FetchLimit`].
     pub max_concurrent_requests: u64,
     /// How long [`LayerReader::read`] calls took, fetches included.
@@ -151,7 +148,6 @@ struct Counters {
     verify_failures: AtomicU64,
     background_pauses: AtomicU64,
     prefetch_spans_fetched: AtomicU64,
-    readahead_waits: AtomicU64,
     read_latency: LatencyCounters,
 }
 
@@ -262,8 +258,6 @@ struct Flight {
     fetching: HashSet<SpanId>,
     /// Foreground fetches (reads and open-time prefetch) in progress.
     foreground: usize,
-    /// Fetches of reads (not prefetch) in progress.
-    reads: usize,
     /// When the last foreground fetch ended.
     last_foreground: Option<std::time::Instant>,
     state: LayerState,
@@ -365,7 +359,6 @@ impl LayerReader {
             flight: Mutex::new(Flight {
                 fetching: HashSet::new(),
                 foreground: 0,
-                reads: 0,
                 last_foreground: None,
                 state: LayerState::Lazy,
             }),
@@ -480,7 +473,6 @@ impl LayerReader {
             verify_failures: get(&c.verify_failures),
             background_pauses: get(&c.background_pauses),
             prefetch_spans_fetched: get(&c.prefetch_spans_fetched),
-            readahead_waits: get(&c.readahead_waits),
             max_concurrent_requests: self.limit.peak() as u64,
             read_latency: c.read_latency.snapshot(),
         }
@@ -607,51 +599,6 @@ impl LayerReader {
             }
             next = run[run.len() - 1] + 1;
             let claim = Claim::new(self, &mut flight, run, Priority::Prefetch);
-            drop(flight);
-            let result = self.fetch_claimed(&claim.ids, Priority::Prefetch);
-            claim.finish(result)?;
-        }
-        Ok(())
-    }
-
-    /// Fetch the missing spans of `ids` one per request, each once no read is fetching (span
-    /// readahead: the link's idle time goes to the spans after a miss, a read never shares it
-    /// with more than one). Spans other threads are fetching are skipped; `stop` ends the wait.
-    pub(crate) fn readahead(
-        &self,
-        ids: RangeInclusive<SpanId>,
-        stop: &dyn Fn() -> bool,
-    ) -> Result<()> {
-        for id in ids {
-            if id >= self.ztoc.span_count() {
-                return Ok(());
-            }
-            let mut flight = self.lock();
-            let mut waited = false;
-            loop {
-                if let LayerState::Broken(reason) = &flight.state {
-                    return Err(Error::Broken(reason.clone()));
-                }
-                if flight.reads == 0 || stop() {
-                    break;
-                }
-                if !waited {
-                    waited = true;
-                    bump(&self.counters.readahead_waits, 1);
-                }
-                // Timed, so that a stop is seen even while a read hangs.
-                flight = self
-                    .changed
-                    .wait_timeout(flight, std::time::Duration::from_millis(50))
-                    .map_or_else(|e| e.into_inner().0, |(g, _)| g);
-            }
-            if stop() {
-                return Ok(());
-            }
-            if self.cache.contains(id) || flight.fetching.contains(&id) {
-                continue;
-            }
-            let claim = Claim::new(self, &mut flight, vec![id], Priority::Prefetch);
             drop(flight);
             let result = self.fetch_claimed(&claim.ids, Priority::Prefetch);
             claim.finish(result)?;
@@ -949,9 +896,6 @@ impl<'a> Claim<'a> {
         if priority.is_foreground() {
             flight.foreground += 1;
         }
-        if priority == Priority::Foreground {
-            flight.reads += 1;
-        }
         Self {
             reader,
             ids,
@@ -978,9 +922,6 @@ impl Drop for Claim<'_> {
         if self.priority.is_foreground() {
             flight.foreground -= 1;
             flight.last_foreground = Some(std::time::Instant::now());
-        }
-        if self.priority == Priority::Foreground {
-            flight.reads -= 1;
         }
         if let Some(reason) = self.broken.take() {
             self.reader

@@ -48,7 +48,6 @@ fn file_only() -> OpenPrefetch {
         workers: 4,
         request_bytes: 192 << 10,
         sibling_spans: 0,
-        ..OpenPrefetch::default()
     }
 }
 
@@ -242,109 +241,4 @@ fn the_background_fetcher_waits_while_an_open_time_prefetch_is_in_flight() {
         std::fs::read(m.root.join("pkg/big.bin")).unwrap(),
         content(&layer, "pkg/big.bin")
     );
-}
-
-/// A small module followed in the tar by modules of noise spanning several spans.
-fn modules_layer() -> Built {
-    TestLayer::new()
-        .dir("pkg", 0o755)
-        .file("pkg/a.py", 0o644, (0, 0), &noise(2_000, 11))
-        .file("pkg/b.py", 0o644, (0, 0), &noise(150_000, 12))
-        .file("pkg/c.py", 0o644, (0, 0), &noise(150_000, 13))
-        .file("pkg/d.py", 0o644, (0, 0), &noise(150_000, 14))
-        .finish()
-}
-
-#[test]
-fn a_read_that_misses_also_fetches_the_next_spans_in_tar_order() {
-    let layer = modules_layer();
-    let source = layer.source();
-    let readahead = OpenPrefetch {
-        sibling_spans: 0,
-        readahead_spans: 2,
-        on_open: false,
-        ..OpenPrefetch::default()
-    };
-    let m = Mounted::with_prefetch(&layer, &source, 4, Some(readahead));
-    assert_eq!(
-        std::fs::read(m.root.join("pkg/a.py")).unwrap(),
-        content(&layer, "pkg/a.py")
-    );
-    let own = spans(&layer, "pkg/a.py");
-    assert!(*own.end() + 3 < layer.ztoc.span_count());
-    wait_until("the readahead of the two spans after pkg/a.py", || {
-        m.reader().stats().prefetch_spans_fetched == 2
-    });
-    let cached: Vec<u32> = (0..layer.ztoc.span_count())
-        .filter(|&i| m.reader().cache().contains(i))
-        .collect();
-    let expected: Vec<u32> = (*own.start()..=*own.end() + 2).collect();
-    assert_eq!(cached, expected, "the read's spans and the two after them");
-    // The next module lies in the spans read ahead: reading it fetches nothing.
-    let requests = source.requests();
-    let b = layer.file_range("pkg/b.py");
-    assert!(layer.ztoc.span_of(b.start + 100_000) <= *own.end() + 2);
-    let mut f = std::fs::File::open(m.root.join("pkg/b.py")).unwrap();
-    let mut head = vec![0; 50_000];
-    std::io::Read::read_exact(&mut f, &mut head).unwrap();
-    assert_eq!(head, content(&layer, "pkg/b.py")[..50_000]);
-    assert_eq!(
-        source.requests(),
-        requests,
-        "pkg/b.py's start was read ahead"
-    );
-}
-
-#[test]
-fn readahead_waits_while_a_read_is_fetching() {
-    let layer = modules_layer();
-    let source = layer.source();
-    let readahead = OpenPrefetch {
-        sibling_spans: 0,
-        readahead_spans: 2,
-        on_open: false,
-        ..OpenPrefetch::default()
-    };
-    // The read of pkg/d.py's end stays in flight until released.
-    let d = layer.file_range("pkg/d.py");
-    let held = layer.ztoc.span(layer.ztoc.span_of(d.end - 1)).unwrap();
-    source.hold_range(held.compressed.clone());
-    let m = Mounted::with_prefetch(&layer, &source, 4, Some(readahead));
-    let _release = Release(&source);
-    let tail = std::thread::spawn({
-        let path = m.root.join("pkg/d.py");
-        move || {
-            let mut f = std::fs::File::open(path).unwrap();
-            std::io::Seek::seek(&mut f, std::io::SeekFrom::End(-10)).unwrap();
-            let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut f, &mut buf).unwrap();
-            buf
-        }
-    });
-    wait_until("the read of pkg/d.py's end waiting for its fetch", || {
-        source.blocked() >= 1
-    });
-    assert_eq!(
-        std::fs::read(m.root.join("pkg/a.py")).unwrap(),
-        content(&layer, "pkg/a.py")
-    );
-    wait_until("the readahead to wait for the read in flight", || {
-        m.reader().stats().readahead_waits >= 1
-    });
-    let own = spans(&layer, "pkg/a.py");
-    let ahead = layer.ztoc.span(*own.end() + 1).unwrap();
-    assert!(
-        !source
-            .log()
-            .iter()
-            .any(|r| r.start == ahead.compressed.start),
-        "readahead fetched while a read was fetching"
-    );
-    assert_eq!(m.reader().stats().prefetch_spans_fetched, 0);
-    source.release();
-    let d_content = content(&layer, "pkg/d.py");
-    assert_eq!(tail.join().unwrap(), d_content[d_content.len() - 10..]);
-    wait_until("the readahead once no read is fetching", || {
-        m.reader().stats().prefetch_spans_fetched == 2
-    });
 }
