@@ -269,14 +269,15 @@ class Bench:
             # pull) and the container exits at LAZY's exited_s from pull start.
             int(lazy["exited_s"] * 1.2) + 10 if lazy else 120)
         url = self.start_controller()
-        self.node.extra = ["--controller", url, "--trace-window", str(window)]
+        base = list(self.node.extra)
+        self.node.extra = base + ["--controller", url, "--trace-window", str(window)]
         log(f"replay: recording start, trace window {window}s, controller {url}")
         record = self.start("replay", wait_fully_local=False)
         profiles = self.wait_traces(url, timeout=window + 120)
         log(f"replay: the controller has profiles for {len(profiles)} layer(s): "
             + ", ".join(f"{n} spans" for n in profiles.values()))
         r = self.start("replay")
-        self.node.extra = []
+        self.node.extra = base
         r["record"] = {"trace_window_s": window, "profile_spans": profiles, "touched_bytes": self.touched,
                        "read_bytes": self.read["uncompressed"], "read_compressed_bytes": self.read["compressed"],
                        **{k: record[k] for k in ("running_s", "ready_s", "exited_s", "bytes_at_ready")}}
@@ -422,6 +423,8 @@ def main() -> int:
                          "exit time + 20%% + 10 s, or 120 s without the lazy mode)")
     ap.add_argument("--write-results", default="", help="write bench/results/startup-NAME.{md,json}")
     ap.add_argument("--check", action="store_true", help="fail unless lazy starts faster than normal")
+    ap.add_argument("--node-arg", action="append", default=[],
+                    help="an extra argument for `hermes node` (repeat), e.g. --node-arg=--no-background-fetch")
     ap.add_argument("--first-start", action="store_true",
                     help="modes normal,lazy,replay (unless --modes is given) plus a warm local run; report the "
                          "first lazy start against its physical limit")
@@ -474,7 +477,8 @@ def main() -> int:
         stack.push(layout_dir, "v1", direct)
         log(f"pushed {direct} ({compressed / 2**20:.0f} MiB compressed) in {time.monotonic() - t:.1f}s")
 
-        node = stack.Node(procs, hermes, os.path.join(state, "node"), os.path.join(state, "hermes.sock"))
+        node = stack.Node(procs, hermes, os.path.join(state, "node"), os.path.join(state, "hermes.sock"),
+                          extra=args.node_arg)
         containerd = stack.Containerd(procs, os.path.join(state, "containerd"), node.socket, args.containerd)
         log(f"containerd {containerd.version()} ({containerd.containerd_bin})")
 
