@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     BackgroundSession, BackingId, Config, Errno, FileAttr, FileHandle, FileType, Filesystem,
@@ -146,6 +146,8 @@ struct LazyFs {
     /// Listings of open directories by file handle, fixed at `opendir`.
     listings: Mutex<HashMap<u64, Listing>>,
     next_dir_handle: AtomicU64,
+    /// Lookup requests answered, shared with the [`MountHandle`].
+    lookups: Arc<AtomicU64>,
 }
 
 /// A directory's entries (inode, name), in the order `readdir` returns them.
@@ -350,6 +352,27 @@ impl LazyFs {
     }
 }
 
+/// The attributes of a negative entry: only the node id 0 matters to the kernel.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: BLOCK,
+        flags: 0,
+    }
+}
+
 fn file_type(kind: Kind) -> FileType {
     match kind {
         Kind::Dir => FileType::Directory,
@@ -398,6 +421,7 @@ fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
 
 impl Filesystem for LazyFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
         match self.node(parent) {
             Ok(dir) if dir.kind != Kind::Dir => reply.error(Errno::ENOTDIR),
             Ok(_) => match self.tree.lookup(parent.0, name.as_bytes()) {
@@ -405,7 +429,10 @@ impl Filesystem for LazyFs {
                     Some(node) => reply.entry(&TTL, &self.attr(ino, node), Generation(0)),
                     None => reply.error(Errno::ENOENT),
                 },
-                None => reply.error(Errno::ENOENT),
+                // A negative entry (node id 0) the kernel keeps for TTL: the layer never gains
+                // the name, and Python's import probes every sys.path entry for names that
+                // are not there.
+                None => reply.entry(&TTL, &negative_entry(), Generation(0)),
             },
             Err(e) => reply.error(e),
         }
@@ -631,6 +658,7 @@ pub struct MountHandle {
     passthrough: Arc<Passthrough>,
     /// Copies the layer's files once it is fully local; stopped on unmount.
     copier: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    lookups: Arc<AtomicU64>,
 }
 
 /// Mount `reader`'s layer read-only at `mountpoint` (an existing directory), fetching only what
@@ -706,6 +734,7 @@ pub fn mount_with_options(
         opens: AtomicU64::new(0),
         fallback_opens: AtomicU64::new(0),
     });
+    let lookups = Arc::new(AtomicU64::new(0));
     let fs = LazyFs {
         tree,
         reader: Arc::clone(&reader),
@@ -715,6 +744,7 @@ pub fn mount_with_options(
         opens: Mutex::new(HashMap::new()),
         listings: Mutex::new(HashMap::new()),
         next_dir_handle: AtomicU64::new(1),
+        lookups: Arc::clone(&lookups),
     };
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(mount_err)?;
     let mut handle = MountHandle {
@@ -724,6 +754,7 @@ pub fn mount_with_options(
         reader,
         passthrough,
         copier: None,
+        lookups,
     };
     // The INIT handshake is done: this stat is answered by the new filesystem.
     handle.dev = std::fs::metadata(mountpoint).map_err(mount_err)?.dev();
@@ -749,6 +780,12 @@ impl MountHandle {
     /// What passthrough did so far.
     pub fn passthrough_stats(&self) -> PassthroughStats {
         self.passthrough.stats()
+    }
+
+    /// Lookup requests the filesystem answered (names the kernel found in its cache, negative
+    /// ones included, never arrive).
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
     }
 
     /// Unmount and wait for the request threads to end.

@@ -29,7 +29,7 @@ mod reader;
 mod tree;
 
 pub use background::{BackgroundFetcher, LayerDigest, Outcome};
-pub use cache::SpanCache;
+pub use cache::{FLUSH_INTERVAL, SpanCache};
 pub use error::{BrokenReason, Error, Result};
 pub use fuse::{
     MountHandle, MountOptions, PassthroughStats, mount, mount_with, mount_with_options,
@@ -37,5 +37,5 @@ pub use fuse::{
 pub use prefetch::OpenPrefetch;
 pub use reader::{
     DEFAULT_FETCH_LIMIT, FetchLimit, LatencyHistogram, LayerReader, LayerState,
-    READ_LATENCY_BOUNDS, ReaderStats,
+    READ_LATENCY_BOUNDS, ReaderStats, TracedBytes,
 };

@@ -84,6 +84,13 @@ pub struct LayerStats {
     /// The trace's window has closed.
     #[serde(default)]
     pub trace_complete: bool,
+    /// Distinct tar bytes reads read during the trace window.
+    #[serde(default)]
+    pub trace_read_bytes: u64,
+    /// Their share of the compressed blob ([`hermes_lazyfs::TracedBytes::compressed`]): what
+    /// the first start needs from the registry at least.
+    #[serde(default)]
+    pub trace_read_compressed_bytes: u64,
     /// Spans prefetched from a startup profile.
     #[serde(default)]
     pub prefetched: u64,
@@ -171,6 +178,7 @@ pub fn serve_layer(
             info!(layer = %digest, seconds = secs, "layer is fully local");
         }
         let s = reader.stats();
+        let traced = reader.traced_bytes();
         let stats = LayerStats {
             layer: opts.layer.clone(),
             pid: std::process::id(),
@@ -196,6 +204,8 @@ pub fn serve_layer(
             fully_local_seconds,
             trace: reader.trace().0,
             trace_complete: opts.trace_window.is_some() && reader.trace().1,
+            trace_read_bytes: traced.uncompressed,
+            trace_read_compressed_bytes: traced.compressed,
             prefetched: prefetched.load(Ordering::Relaxed),
         };
         if let Err(e) = write_atomic(&opts.stats, &serde_json::to_vec(&stats).unwrap_or_default()) {

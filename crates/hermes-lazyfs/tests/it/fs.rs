@@ -406,6 +406,24 @@ fn reads_of_a_broken_layer_fail_with_eio() {
 }
 
 #[test]
+fn a_missing_name_is_looked_up_once_then_answered_by_the_kernel() {
+    let layer = rich_layer();
+    let source = layer.source();
+    let m = Mounted::new(&layer, &source);
+    let missing = m.root.join("no-such-module.py");
+    let before = m.handle().lookups();
+    for _ in 0..3 {
+        let e = std::fs::symlink_metadata(&missing).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    }
+    assert_eq!(
+        m.handle().lookups() - before,
+        1,
+        "the kernel must cache the negative entry: each later stat reached the filesystem"
+    );
+}
+
+#[test]
 fn unmount_leaves_nothing_in_the_mount_table() {
     let layer = rich_layer();
     let source = layer.source();
