@@ -5,7 +5,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use hermes_ztoc::RangeReader;
+use hermes_ztoc::{RangeReader, Ztoc};
 
 use crate::{Client, Digest, Reference};
 
@@ -59,6 +59,43 @@ impl RegistryRangeReader {
         self.mirror_check = Some(Arc::new(check));
         self
     }
+
+    /// Checks what mirrors serve against the blob's zTOC: every span wholly inside a read must
+    /// match its digest. (Bytes outside spans, the gzip header, have only the layer digest,
+    /// which the background fetch checks.) This costs one more SHA-256 of mirrored bytes and
+    /// is what makes a wrong mirror a retry at the next host instead of a broken layer.
+    pub fn with_span_check(self, ztoc: Arc<Ztoc>) -> Self {
+        self.with_mirror_check(move |offset, bytes| spans_verify(&ztoc, offset, bytes))
+    }
+}
+
+/// Whether every span of `ztoc` wholly inside `bytes` (read at `offset`) matches its digest.
+fn spans_verify(ztoc: &Ztoc, offset: u64, bytes: &[u8]) -> bool {
+    let end = offset.saturating_add(bytes.len() as u64);
+    // The first span that ends after `offset` (compressed ranges ascend with the id).
+    let (mut lo, mut hi) = (0, ztoc.span_count());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match ztoc.span(mid) {
+            Some(span) if span.compressed.end <= offset => lo = mid + 1,
+            _ => hi = mid,
+        }
+    }
+    let mut id = lo;
+    while let Some(span) = ztoc.span(id) {
+        if span.compressed.start >= end {
+            break;
+        }
+        if span.compressed.start >= offset && span.compressed.end <= end {
+            let at = (span.compressed.start - offset) as usize;
+            let to = (span.compressed.end - offset) as usize;
+            if ztoc.verify_span(&span, &bytes[at..to]).is_err() {
+                return false;
+            }
+        }
+        id += 1;
+    }
+    true
 }
 
 impl RangeReader for RegistryRangeReader {

@@ -72,6 +72,10 @@ pub struct NodeConfig {
     /// Docker `config.json` with registry credentials [default: `$DOCKER_CONFIG/config.json` or
     /// `~/.docker/config.json` when present].
     pub docker_config: Option<PathBuf>,
+    /// containerd's registry host configuration directory (its `config_path`): mirrors in
+    /// `<dir>/<registry>/hosts.toml` serve lazy reads first [default:
+    /// `/etc/containerd/certs.d` when it exists; `""` turns mirrors off].
+    pub registry_config_path: Option<PathBuf>,
     /// Address of the Prometheus `/metrics` endpoint; none: no endpoint.
     pub metrics: Option<SocketAddr>,
     /// Disk budget of all span caches, e.g. `50GiB`. A new lazy layer that would not fit falls
@@ -131,6 +135,7 @@ impl Default for NodeConfig {
             soci_from_registry: false,
             plain_http: false,
             docker_config: None,
+            registry_config_path: None,
             metrics: None,
             cache_size: 0,
             background_fetch: true,
