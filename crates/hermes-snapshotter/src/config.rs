@@ -298,6 +298,7 @@ root = "/data/hermes"
 socket = "/run/h.sock"
 soci_from_registry = true
 plain_http = true
+registry_config_path = "/etc/containerd/certs.d"
 metrics = "127.0.0.1:9465"
 cache_size = "2GiB"
 background_fetch = false
@@ -311,6 +312,7 @@ root: /data/hermes
 socket: /run/h.sock
 soci_from_registry: true
 plain_http: true
+registry_config_path: /etc/containerd/certs.d
 metrics: 127.0.0.1:9465
 cache_size: 2GiB
 background_fetch: false
@@ -323,6 +325,10 @@ controller:
         assert_eq!(a, b);
         assert_eq!(a.root, PathBuf::from("/data/hermes"));
         assert_eq!(a.cache_size, 2 << 30);
+        assert_eq!(
+            a.registry_config_path.as_deref(),
+            Some(Path::new("/etc/containerd/certs.d"))
+        );
         assert!(!a.background_fetch);
         let c = a.controller.unwrap();
         assert_eq!(c.url, "http://ctrl:8080");

@@ -41,7 +41,12 @@ pub struct RegistryArgs {
     /// `DIR/<registry>/hosts.toml` (or `DIR/_default/hosts.toml`) serve blob reads first, in
     /// order, the registry last; what they serve is verified. An empty value turns it off
     /// [default: /etc/containerd/certs.d when it exists].
-    #[arg(long, value_name = "DIR", env = "HERMES_REGISTRY_CONFIG_PATH")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "HERMES_REGISTRY_CONFIG_PATH",
+        value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from)
+    )]
     registry_config_path: Option<PathBuf>,
 }
 

@@ -92,7 +92,12 @@ pub struct ControllerArgs {
     /// containerd's registry host configuration directory (`config_path`): mirrors in
     /// `DIR/<registry>/hosts.toml` serve the blob reads of indexing first, the registry last.
     /// An empty value turns it off [default: /etc/containerd/certs.d when it exists].
-    #[arg(long, value_name = "DIR", env = "HERMES_REGISTRY_CONFIG_PATH")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "HERMES_REGISTRY_CONFIG_PATH",
+        value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from)
+    )]
     registry_config_path: Option<PathBuf>,
 }
 
