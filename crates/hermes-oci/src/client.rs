@@ -191,7 +191,21 @@ struct Inner {
     counters: Mutex<BTreeMap<String, Arc<HostCounters>>>,
     /// Mirrors that served wrong bytes of a blob: not asked for it again.
     distrusted: Mutex<HashSet<(String, Digest)>>,
+    /// Mirrors that answered a range read of a blob with the whole blob, and until when they
+    /// are left alone for it (see [`MIRROR_FILL_WAIT`]).
+    filling: Mutex<HashMap<(String, Digest), Instant>>,
 }
+
+/// How long a mirror that answered a range read with the whole blob is not asked for that blob
+/// again. A pull-through cache does that on a miss (distribution 2.8 streams the blob from the
+/// registry to answer, and again to store it): reading up to our slice would pull a prefix of
+/// the blob through the registry for every read until the mirror has stored it. Instead the
+/// read hangs up at once and goes to the next host, and the mirror is asked again after this
+/// long, when it has usually stored the blob and answers ranges.
+const MIRROR_FILL_WAIT: Duration = Duration::from_secs(10);
+
+/// The most (mirror, blob) pairs remembered as distrusted or filling.
+const MAX_HOST_BLOB_MARKS: usize = 4096;
 
 /// One host blobs are read from: a mirror or the registry itself, as configured.
 #[derive(Debug)]
@@ -433,6 +447,7 @@ impl Client {
                 endpoints: Mutex::new(HashMap::new()),
                 counters: Mutex::new(BTreeMap::new()),
                 distrusted: Mutex::new(HashSet::new()),
+                filling: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -969,7 +984,10 @@ impl Client {
                 }
                 Err(e) => {
                     ep.counters.failures.fetch_add(1, Ordering::Relaxed);
-                    if ep.mirror {
+                    if let Error::MirrorSentWholeBlob { .. } = e {
+                        debug!(host = %ep.name, %digest, "mirror is filling; trying the next host");
+                        self.leave_filling(&ep, digest);
+                    } else if ep.mirror {
                         warn!(host = %ep.name, %digest, error = %e, "mirror failed; trying the next host");
                     }
                     failed = Some(e);
@@ -992,16 +1010,22 @@ impl Client {
     }
 
     /// The hosts to read `digest` of `r` from, in order: mirrors with the `pull` capability
-    /// that have not served wrong bytes of it, then the registry (if it may be pulled from).
+    /// that have not served wrong bytes of it and are not filling it, then the registry (if it
+    /// may be pulled from).
     fn blob_endpoints(&self, r: &Reference, digest: &Digest) -> Vec<Arc<Endpoint>> {
         let all = self.endpoints(r);
         let distrusted = self.inner.distrusted.lock().ok();
+        let filling = self.inner.filling.lock().ok();
+        let now = Instant::now();
         all.iter()
             .filter(|ep| {
+                let key = (ep.name.clone(), digest.clone());
                 !ep.mirror
-                    || !distrusted
-                        .as_ref()
-                        .is_some_and(|d| d.contains(&(ep.name.clone(), digest.clone())))
+                    || !(distrusted.as_ref().is_some_and(|d| d.contains(&key))
+                        || filling
+                            .as_ref()
+                            .and_then(|f| f.get(&key))
+                            .is_some_and(|until| *until > now))
             })
             .cloned()
             .collect()
@@ -1011,8 +1035,18 @@ impl Client {
         if let Ok(mut d) = self.inner.distrusted.lock() {
             // Bounded: a process reads a bounded set of blobs from a bounded set of hosts, but
             // a runaway mirror must not grow this without end.
-            if d.len() < 4096 {
+            if d.len() < MAX_HOST_BLOB_MARKS {
                 d.insert((ep.name.clone(), digest.clone()));
+            }
+        }
+    }
+
+    fn leave_filling(&self, ep: &Endpoint, digest: &Digest) {
+        if let Ok(mut f) = self.inner.filling.lock() {
+            let now = Instant::now();
+            f.retain(|_, until| *until > now);
+            if f.len() < MAX_HOST_BLOB_MARKS {
+                f.insert((ep.name.clone(), digest.clone()), now + MIRROR_FILL_WAIT);
             }
         }
     }
@@ -1196,6 +1230,13 @@ impl Client {
             let mut resp = self.send_counted(req, &mut retries).await?;
             let body = match resp.status() {
                 StatusCode::PARTIAL_CONTENT => read_body(resp, len, WHAT).await,
+                StatusCode::OK if req.endpoint.as_ref().is_some_and(|ep| ep.mirror) => {
+                    // Dropping the answer unread closes the connection.
+                    return Err(Error::MirrorSentWholeBlob {
+                        host: req.registry.clone(),
+                        digest: digest.clone(),
+                    });
+                }
                 StatusCode::OK => {
                     warn!(registry = %r.registry, "registry ignored Range and sends the whole blob");
                     read_part(&mut resp, offset, len, false, WHAT)

@@ -64,6 +64,16 @@ pub enum Error {
         offset: u64,
     },
 
+    /// A mirror answered a range read with the whole blob (a pull-through cache that does not
+    /// have it yet): the read goes to the next host.
+    #[error("mirror {host} answered a range read of {digest} with the whole blob")]
+    MirrorSentWholeBlob {
+        /// The mirror, `host[:port]`.
+        host: String,
+        /// The blob.
+        digest: Digest,
+    },
+
     /// A registry host configuration (`hosts.toml`) that cannot be read or is invalid.
     #[error("registry host configuration {path}: {message}")]
     HostsConfig {

@@ -225,3 +225,32 @@ async fn a_mirror_without_the_pull_capability_serves_no_blobs() {
     assert_eq!(blob_gets(&puller), 1, "served by the pull mirror");
     assert_eq!(s.origin_blob_gets(), 1, "and not by the registry");
 }
+
+#[tokio::test]
+async fn a_mirror_answering_a_range_with_the_whole_blob_is_left_alone_while_it_fills() {
+    let s = Setup::start();
+    // What a pull-through cache does on a miss: the whole blob, 200, whatever the Range.
+    let filling = FaultProxy::start(s._registry.addr()).expect("filling mirror");
+    filling.push(FaultRule::new("/blobs/", Fault::IgnoreRange).times(u32::MAX));
+    let c = s.client(&[filling.host()], "");
+    let (r, d) = s.blob();
+    for offset in [200_000, 100_000, 0] {
+        let got = c.blob_range(&r, &d, offset, 4096).await.expect("range");
+        assert_eq!(got.len(), 4096);
+    }
+    assert_eq!(
+        blob_gets(&filling),
+        1,
+        "asked once, then left alone while it stores the blob"
+    );
+    assert_eq!(s.origin_blob_gets(), 3, "the registry served the ranges");
+    let stats = c.host_stats();
+    let mirror = stats
+        .iter()
+        .find(|h| h.host == filling.host())
+        .expect("counted");
+    assert_eq!(
+        mirror.bytes, 0,
+        "nothing of the whole blob was used: {mirror:?}"
+    );
+}

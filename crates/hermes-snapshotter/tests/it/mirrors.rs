@@ -130,6 +130,27 @@ impl Origin {
     }
 }
 
+/// Waits until the pull-through `mirror` has stored `layer` (it stores a blob in the
+/// background after the first miss).
+fn wait_stored(mirror: &Registry, layer: &LayerInfo) {
+    let hex = &layer.digest["sha256:".len()..];
+    let data = mirror
+        .root()
+        .join("data/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !data.is_file() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mirror never stored {}",
+            layer.digest
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 struct Node {
     client: Client,
     lazy: Arc<LazyLayers>,
@@ -182,6 +203,7 @@ fn three_nodes_through_a_pull_through_mirror_cost_the_origin_no_more_than_one() 
         let mount = node.mount(&origin);
         read_and_check(&mount, &origin.layer, &FILES);
         origin_bytes.push(origin.counter.blob_bytes_sent());
+        wait_stored(&mirror, &origin.layer);
     }
     let mirrored: Vec<u64> = nodes.iter().map(|n| n.host(&mirror.host()).bytes).collect();
     let direct: Vec<u64> = nodes
@@ -193,22 +215,26 @@ fn three_nodes_through_a_pull_through_mirror_cost_the_origin_no_more_than_one() 
          bytes from the mirror per node {mirrored:?}, from the origin directly {direct:?}",
         origin.layer.size
     );
-    assert!(
-        direct.iter().all(|&b| b == 0),
-        "every read went through the mirror: {direct:?}"
+    // The first node's first read finds the mirror without the blob: the mirror answers with
+    // the whole blob and starts storing it; the node hangs up and reads from the origin while
+    // the mirror fills. The others read everything through the mirror.
+    assert_eq!(
+        &direct[1..],
+        [0, 0],
+        "the second and third node read only through the mirror: {direct:?}"
     );
     assert!(
-        mirrored.iter().all(|&b| b > 0),
-        "each node read through the mirror: {mirrored:?}"
+        mirrored[1..].iter().all(|&b| b > 0),
+        "the second and third node read through the mirror: {mirrored:?}"
     );
     assert_eq!(
         origin_bytes[2], origin_bytes[0],
         "the second and third node cost the origin nothing (after each node: {origin_bytes:?})"
     );
-    // distribution 2.8's proxy fetches a missing blob twice (store + answer) and once more per
-    // request that misses while storing: bounded by the blob, not by the number of nodes.
+    // The fill (the whole blob once), the first node's own reads, and what the mirror's aborted
+    // answer pulled before it noticed the hang-up: about twice the blob, whatever N.
     assert!(
-        origin_bytes[0] <= 3 * origin.layer.size,
+        origin_bytes[0] <= 2 * origin.layer.size + (1 << 20),
         "the first node cost the origin {} bytes of a {}-byte layer",
         origin_bytes[0],
         origin.layer.size
@@ -222,6 +248,10 @@ fn a_mirror_that_goes_down_mid_start_hands_over_to_the_origin() {
     let mirror_host = mirror.host();
     let dir = tempfile::tempdir().expect("tempdir");
     let hosts = origin.hosts_dir(dir.path(), &mirror_host);
+    // Another node filled the mirror.
+    let first = origin.node(&dir.path().join("first"), Some(&hosts));
+    read_and_check(&first.mount(&origin), &origin.layer, &FILES[..1]);
+    wait_stored(&mirror, &origin.layer);
     let node = origin.node(&dir.path().join("node"), Some(&hosts));
     let mount = node.mount(&origin);
 
