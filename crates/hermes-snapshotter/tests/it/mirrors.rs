@@ -232,9 +232,11 @@ fn three_nodes_through_a_pull_through_mirror_cost_the_origin_no_more_than_one() 
         "the second and third node cost the origin nothing (after each node: {origin_bytes:?})"
     );
     // The fill (the whole blob once), the first node's own reads, and what the mirror's aborted
-    // answer pulled before it noticed the hang-up: about twice the blob, whatever N.
+    // answers pulled before it noticed the hang-ups (distribution 2.8 copies the blob from the
+    // origin for every request that misses; on loopback a small blob may arrive whole): a small
+    // multiple of the blob, whatever N.
     assert!(
-        origin_bytes[0] <= 2 * origin.layer.size + (1 << 20),
+        origin_bytes[0] <= 4 * origin.layer.size,
         "the first node cost the origin {} bytes of a {}-byte layer",
         origin_bytes[0],
         origin.layer.size

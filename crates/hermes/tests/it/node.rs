@@ -1226,9 +1226,13 @@ fn three_node_daemons_read_through_a_pull_through_mirror_and_only_the_first_cost
         [0, 0],
         "the second and third node cost the origin nothing"
     );
+    // The first node: the mirror's fill, its own reads from the origin, and for each of its
+    // reads in flight when the mirror missed, distribution 2.8's answer copied from the origin
+    // (on loopback a small blob arrives whole before the hang-up is noticed).
     let layer = image.layers[0].size;
     assert!(
-        origin_bytes[0] > 0 && origin_bytes[0] <= 2 * layer + (1 << 20),
-        "the first node: the mirror's fill and its own reads, about twice the layer"
+        origin_bytes[0] > 0 && origin_bytes[0] <= 4 * layer,
+        "the first node cost the origin {} bytes of a {layer}-byte layer",
+        origin_bytes[0]
     );
 }
