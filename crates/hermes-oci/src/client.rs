@@ -1074,15 +1074,7 @@ impl Client {
             }
             Err(e) => {
                 warn!(registry = %r.registry, error = %e, "ignoring the registry host configuration");
-                vec![HostConfig {
-                    url: None,
-                    capabilities: crate::hosts::Capabilities::ALL,
-                    ca: Vec::new(),
-                    client: Vec::new(),
-                    skip_verify: None,
-                    header: Vec::new(),
-                    dial_timeout: None,
-                }]
+                vec![HostConfig::origin()]
             }
         };
         // The server comes last in a hosts file; every entry before it is a `[host]` mirror.

@@ -78,7 +78,7 @@ pub struct HostConfig {
 
 impl HostConfig {
     /// The registry itself with containerd's defaults.
-    fn origin() -> Self {
+    pub(crate) fn origin() -> Self {
         Self {
             url: None,
             capabilities: Capabilities::ALL,

@@ -122,6 +122,18 @@ impl Registry {
         self.dir.path()
     }
 
+    /// Where the registry keeps a blob's bytes (`sha256:…`), whether it has it or not: for
+    /// checking what a pull-through cache has stored.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(hex.get(..2).unwrap_or(hex))
+            .join(hex)
+            .join("data")
+    }
+
     /// The registry process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -12,7 +12,7 @@ use crate::support::{digest, reference};
 
 /// A registry with one image, reached through `origin` (a counting proxy).
 struct Setup {
-    _registry: Registry,
+    registry: Registry,
     origin: FaultProxy,
     layer: LayerInfo,
     image: String,
@@ -30,7 +30,7 @@ impl Setup {
         let image = format!("{}/mirrored/img:v1", origin.host());
         Setup {
             layer: pushed.layers[0].clone(),
-            _registry: registry,
+            registry,
             origin,
             image,
             dir: tempfile::tempdir().expect("tempdir"),
@@ -113,22 +113,14 @@ async fn mirrors_are_tried_in_order_each_once_and_the_registry_last() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").to_string()
     };
-    let failing = FaultProxy::start(s._registry.addr()).expect("5xx mirror");
+    let failing = FaultProxy::start(s.registry.addr()).expect("5xx mirror");
     failing.push(FaultRule::new("/blobs/", Fault::Status(503)).times(u32::MAX));
     let empty = Registry::start().expect("empty mirror");
     let c = s.client(&[down.clone(), failing.host(), empty.host()], "");
 
     let (r, d) = s.blob();
     let got = c.blob_range(&r, &d, 100, 1000).await.expect("range");
-    let pushed = std::fs::read(
-        s._registry
-            .root()
-            .join("data/docker/registry/v2/blobs/sha256")
-            .join(&s.layer.digest[7..9])
-            .join(&s.layer.digest[7..])
-            .join("data"),
-    )
-    .expect("the blob as stored");
+    let pushed = std::fs::read(s.registry.blob_path(&s.layer.digest)).expect("the blob as stored");
     assert_eq!(&got[..], &pushed[100..1100]);
     assert_eq!(
         blob_gets(&failing),
@@ -157,7 +149,7 @@ async fn mirrors_are_tried_in_order_each_once_and_the_registry_last() {
 #[tokio::test]
 async fn a_stalling_mirror_hands_over_at_its_deadline() {
     let s = Setup::start();
-    let slow = FaultProxy::start(s._registry.addr()).expect("slow mirror");
+    let slow = FaultProxy::start(s.registry.addr()).expect("slow mirror");
     slow.push(FaultRule::new("/blobs/", Fault::Stall(Duration::from_secs(60))).times(u32::MAX));
     let c = s.client(&[slow.host()], "");
     let (r, d) = s.blob();
@@ -175,7 +167,7 @@ async fn a_stalling_mirror_hands_over_at_its_deadline() {
 #[tokio::test]
 async fn a_stream_a_mirror_corrupted_fails_its_digest_and_the_next_read_skips_that_mirror() {
     let s = Setup::start();
-    let liar = FaultProxy::start(s._registry.addr()).expect("lying mirror");
+    let liar = FaultProxy::start(s.registry.addr()).expect("lying mirror");
     liar.push(FaultRule::new("/blobs/", Fault::Corrupt { at: 5 }).times(u32::MAX));
     let c = s.client(&[liar.host()], "");
     match whole(&c, &s).await {
@@ -190,7 +182,7 @@ async fn a_stream_a_mirror_corrupted_fails_its_digest_and_the_next_read_skips_th
     assert_eq!(blob_gets(&liar), 1, "the lying mirror is not asked again");
 
     // Range reads: a caller's check refusing a mirror's bytes sends the read on.
-    let liar2 = FaultProxy::start(s._registry.addr()).expect("second lying mirror");
+    let liar2 = FaultProxy::start(s.registry.addr()).expect("second lying mirror");
     let c = s.client(&[liar2.host()], "");
     let (r, d) = s.blob();
     let refuse_mirrored = |_: &[u8]| false;
@@ -212,8 +204,8 @@ async fn a_stream_a_mirror_corrupted_fails_its_digest_and_the_next_read_skips_th
 #[tokio::test]
 async fn a_mirror_without_the_pull_capability_serves_no_blobs() {
     let s = Setup::start();
-    let resolver = FaultProxy::start(s._registry.addr()).expect("resolve-only mirror");
-    let puller = FaultProxy::start(s._registry.addr()).expect("pull mirror");
+    let resolver = FaultProxy::start(s.registry.addr()).expect("resolve-only mirror");
+    let puller = FaultProxy::start(s.registry.addr()).expect("pull mirror");
     let c = s.client(&[resolver.host()], "capabilities = [\"resolve\"]");
     let (r, d) = s.blob();
     c.blob_range(&r, &d, 0, 10).await.expect("range");
@@ -230,7 +222,7 @@ async fn a_mirror_without_the_pull_capability_serves_no_blobs() {
 async fn a_mirror_answering_a_range_with_the_whole_blob_is_left_alone_while_it_fills() {
     let s = Setup::start();
     // What a pull-through cache does on a miss: the whole blob, 200, whatever the Range.
-    let filling = FaultProxy::start(s._registry.addr()).expect("filling mirror");
+    let filling = FaultProxy::start(s.registry.addr()).expect("filling mirror");
     filling.push(FaultRule::new("/blobs/", Fault::IgnoreRange).times(u32::MAX));
     let c = s.client(&[filling.host()], "");
     let (r, d) = s.blob();

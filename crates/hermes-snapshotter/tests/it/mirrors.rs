@@ -16,7 +16,7 @@ use hermes_testkit::{Fault, FaultProxy, FaultRule, LayerInfo, Registry, TestImag
 /// for the registry), and a runtime for the clients.
 struct Origin {
     runtime: tokio::runtime::Runtime,
-    _registry: Registry,
+    registry: Registry,
     counter: FaultProxy,
     /// The image as nodes name it: through the counting proxy.
     reference: String,
@@ -48,7 +48,7 @@ impl Origin {
         let reference = format!("{}/mirror/app:v1", counter.host());
         Origin {
             runtime,
-            _registry: registry,
+            registry,
             counter,
             reference,
             layer,
@@ -85,7 +85,7 @@ impl Origin {
         let direct = Reference::parse(
             &self
                 .reference
-                .replace(&self.counter.host(), &self._registry.host()),
+                .replace(&self.counter.host(), &self.registry.host()),
         )
         .expect("reference");
         let options = IndexOptions {
@@ -133,13 +133,7 @@ impl Origin {
 /// Waits until the pull-through `mirror` has stored `layer` (it stores a blob in the
 /// background after the first miss).
 fn wait_stored(mirror: &Registry, layer: &LayerInfo) {
-    let hex = &layer.digest["sha256:".len()..];
-    let data = mirror
-        .root()
-        .join("data/docker/registry/v2/blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-        .join("data");
+    let data = mirror.blob_path(&layer.digest);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !data.is_file() {
         assert!(
@@ -295,7 +289,7 @@ fn a_mirror_without_the_blob_hands_over_to_the_origin() {
 fn a_mirror_serving_wrong_bytes_is_dropped_for_the_blob_and_the_origin_serves_it() {
     let origin = Origin::start();
     // A "mirror" that flips the first byte of every blob answer.
-    let liar = FaultProxy::start(origin._registry.addr()).expect("lying mirror");
+    let liar = FaultProxy::start(origin.registry.addr()).expect("lying mirror");
     liar.push(FaultRule::new("/blobs/", Fault::Corrupt { at: 0 }).times(u32::MAX));
     let dir = tempfile::tempdir().expect("tempdir");
     let hosts = origin.hosts_dir(dir.path(), &liar.host());

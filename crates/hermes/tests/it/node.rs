@@ -1189,13 +1189,7 @@ fn three_node_daemons_read_through_a_pull_through_mirror_and_only_the_first_cost
         origin_bytes.push(origin.blob_bytes_sent() - before);
         // The first node finds the mirror empty: its reads go to the origin while the mirror
         // stores the blob (wait for that); the others read only through the mirror.
-        let hex = &image.layers[0].digest["sha256:".len()..];
-        let stored = mirror
-            .root()
-            .join("data/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data");
+        let stored = mirror.blob_path(&image.layers[0].digest);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !stored.is_file() {
             assert!(
