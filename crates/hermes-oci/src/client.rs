@@ -1152,10 +1152,12 @@ impl Client {
     /// A connection pool with a host's TLS settings and dial timeout.
     fn host_client(&self, name: &str, h: &HostConfig) -> Result<reqwest::Client> {
         let read = |path: &std::path::Path| {
-            std::fs::read(path).map_err(|e| Error::HostTls {
-                host: name.to_owned(),
-                path: path.to_owned(),
-                message: e.to_string(),
+            crate::hosts::read_capped(path, crate::hosts::MAX_HOSTS_FILE).map_err(|e| {
+                Error::HostTls {
+                    host: name.to_owned(),
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                }
             })
         };
         let mut builder = reqwest::Client::builder()

@@ -23,8 +23,24 @@ use crate::{Error, Result};
 /// containerd's usual `config_path`.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/containerd/certs.d";
 
-/// The largest `hosts.toml` read; real ones are a few hundred bytes.
-const MAX_HOSTS_FILE: u64 = 1 << 20;
+/// The largest `hosts.toml`, certificate or key file read; real ones are a few KiB.
+pub(crate) const MAX_HOSTS_FILE: u64 = 1 << 20;
+
+/// Reads a small file whole, refusing one longer than `limit` after reading at most
+/// `limit + 1` bytes (a path to `/dev/zero` by mistake costs nothing).
+pub(crate) fn read_capped(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::FileTooLarge,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
 
 /// What a host may be used for (containerd's `capabilities`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -438,23 +454,11 @@ impl RegistryHosts {
             path: path.clone(),
             message: format!("cannot read it: {source}"),
         };
-        let text = match std::fs::File::open(&path) {
-            Ok(file) => {
-                let mut bytes = Vec::new();
-                file.take(MAX_HOSTS_FILE + 1)
-                    .read_to_end(&mut bytes)
-                    .map_err(io)?;
-                if bytes.len() as u64 > MAX_HOSTS_FILE {
-                    return Err(Error::HostsConfig {
-                        path,
-                        message: format!("larger than {MAX_HOSTS_FILE} bytes"),
-                    });
-                }
-                String::from_utf8(bytes).map_err(|_| Error::HostsConfig {
-                    path: path.clone(),
-                    message: "not UTF-8".into(),
-                })?
-            }
+        let text = match read_capped(&path, MAX_HOSTS_FILE) {
+            Ok(bytes) => String::from_utf8(bytes).map_err(|_| Error::HostsConfig {
+                path: path.clone(),
+                message: "not UTF-8".into(),
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(io(e)),
         };

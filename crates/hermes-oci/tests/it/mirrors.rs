@@ -246,3 +246,22 @@ async fn a_mirror_answering_a_range_with_the_whole_blob_is_left_alone_while_it_f
         "nothing of the whole blob was used: {mirror:?}"
     );
 }
+
+#[tokio::test]
+async fn a_mirror_whose_tls_files_cannot_be_used_is_skipped() {
+    let s = Setup::start();
+    let mirror = FaultProxy::start(s.registry.addr()).expect("mirror");
+    for ca in [
+        "ca = \"/nonexistent/ca.pem\"",
+        "ca = \"/dev/zero\"",
+        "client = \"/etc/hostname\"",
+    ] {
+        let c = s.client(&[mirror.host()], ca);
+        let (r, d) = s.blob();
+        c.blob_range(&r, &d, 0, 10)
+            .await
+            .expect("range from the registry");
+    }
+    assert_eq!(blob_gets(&mirror), 0, "never asked");
+    assert_eq!(s.origin_blob_gets(), 3);
+}
