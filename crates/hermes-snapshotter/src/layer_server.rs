@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hermes_lazyfs::{BackgroundFetcher, LayerDigest, LayerReader, LayerState, SpanCache};
-use hermes_oci::{Client, Digest, Reference, RegistryRangeReader};
+use hermes_oci::{Client, Digest, HostStats, Reference, RegistryRangeReader};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -94,6 +94,9 @@ pub struct LayerStats {
     /// Spans prefetched from a startup profile.
     #[serde(default)]
     pub prefetched: u64,
+    /// What each registry host (mirrors and the registry) served this layer's process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub registry_hosts: Vec<HostStats>,
 }
 
 impl LayerStats {
@@ -131,7 +134,9 @@ pub fn serve_layer(
     );
     let digest = Digest::parse(&opts.layer)?;
     let reference = Reference::parse(&opts.image)?;
-    let source = RegistryRangeReader::new(client, reference, digest.clone(), runtime);
+    let hosts = client.clone();
+    let source = RegistryRangeReader::new(client, reference, digest.clone(), runtime)
+        .with_span_check(ztoc.clone());
     let cache = SpanCache::open(&opts.cache, &ztoc).map_err(|e| mount_err(format!("{e:#}")))?;
     let reader = Arc::new(LayerReader::new(ztoc.clone(), source, cache));
     if opts.background {
@@ -207,6 +212,7 @@ pub fn serve_layer(
             trace_read_bytes: traced.uncompressed,
             trace_read_compressed_bytes: traced.compressed,
             prefetched: prefetched.load(Ordering::Relaxed),
+            registry_hosts: hosts.host_stats(),
         };
         if let Err(e) = write_atomic(&opts.stats, &serde_json::to_vec(&stats).unwrap_or_default()) {
             warn!(error = %e, "cannot write layer stats");
