@@ -19,6 +19,19 @@ Modes:
             prefetches the controller's merged profile from mount on, is measured
   fallback  the same as lazy with no index anywhere: Hermes must fall back to a normal unpack
 
+--first-start: the issue-16 view of (b), the first lazy start with no recorded profile: modes
+normal, lazy and replay, plus a warm local run (the image already unpacked by (a), page cache
+warm, run twice, the second measured) that gives the workload's own CPU time (from the
+container's cgroup). The physical limit of a first start is
+
+    limit = (compressed bytes the container read) / bandwidth + that CPU time
+
+where the compressed bytes come from the trace of replay's recording start: every tar byte
+range its reads asked for (through FUSE, so with the kernel's readahead), merged, and for each
+span the compressed bytes of the span in proportion to the share of its uncompressed bytes that
+were read (compression taken as uniform within a span). It prints the limit, (b)'s ready time,
+their ratio and the normal-vs-lazy ratio.
+
 Images: `--image quick` (generated, <= 1 GB, for CI), `--image ml` (generated ML-style, ~4 GB),
 `--image torch` (Debian + Python + torch with its CUDA wheels, bench/torch_image.py, built once),
 `--image DIR` (an OCI layout built elsewhere; tag "v1").
@@ -226,9 +239,25 @@ class Bench:
             r["fully_local_s"] = done[0] if m.get('hermes_node_layers{state="lazy"}', 0) == 0 else None
             r["bytes_total"] = done[1]
             r["timeline"].append(done)
+        r["read_latency_sum_s"] = m.get("hermes_node_read_latency_seconds_sum", 0)
+        r["read_latency_count"] = m.get("hermes_node_read_latency_seconds_count", 0)
         r["node_fetched_on_demand"] = m.get('hermes_node_fetched_bytes_total{mode="on_demand"}', 0)
         r["node_fetched_background"] = m.get('hermes_node_fetched_bytes_total{mode="background"}', 0)
         return r
+
+    def warm(self) -> dict:
+        """The workload on the image (a) left pulled and unpacked, page cache warm: run twice, the
+        second is measured; its wall time to ready and the container's CPU time (cgroup)."""
+        runs = []
+        for i in range(2):
+            name = f"bench-warm-{i}"
+            cpu = CgroupCpu(stack.NAMESPACE, name)
+            r = stack.timed_start(self.containerd, ["true"], "overlayfs", self.ref, name, lambda: self.proxy.down,
+                                  args=WORKLOADS[self.args.workload])
+            r.pop("sampler")
+            runs.append({"ready_s": r["ready_s"], "exited_s": r["exited_s"], "cpu_s": cpu.stop()})
+        log(f"warm local run: ready {fmt_s(runs[-1]['ready_s'])}s, container CPU {fmt_s(runs[-1]['cpu_s'])}s")
+        return runs[-1]
 
     def replay(self, lazy) -> dict:
         """(c) record-and-replay: a first (recording) start on a wiped node connected to the
@@ -240,15 +269,17 @@ class Bench:
             # pull) and the container exits at LAZY's exited_s from pull start.
             int(lazy["exited_s"] * 1.2) + 10 if lazy else 120)
         url = self.start_controller()
-        self.node.extra = ["--controller", url, "--trace-window", str(window)]
+        base = list(self.node.extra)
+        self.node.extra = base + ["--controller", url, "--trace-window", str(window)]
         log(f"replay: recording start, trace window {window}s, controller {url}")
         record = self.start("replay", wait_fully_local=False)
         profiles = self.wait_traces(url, timeout=window + 120)
         log(f"replay: the controller has profiles for {len(profiles)} layer(s): "
             + ", ".join(f"{n} spans" for n in profiles.values()))
         r = self.start("replay")
-        self.node.extra = []
+        self.node.extra = base
         r["record"] = {"trace_window_s": window, "profile_spans": profiles, "touched_bytes": self.touched,
+                       "read_bytes": self.read["uncompressed"], "read_compressed_bytes": self.read["compressed"],
                        **{k: record[k] for k in ("running_s", "ready_s", "exited_s", "bytes_at_ready")}}
         return r
 
@@ -282,9 +313,14 @@ class Bench:
         stack.wait_for("startup traces sent to the controller",
                        lambda: all(os.path.exists(os.path.join(d, "trace.sent")) for d in dirs),
                        timeout, self.procs.children.get("node"), self.procs.logfile("node"))
-        profiles, self.touched = {}, 0
+        profiles, self.touched, self.read = {}, 0, {"uncompressed": 0, "compressed": 0}
         for d in dirs:
             stats = json.load(open(os.path.join(d, "stats.json")))
+            # Kept after the run (the node's state is removed): what the recording start read.
+            os.makedirs(os.path.join(self.args.work, "traces"), exist_ok=True)
+            shutil.copy(os.path.join(d, "stats.json"), os.path.join(self.args.work, "traces", stats["layer"][7:19] + ".json"))
+            self.read["uncompressed"] += stats.get("trace_read_bytes", 0)
+            self.read["compressed"] += stats.get("trace_read_compressed_bytes", 0)
             # What the container read, to span granularity: the spans its reads touched.
             self.touched += len(stats["trace"]) * stats["uncompressed_size"] // max(stats["spans"], 1)
             body = http_get(f"{url}/v1/layers/{stats['layer']}/prefetch")
@@ -294,6 +330,75 @@ class Bench:
             raise RuntimeError(f"replay: traces were sent but the controller has no prefetch profile; "
                                f"see {self.procs.logfile('node')} and {self.procs.logfile('controller')}")
         return profiles
+
+
+class CgroupCpu:
+    """Polls a `ctr run` container's CPU time from its cgroup (`/NAMESPACE/NAME`, v1 cpuacct or
+    v2) until stopped; the last value read, in seconds (None if the cgroup never showed)."""
+
+    def __init__(self, namespace: str, name: str):
+        import threading
+        self.paths = [(f"/sys/fs/cgroup/cpuacct/{namespace}/{name}/cpuacct.usage", None),
+                      (f"/sys/fs/cgroup/{namespace}/{name}/cpu.stat", "usage_usec")]
+        self.value, self.done = None, threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def read(self):
+        for path, key in self.paths:
+            try:
+                text = open(path).read()
+            except OSError:
+                continue
+            if key is None:
+                return int(text) / 1e9
+            for line in text.splitlines():
+                k, _, v = line.partition(" ")
+                if k == key:
+                    return int(v) / 1e6
+        return None
+
+    def poll(self):
+        while not self.done.is_set():
+            v = self.read()
+            if v is not None:
+                self.value = max(v, self.value or 0.0)
+            time.sleep(0.005)
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.value
+
+
+def first_start(results: dict, warm: dict, rate_mbps: float) -> dict:
+    """The physical limit of the first lazy start and how far (b) is from it."""
+    rec = results.get("replay", {}).get("record", {})
+    lazy, normal = results.get("lazy"), results.get("normal")
+    if not rec.get("read_compressed_bytes") or not lazy or not warm or warm.get("cpu_s") is None:
+        return {}
+    transfer = rec["read_compressed_bytes"] / (rate_mbps * 1e6)
+    limit = transfer + warm["cpu_s"]
+    out = {"read_bytes": rec["read_bytes"], "read_compressed_bytes": rec["read_compressed_bytes"],
+           "transfer_s": round(transfer, 3), "cpu_s": round(warm["cpu_s"], 3), "warm_ready_s": warm["ready_s"],
+           "limit_s": round(limit, 3), "ready_s": lazy.get("ready_s")}
+    if lazy.get("ready_s"):
+        out["ratio_to_limit"] = round(lazy["ready_s"] / limit, 2)
+        if normal and normal.get("ready_s"):
+            out["normal_over_lazy"] = round(normal["ready_s"] / lazy["ready_s"], 2)
+    replay = results.get("replay")
+    if replay and replay.get("ready_s"):
+        out["replay_ready_s"] = replay["ready_s"]
+    return out
+
+
+def first_start_text(f: dict, rate_mbps: float) -> str:
+    return (f"First lazy start, no profile: ready {fmt_s(f['ready_s'])} s; physical limit {f['limit_s']:.2f} s = "
+            f"{f['read_compressed_bytes'] / 1e6:.1f} MB compressed read ({f['read_bytes'] / 1e6:.1f} MB "
+            f"uncompressed) / {rate_mbps:g} MB/s ({f['transfer_s']:.2f} s) + {f['cpu_s']:.2f} s container CPU "
+            f"(warm local run: ready {fmt_s(f['warm_ready_s'])} s); ratio to the limit "
+            f"{f.get('ratio_to_limit', '–')}×; normal/lazy {f.get('normal_over_lazy', '–')}×"
+            + (f"; replayed start ready {fmt_s(f['replay_ready_s'])} s" if f.get("replay_ready_s") else "") + ".")
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +423,11 @@ def main() -> int:
                          "exit time + 20%% + 10 s, or 120 s without the lazy mode)")
     ap.add_argument("--write-results", default="", help="write bench/results/startup-NAME.{md,json}")
     ap.add_argument("--check", action="store_true", help="fail unless lazy starts faster than normal")
+    ap.add_argument("--node-arg", action="append", default=[],
+                    help="an extra argument for `hermes node` (repeat), e.g. --node-arg=--no-background-fetch")
+    ap.add_argument("--first-start", action="store_true",
+                    help="modes normal,lazy,replay (unless --modes is given) plus a warm local run; report the "
+                         "first lazy start against its physical limit")
     ap.add_argument("--containerd", default="1.6", choices=("1.6", "2"),
                     help="the system's containerd 1.6, or 2.x from scripts/containerd2.sh")
     args = ap.parse_args()
@@ -327,6 +437,8 @@ def main() -> int:
         if not shutil.which(tool):
             sys.exit(f"{tool} is required: run scripts/install-deps.sh")
     hermes = os.path.abspath(args.hermes)
+    if args.first_start and "--modes" not in " ".join(sys.argv):
+        args.modes = "normal,lazy,replay"
     modes = [m for m in args.modes.split(",") if m]
 
     work = args.work
@@ -365,7 +477,8 @@ def main() -> int:
         stack.push(layout_dir, "v1", direct)
         log(f"pushed {direct} ({compressed / 2**20:.0f} MiB compressed) in {time.monotonic() - t:.1f}s")
 
-        node = stack.Node(procs, hermes, os.path.join(state, "node"), os.path.join(state, "hermes.sock"))
+        node = stack.Node(procs, hermes, os.path.join(state, "node"), os.path.join(state, "hermes.sock"),
+                          extra=args.node_arg)
         containerd = stack.Containerd(procs, os.path.join(state, "containerd"), node.socket, args.containerd)
         log(f"containerd {containerd.version()} ({containerd.containerd_bin})")
 
@@ -381,16 +494,21 @@ def main() -> int:
             log(f"indexed with hermes index build in {index_s}s (unthrottled, before the runs)")
 
         bench = Bench(args, hermes, procs, state, node, containerd, proxy, ref, built)
-        results = {}
+        results, warm = {}, None
         for mode in modes:
             if mode == "replay":
                 results[mode] = bench.replay(results.get("lazy"))
             else:
                 results[mode] = bench.start(mode)
+                if mode == "normal" and args.first_start:
+                    warm = bench.warm()
             r = results[mode]
             log(f"{mode}: running {r['running_s']:.2f}s, ready {fmt_s(r.get('ready_s'))}s, "
                 f"{r['bytes_at_ready'] / 2**20:.0f} MiB fetched by ready"
-                + (f", fully local {r['fully_local_s']:.1f}s" if r.get("fully_local_s") else ""))
+                + (f", fully local {r['fully_local_s']:.1f}s" if r.get("fully_local_s") else "")
+                + (f"; reads waited {r['read_latency_sum_s']:.2f}s in all over {r['read_latency_count']:.0f} reads, "
+                   f"{r['node_fetched_on_demand'] / 2**20:.0f} MiB on demand, "
+                   f"pulled at {r['pulled_s']:.2f}s" if r.get("read_latency_count") else ""))
         containerd.wipe()
         node.wipe(keep_store=False)
 
@@ -401,6 +519,9 @@ def main() -> int:
                   "index_build_s": index_s, "machine": f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM, "
                   f"kernel {platform.release()}, containerd {containerd.version()}",
                   "date": time.strftime("%Y-%m-%d"), "modes": results}
+        if args.first_start:
+            report["warm"] = warm
+            report["first_start"] = first_start(results, warm, args.rate_mbps)
         table = markdown(report)
         print(table)
         if args.write_results:
@@ -496,6 +617,8 @@ def markdown(rep: dict) -> str:
     if read:
         lines.append(f"Bytes the container read: {read / 2**20:.0f} MiB uncompressed ({read_note}); fetch "
                      "amplification = registry bytes by ready ÷ that.")
+    if rep.get("first_start"):
+        lines.append(first_start_text(rep["first_start"], rep["rate_mbps"]))
     if rep.get("index_build_s") is not None:
         lines.append(f"Index built beforehand with `hermes index build` in {rep['index_build_s']} s (not throttled, "
                      "not counted).")

@@ -5,11 +5,14 @@
 #
 #   bench/startup.sh [--quick] [--image quick|ml|torch|LAYOUT_DIR] [--rate-mbps 32] [--release=true|false]
 #                    [--modes normal,lazy,replay,fallback] [--workload entrypoint|light|read-all]
-#                    [--write-results NAME] [--containerd 1.6|2]
+#                    [--write-results NAME] [--containerd 1.6|2] [--first-start]
 #   bench/startup.sh --kubernetes [--quick] [--image quick|ml|torch|LAYOUT_DIR] [--rate-mbps 32] [--keep]
 #
 # --quick: the <= 1 GB generated image, and fail unless lazy start beats the normal path (CI smoke);
 # it prints the containerd version and the lazy-vs-normal ratio: `OK (containerd V): ... (N.Nx)`.
+# --first-start: modes normal,lazy,replay plus a warm local run; prints the first lazy start (no
+# recorded profile) against its physical limit: compressed bytes the container read (from the
+# recorded trace) / bandwidth + its CPU time in the warm run (bench/startup.py explains how).
 # --containerd 2: containerd 2.x (scripts/containerd2.sh fetch caches it) instead of the system's 1.6.
 # --kubernetes: pod start as the kubelet reports it (bench/kube_startup.py): a single-node cluster
 # from scripts/kube.sh with Hermes installed from deploy/, a first pod pulled normally, then, once

@@ -17,7 +17,7 @@
 # certificate, kubelets reached by InternalIP). scripts/kube.sh sources this file for its functions.
 #
 # The build (one `make` call for all five binaries, so the shared packages compile once) takes
-# 25-35 minutes on 2 cores the first time; the binaries are cached in
+# about 15 minutes on 2 cores the first time; the binaries are cached in
 # $HERMES_KUBE_CACHE (default /var/cache/hermes/kubernetes-1.20.2, or ~/.cache/... when
 # /var/cache is not writable), so later runs start in seconds. The 2 GB build tree is removed.
 set -euo pipefail
@@ -118,7 +118,7 @@ KUBE_GIT_VERSION='v$K8S_VERSION'
 KUBE_GIT_MAJOR='1'
 KUBE_GIT_MINOR='20'
 EOF
-  log "building ${K8S_BINARIES[*]} v$K8S_VERSION (25-35 minutes on 2 cores, once)"
+  log "building ${K8S_BINARIES[*]} v$K8S_VERSION (about 15 minutes on 2 cores, once)"
   local start=$SECONDS
   (
     cd "$work/src"

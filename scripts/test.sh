@@ -60,6 +60,8 @@ bash bench/startup.sh --kubernetes --quick --release=false
 # Chaos soak, short: 10 lazy starts through CRI under seeded random registry faults, node and
 # controller SIGKILLed mid-way; fails on any failed start or any byte unlike the normal path's.
 bash bench/chaos.sh --quick --release=false
+# Whole-tree read of a fully local lazy layer vs plain disk, 24 MiB (release build of one example).
+bash bench/fully-local.sh --small
 
 # The closing line CI reads: every Rust test of the workspace, summed over all test binaries.
 echo "tests: $PASSED passed, $FAILED failed"

@@ -50,6 +50,14 @@ pub enum BrokenReason {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The layer's file bytes were moved out of the span cache's data file into per-file
+    /// copies (for FUSE passthrough): read the files through the mount instead.
+    #[error("the file bytes of {path} were moved to per-file copies; read them through the mount")]
+    MovedToCopies {
+        /// The data file.
+        path: PathBuf,
+    },
+
     /// A file or directory of the span cache could not be created, read or written.
     #[error("span cache {path}: {what} failed")]
     Cache {

@@ -10,6 +10,9 @@
 //! - [`mount`] presents the layer as a read-only FUSE filesystem, whiteouts as overlayfs
 //!   expects of a lower directory, and prefetches an opened file's spans ahead of its reads
 //!   ([`OpenPrefetch`]), with concurrent range requests bounded by a [`FetchLimit`].
+//!   Once the layer is fully local it can hand files to the kernel by FUSE passthrough
+//!   ([`MountOptions::passthrough`]: per-file copies that replace the files' bytes in the
+//!   span cache).
 //!
 //! It deliberately does not talk to registries, containerd or the controller: callers pass the
 //! range reader and decide where caches live and when layers are mounted.
@@ -20,16 +23,20 @@ mod background;
 mod cache;
 mod error;
 mod fuse;
+mod local;
 mod prefetch;
 mod reader;
 mod tree;
 
 pub use background::{BackgroundFetcher, LayerDigest, Outcome};
-pub use cache::SpanCache;
+pub use cache::{FLUSH_INTERVAL, SpanCache};
 pub use error::{BrokenReason, Error, Result};
-pub use fuse::{MountHandle, mount, mount_entries, mount_with};
+pub use fuse::{
+    MountHandle, MountOptions, PassthroughStats, mount, mount_entries, mount_with,
+    mount_with_options,
+};
 pub use prefetch::OpenPrefetch;
 pub use reader::{
     DEFAULT_FETCH_LIMIT, FetchLimit, LatencyHistogram, LayerReader, LayerState,
-    READ_LATENCY_BOUNDS, ReaderStats,
+    READ_LATENCY_BOUNDS, ReaderStats, TracedBytes,
 };

@@ -291,12 +291,45 @@ struct Kept {
     spans: HashSet<SpanId>,
 }
 
-/// The spans reads touched first, in order, while a recording window is open.
+/// The spans reads touched first, in order, and the tar bytes they read, while a recording
+/// window is open.
 #[derive(Debug, Default)]
 struct Trace {
     until: Option<std::time::Instant>,
     seen: HashSet<SpanId>,
     spans: Vec<SpanId>,
+    /// Disjoint, non-adjacent tar byte ranges read: start → end.
+    ranges: std::collections::BTreeMap<u64, u64>,
+}
+
+impl Trace {
+    /// Add `start..end` to the ranges read, merging it with those it touches.
+    fn add_range(&mut self, mut start: u64, mut end: u64) {
+        if let Some((&s, &e)) = self.ranges.range(..=start).next_back()
+            && e >= start
+        {
+            start = s;
+            end = end.max(e);
+        }
+        let touching: Vec<u64> = self.ranges.range(start..=end).map(|(&s, _)| s).collect();
+        for s in touching {
+            if let Some(e) = self.ranges.remove(&s) {
+                end = end.max(e);
+            }
+        }
+        self.ranges.insert(start, end);
+    }
+}
+
+/// How much of a layer the reads of a trace window read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TracedBytes {
+    /// Distinct tar bytes read (through FUSE: with the kernel's readahead).
+    pub uncompressed: u64,
+    /// Their share of the compressed blob: for each span, the compressed bytes of the span in
+    /// proportion to the part of its uncompressed bytes that were read (compression is taken
+    /// as uniform within a span). What a fetch of exactly the bytes read would cost.
+    pub compressed: u64,
 }
 
 impl std::fmt::Debug for LayerReader {
@@ -461,7 +494,7 @@ impl LayerReader {
             return Ok(Vec::new());
         }
         let spans = self.ztoc.span_of(offset)..=self.ztoc.span_of(end - 1);
-        self.record(spans.clone());
+        self.record(spans.clone(), offset..end);
         if !self.ensure(spans)? {
             bump(&self.counters.cache_hits, 1);
         }
@@ -482,6 +515,26 @@ impl LayerReader {
         t.until = Some(std::time::Instant::now() + window);
     }
 
+    /// What the reads of the trace window read so far (see [`TracedBytes`]).
+    pub fn traced_bytes(&self) -> TracedBytes {
+        let t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = TracedBytes::default();
+        for (&start, &end) in &t.ranges {
+            out.uncompressed += end - start;
+            for id in self.ztoc.span_of(start)..=self.ztoc.span_of(end - 1) {
+                let Some(span) = self.ztoc.span(id) else {
+                    continue;
+                };
+                let (u, c) = (&span.uncompressed, &span.compressed);
+                let read = end.min(u.end).saturating_sub(start.max(u.start));
+                let whole = (u.end - u.start).max(1);
+                out.compressed +=
+                    ((u128::from(read) * u128::from(c.end - c.start)) / u128::from(whole)) as u64;
+            }
+        }
+        out
+    }
+
     /// The trace so far, and whether its window has closed.
     pub fn trace(&self) -> (Vec<SpanId>, bool) {
         let t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
@@ -489,9 +542,10 @@ impl LayerReader {
         (t.spans.clone(), closed)
     }
 
-    fn record(&self, spans: RangeInclusive<SpanId>) {
+    fn record(&self, spans: RangeInclusive<SpanId>, bytes: std::ops::Range<u64>) {
         let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
         if t.until.is_some_and(|u| std::time::Instant::now() < u) {
+            t.add_range(bytes.start, bytes.end);
             for id in spans {
                 if t.seen.insert(id) {
                     t.spans.push(id);
@@ -775,6 +829,16 @@ impl LayerReader {
     pub(crate) fn wake(&self) {
         let _flight = self.lock();
         self.changed.notify_all();
+    }
+
+    /// Wait while the layer is lazy and `stop` is unset (set it, then [`LayerReader::wake`]);
+    /// returns the state then.
+    pub(crate) fn wait_while_lazy(&self, stop: &AtomicBool) -> LayerState {
+        let mut flight = self.lock();
+        while flight.state == LayerState::Lazy && !stop.load(Ordering::Relaxed) {
+            flight = self.changed.wait(flight).unwrap_or_else(|e| e.into_inner());
+        }
+        flight.state.clone()
     }
 
     /// Set the layer's state (a broken layer stays broken).

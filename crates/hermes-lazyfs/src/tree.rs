@@ -199,6 +199,11 @@ impl Tree {
             .try_fold(ROOT, |ino, part| self.lookup(ino, part))
     }
 
+    /// Every inode (including ones that later entries replaced), in inode order.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter()
+    }
+
     /// Number of inodes (including ones that later entries replaced).
     pub fn len(&self) -> usize {
         self.nodes.len()

@@ -2,20 +2,22 @@
 //! blob streams and pushes. Async (tokio + reqwest); request shaping and decisions are small
 //! pure functions so they can be tested without a server.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use reqwest::header::{
-    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, LOCATION, RANGE,
-    RETRY_AFTER, WWW_AUTHENTICATE,
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, HeaderMap, HeaderName,
+    HeaderValue, LOCATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use reqwest::{Method, Response, StatusCode};
 use tracing::{debug, warn};
 
 use crate::auth::{Challenge, Credential, Credentials, Token, TokenResponse};
+use crate::hosts::{HostConfig, RegistryHosts};
 use crate::manifest::{Descriptor, Index, Manifest, Platform, media};
 use crate::{Digest, Error, Hasher, Reference, Result};
 
@@ -117,6 +119,12 @@ pub struct ClientOptions {
     pub max_metadata_size: u64,
     /// Blobs larger than this are uploaded in chunks (PATCH) rather than in one PUT.
     pub upload_chunk_size: usize,
+    /// containerd's registry host configuration (`hosts.toml` mirrors): blob reads try a
+    /// registry's mirrors in order before the registry itself.
+    pub registry_hosts: RegistryHosts,
+    /// The deadline of one blob read from a mirror. Shorter than [`ClientOptions::deadline`]:
+    /// a slow mirror should hand over to the next host, not hold a read.
+    pub mirror_deadline: Deadline,
 }
 
 impl Default for ClientOptions {
@@ -129,6 +137,11 @@ impl Default for ClientOptions {
             deadline: Deadline::default(),
             max_metadata_size: DEFAULT_MAX_METADATA_SIZE,
             upload_chunk_size: 16 << 20,
+            registry_hosts: RegistryHosts::none(),
+            mirror_deadline: Deadline {
+                floor: Duration::from_secs(10),
+                min_bytes_per_sec: 1 << 20,
+            },
         }
     }
 }
@@ -172,6 +185,65 @@ struct Inner {
     /// Bearer tokens by (registry, scope); `Basic` auth marked by registry.
     tokens: Mutex<HashMap<(String, String), Token>>,
     basic: Mutex<HashMap<String, bool>>,
+    /// Blob hosts by registry name, loaded once from the host configuration.
+    endpoints: Mutex<HashMap<String, Arc<[Arc<Endpoint>]>>>,
+    /// Counters by host name, shared by every registry that uses the host.
+    counters: Mutex<BTreeMap<String, Arc<HostCounters>>>,
+    /// Mirrors that served wrong bytes of a blob: not asked for it again.
+    distrusted: Mutex<HashSet<(String, Digest)>>,
+    /// Mirrors that answered a range read of a blob with the whole blob, and until when they
+    /// are left alone for it (see [`MIRROR_FILL_WAIT`]).
+    filling: Mutex<HashMap<(String, Digest), Instant>>,
+}
+
+/// How long a mirror that answered a range read with the whole blob is not asked for that blob
+/// again. A pull-through cache does that on a miss (distribution 2.8 streams the blob from the
+/// registry to answer, and again to store it): reading up to our slice would pull a prefix of
+/// the blob through the registry for every read until the mirror has stored it. Instead the
+/// read hangs up at once and goes to the next host, and the mirror is asked again after this
+/// long, when it has usually stored the blob and answers ranges.
+const MIRROR_FILL_WAIT: Duration = Duration::from_secs(10);
+
+/// The most (mirror, blob) pairs remembered as distrusted or filling.
+const MAX_HOST_BLOB_MARKS: usize = 4096;
+
+/// One host blobs are read from: a mirror or the registry itself, as configured.
+#[derive(Debug)]
+struct Endpoint {
+    /// `host[:port]`: the key of credentials, tokens and counters.
+    name: String,
+    /// `scheme://host[:port]` and the API root (`/v2` unless `override_path`).
+    base: String,
+    /// A `[host."…"]` entry (not the registry's `server`).
+    mirror: bool,
+    /// The `ns` query parameter a mirror gets, naming the registry (as containerd sends it).
+    ns: Option<String>,
+    http: reqwest::Client,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    counters: Arc<HostCounters>,
+}
+
+/// Per-host request counters.
+#[derive(Debug, Default)]
+struct HostCounters {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// What one registry host has served this process: requests sent, blob bytes received and
+/// failures (errors, timeouts, 404s, bytes that failed verification). The host is a name from
+/// the configuration, never a URL with credentials: fit for a metric label.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostStats {
+    /// `host[:port]`.
+    pub host: String,
+    /// HTTP requests sent (every attempt).
+    pub requests: u64,
+    /// Blob bytes received.
+    pub bytes: u64,
+    /// Reads that failed at this host (and went to the next one, or failed).
+    pub failures: u64,
 }
 
 /// One request as data, so it can be re-sent on retry and after authentication.
@@ -185,6 +257,8 @@ struct Req {
     headers: Vec<(reqwest::header::HeaderName, String)>,
     body: Option<Bytes>,
     push: bool,
+    /// The host to send it to; `None`: the registry as the reference names it.
+    endpoint: Option<Arc<Endpoint>>,
 }
 
 impl Req {
@@ -197,7 +271,15 @@ impl Req {
             headers: Vec::new(),
             body: None,
             push: false,
+            endpoint: None,
         }
+    }
+
+    /// The request sent to `endpoint` instead of the registry's default address.
+    fn via(mut self, endpoint: &Arc<Endpoint>) -> Self {
+        self.registry = endpoint.name.clone();
+        self.endpoint = Some(endpoint.clone());
+        self
     }
 
     fn header(mut self, name: reqwest::header::HeaderName, value: impl Into<String>) -> Self {
@@ -362,6 +444,10 @@ impl Client {
                 options,
                 tokens: Mutex::new(HashMap::new()),
                 basic: Mutex::new(HashMap::new()),
+                endpoints: Mutex::new(HashMap::new()),
+                counters: Mutex::new(BTreeMap::new()),
+                distrusted: Mutex::new(HashSet::new()),
+                filling: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -382,9 +468,38 @@ impl Client {
 
     fn url(&self, req: &Req) -> String {
         if req.target.starts_with("http://") || req.target.starts_with("https://") {
-            req.target.clone()
-        } else {
-            format!("{}{}", self.base(&req.registry), req.target)
+            return req.target.clone();
+        }
+        match &req.endpoint {
+            Some(ep) => {
+                let rest = req.target.strip_prefix("/v2").unwrap_or(&req.target);
+                let mut url = format!("{}{rest}", ep.base);
+                if let Some(ns) = &ep.ns {
+                    let sep = if url.contains('?') { '&' } else { '?' };
+                    url.push_str(&format!("{sep}ns={}", encode_query(ns)));
+                }
+                url
+            }
+            None => format!("{}{}", self.base(&req.registry), req.target),
+        }
+    }
+
+    /// The retry policy of a request: a mirror gets one attempt, then the next host is asked.
+    fn policy(&self, req: &Req) -> RetryPolicy {
+        match &req.endpoint {
+            Some(ep) if ep.mirror => RetryPolicy {
+                max_attempts: 1,
+                ..self.inner.options.retry.clone()
+            },
+            _ => self.inner.options.retry.clone(),
+        }
+    }
+
+    /// The deadline of a request: mirrors have their own.
+    fn deadline(&self, req: &Req) -> Deadline {
+        match &req.endpoint {
+            Some(ep) if ep.mirror => self.inner.options.mirror_deadline,
+            _ => self.inner.options.deadline,
         }
     }
 
@@ -499,7 +614,7 @@ impl Client {
         bytes: u64,
         work: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        let after = self.inner.options.deadline.for_bytes(bytes);
+        let after = self.deadline(req).for_bytes(bytes);
         tokio::time::timeout(after, work).await.unwrap_or_else(|_| {
             Err(Error::DeadlineExceeded {
                 what,
@@ -524,7 +639,17 @@ impl Client {
     async fn send_counted(&self, req: &Req, retries: &mut Retries) -> Result<Response> {
         let mut authenticated = false;
         loop {
-            let mut builder = self.inner.http.request(req.method.clone(), self.url(req));
+            let http = req
+                .endpoint
+                .as_ref()
+                .map_or(&self.inner.http, |ep| &ep.http);
+            let mut builder = http.request(req.method.clone(), self.url(req));
+            if let Some(ep) = &req.endpoint {
+                ep.counters.requests.fetch_add(1, Ordering::Relaxed);
+                for (k, v) in &ep.headers {
+                    builder = builder.header(k, v);
+                }
+            }
             for (k, v) in &req.headers {
                 builder = builder.header(k, v);
             }
@@ -580,7 +705,7 @@ impl Client {
                 Err(e) => (e.to_string(), None),
             };
             retries
-                .failed(&self.inner.options.retry, &req.registry, failure, wait)
+                .failed(&self.policy(req), &req.registry, failure, wait)
                 .await?;
         }
     }
@@ -802,6 +927,12 @@ impl Client {
     /// slice, the bytes before it discarded as they stream by. A partial answer longer than
     /// `len` is an [`Error::TooLarge`]. One retry budget covers sending and reading, and the
     /// whole read has the deadline of `len` bytes.
+    ///
+    /// With mirrors configured ([`ClientOptions::registry_hosts`]) the hosts with the `pull`
+    /// capability are tried in order, each with its own deadline; a connection error, an error
+    /// status, a 404 or a deadline hands over to the next host and finally the registry.
+    /// Nothing here can verify a range (only the whole blob has a digest): use
+    /// [`Client::blob_range_verified`] when the caller can.
     pub async fn blob_range(
         &self,
         r: &Reference,
@@ -809,18 +940,274 @@ impl Client {
         offset: u64,
         len: u64,
     ) -> Result<Bytes> {
+        self.blob_range_verified(r, digest, offset, len, &|_| true)
+            .await
+    }
+
+    /// [`Client::blob_range`] with a check of what mirrors serve: `mirrored_ok` judges the bytes
+    /// a mirror returned (against a zTOC's span digests, say); when it refuses them the mirror
+    /// is counted as failed, not asked for this blob again, and the next host is asked. The
+    /// registry's own bytes are returned unjudged, for the caller to verify as it always does.
+    pub async fn blob_range_verified(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        mirrored_ok: &(dyn Fn(&[u8]) -> bool + Send + Sync),
+    ) -> Result<Bytes> {
         if len == 0 {
             return Ok(Bytes::new());
         }
         let last = offset.saturating_add(len - 1);
-        let req = Self::blob_req(r, digest).header(RANGE, format!("bytes={offset}-{last}"));
-        self.within(
-            "blob range",
-            &req,
-            len,
-            self.read_range(r, digest, &req, offset, len),
-        )
-        .await
+        let mut failed = None;
+        for ep in self.blob_endpoints(r, digest) {
+            let req = Self::blob_req(r, digest)
+                .via(&ep)
+                .header(RANGE, format!("bytes={offset}-{last}"));
+            let read = self.read_range(r, digest, &req, offset, len);
+            match self.within("blob range", &req, len, read).await {
+                Ok(bytes) => {
+                    ep.counters.bytes.fetch_add(len, Ordering::Relaxed);
+                    if !ep.mirror || mirrored_ok(&bytes) {
+                        return Ok(bytes);
+                    }
+                    ep.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    self.distrust(&ep, digest);
+                    warn!(host = %ep.name, %digest, offset, len,
+                        "mirror served bytes that fail verification; not using it for this blob");
+                    failed = Some(Error::MirrorMismatch {
+                        host: ep.name.clone(),
+                        digest: digest.clone(),
+                        offset,
+                    });
+                }
+                Err(e) => {
+                    ep.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    if let Error::MirrorSentWholeBlob { .. } = e {
+                        debug!(host = %ep.name, %digest, "mirror is filling; trying the next host");
+                        self.leave_filling(&ep, digest);
+                    } else if ep.mirror {
+                        warn!(host = %ep.name, %digest, error = %e, "mirror failed; trying the next host");
+                    }
+                    failed = Some(e);
+                }
+            }
+        }
+        Err(failed.unwrap_or_else(|| self.no_pull_host(r)))
+    }
+
+    fn no_pull_host(&self, r: &Reference) -> Error {
+        Error::HostsConfig {
+            path: self
+                .inner
+                .options
+                .registry_hosts
+                .host_dir(&r.registry)
+                .unwrap_or_default(),
+            message: format!("no host of {} has the pull capability", r.registry),
+        }
+    }
+
+    /// The hosts to read `digest` of `r` from, in order: mirrors with the `pull` capability
+    /// that have not served wrong bytes of it and are not filling it, then the registry (if it
+    /// may be pulled from).
+    fn blob_endpoints(&self, r: &Reference, digest: &Digest) -> Vec<Arc<Endpoint>> {
+        let all = self.endpoints(r);
+        let distrusted = self.inner.distrusted.lock().ok();
+        let filling = self.inner.filling.lock().ok();
+        let now = Instant::now();
+        all.iter()
+            .filter(|ep| {
+                let key = (ep.name.clone(), digest.clone());
+                !ep.mirror
+                    || !(distrusted.as_ref().is_some_and(|d| d.contains(&key))
+                        || filling
+                            .as_ref()
+                            .and_then(|f| f.get(&key))
+                            .is_some_and(|until| *until > now))
+            })
+            .cloned()
+            .collect()
+    }
+
+    fn distrust(&self, ep: &Endpoint, digest: &Digest) {
+        if let Ok(mut d) = self.inner.distrusted.lock() {
+            // Bounded: a process reads a bounded set of blobs from a bounded set of hosts, but
+            // a runaway mirror must not grow this without end.
+            if d.len() < MAX_HOST_BLOB_MARKS {
+                d.insert((ep.name.clone(), digest.clone()));
+            }
+        }
+    }
+
+    fn leave_filling(&self, ep: &Endpoint, digest: &Digest) {
+        if let Ok(mut f) = self.inner.filling.lock() {
+            let now = Instant::now();
+            f.retain(|_, until| *until > now);
+            if f.len() < MAX_HOST_BLOB_MARKS {
+                f.insert((ep.name.clone(), digest.clone()), now + MIRROR_FILL_WAIT);
+            }
+        }
+    }
+
+    /// The pull hosts of `r`'s registry, loaded from the host configuration once. A
+    /// configuration that cannot be read leaves the registry alone (containerd does the same),
+    /// loudly.
+    fn endpoints(&self, r: &Reference) -> Arc<[Arc<Endpoint>]> {
+        if let Some(found) = self
+            .inner
+            .endpoints
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&r.registry).cloned())
+        {
+            return found;
+        }
+        let hosts = match self.inner.options.registry_hosts.load(&r.registry) {
+            Ok(file) => {
+                if !file.ignored_keys.is_empty() {
+                    warn!(registry = %r.registry, keys = ?file.ignored_keys,
+                        "hosts.toml keys containerd does not know are ignored");
+                }
+                file.hosts
+            }
+            Err(e) => {
+                warn!(registry = %r.registry, error = %e, "ignoring the registry host configuration");
+                vec![HostConfig::origin()]
+            }
+        };
+        // The server comes last in a hosts file; every entry before it is a `[host]` mirror.
+        let server = hosts.len().saturating_sub(1);
+        let endpoints: Arc<[Arc<Endpoint>]> = hosts
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.capabilities.pull)
+            .filter_map(|(i, h)| match self.endpoint(r, h, i < server) {
+                Ok(ep) => Some(Arc::new(ep)),
+                Err(e) => {
+                    warn!(registry = %r.registry, error = %e, "skipping a registry host");
+                    None
+                }
+            })
+            .collect();
+        if !endpoints.is_empty() && endpoints.iter().any(|e| e.mirror) {
+            let names: Vec<&str> = endpoints.iter().map(|e| e.name.as_str()).collect();
+            debug!(registry = %r.registry, hosts = ?names, "blob hosts");
+        }
+        if let Ok(mut m) = self.inner.endpoints.lock() {
+            m.insert(r.registry.clone(), endpoints.clone());
+        }
+        endpoints
+    }
+
+    fn endpoint(&self, r: &Reference, h: &HostConfig, mirror: bool) -> Result<Endpoint> {
+        let (name, base) = match &h.url {
+            Some(u) => (
+                u.host.clone(),
+                format!("{}://{}{}", u.scheme, u.host, u.path),
+            ),
+            None => {
+                let host = r.api_host().to_owned();
+                (host.clone(), format!("{}/v2", self.base(&host)))
+            }
+        };
+        let http = if h.needs_own_client() {
+            self.host_client(&name, h)?
+        } else {
+            self.inner.http.clone()
+        };
+        let mut headers = Vec::new();
+        for (key, values) in &h.header {
+            let Ok(key) = HeaderName::try_from(key.as_str()) else {
+                warn!(host = %name, header = %key, "ignoring an invalid header name");
+                continue;
+            };
+            for v in values {
+                match HeaderValue::try_from(v.as_str()) {
+                    Ok(v) => headers.push((key.clone(), v)),
+                    Err(_) => {
+                        warn!(host = %name, header = %key, "ignoring an invalid header value")
+                    }
+                }
+            }
+        }
+        let counters = self
+            .inner
+            .counters
+            .lock()
+            .map(|mut c| c.entry(name.clone()).or_default().clone())
+            .unwrap_or_default();
+        Ok(Endpoint {
+            ns: mirror.then(|| r.registry.clone()),
+            name,
+            base,
+            mirror,
+            http,
+            headers,
+            counters,
+        })
+    }
+
+    /// A connection pool with a host's TLS settings and dial timeout.
+    fn host_client(&self, name: &str, h: &HostConfig) -> Result<reqwest::Client> {
+        let read = |path: &std::path::Path| {
+            crate::hosts::read_capped(path, crate::hosts::MAX_HOSTS_FILE).map_err(|e| {
+                Error::HostTls {
+                    host: name.to_owned(),
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                }
+            })
+        };
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("hermes/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(h.dial_timeout.unwrap_or(Duration::from_secs(10)))
+            .read_timeout(self.inner.options.read_timeout);
+        for ca in &h.ca {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&read(ca)?).map_err(|e| Error::HostTls {
+                    host: name.to_owned(),
+                    path: ca.clone(),
+                    message: e.to_string(),
+                })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        // reqwest takes one identity; containerd offers every pair and the server picks. The
+        // first pair is the one used.
+        if let Some((cert, key)) = h.client.first() {
+            let mut pem = read(cert)?;
+            if let Some(key) = key {
+                pem.push(b'\n');
+                pem.extend(read(key)?);
+            }
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| Error::HostTls {
+                host: name.to_owned(),
+                path: cert.clone(),
+                message: e.to_string(),
+            })?;
+            builder = builder.identity(identity);
+        }
+        if let Some(skip) = h.skip_verify {
+            builder = builder.tls_danger_accept_invalid_certs(skip);
+        }
+        builder.build().map_err(Error::Client)
+    }
+
+    /// What each registry host has served so far, by host name.
+    pub fn host_stats(&self) -> Vec<HostStats> {
+        let Ok(counters) = self.inner.counters.lock() else {
+            return Vec::new();
+        };
+        counters
+            .iter()
+            .map(|(host, c)| HostStats {
+                host: host.clone(),
+                requests: c.requests.load(Ordering::Relaxed),
+                bytes: c.bytes.load(Ordering::Relaxed),
+                failures: c.failures.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     async fn read_range(
@@ -837,6 +1224,13 @@ impl Client {
             let mut resp = self.send_counted(req, &mut retries).await?;
             let body = match resp.status() {
                 StatusCode::PARTIAL_CONTENT => read_body(resp, len, WHAT).await,
+                StatusCode::OK if req.endpoint.as_ref().is_some_and(|ep| ep.mirror) => {
+                    // Dropping the answer unread closes the connection.
+                    return Err(Error::MirrorSentWholeBlob {
+                        host: req.registry.clone(),
+                        digest: digest.clone(),
+                    });
+                }
                 StatusCode::OK => {
                     warn!(registry = %r.registry, "registry ignored Range and sends the whole blob");
                     read_part(&mut resp, offset, len, false, WHAT)
@@ -853,7 +1247,7 @@ impl Client {
                 Err(e) => return Err(e),
             };
             retries
-                .failed(&self.inner.options.retry, &r.registry, failure, None)
+                .failed(&self.policy(req), &req.registry, failure, None)
                 .await?;
         }
     }
@@ -905,6 +1299,9 @@ impl Client {
             budget: self.inner.options.deadline.for_bytes(size),
             spent: Duration::ZERO,
             done: false,
+            hosts: None,
+            at: 0,
+            served_by: Vec::new(),
         }
     }
 
@@ -1261,6 +1658,12 @@ pub struct BlobStream {
     budget: Duration,
     spent: Duration,
     done: bool,
+    /// The hosts to read from (mirrors, then the registry), resolved on the first read.
+    hosts: Option<Vec<Arc<Endpoint>>>,
+    /// The host being read from.
+    at: usize,
+    /// Hosts that sent bytes of this stream: distrusted if the digest does not match.
+    served_by: Vec<Arc<Endpoint>>,
 }
 
 impl BlobStream {
@@ -1295,24 +1698,65 @@ impl BlobStream {
         item
     }
 
+    /// The host being read from, resolving the list on first use.
+    fn host(&mut self) -> Option<Arc<Endpoint>> {
+        let hosts = self
+            .hosts
+            .get_or_insert_with(|| self.client.blob_endpoints(&self.reference, &self.digest));
+        hosts.get(self.at).cloned()
+    }
+
+    /// The current host failed: hand over to the next one with a fresh retry budget, or give
+    /// `error` back when it was the last.
+    fn next_host(&mut self, error: Error) -> Result<()> {
+        if let Some(ep) = self.host() {
+            ep.counters.failures.fetch_add(1, Ordering::Relaxed);
+            let more = self.hosts.as_ref().is_some_and(|h| self.at + 1 < h.len());
+            if more {
+                warn!(host = %ep.name, digest = %self.digest, error = %error,
+                    "blob host failed; trying the next host");
+                self.at += 1;
+                self.retries = Retries::default();
+                return Ok(());
+            }
+        }
+        Err(error)
+    }
+
     async fn next_inner(&mut self) -> Option<Result<Bytes>> {
         loop {
             if self.response.is_none() {
-                let mut req = Client::blob_req(&self.reference, &self.digest);
+                let Some(ep) = self.host() else {
+                    return Some(Err(self.client.no_pull_host(&self.reference)));
+                };
+                let mut req = Client::blob_req(&self.reference, &self.digest).via(&ep);
                 if self.received > 0 {
                     req = req.header(RANGE, format!("bytes={}-", self.received));
                 }
                 let resp = match self.client.send_counted(&req, &mut self.retries).await {
                     Ok(resp) => resp,
-                    Err(e) => return Some(Err(e)),
+                    Err(e) => match self.next_host(e) {
+                        Ok(()) => continue,
+                        Err(e) => return Some(Err(e)),
+                    },
                 };
                 match resp.status() {
                     StatusCode::OK => self.skip = self.received,
                     StatusCode::PARTIAL_CONTENT if self.received > 0 => self.skip = 0,
-                    StatusCode::NOT_FOUND => {
-                        return Some(Err(Client::not_found_blob(&self.reference, &self.digest)));
+                    status => {
+                        let error = if status == StatusCode::NOT_FOUND {
+                            Client::not_found_blob(&self.reference, &self.digest)
+                        } else {
+                            self.client.status_error(&req, resp).await
+                        };
+                        match self.next_host(error) {
+                            Ok(()) => continue,
+                            Err(e) => return Some(Err(e)),
+                        }
                     }
-                    _ => return Some(Err(self.client.status_error(&req, resp).await)),
+                }
+                if !self.served_by.iter().any(|s| Arc::ptr_eq(s, &ep)) {
+                    self.served_by.push(ep);
                 }
                 self.response = Some(resp);
             }
@@ -1354,6 +1798,11 @@ impl BlobStream {
                 }));
             }
             self.received += chunk.len() as u64;
+            if let Some(ep) = self.served_by.last() {
+                ep.counters
+                    .bytes
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
             if let Some(h) = &mut self.hasher {
                 h.update(&chunk);
             }
@@ -1361,25 +1810,32 @@ impl BlobStream {
         }
     }
 
-    /// A dropped response: spend one attempt of the stream's budget, then resume.
+    /// A dropped response: spend one attempt of the host's budget, then resume there, or at
+    /// the next host once the budget is spent.
     async fn resume(&mut self, failure: String) -> Result<()> {
         let failure = format!(
             "blob {} broke off after {} bytes: {failure}",
             self.digest, self.received
         );
-        self.retries
-            .failed(
-                &self.client.inner.options.retry,
-                &self.reference.registry,
-                failure,
-                None,
-            )
-            .await
+        let Some(ep) = self.host() else {
+            return Err(self.client.no_pull_host(&self.reference));
+        };
+        let req = Client::blob_req(&self.reference, &self.digest).via(&ep);
+        let policy = self.client.policy(&req);
+        match self.retries.failed(&policy, &ep.name, failure, None).await {
+            Ok(()) => Ok(()),
+            Err(e) => self.next_host(e),
+        }
     }
 
     fn finish(&mut self) -> Option<Result<Bytes>> {
         let actual = self.hasher.take()?.finish();
         if actual != self.digest {
+            // A mirror that sent part of it may be the one at fault: ask the others next time.
+            for ep in self.served_by.iter().filter(|ep| ep.mirror) {
+                ep.counters.failures.fetch_add(1, Ordering::Relaxed);
+                self.client.distrust(ep, &self.digest);
+            }
             return Some(Err(Error::DigestMismatch {
                 registry: self.reference.registry.clone(),
                 expected: self.digest.clone(),

@@ -52,6 +52,48 @@ pub enum Error {
         repository: String,
     },
 
+    /// A mirror served bytes of a blob range that failed the caller's verification, and no
+    /// other host served it.
+    #[error("mirror {host} served wrong bytes of {digest} at offset {offset}")]
+    MirrorMismatch {
+        /// The mirror, `host[:port]`.
+        host: String,
+        /// The blob.
+        digest: Digest,
+        /// Start of the range.
+        offset: u64,
+    },
+
+    /// A mirror answered a range read with the whole blob (a pull-through cache that does not
+    /// have it yet): the read goes to the next host.
+    #[error("mirror {host} answered a range read of {digest} with the whole blob")]
+    MirrorSentWholeBlob {
+        /// The mirror, `host[:port]`.
+        host: String,
+        /// The blob.
+        digest: Digest,
+    },
+
+    /// A registry host configuration (`hosts.toml`) that cannot be read or is invalid.
+    #[error("registry host configuration {path}: {message}")]
+    HostsConfig {
+        /// The file or host directory.
+        path: std::path::PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+
+    /// A mirror's TLS settings (`ca`, `client`) could not be loaded.
+    #[error("registry host {host}: cannot use {path}: {message}")]
+    HostTls {
+        /// The host, `host[:port]`.
+        host: String,
+        /// The certificate or key file.
+        path: std::path::PathBuf,
+        /// Why.
+        message: String,
+    },
+
     /// Any other unexpected HTTP answer.
     #[error("registry {registry} answered {status} to {method} {path}: {body}")]
     Status {

@@ -11,6 +11,7 @@
 mod auth;
 mod client;
 mod error;
+pub mod hosts;
 mod indexer;
 pub mod manifest;
 mod range;
@@ -20,10 +21,11 @@ mod store;
 pub use auth::{Challenge, Credential, Credentials};
 pub use client::{
     BlobStream, Client, ClientOptions, DEFAULT_MAX_METADATA_SIZE, Deadline, FetchedManifest,
-    ResolvedImage, RetryPolicy, encode_query, fallback_tag, read_body,
+    HostStats, ResolvedImage, RetryPolicy, encode_query, fallback_tag, read_body,
 };
 pub use error::{Error, Result};
 pub use hermes_oci_types::{DOCKER_HUB, Digest, Error as ParseError, Hasher, Reference};
+pub use hosts::RegistryHosts;
 pub use indexer::{
     DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult, PushSummary, assemble_index, build_index,
     index_layer, push_soci,

@@ -72,6 +72,10 @@ pub struct NodeConfig {
     /// Docker `config.json` with registry credentials [default: `$DOCKER_CONFIG/config.json` or
     /// `~/.docker/config.json` when present].
     pub docker_config: Option<PathBuf>,
+    /// containerd's registry host configuration directory (its `config_path`): mirrors in
+    /// `<dir>/<registry>/hosts.toml` serve lazy reads first [default:
+    /// `/etc/containerd/certs.d` when it exists; `""` turns mirrors off].
+    pub registry_config_path: Option<PathBuf>,
     /// Address of the Prometheus `/metrics` endpoint; none: no endpoint.
     pub metrics: Option<SocketAddr>,
     /// Disk budget of all span caches, e.g. `50GiB`. A new lazy layer that would not fit falls
@@ -131,6 +135,7 @@ impl Default for NodeConfig {
             soci_from_registry: false,
             plain_http: false,
             docker_config: None,
+            registry_config_path: None,
             metrics: None,
             cache_size: 0,
             background_fetch: true,
@@ -293,6 +298,7 @@ root = "/data/hermes"
 socket = "/run/h.sock"
 soci_from_registry = true
 plain_http = true
+registry_config_path = "/etc/containerd/certs.d"
 metrics = "127.0.0.1:9465"
 cache_size = "2GiB"
 background_fetch = false
@@ -306,6 +312,7 @@ root: /data/hermes
 socket: /run/h.sock
 soci_from_registry: true
 plain_http: true
+registry_config_path: /etc/containerd/certs.d
 metrics: 127.0.0.1:9465
 cache_size: 2GiB
 background_fetch: false
@@ -318,6 +325,10 @@ controller:
         assert_eq!(a, b);
         assert_eq!(a.root, PathBuf::from("/data/hermes"));
         assert_eq!(a.cache_size, 2 << 30);
+        assert_eq!(
+            a.registry_config_path.as_deref(),
+            Some(Path::new("/etc/containerd/certs.d"))
+        );
         assert!(!a.background_fetch);
         let c = a.controller.unwrap();
         assert_eq!(c.url, "http://ctrl:8080");

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hermes_lazyfs::{BackgroundFetcher, LayerDigest, LayerReader, LayerState, SpanCache};
-use hermes_oci::{Client, Digest, Reference, RegistryRangeReader};
+use hermes_oci::{Client, Digest, HostStats, Reference, RegistryRangeReader};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -90,9 +90,19 @@ pub struct LayerStats {
     /// The trace's window has closed.
     #[serde(default)]
     pub trace_complete: bool,
+    /// Distinct tar bytes reads read during the trace window.
+    #[serde(default)]
+    pub trace_read_bytes: u64,
+    /// Their share of the compressed blob ([`hermes_lazyfs::TracedBytes::compressed`]): what
+    /// the first start needs from the registry at least.
+    #[serde(default)]
+    pub trace_read_compressed_bytes: u64,
     /// Spans prefetched from a startup profile.
     #[serde(default)]
     pub prefetched: u64,
+    /// What each registry host (mirrors and the registry) served this layer's process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub registry_hosts: Vec<HostStats>,
 }
 
 impl LayerStats {
@@ -134,15 +144,22 @@ pub fn serve_layer(
     let ztoc = Arc::new(ztoc);
     let digest = Digest::parse(&opts.layer)?;
     let reference = Reference::parse(&opts.image)?;
-    let source = RegistryRangeReader::new(client, reference, digest.clone(), runtime);
+    let hosts = client.clone();
+    let source = RegistryRangeReader::new(client, reference, digest.clone(), runtime)
+        .with_span_check(ztoc.clone());
     let cache = SpanCache::open(&opts.cache, &ztoc).map_err(|e| mount_err(format!("{e:#}")))?;
     let reader = Arc::new(LayerReader::new(ztoc.clone(), source, cache));
     if opts.background {
         // Startup reads and prefetch come before the background fetcher: keep their bytes.
         reader.keep_for_background();
     }
-    let handle = hermes_lazyfs::mount_entries(reader.clone(), &entries, &opts.mountpoint, None)
-        .map_err(|e| mount_err(hermes_node_api::error_chain(&e)))?;
+    let handle = hermes_lazyfs::mount_entries(
+        reader.clone(),
+        &entries,
+        &opts.mountpoint,
+        hermes_lazyfs::MountOptions::default(),
+    )
+    .map_err(|e| mount_err(hermes_node_api::error_chain(&e)))?;
     drop(entries);
     let mounted = Instant::now();
     let mounted_unix_ms = unix_ms();
@@ -182,6 +199,7 @@ pub fn serve_layer(
             info!(layer = %digest, seconds = secs, "layer is fully local");
         }
         let s = reader.stats();
+        let traced = reader.traced_bytes();
         let stats = LayerStats {
             layer: opts.layer.clone(),
             pid: std::process::id(),
@@ -207,7 +225,10 @@ pub fn serve_layer(
             fully_local_seconds,
             trace: reader.trace().0,
             trace_complete: opts.trace_window.is_some() && reader.trace().1,
+            trace_read_bytes: traced.uncompressed,
+            trace_read_compressed_bytes: traced.compressed,
             prefetched: prefetched.load(Ordering::Relaxed),
+            registry_hosts: hosts.host_stats(),
         };
         if let Err(e) = write_atomic(&opts.stats, &serde_json::to_vec(&stats).unwrap_or_default()) {
             warn!(error = %e, "cannot write layer stats");

@@ -96,7 +96,8 @@ impl LazyLayers {
             reference,
             digest.clone(),
             self.runtime.clone(),
-        );
+        )
+        .with_span_check(ztoc.clone());
         let cache = SpanCache::open(&self.root.join("cache").join(digest.hex()), &ztoc)?;
         let size = ztoc.compressed_archive_size();
         let reader = Arc::new(

@@ -149,6 +149,39 @@ pub fn render(snapshots: &Snapshots, layers: &NodeLayers) -> String {
         vec![(vec![], sum(|s| s.verify_failures))],
     );
 
+    // By host name from containerd's hosts.toml (or the registry's own): bounded by the
+    // configuration, and never a URL, so no credentials.
+    let mut hosts: std::collections::BTreeMap<&str, [u64; 3]> = Default::default();
+    for h in stats.iter().flat_map(|s| &s.registry_hosts) {
+        let e = hosts.entry(h.host.as_str()).or_default();
+        e[0] += h.requests;
+        e[1] += h.bytes;
+        e[2] += h.failures;
+    }
+    for (i, (name, help)) in [
+        (
+            "registry_host_requests",
+            "HTTP requests lazy layers sent, by registry host (mirror or registry)",
+        ),
+        (
+            "registry_host_bytes",
+            "Blob bytes lazy layers received, by registry host",
+        ),
+        (
+            "registry_host_failures",
+            "Reads that failed at a registry host (and went to the next one), by host",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let values = hosts
+            .iter()
+            .map(|(host, v)| (vec![("host", (*host).to_owned())], v[i]))
+            .collect();
+        counter_family(&mut registry, name, help, values);
+    }
+
     let states = Family::<Labels, Gauge>::default();
     let mut by_state: HashMap<&str, i64> = HashMap::new();
     for s in ["lazy", "fully_local", "broken"] {

@@ -271,6 +271,8 @@ struct Shared {
     auth: Option<BearerAuth>,
     state: Mutex<State>,
     tokens_issued: AtomicU64,
+    /// Body bytes of `GET …/blobs/…` answers handed to clients.
+    blob_bytes: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -333,6 +335,7 @@ impl FaultProxy {
             auth,
             state: Mutex::default(),
             tokens_issued: AtomicU64::new(0),
+            blob_bytes: AtomicU64::new(0),
         });
         let (shutdown, stop) = oneshot::channel();
         let serving = Arc::clone(&shared);
@@ -404,6 +407,12 @@ impl FaultProxy {
     /// How many bearer tokens the token endpoint has issued.
     pub fn tokens_issued(&self) -> u64 {
         self.shared.tokens_issued.load(Ordering::SeqCst)
+    }
+
+    /// Body bytes of blob reads (`GET …/blobs/…`) sent to clients so far: what the upstream
+    /// registry served through this proxy.
+    pub fn blob_bytes_sent(&self) -> u64 {
+        self.shared.blob_bytes.load(Ordering::SeqCst)
     }
 }
 
@@ -604,9 +613,10 @@ async fn handle(
             _ => None,
         },
     };
+    let blob = method == "GET" && path.contains("/blobs/");
     Ok(Response::from_parts(
         parts,
-        shape_body(body, shaping, shared),
+        shape_body(body, shaping, blob, shared),
     ))
 }
 
@@ -684,7 +694,7 @@ impl Body for ChannelBody {
 }
 
 /// Streams `body` to the client through the fault shaping and the bandwidth cap.
-fn shape_body(mut body: Incoming, shaping: Shaping, shared: Arc<Shared>) -> ProxyBody {
+fn shape_body(mut body: Incoming, shaping: Shaping, blob: bool, shared: Arc<Shared>) -> ProxyBody {
     let (tx, chunks) = mpsc::channel(4);
     tokio::spawn(async move {
         let mut offset = 0u64;
@@ -708,8 +718,12 @@ fn shape_body(mut body: Incoming, shaping: Shaping, shared: Arc<Shared>) -> Prox
                 data.truncate(limit.saturating_sub(offset) as usize);
             }
             offset = end;
+            let sent = data.len() as u64;
             if !send_throttled(&tx, data, &shared).await {
                 return;
+            }
+            if blob {
+                shared.blob_bytes.fetch_add(sent, Ordering::SeqCst);
             }
             if cut.is_some() {
                 // Let hyper flush what it has, then make it abort the connection.

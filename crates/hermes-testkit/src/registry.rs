@@ -27,16 +27,25 @@ pub struct Registry {
 impl Registry {
     /// Starts an anonymous registry (pull and push without credentials).
     pub fn start() -> Result<Registry> {
-        Self::start_inner(None)
+        Self::start_inner(None, None)
+    }
+
+    /// Starts a pull-through cache (distribution's `proxy` mode) of the registry at
+    /// `remote_url` (`http://127.0.0.1:PORT`): a blob or manifest it does not have is fetched
+    /// from the remote, stored and served. Note what distribution 2.8 does on a miss: it reads
+    /// the whole blob from the remote twice (once to store, once to answer, ignoring `Range`)
+    /// and once more for every request that misses while the blob is still being stored.
+    pub fn start_pull_through(remote_url: &str) -> Result<Registry> {
+        Self::start_inner(None, Some(remote_url))
     }
 
     /// Starts a registry that requires HTTP Basic credentials `user`:`password` (bcrypt htpasswd
     /// file made with `htpasswd -Bbn`, realm `basic`).
     pub fn start_with_htpasswd(user: &str, password: &str) -> Result<Registry> {
-        Self::start_inner(Some((user, password)))
+        Self::start_inner(Some((user, password)), None)
     }
 
-    fn start_inner(credentials: Option<(&str, &str)>) -> Result<Registry> {
+    fn start_inner(credentials: Option<(&str, &str)>, proxy: Option<&str>) -> Result<Registry> {
         let program = find_program("docker-registry", "apt-get install docker-registry")?;
         let dir = tempfile::Builder::new()
             .prefix("hermes-testkit-registry-")
@@ -51,8 +60,11 @@ impl Registry {
         loop {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
             let config = dir.path().join("config.yml");
-            std::fs::write(&config, config_yaml(dir.path(), addr, htpasswd.as_deref()))
-                .map_err(Error::io("write", &config))?;
+            let mut yaml = config_yaml(dir.path(), addr, htpasswd.as_deref());
+            if let Some(remote) = proxy {
+                yaml.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
+            }
+            std::fs::write(&config, yaml).map_err(Error::io("write", &config))?;
             let log = File::create(&log_path).map_err(Error::io("create", &log_path))?;
             let log_err = log.try_clone().map_err(Error::io("reopen", &log_path))?;
             let mut command = Command::new(&program);
@@ -108,6 +120,18 @@ impl Registry {
     /// The temp dir holding config, log (`registry.log`), htpasswd and storage (`data/`).
     pub fn root(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Where the registry keeps a blob's bytes (`sha256:…`), whether it has it or not: for
+    /// checking what a pull-through cache has stored.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(hex.get(..2).unwrap_or(hex))
+            .join(hex)
+            .join("data")
     }
 
     /// The registry process id while it runs.

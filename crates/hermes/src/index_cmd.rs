@@ -11,7 +11,7 @@ use hermes_oci::manifest::Platform;
 use hermes_oci::soci::SociVersion;
 use hermes_oci::{
     Client, ClientOptions, Credentials, ImageRecord, IndexOptions, LayerOutcome, LayerRecord,
-    Reference, Store,
+    Reference, RegistryHosts, Store,
 };
 
 use crate::size::{human, parse_size};
@@ -37,6 +37,17 @@ pub struct RegistryArgs {
     /// A Kubernetes pull secret (kubernetes.io/dockerconfigjson, JSON) with credentials.
     #[arg(long, value_name = "FILE")]
     pull_secret: Option<PathBuf>,
+    /// containerd's registry host configuration directory (its `config_path`): mirrors in
+    /// `DIR/<registry>/hosts.toml` (or `DIR/_default/hosts.toml`) serve blob reads first, in
+    /// order, the registry last; what they serve is verified. An empty value turns it off
+    /// [default: /etc/containerd/certs.d when it exists].
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "HERMES_REGISTRY_CONFIG_PATH",
+        value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from)
+    )]
+    registry_config_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -138,12 +149,27 @@ fn credentials(args: &RegistryArgs) -> anyhow::Result<Credentials> {
 
 impl RegistryArgs {
     /// Settings from a config file rather than flags.
-    pub fn from_settings(plain_http: bool, docker_config: Option<PathBuf>) -> Self {
+    pub fn from_settings(
+        plain_http: bool,
+        docker_config: Option<PathBuf>,
+        registry_config_path: Option<PathBuf>,
+    ) -> Self {
         Self {
             plain_http,
             docker_config,
             pull_secret: None,
+            registry_config_path,
         }
+    }
+
+    /// `--registry-config-path`.
+    pub fn registry_config_path(&self) -> Option<&std::path::Path> {
+        self.registry_config_path.as_deref()
+    }
+
+    /// The registry host configuration these settings name.
+    pub fn registry_hosts(&self) -> RegistryHosts {
+        registry_hosts(self.registry_config_path.as_deref())
     }
 
     /// `--plain-http`.
@@ -157,10 +183,21 @@ impl RegistryArgs {
     }
 }
 
+/// `dir` as containerd's `config_path`: none given is containerd's usual directory when it
+/// exists, an empty one is none.
+pub fn registry_hosts(dir: Option<&std::path::Path>) -> RegistryHosts {
+    match dir {
+        None => RegistryHosts::system_default(),
+        Some(d) if d.as_os_str().is_empty() => RegistryHosts::none(),
+        Some(d) => RegistryHosts::from_dir(d),
+    }
+}
+
 pub fn client(args: &RegistryArgs) -> anyhow::Result<Client> {
     Ok(Client::new(ClientOptions {
         plain_http: args.plain_http,
         credentials: credentials(args)?,
+        registry_hosts: args.registry_hosts(),
         ..ClientOptions::default()
     })?)
 }

@@ -89,6 +89,16 @@ pub struct ControllerArgs {
     /// $DOCKER_CONFIG/config.json or ~/.docker/config.json when present].
     #[arg(long, value_name = "FILE")]
     docker_config: Option<PathBuf>,
+    /// containerd's registry host configuration directory (`config_path`): mirrors in
+    /// `DIR/<registry>/hosts.toml` serve the blob reads of indexing first, the registry last.
+    /// An empty value turns it off [default: /etc/containerd/certs.d when it exists].
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "HERMES_REGISTRY_CONFIG_PATH",
+        value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from)
+    )]
+    registry_config_path: Option<PathBuf>,
 }
 
 pub fn run(cmd: KubeCommand) -> anyhow::Result<ExitCode> {
@@ -118,7 +128,11 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
     .await?;
     let mirror = match args.store_repository.as_deref().filter(|r| !r.is_empty()) {
         Some(repository) => {
-            let settings = RegistryArgs::from_settings(args.plain_http, args.docker_config.clone());
+            let settings = RegistryArgs::from_settings(
+                args.plain_http,
+                args.docker_config.clone(),
+                args.registry_config_path.clone(),
+            );
             let registry = index_cmd::client(&settings)
                 .context("cannot configure a registry client for the store repository")?;
             Some(store_mirror(repository, registry)?)
@@ -146,6 +160,7 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
         server,
         client: ClientOptions {
             plain_http: args.plain_http,
+            registry_hosts: index_cmd::registry_hosts(args.registry_config_path.as_deref()),
             ..ClientOptions::default()
         },
         mirror,

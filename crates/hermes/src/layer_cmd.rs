@@ -108,7 +108,8 @@ fn mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         reference.clone(),
         layer.digest.clone(),
         runtime.handle().clone(),
-    );
+    )
+    .with_span_check(ztoc.clone());
     let cache = SpanCache::open(&args.cache.join(layer.digest.hex()), &ztoc)?;
     let reader = Arc::new(LayerReader::new(ztoc.clone(), source, cache));
     if args.background {

@@ -109,6 +109,9 @@ fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
     if let Some(p) = args.registry.docker_config() {
         config.docker_config = Some(p.to_owned());
     }
+    if let Some(p) = args.registry.registry_config_path() {
+        config.registry_config_path = Some(p.to_owned());
+    }
     if args.metrics.is_some() {
         config.metrics = args.metrics;
     }
@@ -133,7 +136,11 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         println!("stopped {n} lazy layer(s) under {}", config.root.display());
         return Ok(ExitCode::SUCCESS);
     }
-    let registry = RegistryArgs::from_settings(config.plain_http, config.docker_config.clone());
+    let registry = RegistryArgs::from_settings(
+        config.plain_http,
+        config.docker_config.clone(),
+        config.registry_config_path.clone(),
+    );
     let client = client(&registry)?;
     let mut server_args: Vec<std::ffi::OsString> = vec!["layer".into(), "serve".into()];
     if config.plain_http {
@@ -143,6 +150,15 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         server_args.push("--docker-config".into());
         server_args.push(p.into());
     }
+    // Layer servers read the blobs: they get the same mirrors (an empty path: none).
+    server_args.push("--registry-config-path".into());
+    server_args.push(
+        registry
+            .registry_hosts()
+            .config_path()
+            .map(|p| p.as_os_str().to_owned())
+            .unwrap_or_default(),
+    );
     let server = ServerCommand {
         program: std::env::current_exe().context("cannot find the hermes executable")?,
         args: server_args,

@@ -11,7 +11,7 @@ use hermes_lazyfs::{FetchLimit, LayerReader, MountHandle, OpenPrefetch, mount, m
 use crate::layer::{Built, Source, TestLayer, noise, wait_until};
 
 /// Fail loudly when the machine cannot mount FUSE.
-fn require_fuse() {
+pub fn require_fuse() {
     assert!(
         Path::new("/dev/fuse").exists(),
         "these tests mount FUSE: /dev/fuse is missing (load the fuse module: modprobe fuse)"
@@ -403,6 +403,24 @@ fn reads_of_a_broken_layer_fail_with_eio() {
     ));
     // Metadata still answers: only bytes are refused.
     assert!(std::fs::metadata(m.root.join("data/big.bin")).is_ok());
+}
+
+#[test]
+fn a_missing_name_is_looked_up_once_then_answered_by_the_kernel() {
+    let layer = rich_layer();
+    let source = layer.source();
+    let m = Mounted::new(&layer, &source);
+    let missing = m.root.join("no-such-module.py");
+    let before = m.handle().lookups();
+    for _ in 0..3 {
+        let e = std::fs::symlink_metadata(&missing).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    }
+    assert_eq!(
+        m.handle().lookups() - before,
+        1,
+        "the kernel must cache the negative entry: each later stat reached the filesystem"
+    );
 }
 
 #[test]

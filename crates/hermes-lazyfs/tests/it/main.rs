@@ -5,5 +5,6 @@ mod background;
 mod cache;
 mod fs;
 mod layer;
+mod passthrough;
 mod prefetch;
 mod reader;

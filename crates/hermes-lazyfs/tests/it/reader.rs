@@ -244,6 +244,39 @@ fn reads_are_traced_in_first_touch_order_within_the_window_and_timed() {
 }
 
 #[test]
+fn traced_bytes_count_each_byte_read_once_and_its_share_of_the_span_compressed() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = layer.reader(dir.path(), &source);
+    let span = layer.ztoc.span(2).unwrap();
+    let (u, c) = (span.uncompressed.clone(), span.compressed.clone());
+    reader.start_trace(std::time::Duration::from_secs(60));
+    let half = (u.end - u.start) / 2;
+    // The first half of span 2, read in overlapping and repeated pieces.
+    for (at, len) in [(0, 100), (50, 100), (0, half), (10, 20)] {
+        reader.read(u.start + at, len).unwrap();
+    }
+    let traced = reader.traced_bytes();
+    assert_eq!(traced.uncompressed, half);
+    let expected = (half as u128 * (c.end - c.start) as u128 / (u.end - u.start) as u128) as u64;
+    assert_eq!(traced.compressed, expected);
+    // A range across the end of span 2 into span 3 counts in both.
+    reader.read(u.end - 10, 20).unwrap();
+    let next = layer.ztoc.span(3).unwrap();
+    let share = |s: &hermes_ztoc::Span, n: u64| {
+        (n as u128 * (s.compressed.end - s.compressed.start) as u128
+            / (s.uncompressed.end - s.uncompressed.start) as u128) as u64
+    };
+    let traced = reader.traced_bytes();
+    assert_eq!(traced.uncompressed, half + 20);
+    assert_eq!(
+        traced.compressed,
+        share(&span, half) + share(&span, 10) + share(&next, 10)
+    );
+}
+
+#[test]
 fn prefetch_fetches_listed_spans_in_runs_and_skips_cached_and_unknown_ones() {
     let layer = multi_span_layer();
     let dir = tempfile::tempdir().unwrap();

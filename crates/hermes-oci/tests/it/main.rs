@@ -4,5 +4,6 @@
 mod bad_input;
 mod faults;
 mod hostile;
+mod mirrors;
 mod registry;
 mod support;

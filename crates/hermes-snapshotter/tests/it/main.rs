@@ -5,5 +5,6 @@ mod containerd;
 mod core;
 mod grpc;
 mod lazy;
+mod mirrors;
 mod sources;
 mod support;

@@ -7,8 +7,9 @@
 //! - `on SEED`: random faults from now on, drawn from SEED (so each phase of a run can be replayed
 //!   from its own seed);
 //! - `off`: no more faults;
-//! - `stats`: what happened since the last `stats`: requests, faults by kind (all, and those on
-//!   range reads), statuses answered.
+//! - `stats`: what happened since the last `stats`: requests, blob reads (`GET …/blobs/…`),
+//!   faults by kind (all, and those on range reads), statuses answered; and the blob body bytes
+//!   sent since the start (`blob_bytes_total`).
 //!
 //! It exits when stdin closes, so it never outlives the script that started it.
 
@@ -102,8 +103,14 @@ fn stats(proxy: &FaultProxy) -> serde_json::Value {
         }
         *statuses.entry(request.status.to_string()).or_default() += 1;
     }
+    let blob_requests = log
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/blobs/"))
+        .count();
     serde_json::json!({
         "requests": log.len(),
+        "blob_requests": blob_requests,
+        "blob_bytes_total": proxy.blob_bytes_sent(),
         "range_requests": log.iter().filter(|r| r.range.is_some()).count(),
         "faults": faults,
         "faults_on_ranges": on_ranges,

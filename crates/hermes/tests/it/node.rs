@@ -1121,3 +1121,119 @@ fn startup_reads_are_recorded_merged_by_the_controller_and_prefetched_on_the_nex
     }
     drop(controller.runtime);
 }
+
+/// The metric `name{host="HOST"}` of a node's `/metrics`, 0 when absent.
+fn host_metric(metrics: &str, name: &str, host: &str) -> u64 {
+    let prefix = format!("{name}{{host=\"{host}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn three_node_daemons_read_through_a_pull_through_mirror_and_only_the_first_costs_the_origin() {
+    require_root();
+    let registry = Registry::start().expect("origin registry");
+    // Counts what the origin serves; nodes name the image by this address.
+    let origin = FaultProxy::start(registry.addr()).expect("counting proxy");
+    let mirror = Registry::start_pull_through(&origin.url()).expect("pull-through mirror");
+    let files = [
+        ("app/main.py", b"print('hi')\n".to_vec()),
+        ("app/a.bin", noise(2 << 20, 11)),
+        ("app/b.bin", noise(1 << 20, 12)),
+    ];
+    let image = files.iter().fold(TestImage::new(), |i, (path, data)| {
+        i.file(path, data.clone())
+    });
+    let pushed = image
+        .push(&registry.host(), "node/mirrored:v1")
+        .expect("push");
+    let image = PushedImage {
+        reference: format!("{}/node/mirrored:v1", origin.host()),
+        ..pushed
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("certs.d");
+    let host_dir = hosts.join(origin.host().replace(':', "_") + "_");
+    std::fs::create_dir_all(&host_dir).expect("hosts dir");
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!(
+            "server = \"http://{}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\"]\n",
+            origin.host(),
+            mirror.host()
+        ),
+    )
+    .expect("hosts.toml");
+    let hosts_arg = hosts.to_str().expect("utf-8 path").to_owned();
+    let rt = runtime();
+    let mut origin_bytes = Vec::new();
+    for n in 0..3 {
+        let node_dir = dir.path().join(format!("node{n}"));
+        index(&image.reference, &node_dir.join("node/ztocs"));
+        let before = origin.blob_bytes_sent();
+        let node = Node::start(
+            &node_dir,
+            &[
+                "--plain-http",
+                "--no-background-fetch",
+                "--registry-config-path",
+                &hosts_arg,
+            ],
+        );
+        assert_eq!(rt.block_on(unpack(&node.socket, &image, "m")), 1);
+        let rootfs = mount_rootfs(
+            &rt.block_on(container(&node.socket, &image, "m", "c")),
+            &node_dir.join("c"),
+        );
+        for (path, data) in &files {
+            let got = std::fs::read(rootfs.path.join(path)).expect("read");
+            assert!(got == *data, "node {n}: {path} differs:\n{}", node.logs());
+        }
+        drop(rootfs);
+        origin_bytes.push(origin.blob_bytes_sent() - before);
+        // The first node finds the mirror empty: its reads go to the origin while the mirror
+        // stores the blob (wait for that); the others read only through the mirror.
+        let stored = mirror.blob_path(&image.layers[0].digest);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !stored.is_file() {
+            assert!(
+                Instant::now() < deadline,
+                "the mirror never stored the layer"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if n == 0 {
+            continue;
+        }
+        node.wait_metrics(|m| {
+            host_metric(m, "hermes_node_registry_host_bytes_total", &mirror.host()) > 0
+        });
+        let m = node.metrics();
+        assert_eq!(
+            host_metric(&m, "hermes_node_registry_host_bytes_total", &origin.host()),
+            0,
+            "node {n} read everything through the mirror:\n{m}"
+        );
+    }
+    eprintln!(
+        "layer {} bytes; origin blob bytes per node {origin_bytes:?}",
+        image.layers[0].size
+    );
+    assert_eq!(
+        origin_bytes[1..],
+        [0, 0],
+        "the second and third node cost the origin nothing"
+    );
+    // The first node: the mirror's fill, its own reads from the origin, and for each of its
+    // reads in flight when the mirror missed, distribution 2.8's answer copied from the origin
+    // (on loopback a small blob arrives whole before the hang-up is noticed).
+    let layer = image.layers[0].size;
+    assert!(
+        origin_bytes[0] > 0 && origin_bytes[0] <= 4 * layer,
+        "the first node cost the origin {} bytes of a {layer}-byte layer",
+        origin_bytes[0]
+    );
+}
