@@ -13,6 +13,7 @@ mod client;
 mod error;
 mod indexer;
 pub mod manifest;
+mod pull_credentials;
 mod range;
 pub mod soci;
 mod store;
@@ -27,6 +28,9 @@ pub use hermes_oci_types::{DOCKER_HUB, Digest, Error as ParseError, Hasher, Refe
 pub use indexer::{
     DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult, PushSummary, assemble_index, build_index,
     index_layer, push_soci,
+};
+pub use pull_credentials::{
+    MAX_HANDOFF_SIZE, PullCredentials, credential_from_auth_fields, decode_handoff, encode_handoff,
 };
 pub use range::RegistryRangeReader;
 pub use store::{
