@@ -85,7 +85,7 @@ socket = "$socket"
 plain_http = $plain_http
 background_fetch = $background_fetch
 metrics = "$metrics"
-$( [ -n "$cri_proxy" ] && printf 'cri_proxy = "%s"\ncontainerd = "%s"\n' "$cri_proxy" "$containerd" )
+$(if [ -n "$cri_proxy" ]; then printf 'cri_proxy = "%s"\ncontainerd = "%s"' "$cri_proxy" "$containerd"; fi)
 
 [controller]
 url = "$controller"
