@@ -3,11 +3,16 @@
 # machine, with Hermes installed from deploy/ the way a user would: for the end-to-end tests and
 # for trying Hermes by hand.
 #
-#   kube.sh up DIR [--hermes BIN] [--no-background-fetch]
+#   kube.sh up DIR [--hermes BIN] [--no-background-fetch] [--cri-proxy]
 #                                   start it all with state in DIR; writes DIR/kubeconfig and
 #                                   DIR/env (REGISTRY=host:port, NODE_METRICS=..., ...); the
 #                                   option goes to the node's config (tests measure what a start
-#                                   fetches)
+#                                   fetches); --cri-proxy installs the node with its CRI
+#                                   image-service proxy and points the kubelet's
+#                                   --image-service-endpoint at it (pods' pull secrets reach lazy
+#                                   layers). Fails with this v1.20 kubelet today: its gRPC
+#                                   client's `:authority` is the socket path, which h2 rejects
+#                                   (deploy/README.md)
 #   kube.sh down DIR                stop everything `up` started and remove what it left: processes,
 #                                   mounts, the bridge, iptables rules, pod logs, DIR
 #   kube.sh node-restart DIR        restart the Hermes node service (SIGTERM to the daemon only, as
@@ -219,7 +224,8 @@ install_node_service() {
   bash "$ROOT_DIR/deploy/node/install.sh" --binary "$hermes_bin" --kubeconfig "$DIR/kubeconfig" \
     --bin-dir "$DIR/node/bin" --config-dir "$DIR/node/etc" --root "$DIR/node/root" \
     --socket "$DIR/node/run/snapshotter.sock" --metrics "127.0.0.1:$NODE_METRICS_PORT" \
-    --plain-http ${NODE_INSTALL_FLAGS:-} --no-start >"$DIR/node/command"
+    --plain-http ${NODE_INSTALL_FLAGS:-} ${CRI_PROXY:+--cri-proxy "$CRI_PROXY" --containerd "$DIR/containerd/containerd.sock"} \
+    --no-start >"$DIR/node/command"
 }
 
 # The service manager this machine lacks: restart the daemon when it exits (systemd's
@@ -304,6 +310,7 @@ start_kubelet() {
   start_daemon "$DIR" kubelet "$BIN/kubelet" \
     --kubeconfig "$DIR/kubeconfig" --container-runtime=remote \
     --container-runtime-endpoint "unix://$DIR/containerd/containerd.sock" \
+    ${CRI_PROXY:+--image-service-endpoint "unix://$CRI_PROXY"} \
     --runtime-request-timeout 10m \
     --root-dir "$DIR/kubelet" --cert-dir "$DIR/kubelet/pki" --volume-plugin-dir "$DIR/kubelet/volume-plugins" \
     --hostname-override "$NODE_NAME" --node-ip "$GATEWAY" \
@@ -342,6 +349,7 @@ cmd_up() {
     case $1 in
       --hermes) hermes_bin=$2; shift 2 ;;
       --no-background-fetch) NODE_INSTALL_FLAGS=--no-background-fetch; shift ;;
+      --cri-proxy) CRI_PROXY=yes; shift ;;
       *) die "unknown option $1" ;;
     esac
   done
@@ -350,6 +358,7 @@ cmd_up() {
   check_prerequisites
   mkdir -p "$DIR"
   DIR=$(cd "$DIR" && pwd)
+  [ -z "${CRI_PROXY:-}" ] || CRI_PROXY=$DIR/node/run/cri-image.sock
   BIN=$(cmd_build)
   local b
   for b in "${K8S_BINARIES[@]}"; do [ -x "$BIN/$b" ] || die "$BIN/$b missing (scripts/kube-apiserver.sh build)"; done

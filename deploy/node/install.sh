@@ -8,7 +8,11 @@
 #   install.sh --binary PATH [--kubeconfig FILE] [--token-file FILE] [--controller URL]
 #              [--bin-dir /usr/local/bin] [--config-dir /etc/hermes] [--root /var/lib/hermes/node]
 #              [--socket /run/hermes/snapshotter.sock] [--metrics 127.0.0.1:9465] [--plain-http]
-#              [--no-background-fetch] [--no-start]
+#              [--no-background-fetch] [--cri-proxy SOCKET [--containerd SOCKET]] [--no-start]
+#
+# --cri-proxy serves the CRI image service on SOCKET for the kubelet's --image-service-endpoint
+# (pods' imagePullSecrets then reach lazy layers; deploy/README.md), forwarding to --containerd
+# (default /run/containerd/containerd.sock).
 #
 # --controller defaults to http://CLUSTER-IP:8080 of the Service hermes-system/hermes-controller
 # (the host resolves no cluster DNS names; kube-proxy routes the ClusterIP), --token-file to the
@@ -26,7 +30,7 @@ UNIT_TEMPLATE=$HERE/../containerd/hermes-node.service
 
 binary="" kubeconfig="" token_file="" controller="" bin_dir=/usr/local/bin config_dir=/etc/hermes
 root=/var/lib/hermes/node socket=/run/hermes/snapshotter.sock metrics=127.0.0.1:9465 plain_http=false
-background_fetch=true start=1
+background_fetch=true start=1 cri_proxy="" containerd=/run/containerd/containerd.sock
 while (($#)); do
   case $1 in
     --binary) binary=$2; shift 2 ;;
@@ -40,6 +44,8 @@ while (($#)); do
     --metrics) metrics=$2; shift 2 ;;
     --plain-http) plain_http=true; shift ;;
     --no-background-fetch) background_fetch=false; shift ;;
+    --cri-proxy) cri_proxy=$2; shift 2 ;;
+    --containerd) containerd=$2; shift 2 ;;
     --no-start) start=0; shift ;;
     -h | --help) sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
@@ -79,6 +85,7 @@ socket = "$socket"
 plain_http = $plain_http
 background_fetch = $background_fetch
 metrics = "$metrics"
+$(if [ -n "$cri_proxy" ]; then printf 'cri_proxy = "%s"\ncontainerd = "%s"' "$cri_proxy" "$containerd"; fi)
 
 [controller]
 url = "$controller"

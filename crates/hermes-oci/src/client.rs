@@ -19,6 +19,7 @@ use tracing::{debug, warn};
 use crate::auth::{Challenge, Credential, Credentials, Token, TokenResponse};
 use crate::hosts::{HostConfig, RegistryHosts};
 use crate::manifest::{Descriptor, Index, Manifest, Platform, media};
+use crate::pull_credentials::PullCredentials;
 use crate::{Digest, Error, Hasher, Reference, Result};
 
 /// How hard to retry transient failures (connection drops, 5xx, 429).
@@ -106,6 +107,9 @@ pub struct ClientOptions {
     pub plain_http: bool,
     /// Credentials by registry.
     pub credentials: Credentials,
+    /// Credentials by repository learned at run time (a pod's pull secrets); they win over
+    /// `credentials`.
+    pub pull_credentials: PullCredentials,
     /// Retry policy.
     pub retry: RetryPolicy,
     /// Longest wait for the next bytes of a response before the connection counts as dropped
@@ -132,6 +136,7 @@ impl Default for ClientOptions {
         Self {
             plain_http: false,
             credentials: Credentials::none(),
+            pull_credentials: PullCredentials::default(),
             retry: RetryPolicy::default(),
             read_timeout: Duration::from_secs(30),
             deadline: Deadline::default(),
@@ -503,6 +508,16 @@ impl Client {
         }
     }
 
+    /// The credential for a request: a pull secret for its repository first, then the
+    /// registry's static one.
+    fn credential(&self, req: &Req) -> Option<Credential> {
+        let options = &self.inner.options;
+        options
+            .pull_credentials
+            .get(&req.registry, &req.repository)
+            .or_else(|| options.credentials.get(&req.registry).cloned())
+    }
+
     fn auth_header(&self, req: &Req) -> Option<String> {
         let key = (req.registry.clone(), req.scope());
         if let Some(t) = self.inner.tokens.lock().ok()?.get(&key)
@@ -519,12 +534,7 @@ impl Client {
             .copied()
             .unwrap_or(false)
         {
-            return self
-                .inner
-                .options
-                .credentials
-                .get(&req.registry)?
-                .basic_header();
+            return self.credential(req)?.basic_header();
         }
         None
     }
@@ -532,7 +542,7 @@ impl Client {
     /// Answer a 401 challenge: fetch a token or switch to Basic. `Ok(false)` when there is
     /// nothing more we can try.
     async fn authenticate(&self, req: &Req, challenge: Option<&str>) -> Result<bool> {
-        let credential = self.inner.options.credentials.get(&req.registry).cloned();
+        let credential = self.credential(req);
         match challenge.and_then(Challenge::parse) {
             Some(Challenge::Basic { .. }) => {
                 if credential

@@ -14,6 +14,7 @@ mod error;
 pub mod hosts;
 mod indexer;
 pub mod manifest;
+mod pull_credentials;
 mod range;
 pub mod soci;
 mod store;
@@ -29,6 +30,9 @@ pub use hosts::RegistryHosts;
 pub use indexer::{
     DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult, PushSummary, assemble_index, build_index,
     index_layer, push_soci,
+};
+pub use pull_credentials::{
+    MAX_HANDOFF_SIZE, PullCredentials, credential_from_auth_fields, decode_handoff, encode_handoff,
 };
 pub use range::RegistryRangeReader;
 pub use store::{

@@ -90,6 +90,11 @@ pub struct NodeConfig {
     /// after a layer is mounted and send them (`POST /v1/traces`); mounts prefetch the
     /// controller's merged profile first. 0 disables both.
     pub trace_window_secs: u64,
+    /// Serve the CRI image service here, for the kubelet's `--image-service-endpoint`: pulls
+    /// pass through to `containerd` and bring the pods' registry credentials to lazy layers.
+    pub cri_proxy: Option<PathBuf>,
+    /// containerd's socket, where the CRI proxy forwards.
+    pub containerd: PathBuf,
 }
 
 /// How to reach the controller.
@@ -141,6 +146,8 @@ impl Default for NodeConfig {
             background_fetch: true,
             mount_timeout_secs: 10,
             trace_window_secs: 10,
+            cri_proxy: None,
+            containerd: crate::cri_proxy::default_containerd_socket(),
         }
     }
 }

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::config::NodeConfig;
+use crate::cri_proxy::{ImageProxy, OnCredentials, PullLog, serve_cri_proxy};
 use crate::node_layers::{NodeLayers, NodeLayersOptions, Recovery, ServerCommand};
 use crate::sources::IndexSources;
 use crate::{Error, Result, ServerHandle, Snapshots, serve};
@@ -26,6 +27,8 @@ pub struct Daemon {
     snapshots: Arc<Snapshots>,
     layers: Arc<NodeLayers>,
     grpc: ServerHandle,
+    cri_proxy: Option<ServerHandle>,
+    pulls: PullLog,
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
     traces: JoinHandle<()>,
     recovery: Recovery,
@@ -55,6 +58,7 @@ impl Daemon {
                 trace_window: (config.controller.is_some() && config.trace_window_secs > 0)
                     .then(|| std::time::Duration::from_secs(config.trace_window_secs)),
                 replay: config.controller.is_some() && config.trace_window_secs > 0,
+                pull_credentials: client.options().pull_credentials.clone(),
             },
         ));
         let snapshots = {
@@ -72,6 +76,20 @@ impl Daemon {
                 .map_err(Error::Task)??
         };
         let grpc = serve(&config.socket, snapshots.clone()).await?;
+        let pulls = PullLog::default();
+        let cri_proxy = match &config.cri_proxy {
+            Some(socket) => {
+                let feeds = layers.clone();
+                let proxy = ImageProxy::new(
+                    &config.containerd,
+                    client.options().pull_credentials.clone(),
+                    pulls.clone(),
+                )
+                .on_credentials(OnCredentials(Arc::new(move || feeds.refresh_credentials())));
+                Some(serve_cri_proxy(socket, proxy).await?)
+            }
+            None => None,
+        };
         let metrics = match config.metrics {
             Some(addr) => Some(serve_metrics(addr, snapshots.clone(), layers.clone()).await?),
             None => None,
@@ -93,10 +111,17 @@ impl Daemon {
             snapshots,
             layers,
             grpc,
+            cri_proxy,
+            pulls,
             metrics,
             traces,
             recovery,
         })
+    }
+
+    /// The pulls the CRI proxy saw (empty without one).
+    pub fn pulls(&self) -> &PullLog {
+        &self.pulls
     }
 
     /// What restart recovery did.
@@ -125,6 +150,9 @@ impl Daemon {
             task.abort();
         }
         self.traces.abort();
+        if let Some(proxy) = self.cri_proxy {
+            proxy.shutdown().await?;
+        }
         self.grpc.shutdown().await
     }
 }

@@ -145,10 +145,24 @@ pub fn serve_layer(
     let digest = Digest::parse(&opts.layer)?;
     let reference = Reference::parse(&opts.image)?;
     let hosts = client.clone();
-    let source = RegistryRangeReader::new(client, reference, digest.clone(), runtime)
-        .with_span_check(ztoc.clone());
+    let probe = client.clone();
+    let source =
+        RegistryRangeReader::new(client, reference.clone(), digest.clone(), runtime.clone())
+            .with_span_check(ztoc.clone());
     let cache = SpanCache::open(&opts.cache, &ztoc).map_err(|e| mount_err(format!("{e:#}")))?;
     let reader = Arc::new(LayerReader::new(ztoc.clone(), source, cache));
+    if reader.state() != LayerState::FullyLocal {
+        // One byte before mounting: a registry that refuses us (no or stale credentials) makes
+        // the layer fall back to a normal pull now, rather than fail the container's reads.
+        runtime
+            .block_on(probe.blob_range(&reference, &digest, 0, 1))
+            .map_err(|e| {
+                mount_err(format!(
+                    "cannot read the layer from its registry: {}",
+                    hermes_node_api::error_chain(&e)
+                ))
+            })?;
+    }
     if opts.background {
         // Startup reads and prefetch come before the background fetcher: keep their bytes.
         reader.keep_for_background();

@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod cri_proxy;
 mod daemon;
 mod error;
 mod filter;

@@ -9,6 +9,7 @@
 //! `<hex>/serve.log`.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hermes_oci::Digest;
+use hermes_oci::{Credential, Digest, PullCredentials, Reference, encode_handoff};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -72,6 +73,27 @@ pub struct ServerCommand {
     pub args: Vec<OsString>,
 }
 
+/// A layer server's stdin, for credential updates.
+#[derive(Debug)]
+struct CredentialFeed {
+    image: Reference,
+    stdin: std::process::ChildStdin,
+    sent: Option<Credential>,
+}
+
+/// One line on a layer server's stdin: the credential, or `{}` for none.
+fn write_credential(
+    stdin: &mut std::process::ChildStdin,
+    credential: Option<&Credential>,
+) -> std::io::Result<()> {
+    let mut line = credential
+        .map(encode_handoff)
+        .unwrap_or_else(|| b"{}".to_vec());
+    line.push(b'\n');
+    stdin.write_all(&line)?;
+    stdin.flush()
+}
+
 /// Node daemon settings for lazy layers.
 #[derive(Debug, Clone)]
 pub struct NodeLayersOptions {
@@ -89,6 +111,9 @@ pub struct NodeLayersOptions {
     pub trace_window: Option<Duration>,
     /// Prefetch the controller's startup profile of each layer when mounting it.
     pub replay: bool,
+    /// Pods' registry credentials by repository (from the CRI proxy): a layer server of an
+    /// image with one gets it on its stdin.
+    pub pull_credentials: PullCredentials,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,6 +141,9 @@ pub struct NodeLayers {
     sources: IndexSources,
     opts: NodeLayersOptions,
     mounting: Mutex<()>,
+    /// The stdin of each layer server this daemon started, with its image and the credential
+    /// last written: [`Self::refresh_credentials`] writes the pods' newest one.
+    feeds: Mutex<Vec<CredentialFeed>>,
     misses: [AtomicU64; Miss::ALL.len()],
     mounts: AtomicU64,
 }
@@ -127,6 +155,7 @@ impl NodeLayers {
             sources,
             opts,
             mounting: Mutex::new(()),
+            feeds: Mutex::new(Vec::new()),
             misses: Default::default(),
             mounts: AtomicU64::new(0),
         }
@@ -145,6 +174,24 @@ impl NodeLayers {
     /// Lazy mounts made since start (restart re-mounts included).
     pub fn mount_count(&self) -> u64 {
         self.mounts.load(Ordering::Relaxed)
+    }
+
+    /// Writes each running layer server the newest credential of its image's repository, if
+    /// it changed (a pod's rotated secret came with a pull); forgets servers that exited.
+    /// Servers adopted after a daemon restart have no feed: they keep what they were given.
+    pub fn refresh_credentials(&self) {
+        let Ok(mut feeds) = self.feeds.lock() else {
+            return;
+        };
+        feeds.retain_mut(|feed| {
+            let now = self.opts.pull_credentials.for_image(&feed.image);
+            if now.is_none() || now == feed.sent {
+                return true;
+            }
+            let alive = write_credential(&mut feed.stdin, now.as_ref()).is_ok();
+            feed.sent = now;
+            alive
+        });
     }
 
     fn miss(&self, miss: Miss) {
@@ -301,8 +348,13 @@ impl NodeLayers {
         if profile.exists() {
             cmd.arg("--prefetch").arg(profile);
         }
-        cmd.arg(&mnt)
-            .stdin(Stdio::null())
+        let image = Reference::parse(&served.image).ok();
+        let credential = image
+            .as_ref()
+            .and_then(|r| self.opts.pull_credentials.for_image(r));
+        cmd.arg("--credential-stdin")
+            .arg(&mnt)
+            .stdin(Stdio::piped())
             .stdout(log)
             .stderr(log_err)
             // Its own process group: signals to the daemon's group do not reach it, and it
@@ -315,6 +367,21 @@ impl NodeLayers {
             ))
         })?;
         served.pid = child.id();
+        if let Some(mut stdin) = child.stdin.take() {
+            // A pipe, not a file or an argument: the secret stays in memory. The server reads
+            // the first line before mounting (a failed write shows as a failed mount below),
+            // and later lines as the pods' secrets change.
+            let _ = write_credential(&mut stdin, credential.as_ref());
+            if let Some(image) = image
+                && let Ok(mut feeds) = self.feeds.lock()
+            {
+                feeds.push(CredentialFeed {
+                    image,
+                    stdin,
+                    sent: credential,
+                });
+            }
+        }
         let deadline = Instant::now() + self.opts.mount_timeout;
         loop {
             if let Ok(Some(status)) = child.try_wait() {

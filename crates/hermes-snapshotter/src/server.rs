@@ -254,6 +254,18 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
+    pub(crate) fn new(
+        socket: PathBuf,
+        stop: oneshot::Sender<()>,
+        task: JoinHandle<Result<(), tonic::transport::Error>>,
+    ) -> Self {
+        Self {
+            socket,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
     /// The socket the server listens on.
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -284,6 +296,22 @@ impl Drop for ServerHandle {
 /// Serves `core` as containerd's snapshots API on the unix socket `socket` (a stale socket file
 /// there is replaced). Must be called within a tokio runtime.
 pub async fn serve(socket: &Path, core: Arc<Snapshots>) -> Result<ServerHandle> {
+    let listener = bind(socket)?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let service = SnapshotsServer::new(Service { core });
+    info!(socket = %socket.display(), "snapshotter listening");
+    let task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                let _ = stopped.await;
+            }),
+    );
+    Ok(ServerHandle::new(socket.to_owned(), stop, task))
+}
+
+/// Binds a unix socket at `socket` for root only (containerd, the kubelet), replacing a stale one.
+pub(crate) fn bind(socket: &Path) -> Result<UnixListener> {
     if let Some(dir) = socket.parent().filter(|d| !d.exists()) {
         // A dir made for the socket is private; an existing one (`/run`) is left as it is.
         crate::private::private_dir(dir).map_err(Error::io("create socket dir", dir))?;
@@ -295,24 +323,10 @@ pub async fn serve(socket: &Path, core: Arc<Snapshots>) -> Result<ServerHandle> 
         _ => {}
     }
     let listener = UnixListener::bind(socket).map_err(Error::io("bind socket", socket))?;
-    // Only root (containerd) may talk to the snapshotter, whatever the umask was at bind.
+    // Only root may talk to the socket, whatever the umask was at bind.
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .map_err(Error::io("restrict socket", socket))?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let service = SnapshotsServer::new(Service { core });
-    info!(socket = %socket.display(), "snapshotter listening");
-    let task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-                let _ = stopped.await;
-            }),
-    );
-    Ok(ServerHandle {
-        socket: socket.to_owned(),
-        stop: Some(stop),
-        task: Some(task),
-    })
+    Ok(listener)
 }
 
 /// A snapshots API client over the unix socket `socket` (tests, tools).

@@ -51,6 +51,14 @@ pub struct NodeArgs {
     /// still using them lose their files: stop them first.
     #[arg(long)]
     unmount_all: bool,
+    /// Serve the CRI image service on this socket, for the kubelet's `--image-service-endpoint`:
+    /// pulls pass through to containerd and bring pods' `imagePullSecrets` to lazy layers
+    /// (kept in memory only).
+    #[arg(long, value_name = "PATH")]
+    cri_proxy: Option<PathBuf>,
+    /// containerd's socket, where the CRI proxy forwards [default: /run/containerd/containerd.sock].
+    #[arg(long, value_name = "PATH")]
+    containerd: Option<PathBuf>,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -82,6 +90,10 @@ pub struct ServeArgs {
     /// Prefetch this startup profile first.
     #[arg(long, value_name = "FILE")]
     prefetch: Option<PathBuf>,
+    /// Read the image's registry credential from stdin, one line now and one per change (the
+    /// node daemon hands pods' pull secrets over this way; never on a command line or on disk).
+    #[arg(long)]
+    credential_stdin: bool,
     /// Mountpoint.
     mountpoint: PathBuf,
     #[command(flatten)]
@@ -123,6 +135,12 @@ fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
     }
     if let Some(secs) = args.trace_window {
         config.trace_window_secs = secs;
+    }
+    if let Some(socket) = &args.cri_proxy {
+        config.cri_proxy = Some(socket.clone());
+    }
+    if let Some(socket) = &args.containerd {
+        config.containerd = socket.clone();
     }
     Ok(config)
 }
@@ -179,6 +197,13 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             r.remounted,
             r.failed
         );
+        if let Some(socket) = &config.cri_proxy {
+            eprintln!(
+                "hermes node: CRI image service on {} (forwarding to {})",
+                socket.display(),
+                config.containerd.display()
+            );
+        }
         if let Some(addr) = daemon.metrics_addr() {
             eprintln!("hermes node: metrics on http://{addr}/metrics");
         }
@@ -203,6 +228,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let client = client(&args.registry)?;
+    if args.credential_stdin {
+        let image = hermes_oci::Reference::parse(&args.image)?;
+        follow_credential_stdin(&image, &client.options().pull_credentials)?;
+    }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
@@ -220,4 +249,36 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     hermes_snapshotter::serve_layer(&opts, client, runtime.handle().clone(), &stop)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reads credential lines the node daemon writes to a layer server's stdin: the first one now
+/// (before the mount), later ones (a pod's rotated secret) on a thread, into `credentials`.
+fn follow_credential_stdin(
+    image: &hermes_oci::Reference,
+    credentials: &hermes_oci::PullCredentials,
+) -> anyhow::Result<()> {
+    use std::io::{BufRead, Read};
+    let mut stdin = std::io::BufReader::new(std::io::stdin());
+    let mut next = move || -> std::io::Result<Option<Vec<u8>>> {
+        let mut line = Vec::new();
+        // Bounded: a line longer than any credential is cut, and then fails to decode.
+        Read::take(&mut stdin, hermes_oci::MAX_HANDOFF_SIZE as u64 + 1)
+            .read_until(b'\n', &mut line)?;
+        Ok((!line.is_empty()).then_some(line))
+    };
+    let first = next()
+        .context("cannot read the registry credential from stdin")?
+        .context("stdin closed before the registry credential")?;
+    // Messages name no detail: the input holds a secret. `{}` is "no credential".
+    credentials.set(image, hermes_oci::decode_handoff(&first));
+    let (image, credentials) = (image.clone(), credentials.clone());
+    std::thread::spawn(move || {
+        while let Ok(Some(line)) = next() {
+            if let Some(c) = hermes_oci::decode_handoff(&line) {
+                tracing::info!(image = %image, "registry credential refreshed");
+                credentials.set(&image, Some(c));
+            }
+        }
+    });
+    Ok(())
 }

@@ -22,15 +22,15 @@ use crate::node::{Node, free_port, index, metric, require_root};
 use crate::pull::message_image;
 
 /// A registry with the sandbox image, a `hermes node` and a CRI-enabled containerd using it.
-struct Cluster {
+pub(crate) struct Cluster {
     // Dropped in this order: containerd (tasks, mounts) before the node (lazy layers).
-    containerd: Containerd,
-    node: Node,
+    pub(crate) containerd: Containerd,
+    pub(crate) node: Node,
     logs: tempfile::TempDir,
 }
 
 impl Cluster {
-    fn start(
+    pub(crate) fn start(
         flavour: Flavour,
         dir: &Path,
         registry: &Registry,
@@ -69,7 +69,7 @@ impl Cluster {
         }
     }
 
-    fn diagnostics(&self) -> String {
+    pub(crate) fn diagnostics(&self) -> String {
         format!(
             "containerd log:\n{}\nnode logs:\n{}",
             self.containerd.log(),
@@ -95,6 +95,18 @@ impl Cluster {
         cri.pull_image(image)
             .await
             .unwrap_or_else(|e| fail("PullImage", e));
+        self.run_pulled(image, pod, handler).await
+    }
+
+    /// [`Self::run_with_handler`] of an image pulled already (by a kubelet with credentials).
+    pub(crate) async fn run_pulled(&self, image: &str, pod: &str, handler: &str) -> Vec<String> {
+        let cri = Cri::connect(self.containerd.address())
+            .await
+            .expect("connect to CRI")
+            .with_runtime_handler(handler);
+        let fail = |what: &str, e: hermes_containerd::Error| -> ! {
+            panic!("{what}: {e:?}\n{}", self.diagnostics())
+        };
         // A log directory per pod: the container is named `app` in each.
         let logs = self.logs.path().join(pod);
         std::fs::create_dir_all(&logs).expect("pod log dir");

@@ -48,6 +48,7 @@ macro_rules! on_each_containerd {
 
 mod controller;
 mod cri;
+mod cri_proxy;
 mod index;
 mod kube;
 mod kube_node;
