@@ -17,8 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hermes_lazyfs::{
-    BackgroundFetcher, LayerDigest, LayerReader, MountOptions, Outcome, SpanCache,
-    mount_with_options,
+    BackgroundFetcher, LayerDigest, LayerReader, MountOptions, Outcome, SpanCache, mount_with,
 };
 use hermes_ztoc::{BuildOptions, RangeReader};
 use sha2::{Digest, Sha256};
@@ -94,7 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed().as_secs_f64()
     );
 
-    let passthrough = mount_with_options(
+    let passthrough = mount_with(
         pt_reader,
         &PathBuf::from(pt_mount),
         MountOptions {
@@ -102,7 +101,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..MountOptions::default()
         },
     )?;
-    let daemon = mount_with_options(
+    let daemon = mount_with(
         daemon_reader,
         &PathBuf::from(daemon_mount),
         MountOptions::default(),

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hermes_lazyfs::{LayerReader, OpenPrefetch, SpanCache, mount_with};
+use hermes_lazyfs::{LayerReader, MountOptions, OpenPrefetch, SpanCache, mount_with};
 use hermes_ztoc::{BuildOptions, RangeReader};
 
 /// A blob in memory behind a link of `rate` bytes/s shared by all requests (served in order)
@@ -157,7 +157,11 @@ fn run(
     };
     let cache = SpanCache::open(&dir.path().join("cache"), ztoc).unwrap();
     let reader = Arc::new(LayerReader::new(Arc::clone(ztoc), source, cache));
-    let handle = mount_with(Arc::clone(&reader), &mnt, prefetch).unwrap();
+    let options = MountOptions {
+        open_prefetch: prefetch,
+        ..MountOptions::default()
+    };
+    let handle = mount_with(Arc::clone(&reader), &mnt, options).unwrap();
     let started = Instant::now();
     for path in chain {
         // Dependent: the next import starts when this module is read.

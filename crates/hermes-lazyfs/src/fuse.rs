@@ -54,7 +54,7 @@ fn errno(e: &Error) -> Errno {
     Errno::EIO
 }
 
-/// How to mount a layer; see [`mount_with_options`].
+/// How to mount a layer; see [`mount_with`].
 #[derive(Debug, Clone, Default)]
 pub struct MountOptions {
     /// Fetch an opened file's spans (and its neighbours') ahead of its reads; `None` fetches
@@ -667,7 +667,7 @@ pub struct MountHandle {
 /// controller's default 4 MiB spans and 1.10-1.15x at 1 MiB spans, while it fetches whole files
 /// that a workload may only open.
 pub fn mount(reader: Arc<LayerReader>, mountpoint: &Path) -> Result<MountHandle> {
-    mount_with(reader, mountpoint, None)
+    mount_with(reader, mountpoint, MountOptions::default())
 }
 
 /// Mount `reader`'s layer read-only at `mountpoint` (an existing directory). Every user may
@@ -676,23 +676,8 @@ pub fn mount(reader: Arc<LayerReader>, mountpoint: &Path) -> Result<MountHandle>
 /// nothing and its device nodes open nothing. Containers are unaffected: they run the layer
 /// through an overlayfs mount, whose own flags govern setuid and device files.
 ///
-/// `open_prefetch` fetches an opened file's spans (and its neighbours') ahead of its reads;
-/// `None` fetches only what reads ask for.
+/// `options` turn on open-time prefetch and passthrough; see [`MountOptions`].
 pub fn mount_with(
-    reader: Arc<LayerReader>,
-    mountpoint: &Path,
-    open_prefetch: Option<OpenPrefetch>,
-) -> Result<MountHandle> {
-    let options = MountOptions {
-        open_prefetch,
-        ..MountOptions::default()
-    };
-    mount_with_options(reader, mountpoint, options)
-}
-
-/// Mount `reader`'s layer read-only at `mountpoint` (an existing directory), as [`mount_with`]
-/// describes, with every option of [`MountOptions`].
-pub fn mount_with_options(
     reader: Arc<LayerReader>,
     mountpoint: &Path,
     options: MountOptions,
@@ -701,7 +686,7 @@ pub fn mount_with_options(
     mount_tree(reader, tree, mountpoint, options)
 }
 
-/// [`mount_with_options`] for a reader whose zTOC had its entries moved out
+/// [`mount_with`] for a reader whose zTOC had its entries moved out
 /// ([`Ztoc::take_entries`](hermes_ztoc::Ztoc::take_entries)): the inode table is built from
 /// `entries`, which the caller then drops, so a long-lived server keeps each name once.
 pub fn mount_entries(

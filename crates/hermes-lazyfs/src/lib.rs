@@ -31,10 +31,7 @@ mod tree;
 pub use background::{BackgroundFetcher, LayerDigest, Outcome};
 pub use cache::{FLUSH_INTERVAL, SpanCache};
 pub use error::{BrokenReason, Error, Result};
-pub use fuse::{
-    MountHandle, MountOptions, PassthroughStats, mount, mount_entries, mount_with,
-    mount_with_options,
-};
+pub use fuse::{MountHandle, MountOptions, PassthroughStats, mount, mount_entries, mount_with};
 pub use prefetch::OpenPrefetch;
 pub use reader::{
     DEFAULT_FETCH_LIMIT, FetchLimit, LatencyHistogram, LayerReader, LayerState,

@@ -6,7 +6,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hermes_lazyfs::{FetchLimit, LayerReader, MountHandle, OpenPrefetch, mount, mount_with};
+use hermes_lazyfs::{
+    FetchLimit, LayerReader, MountHandle, MountOptions, OpenPrefetch, mount, mount_with,
+};
 
 use crate::layer::{Built, Source, TestLayer, noise, wait_until};
 
@@ -55,7 +57,11 @@ impl Mounted {
             let reader = Arc::into_inner(reader)
                 .unwrap()
                 .with_fetch_limit(FetchLimit::new(limit));
-            mount_with(Arc::new(reader), root, open_prefetch)
+            let options = MountOptions {
+                open_prefetch,
+                ..MountOptions::default()
+            };
+            mount_with(Arc::new(reader), root, options)
         })
     }
 

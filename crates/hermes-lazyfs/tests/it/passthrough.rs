@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use hermes_lazyfs::{
     BackgroundFetcher, Error, LayerReader, LayerState, MountHandle, MountOptions, Outcome,
-    PassthroughStats, mount_with_options,
+    PassthroughStats, mount_with,
 };
 
 use crate::fs::require_fuse;
@@ -62,7 +62,7 @@ impl LocalMount {
         std::fs::create_dir(&root).unwrap();
         let cache = cache.map_or_else(|| dir.path().join("cache"), Path::to_owned);
         let reader = Arc::new(layer.reader(&cache, source));
-        let handle = mount_with_options(reader, &root, options).unwrap();
+        let handle = mount_with(reader, &root, options).unwrap();
         wait_until("the mount's root inode", || {
             std::fs::metadata(&root).is_ok_and(|m| m.ino() == 1)
         });
