@@ -110,17 +110,6 @@ def hosts_toml(dir: str, origin: str, mirror: str) -> str:
     return dir
 
 
-def start_mirror(procs, dir: str, port: int, remote: str) -> None:
-    os.makedirs(dir, exist_ok=True)
-    config = os.path.join(dir, "config.yml")
-    with open(config, "w") as f:
-        f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {dir}/data\n"
-                f"http:\n  addr: 127.0.0.1:{port}\nproxy:\n  remoteurl: http://{remote}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-    p = procs.start(f"mirror-{port}", ["docker-registry", "serve", config], env=env)
-    stack.wait_for("mirror", lambda: stack.port_open(port), 30, p, procs.logfile(f"mirror-{port}"))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hermes", required=True)
@@ -178,7 +167,8 @@ def main() -> int:
         # cold mirror, then a mirror warmed by the controller's indexing
         for name in ("mirror", "warmed"):
             mport = stack.free_port()
-            start_mirror(procs, os.path.join(work, f"mirror-{name}"), mport, counter.host)
+            stack.start_registry(procs, os.path.join(work, f"mirror-{name}"), mport,
+                                 proxy_remote=counter.host, name=f"mirror-{mport}")
             mcount = FaultProxy(args.fault_proxy, f"127.0.0.1:{mport}", 0.0, 0,
                                 os.path.join(work, "logs", f"{name}-counter.log"))
             proxies.append(mcount)

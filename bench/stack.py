@@ -169,15 +169,20 @@ def stop_pidfile(pidfile: str, timeout: float = 10.0) -> None:
 # Registry
 
 
-def start_registry(procs: Procs, data_dir: str, port: int) -> None:
+def start_registry(procs: Procs, data_dir: str, port: int, proxy_remote: str | None = None,
+                   name: str = "registry") -> None:
+    """Debian's docker-registry on 127.0.0.1:`port`; with `proxy_remote` (host:port) a
+    pull-through cache of that registry (the mirror of containerd's hosts.toml)."""
     os.makedirs(data_dir, exist_ok=True)
     config = os.path.join(data_dir, "config.yml")
     with open(config, "w") as f:
         f.write(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {data_dir}/data\n"
-                f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n")
+                + ("" if proxy_remote else "  delete:\n    enabled: true\n")
+                + f"http:\n  addr: 127.0.0.1:{port}\n"
+                + (f"proxy:\n  remoteurl: http://{proxy_remote}\n" if proxy_remote else ""))
     env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-    p = procs.start("registry", ["docker-registry", "serve", config], env=env)
-    wait_for("docker-registry", lambda: port_open(port), 30, p, procs.logfile("registry"))
+    p = procs.start(name, ["docker-registry", "serve", config], env=env)
+    wait_for(name, lambda: port_open(port), 30, p, procs.logfile(name))
 
 
 # --------------------------------------------------------------------------------------------
