@@ -37,6 +37,13 @@ pub struct RegistryArgs {
     /// A Kubernetes pull secret (kubernetes.io/dockerconfigjson, JSON) with credentials.
     #[arg(long, value_name = "FILE")]
     pull_secret: Option<PathBuf>,
+    #[command(flatten)]
+    registry_config: RegistryConfigArg,
+}
+
+/// `--registry-config-path`, shared by every command that reads blobs from registries.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RegistryConfigArg {
     /// containerd's registry host configuration directory (its `config_path`): mirrors in
     /// `DIR/<registry>/hosts.toml` (or `DIR/_default/hosts.toml`) serve blob reads first, in
     /// order, the registry last; what they serve is verified. An empty value turns it off
@@ -47,7 +54,14 @@ pub struct RegistryArgs {
         env = "HERMES_REGISTRY_CONFIG_PATH",
         value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from)
     )]
-    registry_config_path: Option<PathBuf>,
+    pub(crate) registry_config_path: Option<PathBuf>,
+}
+
+impl RegistryConfigArg {
+    /// The registry host configuration this names.
+    pub fn registry_hosts(&self) -> RegistryHosts {
+        registry_hosts(self.registry_config_path.as_deref())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -158,18 +172,20 @@ impl RegistryArgs {
             plain_http,
             docker_config,
             pull_secret: None,
-            registry_config_path,
+            registry_config: RegistryConfigArg {
+                registry_config_path,
+            },
         }
     }
 
     /// `--registry-config-path`.
     pub fn registry_config_path(&self) -> Option<&std::path::Path> {
-        self.registry_config_path.as_deref()
+        self.registry_config.registry_config_path.as_deref()
     }
 
     /// The registry host configuration these settings name.
     pub fn registry_hosts(&self) -> RegistryHosts {
-        registry_hosts(self.registry_config_path.as_deref())
+        self.registry_config.registry_hosts()
     }
 
     /// `--plain-http`.

@@ -89,16 +89,8 @@ pub struct ControllerArgs {
     /// $DOCKER_CONFIG/config.json or ~/.docker/config.json when present].
     #[arg(long, value_name = "FILE")]
     docker_config: Option<PathBuf>,
-    /// containerd's registry host configuration directory (`config_path`): mirrors in
-    /// `DIR/<registry>/hosts.toml` serve the blob reads of indexing first, the registry last.
-    /// An empty value turns it off [default: /etc/containerd/certs.d when it exists].
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "HERMES_REGISTRY_CONFIG_PATH",
-        value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from)
-    )]
-    registry_config_path: Option<PathBuf>,
+    #[command(flatten)]
+    registry_config: index_cmd::RegistryConfigArg,
 }
 
 pub fn run(cmd: KubeCommand) -> anyhow::Result<ExitCode> {
@@ -131,7 +123,7 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
             let settings = RegistryArgs::from_settings(
                 args.plain_http,
                 args.docker_config.clone(),
-                args.registry_config_path.clone(),
+                args.registry_config.registry_config_path.clone(),
             );
             let registry = index_cmd::client(&settings)
                 .context("cannot configure a registry client for the store repository")?;
@@ -160,7 +152,7 @@ async fn controller_main(args: ControllerArgs) -> anyhow::Result<()> {
         server,
         client: ClientOptions {
             plain_http: args.plain_http,
-            registry_hosts: index_cmd::registry_hosts(args.registry_config_path.as_deref()),
+            registry_hosts: args.registry_config.registry_hosts(),
             ..ClientOptions::default()
         },
         mirror,
