@@ -16,11 +16,18 @@
 //! [`LayerState::Broken`]. A span that fails verification is fetched again, up to
 //! `VERIFY_ATTEMPTS` fetches, as reads do.
 //!
+//! How it walks is its [`Pace`], which may change while it runs: gently (one span at a time,
+//! yielding to reads; the default, for a lazy start) or at full speed (several range requests
+//! at once and the spans decoded in parallel, each from its own checkpoint, never pausing: the
+//! policy modes `Eager` and `Prefetch`, and a `fullyLocalWithin` deadline coming near). Either
+//! way every compressed byte is hashed in blob order, so a faster walk checks the same digest.
+//!
 //! It does not prefetch by a recorded profile or bound concurrency across layers: the node
 //! daemon schedules fetchers.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -40,6 +47,64 @@ pub(crate) const DIGEST_PASSES: u32 = 3;
 /// How long reads must have fetched nothing before the background fetcher goes on: it would
 /// otherwise take half the bandwidth between two bursts of a starting container's reads.
 pub const QUIET: Duration = Duration::from_millis(500);
+
+/// Range requests a fetcher at full speed keeps in flight, unless told otherwise: enough to
+/// fill a link whose registry (or the object storage behind it) limits each connection, and
+/// two spans decoding per core on small nodes.
+pub const DEFAULT_FAST_PARALLEL: usize = 4;
+
+/// How a [`BackgroundFetcher`] walks: shared with whoever may change it while it runs (a clone
+/// shares the pace). Gentle (the default): one span at a time, after reads have been quiet for
+/// [`QUIET`]. Fast: up to `parallel` spans in flight, fetched, verified and decoded on their own
+/// threads, with no pause for reads (reads still get the [`crate::FetchLimit`] slot kept for them).
+#[derive(Debug, Clone)]
+pub struct Pace(Arc<PaceState>);
+
+#[derive(Debug)]
+struct PaceState {
+    /// Spans in flight at full speed; 0 while gentle.
+    fast: AtomicUsize,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self::gentle()
+    }
+}
+
+impl Pace {
+    /// One span at a time, yielding to reads.
+    pub fn gentle() -> Self {
+        Self(Arc::new(PaceState {
+            fast: AtomicUsize::new(0),
+        }))
+    }
+
+    /// `parallel` spans at once (at least one), never pausing.
+    pub fn fast(parallel: usize) -> Self {
+        let pace = Self::gentle();
+        pace.speed_up(parallel);
+        pace
+    }
+
+    /// From now on, `parallel` spans at once (at least one), never pausing.
+    pub fn speed_up(&self, parallel: usize) {
+        self.0.fast.store(parallel.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether the walk goes at full speed.
+    pub fn is_fast(&self) -> bool {
+        self.in_flight().is_some()
+    }
+
+    /// Spans in flight at full speed; `None` while gentle.
+    fn in_flight(&self) -> Option<usize> {
+        match self.0.fast.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+}
 
 /// A layer blob's digest, `sha256:<64 lowercase hex>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -91,15 +156,26 @@ pub struct BackgroundFetcher {
 }
 
 impl BackgroundFetcher {
-    /// Start fetching the rest of `reader`'s layer, whose blob has `digest` and `size` bytes.
+    /// Start fetching the rest of `reader`'s layer, whose blob has `digest` and `size` bytes,
+    /// gently.
     pub fn start(reader: Arc<LayerReader>, digest: LayerDigest, size: u64) -> Result<Self> {
+        Self::start_paced(reader, digest, size, Pace::gentle())
+    }
+
+    /// [`Self::start`] at `pace` (which the caller may change while it runs).
+    pub fn start_paced(
+        reader: Arc<LayerReader>,
+        digest: LayerDigest,
+        size: u64,
+        pace: Pace,
+    ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("hermes-bg-fetch".into())
             .spawn({
                 let reader = Arc::clone(&reader);
                 let stop = Arc::clone(&stop);
-                move || run(&reader, &digest, size, &stop)
+                move || run(&reader, &digest, size, &stop, &pace)
             })
             .map_err(|source| Error::Thread {
                 what: "background fetch",
@@ -147,15 +223,27 @@ impl Drop for BackgroundFetcher {
 }
 
 /// The walk, with the reader keeping the bytes reads fetch for it while it lasts.
-fn run(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool) -> Outcome {
+fn run(
+    reader: &LayerReader,
+    digest: &LayerDigest,
+    size: u64,
+    stop: &AtomicBool,
+    pace: &Pace,
+) -> Outcome {
     reader.keep_for_background();
-    let outcome = walk(reader, digest, size, stop);
+    let outcome = walk(reader, digest, size, stop, pace);
     reader.stop_keeping();
     outcome
 }
 
-#[tracing::instrument(level = "info", skip(reader, stop), fields(cache = %reader.cache().dir().display()))]
-fn walk(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool) -> Outcome {
+#[tracing::instrument(level = "info", skip(reader, stop, pace), fields(cache = %reader.cache().dir().display()))]
+fn walk(
+    reader: &LayerReader,
+    digest: &LayerDigest,
+    size: u64,
+    stop: &AtomicBool,
+    pace: &Pace,
+) -> Outcome {
     if let LayerState::Broken(reason) = reader.state() {
         return Outcome::Broken(reason);
     }
@@ -167,7 +255,7 @@ fn walk(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool
     }
     let mut pass = 1;
     let (actual, pos) = loop {
-        let (actual, pos) = match hash_pass(reader, stop, pass == 1) {
+        let (actual, pos) = match hash_pass(reader, stop, pass == 1, pace) {
             Ok(hashed) => hashed,
             Err(outcome) => return outcome,
         };
@@ -202,53 +290,107 @@ fn walk(reader: &LayerReader, digest: &LayerDigest, size: u64, stop: &AtomicBool
 }
 
 /// One walk over every span: fetch (or, with `use_kept`, take what reads kept), verify, store
-/// what is not cached, and hash every compressed byte in order. Returns the blob's digest and
-/// how many bytes were hashed; the error is how the walk ends.
+/// what is not cached, and hash every compressed byte in order. Spans are fetched, verified
+/// and stored on their own threads, as many at once as the pace allows, and hashed here in
+/// blob order as they complete. Returns the blob's digest and how many bytes were hashed; the
+/// error is how the walk ends.
 fn hash_pass(
     reader: &LayerReader,
     stop: &AtomicBool,
     use_kept: bool,
+    pace: &Pace,
 ) -> std::result::Result<(String, u64), Outcome> {
     let ztoc = Arc::clone(reader.ztoc());
+    // Spans of a gzip layer may share a byte, and bytes before the first span (the gzip
+    // header) belong to none: each span's piece starts where the previous one ended (or at
+    // its own start, if that is earlier).
+    let mut pieces = Vec::new();
+    let mut end = 0u64;
+    for span in ztoc.spans() {
+        let start = end.min(span.compressed.start);
+        end = span.compressed.end;
+        pieces.push((start, span));
+    }
     let mut hasher = Sha256::new();
     let mut pos = 0u64;
-    for span in ztoc.spans() {
-        reader.wait_foreground_idle(stop, QUIET);
-        if stop.load(Ordering::Relaxed) {
-            return Err(Outcome::Stopped);
-        }
-        if let LayerState::Broken(reason) = reader.state() {
-            return Err(Outcome::Broken(reason));
-        }
-        // Spans of a gzip layer may share a byte, and bytes before the first span (the gzip
-        // header) belong to none: read from wherever hashing stopped.
-        let start = pos.min(span.compressed.start);
-        let data = match reader.kept(&span).filter(|_| use_kept) {
-            // A read fetched (and verified) the span: only bytes between spans that no span
-            // holds, if any, come from the registry.
-            Some(kept) if start < span.compressed.start => {
-                let mut data = reader
-                    .fetch(start, span.compressed.start - start, Priority::Background)
-                    .map_err(Outcome::Failed)?;
-                data.extend_from_slice(&kept);
-                data
+    std::thread::scope(|scope| -> std::result::Result<(), Outcome> {
+        let mut pieces = pieces.into_iter();
+        let mut in_flight = VecDeque::new();
+        loop {
+            while in_flight.len() < pace.in_flight().unwrap_or(1) {
+                if !pace.is_fast() {
+                    reader.wait_foreground_idle(stop, QUIET, &|| pace.is_fast());
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return Err(Outcome::Stopped);
+                }
+                if let LayerState::Broken(reason) = reader.state() {
+                    return Err(Outcome::Broken(reason));
+                }
+                let Some((start, span)) = pieces.next() else {
+                    break;
+                };
+                let piece = std::thread::Builder::new()
+                    .name("hermes-bg-span".into())
+                    .spawn_scoped(scope, move || {
+                        fetch_piece(reader, start, &span, stop, use_kept)
+                    })
+                    .map_err(|source| {
+                        Outcome::Failed(Error::Thread {
+                            what: "background span fetch",
+                            source,
+                        })
+                    })?;
+                in_flight.push_back((start, piece));
             }
-            Some(kept) => kept,
-            None => fetch_until_verified(reader, start, &span, stop)?,
-        };
-        hasher.update(&data[(pos - start) as usize..]);
-        pos = span.compressed.end;
-        let at = (span.compressed.start - start) as usize;
-        match reader.install_background(&span, &data[at..]) {
-            Ok(_) => {}
-            Err(Error::Broken(reason)) => return Err(Outcome::Broken(reason)),
-            Err(e) => return Err(Outcome::Failed(e)),
+            // Those still in flight finish (the scope waits for them) whatever happens here.
+            let Some((start, piece)) = in_flight.pop_front() else {
+                return Ok(());
+            };
+            let (data, span_end) = piece.join().map_err(|_| {
+                Outcome::Failed(Error::Thread {
+                    what: "background span fetch",
+                    source: std::io::Error::other("the thread panicked"),
+                })
+            })??;
+            hasher.update(&data[(pos - start) as usize..]);
+            pos = span_end;
         }
-    }
+    })?;
     Ok((
         format!("sha256:{}", crate::cache::hex(&hasher.finalize())),
         pos,
     ))
+}
+
+/// The blob's bytes `start..span.compressed.end`, verified, with the span stored in the cache
+/// unless it is there already; and where they end.
+fn fetch_piece(
+    reader: &LayerReader,
+    start: u64,
+    span: &hermes_ztoc::Span,
+    stop: &AtomicBool,
+    use_kept: bool,
+) -> std::result::Result<(Vec<u8>, u64), Outcome> {
+    let data = match reader.kept(span).filter(|_| use_kept) {
+        // A read fetched (and verified) the span: only bytes between spans that no span
+        // holds, if any, come from the registry.
+        Some(kept) if start < span.compressed.start => {
+            let mut data = reader
+                .fetch(start, span.compressed.start - start, Priority::Background)
+                .map_err(Outcome::Failed)?;
+            data.extend_from_slice(&kept);
+            data
+        }
+        Some(kept) => kept,
+        None => fetch_until_verified(reader, start, span, stop)?,
+    };
+    let at = (span.compressed.start - start) as usize;
+    match reader.install_background(span, &data[at..]) {
+        Ok(_) => Ok((data, span.compressed.end)),
+        Err(Error::Broken(reason)) => Err(Outcome::Broken(reason)),
+        Err(e) => Err(Outcome::Failed(e)),
+    }
 }
 
 /// [`fetch_verified`] until the span verifies, up to `VERIFY_ATTEMPTS` fetches; if none does,

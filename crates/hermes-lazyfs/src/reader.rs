@@ -38,6 +38,9 @@ const MAX_COALESCED_BYTES: u64 = 32 << 20;
 /// Concurrent range requests of a reader whose caller sets no [`FetchLimit`].
 pub const DEFAULT_FETCH_LIMIT: usize = 8;
 
+/// How often a paused background fetcher looks whether it was told to hurry.
+const HURRY_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Fetches of one span before a failed verification breaks the layer. Corruption in transit (a
 /// proxy, a NIC, a cache on the way) is transient, and a fresh fetch cures it: with only one
 /// more fetch, two corrupted answers in a row broke a layer for good under a chaos soak. A blob
@@ -793,11 +796,17 @@ impl LayerReader {
 
     /// Block while reads are fetching, and until they have fetched nothing for `quiet` (the
     /// background fetcher yields to them: a starting container reads in bursts, and the
-    /// bandwidth between two bursts is better kept for the next), or until `stop`.
-    pub(crate) fn wait_foreground_idle(&self, stop: &AtomicBool, quiet: std::time::Duration) {
+    /// bandwidth between two bursts is better kept for the next), or until `stop`, or until
+    /// `hurry` says to stop yielding (checked at least every [`HURRY_CHECK`]).
+    pub(crate) fn wait_foreground_idle(
+        &self,
+        stop: &AtomicBool,
+        quiet: std::time::Duration,
+        hurry: &dyn Fn() -> bool,
+    ) {
         let mut flight = self.lock();
         let mut paused = false;
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.load(Ordering::Relaxed) && !hurry() {
             let left = flight
                 .last_foreground
                 .map_or(std::time::Duration::ZERO, |t| {
@@ -810,13 +819,15 @@ impl LayerReader {
                 paused = true;
                 bump(&self.counters.background_pauses, 1);
             }
-            flight = if flight.foreground > 0 {
-                self.wait(flight)
+            let wait = if flight.foreground > 0 {
+                HURRY_CHECK
             } else {
-                self.changed
-                    .wait_timeout(flight, left)
-                    .map_or_else(|e| e.into_inner().0, |(g, _)| g)
+                left.min(HURRY_CHECK)
             };
+            flight = self
+                .changed
+                .wait_timeout(flight, wait)
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
         }
     }
 

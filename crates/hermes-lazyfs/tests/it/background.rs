@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use hermes_lazyfs::{BackgroundFetcher, BrokenReason, Error, LayerDigest, LayerState, Outcome};
+use hermes_lazyfs::{
+    BackgroundFetcher, BrokenReason, Error, LayerDigest, LayerState, Outcome, Pace,
+};
 
 use crate::layer::{multi_span_layer, sha256, wait_until};
 
@@ -246,4 +248,84 @@ fn stopping_a_paused_background_fetch_ends_it() {
     source.release();
     read.join().unwrap();
     assert_eq!(source.requests(), 1);
+}
+
+#[test]
+fn a_fast_background_fetch_keeps_several_spans_in_flight_and_checks_the_same_digest() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    source.hold();
+    let fetcher = BackgroundFetcher::start_paced(
+        Arc::clone(&reader),
+        layer.digest.clone(),
+        layer.blob.len() as u64,
+        Pace::fast(3),
+    )
+    .unwrap();
+    wait_until("three background fetches at once", || source.blocked() == 3);
+    source.release();
+    let outcome = fetcher.wait();
+    assert!(matches!(outcome, Outcome::FullyLocal), "{outcome:?}");
+    assert_eq!(reader.state(), LayerState::FullyLocal);
+    assert!(reader.read(0, layer.tar.len() as u64).unwrap() == layer.tar);
+    assert_eq!(reader.stats().background_pauses, 0);
+}
+
+#[test]
+fn a_fast_background_fetch_of_a_wrong_digest_still_breaks_the_layer() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    let wrong = LayerDigest::parse(&sha256(b"another blob")).unwrap();
+    let outcome = BackgroundFetcher::start_paced(
+        Arc::clone(&reader),
+        wrong,
+        layer.blob.len() as u64,
+        Pace::fast(4),
+    )
+    .unwrap()
+    .wait();
+    // Hashed in blob order whatever order the spans arrived in: the digest is the blob's.
+    let Outcome::Broken(BrokenReason::LayerDigest { actual, .. }) = outcome else {
+        panic!("expected a layer digest mismatch, got {outcome:?}");
+    };
+    assert_eq!(actual, layer.digest.as_str());
+}
+
+#[test]
+fn a_paused_background_fetch_told_to_hurry_goes_on_beside_the_read() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    let span = layer.ztoc.span(5).unwrap();
+    source.hold();
+    let read = std::thread::spawn({
+        let reader = Arc::clone(&reader);
+        move || reader.read(span.uncompressed.start, 10).unwrap()
+    });
+    wait_until("the read's fetch", || source.blocked() == 1);
+    let pace = Pace::gentle();
+    let fetcher = BackgroundFetcher::start_paced(
+        Arc::clone(&reader),
+        layer.digest.clone(),
+        layer.blob.len() as u64,
+        pace.clone(),
+    )
+    .unwrap();
+    wait_until("the background fetcher to pause", || {
+        reader.stats().background_pauses == 1
+    });
+    assert_eq!(source.blocked(), 1);
+    pace.speed_up(2);
+    wait_until("two background fetches beside the read", || {
+        source.blocked() == 3
+    });
+    source.release();
+    read.join().unwrap();
+    let outcome = fetcher.wait();
+    assert!(matches!(outcome, Outcome::FullyLocal), "{outcome:?}");
 }
