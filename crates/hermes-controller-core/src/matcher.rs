@@ -153,6 +153,33 @@ pub fn off_for_node<'p>(
         .min_by(|a, b| a.name.cmp(&b.name))
 }
 
+/// The policy whose `mode` and `fullyLocalWithin` a node serving `image` (resolved to
+/// `manifest`) follows, if one applies. As for a miss, a zTOC lookup comes with no pod, so
+/// it is the policy that applies to an unlabelled pod of the image; `Off` policies refuse the
+/// lookup before this is asked ([`off_for_node`]).
+pub fn for_node<'p>(
+    policies: &'p [Policy],
+    image: &Reference,
+    manifest: Option<&Digest>,
+) -> Option<&'p Policy> {
+    match decide(policies, &unlabelled(image, manifest)) {
+        Decision::Apply { policy, .. } => Some(policy),
+        Decision::Off { .. } | Decision::Unmatched => None,
+    }
+}
+
+/// A pod with no labels in no namespace running `image`: what a node's request stands for.
+fn unlabelled(image: &Reference, digest: Option<&Digest>) -> RunningContainer {
+    RunningContainer {
+        namespace: String::new(),
+        pod: String::new(),
+        namespace_labels: Labels::default(),
+        pod_labels: Labels::default(),
+        image: image.clone(),
+        digest: digest.cloned(),
+    }
+}
+
 /// Whether a node's miss for `image` (resolved to `digest`, if the node knows it) can lead to
 /// a build: a policy that is not `Off` selects it. A miss comes with no pod or namespace, so as
 /// in the reconciler only policies whose selectors accept an unlabelled pod count. Without a
@@ -160,14 +187,7 @@ pub fn off_for_node<'p>(
 /// the registry the policy names, decides. The engine asks this before any network I/O for a
 /// miss, since a miss may name any host.
 pub fn selects_miss(policies: &[Policy], image: &Reference, digest: Option<&Digest>) -> bool {
-    let miss = RunningContainer {
-        namespace: String::new(),
-        pod: String::new(),
-        namespace_labels: Labels::default(),
-        pod_labels: Labels::default(),
-        image: image.clone(),
-        digest: digest.cloned(),
-    };
+    let miss = unlabelled(image, digest);
     match decide(policies, &miss) {
         Decision::Apply { .. } => true,
         Decision::Off { .. } => false,
@@ -281,6 +301,40 @@ pub(crate) mod tests {
         );
         assert_eq!(off("ghcr.io/acme/db:1", None), None);
         assert_eq!(off("ghcr.io/acme/other", None), None);
+    }
+
+    #[test]
+    fn a_node_follows_the_most_specific_policy_that_applies_to_an_unlabelled_pod() {
+        let ps = policies(&[
+            ("apps", "  images: [\"ghcr.io/acme/**\"]\n"),
+            (
+                "eager-ml",
+                "  images: [\"ghcr.io/acme/ml\"]\n  mode: Eager\n  fullyLocalWithin: 90s\n",
+            ),
+            (
+                "labelled",
+                "  images: [\"ghcr.io/acme/web\"]\n  mode: Prefetch\n  podSelector: {matchLabels: {app: x}}\n",
+            ),
+            ("stop-db", "  images: [\"ghcr.io/acme/db\"]\n  mode: Off\n"),
+        ]);
+        let name = |image: &str| {
+            for_node(&ps, &Reference::parse(image).unwrap(), None).map(|p| p.name.clone())
+        };
+        assert_eq!(name("ghcr.io/acme/ml:2").as_deref(), Some("eager-ml"));
+        let ml = for_node(&ps, &Reference::parse("ghcr.io/acme/ml:2").unwrap(), None).unwrap();
+        assert_eq!(ml.mode, Mode::Eager);
+        assert_eq!(
+            ml.fully_local_within,
+            Some(std::time::Duration::from_secs(90))
+        );
+        // A selector the request cannot satisfy: the broader policy applies.
+        assert_eq!(name("ghcr.io/acme/web:1").as_deref(), Some("apps"));
+        assert_eq!(
+            name("ghcr.io/acme/db:1"),
+            None,
+            "Off is a refusal, not a mode"
+        );
+        assert_eq!(name("quay.io/other/app:1"), None);
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //!   check a copy it keeps. When an `Off` policy matches the image (see
 //!   [`off_for_node`](crate::matcher::off_for_node)) or the controller skipped the manifest for
 //!   one, the answer is 404 with a `Hermes-Disabled` header giving the reason: the node must
-//!   not start the image lazily, whatever copy it has;
+//!   not start the image lazily, whatever copy it has. Otherwise the answer (200 or 304)
+//!   says how to serve the layer, from the policy that applies to the image
+//!   ([`for_node`](crate::matcher::for_node)): `Hermes-Mode` (`Prefetch`, `Eager`; none for
+//!   `Lazy`) and `Hermes-Fully-Local-Within` (seconds);
 //! - `GET /v1/images/{manifest-digest}` → the image's [`ImageReport`] (as the controller loop last
 //!   published it), else its stored record; 404 if neither;
 //! - `GET /v1/images` → every image report; `GET /v1/policies` → every policy's status (also
@@ -46,7 +49,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hermes_node_api::{
-    CONTENT_DIGEST_HEADER, TraceReport, ZtocQuery, disabled_header_value, etag, not_modified, paths,
+    CONTENT_DIGEST_HEADER, LayerBehaviour, NodeMode, TraceReport, ZtocQuery, disabled_header_value,
+    etag, not_modified, paths,
 };
 use hermes_oci::{Digest, Reference, Store};
 use prometheus_client::encoding::text::encode;
@@ -60,8 +64,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
-use crate::matcher::off_for_node;
-use crate::policy::Policy;
+use crate::matcher::{for_node, off_for_node};
+use crate::policy::{Mode, Policy};
 use crate::prefetch::{KeptTrace, ProfileBook, ProfileLimits};
 use crate::reconcile::Phase;
 use crate::status::{ImageReport, PolicyReport};
@@ -402,6 +406,24 @@ impl NodeApi {
             .then(|| report.status.reason.clone().unwrap_or_default())
     }
 
+    /// How nodes serve the layers of `image` (resolved to `manifest`): the mode and deadline
+    /// of the policy that applies to it; the node's defaults when none does.
+    fn behaviour(&self, image: Option<&Reference>, manifest: Option<&Digest>) -> LayerBehaviour {
+        let active = self.inner.active.read().unwrap_or_else(|e| e.into_inner());
+        let Some(policy) = image.and_then(|image| for_node(&active, image, manifest)) else {
+            return LayerBehaviour::default();
+        };
+        LayerBehaviour {
+            mode: match policy.mode {
+                Mode::Prefetch => NodeMode::Prefetch,
+                Mode::Eager => NodeMode::Eager,
+                // Off never gets here (the lookup is refused).
+                Mode::Lazy | Mode::Off => NodeMode::Lazy,
+            },
+            fully_local_within: policy.fully_local_within,
+        }
+    }
+
     /// Set the span sizes zTOCs are looked up with (those of the current policies).
     pub fn set_span_sizes(&self, span_sizes: Vec<u64>) {
         *self
@@ -510,25 +532,34 @@ async fn get_ztoc(
     };
     api.inner.metrics.artifacts_served.inc();
     let etag = etag(&ztoc);
-    if headers
+    let mut response = if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| not_modified(v, &ztoc))
     {
-        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+        (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response()
+    } else {
+        (
+            [
+                (header::ETAG, etag),
+                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                (
+                    header::HeaderName::from_static(CONTENT_DIGEST_HEADER),
+                    ztoc.to_string(),
+                ),
+            ],
+            Body::from(bytes),
+        )
+            .into_response()
+    };
+    for (name, value) in api.behaviour(image.as_ref(), manifest.as_ref()).headers() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .insert(header::HeaderName::from_static(name), value);
+        }
     }
-    Ok((
-        [
-            (header::ETAG, etag),
-            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (
-                header::HeaderName::from_static(CONTENT_DIGEST_HEADER),
-                ztoc.to_string(),
-            ),
-        ],
-        Body::from(bytes),
-    )
-        .into_response())
+    Ok(response)
 }
 
 async fn get_image(
@@ -1173,6 +1204,37 @@ mod tests {
         );
         let bad = request(&s, "GET", &format!("{url}&manifest=nope"), None, "").await;
         assert_eq!(bad.status, 400, "{}", bad.text());
+    }
+
+    #[tokio::test]
+    async fn a_ztoc_answer_says_the_mode_and_deadline_of_the_policy_that_applies() {
+        let s = start(None).await;
+        let layer = Digest::parse(LAYER).unwrap();
+        let ztoc = s.store.put_blob(b"ztoc bytes").unwrap();
+        s.store.set_ztoc_for_layer(&layer, 4 << 20, &ztoc).unwrap();
+        s.api
+            .set_active_policies(hermes_controller_core::testing::policies(&[
+                ("apps", "  images: [\"ghcr.io/acme/**\"]\n"),
+                (
+                    "eager-ml",
+                    "  images: [\"ghcr.io/acme/ml\"]\n  mode: Eager\n  fullyLocalWithin: 2m\n",
+                ),
+            ]));
+        let url = |image: &str| format!("/v1/layers/{LAYER}/ztoc?image={image}");
+        let kept = format!("If-None-Match: \"{ztoc}\"\r\n");
+        for extra in ["", kept.as_str()] {
+            let ml = request_with(&s, "GET", &url("ghcr.io%2Facme%2Fml%3A3"), extra, "").await;
+            assert!(ml.status == 200 || ml.status == 304, "{}", ml.text());
+            assert_eq!(ml.header("hermes-mode"), Some("Eager"));
+            assert_eq!(ml.header("hermes-fully-local-within"), Some("120"));
+            // The broad policy is Lazy with no deadline: nothing to say.
+            let api = request_with(&s, "GET", &url("ghcr.io%2Facme%2Fapi"), extra, "").await;
+            assert_eq!(api.header("hermes-mode"), None);
+            assert_eq!(api.header("hermes-fully-local-within"), None);
+        }
+        let plain = request(&s, "GET", &format!("/v1/layers/{LAYER}/ztoc"), None, "").await;
+        assert_eq!(plain.status, 200);
+        assert_eq!(plain.header("hermes-mode"), None);
     }
 
     #[tokio::test]

@@ -28,7 +28,7 @@ mod prefetch;
 mod reader;
 mod tree;
 
-pub use background::{BackgroundFetcher, DEFAULT_FAST_PARALLEL, LayerDigest, Outcome, Pace};
+pub use background::{BackgroundFetcher, DEFAULT_FAST_PARALLEL, LayerDigest, Outcome, Pace, QUIET};
 pub use cache::{FLUSH_INTERVAL, SpanCache};
 pub use error::{BrokenReason, Error, Result};
 pub use fuse::{MountHandle, MountOptions, PassthroughStats, mount, mount_entries, mount_with};

@@ -831,6 +831,18 @@ impl LayerReader {
         }
     }
 
+    /// How long reads (and open-time or profile prefetch) have fetched nothing: zero while one
+    /// fetches, [`std::time::Duration::MAX`] if none ever did.
+    pub fn quiet_for(&self) -> std::time::Duration {
+        let flight = self.lock();
+        if flight.foreground > 0 {
+            return std::time::Duration::ZERO;
+        }
+        flight
+            .last_foreground
+            .map_or(std::time::Duration::MAX, |t| t.elapsed())
+    }
+
     /// Count a span whose bytes failed verification outside [`LayerReader::read`].
     pub(crate) fn note_verify_failure(&self) {
         bump(&self.counters.verify_failures, 1);

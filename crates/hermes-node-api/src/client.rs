@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::{
-    CONTENT_DIGEST_HEADER, DISABLED_HEADER, MAX_ERROR_BODY, MAX_PROFILE_SIZE, MAX_REPORTS_SIZE,
-    MAX_ZTOC_SIZE, Miss, PrefetchProfile, TraceReport, ZtocQuery, etag, paths,
+    CONTENT_DIGEST_HEADER, DISABLED_HEADER, LayerBehaviour, MAX_ERROR_BODY, MAX_PROFILE_SIZE,
+    MAX_REPORTS_SIZE, MAX_ZTOC_SIZE, Miss, PrefetchProfile, TraceReport, ZtocQuery, etag, paths,
 };
 
 /// Default of [`ClientOptions::timeout`].
@@ -115,10 +115,10 @@ impl Default for ClientOptions {
 /// A layer's zTOC, as the controller answers a lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ZtocAnswer {
-    /// The zTOC (checked against its digest header when there is one).
-    Ztoc(Vec<u8>),
-    /// The copy the node named is still the zTOC (304).
-    Same,
+    /// The zTOC (checked against its digest header when there is one), and how to serve it.
+    Ztoc(Vec<u8>, LayerBehaviour),
+    /// The copy the node named is still the zTOC (304), and how to serve it.
+    Same(LayerBehaviour),
     /// The controller has none (404).
     NotFound,
     /// A lazy start of the image is refused (404 with [`DISABLED_HEADER`]); why.
@@ -205,8 +205,10 @@ impl Client {
                 .map(str::to_owned)
         };
         let (digest, disabled) = (header(CONTENT_DIGEST_HEADER), header(DISABLED_HEADER));
+        let behaviour =
+            LayerBehaviour::from_headers(|name| resp.headers().get(name)?.to_str().ok());
         if status == StatusCode::NOT_MODIFIED && kept.is_some() {
-            return Ok(ZtocAnswer::Same);
+            return Ok(ZtocAnswer::Same(behaviour));
         }
         if status == StatusCode::NOT_FOUND {
             return Ok(disabled.map_or(ZtocAnswer::NotFound, ZtocAnswer::Disabled));
@@ -219,7 +221,7 @@ impl Client {
                 actual,
                 header,
             }),
-            _ => Ok(ZtocAnswer::Ztoc(body.to_vec())),
+            _ => Ok(ZtocAnswer::Ztoc(body.to_vec(), behaviour)),
         }
     }
 

@@ -2,6 +2,7 @@
 //! and their rules, and the bounds both sides hold a body to.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use hermes_oci_types::Digest;
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,87 @@ pub const MAX_LAYERS_PER_REPORT: usize = 128;
 pub const DISABLED_HEADER: &str = "hermes-disabled";
 /// Header of a zTOC answer: the zTOC's digest, which the node checks the body against.
 pub const CONTENT_DIGEST_HEADER: &str = "docker-content-digest";
+
+/// Header of a zTOC answer (200 or 304): what the node does with the layer, as the policy
+/// that selects the image says ([`NodeMode`]). Absent: `Lazy`.
+pub const MODE_HEADER: &str = "hermes-mode";
+/// Header of a zTOC answer (200 or 304): whole seconds within which the node makes the layer
+/// fully local (the policy's `fullyLocalWithin`). Absent: no deadline.
+pub const FULLY_LOCAL_WITHIN_HEADER: &str = "hermes-fully-local-within";
+/// Longest `fullyLocalWithin` a node honours (30 days); a longer value is no deadline.
+pub const MAX_FULLY_LOCAL_WITHIN: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// What a node does with an indexed layer (a policy's `mode`, `Off` aside: an `Off` image gets
+/// no zTOC at all).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum NodeMode {
+    /// Start lazily; fetch the rest in the background, yielding to reads.
+    #[default]
+    Lazy,
+    /// Start lazily with the recorded startup profile, then fetch the rest at full speed.
+    Prefetch,
+    /// Fetch the whole layer before the container starts, with parallel range requests and
+    /// the spans decoded in parallel from their checkpoints.
+    Eager,
+}
+
+impl NodeMode {
+    /// The header value (the policy's spelling).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lazy => "Lazy",
+            Self::Prefetch => "Prefetch",
+            Self::Eager => "Eager",
+        }
+    }
+
+    /// A header value; `None` for a mode this node does not know.
+    pub fn parse(value: &str) -> Option<Self> {
+        [Self::Lazy, Self::Prefetch, Self::Eager]
+            .into_iter()
+            .find(|m| m.as_str().eq_ignore_ascii_case(value.trim()))
+    }
+}
+
+/// How a node serves one indexed layer, from the headers of its zTOC answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LayerBehaviour {
+    /// The mode.
+    pub mode: NodeMode,
+    /// Make the layer fully local within this long after it is mounted.
+    pub fully_local_within: Option<Duration>,
+}
+
+impl LayerBehaviour {
+    /// The headers that say this (none for the default).
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::new();
+        if self.mode != NodeMode::Lazy {
+            headers.push((MODE_HEADER, self.mode.as_str().to_owned()));
+        }
+        if let Some(within) = self.fully_local_within {
+            // Whole seconds, rounded up: a deadline is never made shorter than asked.
+            let secs = within.as_secs() + u64::from(within.subsec_nanos() > 0);
+            headers.push((FULLY_LOCAL_WITHIN_HEADER, secs.to_string()));
+        }
+        headers
+    }
+
+    /// Read from an answer's headers (`header(name)` is the value of `name`). What a node
+    /// cannot read leaves the default: an unknown mode (from a newer controller) is `Lazy`,
+    /// a deadline that is not a number of seconds up to [`MAX_FULLY_LOCAL_WITHIN`] is none.
+    pub fn from_headers<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Self {
+        Self {
+            mode: header(MODE_HEADER)
+                .and_then(NodeMode::parse)
+                .unwrap_or_default(),
+            fully_local_within: header(FULLY_LOCAL_WITHIN_HEADER)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs)
+                .filter(|d| *d <= MAX_FULLY_LOCAL_WITHIN),
+        }
+    }
+}
 
 /// A node's report that it started an image without an index (`POST /v1/misses`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +204,60 @@ pub fn disabled_header_value(reason: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_layer_behaviour_survives_its_headers_and_bad_values_fall_back_to_lazy() {
+        let find = |headers: &[(&'static str, String)], name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+        };
+        for behaviour in [
+            LayerBehaviour::default(),
+            LayerBehaviour {
+                mode: NodeMode::Eager,
+                fully_local_within: None,
+            },
+            LayerBehaviour {
+                mode: NodeMode::Prefetch,
+                fully_local_within: Some(Duration::from_secs(60)),
+            },
+        ] {
+            let headers = behaviour.headers();
+            let values: Vec<(String, Option<String>)> = [MODE_HEADER, FULLY_LOCAL_WITHIN_HEADER]
+                .iter()
+                .map(|n| (n.to_string(), find(&headers, n)))
+                .collect();
+            let read = LayerBehaviour::from_headers(|name| {
+                values
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .and_then(|(_, v)| v.as_deref())
+            });
+            assert_eq!(read, behaviour);
+        }
+        assert!(LayerBehaviour::default().headers().is_empty());
+        // A fraction of a second is rounded up, never down to an earlier deadline.
+        let half = LayerBehaviour {
+            fully_local_within: Some(Duration::from_millis(1500)),
+            ..Default::default()
+        };
+        assert_eq!(
+            find(&half.headers(), FULLY_LOCAL_WITHIN_HEADER).as_deref(),
+            Some("2")
+        );
+        let bad = |mode: &'static str, within: &'static str| {
+            LayerBehaviour::from_headers(move |name| match name {
+                MODE_HEADER => Some(mode),
+                FULLY_LOCAL_WITHIN_HEADER => Some(within),
+                _ => None,
+            })
+        };
+        assert_eq!(bad("Teleport", "soon"), LayerBehaviour::default());
+        assert_eq!(bad("eager", "-5").mode, NodeMode::Eager);
+        assert_eq!(bad("Lazy", "99999999999").fully_local_within, None);
+    }
 
     #[test]
     fn if_none_match_names_the_kept_ztoc_by_its_quoted_digest() {

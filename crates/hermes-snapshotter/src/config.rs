@@ -86,6 +86,9 @@ pub struct NodeConfig {
     pub background_fetch: bool,
     /// How long a lazy mount may take before the layer falls back (seconds).
     pub mount_timeout_secs: u64,
+    /// How long a layer whose policy says `Eager` may take to be fully local before its
+    /// container starts on it lazily (seconds).
+    pub eager_timeout_secs: u64,
     /// Record-and-replay: with a controller, record the spans read during this many seconds
     /// after a layer is mounted and send them (`POST /v1/traces`); mounts prefetch the
     /// controller's merged profile first. 0 disables both.
@@ -145,6 +148,7 @@ impl Default for NodeConfig {
             cache_size: 0,
             background_fetch: true,
             mount_timeout_secs: 10,
+            eager_timeout_secs: 600,
             trace_window_secs: 10,
             cri_proxy: None,
             containerd: crate::cri_proxy::default_containerd_socket(),
@@ -223,6 +227,11 @@ impl NodeConfig {
     /// The mount timeout.
     pub fn mount_timeout(&self) -> Duration {
         Duration::from_secs(self.mount_timeout_secs)
+    }
+
+    /// [`Self::eager_timeout_secs`].
+    pub fn eager_timeout(&self) -> Duration {
+        Duration::from_secs(self.eager_timeout_secs)
     }
 }
 

@@ -54,6 +54,7 @@ impl Daemon {
                 server,
                 background: config.background_fetch,
                 mount_timeout: config.mount_timeout(),
+                eager_timeout: config.eager_timeout(),
                 cache_size: config.cache_size,
                 trace_window: (config.controller.is_some() && config.trace_window_secs > 0)
                     .then(|| std::time::Duration::from_secs(config.trace_window_secs)),

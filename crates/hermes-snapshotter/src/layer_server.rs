@@ -13,7 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hermes_lazyfs::{BackgroundFetcher, LayerDigest, LayerReader, LayerState, SpanCache};
+use hermes_lazyfs::{
+    BackgroundFetcher, DEFAULT_FAST_PARALLEL, LayerDigest, LayerReader, LayerState, Pace, QUIET,
+    SpanCache,
+};
+use hermes_node_api::NodeMode;
 use hermes_oci::{Client, Digest, HostStats, Reference, RegistryRangeReader};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -47,6 +51,14 @@ pub struct ServeOptions {
     pub trace_window: Option<Duration>,
     /// A startup profile to prefetch first: JSON `{"spans": [ids…]}`.
     pub prefetch: Option<PathBuf>,
+    /// The policy's mode: `Eager` fetches everything at full speed from the mount on;
+    /// `Prefetch` does once the profile is prefetched and reads are quiet; `Lazy` yields to
+    /// reads throughout (unless the deadline below comes near). Other than `Lazy`, the rest
+    /// of the layer is fetched whatever `background` says.
+    pub mode: NodeMode,
+    /// Make the layer fully local within this long after the mount: the background fetch goes
+    /// at full speed once it would not finish in time yielding to reads, and a miss is reported.
+    pub fully_local_within: Option<Duration>,
 }
 
 /// A served layer's state and counters, as written to its stats file.
@@ -100,6 +112,15 @@ pub struct LayerStats {
     /// Spans prefetched from a startup profile.
     #[serde(default)]
     pub prefetched: u64,
+    /// The mode the layer is served in (`Lazy`, `Prefetch`, `Eager`).
+    #[serde(default)]
+    pub mode: String,
+    /// Whether the background fetch goes at full speed.
+    #[serde(default)]
+    pub fetching_fast: bool,
+    /// The `fullyLocalWithin` deadline passed before the layer was fully local.
+    #[serde(default)]
+    pub fully_local_deadline_missed: bool,
     /// What each registry host (mirrors and the registry) served this layer's process.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub registry_hosts: Vec<HostStats>,
@@ -163,7 +184,9 @@ pub fn serve_layer(
                 ))
             })?;
     }
-    if opts.background {
+    let background_wanted =
+        opts.background || opts.mode != NodeMode::Lazy || opts.fully_local_within.is_some();
+    if background_wanted {
         // Startup reads and prefetch come before the background fetcher: keep their bytes.
         reader.keep_for_background();
     }
@@ -185,28 +208,66 @@ pub fn serve_layer(
         reader.start_trace(window);
     }
     let prefetched = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let profile_done = Arc::new(AtomicBool::new(true));
     if let Some(spans) = opts.prefetch.as_deref().and_then(read_profile) {
+        profile_done.store(false, Ordering::Relaxed);
         let (reader, done, layer) = (reader.clone(), prefetched.clone(), digest.clone());
-        std::thread::spawn(move || match reader.prefetch(&spans) {
-            Ok(()) => {
-                done.store(spans.len() as u64, Ordering::Relaxed);
-                info!(%layer, spans = spans.len(), "startup profile prefetched");
+        let finished = profile_done.clone();
+        std::thread::spawn(move || {
+            match reader.prefetch(&spans) {
+                Ok(()) => {
+                    done.store(spans.len() as u64, Ordering::Relaxed);
+                    info!(%layer, spans = spans.len(), "startup profile prefetched");
+                }
+                Err(e) => warn!(%layer, error = %e, "prefetch failed"),
             }
-            Err(e) => warn!(%layer, error = %e, "prefetch failed"),
+            finished.store(true, Ordering::Relaxed);
         });
     }
-    let background = if opts.background && reader.state() == LayerState::Lazy {
+    let pace = match opts.mode {
+        NodeMode::Eager => Pace::fast(DEFAULT_FAST_PARALLEL),
+        NodeMode::Lazy | NodeMode::Prefetch => Pace::gentle(),
+    };
+    let background = if background_wanted && reader.state() == LayerState::Lazy {
         let layer = LayerDigest::parse(digest.as_str()).map_err(|e| mount_err(e.to_string()))?;
         Some(
-            BackgroundFetcher::start(reader.clone(), layer, ztoc.compressed_archive_size())
-                .map_err(|e| mount_err(e.to_string()))?,
+            BackgroundFetcher::start_paced(
+                reader.clone(),
+                layer,
+                ztoc.compressed_archive_size(),
+                pace.clone(),
+            )
+            .map_err(|e| mount_err(e.to_string()))?,
         )
     } else {
         None
     };
+    let mut schedule = Schedule::new(opts.fully_local_within, ztoc.compressed_archive_size());
     let mut fully_local_seconds = None;
     loop {
         let state = reader.state();
+        if state == LayerState::Lazy && !pace.is_fast() {
+            let s = reader.stats();
+            let present =
+                f64::from(reader.cache().present_count()) / f64::from(ztoc.span_count().max(1));
+            let fetched = s.bytes_fetched + s.background_bytes_fetched;
+            let profile_then_quiet = opts.mode == NodeMode::Prefetch
+                && profile_done.load(Ordering::Relaxed)
+                && reader.quiet_for() >= QUIET;
+            if profile_then_quiet {
+                info!(layer = %digest, "startup reads are done: fetching the rest at full speed");
+                pace.speed_up(DEFAULT_FAST_PARALLEL);
+            } else if schedule.behind(mounted.elapsed(), fetched, present) {
+                info!(layer = %digest, within = ?opts.fully_local_within,
+                    "fetching the rest at full speed to be fully local in time");
+                pace.speed_up(DEFAULT_FAST_PARALLEL);
+            }
+        }
+        if state == LayerState::Lazy && schedule.missed(mounted.elapsed()) {
+            warn!(layer = %digest, within = ?opts.fully_local_within,
+                spans_present = reader.cache().present_count(), spans = ztoc.span_count(),
+                "the layer is not fully local within its policy's fullyLocalWithin");
+        }
         if fully_local_seconds.is_none() && state == LayerState::FullyLocal {
             let secs = mounted.elapsed().as_secs_f64();
             fully_local_seconds = Some(secs);
@@ -242,6 +303,9 @@ pub fn serve_layer(
             trace_read_bytes: traced.uncompressed,
             trace_read_compressed_bytes: traced.compressed,
             prefetched: prefetched.load(Ordering::Relaxed),
+            mode: opts.mode.as_str().to_owned(),
+            fetching_fast: pace.is_fast(),
+            fully_local_deadline_missed: schedule.was_missed(),
             registry_hosts: hosts.host_stats(),
         };
         if let Err(e) = write_atomic(&opts.stats, &serde_json::to_vec(&stats).unwrap_or_default()) {
@@ -266,6 +330,63 @@ pub fn serve_layer(
     Ok(())
 }
 
+/// When a layer with a `fullyLocalWithin` deadline must stop yielding to reads. The fetch
+/// yields (a start's reads go first) while it can still finish in time at the fastest rate
+/// this layer has fetched at over a tick, with room to spare: it goes at full speed once half
+/// the time is gone, or once the rest would take more than half the time left at that rate.
+#[derive(Debug)]
+struct Schedule {
+    within: Option<Duration>,
+    compressed: u64,
+    /// Bytes fetched and when, at the last tick.
+    last: Option<(Duration, u64)>,
+    /// The fastest rate seen over a tick (bytes per second).
+    best_rate: f64,
+    missed: bool,
+}
+
+impl Schedule {
+    fn new(within: Option<Duration>, compressed: u64) -> Self {
+        Self {
+            within,
+            compressed,
+            last: None,
+            best_rate: 0.0,
+            missed: false,
+        }
+    }
+
+    /// Whether to go at full speed now: `elapsed` since the mount, `fetched` bytes in all,
+    /// `present` the share of the layer local.
+    fn behind(&mut self, elapsed: Duration, fetched: u64, present: f64) -> bool {
+        let Some(within) = self.within else {
+            return false;
+        };
+        if let Some((then, bytes)) = self.last {
+            let dt = (elapsed - then).as_secs_f64();
+            if dt > 0.0 {
+                self.best_rate = self.best_rate.max((fetched - bytes) as f64 / dt);
+            }
+        }
+        self.last = Some((elapsed, fetched));
+        let left = within.saturating_sub(elapsed).as_secs_f64();
+        let remaining = self.compressed as f64 * (1.0 - present).max(0.0);
+        elapsed * 2 >= within || (self.best_rate > 0.0 && remaining / self.best_rate * 2.0 >= left)
+    }
+
+    /// Whether the deadline passed just now (true once).
+    fn missed(&mut self, elapsed: Duration) -> bool {
+        let passed = self.within.is_some_and(|w| elapsed > w);
+        let first = passed && !self.missed;
+        self.missed |= passed;
+        first
+    }
+
+    fn was_missed(&self) -> bool {
+        self.missed
+    }
+}
+
 /// The spans of a prefetch profile file (`{"spans": [...]}`, as the controller serves it).
 fn read_profile(path: &Path) -> Option<Vec<u32>> {
     #[derive(Deserialize)]
@@ -283,4 +404,35 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_deadline_schedule_yields_while_it_can_finish_in_time_and_hurries_after() {
+        // No deadline: never hurries.
+        let mut none = Schedule::new(None, 1 << 30);
+        assert!(!none.behind(S * 1000, 0, 0.0));
+        assert!(!none.missed(S * 1000));
+
+        // 100 MB within 60 s, fetched at 10 MB/s over the first tick: 10 s needed, 59 left.
+        let mut s = Schedule::new(Some(S * 60), 100_000_000);
+        assert!(!s.behind(S, 0, 0.0));
+        assert!(!s.behind(S * 2, 10_000_000, 0.1));
+        // At 1 MB/s at best, the 90 MB left need 90 s: hurry long before half the time.
+        let mut slow = Schedule::new(Some(S * 60), 100_000_000);
+        assert!(!slow.behind(S, 0, 0.0));
+        assert!(slow.behind(S * 2, 1_000_000, 0.01));
+        // Whatever the rate, half the time gone: hurry.
+        assert!(s.behind(S * 30, 10_000_000, 0.1));
+        // The deadline passes once.
+        assert!(!s.missed(S * 60));
+        assert!(s.missed(S * 61));
+        assert!(!s.missed(S * 62));
+        assert!(s.was_missed());
+    }
 }

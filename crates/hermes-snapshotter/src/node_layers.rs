@@ -26,6 +26,7 @@ use crate::layer_server::{LayerStats, write_atomic};
 use crate::remote::{RemoteError, RemoteLayer, RemoteLayers};
 use crate::sources::{Answer, IndexSources};
 use crate::{Error, Result, Snapshots};
+use hermes_node_api::NodeMode;
 
 /// Why a layer was not mounted lazily (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +112,9 @@ pub struct NodeLayersOptions {
     pub trace_window: Option<Duration>,
     /// Prefetch the controller's startup profile of each layer when mounting it.
     pub replay: bool,
+    /// How long a layer served `Eager` may take to be fully local before the container starts
+    /// on it lazily.
+    pub eager_timeout: Duration,
     /// Pods' registry credentials by repository (from the CRI proxy): a layer server of an
     /// image with one gets it on its stdin.
     pub pull_credentials: PullCredentials,
@@ -122,6 +126,11 @@ struct ServedLayer {
     image: String,
     pid: u32,
     uncompressed_size: u64,
+    /// The policy's mode for the layer (kept so a re-mount after a restart keeps it).
+    #[serde(default)]
+    mode: String,
+    #[serde(default)]
+    fully_local_within_secs: Option<u64>,
 }
 
 /// What restart recovery did.
@@ -269,7 +278,8 @@ impl NodeLayers {
         std::fs::create_dir_all(&mnt).map_err(Error::io("create mountpoint", &mnt))?;
         let ztoc_path = dir.join("ztoc");
         write_atomic(&ztoc_path, &found.bytes).map_err(Error::io("write zTOC", &ztoc_path))?;
-        if self.opts.replay
+        let behaviour = found.behaviour;
+        if (self.opts.replay || behaviour.mode == NodeMode::Prefetch)
             && let Some(profile) = self.sources.prefetch_profile(&digest)
         {
             let path = dir.join("prefetch.json");
@@ -280,6 +290,8 @@ impl NodeLayers {
             image: image.clone(),
             pid: 0,
             uncompressed_size: size,
+            mode: behaviour.mode.as_str().to_owned(),
+            fully_local_within_secs: behaviour.fully_local_within.map(|d| d.as_secs()),
         };
         match self.start_server(&dir, served) {
             Ok(()) => Ok(Some(mnt)),
@@ -348,6 +360,12 @@ impl NodeLayers {
         if profile.exists() {
             cmd.arg("--prefetch").arg(profile);
         }
+        if !served.mode.is_empty() {
+            cmd.arg("--mode").arg(&served.mode);
+        }
+        if let Some(secs) = served.fully_local_within_secs {
+            cmd.arg("--fully-local-within").arg(secs.to_string());
+        }
         let image = Reference::parse(&served.image).ok();
         let credential = image
             .as_ref()
@@ -412,6 +430,42 @@ impl NodeLayers {
         self.mounts.fetch_add(1, Ordering::Relaxed);
         info!(layer = %served.layer, pid = served.pid, mount = %mnt.display(), "lazy layer served");
         Ok(())
+    }
+
+    /// For a layer served `Eager`: waits until it is fully local (the container starts on local
+    /// data) and says whether it may be used; `false` if it broke. A layer that is not fully
+    /// local within [`NodeLayersOptions::eager_timeout`] is used lazily (its fetch goes on at
+    /// full speed): a start is never failed for being slow. Other modes return at once.
+    fn eager_done(&self, mnt: &Path) -> bool {
+        let Some(dir) = mnt.parent() else {
+            return true;
+        };
+        if read_state(dir).is_none_or(|s| s.mode != NodeMode::Eager.as_str()) {
+            return true;
+        }
+        let started = Instant::now();
+        loop {
+            let stats = LayerStats::load(&dir.join("stats.json"));
+            match stats.as_ref().map(|s| s.state.as_str()) {
+                Some("fully_local") => {
+                    info!(mount = %mnt.display(), seconds = started.elapsed().as_secs_f64(),
+                        "eager layer is fully local");
+                    return true;
+                }
+                Some("broken") => {
+                    warn!(mount = %mnt.display(), reason = ?stats.and_then(|s| s.broken_reason),
+                        "eager layer broke while fetching; pulling it normally");
+                    return false;
+                }
+                _ => {}
+            }
+            if started.elapsed() > self.opts.eager_timeout {
+                warn!(mount = %mnt.display(), timeout = ?self.opts.eager_timeout,
+                    "eager layer not fully local in time; starting on it lazily");
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// After a restart: every lazy layer that a snapshot refers to is adopted if its server
@@ -519,8 +573,21 @@ impl NodeLayers {
 
 impl RemoteLayers for NodeLayers {
     fn prepare(&self, layer: &RemoteLayer) -> Result<Option<PathBuf>, RemoteError> {
-        let _one_at_a_time = self.lock();
-        Ok(self.ensure(layer)?)
+        let mnt = {
+            let _one_at_a_time = self.lock();
+            self.ensure(layer)?
+        };
+        // Outside the lock: other layers mount meanwhile.
+        match mnt {
+            Some(mnt) if !self.eager_done(&mnt) => {
+                // Broken while fetching: this layer is pulled normally.
+                let _one_at_a_time = self.lock();
+                self.stop(&mnt);
+                self.miss(Miss::MountFailed);
+                Ok(None)
+            }
+            mnt => Ok(mnt),
+        }
     }
 
     fn release(&self, dir: &Path) {

@@ -21,7 +21,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use hermes_node_api::{ClientOptions, Miss, TraceReport, ZtocAnswer, ZtocQuery, error_chain};
+use hermes_node_api::{
+    ClientOptions, LayerBehaviour, Miss, TraceReport, ZtocAnswer, ZtocQuery, error_chain,
+};
 use hermes_oci::manifest::{Manifest, media};
 use hermes_oci::soci::annotation;
 use hermes_oci::{Client, Digest, Reference, Store};
@@ -117,6 +119,9 @@ pub struct FoundZtoc {
     pub bytes: Vec<u8>,
     /// Where it came from.
     pub source: Source,
+    /// How to serve the layer, as the controller said (the defaults from other sources, or
+    /// when the controller could not be asked).
+    pub behaviour: LayerBehaviour,
 }
 
 /// What the sources say about a layer.
@@ -204,7 +209,7 @@ impl IndexSources {
     /// Errors only when every source that was asked failed and there is no local copy.
     pub fn find(&self, layer: &RemoteLayer) -> Result<Answer> {
         let digest = Digest::parse(&layer.layer_digest)?;
-        let local = self.local(&digest)?;
+        let mut local = self.local(&digest)?;
         let mut last_err = None;
         let mut answered = false;
         if self.controller.is_some() {
@@ -215,14 +220,16 @@ impl IndexSources {
                     info!(layer = %digest, %reason, "the controller refuses a lazy start");
                     return Ok(Answer::Disabled(reason));
                 }
-                Ok(ZtocAnswer::Ztoc(bytes)) => {
+                Ok(ZtocAnswer::Ztoc(bytes, behaviour)) => {
                     self.counters.count(Source::Controller, Lookup::Found);
                     return self
                         .keep(&digest, bytes, Source::Controller)
-                        .map(Answer::Ztoc);
+                        .map(|found| Answer::Ztoc(FoundZtoc { behaviour, ..found }));
                 }
                 // Confirmed: counted below as found locally.
-                Ok(ZtocAnswer::Same) => {}
+                Ok(ZtocAnswer::Same(behaviour)) => {
+                    local = local.map(|found| FoundZtoc { behaviour, ..found });
+                }
                 Ok(ZtocAnswer::NotFound) => {
                     answered = true;
                     debug!(layer = %digest, "controller has no zTOC");
@@ -276,6 +283,7 @@ impl IndexSources {
             digest,
             bytes,
             source: Source::Local,
+            behaviour: LayerBehaviour::default(),
         }))
     }
 
@@ -293,6 +301,7 @@ impl IndexSources {
             digest,
             bytes,
             source,
+            behaviour: LayerBehaviour::default(),
         })
     }
 

@@ -90,6 +90,12 @@ pub struct ServeArgs {
     /// Prefetch this startup profile first.
     #[arg(long, value_name = "FILE")]
     prefetch: Option<PathBuf>,
+    /// The policy's mode: Lazy, Prefetch or Eager.
+    #[arg(long, default_value = "Lazy", value_parser = parse_mode)]
+    mode: hermes_node_api::NodeMode,
+    /// Be fully local within this many seconds of the mount.
+    #[arg(long, value_name = "SECS")]
+    fully_local_within: Option<u64>,
     /// Read the image's registry credential from stdin, one line now and one per change (the
     /// node daemon hands pods' pull secrets over this way; never on a command line or on disk).
     #[arg(long)]
@@ -246,9 +252,16 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         background: args.background,
         trace_window: args.trace_window.map(std::time::Duration::from_secs),
         prefetch: args.prefetch,
+        mode: args.mode,
+        fully_local_within: args.fully_local_within.map(std::time::Duration::from_secs),
     };
     hermes_snapshotter::serve_layer(&opts, client, runtime.handle().clone(), &stop)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_mode(value: &str) -> Result<hermes_node_api::NodeMode, String> {
+    hermes_node_api::NodeMode::parse(value)
+        .ok_or_else(|| format!("{value:?} is not a mode (Lazy, Prefetch, Eager)"))
 }
 
 /// Reads credential lines the node daemon writes to a layer server's stdin: the first one now

@@ -1122,6 +1122,103 @@ fn startup_reads_are_recorded_merged_by_the_controller_and_prefetched_on_the_nex
     drop(controller.runtime);
 }
 
+/// A layer's stats file on `node`.
+fn layer_stats(node: &Node, layer: &str) -> serde_json::Value {
+    let path = node
+        .root
+        .join("layers")
+        .join(layer.trim_start_matches("sha256:"))
+        .join("stats.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap_or_default()).unwrap_or_default()
+}
+
+#[test]
+fn policy_modes_reach_the_node_eager_is_fully_local_before_the_start_and_a_deadline_fetches_the_rest()
+ {
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let host = registry.host();
+    let eager = TestImage::new()
+        .file("app/model.bin", noise(3 << 20, 21))
+        .push(&host, "modes/eager:v1")
+        .expect("push");
+    let deadline = TestImage::new()
+        .file("app/data.bin", noise(3 << 20, 22))
+        .push(&host, "modes/deadline:v1")
+        .expect("push");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctrl_store = dir.path().join("controller");
+    index(&eager.reference, &ctrl_store);
+    index(&deadline.reference, &ctrl_store);
+    let controller = Controller::start(&ctrl_store);
+    controller.api.set_active_policies(
+        hermes_controller::policy::parse_policies(
+            &format!(
+                "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {{name: eager}}\n\
+                 spec:\n  images: [\"{host}/modes/eager\"]\n  mode: Eager\n---\n\
+                 apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {{name: soon}}\n\
+                 spec:\n  images: [\"{host}/modes/deadline\"]\n  fullyLocalWithin: 20s\n"
+            ),
+            "test",
+        )
+        .expect("policies"),
+    );
+    // No background fetch on this node: whatever is fetched beyond reads, the policy asked for.
+    let node = Node::start(
+        dir.path(),
+        &[
+            "--plain-http",
+            "--no-background-fetch",
+            "--trace-window",
+            "0",
+            "--controller",
+            &controller.url,
+        ],
+    );
+    let rt = runtime();
+
+    // Eager: when the snapshot's prepare returns (the container could start), the layer is
+    // fully local, fetched by the policy's fast walk, not by reads.
+    assert_eq!(
+        rt.block_on(unpack(&node.socket, &eager, "e")),
+        1,
+        "{}",
+        node.logs()
+    );
+    let stats = layer_stats(&node, &eager.layers[0].digest);
+    assert_eq!(stats["state"], "fully_local", "{stats}\n{}", node.logs());
+    assert_eq!(stats["mode"], "Eager");
+    assert_eq!(stats["fetching_fast"], true);
+    assert_eq!(stats["bytes_on_demand"], 0);
+    assert!(
+        stats["bytes_background"].as_u64().unwrap() >= 3 << 20,
+        "{stats}"
+    );
+
+    // Lazy with fullyLocalWithin: mounted at once (still lazy), then fully local in time
+    // although the node fetches nothing in the background by default.
+    assert_eq!(rt.block_on(unpack(&node.socket, &deadline, "d")), 1);
+    let stats = layer_stats(&node, &deadline.layers[0].digest);
+    assert_eq!(stats["mode"], "Lazy", "{stats}");
+    let until = Instant::now() + Duration::from_secs(20);
+    let stats = loop {
+        let stats = layer_stats(&node, &deadline.layers[0].digest);
+        if stats["state"] == "fully_local" {
+            break stats;
+        }
+        assert!(
+            Instant::now() < until,
+            "not fully local in 20 s: {stats}\n{}",
+            node.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(stats["fully_local_deadline_missed"], false);
+    assert_eq!(stats["bytes_on_demand"], 0);
+    drop(node);
+    drop(controller.runtime);
+}
+
 /// The metric `name{host="HOST"}` of a node's `/metrics`, 0 when absent.
 fn host_metric(metrics: &str, name: &str, host: &str) -> u64 {
     let prefix = format!("{name}{{host=\"{host}\"}} ");
