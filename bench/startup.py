@@ -18,6 +18,16 @@ Modes:
             wiped again (not the controller), caches dropped, and the second start, which
             prefetches the controller's merged profile from mount on, is measured
   fallback  the same as lazy with no index anywhere: Hermes must fall back to a normal unpack
+  eager     the policy mode `Eager`: the node connected to `hermes controller --standalone`
+            whose policy gives the image `mode: Eager` (and builds nothing: minLayerSize 1000Gi);
+            each layer is fetched whole with parallel range requests and its spans decoded in
+            parallel from their checkpoints before the container starts (pull before start)
+  unpack    no container: the same layers' blobs, caches dropped, through `gzip -dc | tar -x`
+            one after the other (what unpacking costs with no network); compare with eager's
+            pull time at --rate-mbps 0
+
+--per-connection-mbps N: the proxy also caps each connection at N MB/s under the shared cap (as
+object storage behind real registries does): a single stream per layer cannot use the link.
 
 --first-start: the issue-16 view of (b), the first lazy start with no recorded profile: modes
 normal, lazy and replay, plus a warm local run (the image already unpacked by (a), page cache
@@ -33,6 +43,7 @@ were read (compression taken as uniform within a span). It prints the limit, (b)
 their ratio and the normal-vs-lazy ratio.
 
 Images: `--image quick` (generated, <= 1 GB, for CI), `--image ml` (generated ML-style, ~4 GB),
+`--image gb` (generated, 1.3 GB compressed: a 300 MiB tree and 1 GiB of model files),
 `--image torch` (Debian + Python + torch with its CUDA wheels, bench/torch_image.py, built once),
 `--image DIR` (an OCI layout built elsewhere; tag "v1").
 """
@@ -52,6 +63,7 @@ from stack import http_get, log  # noqa: E402
 from throttle_proxy import ThrottleProxy  # noqa: E402
 
 MODES = ("normal", "lazy", "replay", "fallback")
+ALL_MODES = MODES + ("eager", "unpack")
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +171,8 @@ PROFILES = {
     # name: (python tree MiB, of which read MiB, model files, MiB each)
     "quick": (240, 24, 4, 100),
     "ml": (1200, 120, 12, 256),
+    # >= 1 GB compressed, for the Eager mode's benchmark
+    "gb": (300, 30, 4, 256),
 }
 
 
@@ -198,12 +212,12 @@ class Bench:
 
     def start(self, mode: str, wait_fully_local: bool = True) -> dict:
         """Wipe containerd and the node, drop caches, pull and run; MODE normal | lazy | fallback
-        (replay's starts are lazy ones on a node connected to the controller)."""
+        (replay's and eager's starts are lazy ones on a node connected to the controller)."""
         log(f"--- mode {mode}: wiping containerd and node state, dropping caches")
         containerd, node = self.containerd, self.node
         containerd.wipe()
         node.wipe(keep_store=False)
-        if mode in ("lazy", "replay"):
+        if mode in ("lazy", "replay", "eager"):
             shutil.copytree(self.built, node.store)
         node.start()
         containerd.start()
@@ -283,14 +297,54 @@ class Bench:
                        **{k: record[k] for k in ("running_s", "ready_s", "exited_s", "bytes_at_ready")}}
         return r
 
+    def eager(self) -> dict:
+        """The policy mode Eager: the node asks the controller, whose policy says Eager for the
+        image, and serves the zTOCs it keeps with that mode; the pull returns once every layer
+        is fully local."""
+        url = self.start_controller()
+        base = list(self.node.extra)
+        self.node.extra = base + ["--controller", url, "--trace-window", "0"]
+        r = self.start("eager")
+        self.node.extra = base
+        stats = [json.load(open(os.path.join(self.node.root, "layers", d, "stats.json")))
+                 for d in os.listdir(os.path.join(self.node.root, "layers"))] if os.path.isdir(
+            os.path.join(self.node.root, "layers")) else []
+        r["eager_layers"] = sum(1 for st in stats if st.get("mode") == "Eager")
+        return r
+
+    def unpack(self, layout_dir: str) -> dict:
+        """`gzip -dc BLOB | tar -x` of every layer, in order, caches dropped: the local cost of
+        an unpack with no network."""
+        idx = json.load(open(os.path.join(layout_dir, "index.json")))
+        blob = lambda d: os.path.join(layout_dir, "blobs", *d.split(":"))  # noqa: E731
+        manifest = json.load(open(blob(idx["manifests"][0]["digest"])))
+        out = os.path.join(self.state, "unpack")
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        stack.drop_caches()
+        t = time.monotonic()
+        for layer in manifest["layers"]:
+            subprocess.run(f"gzip -dc {blob(layer['digest'])} | tar -x -C {out}", shell=True, check=True)
+        subprocess.run(["sync"], check=True)
+        took = time.monotonic() - t
+        shutil.rmtree(out, ignore_errors=True)
+        log(f"unpack: gzip -dc | tar -x of {len(manifest['layers'])} layer(s) in {took:.2f}s")
+        return {"unpack_s": round(took, 2), "layers": len(manifest["layers"])}
+
     def start_controller(self) -> str:
-        """`hermes controller --standalone` with no policy (it only collects traces and serves
-        profiles here), watching our containerd; started once per run."""
+        """`hermes controller --standalone` watching our containerd, started once per run. It
+        collects traces and serves profiles (replay); its only policy gives the image the mode
+        Eager and builds nothing (minLayerSize 1000Gi), for mode eager."""
         if self.controller_url:
             return self.controller_url
         port = stack.free_port()
         policies = os.path.join(self.state, "controller", "policies")
         os.makedirs(policies, exist_ok=True)
+        if "eager" in self.args.modes.split(","):
+            repo = self.ref.rsplit(":", 1)[0]
+            with open(os.path.join(policies, "eager.yaml"), "w") as f:
+                f.write("apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {name: bench-eager}\n"
+                        f"spec:\n  images: [\"{repo}\"]\n  mode: Eager\n  index: {{minLayerSize: 1000Gi}}\n")
         p = self.procs.start("controller", [
             self.hermes, "controller", "--standalone", "--policies", policies,
             "--data", os.path.join(self.state, "controller", "data"), "--listen", f"127.0.0.1:{port}",
@@ -412,6 +466,8 @@ def main() -> int:
     ap.add_argument("--hermes-build", default="",
                     help="how --hermes was built, for the results (default: from its path, e.g. target/release)")
     ap.add_argument("--rate-mbps", type=float, default=32.0, help="registry bandwidth cap, MB/s")
+    ap.add_argument("--per-connection-mbps", type=float, default=0,
+                    help="also cap each connection at this many MB/s (0: no per-connection cap)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--work", default="/var/tmp/hermes-startup-bench")
     ap.add_argument("--workload", default="entrypoint", choices=sorted(WORKLOADS),
@@ -440,6 +496,11 @@ def main() -> int:
     if args.first_start and "--modes" not in " ".join(sys.argv):
         args.modes = "normal,lazy,replay"
     modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if unknown:
+        sys.exit(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(ALL_MODES)}")
+    if "eager" in modes and "replay" in modes:
+        sys.exit("modes eager and replay need different controllers: run them separately")
 
     work = args.work
     state = os.path.join(work, "run")
@@ -470,7 +531,8 @@ def main() -> int:
 
         reg_port, proxy_port = stack.free_port(), stack.free_port()
         stack.start_registry(procs, os.path.join(state, "registry"), reg_port)
-        proxy = ThrottleProxy(proxy_port, ("127.0.0.1", reg_port), args.rate_mbps * 1e6).start_thread()
+        proxy = ThrottleProxy(proxy_port, ("127.0.0.1", reg_port), args.rate_mbps * 1e6,
+                              per_connection_bytes=args.per_connection_mbps * 1e6).start_thread()
         direct = f"127.0.0.1:{reg_port}/bench/{name}:v1"
         ref = f"127.0.0.1:{proxy_port}/bench/{name}:v1"
         t = time.monotonic()
@@ -484,7 +546,7 @@ def main() -> int:
 
         index_s = None
         built = os.path.join(state, "ztocs")  # copied into the node's store for the lazy mode
-        if "lazy" in modes or "replay" in modes:
+        if {"lazy", "replay", "eager"} & set(modes):
             cmd = [hermes, "index", "build", direct, "--plain-http", "--store", built, "--min-layer-size", "0"]
             if args.span_size:
                 cmd += ["--span-size", args.span_size]
@@ -494,10 +556,15 @@ def main() -> int:
             log(f"indexed with hermes index build in {index_s}s (unthrottled, before the runs)")
 
         bench = Bench(args, hermes, procs, state, node, containerd, proxy, ref, built)
-        results, warm = {}, None
+        results, warm, unpack = {}, None, None
         for mode in modes:
             if mode == "replay":
                 results[mode] = bench.replay(results.get("lazy"))
+            elif mode == "eager":
+                results[mode] = bench.eager()
+            elif mode == "unpack":
+                unpack = bench.unpack(layout_dir)
+                continue
             else:
                 results[mode] = bench.start(mode)
                 if mode == "normal" and args.first_start:
@@ -515,7 +582,8 @@ def main() -> int:
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                     if line.startswith("model name")), platform.machine())
         mem = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))) >> 20
-        report = {"image": meta, "workload": args.workload, "command": WORKLOADS[args.workload] or "entrypoint", "image_compressed_mib": round(compressed / 2**20), "rate_mbps": args.rate_mbps,
+        report = {"image": meta, "workload": args.workload, "per_connection_mbps": args.per_connection_mbps,
+                  "unpack": unpack, "command": WORKLOADS[args.workload] or "entrypoint", "image_compressed_mib": round(compressed / 2**20), "rate_mbps": args.rate_mbps,
                   "index_build_s": index_s, "machine": f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM, "
                   f"kernel {platform.release()}, containerd {containerd.version()}",
                   "date": time.strftime("%Y-%m-%d"), "modes": results}
@@ -586,12 +654,15 @@ def markdown(rep: dict) -> str:
     modes = rep["modes"]
     base = modes.get("normal")
     label = {"normal": "(a) containerd normal pull (overlayfs)", "lazy": "(b) Hermes lazy",
-             "replay": "(c) Hermes record-and-replay (second start)", "fallback": "(d) Hermes, no index (fallback)"}
+             "replay": "(c) Hermes record-and-replay (second start)", "fallback": "(d) Hermes, no index (fallback)",
+             "eager": "(e) Hermes, policy mode Eager (pull before start)"}
     read, read_note = bytes_read(rep)
     workload = "the image's entrypoint" if rep["workload"] == "entrypoint" else f"`{' '.join(rep['command'][2:])}`"
     lines = [f"Image: {rep['image']['description']}; {rep['image_compressed_mib']} MiB compressed. "
              f"Container runs {workload}. "
-             f"Registry on loopback behind a {rep['rate_mbps']:g} MB/s cap; page cache dropped and "
+             f"Registry on loopback behind a {rep['rate_mbps']:g} MB/s cap"
+             + (f" and {rep['per_connection_mbps']:g} MB/s per connection" if rep.get("per_connection_mbps") else "")
+             + "; page cache dropped and "
              f"containerd/node state wiped before each mode. Times from pull start.", "",
              "| mode | running (first line) s | ready s | fully local s | MiB fetched by ready | "
              "MiB fetched total | speedup to running vs (a) | speedup to ready vs (a) |"
@@ -619,6 +690,19 @@ def markdown(rep: dict) -> str:
                      "amplification = registry bytes by ready ÷ that.")
     if rep.get("first_start"):
         lines.append(first_start_text(rep["first_start"], rep["rate_mbps"]))
+    eager = modes.get("eager")
+    if eager and base and eager.get("ready_s") and base.get("ready_s"):
+        lines.append(f"Eager: ready {eager['ready_s']:.2f} s vs containerd's {base['ready_s']:.2f} s: "
+                     f"ratio containerd/eager: {base['ready_s'] / eager['ready_s']:.2f} "
+                     f"({eager.get('eager_layers', 0)} layer(s) served Eager; pulled, i.e. fully local, at "
+                     f"{eager['pulled_s']:.2f} s).")
+    if rep.get("unpack"):
+        u = rep["unpack"]
+        line = f"Unpack baseline: `gzip -dc | tar -x` of the {u['layers']} layer blob(s), caches dropped: {u['unpack_s']:.2f} s"
+        if eager:
+            line += (f"; Eager's pull (fetch, verify and decode every span until fully local) took "
+                     f"{eager['pulled_s']:.2f} s: ratio eager/unpack: {eager['pulled_s'] / u['unpack_s']:.2f}")
+        lines.append(line + ".")
     if rep.get("index_build_s") is not None:
         lines.append(f"Index built beforehand with `hermes index build` in {rep['index_build_s']} s (not throttled, "
                      "not counted).")
@@ -637,7 +721,7 @@ def chart(rep: dict, path: str) -> bool:
         log("matplotlib not installed (bench/startup.sh installs it): no PNG chart")
         return False
     short = {"normal": "(a) normal pull", "lazy": "(b) Hermes lazy", "replay": "(c) Hermes replay",
-             "fallback": "(d) Hermes fallback"}
+             "fallback": "(d) Hermes fallback", "eager": "(e) Hermes Eager"}
     fig, ax = plt.subplots(figsize=(9, 5))
     for mode, r in rep["modes"].items():
         xs = [t for t, _ in r["timeline"]]

@@ -4,7 +4,8 @@
 # between modes (run as root).
 #
 #   bench/startup.sh [--quick] [--image quick|ml|torch|LAYOUT_DIR] [--rate-mbps 32] [--release=true|false]
-#                    [--modes normal,lazy,replay,fallback] [--workload entrypoint|light|read-all]
+#                    [--modes normal,lazy,replay,fallback,eager,unpack] [--per-connection-mbps N]
+#                    [--workload entrypoint|light|read-all]
 #                    [--write-results NAME] [--containerd 1.6|2] [--first-start]
 #   bench/startup.sh --kubernetes [--quick] [--image quick|ml|torch|LAYOUT_DIR] [--rate-mbps 32] [--keep]
 #
@@ -13,6 +14,9 @@
 # --first-start: modes normal,lazy,replay plus a warm local run; prints the first lazy start (no
 # recorded profile) against its physical limit: compressed bytes the container read (from the
 # recorded trace) / bandwidth + its CPU time in the warm run (bench/startup.py explains how).
+# --modes ...,eager: the policy mode Eager (the whole image fetched with parallel range requests and
+# decoded in parallel before the start) next to the others; with --per-connection-mbps 8 the proxy
+# caps each connection too; `unpack` times `gzip -dc | tar -x` of the same layers (no network).
 # --containerd 2: containerd 2.x (scripts/containerd2.sh fetch caches it) instead of the system's 1.6.
 # --kubernetes: pod start as the kubelet reports it (bench/kube_startup.py): a single-node cluster
 # from scripts/kube.sh with Hermes installed from deploy/, a first pod pulled normally, then, once

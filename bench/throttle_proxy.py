@@ -8,7 +8,8 @@ Used in-process by bench/startup.py (ThrottleProxy) or standalone by the quickst
         --stats 127.0.0.1:5002
 
 A connection to the stats address gets one JSON line {"down": BYTES, "up": BYTES} and is closed.
-Rate 0 means no cap.
+Rate 0 means no cap. `--per-connection-mbps` also caps each connection on its own (as object
+storage behind real registries does), under the shared cap.
 """
 import argparse
 import asyncio
@@ -45,10 +46,12 @@ class ThrottleProxy:
     """The proxy on its own asyncio loop in a daemon thread (for in-process use)."""
 
     def __init__(self, listen_port: int, upstream: tuple, rate_bytes: float, stats_port: int = 0,
-                 listen_host: str = "127.0.0.1"):
+                 listen_host: str = "127.0.0.1", per_connection_bytes: float = 0):
         self.listen_port, self.upstream, self.stats_port = listen_port, upstream, stats_port
         self.listen_host = listen_host
         self.bucket = Bucket(rate_bytes)
+        self.per_connection = per_connection_bytes
+        self.connections = 0
         self.down = 0
         self.up = 0
         self.loop = asyncio.new_event_loop()
@@ -57,13 +60,15 @@ class ThrottleProxy:
     def set_rate(self, rate_bytes: float) -> None:
         self.loop.call_soon_threadsafe(lambda: setattr(self.bucket, "rate", rate_bytes))
 
-    async def _pipe(self, reader, writer, downstream: bool) -> None:
+    async def _pipe(self, reader, writer, downstream: bool, own: "Bucket | None" = None) -> None:
         try:
             while True:
                 data = await reader.read(CHUNK)
                 if not data:
                     break
                 if downstream:
+                    if own:
+                        await own.take(len(data))
                     await self.bucket.take(len(data))
                     self.down += len(data)
                 else:
@@ -84,7 +89,9 @@ class ThrottleProxy:
         except OSError:
             cwriter.close()
             return
-        await asyncio.gather(self._pipe(creader, uwriter, False), self._pipe(ureader, cwriter, True))
+        self.connections += 1
+        own = Bucket(self.per_connection) if self.per_connection > 0 else None
+        await asyncio.gather(self._pipe(creader, uwriter, False), self._pipe(ureader, cwriter, True, own))
 
     async def _stats(self, reader, writer) -> None:
         writer.write((json.dumps({"down": self.down, "up": self.up}) + "\n").encode())
@@ -127,8 +134,9 @@ if __name__ == "__main__":
     ap.add_argument("--listen", required=True)
     ap.add_argument("--upstream", required=True)
     ap.add_argument("--rate-mbps", type=float, default=32, help="MB/s (10^6 bytes); 0 = no cap")
+    ap.add_argument("--per-connection-mbps", type=float, default=0, help="MB/s per connection; 0 = no cap")
     ap.add_argument("--stats", default="")
     a = ap.parse_args()
     proxy = ThrottleProxy(hostport(a.listen)[1], hostport(a.upstream), a.rate_mbps * 1e6,
-                          hostport(a.stats)[1] if a.stats else 0)
+                          hostport(a.stats)[1] if a.stats else 0, per_connection_bytes=a.per_connection_mbps * 1e6)
     proxy.run_forever()

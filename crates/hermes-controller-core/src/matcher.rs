@@ -168,6 +168,58 @@ pub fn for_node<'p>(
     }
 }
 
+/// The pod a node pulls an image for, when it knows it (from its CRI proxy).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePod {
+    /// Its namespace.
+    pub namespace: String,
+    /// The namespace's labels (as the controller knows them; none if it does not).
+    pub namespace_labels: Labels,
+    /// Its labels.
+    pub pod_labels: Labels,
+}
+
+/// What the controller tells a node that asks for a layer of an image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NodeDecision<'p> {
+    /// This `Off` policy forbids a lazy start.
+    Refuse(&'p Policy),
+    /// Serve the layer as this policy says (its mode and `fullyLocalWithin`).
+    Follow(&'p Policy),
+    /// No policy speaks of it: the node's defaults.
+    Defaults,
+}
+
+/// The decision for a node pulling `image` (resolved to `manifest`) for `pod`. With the pod,
+/// every policy's selectors apply, as to a running container ([`decide`]); without it, only
+/// `Off` policies without selectors refuse ([`off_for_node`]) and the mode is that of the
+/// policy for an unlabelled pod ([`for_node`]).
+pub fn decide_for_node<'p>(
+    policies: &'p [Policy],
+    image: &Reference,
+    manifest: Option<&Digest>,
+    pod: Option<&NodePod>,
+) -> NodeDecision<'p> {
+    let Some(pod) = pod else {
+        if let Some(off) = off_for_node(policies, image, manifest) {
+            return NodeDecision::Refuse(off);
+        }
+        return for_node(policies, image, manifest)
+            .map_or(NodeDecision::Defaults, NodeDecision::Follow);
+    };
+    let container = RunningContainer {
+        namespace: pod.namespace.clone(),
+        namespace_labels: pod.namespace_labels.clone(),
+        pod_labels: pod.pod_labels.clone(),
+        ..unlabelled(image, manifest)
+    };
+    match decide(policies, &container) {
+        Decision::Off { policy } => NodeDecision::Refuse(policy),
+        Decision::Apply { policy, .. } => NodeDecision::Follow(policy),
+        Decision::Unmatched => NodeDecision::Defaults,
+    }
+}
+
 /// A pod with no labels in no namespace running `image`: what a node's request stands for.
 fn unlabelled(image: &Reference, digest: Option<&Digest>) -> RunningContainer {
     RunningContainer {
@@ -301,6 +353,54 @@ pub(crate) mod tests {
         );
         assert_eq!(off("ghcr.io/acme/db:1", None), None);
         assert_eq!(off("ghcr.io/acme/other", None), None);
+    }
+
+    #[test]
+    fn a_node_that_knows_the_pod_gets_the_policy_its_namespace_and_labels_select() {
+        let ps = policies(&[
+            ("apps", "  images: [\"ghcr.io/acme/**\"]\n"),
+            (
+                "off-for-batch",
+                "  images: [\"ghcr.io/acme/**\"]\n  mode: Off\n  namespaceSelector: {matchLabels: {team: batch}}\n",
+            ),
+            (
+                "eager-web",
+                "  images: [\"ghcr.io/acme/web\"]\n  mode: Eager\n  podSelector: {matchLabels: {app: web}}\n",
+            ),
+        ]);
+        let web = Reference::parse("ghcr.io/acme/web:1").unwrap();
+        let pod = |ns: &str, team: &str, app: &str| NodePod {
+            namespace: ns.to_owned(),
+            namespace_labels: [("team".to_owned(), team.to_owned())].into(),
+            pod_labels: [("app".to_owned(), app.to_owned())].into(),
+        };
+        let name = |d: NodeDecision<'_>| match d {
+            NodeDecision::Refuse(p) => format!("refuse {}", p.name),
+            NodeDecision::Follow(p) => format!("follow {}", p.name),
+            NodeDecision::Defaults => "defaults".to_owned(),
+        };
+        let for_pod = |p: Option<&NodePod>| name(decide_for_node(&ps, &web, None, p));
+        assert_eq!(
+            for_pod(Some(&pod("jobs", "batch", "web"))),
+            "refuse off-for-batch"
+        );
+        assert_eq!(
+            for_pod(Some(&pod("shop", "front", "web"))),
+            "follow eager-web"
+        );
+        assert_eq!(for_pod(Some(&pod("shop", "front", "api"))), "follow apps");
+        // Without the pod, the selector policies cannot apply: neither the Off nor the Eager.
+        assert_eq!(for_pod(None), "follow apps");
+        let other = Reference::parse("quay.io/x/y:1").unwrap();
+        assert_eq!(
+            name(decide_for_node(
+                &ps,
+                &other,
+                None,
+                Some(&pod("a", "b", "c"))
+            )),
+            "defaults"
+        );
     }
 
     #[test]

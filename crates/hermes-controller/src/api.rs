@@ -49,8 +49,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hermes_node_api::{
-    CONTENT_DIGEST_HEADER, LayerBehaviour, NodeMode, TraceReport, ZtocQuery, disabled_header_value,
-    etag, not_modified, paths,
+    CONTENT_DIGEST_HEADER, LayerBehaviour, NodeMode, TraceReport, ZtocQuery, decode_labels,
+    disabled_header_value, etag, not_modified, paths,
 };
 use hermes_oci::{Digest, Reference, Store};
 use prometheus_client::encoding::text::encode;
@@ -64,7 +64,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
-use crate::matcher::{for_node, off_for_node};
+use crate::matcher::{NodeDecision, NodePod, decide_for_node};
 use crate::policy::{Mode, Policy};
 use crate::prefetch::{KeptTrace, ProfileBook, ProfileLimits};
 use crate::reconcile::Phase;
@@ -234,6 +234,8 @@ struct Inner {
     policies: RwLock<Vec<PolicyReport>>,
     /// The valid policies, for refusing images an `Off` policy matches.
     active: RwLock<Vec<Policy>>,
+    /// Namespaces' labels, for the selectors of lookups that name the pod's namespace.
+    namespaces: RwLock<BTreeMap<String, crate::selector::Labels>>,
     misses: mpsc::Sender<Miss>,
     profiles: RwLock<ProfileBook>,
     /// Held while a trace report is added and saved, so saves happen in the order of the
@@ -249,6 +251,7 @@ struct Inner {
 enum ApiError {
     BadDigest(String),
     BadBody(String),
+    BadQuery(String),
     /// A body over its limit: the request and the limit.
     TooLarge(&'static str, usize),
     NotFound(&'static str),
@@ -271,6 +274,7 @@ impl IntoResponse for ApiError {
                 format!("{d:?} is not a digest (sha256:<64 hex>)"),
             ),
             Self::BadBody(e) => (StatusCode::BAD_REQUEST, format!("bad request body: {e}")),
+            Self::BadQuery(e) => (StatusCode::BAD_REQUEST, format!("bad query: {e}")),
             Self::TooLarge(what, limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("{what} bodies are at most {limit} bytes"),
@@ -353,6 +357,7 @@ impl NodeApi {
                 images: RwLock::new(BTreeMap::new()),
                 policies: RwLock::new(Vec::new()),
                 active: RwLock::new(Vec::new()),
+                namespaces: RwLock::new(BTreeMap::new()),
                 misses,
                 profiles: RwLock::new(profiles),
                 saving: tokio::sync::Mutex::new(()),
@@ -391,37 +396,74 @@ impl NodeApi {
         *self.inner.active.write().unwrap_or_else(|e| e.into_inner()) = policies;
     }
 
-    /// Why nodes must not start `image` (resolved to `manifest`) lazily, if they must not.
-    fn refusal(&self, image: Option<&Reference>, manifest: Option<&Digest>) -> Option<String> {
+    /// Set the namespaces' labels (the Kubernetes controller keeps them current), for lookups
+    /// that name the pod's namespace.
+    pub fn set_namespace_labels(&self, namespaces: BTreeMap<String, crate::selector::Labels>) {
+        *self
+            .inner
+            .namespaces
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = namespaces;
+    }
+
+    /// What a node pulling `image` (resolved to `manifest`) for `pod`, if it says, is told: why
+    /// it must not start the image lazily, or how to serve its layers.
+    fn decide(
+        &self,
+        image: Option<&Reference>,
+        manifest: Option<&Digest>,
+        pod: Option<(String, crate::selector::Labels)>,
+    ) -> Result<LayerBehaviour, String> {
         if let Some(image) = image {
+            let pod = pod.map(|(namespace, pod_labels)| NodePod {
+                namespace_labels: self
+                    .inner
+                    .namespaces
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&namespace)
+                    .cloned()
+                    .unwrap_or_default(),
+                namespace,
+                pod_labels,
+            });
             let active = self.inner.active.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(policy) = off_for_node(&active, image, manifest) {
-                return Some(format!("policy {} has mode Off", policy.name));
+            match decide_for_node(&active, image, manifest, pod.as_ref()) {
+                NodeDecision::Refuse(policy) => {
+                    return Err(match &pod {
+                        Some(pod) => format!(
+                            "policy {} has mode Off for this pod in namespace {}",
+                            policy.name, pod.namespace
+                        ),
+                        None => format!("policy {} has mode Off", policy.name),
+                    });
+                }
+                NodeDecision::Follow(policy) => {
+                    let behaviour = LayerBehaviour {
+                        mode: match policy.mode {
+                            Mode::Prefetch => NodeMode::Prefetch,
+                            Mode::Eager => NodeMode::Eager,
+                            // Off is refused above.
+                            Mode::Lazy | Mode::Off => NodeMode::Lazy,
+                        },
+                        fully_local_within: policy.fully_local_within,
+                    };
+                    return self.skipped(manifest).map_or(Ok(behaviour), Err);
+                }
+                NodeDecision::Defaults => {}
             }
         }
-        // The controller saw the image running under an Off policy (one with selectors too).
+        self.skipped(manifest)
+            .map_or(Ok(LayerBehaviour::default()), Err)
+    }
+
+    /// Why the controller skipped the image, if it did: it saw it running under an `Off`
+    /// policy (one with selectors too).
+    fn skipped(&self, manifest: Option<&Digest>) -> Option<String> {
         let images = self.inner.images.read().unwrap_or_else(|e| e.into_inner());
         let report = images.get(manifest?)?;
         (report.status.phase == Phase::Skipped)
             .then(|| report.status.reason.clone().unwrap_or_default())
-    }
-
-    /// How nodes serve the layers of `image` (resolved to `manifest`): the mode and deadline
-    /// of the policy that applies to it; the node's defaults when none does.
-    fn behaviour(&self, image: Option<&Reference>, manifest: Option<&Digest>) -> LayerBehaviour {
-        let active = self.inner.active.read().unwrap_or_else(|e| e.into_inner());
-        let Some(policy) = image.and_then(|image| for_node(&active, image, manifest)) else {
-            return LayerBehaviour::default();
-        };
-        LayerBehaviour {
-            mode: match policy.mode {
-                Mode::Prefetch => NodeMode::Prefetch,
-                Mode::Eager => NodeMode::Eager,
-                // Off never gets here (the lookup is refused).
-                Mode::Lazy | Mode::Off => NodeMode::Lazy,
-            },
-            fully_local_within: policy.fully_local_within,
-        }
     }
 
     /// Set the span sizes zTOCs are looked up with (those of the current policies).
@@ -502,10 +544,23 @@ async fn get_ztoc(
         .image
         .as_deref()
         .and_then(|i| Reference::parse(i).ok());
-    if let Some(reason) = api.refusal(image.as_ref(), manifest.as_ref()) {
-        api.inner.metrics.artifacts_refused.inc();
-        return Err(ApiError::Disabled(reason));
-    }
+    let pod = match &query.namespace {
+        Some(namespace) => {
+            let labels = query.labels.as_deref().unwrap_or_default();
+            let labels = decode_labels(labels).ok_or_else(|| {
+                ApiError::BadQuery(format!("labels {labels:?} are not key=value,…"))
+            })?;
+            Some((namespace.clone(), labels))
+        }
+        None => None,
+    };
+    let behaviour = match api.decide(image.as_ref(), manifest.as_ref(), pod) {
+        Ok(behaviour) => behaviour,
+        Err(reason) => {
+            api.inner.metrics.artifacts_refused.inc();
+            return Err(ApiError::Disabled(reason));
+        }
+    };
     let spans = api
         .inner
         .span_sizes
@@ -528,7 +583,10 @@ async fn get_ztoc(
     .map_err(|e| ApiError::Store(e.to_string()))?;
     let Some((ztoc, bytes)) = found else {
         api.inner.metrics.artifacts_missing.inc();
-        return Err(ApiError::NotFound("zTOC for this layer"));
+        // The policy holds wherever the node finds an index (its store, the registry).
+        let mut response = ApiError::NotFound("zTOC for this layer").into_response();
+        add_behaviour(&mut response, &behaviour);
+        return Ok(response);
     };
     api.inner.metrics.artifacts_served.inc();
     let etag = etag(&ztoc);
@@ -552,14 +610,19 @@ async fn get_ztoc(
         )
             .into_response()
     };
-    for (name, value) in api.behaviour(image.as_ref(), manifest.as_ref()).headers() {
+    add_behaviour(&mut response, &behaviour);
+    Ok(response)
+}
+
+/// The headers that tell a node how to serve the layer.
+fn add_behaviour(response: &mut Response, behaviour: &LayerBehaviour) {
+    for (name, value) in behaviour.headers() {
         if let Ok(value) = HeaderValue::from_str(&value) {
             response
                 .headers_mut()
                 .insert(header::HeaderName::from_static(name), value);
         }
     }
-    Ok(response)
 }
 
 async fn get_image(
@@ -1235,6 +1298,76 @@ mod tests {
         let plain = request(&s, "GET", &format!("/v1/layers/{LAYER}/ztoc"), None, "").await;
         assert_eq!(plain.status, 200);
         assert_eq!(plain.header("hermes-mode"), None);
+        // A node that names the pod: selectors apply. An Off policy for one namespace refuses
+        // there only; a policy for labelled pods applies to them.
+        s.api
+            .set_active_policies(hermes_controller_core::testing::policies(&[
+                ("apps", "  images: [\"ghcr.io/acme/**\"]\n"),
+                (
+                    "off-batch",
+                    "  images: [\"ghcr.io/acme/**\"]\n  mode: Off\n  namespaceSelector: {matchLabels: {team: batch}}\n",
+                ),
+                (
+                    "eager-ml",
+                    "  images: [\"ghcr.io/acme/ml\"]\n  mode: Eager\n  podSelector: {matchLabels: {app: train}}\n",
+                ),
+            ]));
+        s.api.set_namespace_labels(
+            [(
+                "jobs".to_owned(),
+                [("team".to_owned(), "batch".to_owned())].into(),
+            )]
+            .into(),
+        );
+        let ml = url("ghcr.io%2Facme%2Fml%3A3");
+        let in_jobs = request(
+            &s,
+            "GET",
+            &format!("{ml}&namespace=jobs&labels=app%3Dtrain"),
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(in_jobs.status, 404);
+        assert_eq!(
+            in_jobs.header("hermes-disabled"),
+            Some("policy off-batch has mode Off for this pod in namespace jobs")
+        );
+        let train = request(
+            &s,
+            "GET",
+            &format!("{ml}&namespace=shop&labels=app%3Dtrain"),
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(train.status, 200);
+        assert_eq!(train.header("hermes-mode"), Some("Eager"));
+        let unlabelled = request(&s, "GET", &format!("{ml}&namespace=shop"), None, "").await;
+        assert_eq!(unlabelled.status, 200);
+        assert_eq!(unlabelled.header("hermes-mode"), None);
+        let bad = request(
+            &s,
+            "GET",
+            &format!("{ml}&namespace=shop&labels=nope"),
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(bad.status, 400, "{}", bad.text());
+        // Without the pod, neither selector policy applies.
+        let anyone = request(&s, "GET", &ml, None, "").await;
+        assert_eq!((anyone.status, anyone.header("hermes-mode")), (200, None));
+
+        // No zTOC here: the policy still holds for one the node finds elsewhere.
+        let other = format!(
+            "/v1/layers/sha256:{}/ztoc?image=ghcr.io%2Facme%2Fml&namespace=a&labels=app%3Dtrain",
+            "2".repeat(64)
+        );
+        let missing = request(&s, "GET", &other, None, "").await;
+        assert_eq!(missing.status, 404);
+        assert_eq!(missing.header("hermes-mode"), Some("Eager"));
+        assert_eq!(missing.header("hermes-disabled"), None);
     }
 
     #[tokio::test]

@@ -159,7 +159,7 @@ pub async fn run(
 async fn lead_forever(client: &Client, setup: &EngineSetup, options: &ControllerOptions) {
     loop {
         let result = match setup.engine().await {
-            Ok(engine) => lead(client, engine, options).await,
+            Ok(engine) => lead(client, engine, options, &setup.api).await,
             Err(e) => Err(Error::Engine(Box::new(e))),
         };
         if let Err(e) = result {
@@ -173,6 +173,7 @@ async fn lead_forever(client: &Client, setup: &EngineSetup, options: &Controller
 /// keep the node API's view of the policies current. Never returns.
 async fn follow(client: &Client, setup: &EngineSetup) {
     let policies: Api<HermesPolicy> = Api::all(client.clone());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
     loop {
         if let Some(mirror) = &setup.mirror
             && let Err(e) = mirror.sync(&setup.store).await
@@ -187,6 +188,12 @@ async fn follow(client: &Client, setup: &EngineSetup) {
                     .collect(),
             ),
             Err(e) => debug!(error = %e, "cannot list policies (retried)"),
+        }
+        match namespaces.list(&ListParams::default()).await {
+            Ok(list) => setup.api.set_namespace_labels(view::namespace_labels(
+                &list.items.into_iter().map(Arc::new).collect::<Vec<_>>(),
+            )),
+            Err(e) => debug!(error = %e, "cannot list namespaces (retried)"),
         }
         tokio::time::sleep(setup.sync_every).await;
     }
@@ -257,7 +264,12 @@ impl Watches {
 const WRITE_EVERY: Duration = Duration::from_millis(500);
 
 #[instrument(skip_all, fields(identity = %options.identity))]
-async fn lead(client: &Client, mut engine: Engine, options: &ControllerOptions) -> Result<()> {
+async fn lead(
+    client: &Client,
+    mut engine: Engine,
+    options: &ControllerOptions,
+    api: &hermes_controller::api::NodeApi,
+) -> Result<()> {
     let watches = Watches::start(client).await;
     let mut writer = StatusWriter::start(client, options).await?;
     let mut secrets = PullSecrets::new(client.clone());
@@ -275,10 +287,11 @@ async fn lead(client: &Client, mut engine: Engine, options: &ControllerOptions) 
                     Err(e) => invalid.push(PolicyStatus::invalid(&object.name_any(), &e)),
                 }
             }
-            let pod_containers = view::cluster_containers(
-                pods.iter().map(|p| p.as_ref()),
-                &watches.namespaces.state(),
-            );
+            let namespaces = watches.namespaces.state();
+            // For nodes that name the pod's namespace: selectors apply to their lookups.
+            api.set_namespace_labels(view::namespace_labels(&namespaces));
+            let pod_containers =
+                view::cluster_containers(pods.iter().map(|p| p.as_ref()), &namespaces);
             if let Some(credentials) = secrets
                 .for_wanted_images(&valid, &pod_containers, &pods)
                 .await

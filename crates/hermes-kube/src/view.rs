@@ -91,15 +91,20 @@ pub fn running_containers(pod: &Pod, namespace_labels: &Labels) -> PodContainers
     }
 }
 
+/// Each namespace's labels, by name.
+pub fn namespace_labels(namespaces: &[std::sync::Arc<Namespace>]) -> BTreeMap<String, Labels> {
+    namespaces
+        .iter()
+        .map(|ns| (ns.name_any(), ns.labels().clone()))
+        .collect()
+}
+
 /// Running containers of every pod, with namespace labels looked up in `namespaces`.
 pub fn cluster_containers<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     namespaces: &[std::sync::Arc<Namespace>],
 ) -> Vec<PodContainers> {
-    let labels: BTreeMap<String, Labels> = namespaces
-        .iter()
-        .map(|ns| (ns.name_any(), ns.labels().clone()))
-        .collect();
+    let labels = namespace_labels(namespaces);
     let empty = Labels::new();
     let mut out: Vec<PodContainers> = pods
         .into_iter()

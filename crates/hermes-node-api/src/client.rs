@@ -119,8 +119,9 @@ pub enum ZtocAnswer {
     Ztoc(Vec<u8>, LayerBehaviour),
     /// The copy the node named is still the zTOC (304), and how to serve it.
     Same(LayerBehaviour),
-    /// The controller has none (404).
-    NotFound,
+    /// The controller has none (404), and how to serve a zTOC the node finds elsewhere (the
+    /// policy applies to the image wherever its index comes from).
+    NotFound(LayerBehaviour),
     /// A lazy start of the image is refused (404 with [`DISABLED_HEADER`]); why.
     Disabled(String),
 }
@@ -211,7 +212,7 @@ impl Client {
             return Ok(ZtocAnswer::Same(behaviour));
         }
         if status == StatusCode::NOT_FOUND {
-            return Ok(disabled.map_or(ZtocAnswer::NotFound, ZtocAnswer::Disabled));
+            return Ok(disabled.map_or(ZtocAnswer::NotFound(behaviour), ZtocAnswer::Disabled));
         }
         let body = success(resp, &url, MAX_ZTOC_SIZE, "zTOC").await?;
         let actual = Digest::of(&body);

@@ -36,6 +36,12 @@ pub fn ztoc(layer: &Digest, query: &ZtocQuery) -> String {
     if let Some(manifest) = &query.manifest {
         pairs.push(format!("manifest={}", encode_query(manifest)));
     }
+    if let Some(namespace) = &query.namespace {
+        pairs.push(format!("namespace={}", encode_query(namespace)));
+    }
+    if let Some(labels) = &query.labels {
+        pairs.push(format!("labels={}", encode_query(labels)));
+    }
     let path = fill(ZTOC, layer);
     if pairs.is_empty() {
         path
@@ -94,6 +100,7 @@ mod tests {
         let q = ZtocQuery {
             image: Some("ghcr.io/acme/web:1@x".into()),
             manifest: Some(m.to_string()),
+            ..Default::default()
         };
         assert_eq!(
             ztoc(&d, &q),
@@ -105,9 +112,21 @@ mod tests {
         let only_manifest = ZtocQuery {
             image: None,
             manifest: Some(m.to_string()),
+            ..Default::default()
         };
         assert!(
             ztoc(&d, &only_manifest).ends_with(&format!("/ztoc?manifest=sha256%3A{}", m.hex()))
+        );
+        let pod = ZtocQuery {
+            namespace: Some("team-a".into()),
+            labels: Some("app=web,hermes.dev/tier=x".into()),
+            ..Default::default()
+        };
+        assert!(
+            ztoc(&d, &pod)
+                .ends_with("/ztoc?namespace=team-a&labels=app%3Dweb%2Chermes.dev%2Ftier%3Dx"),
+            "{}",
+            ztoc(&d, &pod)
         );
     }
 }

@@ -166,6 +166,57 @@ pub struct ZtocQuery {
     /// The image's manifest digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<String>,
+    /// The namespace of the pod the image is pulled for, when the node knows it (from its CRI
+    /// proxy): policies' selectors then apply to the lookup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// That pod's labels, as [`encode_labels`] writes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<String>,
+}
+
+/// Most labels a zTOC lookup carries; a pod with more is looked up with the first ones.
+pub const MAX_QUERY_LABELS: usize = 64;
+/// Longest encoded label list a zTOC lookup carries.
+pub const MAX_QUERY_LABELS_LEN: usize = 4 << 10;
+
+/// A pod's labels for [`ZtocQuery::labels`]: `key=value` pairs joined by `,` (neither may
+/// appear in a Kubernetes label key or value), at most [`MAX_QUERY_LABELS`] and
+/// [`MAX_QUERY_LABELS_LEN`] bytes; labels that could not be read back are left out.
+pub fn encode_labels(labels: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    for (key, value) in labels
+        .iter()
+        .filter(|(k, v)| !k.is_empty() && !format!("{k}{v}").contains([',', '=']))
+        .take(MAX_QUERY_LABELS)
+    {
+        let pair = format!("{key}={value}");
+        if out.len() + pair.len() + 1 > MAX_QUERY_LABELS_LEN {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&pair);
+    }
+    out
+}
+
+/// The labels of [`ZtocQuery::labels`]; `None` if the text is over the bounds or a pair is not
+/// `key=value`.
+pub fn decode_labels(text: &str) -> Option<BTreeMap<String, String>> {
+    if text.len() > MAX_QUERY_LABELS_LEN {
+        return None;
+    }
+    let mut labels = BTreeMap::new();
+    for pair in text.split(',').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=')?;
+        if key.is_empty() || labels.len() == MAX_QUERY_LABELS {
+            return None;
+        }
+        labels.insert(key.to_owned(), value.to_owned());
+    }
+    Some(labels)
 }
 
 /// The `ETag` of a zTOC answer, and the `If-None-Match` value of a node naming the copy it
@@ -204,6 +255,32 @@ pub fn disabled_header_value(reason: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_labels_survive_a_lookup_query_and_hostile_ones_are_refused() {
+        let labels: BTreeMap<String, String> = [
+            ("app".to_owned(), "web".to_owned()),
+            ("hermes.dev/tier".to_owned(), "".to_owned()),
+            ("bad,key".to_owned(), "x".to_owned()),
+        ]
+        .into();
+        let text = encode_labels(&labels);
+        assert_eq!(text, "app=web,hermes.dev/tier=");
+        let back = decode_labels(&text).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back["app"], "web");
+        assert_eq!(decode_labels(""), Some(BTreeMap::new()));
+        assert_eq!(decode_labels("novalue"), None);
+        assert_eq!(decode_labels("=x"), None);
+        assert_eq!(decode_labels(&"a=b,".repeat(2000)), None);
+        let many: BTreeMap<String, String> = (0..100)
+            .map(|i| (format!("k{i}"), "v".to_owned()))
+            .collect();
+        assert_eq!(
+            decode_labels(&encode_labels(&many)).unwrap().len(),
+            MAX_QUERY_LABELS
+        );
+    }
 
     #[test]
     fn a_layer_behaviour_survives_its_headers_and_bad_values_fall_back_to_lazy() {

@@ -85,6 +85,17 @@ impl PullLog {
         }
     }
 
+    /// The pod of the newest pull of `image` (same reference once both are normalized), if
+    /// the proxy saw one and the kubelet named the pod.
+    pub fn pod_for(&self, image: &Reference) -> Option<PodRef> {
+        let pulls = self.pulls.lock().ok()?;
+        pulls
+            .iter()
+            .rev()
+            .find(|p| Reference::parse(&p.image).is_ok_and(|r| &r == image))
+            .and_then(|p| p.pod.clone())
+    }
+
     /// The pulls kept, oldest first.
     pub fn pulls(&self) -> Vec<Pull> {
         self.pulls
@@ -436,6 +447,28 @@ mod tests {
         let pull = read_pull(&pull_request(None), &creds).unwrap();
         assert!(!pull.with_credential);
         assert_eq!(creds.for_image(&image), None);
+    }
+
+    #[test]
+    fn the_pod_of_an_image_is_that_of_its_newest_pull_by_normalized_reference() {
+        let log = PullLog::default();
+        let pull = |image: &str, ns: &str| Pull {
+            image: image.to_owned(),
+            pod: Some(PodRef {
+                namespace: ns.to_owned(),
+                ..Default::default()
+            }),
+            with_credential: false,
+            image_ref: None,
+            at: SystemTime::now(),
+        };
+        log.push(pull("busybox", "first"));
+        log.push(pull("registry.test/app:v1", "other"));
+        log.push(pull("docker.io/library/busybox:latest", "second"));
+        let busybox = Reference::parse("docker.io/library/busybox:latest").unwrap();
+        assert_eq!(log.pod_for(&busybox).unwrap().namespace, "second");
+        let unseen = Reference::parse("registry.test/app:v2").unwrap();
+        assert_eq!(log.pod_for(&unseen), None);
     }
 
     #[test]

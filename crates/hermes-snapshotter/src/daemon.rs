@@ -41,12 +41,14 @@ impl Daemon {
         let root = &config.root;
         crate::private::private_dir(root).map_err(Error::io("create root", root))?;
         let store = Store::open(root.join("ztocs"))?;
+        let pulls = PullLog::default();
         let sources = IndexSources::new(
             store,
             config.controller.as_ref(),
             config.soci_from_registry.then(|| client.clone()),
             tokio::runtime::Handle::current(),
-        )?;
+        )?
+        .with_pulls(pulls.clone());
         let layers = Arc::new(NodeLayers::new(
             sources,
             NodeLayersOptions {
@@ -77,7 +79,6 @@ impl Daemon {
                 .map_err(Error::Task)??
         };
         let grpc = serve(&config.socket, snapshots.clone()).await?;
-        let pulls = PullLog::default();
         let cri_proxy = match &config.cri_proxy {
             Some(socket) => {
                 let feeds = layers.clone();

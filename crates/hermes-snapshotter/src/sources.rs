@@ -22,11 +22,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hermes_node_api::{
-    ClientOptions, LayerBehaviour, Miss, TraceReport, ZtocAnswer, ZtocQuery, error_chain,
+    ClientOptions, LayerBehaviour, Miss, TraceReport, ZtocAnswer, ZtocQuery, encode_labels,
+    error_chain,
 };
 use hermes_oci::manifest::{Manifest, media};
 use hermes_oci::soci::annotation;
 use hermes_oci::{Client, Digest, Reference, Store};
+
+use crate::cri_proxy::PullLog;
 use tokio::runtime::Handle;
 use tracing::{debug, info, warn};
 
@@ -158,6 +161,8 @@ pub struct IndexSources {
     /// Manifests already reported as misses.
     reported: Mutex<HashSet<String>>,
     counters: LookupCounters,
+    /// The pulls the CRI proxy saw: the pod an image is pulled for, named in lookups.
+    pulls: PullLog,
 }
 
 impl IndexSources {
@@ -192,7 +197,15 @@ impl IndexSources {
             soci_indexes: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashSet::new()),
             counters: LookupCounters::default(),
+            pulls: PullLog::default(),
         })
+    }
+
+    /// Name the pod an image is pulled for (from the CRI proxy's `pulls`) in controller
+    /// lookups, so policies' namespace and pod selectors apply to them.
+    pub fn with_pulls(mut self, pulls: PullLog) -> Self {
+        self.pulls = pulls;
+        self
     }
 
     /// Lookup counters, for metrics.
@@ -209,7 +222,9 @@ impl IndexSources {
     /// Errors only when every source that was asked failed and there is no local copy.
     pub fn find(&self, layer: &RemoteLayer) -> Result<Answer> {
         let digest = Digest::parse(&layer.layer_digest)?;
-        let mut local = self.local(&digest)?;
+        let local = self.local(&digest)?;
+        // What the controller says of the image holds whichever source has the zTOC.
+        let mut behaviour = LayerBehaviour::default();
         let mut last_err = None;
         let mut answered = false;
         if self.controller.is_some() {
@@ -227,10 +242,9 @@ impl IndexSources {
                         .map(|found| Answer::Ztoc(FoundZtoc { behaviour, ..found }));
                 }
                 // Confirmed: counted below as found locally.
-                Ok(ZtocAnswer::Same(behaviour)) => {
-                    local = local.map(|found| FoundZtoc { behaviour, ..found });
-                }
-                Ok(ZtocAnswer::NotFound) => {
+                Ok(ZtocAnswer::Same(said)) => behaviour = said,
+                Ok(ZtocAnswer::NotFound(said)) => {
+                    behaviour = said;
                     answered = true;
                     debug!(layer = %digest, "controller has no zTOC");
                     self.counters.count(Source::Controller, Lookup::NotFound);
@@ -244,7 +258,7 @@ impl IndexSources {
         }
         if let Some(found) = local {
             self.counters.count(Source::Local, Lookup::Found);
-            return Ok(Answer::Ztoc(found));
+            return Ok(Answer::Ztoc(FoundZtoc { behaviour, ..found }));
         }
         self.counters.count(Source::Local, Lookup::NotFound);
         if self.registry.is_some() {
@@ -253,7 +267,7 @@ impl IndexSources {
                     self.counters.count(Source::Registry, Lookup::Found);
                     return self
                         .keep(&digest, bytes, Source::Registry)
-                        .map(Answer::Ztoc);
+                        .map(|found| Answer::Ztoc(FoundZtoc { behaviour, ..found }));
                 }
                 Ok(None) => {
                     answered = true;
@@ -314,11 +328,18 @@ impl IndexSources {
         kept: Option<&Digest>,
     ) -> Result<ZtocAnswer> {
         let Some(c) = &self.controller else {
-            return Ok(ZtocAnswer::NotFound);
+            return Ok(ZtocAnswer::NotFound(LayerBehaviour::default()));
         };
+        let pod = remote
+            .image_ref
+            .as_deref()
+            .and_then(|i| Reference::parse(i).ok())
+            .and_then(|image| self.pulls.pod_for(&image));
         let query = ZtocQuery {
             image: remote.image_ref.clone(),
             manifest: remote.manifest_digest.clone(),
+            labels: pod.as_ref().map(|p| encode_labels(&p.labels)),
+            namespace: pod.map(|p| p.namespace),
         };
         Ok(self.runtime.block_on(c.ztoc(layer, &query, kept))?)
     }
