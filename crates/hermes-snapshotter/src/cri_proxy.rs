@@ -11,6 +11,9 @@
 //! proxy does not depend on the node daemon's snapshotter or lazy layers: if those fail, pulls
 //! still go through. It is not a CRI runtime service: the kubelet keeps talking to containerd
 //! for pods and containers.
+//!
+//! Every connection passes through an HTTP/2 front (`h2_front`) that replaces an `:authority`
+//! the HTTP/2 server would reject (the socket path kubelets before 1.26 send) with `localhost`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
