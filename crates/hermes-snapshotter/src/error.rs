@@ -147,6 +147,15 @@ pub enum Error {
         /// What the client did.
         reason: String,
     },
+    /// A connection through the CRI proxy's HTTP/2 front failed (closed or reset by a peer).
+    #[error("CRI proxy connection: {what}")]
+    CriConnectionIo {
+        /// What the front was doing.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Result with this crate's [`Error`].

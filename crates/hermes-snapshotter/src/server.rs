@@ -43,7 +43,8 @@ fn to_status(e: Error) -> Status {
         | Error::Controller(_)
         | Error::Mount { .. }
         | Error::Metrics { .. }
-        | Error::CriConnection { .. } => Code::Internal,
+        | Error::CriConnection { .. }
+        | Error::CriConnectionIo { .. } => Code::Internal,
     };
     Status::new(code, hermes_node_api::error_chain(&e))
 }

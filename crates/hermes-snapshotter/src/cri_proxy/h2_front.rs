@@ -14,6 +14,7 @@
 
 use std::borrow::Cow;
 
+use hermes_node_api::error_chain;
 use loona_hpack::Decoder;
 use loona_hpack::encoder::encode_integer_into;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -78,9 +79,7 @@ fn refused(reason: impl Into<String>) -> Error {
 }
 
 fn io_error(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
-    move |e| Error::CriConnection {
-        reason: format!("{what}: {e}"),
-    }
+    move |source| Error::CriConnectionIo { what, source }
 }
 
 /// Serves one client connection: `client` ↔ `server` (the gRPC server's end), until either side
@@ -102,6 +101,11 @@ where
             // The client finished sending (the server saw the end): send it the rest.
             Ok(()) => {
                 let _ = down.await;
+            }
+            // A peer going away (a kubelet restart) is routine; a client breaking the protocol
+            // is worth a warning.
+            Err(e @ Error::CriConnectionIo { .. }) => {
+                debug!(error = %error_chain(&e), "CRI proxy connection ended");
             }
             Err(e) => warn!(error = %e, "CRI proxy closed a client connection"),
         },
