@@ -314,3 +314,50 @@ async fn garbage_closes_the_connection_without_panicking() {
     let mut rest = Vec::new();
     within(conn.read_to_end(&mut rest)).await.unwrap();
 }
+
+#[test]
+fn a_rewritten_block_is_split_into_frames_the_server_accepts_and_decodes_back() {
+    let fields = vec![
+        (b":authority".to_vec(), b"localhost".to_vec()),
+        (b"x-filler".to_vec(), vec![b'f'; 40_000]),
+    ];
+    let block = HeaderBlock {
+        first: FrameHead {
+            len: 0,
+            kind: HEADERS,
+            flags: END_STREAM | PADDED | PRIORITY,
+            stream: 5,
+        },
+        priority: Some([0, 0, 0, 0, 15]),
+        fragment: Vec::new(),
+    };
+    let out = encode_frames(&block, &fields);
+    let mut rest = out.as_slice();
+    let mut heads = Vec::new();
+    let mut fragment = Vec::new();
+    while let Some((head, tail)) = rest.split_first_chunk::<9>() {
+        let h = FrameHead::parse(head);
+        assert!(h.len <= MAX_OUT_FRAME, "frame of {} bytes", h.len);
+        let (payload, tail) = tail.split_at(h.len);
+        let (_, part) =
+            split_headers_payload(if heads.is_empty() { h.flags } else { 0 }, payload).unwrap();
+        fragment.extend_from_slice(part);
+        heads.push((h.kind, h.flags, h.stream));
+        rest = tail;
+    }
+    assert_eq!(
+        heads,
+        [
+            (HEADERS, END_STREAM | PRIORITY, 5),
+            (CONTINUATION, 0, 5),
+            (CONTINUATION, END_HEADERS, 5),
+        ]
+    );
+    // Literals without indexing only: a fresh decoder reads them, and its table stays empty.
+    let mut decoder = Decoder::new();
+    assert_eq!(decoder.decode(&fragment).unwrap(), fields);
+    assert!(
+        decoder.decode(&[0x80 | 62]).is_err(),
+        "an entry was indexed"
+    );
+}
