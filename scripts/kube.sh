@@ -10,9 +10,8 @@
 #                                   fetches); --cri-proxy installs the node with its CRI
 #                                   image-service proxy and points the kubelet's
 #                                   --image-service-endpoint at it (pods' pull secrets reach lazy
-#                                   layers). Fails with this v1.20 kubelet today: its gRPC
-#                                   client's `:authority` is the socket path, which h2 rejects
-#                                   (deploy/README.md)
+#                                   layers; the proxy's HTTP/2 front accepts this v1.20
+#                                   kubelet's socket-path `:authority`, deploy/README.md)
 #   kube.sh down DIR                stop everything `up` started and remove what it left: processes,
 #                                   mounts, the bridge, iptables rules, pod logs, DIR
 #   kube.sh node-restart DIR        restart the Hermes node service (SIGTERM to the daemon only, as

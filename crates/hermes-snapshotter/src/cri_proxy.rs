@@ -11,6 +11,9 @@
 //! proxy does not depend on the node daemon's snapshotter or lazy layers: if those fail, pulls
 //! still go through. It is not a CRI runtime service: the kubelet keeps talking to containerd
 //! for pods and containers.
+//!
+//! Every connection passes through an HTTP/2 front (`h2_front`) that replaces an `:authority`
+//! the HTTP/2 server would reject (the socket path kubelets before 1.26 send) with `localhost`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -25,6 +28,7 @@ use hermes_containerd_api::runtime::v1 as cri;
 use hermes_oci::{PullCredentials, Reference, credential_from_auth_fields};
 use prost::Message;
 use tokio::sync::oneshot;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::NamedService;
@@ -33,6 +37,8 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::{Result, ServerHandle};
+
+mod h2_front;
 
 /// Largest CRI message either way, the kubelet's own limit (16 MiB): a `ListImages` answer
 /// on a node with many images is large.
@@ -332,16 +338,28 @@ impl<V: CriVersion> tower::Service<tonic::codegen::http::Request<tonic::body::Bo
     }
 }
 
+/// The in-memory pipe between a connection's front and the gRPC server: a few frames.
+const PIPE_BUFFER: usize = 64 * 1024;
+
 /// Serves `proxy` (both CRI versions) on the unix socket `socket`, for root only.
 pub async fn serve_cri_proxy(socket: &Path, proxy: ImageProxy) -> Result<ServerHandle> {
     let listener = crate::server::bind(socket)?;
     let (stop, stopped) = oneshot::channel::<()>();
     info!(socket = %socket.display(), "CRI image service proxy listening");
+    // Each connection goes through the HTTP/2 front (see `h2_front`): the gRPC server gets the
+    // other end of an in-memory pipe.
+    let incoming = UnixListenerStream::new(listener).map(|accepted| {
+        accepted.map(|client| {
+            let (front_end, server_end) = tokio::io::duplex(PIPE_BUFFER);
+            tokio::spawn(h2_front::front(client, front_end));
+            server_end
+        })
+    });
     let task = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ImageService::<V1alpha2>::new(proxy.clone()))
             .add_service(ImageService::<V1>::new(proxy))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             }),
     );

@@ -140,6 +140,22 @@ pub enum Error {
     /// A blocking task running a snapshot operation panicked or was cancelled.
     #[error("snapshot operation did not complete")]
     Task(#[source] tokio::task::JoinError),
+    /// The CRI proxy's HTTP/2 front closed a client connection that broke the protocol or
+    /// sent an oversized header block.
+    #[error("CRI proxy connection: {reason}")]
+    CriConnection {
+        /// What the client did.
+        reason: String,
+    },
+    /// A connection through the CRI proxy's HTTP/2 front failed (closed or reset by a peer).
+    #[error("CRI proxy connection: {what}")]
+    CriConnectionIo {
+        /// What the front was doing.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Result with this crate's [`Error`].

@@ -42,7 +42,9 @@ fn to_status(e: Error) -> Status {
         | Error::Ztoc { .. }
         | Error::Controller(_)
         | Error::Mount { .. }
-        | Error::Metrics { .. } => Code::Internal,
+        | Error::Metrics { .. }
+        | Error::CriConnection { .. }
+        | Error::CriConnectionIo { .. } => Code::Internal,
     };
     Status::new(code, hermes_node_api::error_chain(&e))
 }

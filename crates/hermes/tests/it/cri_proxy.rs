@@ -17,10 +17,10 @@ use crate::cri::Cluster;
 use crate::node::{metric, require_root};
 
 const HERMES: &str = env!("CARGO_BIN_EXE_hermes");
-const USER: &str = "puller";
+pub(crate) const USER: &str = "puller";
 // Distinctive, so that finding them anywhere is a leak and nothing else.
-const PASSWORD: &str = "pw-before-rotation-5c1e7a";
-const ROTATED: &str = "pw-after-rotation-93fd02";
+pub(crate) const PASSWORD: &str = "pw-before-rotation-5c1e7a";
+pub(crate) const ROTATED: &str = "pw-after-rotation-93fd02";
 
 /// busybox and a small layer with `message` plus an 8 MiB one it never reads, pushed with
 /// the registry's credential; prints the message.
@@ -36,7 +36,7 @@ fn private_image(registry: &Registry, repo: &str, message: &str, password: &str)
 }
 
 /// A docker config with `password` for the registry, in `dir` (the test's, not the node's).
-fn docker_config(dir: &Path, registry: &Registry, password: &str) -> PathBuf {
+pub(crate) fn docker_config(dir: &Path, registry: &Registry, password: &str) -> PathBuf {
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{password}"));
     let path = dir.join(format!("config-{password}.json"));
     let json = serde_json::json!({"auths": {registry.host(): {"auth": auth}}});
@@ -45,7 +45,7 @@ fn docker_config(dir: &Path, registry: &Registry, password: &str) -> PathBuf {
 }
 
 /// `hermes index build` of a private image into the node's local store, with `config`.
-fn index_private(image: &str, config: &Path, store: &Path) {
+pub(crate) fn index_private(image: &str, config: &Path, store: &Path) {
     let out = Command::new(HERMES)
         .args([
             "index",
@@ -122,7 +122,7 @@ async fn try_pull(
 
 /// Files under `dir` (not crossing into other file systems: lazy layers and overlay mounts
 /// are served from the registry, not stored) whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
+pub(crate) fn files_containing(dir: &Path, needle: &str) -> Vec<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(dir).expect("stat").dev();
     let mut found = Vec::new();

@@ -4,7 +4,9 @@
 //! through the real pod watch, the kubelet's second start of an indexed image is lazy, the node
 //! service restarts and upgrades under a running lazy pod, and `mode: "Off"` turns it all off.
 //! The memory-module webhook, installed from `deploy/modules/`, injects the installer into a
-//! selected pod; its modules load once, also when the kubelet re-runs the pod's init.
+//! selected pod; its modules load once, also when the kubelet re-runs the pod's init. Through
+//! the node's CRI image-service proxy, a pod whose image needs its `imagePullSecrets` starts
+//! lazily, also after the password is rotated, and the password stays off the node.
 //!
 //! One cluster per scenario (starting one takes most of a minute; one at a time per machine, so
 //! the tests take turns); `kube.sh down` runs on every exit, failures included. A missing part
@@ -16,10 +18,11 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hermes_testkit::{PushedImage, busybox_image};
+use hermes_testkit::{PushedImage, Registry, busybox_image};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::cri_proxy;
 use crate::node::{metric, require_root};
 
 /// Files of the data layer the lazy pod reads one by one (across node restarts).
@@ -38,13 +41,19 @@ fn one_cluster_at_a_time() -> MutexGuard<'static, ()> {
 /// A cluster of its own for one test, started once no other test here runs one. The turn is
 /// held until the cluster is down: bind both (`let (_turn, kube) = …`), which drops `kube` first.
 fn new_cluster() -> (MutexGuard<'static, ()>, Kube) {
+    new_cluster_with(&[], &[])
+}
+
+/// [`new_cluster`] with more `kube.sh up` options (`--cri-proxy`) and environment (which the
+/// node daemon inherits: `RUST_LOG`).
+fn new_cluster_with(options: &[&str], env: &[(&str, &str)]) -> (MutexGuard<'static, ()>, Kube) {
     require_root();
     let turn = one_cluster_at_a_time();
     let dir = tempfile::Builder::new()
         .prefix("hermes-kube-")
         .tempdir()
         .expect("temp dir");
-    let kube = Kube::up(dir.path());
+    let kube = Kube::up(dir.path(), options, env);
     // `kube.sh down` removes the dir (or HERMES_KUBE_KEEP keeps it).
     let _ = dir.keep();
     (turn, kube)
@@ -75,7 +84,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 impl Kube {
-    fn up(dir: &Path) -> Kube {
+    fn up(dir: &Path, options: &[&str], env: &[(&str, &str)]) -> Kube {
         let script = repo_root().join("scripts/kube.sh");
         let out = run(Command::new("bash")
             .arg(&script)
@@ -83,7 +92,9 @@ impl Kube {
             .arg(dir)
             .arg("--hermes")
             .arg(env!("CARGO_BIN_EXE_hermes"))
-            .arg("--no-background-fetch"));
+            .arg("--no-background-fetch")
+            .args(options)
+            .envs(env.iter().copied()));
         if !out.status.success() {
             let logs = tail_logs(dir);
             let _ = run(Command::new("bash").arg(&script).arg("down").arg(dir));
@@ -223,9 +234,17 @@ impl Kube {
     /// Creates a pod of `image` in `default` and waits until it runs and has printed its first
     /// line; returns that line.
     fn start_pod(&self, name: &str, image: &str) -> String {
+        self.start_pod_with_secret(name, image, None)
+    }
+
+    /// [`Kube::start_pod`], with the Secret `pull_secret` as the pod's `imagePullSecrets`.
+    fn start_pod_with_secret(&self, name: &str, image: &str, pull_secret: Option<&str>) -> String {
+        let secrets = pull_secret.map_or(String::new(), |s| {
+            format!("  imagePullSecrets: [{{name: {s}}}]\n")
+        });
         self.apply(&format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\n\
-             spec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 0\n  \
+             spec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 0\n{secrets}  \
              containers:\n    - {{name: app, image: \"{image}\", imagePullPolicy: IfNotPresent}}\n"
         ));
         self.wait(&format!("pod {name} prints its first line"), 120, || {
@@ -648,6 +667,176 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
         "mode Off pulls the whole image: {fetched} of {total} bytes"
     );
     // `down` leaves nothing behind, with the controller's pods still running.
+    kube.down_and_check(&pod_uids);
+}
+
+/// The pods' pull secret (kubernetes.io/dockerconfigjson) in `default`.
+const PULL_SECRET: &str = "private-registry";
+
+/// busybox, a layer with `message`, and an 8 MiB layer the pod never reads, pushed to the
+/// htpasswd registry with `password`; the pod prints the message and keeps running.
+fn push_private_image(
+    registry: &Registry,
+    repo: &str,
+    message: &str,
+    password: &str,
+) -> PushedImage {
+    busybox_image()
+        .expect("busybox image")
+        .layer()
+        .file("etc/message", format!("{message}\n"))
+        .big_layer(8)
+        .entrypoint(&["/bin/sh", "-c", "cat /etc/message; exec sleep 1000000"])
+        .push_with_creds(&registry.host(), repo, cri_proxy::USER, password)
+        .expect("push the private image")
+}
+
+impl Kube {
+    /// containerd reaches `host` over plain HTTP (its `hosts.toml`, read on every pull); it
+    /// gets no credential for it: those come with each pull.
+    fn plain_http_registry(&self, host: &str) {
+        let dir = self.dir.join("containerd/certs.d").join(host);
+        std::fs::create_dir_all(&dir).expect("certs.d dir");
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "server = \"http://{host}\"\n[host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )
+        .expect("write hosts.toml");
+    }
+
+    /// Creates or updates the pull secret for `host` with `password`.
+    fn apply_pull_secret(&self, host: &str, password: &str) {
+        use base64::Engine;
+        let auth = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{password}", cri_proxy::USER));
+        let config = serde_json::json!({"auths": {host: {"auth": auth}}});
+        let secret = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": PULL_SECRET, "namespace": "default"},
+            "type": "kubernetes.io/dockerconfigjson",
+            "stringData": {".dockerconfigjson": config.to_string()},
+        });
+        self.apply(&secret.to_string());
+    }
+
+    /// Starts pod `name` of the private `image` with the pull secret, waits for `message`, and
+    /// checks that it started lazily: `min_lazy` more lazy mounts, and of the 8 MiB layer it never reads, less
+    /// than a tenth came from `registry`. Returns the lazy mounts it added.
+    fn start_private_pod_lazily(
+        &self,
+        name: &str,
+        image: &PushedImage,
+        message: &str,
+        registry: &Registry,
+        min_lazy: f64,
+    ) -> f64 {
+        let lazy_before = metric(&self.node_metrics(), "hermes_node_lazy_mounts_total", &[]);
+        let log_path = registry.root().join("registry.log");
+        let log_from = std::fs::read_to_string(&log_path).unwrap_or_default().len();
+        assert_eq!(
+            self.start_pod_with_secret(name, &image.reference, Some(PULL_SECRET)),
+            message
+        );
+        let m = self.node_metrics();
+        let lazy = metric(&m, "hermes_node_lazy_mounts_total", &[]) - lazy_before;
+        let big = image.layers.last().expect("layers");
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let fetched_big = registry_layer_bytes(
+            &log,
+            log_from,
+            &PushedImage {
+                layers: vec![big.clone()],
+                ..image.clone()
+            },
+        );
+        eprintln!(
+            "{name}: {lazy} lazy mounts, {fetched_big} of the unread layer's {} bytes fetched",
+            big.size
+        );
+        assert!(
+            lazy >= min_lazy,
+            "{name}: {lazy} lazy mounts, expected at least {min_lazy}:\n{m}\n{}",
+            self.diagnostics()
+        );
+        assert!(
+            fetched_big * 10 < big.size,
+            "{name}: the unread layer was fetched ({fetched_big} of {} bytes): not lazy",
+            big.size
+        );
+        let node_log =
+            std::fs::read_to_string(self.dir.join("logs/hermes-node.log")).unwrap_or_default();
+        assert!(
+            node_log.contains(&format!(r#"pod="default/{name}""#)),
+            "the kubelet's pull of {name} went through the CRI proxy:\n{node_log}"
+        );
+        lazy
+    }
+}
+
+/// Issue 15's first "must show", on kubelet v1.20 (whose gRPC client sends the socket path as
+/// `:authority`: the proxy's HTTP/2 front makes that acceptable).
+#[test]
+fn a_pod_with_image_pull_secrets_starts_lazily_through_the_cri_proxy_also_after_a_rotation() {
+    let registry = Registry::start_with_htpasswd(cri_proxy::USER, cri_proxy::PASSWORD)
+        .expect("htpasswd registry");
+    // The proxy logs each pull with its pod at info.
+    let (_turn, kube) = new_cluster_with(
+        &["--cri-proxy"],
+        &[("RUST_LOG", "warn,hermes_snapshotter::cri_proxy=info")],
+    );
+    kube.plain_http_registry(&registry.host());
+    // Indexed into the node's own zTOC store with a docker config of the test's: the node has
+    // none, and the controller has no credential for this registry.
+    let secrets = tempfile::tempdir().expect("secrets dir");
+    let store = kube.dir.join("node/root/ztocs");
+    let v1 = push_private_image(&registry, "private/app:v1", "private", cri_proxy::PASSWORD);
+    let config = cri_proxy::docker_config(secrets.path(), &registry, cri_proxy::PASSWORD);
+    cri_proxy::index_private(&v1.reference, &config, &store);
+
+    kube.apply_pull_secret(&registry.host(), cri_proxy::PASSWORD);
+    // The message layer and the unread one are new to the node whatever else it holds.
+    kube.start_private_pod_lazily("private-1", &v1, "private", &registry, 2.0);
+
+    // The password changes in the registry and in the Secret; a new image pushed with it.
+    let htpasswd = Command::new("htpasswd")
+        .args(["-Bbn", cri_proxy::USER, cri_proxy::ROTATED])
+        .output()
+        .expect("htpasswd (apt-get install apache2-utils)");
+    assert!(htpasswd.status.success());
+    std::fs::write(registry.root().join("htpasswd"), &htpasswd.stdout).expect("rotate");
+    kube.wait("the registry refuses the old password", 30, || {
+        let out = run(Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-u"])
+            .arg(format!("{}:{}", cri_proxy::USER, cri_proxy::PASSWORD))
+            .arg(format!("{}/v2/", registry.url())));
+        (text(&out.stdout) == "401").then_some(())
+    });
+    kube.apply_pull_secret(&registry.host(), cri_proxy::ROTATED);
+    let v2 = push_private_image(&registry, "private/app:v2", "rotated", cri_proxy::ROTATED);
+    let config = cri_proxy::docker_config(secrets.path(), &registry, cri_proxy::ROTATED);
+    cri_proxy::index_private(&v2.reference, &config, &store);
+    // v2 shares the unread layer with v1 (served once per node): its message layer is new, and
+    // the pod reads it from the registry with the rotated password.
+    kube.start_private_pod_lazily("private-2", &v2, "rotated", &registry, 1.0);
+
+    // Neither password anywhere on the node: its whole dir (root, config, sockets' dir), the
+    // cluster's logs (the node daemon's, its layer servers' under the root, containerd's, the
+    // kubelet's), its metrics.
+    let metrics = kube.node_metrics();
+    for password in [cri_proxy::PASSWORD, cri_proxy::ROTATED] {
+        for dir in [kube.dir.join("node"), kube.dir.join("logs")] {
+            assert_eq!(
+                cri_proxy::files_containing(&dir, password),
+                Vec::<PathBuf>::new(),
+                "files holding a password"
+            );
+        }
+        assert!(!metrics.contains(password), "a password in the metrics");
+    }
+    let pod_uids = vec![kube.pod_uid("private-1"), kube.pod_uid("private-2")];
     kube.down_and_check(&pod_uids);
 }
 
