@@ -448,8 +448,14 @@ impl NodeApi {
                         },
                         fully_local_within: policy.fully_local_within,
                     };
+                    if pod.is_some() {
+                        return Ok(behaviour);
+                    }
                     return self.skipped(manifest).map_or(Ok(behaviour), Err);
                 }
+                // The pod's own decision stands: an image skipped for other pods' Off policy
+                // is not refused to this one.
+                NodeDecision::Defaults if pod.is_some() => return Ok(LayerBehaviour::default()),
                 NodeDecision::Defaults => {}
             }
         }

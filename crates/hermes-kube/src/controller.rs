@@ -169,33 +169,41 @@ async fn lead_forever(client: &Client, setup: &EngineSetup, options: &Controller
     }
 }
 
-/// What a replica does while another leads: copy the store repository into its own store and
-/// keep the node API's view of the policies current. Never returns.
+/// What a replica does while another leads: copy the store repository into its own store
+/// every [`EngineSetup::sync_every`], and keep the node API's view of the policies and the
+/// namespaces' labels current as they change (watches: a node asking this replica is told
+/// what the leader would tell it). Never returns.
 async fn follow(client: &Client, setup: &EngineSetup) {
-    let policies: Api<HermesPolicy> = Api::all(client.clone());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let changed = Arc::new(Notify::new());
+    let mut tasks = JoinSet::new();
+    let policies: Store<HermesPolicy> =
+        reflect(Api::all(client.clone()), changed.clone(), &mut tasks);
+    let namespaces: Store<Namespace> =
+        reflect(Api::all(client.clone()), changed.clone(), &mut tasks);
+    let mut next_sync = tokio::time::Instant::now();
     loop {
-        if let Some(mirror) = &setup.mirror
-            && let Err(e) = mirror.sync(&setup.store).await
-        {
-            warn!(error = %hermes_controller::chain(&e), "cannot copy the store repository; retrying");
+        if tokio::time::Instant::now() >= next_sync {
+            if let Some(mirror) = &setup.mirror
+                && let Err(e) = mirror.sync(&setup.store).await
+            {
+                warn!(error = %hermes_controller::chain(&e), "cannot copy the store repository; retrying");
+            }
+            next_sync = tokio::time::Instant::now() + setup.sync_every;
         }
-        match policies.list(&ListParams::default()).await {
-            Ok(list) => setup.api.set_active_policies(
-                list.items
-                    .iter()
-                    .filter_map(|o| view::policy(o).ok())
-                    .collect(),
-            ),
-            Err(e) => debug!(error = %e, "cannot list policies (retried)"),
+        setup.api.set_active_policies(
+            policies
+                .state()
+                .iter()
+                .filter_map(|o| view::policy(o).ok())
+                .collect(),
+        );
+        setup
+            .api
+            .set_namespace_labels(view::namespace_labels(&namespaces.state()));
+        tokio::select! {
+            () = changed.notified() => {}
+            () = tokio::time::sleep_until(next_sync) => {}
         }
-        match namespaces.list(&ListParams::default()).await {
-            Ok(list) => setup.api.set_namespace_labels(view::namespace_labels(
-                &list.items.into_iter().map(Arc::new).collect::<Vec<_>>(),
-            )),
-            Err(e) => debug!(error = %e, "cannot list namespaces (retried)"),
-        }
-        tokio::time::sleep(setup.sync_every).await;
     }
 }
 

@@ -91,6 +91,18 @@ impl PullLog {
         }
     }
 
+    /// Record the runtime's answer to `pull` (logged when it came).
+    fn resolve(&self, pull: &Pull, image_ref: String) {
+        if let Ok(mut pulls) = self.pulls.lock()
+            && let Some(p) = pulls
+                .iter_mut()
+                .rev()
+                .find(|p| p.at == pull.at && p.image == pull.image)
+        {
+            p.image_ref = Some(image_ref);
+        }
+    }
+
     /// The pod of the newest pull of `image` (same reference once both are normalized), if
     /// the proxy saw one and the kubelet named the pod.
     pub fn pod_for(&self, image: &Reference) -> Option<PodRef> {
@@ -214,6 +226,10 @@ impl ImageProxy {
                 let _ = tokio::task::spawn_blocking(move || hook()).await;
             }
         }
+        // Logged before containerd pulls: the snapshotter's lookups during the pull name the pod.
+        if let Some(p) = &pull {
+            self.pulls.push(p.clone());
+        }
         let path = path
             .parse::<tonic::codegen::http::uri::PathAndQuery>()
             .map_err(|_| Status::unimplemented(format!("not a gRPC method path: {path}")))?;
@@ -231,13 +247,10 @@ impl ImageProxy {
                 RawCodec,
             )
             .await;
-        if let Some(mut p) = pull {
-            if let Ok(r) = &answer {
-                p.image_ref = cri::PullImageResponse::decode(r.get_ref().clone())
-                    .ok()
-                    .map(|r| r.image_ref);
-            }
-            self.pulls.push(p);
+        if let (Some(p), Ok(r)) = (&pull, &answer)
+            && let Ok(r) = cri::PullImageResponse::decode(r.get_ref().clone())
+        {
+            self.pulls.resolve(p, r.image_ref);
         }
         answer
     }

@@ -239,34 +239,57 @@ impl Kube {
 
     /// [`Kube::start_pod`], with the Secret `pull_secret` as the pod's `imagePullSecrets`.
     fn start_pod_with_secret(&self, name: &str, image: &str, pull_secret: Option<&str>) -> String {
+        self.start_pod_full("default", name, image, pull_secret)
+    }
+
+    /// [`Kube::start_pod`] in `namespace`.
+    fn start_pod_in(&self, namespace: &str, name: &str, image: &str) -> String {
+        self.start_pod_full(namespace, name, image, None)
+    }
+
+    fn start_pod_full(
+        &self,
+        namespace: &str,
+        name: &str,
+        image: &str,
+        pull_secret: Option<&str>,
+    ) -> String {
         let secrets = pull_secret.map_or(String::new(), |s| {
             format!("  imagePullSecrets: [{{name: {s}}}]\n")
         });
         self.apply(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\n\
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
              spec:\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 0\n{secrets}  \
              containers:\n    - {{name: app, image: \"{image}\", imagePullPolicy: IfNotPresent}}\n"
         ));
-        self.wait(&format!("pod {name} prints its first line"), 120, || {
-            let pod = self.json(&["-n", "default", "get", "pod", name]);
-            let phase = pod["status"]["phase"].as_str().unwrap_or("");
-            assert!(
-                phase != "Failed" && phase != "Succeeded",
-                "pod {name} ended: {pod:#}"
-            );
-            if phase != "Running" {
-                return None;
-            }
-            let out = self.kubectl_output(&["-n", "default", "logs", name], None);
-            let log = text(&out.stdout);
-            log.lines().next().map(str::to_owned)
-        })
+        self.wait(
+            &format!("pod {namespace}/{name} prints its first line"),
+            120,
+            || {
+                let pod = self.json(&["-n", namespace, "get", "pod", name]);
+                let phase = pod["status"]["phase"].as_str().unwrap_or("");
+                assert!(
+                    phase != "Failed" && phase != "Succeeded",
+                    "pod {name} ended: {pod:#}"
+                );
+                if phase != "Running" {
+                    return None;
+                }
+                let out = self.kubectl_output(&["-n", namespace, "logs", name], None);
+                let log = text(&out.stdout);
+                log.lines().next().map(str::to_owned)
+            },
+        )
     }
 
     fn delete_pod(&self, name: &str) {
+        self.delete_pod_in("default", name);
+    }
+
+    fn delete_pod_in(&self, namespace: &str, name: &str) {
         self.kubectl(&[
             "-n",
-            "default",
+            namespace,
             "delete",
             "pod",
             name,
@@ -363,7 +386,11 @@ impl Kube {
     }
 
     fn pod_uid(&self, name: &str) -> String {
-        let pod = self.json(&["-n", "default", "get", "pod", name]);
+        self.pod_uid_in("default", name)
+    }
+
+    fn pod_uid_in(&self, namespace: &str, name: &str) -> String {
+        let pod = self.json(&["-n", namespace, "get", "pod", name]);
         pod["metadata"]["uid"]
             .as_str()
             .unwrap_or_default()
@@ -837,6 +864,102 @@ fn a_pod_with_image_pull_secrets_starts_lazily_through_the_cri_proxy_also_after_
         assert!(!metrics.contains(password), "a password in the metrics");
     }
     let pod_uids = vec![kube.pod_uid("private-1"), kube.pod_uid("private-2")];
+    kube.down_and_check(&pod_uids);
+}
+
+#[test]
+fn an_off_policy_for_one_namespace_pulls_normally_there_and_lazily_elsewhere() {
+    // Through the CRI proxy the node knows each pull's pod, and names its namespace and labels
+    // when it asks the controller: the policies' selectors apply at the node.
+    let (_turn, kube) = new_cluster_with(&["--cri-proxy"], &[]);
+    let image = push_test_image(&kube.registry);
+    // Indexed into the node's own store: the controller has no zTOC, only the policies.
+    crate::node::index(&image.reference, &kube.dir.join("node/root/ztocs"));
+    let repo = image.reference.rsplit_once(':').expect("tag").0.to_owned();
+    kube.apply(&format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: batch, labels: {{team: batch}}}}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{team: shop}}}}\n---\n\
+         apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {{name: apps}}\n\
+         spec:\n  images: [\"{repo}:*\"]\n  index: {{minLayerSize: \"0\"}}\n---\n\
+         apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {{name: off-for-batch}}\n\
+         spec:\n  images: [\"{repo}:*\"]\n  mode: \"Off\"\n  \
+         namespaceSelector: {{matchLabels: {{team: batch}}}}\n"
+    ));
+    // The controller's node API sees both policies and the namespaces' labels once its loop ran.
+    let valid = |p: &Value| {
+        p["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Valid" && c["status"] == "True")
+        })
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    loop {
+        let list = kube.json(&["get", "hermespolicies"]);
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        let mine = |name: &str| {
+            items
+                .iter()
+                .any(|p| p["metadata"]["name"] == name && valid(p))
+        };
+        // (The cluster also has deploy/'s example policy.)
+        if mine("apps") && mine("off-for-batch") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the controller did not validate both policies in 240 s: {}\n{}\n{}",
+            kube.kubectl(&["get", "hermespolicies"]),
+            kube.kubectl(&[
+                "-n",
+                "hermes-system",
+                "logs",
+                "-l",
+                "app.kubernetes.io/name=hermes-controller",
+                "--tail=40"
+            ]),
+            kube.diagnostics()
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+
+    let lazy = || metric(&kube.node_metrics(), "hermes_node_lazy_mounts_total", &[]);
+    let refused = || {
+        metric(
+            &kube.node_metrics(),
+            "hermes_node_lazy_misses_total",
+            &["reason=\"disabled\""],
+        )
+    };
+    let (lazy_before, refused_before) = (lazy(), refused());
+    assert_eq!(
+        kube.start_pod_in("batch", "nightly", &image.reference),
+        MESSAGE
+    );
+    assert_eq!(
+        lazy(),
+        lazy_before,
+        "a pod in the Off namespace started lazily"
+    );
+    assert!(
+        refused() > refused_before,
+        "the controller did not refuse the batch pod's layers: {}",
+        kube.diagnostics()
+    );
+
+    // The same image elsewhere, pulled again: lazily.
+    kube.delete_pod_in("batch", "nightly");
+    let snapshots = kube.committed_snapshots();
+    kube.remove_image(&image, &snapshots);
+    let lazy_before = lazy();
+    assert_eq!(kube.start_pod_in("shop", "web", &image.reference), MESSAGE);
+    assert!(
+        lazy() >= lazy_before + 4.0,
+        "the shop pod did not start lazily: {} -> {}\n{}",
+        lazy_before,
+        lazy(),
+        kube.diagnostics()
+    );
+    let pod_uids = vec![kube.pod_uid_in("shop", "web")];
     kube.down_and_check(&pod_uids);
 }
 
