@@ -14,6 +14,10 @@
 //!   of policies that failed validation, with the reason);
 //! - `POST /v1/misses` → `{"image": REF, "digest"?: DIGEST, "node"?: NAME}`, handed to the
 //!   controller loop through a bounded channel (202; 503 when the channel is full);
+//! - `POST /v1/pulls` → a [`PullReport`] of how a node's pull went, handed to the adapter
+//!   that turns it into pod Events and image counters ([`NodeApi::set_pull_reports`]) through
+//!   a bounded channel (202; 503 when the channel is full; 202 and dropped when no adapter
+//!   takes them);
 //! - `POST /v1/traces` → a [`TraceReport`] of startup reads (202);
 //!   `GET /v1/layers/{layer-digest}/prefetch` → the merged [`PrefetchProfile`](hermes_node_api::PrefetchProfile), 404 if none;
 //! - `GET /healthz`, `GET /readyz` (503 until [`NodeApi::set_ready`]), `GET /metrics`.
@@ -24,8 +28,8 @@
 //! under the store's directory (`profiles/<layer hex>.json`) and read back by [`NodeApi::new`].
 //!
 //! Even a token holder costs bounded memory, disk and time: bodies are capped
-//! ([`MAX_MISS_BODY`], [`MAX_TRACE_BODY`]: 413), names too ([`MAX_IMAGE_LEN`],
-//! [`MAX_NODE_NAME_LEN`], [`MAX_LAYERS_PER_REPORT`]: 400), the traces kept (in memory and on disk)
+//! ([`MAX_MISS_BODY`], [`MAX_PULL_BODY`], [`MAX_TRACE_BODY`]: 413), names too ([`MAX_IMAGE_LEN`],
+//! [`MAX_NODE_NAME_LEN`], [`MAX_LAYERS_PER_REPORT`], [`MAX_POD_LABELS`], [`MAX_REASON_LEN`]: 400), the traces kept (in memory and on disk)
 //! by [`ProfileLimits`], the misses kept by the engine; a connection must send each request
 //! head within [`ApiLimits::header_read_timeout`] (also the longest idle time between
 //! requests) and is closed when nothing moves for [`ApiLimits::idle_timeout`].
@@ -46,7 +50,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hermes_node_api::{
-    CONTENT_DIGEST_HEADER, TraceReport, ZtocQuery, disabled_header_value, etag, not_modified, paths,
+    CONTENT_DIGEST_HEADER, MAX_POD_LABELS, MAX_PULL_BODY, MAX_REASON_LEN, PodRef, PullReport,
+    TraceReport, ZtocQuery, disabled_header_value, etag, not_modified, paths,
 };
 use hermes_oci::{Digest, Reference, Store};
 use prometheus_client::encoding::text::encode;
@@ -146,6 +151,8 @@ pub struct Metrics {
     pub artifacts_refused: Counter,
     /// Misses accepted from nodes.
     pub misses: Counter,
+    /// Pull reports accepted from nodes.
+    pub pull_reports: Counter,
     /// Images in the build queue (set by the controller loop).
     pub queue_depth: Gauge,
     misses_refused: Family<RefusalLabels, Counter>,
@@ -163,6 +170,7 @@ impl Default for Metrics {
             artifacts_missing: Counter::default(),
             artifacts_refused: Counter::default(),
             misses: Counter::default(),
+            pull_reports: Counter::default(),
             queue_depth: Gauge::default(),
             misses_refused: Family::default(),
             profile_spans: Gauge::default(),
@@ -203,6 +211,7 @@ impl Metrics {
             "hermes_controller_artifacts_missing", "zTOC requests for layers without one", artifacts_missing;
             "hermes_controller_artifacts_refused", "zTOC requests refused because an Off policy matches the image", artifacts_refused;
             "hermes_controller_misses", "images nodes started without an index", misses;
+            "hermes_controller_pull_reports", "pull reports accepted from nodes", pull_reports;
             "hermes_controller_misses_refused", "misses not counted, by reason", misses_refused;
             "hermes_controller_profile_spans", "span indices kept from startup traces", profile_spans;
             "hermes_controller_profile_evictions", "startup traces dropped for a node's quota or a full profile book", profile_evictions;
@@ -231,6 +240,8 @@ struct Inner {
     /// The valid policies, for refusing images an `Off` policy matches.
     active: RwLock<Vec<Policy>>,
     misses: mpsc::Sender<Miss>,
+    /// Where pull reports go, once an adapter takes them.
+    pulls: RwLock<Option<mpsc::Sender<PullReport>>>,
     profiles: RwLock<ProfileBook>,
     /// Held while a trace report is added and saved, so saves happen in the order of the
     /// additions and never share the temp file.
@@ -279,7 +290,7 @@ impl IntoResponse for ApiError {
             ),
             Self::Busy => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "too many pending misses; retry later".to_owned(),
+                "too many pending reports; retry later".to_owned(),
             ),
             Self::Store(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}")),
         };
@@ -350,6 +361,7 @@ impl NodeApi {
                 policies: RwLock::new(Vec::new()),
                 active: RwLock::new(Vec::new()),
                 misses,
+                pulls: RwLock::new(None),
                 profiles: RwLock::new(profiles),
                 saving: tokio::sync::Mutex::new(()),
                 ready: AtomicBool::new(false),
@@ -357,6 +369,11 @@ impl NodeApi {
                 registry,
             }),
         }
+    }
+
+    /// Hand accepted pull reports to `pulls` from now on (until then they are dropped).
+    pub fn set_pull_reports(&self, pulls: mpsc::Sender<PullReport>) {
+        *self.inner.pulls.write().unwrap_or_else(|e| e.into_inner()) = Some(pulls);
     }
 
     /// Mark the controller ready (or not) for `/readyz`.
@@ -434,6 +451,10 @@ impl NodeApi {
             .route(
                 paths::MISSES,
                 post(post_miss).layer(DefaultBodyLimit::max(MAX_MISS_BODY)),
+            )
+            .route(
+                paths::PULLS,
+                post(post_pull).layer(DefaultBodyLimit::max(MAX_PULL_BODY)),
             )
             .route(
                 paths::TRACES,
@@ -608,11 +629,73 @@ async fn post_miss(
         MAX_NODE_NAME_LEN,
     )?;
     Reference::parse(&miss.image).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    if let Some(pod) = &miss.pod {
+        pod_within(pod)?;
+    }
     if api.inner.misses.try_send(miss).is_err() {
         api.inner.metrics.refuse_miss(MissRefusal::QueueFull);
         return Err(ApiError::Busy);
     }
     api.inner.metrics.misses.inc();
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// 400 when a pod's names or labels are beyond their bounds.
+fn pod_within(pod: &PodRef) -> Result<(), ApiError> {
+    within("pod namespace", &pod.namespace, MAX_NODE_NAME_LEN)?;
+    within("pod name", &pod.name, MAX_NODE_NAME_LEN)?;
+    within("pod uid", &pod.uid, MAX_NODE_NAME_LEN)?;
+    if pod.labels.len() > MAX_POD_LABELS {
+        return Err(ApiError::BadBody(format!(
+            "the pod has {} labels; at most {MAX_POD_LABELS} are allowed",
+            pod.labels.len()
+        )));
+    }
+    Ok(())
+}
+
+async fn post_pull(
+    State(api): State<NodeApi>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let body = body_within(body, "pull report", MAX_PULL_BODY)?;
+    let report: PullReport =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    within("image", &report.image, MAX_IMAGE_LEN)?;
+    within(
+        "node",
+        report.node.as_deref().unwrap_or_default(),
+        MAX_NODE_NAME_LEN,
+    )?;
+    Reference::parse(&report.image).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    if report.layers.len() > MAX_LAYERS_PER_REPORT {
+        return Err(ApiError::BadBody(format!(
+            "{} layers; at most {MAX_LAYERS_PER_REPORT} are allowed",
+            report.layers.len()
+        )));
+    }
+    for layer in &report.layers {
+        within(
+            "layer reason",
+            layer.reason.as_deref().unwrap_or_default(),
+            MAX_REASON_LEN,
+        )?;
+    }
+    if let Some(pod) = &report.pod {
+        pod_within(pod)?;
+    }
+    let pulls = api
+        .inner
+        .pulls
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(pulls) = pulls
+        && pulls.try_send(report).is_err()
+    {
+        return Err(ApiError::Busy);
+    }
+    api.inner.metrics.pull_reports.inc();
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -1197,6 +1280,7 @@ mod tests {
             bytes_read: 0,
             last_error: None,
             updated_at_unix: 0,
+            starts: Default::default(),
         }]);
         // Without the header a node would take the 404 for "no zTOC here" and start the image
         // lazily from its own copy, against the Off policy.
@@ -1297,6 +1381,7 @@ mod tests {
             bytes_read: 42,
             last_error: None,
             updated_at_unix: 9,
+            starts: Default::default(),
         }]);
         let json: serde_json::Value =
             serde_json::from_slice(&request(&s, "GET", &url, None, "").await.body).unwrap();
@@ -1325,6 +1410,84 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(json[0]["name"], "broken");
         assert_eq!(json[0]["conditions"][0]["status"], "False");
+    }
+
+    fn pull_report(layers: usize, reason: &str) -> PullReport {
+        PullReport {
+            image: "registry.test/app:v1".into(),
+            manifest: Some(Digest::of(b"manifest")),
+            node: Some("n1".into()),
+            pod: None,
+            layers: (0..layers)
+                .map(|i| hermes_node_api::PullLayer {
+                    digest: Digest::of(&[i as u8]),
+                    mode: hermes_node_api::LayerMode::Fallback,
+                    reason: Some(reason.to_owned()),
+                })
+                .collect(),
+            bytes_fetched: 0,
+            fully_local_seconds: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn pull_reports_from_the_typed_client_reach_the_adapter_within_bounds() {
+        let s = start(Some("secret")).await;
+        let client = hermes_node_api::Client::new(
+            &format!("http://{}", s.addr),
+            hermes_node_api::ClientOptions {
+                token: Some("secret".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let report = pull_report(2, "no zTOC");
+        // No adapter takes them yet: accepted and dropped.
+        client.post_pull(&report).await.unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        s.api.set_pull_reports(tx);
+        client.post_pull(&report).await.unwrap();
+        assert_eq!(rx.recv().await.unwrap(), report);
+        client.post_pull(&report).await.unwrap();
+        let full = client.post_pull(&report).await.unwrap_err();
+        assert!(
+            matches!(&full, hermes_node_api::client::Error::Status { status, .. } if status.as_u16() == 503),
+            "{full}"
+        );
+        let _ = rx.recv().await;
+        for (bad, want) in [
+            (pull_report(MAX_LAYERS_PER_REPORT + 1, "x"), 400),
+            (pull_report(1, &"r".repeat(MAX_REASON_LEN + 1)), 400),
+        ] {
+            match client.post_pull(&bad).await {
+                Err(hermes_node_api::client::Error::Status { status, .. }) => {
+                    assert_eq!(status.as_u16(), want)
+                }
+                other => panic!("expected {want}, got {other:?}"),
+            }
+        }
+        let huge = format!(
+            r#"{{"image":"registry.test/app:v1","layers":[],"bytesFetched":0,"node":"{}"}}"#,
+            "n".repeat(MAX_PULL_BODY)
+        );
+        let r = request(&s, "POST", "/v1/pulls", Some("secret"), &huge).await;
+        assert_eq!(r.status, 413, "{}", r.text());
+        assert!(rx.try_recv().is_err(), "nothing refused was handed over");
+        let unauthorized = hermes_node_api::Client::new(
+            &format!("http://{}", s.addr),
+            hermes_node_api::ClientOptions::default(),
+        )
+        .unwrap();
+        assert!(matches!(
+            unauthorized.post_pull(&report).await,
+            Err(hermes_node_api::client::Error::Unauthorized { .. })
+        ));
+        let m = request(&s, "GET", "/metrics", None, "").await;
+        assert!(
+            m.text().contains("hermes_controller_pull_reports_total 3"),
+            "{}",
+            m.text()
+        );
     }
 
     #[tokio::test]

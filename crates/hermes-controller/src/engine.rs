@@ -268,6 +268,16 @@ impl Engine {
         self.book.reports()
     }
 
+    /// Count a pod's start of the image `manifest` (from a node's pull report) in its report,
+    /// which the node API then shows.
+    pub fn record_start(&mut self, manifest: &Digest, start: crate::starts::PodStart) {
+        if let Err(e) = self.book.record_start(manifest, start) {
+            warn!(error = %chain(&e), "cannot write image reports");
+        }
+        self.publisher
+            .images(self.book.reports().cloned().collect());
+    }
+
     /// Policy statuses (valid and invalid), by name, as of the last pass.
     pub fn policies(&self) -> &[PolicyReport] {
         &self.policy_statuses

@@ -201,6 +201,7 @@ mod tests {
             bytes_read: 20 << 20,
             last_error: None,
             updated_at_unix: 0,
+            starts: Default::default(),
         }
     }
 
