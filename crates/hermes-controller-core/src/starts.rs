@@ -15,6 +15,7 @@ pub const LAST_PODS: usize = 5;
 
 /// How a pull went for the pods it started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum StartMode {
     /// At least one layer was mounted lazily.
     Lazy,
@@ -125,6 +126,7 @@ pub fn attribute(
 
 /// One pod's start of an image, as the image's status lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PodStart {
     /// The pod's namespace (empty when the pull could not be attributed to a pod).
@@ -167,6 +169,7 @@ impl PodStart {
 /// An image's starts: counters since the controller first saw it, and the last
 /// [`LAST_PODS`] pods, newest first.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct StartStats {
     /// Starts with at least one lazy layer.

@@ -15,9 +15,9 @@
 //! - `POST /v1/misses` → `{"image": REF, "digest"?: DIGEST, "node"?: NAME}`, handed to the
 //!   controller loop through a bounded channel (202; 503 when the channel is full);
 //! - `POST /v1/pulls` → a [`PullReport`] of how a node's pull went, handed to the adapter
-//!   that turns it into pod Events and image counters ([`NodeApi::set_pull_reports`]) through
-//!   a bounded channel (202; 503 when the channel is full; 202 and dropped when no adapter
-//!   takes them);
+//!   that turns it into pod Events and image counters through a bounded channel (202; 503
+//!   when the channel is full or another replica takes them; 202 and dropped when nothing
+//!   does: see [`PullSink`]);
 //! - `POST /v1/traces` → a [`TraceReport`] of startup reads (202);
 //!   `GET /v1/layers/{layer-digest}/prefetch` → the merged [`PrefetchProfile`](hermes_node_api::PrefetchProfile), 404 if none;
 //! - `GET /healthz`, `GET /readyz` (503 until [`NodeApi::set_ready`]), `GET /metrics`.
@@ -110,6 +110,19 @@ pub enum MissRefusal {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RefusalLabels {
     reason: MissRefusal,
+}
+
+/// Where a replica's node API hands the pull reports it accepts.
+#[derive(Debug, Clone, Default)]
+pub enum PullSink {
+    /// Nothing takes them: answered 202 and dropped.
+    #[default]
+    Drop,
+    /// Another replica (the leader) takes them: answered 503 with `Connection: close`, so the
+    /// node's retry opens a new connection, which the Service may send to the leader.
+    Elsewhere,
+    /// This channel takes them (503 when it is full).
+    To(mpsc::Sender<PullReport>),
 }
 
 /// Default of [`ApiLimits::header_read_timeout`].
@@ -240,8 +253,8 @@ struct Inner {
     /// The valid policies, for refusing images an `Off` policy matches.
     active: RwLock<Vec<Policy>>,
     misses: mpsc::Sender<Miss>,
-    /// Where pull reports go, once an adapter takes them.
-    pulls: RwLock<Option<mpsc::Sender<PullReport>>>,
+    /// Where pull reports go.
+    pulls: RwLock<PullSink>,
     profiles: RwLock<ProfileBook>,
     /// Held while a trace report is added and saved, so saves happen in the order of the
     /// additions and never share the temp file.
@@ -361,7 +374,7 @@ impl NodeApi {
                 policies: RwLock::new(Vec::new()),
                 active: RwLock::new(Vec::new()),
                 misses,
-                pulls: RwLock::new(None),
+                pulls: RwLock::new(PullSink::Drop),
                 profiles: RwLock::new(profiles),
                 saving: tokio::sync::Mutex::new(()),
                 ready: AtomicBool::new(false),
@@ -371,9 +384,9 @@ impl NodeApi {
         }
     }
 
-    /// Hand accepted pull reports to `pulls` from now on (until then they are dropped).
-    pub fn set_pull_reports(&self, pulls: mpsc::Sender<PullReport>) {
-        *self.inner.pulls.write().unwrap_or_else(|e| e.into_inner()) = Some(pulls);
+    /// Where accepted pull reports go from now on (at first: [`PullSink::Drop`]).
+    pub fn set_pull_reports(&self, sink: PullSink) {
+        *self.inner.pulls.write().unwrap_or_else(|e| e.into_inner()) = sink;
     }
 
     /// Mark the controller ready (or not) for `/readyz`.
@@ -657,7 +670,7 @@ fn pod_within(pod: &PodRef) -> Result<(), ApiError> {
 async fn post_pull(
     State(api): State<NodeApi>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     let body = body_within(body, "pull report", MAX_PULL_BODY)?;
     let report: PullReport =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
@@ -684,19 +697,29 @@ async fn post_pull(
     if let Some(pod) = &report.pod {
         pod_within(pod)?;
     }
-    let pulls = api
+    let sink = api
         .inner
         .pulls
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    if let Some(pulls) = pulls
-        && pulls.try_send(report).is_err()
-    {
-        return Err(ApiError::Busy);
+    match sink {
+        PullSink::Drop => {}
+        PullSink::Elsewhere => {
+            let mut answer = ApiError::Busy.into_response();
+            answer
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(answer);
+        }
+        PullSink::To(pulls) => {
+            if pulls.try_send(report).is_err() {
+                return Err(ApiError::Busy);
+            }
+        }
     }
     api.inner.metrics.pull_reports.inc();
-    Ok(StatusCode::ACCEPTED)
+    Ok(StatusCode::ACCEPTED.into_response())
 }
 
 /// Where the layers' recent traces are saved.
@@ -1445,7 +1468,7 @@ mod tests {
         // No adapter takes them yet: accepted and dropped.
         client.post_pull(&report).await.unwrap();
         let (tx, mut rx) = mpsc::channel(1);
-        s.api.set_pull_reports(tx);
+        s.api.set_pull_reports(PullSink::To(tx));
         client.post_pull(&report).await.unwrap();
         assert_eq!(rx.recv().await.unwrap(), report);
         client.post_pull(&report).await.unwrap();
@@ -1473,6 +1496,11 @@ mod tests {
         let r = request(&s, "POST", "/v1/pulls", Some("secret"), &huge).await;
         assert_eq!(r.status, 413, "{}", r.text());
         assert!(rx.try_recv().is_err(), "nothing refused was handed over");
+        // A replica that is not leading sends the node elsewhere, on a new connection.
+        s.api.set_pull_reports(PullSink::Elsewhere);
+        let body = serde_json::to_string(&report).unwrap();
+        let r = request(&s, "POST", "/v1/pulls", Some("secret"), &body).await;
+        assert_eq!((r.status, r.header("connection")), (503, Some("close")));
         let unauthorized = hermes_node_api::Client::new(
             &format!("http://{}", s.addr),
             hermes_node_api::ClientOptions::default(),
