@@ -12,7 +12,7 @@
 //! still go through. It is not a CRI runtime service: the kubelet keeps talking to containerd
 //! for pods and containers.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
@@ -41,18 +41,12 @@ const MAX_MESSAGE_SIZE: usize = 16 << 20;
 /// How many pulls the [`PullLog`] keeps.
 const PULL_LOG_LEN: usize = 256;
 
-/// The pod a kubelet pulled for (from `PullImageRequest.sandbox_config`).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PodRef {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// UID.
-    pub uid: String,
-    /// The pod's labels.
-    pub labels: BTreeMap<String, String>,
-}
+/// The pod a kubelet pulled for (from `PullImageRequest.sandbox_config`), as the node API's
+/// reports carry it.
+pub use hermes_node_api::PodRef;
+
+/// How long after a pull its pod is taken as the one the pulled image's layers start for.
+const POD_OF_PULL_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// One `PullImage` the proxy saw. Holds no credential, only whether one came.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +77,24 @@ impl PullLog {
             }
             pulls.push_back(pull);
         }
+    }
+
+    /// The pod of the newest recent pull of `image` (the reference as containerd names the
+    /// image, compared with the one the kubelet asked for), if the kubelet said.
+    pub fn pod_for(&self, image: &str) -> Option<PodRef> {
+        let wanted = Reference::parse(image).ok();
+        let pulls = self.pulls.lock().ok()?;
+        pulls
+            .iter()
+            .rev()
+            .filter(|p| p.at.elapsed().is_ok_and(|age| age < POD_OF_PULL_FOR))
+            .filter(|p| {
+                p.image == image
+                    || wanted
+                        .as_ref()
+                        .is_some_and(|w| Reference::parse(&p.image).ok().as_ref() == Some(w))
+            })
+            .find_map(|p| p.pod.clone())
     }
 
     /// The pulls kept, oldest first.
