@@ -169,7 +169,7 @@ impl PullTracker {
             Some(s) if s.trace_complete || s.state == "fully_local" => true,
             _ => !self.tracing && now.duration_since(pull.last) >= START_WINDOW,
         });
-        if !overdue && !(over && reads_done) {
+        if !(overdue || (over && reads_done)) {
             return None;
         }
         let bytes_fetched = lazy.iter().flatten().map(|s| s.bytes_on_demand).sum();
