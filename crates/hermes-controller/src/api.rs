@@ -50,8 +50,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hermes_node_api::{
-    CONTENT_DIGEST_HEADER, MAX_POD_LABELS, MAX_PULL_BODY, MAX_REASON_LEN, PodRef, PullReport,
-    TraceReport, ZtocQuery, disabled_header_value, etag, not_modified, paths,
+    CONTENT_DIGEST_HEADER, MAX_POD_LABELS, MAX_PULL_BODY, MAX_REASON_LEN, PodRef, TraceReport,
+    ZtocQuery, disabled_header_value, etag, not_modified, paths,
 };
 use hermes_oci::{Digest, Reference, Store};
 use prometheus_client::encoding::text::encode;
@@ -74,6 +74,7 @@ use crate::status::{ImageReport, PolicyReport};
 // The contract's wire types and bounds, where the controller's users have always found them.
 pub use hermes_node_api::{
     MAX_IMAGE_LEN, MAX_LAYERS_PER_REPORT, MAX_MISS_BODY, MAX_NODE_NAME_LEN, MAX_TRACE_BODY, Miss,
+    PullReport,
 };
 
 /// How a layer build ended (a bounded metric label).
