@@ -636,22 +636,25 @@ async fn post_miss(
 ) -> Result<StatusCode, ApiError> {
     let body = body_within(body, "miss", MAX_MISS_BODY)?;
     let miss: Miss = serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
-    within("image", &miss.image, MAX_IMAGE_LEN)?;
-    within(
-        "node",
-        miss.node.as_deref().unwrap_or_default(),
-        MAX_NODE_NAME_LEN,
-    )?;
-    Reference::parse(&miss.image).map_err(|e| ApiError::BadBody(e.to_string()))?;
-    if let Some(pod) = &miss.pod {
-        pod_within(pod)?;
-    }
+    started_within(&miss.image, miss.node.as_deref(), miss.pod.as_ref())?;
     if api.inner.misses.try_send(miss).is_err() {
         api.inner.metrics.refuse_miss(MissRefusal::QueueFull);
         return Err(ApiError::Busy);
     }
     api.inner.metrics.misses.inc();
     Ok(StatusCode::ACCEPTED)
+}
+
+/// 400 unless a node's report of a start names a parsable image, and its node and pod (if
+/// any) are within their bounds.
+fn started_within(image: &str, node: Option<&str>, pod: Option<&PodRef>) -> Result<(), ApiError> {
+    within("image", image, MAX_IMAGE_LEN)?;
+    within("node", node.unwrap_or_default(), MAX_NODE_NAME_LEN)?;
+    Reference::parse(image).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    match pod {
+        Some(pod) => pod_within(pod),
+        None => Ok(()),
+    }
 }
 
 /// 400 when a pod's names or labels are beyond their bounds.
@@ -675,13 +678,7 @@ async fn post_pull(
     let body = body_within(body, "pull report", MAX_PULL_BODY)?;
     let report: PullReport =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
-    within("image", &report.image, MAX_IMAGE_LEN)?;
-    within(
-        "node",
-        report.node.as_deref().unwrap_or_default(),
-        MAX_NODE_NAME_LEN,
-    )?;
-    Reference::parse(&report.image).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    started_within(&report.image, report.node.as_deref(), report.pod.as_ref())?;
     if report.layers.len() > MAX_LAYERS_PER_REPORT {
         return Err(ApiError::BadBody(format!(
             "{} layers; at most {MAX_LAYERS_PER_REPORT} are allowed",
@@ -694,9 +691,6 @@ async fn post_pull(
             layer.reason.as_deref().unwrap_or_default(),
             MAX_REASON_LEN,
         )?;
-    }
-    if let Some(pod) = &report.pod {
-        pod_within(pod)?;
     }
     let sink = api
         .inner

@@ -55,15 +55,7 @@ pub fn running_containers(pod: &Pod, namespace_labels: &Labels) -> PodContainers
         })
         .filter_map(|c| Some((c.name.as_str(), c.image.as_deref()?)))
         .collect();
-    let statuses: Vec<&ContainerStatus> = pod
-        .status
-        .iter()
-        .flat_map(|s| {
-            s.container_statuses
-                .iter()
-                .flatten()
-                .chain(s.init_container_statuses.iter().flatten())
-        })
+    let statuses: Vec<&ContainerStatus> = container_statuses(pod)
         .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
         .collect();
     let containers = statuses
@@ -115,6 +107,16 @@ pub fn cluster_containers<'a>(
     out
 }
 
+/// The statuses of a pod's containers, init containers last.
+fn container_statuses(pod: &Pod) -> impl Iterator<Item = &ContainerStatus> {
+    pod.status.iter().flat_map(|s| {
+        s.container_statuses
+            .iter()
+            .flatten()
+            .chain(s.init_container_statuses.iter().flatten())
+    })
+}
+
 /// A pod as a pull's possible starter: its node (`spec.nodeName`), the images its containers
 /// name and the digests they run (`imageID`, through `manifest_of` to the platform manifest).
 /// `None` for a pod not scheduled yet.
@@ -127,15 +129,7 @@ pub fn pod_candidate(pod: &Pod, manifest_of: impl Fn(&Digest) -> Digest) -> Opti
         .chain(spec.init_containers.iter().flatten())
         .filter_map(|c| Reference::parse(c.image.as_deref()?).ok())
         .collect();
-    let digests = pod
-        .status
-        .iter()
-        .flat_map(|s| {
-            s.container_statuses
-                .iter()
-                .flatten()
-                .chain(s.init_container_statuses.iter().flatten())
-        })
+    let digests = container_statuses(pod)
         .filter_map(|c| image_id_digest(&c.image_id))
         .map(|d| manifest_of(&d))
         .collect();
