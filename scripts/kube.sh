@@ -223,7 +223,7 @@ install_node_service() {
   bash "$ROOT_DIR/deploy/node/install.sh" --binary "$hermes_bin" --kubeconfig "$DIR/kubeconfig" \
     --bin-dir "$DIR/node/bin" --config-dir "$DIR/node/etc" --root "$DIR/node/root" \
     --socket "$DIR/node/run/snapshotter.sock" --metrics "127.0.0.1:$NODE_METRICS_PORT" \
-    --plain-http ${NODE_INSTALL_FLAGS:-} ${CRI_PROXY:+--cri-proxy "$CRI_PROXY" --containerd "$DIR/containerd/containerd.sock"} \
+    --plain-http --node-name "$NODE_NAME" ${NODE_INSTALL_FLAGS:-} ${CRI_PROXY:+--cri-proxy "$CRI_PROXY" --containerd "$DIR/containerd/containerd.sock"} \
     --no-start >"$DIR/node/command"
 }
 

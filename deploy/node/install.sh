@@ -9,6 +9,7 @@
 #              [--bin-dir /usr/local/bin] [--config-dir /etc/hermes] [--root /var/lib/hermes/node]
 #              [--socket /run/hermes/snapshotter.sock] [--metrics 127.0.0.1:9465] [--plain-http]
 #              [--no-background-fetch] [--cri-proxy SOCKET [--containerd SOCKET]] [--no-start]
+#              [--node-name NAME]
 #
 # --cri-proxy serves the CRI image service on SOCKET for the kubelet's --image-service-endpoint
 # (pods' imagePullSecrets then reach lazy layers; deploy/README.md), forwarding to --containerd
@@ -30,7 +31,7 @@ UNIT_TEMPLATE=$HERE/../containerd/hermes-node.service
 
 binary="" kubeconfig="" token_file="" controller="" bin_dir=/usr/local/bin config_dir=/etc/hermes
 root=/var/lib/hermes/node socket=/run/hermes/snapshotter.sock metrics=127.0.0.1:9465 plain_http=false
-background_fetch=true start=1 cri_proxy="" containerd=/run/containerd/containerd.sock
+background_fetch=true start=1 cri_proxy="" containerd=/run/containerd/containerd.sock node_name=""
 while (($#)); do
   case $1 in
     --binary) binary=$2; shift 2 ;;
@@ -46,6 +47,7 @@ while (($#)); do
     --no-background-fetch) background_fetch=false; shift ;;
     --cri-proxy) cri_proxy=$2; shift 2 ;;
     --containerd) containerd=$2; shift 2 ;;
+    --node-name) node_name=$2; shift 2 ;;
     --no-start) start=0; shift ;;
     -h | --help) sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
@@ -86,6 +88,7 @@ plain_http = $plain_http
 background_fetch = $background_fetch
 metrics = "$metrics"
 $(if [ -n "$cri_proxy" ]; then printf 'cri_proxy = "%s"\ncontainerd = "%s"' "$cri_proxy" "$containerd"; fi)
+$(if [ -n "$node_name" ]; then printf 'node_name = "%s"' "$node_name"; fi)
 
 [controller]
 url = "$controller"

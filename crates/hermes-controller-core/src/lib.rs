@@ -10,7 +10,8 @@
 //!   is a kill switch);
 //! - [`queue`]: the [`BuildQueue`](queue::BuildQueue), deduplicated by manifest and layer digest;
 //! - [`reconcile`]: the reconciler, a function of its inputs;
-//! - [`prefetch`]: startup read traces merged into per-layer prefetch profiles.
+//! - [`prefetch`]: startup read traces merged into per-layer prefetch profiles;
+//! - [`starts`]: nodes' pull reports as pod starts: attribution, counters, the last pods.
 //!
 //! Everything here is a plain function over values: no I/O, no clock (time is passed in), no
 //! async runtime, no registry client. The engine that carries out the reconciler's actions, the
@@ -26,6 +27,7 @@ pub mod prefetch;
 pub mod queue;
 pub mod reconcile;
 pub mod selector;
+pub mod starts;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 

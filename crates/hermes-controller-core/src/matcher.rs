@@ -12,6 +12,7 @@
 
 use std::cmp::Reverse;
 
+use hermes_node_api::PodRef;
 use hermes_oci_types::{Digest, Reference};
 
 use crate::pattern::ImagePattern;
@@ -232,14 +233,45 @@ fn unlabelled(image: &Reference, digest: Option<&Digest>) -> RunningContainer {
     }
 }
 
+/// The label Kubernetes puts on every namespace, naming it: the one namespace label a node
+/// knows for a miss.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// A node's miss as a running container: of the pod the node named (its namespace, with
+/// [`NAMESPACE_NAME_LABEL`] as the namespace's only label, and its labels), else of no pod.
+pub fn miss_container(
+    image: &Reference,
+    digest: Option<&Digest>,
+    pod: Option<&PodRef>,
+    pod_name: &str,
+) -> RunningContainer {
+    let namespace = pod.map(|p| p.namespace.clone()).unwrap_or_default();
+    RunningContainer {
+        namespace_labels: pod
+            .map(|_| [(NAMESPACE_NAME_LABEL.to_owned(), namespace.clone())].into())
+            .unwrap_or_default(),
+        namespace,
+        pod: pod_name.to_owned(),
+        pod_labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+        image: image.clone(),
+        digest: digest.cloned(),
+    }
+}
+
 /// Whether a node's miss for `image` (resolved to `digest`, if the node knows it) can lead to
-/// a build: a policy that is not `Off` selects it. A miss comes with no pod or namespace, so as
-/// in the reconciler only policies whose selectors accept an unlabelled pod count. Without a
-/// digest, a pinned pattern counts when the rest of it matches: the digest, then resolved from
-/// the registry the policy names, decides. The engine asks this before any network I/O for a
-/// miss, since a miss may name any host.
-pub fn selects_miss(policies: &[Policy], image: &Reference, digest: Option<&Digest>) -> bool {
-    let miss = unlabelled(image, digest);
+/// a build: a policy that is not `Off` selects it. A miss that names its pod is matched with
+/// the pod's namespace and labels ([`miss_container`]); without one, as in the reconciler only
+/// policies whose selectors accept an unlabelled pod count. Without a digest, a pinned pattern
+/// counts when the rest of it matches: the digest, then resolved from the registry the policy
+/// names, decides. The engine asks this before any network I/O for a miss, since a miss may
+/// name any host.
+pub fn selects_miss(
+    policies: &[Policy],
+    image: &Reference,
+    digest: Option<&Digest>,
+    pod: Option<&PodRef>,
+) -> bool {
+    let miss = miss_container(image, digest, pod, "");
     match decide(policies, &miss) {
         Decision::Apply { .. } => true,
         Decision::Off { .. } => false,
@@ -456,7 +488,12 @@ pub(crate) mod tests {
         ]);
         let selects = |image: &str, digest: Option<&str>| {
             let digest = digest.map(|d| Digest::parse(d).unwrap());
-            selects_miss(&ps, &Reference::parse(image).unwrap(), digest.as_ref())
+            selects_miss(
+                &ps,
+                &Reference::parse(image).unwrap(),
+                digest.as_ref(),
+                None,
+            )
         };
         assert!(selects("ghcr.io/acme/api:1", None));
         // Any host a node names is no reason to contact it.
@@ -464,8 +501,35 @@ pub(crate) mod tests {
         assert!(!selects("ghcr.io/acme/web:1", None), "Off builds nothing");
         assert!(
             !selects("quay.io/team/app:1", None),
-            "a miss has no pod labels"
+            "a miss without its pod has no pod labels"
         );
+        // A miss naming its pod is matched with the pod's labels and namespace.
+        let pod = |ns: &str, app: &str| PodRef {
+            namespace: ns.into(),
+            name: "p".into(),
+            uid: String::new(),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+        };
+        let image = Reference::parse("quay.io/team/app:1").unwrap();
+        assert!(selects_miss(&ps, &image, None, Some(&pod("ns", "x"))));
+        assert!(!selects_miss(&ps, &image, None, Some(&pod("ns", "y"))));
+        let by_namespace = policies(&[(
+            "team-ns",
+            "  images: [\"quay.io/team/**\"]\n  namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: team}}\n",
+        )]);
+        assert!(selects_miss(
+            &by_namespace,
+            &image,
+            None,
+            Some(&pod("team", "y"))
+        ));
+        assert!(!selects_miss(
+            &by_namespace,
+            &image,
+            None,
+            Some(&pod("other", "y"))
+        ));
+        assert!(!selects_miss(&by_namespace, &image, None, None));
         // A pin: resolving its repository is fine; once resolved, the digest decides.
         assert!(selects("db:1", None));
         assert!(selects("db:1", Some(PIN)));

@@ -17,6 +17,10 @@
 //!   of policies that failed validation, with the reason);
 //! - `POST /v1/misses` → `{"image": REF, "digest"?: DIGEST, "node"?: NAME}`, handed to the
 //!   controller loop through a bounded channel (202; 503 when the channel is full);
+//! - `POST /v1/pulls` → a [`PullReport`] of how a node's pull went, handed to the adapter
+//!   that turns it into pod Events and image counters through a bounded channel (202; 503
+//!   when the channel is full or another replica takes them; 202 and dropped when nothing
+//!   does: see [`PullSink`]);
 //! - `POST /v1/traces` → a [`TraceReport`] of startup reads (202);
 //!   `GET /v1/layers/{layer-digest}/prefetch` → the merged [`PrefetchProfile`](hermes_node_api::PrefetchProfile), 404 if none;
 //! - `GET /healthz`, `GET /readyz` (503 until [`NodeApi::set_ready`]), `GET /metrics`.
@@ -27,8 +31,8 @@
 //! under the store's directory (`profiles/<layer hex>.json`) and read back by [`NodeApi::new`].
 //!
 //! Even a token holder costs bounded memory, disk and time: bodies are capped
-//! ([`MAX_MISS_BODY`], [`MAX_TRACE_BODY`]: 413), names too ([`MAX_IMAGE_LEN`],
-//! [`MAX_NODE_NAME_LEN`], [`MAX_LAYERS_PER_REPORT`]: 400), the traces kept (in memory and on disk)
+//! ([`MAX_MISS_BODY`], [`MAX_PULL_BODY`], [`MAX_TRACE_BODY`]: 413), names too ([`MAX_IMAGE_LEN`],
+//! [`MAX_NODE_NAME_LEN`], [`MAX_LAYERS_PER_REPORT`], [`MAX_POD_LABELS`], [`MAX_REASON_LEN`]: 400), the traces kept (in memory and on disk)
 //! by [`ProfileLimits`], the misses kept by the engine; a connection must send each request
 //! head within [`ApiLimits::header_read_timeout`] (also the longest idle time between
 //! requests) and is closed when nothing moves for [`ApiLimits::idle_timeout`].
@@ -49,8 +53,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hermes_node_api::{
-    CONTENT_DIGEST_HEADER, LayerBehaviour, NodeMode, TraceReport, ZtocQuery, decode_labels,
-    disabled_header_value, etag, not_modified, paths,
+    CONTENT_DIGEST_HEADER, LayerBehaviour, MAX_POD_LABELS, MAX_PULL_BODY, MAX_REASON_LEN, NodeMode,
+    PodRef, TraceReport, ZtocQuery, decode_labels, disabled_header_value, etag, not_modified,
+    paths,
 };
 use hermes_oci::{Digest, Reference, Store};
 use prometheus_client::encoding::text::encode;
@@ -73,6 +78,7 @@ use crate::status::{ImageReport, PolicyReport};
 // The contract's wire types and bounds, where the controller's users have always found them.
 pub use hermes_node_api::{
     MAX_IMAGE_LEN, MAX_LAYERS_PER_REPORT, MAX_MISS_BODY, MAX_NODE_NAME_LEN, MAX_TRACE_BODY, Miss,
+    PullReport,
 };
 
 /// How a layer build ended (a bounded metric label).
@@ -109,6 +115,19 @@ pub enum MissRefusal {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RefusalLabels {
     reason: MissRefusal,
+}
+
+/// Where a replica's node API hands the pull reports it accepts.
+#[derive(Debug, Clone, Default)]
+pub enum PullSink {
+    /// Nothing takes them: answered 202 and dropped.
+    #[default]
+    Drop,
+    /// Another replica (the leader) takes them: answered 503 with `Connection: close`, so the
+    /// node's retry opens a new connection, which the Service may send to the leader.
+    Elsewhere,
+    /// This channel takes them (503 when it is full).
+    To(mpsc::Sender<PullReport>),
 }
 
 /// Default of [`ApiLimits::header_read_timeout`].
@@ -150,6 +169,8 @@ pub struct Metrics {
     pub artifacts_refused: Counter,
     /// Misses accepted from nodes.
     pub misses: Counter,
+    /// Pull reports accepted from nodes.
+    pub pull_reports: Counter,
     /// Images in the build queue (set by the controller loop).
     pub queue_depth: Gauge,
     misses_refused: Family<RefusalLabels, Counter>,
@@ -167,6 +188,7 @@ impl Default for Metrics {
             artifacts_missing: Counter::default(),
             artifacts_refused: Counter::default(),
             misses: Counter::default(),
+            pull_reports: Counter::default(),
             queue_depth: Gauge::default(),
             misses_refused: Family::default(),
             profile_spans: Gauge::default(),
@@ -207,6 +229,7 @@ impl Metrics {
             "hermes_controller_artifacts_missing", "zTOC requests for layers without one", artifacts_missing;
             "hermes_controller_artifacts_refused", "zTOC requests refused because an Off policy matches the image", artifacts_refused;
             "hermes_controller_misses", "images nodes started without an index", misses;
+            "hermes_controller_pull_reports", "pull reports accepted from nodes", pull_reports;
             "hermes_controller_misses_refused", "misses not counted, by reason", misses_refused;
             "hermes_controller_profile_spans", "span indices kept from startup traces", profile_spans;
             "hermes_controller_profile_evictions", "startup traces dropped for a node's quota or a full profile book", profile_evictions;
@@ -237,6 +260,8 @@ struct Inner {
     /// Namespaces' labels, for the selectors of lookups that name the pod's namespace.
     namespaces: RwLock<BTreeMap<String, crate::selector::Labels>>,
     misses: mpsc::Sender<Miss>,
+    /// Where pull reports go.
+    pulls: RwLock<PullSink>,
     profiles: RwLock<ProfileBook>,
     /// Held while a trace report is added and saved, so saves happen in the order of the
     /// additions and never share the temp file.
@@ -287,7 +312,7 @@ impl IntoResponse for ApiError {
             ),
             Self::Busy => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "too many pending misses; retry later".to_owned(),
+                "too many pending reports; retry later".to_owned(),
             ),
             Self::Store(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}")),
         };
@@ -359,6 +384,7 @@ impl NodeApi {
                 active: RwLock::new(Vec::new()),
                 namespaces: RwLock::new(BTreeMap::new()),
                 misses,
+                pulls: RwLock::new(PullSink::Drop),
                 profiles: RwLock::new(profiles),
                 saving: tokio::sync::Mutex::new(()),
                 ready: AtomicBool::new(false),
@@ -366,6 +392,11 @@ impl NodeApi {
                 registry,
             }),
         }
+    }
+
+    /// Where accepted pull reports go from now on (at first: [`PullSink::Drop`]).
+    pub fn set_pull_reports(&self, sink: PullSink) {
+        *self.inner.pulls.write().unwrap_or_else(|e| e.into_inner()) = sink;
     }
 
     /// Mark the controller ready (or not) for `/readyz`.
@@ -504,6 +535,10 @@ impl NodeApi {
             .route(
                 paths::MISSES,
                 post(post_miss).layer(DefaultBodyLimit::max(MAX_MISS_BODY)),
+            )
+            .route(
+                paths::PULLS,
+                post(post_pull).layer(DefaultBodyLimit::max(MAX_PULL_BODY)),
             )
             .route(
                 paths::TRACES,
@@ -701,19 +736,85 @@ async fn post_miss(
 ) -> Result<StatusCode, ApiError> {
     let body = body_within(body, "miss", MAX_MISS_BODY)?;
     let miss: Miss = serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
-    within("image", &miss.image, MAX_IMAGE_LEN)?;
-    within(
-        "node",
-        miss.node.as_deref().unwrap_or_default(),
-        MAX_NODE_NAME_LEN,
-    )?;
-    Reference::parse(&miss.image).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    started_within(&miss.image, miss.node.as_deref(), miss.pod.as_ref())?;
     if api.inner.misses.try_send(miss).is_err() {
         api.inner.metrics.refuse_miss(MissRefusal::QueueFull);
         return Err(ApiError::Busy);
     }
     api.inner.metrics.misses.inc();
     Ok(StatusCode::ACCEPTED)
+}
+
+/// 400 unless a node's report of a start names a parsable image, and its node and pod (if
+/// any) are within their bounds.
+fn started_within(image: &str, node: Option<&str>, pod: Option<&PodRef>) -> Result<(), ApiError> {
+    within("image", image, MAX_IMAGE_LEN)?;
+    within("node", node.unwrap_or_default(), MAX_NODE_NAME_LEN)?;
+    Reference::parse(image).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    match pod {
+        Some(pod) => pod_within(pod),
+        None => Ok(()),
+    }
+}
+
+/// 400 when a pod's names or labels are beyond their bounds.
+fn pod_within(pod: &PodRef) -> Result<(), ApiError> {
+    within("pod namespace", &pod.namespace, MAX_NODE_NAME_LEN)?;
+    within("pod name", &pod.name, MAX_NODE_NAME_LEN)?;
+    within("pod uid", &pod.uid, MAX_NODE_NAME_LEN)?;
+    if pod.labels.len() > MAX_POD_LABELS {
+        return Err(ApiError::BadBody(format!(
+            "the pod has {} labels; at most {MAX_POD_LABELS} are allowed",
+            pod.labels.len()
+        )));
+    }
+    Ok(())
+}
+
+async fn post_pull(
+    State(api): State<NodeApi>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_within(body, "pull report", MAX_PULL_BODY)?;
+    let report: PullReport =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadBody(e.to_string()))?;
+    started_within(&report.image, report.node.as_deref(), report.pod.as_ref())?;
+    if report.layers.len() > MAX_LAYERS_PER_REPORT {
+        return Err(ApiError::BadBody(format!(
+            "{} layers; at most {MAX_LAYERS_PER_REPORT} are allowed",
+            report.layers.len()
+        )));
+    }
+    for layer in &report.layers {
+        within(
+            "layer reason",
+            layer.reason.as_deref().unwrap_or_default(),
+            MAX_REASON_LEN,
+        )?;
+    }
+    let sink = api
+        .inner
+        .pulls
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    match sink {
+        PullSink::Drop => {}
+        PullSink::Elsewhere => {
+            let mut answer = ApiError::Busy.into_response();
+            answer
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(answer);
+        }
+        PullSink::To(pulls) => {
+            if pulls.try_send(report).is_err() {
+                return Err(ApiError::Busy);
+            }
+        }
+    }
+    api.inner.metrics.pull_reports.inc();
+    Ok(StatusCode::ACCEPTED.into_response())
 }
 
 /// Where the layers' recent traces are saved.
@@ -1398,6 +1499,7 @@ mod tests {
             bytes_read: 0,
             last_error: None,
             updated_at_unix: 0,
+            starts: Default::default(),
         }]);
         // Without the header a node would take the 404 for "no zTOC here" and start the image
         // lazily from its own copy, against the Off policy.
@@ -1498,6 +1600,7 @@ mod tests {
             bytes_read: 42,
             last_error: None,
             updated_at_unix: 9,
+            starts: Default::default(),
         }]);
         let json: serde_json::Value =
             serde_json::from_slice(&request(&s, "GET", &url, None, "").await.body).unwrap();
@@ -1526,6 +1629,89 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(json[0]["name"], "broken");
         assert_eq!(json[0]["conditions"][0]["status"], "False");
+    }
+
+    fn pull_report(layers: usize, reason: &str) -> PullReport {
+        PullReport {
+            image: "registry.test/app:v1".into(),
+            manifest: Some(Digest::of(b"manifest")),
+            node: Some("n1".into()),
+            pod: None,
+            layers: (0..layers)
+                .map(|i| hermes_node_api::PullLayer {
+                    digest: Digest::of(&[i as u8]),
+                    mode: hermes_node_api::LayerMode::Fallback,
+                    reason: Some(reason.to_owned()),
+                })
+                .collect(),
+            bytes_fetched: 0,
+            fully_local_seconds: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn pull_reports_from_the_typed_client_reach_the_adapter_within_bounds() {
+        let s = start(Some("secret")).await;
+        let client = hermes_node_api::Client::new(
+            &format!("http://{}", s.addr),
+            hermes_node_api::ClientOptions {
+                token: Some("secret".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let report = pull_report(2, "no zTOC");
+        // No adapter takes them yet: accepted and dropped.
+        client.post_pull(&report).await.unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        s.api.set_pull_reports(PullSink::To(tx));
+        client.post_pull(&report).await.unwrap();
+        assert_eq!(rx.recv().await.unwrap(), report);
+        client.post_pull(&report).await.unwrap();
+        let full = client.post_pull(&report).await.unwrap_err();
+        assert!(
+            matches!(&full, hermes_node_api::client::Error::Status { status, .. } if status.as_u16() == 503),
+            "{full}"
+        );
+        let _ = rx.recv().await;
+        for (bad, want) in [
+            (pull_report(MAX_LAYERS_PER_REPORT + 1, "x"), 400),
+            (pull_report(1, &"r".repeat(MAX_REASON_LEN + 1)), 400),
+        ] {
+            match client.post_pull(&bad).await {
+                Err(hermes_node_api::client::Error::Status { status, .. }) => {
+                    assert_eq!(status.as_u16(), want)
+                }
+                other => panic!("expected {want}, got {other:?}"),
+            }
+        }
+        let huge = format!(
+            r#"{{"image":"registry.test/app:v1","layers":[],"bytesFetched":0,"node":"{}"}}"#,
+            "n".repeat(MAX_PULL_BODY)
+        );
+        let r = request(&s, "POST", "/v1/pulls", Some("secret"), &huge).await;
+        assert_eq!(r.status, 413, "{}", r.text());
+        assert!(rx.try_recv().is_err(), "nothing refused was handed over");
+        // A replica that is not leading sends the node elsewhere, on a new connection.
+        s.api.set_pull_reports(PullSink::Elsewhere);
+        let body = serde_json::to_string(&report).unwrap();
+        let r = request(&s, "POST", "/v1/pulls", Some("secret"), &body).await;
+        assert_eq!((r.status, r.header("connection")), (503, Some("close")));
+        let unauthorized = hermes_node_api::Client::new(
+            &format!("http://{}", s.addr),
+            hermes_node_api::ClientOptions::default(),
+        )
+        .unwrap();
+        assert!(matches!(
+            unauthorized.post_pull(&report).await,
+            Err(hermes_node_api::client::Error::Unauthorized { .. })
+        ));
+        let m = request(&s, "GET", "/metrics", None, "").await;
+        assert!(
+            m.text().contains("hermes_controller_pull_reports_total 3"),
+            "{}",
+            m.text()
+        );
     }
 
     #[tokio::test]

@@ -48,6 +48,7 @@ use crate::reconcile::{
 };
 use crate::status::{PolicyReport, ReportBook};
 use crate::{Error, Result};
+use hermes_node_api::PodRef;
 
 /// Timing and limits of the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,7 +111,7 @@ enum Event {
     Resolved(Digest, Result<Box<Resolved>>),
     Built(JobId, LayerKey, LayerBuild),
     Finished(Digest, Result<ImageRecord>),
-    MissResolved(String, String, Result<Digest>),
+    MissResolved(String, String, Option<PodRef>, Result<Digest>),
 }
 
 /// A resolve or finish that failed: retried after the queue's backoff.
@@ -266,6 +267,16 @@ impl Engine {
     /// Image reports, by digest.
     pub fn images(&self) -> impl Iterator<Item = &crate::status::ImageReport> {
         self.book.reports()
+    }
+
+    /// Count a pod's start of the image `manifest` (from a node's pull report) in its report,
+    /// which the node API then shows.
+    pub fn record_start(&mut self, manifest: &Digest, start: crate::starts::PodStart) {
+        if let Err(e) = self.book.record_start(manifest, start) {
+            warn!(error = %chain(&e), "cannot write image reports");
+        }
+        self.publisher
+            .images(self.book.reports().cloned().collect());
     }
 
     /// Policy statuses (valid and invalid), by name, as of the last pass.
@@ -513,7 +524,9 @@ impl Engine {
                         },
                     ),
                     Task::Finish(d) => Event::Finished(d, Err(failed())),
-                    Task::Miss(image, node) => Event::MissResolved(image, node, Err(failed())),
+                    Task::Miss(image, node) => {
+                        Event::MissResolved(image, node, None, Err(failed()))
+                    }
                 }
             }
         };
@@ -560,12 +573,12 @@ impl Engine {
                 self.book.note_error(&manifest, &error);
                 self.fail(Task::Finish(manifest), error);
             }
-            Event::MissResolved(image, node, Ok(digest)) => {
+            Event::MissResolved(image, node, pod, Ok(digest)) => {
                 if let Ok(reference) = Reference::parse(&image) {
-                    self.keep_miss(reference, &node, digest, now);
+                    self.keep_miss(reference, &node, digest, pod.as_ref(), now);
                 }
             }
-            Event::MissResolved(image, node, Err(e)) => {
+            Event::MissResolved(image, node, _, Err(e)) => {
                 warn!(image, node, error = %chain(&e), "cannot resolve an image a node reported");
             }
         }
@@ -636,12 +649,18 @@ impl Engine {
             return;
         };
         if let Some(digest) = miss.digest {
-            self.keep_miss(reference, &node, digest, SystemTime::now());
+            self.keep_miss(
+                reference,
+                &node,
+                digest,
+                miss.pod.as_ref(),
+                SystemTime::now(),
+            );
             return;
         }
         // Before any request: a miss may name any host, and only what a policy selects is
         // fetched.
-        if !selects_miss(&self.policies, &reference, None) {
+        if !selects_miss(&self.policies, &reference, None, miss.pod.as_ref()) {
             debug!(
                 image = miss.image,
                 node, "miss for an image no policy selects; ignored"
@@ -667,22 +686,29 @@ impl Engine {
             return;
         }
         let builder = self.builder.clone();
-        let image = miss.image;
+        let (image, pod) = (miss.image, miss.pod);
         self.spawn(task, async move {
             let result = builder.digest_of(&reference).await;
-            Event::MissResolved(image, node, result)
+            Event::MissResolved(image, node, pod, result)
         });
     }
 
     /// Count `node`'s miss of `image` as a running container, if a policy selects it and the
     /// table has room.
-    fn keep_miss(&mut self, image: Reference, node: &str, digest: Digest, now: SystemTime) {
-        if !selects_miss(&self.policies, &image, Some(&digest)) {
+    fn keep_miss(
+        &mut self,
+        image: Reference,
+        node: &str,
+        digest: Digest,
+        pod: Option<&PodRef>,
+        now: SystemTime,
+    ) {
+        if !selects_miss(&self.policies, &image, Some(&digest), pod) {
             debug!(%image, node, "miss for an image no policy selects; ignored");
             self.publisher.miss_refused(MissRefusal::Unselected);
             return;
         }
-        let full = self.misses.record(image, node, digest, now) == Recorded::Full;
+        let full = self.misses.record(image, node, digest, pod, now) == Recorded::Full;
         if full {
             self.publisher.miss_refused(MissRefusal::TableFull);
             if !self.misses_full {

@@ -1,6 +1,6 @@
 //! The Hermes controller's engine and node API: the I/O around the pure core
 //! (`hermes-controller-core`, whose modules [`policy`], [`selector`], [`modules`], [`pattern`],
-//! [`matcher`], [`queue`], [`reconcile`] and [`prefetch`] are re-exported here).
+//! [`matcher`], [`queue`], [`reconcile`], [`prefetch`] and [`starts`] are re-exported here).
 //!
 //! - [`misses`]: nodes' reports of images started without an index, kept (bounded) as running
 //!   containers;
@@ -32,5 +32,5 @@ pub mod tls;
 pub use error::{Error, Result, chain};
 pub use hermes_controller_core::Error as PolicyError;
 pub use hermes_controller_core::{
-    matcher, modules, pattern, policy, prefetch, queue, reconcile, selector,
+    matcher, modules, pattern, policy, prefetch, queue, reconcile, selector, starts,
 };

@@ -10,9 +10,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
+use hermes_node_api::PodRef;
 use hermes_oci::{Digest, Reference};
 
-use crate::matcher::RunningContainer;
+use crate::matcher::{RunningContainer, miss_container};
 
 /// Default of [`EngineOptions::max_misses`](crate::engine::EngineOptions::max_misses): about
 /// 2 KiB each at the API's length limits, so at most some 8 MiB.
@@ -47,24 +48,19 @@ impl MissTable {
         }
     }
 
-    /// Keep that `node` started `image` (resolved to `digest`) at `now`.
+    /// Keep that `node` started `image` (resolved to `digest`) at `now`, for `pod` if the node
+    /// named it (its namespace and labels then count for policies' selectors).
     pub fn record(
         &mut self,
         image: Reference,
         node: &str,
         digest: Digest,
+        pod: Option<&PodRef>,
         now: SystemTime,
     ) -> Recorded {
         let key = (image.to_string(), node.to_owned());
         let until = now + self.ttl;
-        let container = RunningContainer {
-            namespace: String::new(),
-            pod: format!("miss/{node}"),
-            namespace_labels: Default::default(),
-            pod_labels: Default::default(),
-            image,
-            digest: Some(digest),
-        };
+        let container = miss_container(&image, Some(&digest), pod, &format!("miss/{node}"));
         if let Some(kept) = self.entries.get_mut(&key) {
             *kept = (container, until);
             return Recorded::Refreshed;
@@ -111,16 +107,16 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let mut table = MissTable::new(2, Duration::from_secs(60));
         assert_eq!(
-            table.record(image("r.test/a:1"), "n1", digest(1), t0),
+            table.record(image("r.test/a:1"), "n1", digest(1), None, t0),
             Recorded::Added
         );
         assert_eq!(
-            table.record(image("r.test/a:1"), "n2", digest(1), t0),
+            table.record(image("r.test/a:1"), "n2", digest(1), None, t0),
             Recorded::Added
         );
         for node in ["n3", "n4"] {
             assert_eq!(
-                table.record(image("r.test/a:1"), node, digest(1), t0),
+                table.record(image("r.test/a:1"), node, digest(1), None, t0),
                 Recorded::Full
             );
         }
@@ -128,7 +124,7 @@ mod tests {
         // n1 reports again later: kept past the first time to live; n2 expires.
         let later = t0 + Duration::from_secs(50);
         assert_eq!(
-            table.record(image("r.test/a:1"), "n1", digest(1), later),
+            table.record(image("r.test/a:1"), "n1", digest(1), None, later),
             Recorded::Refreshed
         );
         table.expire(t0 + Duration::from_secs(70));
@@ -136,7 +132,7 @@ mod tests {
         assert_eq!(pods, ["miss/n1"]);
         // Room again.
         assert_eq!(
-            table.record(image("r.test/b:1"), "n3", digest(2), later),
+            table.record(image("r.test/b:1"), "n3", digest(2), None, later),
             Recorded::Added
         );
     }

@@ -1,6 +1,7 @@
 //! Image reports: the reconciler's [`ImageStatus`] plus what building the image cost (build
-//! seconds, bytes read from the registry) and its last error — the content of a `HermesImage`
-//! status, of `GET /v1/images` and of `hermes status`.
+//! seconds, bytes read from the registry), its last error and its pods' starts as nodes
+//! reported them ([`StartStats`]) — the content of a `HermesImage` status, of `GET /v1/images`
+//! and of `hermes status`.
 //!
 //! [`ReportBook`] keeps them, and when given a directory keeps them durably there, one JSON file
 //! per image (`<manifest hex>.json`, written atomically, only when the report changed), so a
@@ -19,6 +20,7 @@ use hermes_oci::Digest;
 use serde::{Deserialize, Serialize};
 
 use crate::reconcile::{ImageStatus, Phase, PolicyStatus};
+use crate::starts::{PodStart, StartStats};
 use crate::{Error, Result};
 
 /// The reason given to an indexed image no container runs any more.
@@ -42,7 +44,14 @@ pub struct ImageReport {
     pub last_error: Option<String>,
     /// When the report last changed (Unix seconds).
     pub updated_at_unix: u64,
+    /// Its pods' starts: lazy starts, fallbacks and the last pods.
+    #[serde(default, skip_serializing_if = "StartStats::is_empty")]
+    pub starts: StartStats,
 }
+
+/// Most images whose starts [`ReportBook`] keeps before their report exists (a node may report
+/// a pull before the controller has seen the pod run).
+pub const MAX_EARLY_STARTS: usize = 256;
 
 /// A policy's status with its name (for `GET /v1/policies` and `hermes status`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +84,8 @@ pub struct PhaseChange {
 pub struct ReportBook {
     dir: Option<PathBuf>,
     reports: BTreeMap<Digest, ImageReport>,
+    /// Starts of images without a report yet (at most [`MAX_EARLY_STARTS`] images).
+    early: BTreeMap<Digest, StartStats>,
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -121,6 +132,7 @@ impl ReportBook {
         Ok(Self {
             dir: Some(dir),
             reports,
+            early: BTreeMap::new(),
         })
     }
 
@@ -160,6 +172,24 @@ impl ReportBook {
         }
     }
 
+    /// Count a pod's start of the image `manifest` and write its report. Starts of an image
+    /// without a report yet are kept (at most [`MAX_EARLY_STARTS`] images; further ones are
+    /// dropped) and folded into its report when it appears.
+    pub fn record_start(&mut self, manifest: &Digest, start: PodStart) -> Result<()> {
+        let Some(report) = self.reports.get_mut(manifest) else {
+            if self.early.len() < MAX_EARLY_STARTS || self.early.contains_key(manifest) {
+                self.early
+                    .entry(manifest.clone())
+                    .or_default()
+                    .record(start);
+            }
+            return Ok(());
+        };
+        report.starts.record(start);
+        let report = report.clone();
+        self.write(&report)
+    }
+
     /// Forget an image (its record was collected).
     pub fn remove(&mut self, digest: &Digest) -> Result<()> {
         self.reports.remove(digest);
@@ -195,8 +225,17 @@ impl ReportBook {
                 bytes_read: old.map_or(0, |o| o.bytes_read),
                 last_error: old.and_then(|o| o.last_error.clone()),
                 updated_at_unix: old.map_or(0, |o| o.updated_at_unix),
+                starts: old.map(|o| o.starts.clone()).unwrap_or_default(),
                 status,
             };
+            if let Some(early) = self.early.remove(&report.status.digest) {
+                report.starts.lazy_starts += early.lazy_starts;
+                report.starts.fallbacks += early.fallbacks;
+                for start in early.last_pods.into_iter().rev() {
+                    report.starts.last_pods.insert(0, start);
+                }
+                report.starts.last_pods.truncate(crate::starts::LAST_PODS);
+            }
             match report.status.phase {
                 Phase::Ready => report.last_error = None,
                 Phase::Failed => report.last_error.clone_from(&report.status.reason),
@@ -346,6 +385,49 @@ mod tests {
         let json = serde_json::to_value(two).unwrap();
         assert_eq!(json["phase"], "Failed");
         assert_eq!(json["bytesRead"], 1000);
+    }
+
+    fn start(name: &str, mode: crate::starts::StartMode) -> PodStart {
+        PodStart {
+            namespace: "default".into(),
+            name: name.into(),
+            node: "n1".into(),
+            mode,
+            bytes_fetched: 10,
+            fully_local_seconds: None,
+            reason: None,
+            at_unix: 5,
+        }
+    }
+
+    #[test]
+    fn starts_are_counted_kept_across_passes_and_restarts_and_early_ones_wait_for_the_report() {
+        use crate::starts::StartMode::{Fallback, Lazy};
+        let dir = tempfile::tempdir().unwrap();
+        let mut book = ReportBook::open(dir.path()).unwrap();
+        // Reported before the controller saw the image run.
+        book.record_start(&digest(1), start("early", Fallback))
+            .unwrap();
+        book.update(
+            vec![status(1, Phase::Ready, &[10])],
+            &BTreeSet::new(),
+            at(100),
+        )
+        .unwrap();
+        book.record_start(&digest(1), start("later", Lazy)).unwrap();
+        book.update(
+            vec![status(1, Phase::Ready, &[10])],
+            &BTreeSet::new(),
+            at(200),
+        )
+        .unwrap();
+        let again = ReportBook::open(dir.path()).unwrap();
+        let starts = &again.get(&digest(1)).unwrap().starts;
+        assert_eq!((starts.lazy_starts, starts.fallbacks), (1, 1));
+        let names: Vec<&str> = starts.last_pods.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["later", "early"]);
+        let json = serde_json::to_value(again.get(&digest(1)).unwrap()).unwrap();
+        assert_eq!(json["starts"]["lastPods"][0]["mode"], "Lazy");
     }
 
     #[test]

@@ -14,23 +14,35 @@
 //! not leading also follow the HermesPolicy objects, so the node API they serve refuses images
 //! an `Off` policy covers, as the leader's does.
 //!
+//! Pod starts: nodes report each pull (`POST /v1/pulls`) to whichever replica the Service picks;
+//! only the leader takes them (the others answer 503 and the node retries), attributes each to
+//! its pod (the one the node named, else the pods on the node that use the image and had no
+//! start Event for it yet), publishes `HermesLazyStart`/`HermesFallback` on the pod and counts
+//! it in the image's status. At most one start Event per pod and image: the pods that had one
+//! are read from the cluster's Events when a term starts (so a new leader does not repeat
+//! them, as long as the Events live), then kept in memory. A report no pod matches yet (the pod
+//! watch lags) is retried for [`ATTRIBUTE_FOR`], then counted without a pod.
+//!
 //! Pull credentials: the pull secrets of the pods running images some policy wants (their own
 //! `imagePullSecrets`, then their service account's) are read with `get` and merged by registry
 //! (pods in namespace/name order; the first secret naming a registry wins) into the engine's
 //! registry client. A cluster whose namespaces hold different credentials for one registry gets
 //! the first one's for every image there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use hermes_controller::api::{NodeApi, PullSink};
 use hermes_controller::engine::Engine;
 use hermes_controller::matcher::{Decision, decide};
 use hermes_controller::policy::Policy;
 use hermes_controller::reconcile::PolicyStatus;
+use hermes_controller::starts::{PodCandidate, PodStart, attribute};
 use hermes_controller::status::{ImageReport, PolicyReport};
+use hermes_node_api::PullReport;
 use hermes_oci::{Credentials, Digest};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -159,7 +171,7 @@ pub async fn run(
 async fn lead_forever(client: &Client, setup: &EngineSetup, options: &ControllerOptions) {
     loop {
         let result = match setup.engine().await {
-            Ok(engine) => lead(client, engine, options, &setup.api).await,
+            Ok(engine) => lead(client, engine, &setup.api, options).await,
             Err(e) => Err(Error::Engine(Box::new(e))),
         };
         if let Err(e) = result {
@@ -271,15 +283,34 @@ impl Watches {
 /// How long the engine works between two status writes.
 const WRITE_EVERY: Duration = Duration::from_millis(500);
 
+/// Most pull reports waiting to be taken by the leader's loop; more are answered 503 (the node
+/// retries, then gives up: reports are best effort).
+const PULL_QUEUE: usize = 256;
+/// How long a pull report waits for its pod to show up in the pod watch.
+pub const ATTRIBUTE_FOR: Duration = Duration::from_secs(120);
+
+/// Sends the node API's pull reports elsewhere again when a term of leadership ends.
+struct LeadingSink(NodeApi);
+
+impl Drop for LeadingSink {
+    fn drop(&mut self) {
+        self.0.set_pull_reports(PullSink::Elsewhere);
+    }
+}
+
 #[instrument(skip_all, fields(identity = %options.identity))]
 async fn lead(
     client: &Client,
     mut engine: Engine,
+    api: &NodeApi,
     options: &ControllerOptions,
-    api: &hermes_controller::api::NodeApi,
 ) -> Result<()> {
     let watches = Watches::start(client).await;
     let mut writer = StatusWriter::start(client, options).await?;
+    let (pulls_tx, mut pulls) = tokio::sync::mpsc::channel(PULL_QUEUE);
+    let mut starts = PodStarts::load(client).await;
+    api.set_pull_reports(PullSink::To(pulls_tx));
+    let _sink = LeadingSink(api.clone());
     let mut secrets = PullSecrets::new(client.clone());
     let mut last_sync = Instant::now();
     let mut dirty = true;
@@ -340,7 +371,9 @@ async fn lead(
                 // Let a burst of watch events settle into one pass.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            Some(report) = pulls.recv() => starts.push(report),
         }
+        starts.attribute(&mut engine, &writer, &pods).await;
         if last_sync.elapsed() >= options.resync {
             dirty = true;
         }
@@ -674,20 +707,33 @@ impl StatusWriter {
         note: &str,
         image_name: &str,
     ) {
+        let pod = (pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str());
+        let event = (reason, warning, note, "IndexImage");
+        self.publish(pod, event, Some(image_name)).await;
+    }
+
+    /// Publish `(reason, warning, note, action)` on the pod `(namespace, name, uid)`, naming
+    /// the `HermesImage` `image_name` as the related object if given.
+    async fn publish(
+        &self,
+        (namespace, name, uid): (&str, &str, &str),
+        (reason, warning, note, action): (&str, bool, &str, &str),
+        image_name: Option<&str>,
+    ) {
         let reference = ObjectReference {
             api_version: Some("v1".to_owned()),
             kind: Some("Pod".to_owned()),
-            name: Some(pod.name.clone()),
-            namespace: Some(pod.namespace.clone()),
-            uid: Some(pod.uid.clone()),
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            uid: Some(uid.to_owned()),
             ..ObjectReference::default()
         };
-        let secondary = ObjectReference {
+        let secondary = image_name.map(|image_name| ObjectReference {
             api_version: Some(HermesImage::api_version(&()).into_owned()),
             kind: Some("HermesImage".to_owned()),
             name: Some(image_name.to_owned()),
             ..ObjectReference::default()
-        };
+        });
         let event = Event {
             type_: if warning {
                 EventType::Warning
@@ -696,11 +742,126 @@ impl StatusWriter {
             },
             reason: reason.to_owned(),
             note: Some(note.chars().take(1000).collect()),
-            action: "IndexImage".to_owned(),
-            secondary: Some(secondary),
+            action: action.to_owned(),
+            secondary,
         };
         if let Err(e) = self.recorder.publish(&event, &reference).await {
-            warn!(pod = %pod.name, namespace = %pod.namespace, error = %e, "cannot publish pod event");
+            warn!(pod = %name, namespace = %namespace, error = %e, "cannot publish pod event");
+        }
+    }
+}
+
+/// Most pull reports waiting for their pod (older ones are counted without a pod).
+const MAX_PENDING_PULLS: usize = 256;
+
+/// Nodes' pull reports on their way to pod Events and image counters (see the module docs).
+struct PodStarts {
+    /// Reports not attributed yet, with when they came.
+    pending: VecDeque<(Instant, PullReport)>,
+    /// (pod uid, image key) of the pods that had a start Event for the image; the key is the
+    /// `HermesImage` name, or the reference when the manifest is unknown.
+    started: BTreeSet<(String, String)>,
+}
+
+impl PodStarts {
+    /// The start Events the cluster holds, read once (a failure to read leaves the set empty:
+    /// at worst a pod gets its Event again).
+    async fn load(client: &Client) -> Self {
+        let mut started = BTreeSet::new();
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(client.clone());
+        let mut params = ListParams::default().limit(500);
+        loop {
+            let page = match events.list(&params).await {
+                Ok(page) => page,
+                Err(e) => {
+                    warn!(error = %e, "cannot list Events; pods may get a start Event again");
+                    break;
+                }
+            };
+            for e in &page.items {
+                let is_start = matches!(
+                    e.reason.as_deref(),
+                    Some(status::REASON_LAZY_START | status::REASON_FALLBACK)
+                );
+                let uid = e.regarding.as_ref().and_then(|r| r.uid.clone());
+                let image = e.related.as_ref().and_then(|r| r.name.clone());
+                if is_start && let (Some(uid), Some(image)) = (uid, image) {
+                    started.insert((uid, image));
+                }
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+        Self {
+            pending: VecDeque::new(),
+            started,
+        }
+    }
+
+    fn push(&mut self, report: PullReport) {
+        if self.pending.len() >= MAX_PENDING_PULLS {
+            self.pending.pop_front();
+        }
+        self.pending.push_back((Instant::now(), report));
+    }
+
+    /// Attribute what can be: Events on the pods, starts counted in the image reports.
+    async fn attribute(&mut self, engine: &mut Engine, writer: &StatusWriter, pods: &[Arc<Pod>]) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let candidates: Vec<PodCandidate> = pods
+            .iter()
+            .filter_map(|p| view::pod_candidate(p, |d| engine.manifest_of(d).unwrap_or(d).clone()))
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for (at, report) in std::mem::take(&mut self.pending) {
+            let manifest = report.manifest.clone().or_else(|| {
+                engine
+                    .images()
+                    .find(|r| r.status.reference == report.image)
+                    .map(|r| r.status.digest.clone())
+            });
+            let image_name = manifest.as_ref().map(|m| image_object_name(m.as_str()));
+            let key = image_name.clone().unwrap_or_else(|| report.image.clone());
+            let found = attribute(&report, &candidates, |c| {
+                self.started.contains(&(c.uid.clone(), key.clone()))
+            });
+            if found.is_empty() {
+                if at.elapsed() < ATTRIBUTE_FOR {
+                    self.pending.push_back((at, report));
+                } else {
+                    info!(
+                        image = report.image,
+                        node = report.node.as_deref().unwrap_or(""),
+                        "no pod found for a pull report; counted without one"
+                    );
+                    if let Some(m) = &manifest {
+                        engine.record_start(m, PodStart::new(&report, None, now));
+                    }
+                }
+                continue;
+            }
+            let event = status::start_event(&report);
+            for pod in found {
+                if !self.started.insert((pod.uid.clone(), key.clone())) {
+                    continue;
+                }
+                info!(pod = %pod.name, namespace = %pod.namespace, image = report.image,
+                    node = report.node.as_deref().unwrap_or(""), "pod start reported");
+                if let Some(m) = &manifest {
+                    engine.record_start(m, PodStart::new(&report, Some(&pod), now));
+                }
+                if let Some((reason, warning, note)) = &event {
+                    let who = (pod.namespace.as_str(), pod.name.as_str(), pod.uid.as_str());
+                    let what = (*reason, *warning, note.as_str(), "PullImage");
+                    writer.publish(who, what, image_name.as_deref()).await;
+                }
+            }
         }
     }
 }

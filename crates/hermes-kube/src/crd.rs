@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 
 use hermes_controller::policy::PolicySpec;
+use hermes_controller::starts::StartStats;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
@@ -103,6 +104,8 @@ pub struct Condition {
     printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.pods"}"#,
     printcolumn = r#"{"name":"Policy","type":"string","jsonPath":".spec.policy"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.reason"}"#,
+    printcolumn = r#"{"name":"Lazy","type":"integer","priority":1,"jsonPath":".status.starts.lazyStarts"}"#,
+    printcolumn = r#"{"name":"Fallbacks","type":"integer","priority":1,"jsonPath":".status.starts.fallbacks"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -158,6 +161,9 @@ pub struct HermesImageStatus {
     /// The last error seen while resolving or building it; cleared once `Ready`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Its pods' starts as nodes reported them: lazy starts, fallbacks, the last pods.
+    #[serde(default, skip_serializing_if = "StartStats::is_empty")]
+    pub starts: StartStats,
 }
 
 /// One layer of a `HermesImage`.

@@ -61,6 +61,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         vec![DEFAULT_SPAN_SIZE],
         misses_tx,
     );
+    // Only the leader takes pull reports (see `controller`); until a term starts, another
+    // replica does.
+    api.set_pull_reports(hermes_controller::api::PullSink::Elsewhere);
     let stop_api = Arc::new(Notify::new());
     let server = tokio::spawn({
         let stop = stop_api.clone();

@@ -1,10 +1,13 @@
 //! The core's statuses as Kubernetes status objects, as plain functions: an [`ImageStatus`]
 //! becomes a `HermesImage` spec and status, a [`PolicyStatus`] a `HermesPolicy` status whose
 //! conditions keep their `lastTransitionTime` while their status does not change, and a phase
-//! change of an image becomes the pod Event to publish (`HermesIndexReady`/`HermesIndexFailed`).
+//! change of an image becomes the pod Event to publish (`HermesIndexReady`/`HermesIndexFailed`),
+//! and a node's pull report the pod's start Event (`HermesLazyStart`/`HermesFallback`).
 
 use hermes_controller::reconcile::{LayerState, Phase, PolicyStatus};
+use hermes_controller::starts::{StartMode, classify};
 use hermes_controller::status::ImageReport;
+use hermes_node_api::{LayerMode, PullReport};
 
 use crate::crd::{
     Condition, HermesImageSpec, HermesImageStatus, HermesPolicyStatus, ImageLayer, ImagePhase,
@@ -14,6 +17,10 @@ use crate::crd::{
 pub const REASON_READY: &str = "HermesIndexReady";
 /// Event reason when indexing an image a pod runs failed.
 pub const REASON_FAILED: &str = "HermesIndexFailed";
+/// Event reason when a node started a pod's image lazily.
+pub const REASON_LAZY_START: &str = "HermesLazyStart";
+/// Event reason when a node pulled a pod's image normally although it was meant to be lazy.
+pub const REASON_FALLBACK: &str = "HermesFallback";
 
 /// The phase as the CRD spells it.
 pub fn phase(p: Phase) -> ImagePhase {
@@ -87,6 +94,7 @@ pub fn image(
         build_seconds: (report.build_seconds * 1000.0).round() / 1000.0,
         bytes_read: report.bytes_read,
         last_error: report.last_error.clone(),
+        starts: report.starts.clone(),
     };
     (spec, status)
 }
@@ -162,6 +170,46 @@ pub fn phase_event(
     }
 }
 
+/// The pod Event for a node's pull of `report`: `(reason, warning, note)`; `None` for a pull
+/// that was normal on purpose (an `Off` policy: nothing to say per pod).
+pub fn start_event(report: &PullReport) -> Option<(&'static str, bool, String)> {
+    let (mode, reason) = classify(report);
+    let node = report.node.as_deref().unwrap_or("a node");
+    match mode {
+        StartMode::Lazy => {
+            let lazy = report
+                .layers
+                .iter()
+                .filter(|l| l.mode == LayerMode::Lazy)
+                .count();
+            let mut note = format!(
+                "image {} started lazily on {node}: {} bytes fetched on demand until the \
+                 start's reads were done; {lazy} of {} layers lazy",
+                report.image,
+                report.bytes_fetched,
+                report.layers.len()
+            );
+            if let Some(s) = report.fully_local_seconds {
+                note.push_str(&format!("; fully local after {s:.1} s"));
+            }
+            if let Some(r) = reason {
+                note.push_str(&format!(" ({r})"));
+            }
+            Some((REASON_LAZY_START, false, note))
+        }
+        StartMode::Fallback => Some((
+            REASON_FALLBACK,
+            true,
+            format!(
+                "image {} was pulled normally on {node}, not lazily: {}",
+                report.image,
+                reason.as_deref().unwrap_or("no reason given")
+            ),
+        )),
+        StartMode::Normal => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,7 +249,39 @@ mod tests {
             bytes_read: 20 << 20,
             last_error: None,
             updated_at_unix: 0,
+            starts: Default::default(),
         }
+    }
+
+    #[test]
+    fn start_events_name_bytes_for_lazy_starts_and_the_reason_for_fallbacks() {
+        let layer = |mode, reason: Option<&str>| hermes_node_api::PullLayer {
+            digest: digest('b'),
+            mode,
+            reason: reason.map(str::to_owned),
+        };
+        let mut report = PullReport {
+            image: "r.test/app:1".into(),
+            manifest: None,
+            node: Some("node-1".into()),
+            pod: None,
+            layers: vec![layer(LayerMode::Lazy, None)],
+            bytes_fetched: 4096,
+            fully_local_seconds: Some(2.5),
+        };
+        let (reason, warning, note) = start_event(&report).unwrap();
+        assert_eq!((reason, warning), (REASON_LAZY_START, false));
+        assert!(note.contains("4096 bytes fetched on demand"), "{note}");
+        assert!(note.contains("fully local after 2.5 s"), "{note}");
+        report.layers = vec![layer(LayerMode::Fallback, Some("no zTOC for the layer"))];
+        let (reason, warning, note) = start_event(&report).unwrap();
+        assert_eq!((reason, warning), (REASON_FALLBACK, true));
+        assert!(
+            note.ends_with("1 of 1 layers pulled normally: no zTOC for the layer (1)"),
+            "{note}"
+        );
+        report.layers = vec![layer(LayerMode::Normal, Some("policy p has mode Off"))];
+        assert_eq!(start_event(&report), None);
     }
 
     #[test]

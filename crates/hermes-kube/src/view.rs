@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use hermes_controller::matcher::RunningContainer;
 use hermes_controller::policy::Policy;
 use hermes_controller::selector::Labels;
+use hermes_controller::starts::PodCandidate;
 use hermes_oci::{Digest, Reference};
 use k8s_openapi::api::core::v1::{ContainerStatus, Namespace, Pod, ServiceAccount};
 use kube::ResourceExt;
@@ -54,15 +55,7 @@ pub fn running_containers(pod: &Pod, namespace_labels: &Labels) -> PodContainers
         })
         .filter_map(|c| Some((c.name.as_str(), c.image.as_deref()?)))
         .collect();
-    let statuses: Vec<&ContainerStatus> = pod
-        .status
-        .iter()
-        .flat_map(|s| {
-            s.container_statuses
-                .iter()
-                .flatten()
-                .chain(s.init_container_statuses.iter().flatten())
-        })
+    let statuses: Vec<&ContainerStatus> = container_statuses(pod)
         .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
         .collect();
     let containers = statuses
@@ -117,6 +110,42 @@ pub fn cluster_containers<'a>(
         .collect();
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     out
+}
+
+/// The statuses of a pod's containers, init containers last.
+fn container_statuses(pod: &Pod) -> impl Iterator<Item = &ContainerStatus> {
+    pod.status.iter().flat_map(|s| {
+        s.container_statuses
+            .iter()
+            .flatten()
+            .chain(s.init_container_statuses.iter().flatten())
+    })
+}
+
+/// A pod as a pull's possible starter: its node (`spec.nodeName`), the images its containers
+/// name and the digests they run (`imageID`, through `manifest_of` to the platform manifest).
+/// `None` for a pod not scheduled yet.
+pub fn pod_candidate(pod: &Pod, manifest_of: impl Fn(&Digest) -> Digest) -> Option<PodCandidate> {
+    let spec = pod.spec.as_ref()?;
+    let node = spec.node_name.clone().filter(|n| !n.is_empty())?;
+    let images = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .filter_map(|c| Reference::parse(c.image.as_deref()?).ok())
+        .collect();
+    let digests = container_statuses(pod)
+        .filter_map(|c| image_id_digest(&c.image_id))
+        .map(|d| manifest_of(&d))
+        .collect();
+    Some(PodCandidate {
+        namespace: pod.namespace().unwrap_or_default(),
+        name: pod.name_any(),
+        uid: pod.uid().unwrap_or_default(),
+        node,
+        images,
+        digests,
+    })
 }
 
 fn has_running(pod: &Pod) -> bool {
@@ -188,7 +217,8 @@ mod tests {
                 ],
                 "initContainers": [{"name": "init", "image": "registry.test:5000/acme/init:v1"}],
                 "imagePullSecrets": [{"name": "regcred"}, {"name": "shared"}],
-                "serviceAccountName": "builder"
+                "serviceAccountName": "builder",
+                "nodeName": "node-1"
             },
             "status": {
                 "phase": "Running",
@@ -210,6 +240,19 @@ mod tests {
                 ]
             }
         }))
+    }
+
+    #[test]
+    fn a_scheduled_pod_is_a_start_candidate_with_its_node_images_and_manifests() {
+        let pod = web_pod();
+        let manifest = Digest::of(b"platform manifest");
+        let c = pod_candidate(&pod, |_| manifest.clone()).expect("scheduled");
+        assert_eq!(c.node, "node-1");
+        assert!(!c.images.is_empty());
+        assert!(c.digests.iter().all(|d| *d == manifest) && !c.digests.is_empty());
+        let mut unscheduled = pod.clone();
+        unscheduled.spec.as_mut().unwrap().node_name = None;
+        assert!(pod_candidate(&unscheduled, |d| d.clone()).is_none());
     }
 
     #[test]

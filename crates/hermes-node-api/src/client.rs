@@ -13,7 +13,8 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     CONTENT_DIGEST_HEADER, DISABLED_HEADER, LayerBehaviour, MAX_ERROR_BODY, MAX_PROFILE_SIZE,
-    MAX_REPORTS_SIZE, MAX_ZTOC_SIZE, Miss, PrefetchProfile, TraceReport, ZtocQuery, etag, paths,
+    MAX_REPORTS_SIZE, MAX_ZTOC_SIZE, Miss, PrefetchProfile, PullReport, TraceReport, ZtocQuery,
+    etag, paths,
 };
 
 /// Default of [`ClientOptions::timeout`].
@@ -245,6 +246,11 @@ impl Client {
     /// Reports an image started without an index.
     pub async fn post_miss(&self, miss: &Miss) -> Result<()> {
         self.post(paths::MISSES, miss).await
+    }
+
+    /// Reports how a pull went (best effort: the caller sends it off the start's path).
+    pub async fn post_pull(&self, report: &PullReport) -> Result<()> {
+        self.post(paths::PULLS, report).await
     }
 
     /// Every image report. The report type is the controller's (`hermes_controller::status::

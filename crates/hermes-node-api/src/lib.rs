@@ -3,7 +3,7 @@
 //! hand:
 //!
 //! - [`paths`]: every node-API route, as the server's route pattern and as the client's path;
-//! - the wire types: [`Miss`], [`TraceReport`], [`PrefetchProfile`], [`ZtocQuery`] and the
+//! - the wire types: [`Miss`], [`PullReport`], [`TraceReport`], [`PrefetchProfile`], [`ZtocQuery`] and the
 //!   bounds both sides hold them to ([`MAX_IMAGE_LEN`], [`MAX_TRACE_BODY`], …);
 //! - the header rules: [`DISABLED_HEADER`] (a refused lazy start), [`etag`] and
 //!   [`not_modified`] (the `If-None-Match` check a node's kept zTOC gets);

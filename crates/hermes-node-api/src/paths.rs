@@ -18,6 +18,8 @@ pub const IMAGE: &str = "/v1/images/{digest}";
 pub const POLICIES: &str = "/v1/policies";
 /// `POST`: a [`Miss`](crate::Miss).
 pub const MISSES: &str = "/v1/misses";
+/// `POST`: a [`PullReport`](crate::PullReport).
+pub const PULLS: &str = "/v1/pulls";
 /// `POST`: a [`TraceReport`](crate::TraceReport).
 pub const TRACES: &str = "/v1/traces";
 /// `GET`: liveness (no token needed).

@@ -22,8 +22,16 @@ pub const MAX_ERROR_BODY: u64 = 4 << 10;
 pub const MAX_IMAGE_LEN: usize = 512;
 /// Longest node name in a miss or a trace report (a Kubernetes node name is a DNS subdomain).
 pub const MAX_NODE_NAME_LEN: usize = 253;
-/// Largest `POST /v1/misses` body.
-pub const MAX_MISS_BODY: usize = 4 << 10;
+/// Largest `POST /v1/misses` body: room for a pod with [`MAX_POD_LABELS`] labels of
+/// Kubernetes' longest keys and values.
+pub const MAX_MISS_BODY: usize = 16 << 10;
+/// Most pod labels a miss or a pull report carries (a node sends the first ones by key).
+pub const MAX_POD_LABELS: usize = 32;
+/// Largest `POST /v1/pulls` body: a [`PullReport`] of [`MAX_LAYERS_PER_REPORT`] layers with
+/// their reasons and a pod with its labels.
+pub const MAX_PULL_BODY: usize = 64 << 10;
+/// Longest reason a pull report gives for a layer not started lazily.
+pub const MAX_REASON_LEN: usize = 256;
 /// Largest `POST /v1/traces` body: one trace of the most spans the controller keeps (65 536)
 /// fits.
 pub const MAX_TRACE_BODY: usize = 2 << 20;
@@ -129,6 +137,91 @@ pub struct Miss {
     /// The reporting node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The pod the image was pulled for, when the node knows it (its CRI proxy saw the pull):
+    /// its namespace and labels let `namespaceSelector`/`podSelector` policies match the miss.
+    /// Left out when unknown, so a controller that predates it still takes the miss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// A pod as a node knows it from the kubelet's `PullImage` (`sandbox_config` metadata).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID, when known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    /// Labels (at most [`MAX_POD_LABELS`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PodRef {
+    /// The pod with at most [`MAX_POD_LABELS`] labels (the first ones by key), as it is sent.
+    pub fn bounded(mut self) -> Self {
+        if self.labels.len() > MAX_POD_LABELS {
+            self.labels = std::mem::take(&mut self.labels)
+                .into_iter()
+                .take(MAX_POD_LABELS)
+                .collect();
+        }
+        self
+    }
+}
+
+/// How a layer of a pull was provided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerMode {
+    /// Mounted lazily: containerd fetched and unpacked nothing.
+    Lazy,
+    /// Pulled normally on purpose (an `Off` policy).
+    Normal,
+    /// Meant to be lazy but pulled normally; the layer's reason says why.
+    Fallback,
+}
+
+/// One layer of a [`PullReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PullLayer {
+    /// The compressed layer's digest.
+    pub digest: Digest,
+    /// How it was provided.
+    pub mode: LayerMode,
+    /// Why it was not lazy (at most [`MAX_REASON_LEN`] characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A node's account of one image pull (`POST /v1/pulls`), sent once the start's reads are done
+/// (the startup trace window closed), best effort.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PullReport {
+    /// The image reference, as containerd named it.
+    pub image: String,
+    /// Its manifest digest, when containerd said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<Digest>,
+    /// The reporting node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The pod pulled for, when the node knows it; else the controller attributes the pull.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+    /// The layers containerd prepared, in order (at most [`MAX_LAYERS_PER_REPORT`]).
+    pub layers: Vec<PullLayer>,
+    /// Compressed bytes the lazy layers fetched from the registry for reads, until the start's
+    /// reads were done.
+    pub bytes_fetched: u64,
+    /// Seconds from the first lazy mount until every lazy layer was fully local, if they were
+    /// by the time of the report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fully_local_seconds: Option<f64>,
 }
 
 /// One node's startup reads (`POST /v1/traces`): per layer, span indices in the order they
@@ -384,6 +477,7 @@ mod tests {
             image: "r/x:1".into(),
             digest: None,
             node: Some("n1".into()),
+            pod: None,
         };
         assert_eq!(
             serde_json::to_string(&miss).expect("json"),
@@ -398,5 +492,47 @@ mod tests {
         ))
         .expect("profile");
         assert_eq!(profile.spans, vec![2, 0]);
+    }
+
+    #[test]
+    fn a_pull_report_round_trips_and_caps_pod_labels() {
+        let d = Digest::of(b"layer");
+        let report = PullReport {
+            image: "r/x:1".into(),
+            manifest: Some(Digest::of(b"m")),
+            node: Some("n1".into()),
+            pod: Some(
+                PodRef {
+                    namespace: "ns".into(),
+                    name: "web".into(),
+                    uid: String::new(),
+                    labels: (0..40).map(|i| (format!("k{i:02}"), "v".into())).collect(),
+                }
+                .bounded(),
+            ),
+            layers: vec![PullLayer {
+                digest: d.clone(),
+                mode: LayerMode::Fallback,
+                reason: Some("no zTOC".into()),
+            }],
+            bytes_fetched: 7,
+            fully_local_seconds: None,
+        };
+        let pod = report.pod.as_ref().expect("pod");
+        assert_eq!(pod.labels.len(), MAX_POD_LABELS);
+        assert!(pod.labels.contains_key("k00") && !pod.labels.contains_key("k39"));
+        let json = serde_json::to_string(&report).expect("json");
+        assert!(json.contains(r#""mode":"Fallback""#), "{json}");
+        assert!(json.contains(r#""bytesFetched":7"#), "{json}");
+        assert_eq!(
+            serde_json::from_str::<PullReport>(&json).expect("back"),
+            report
+        );
+        // A miss with its pod; one without reads as before.
+        let miss: Miss = serde_json::from_str(
+            r#"{"image":"r/x:1","pod":{"namespace":"ns","name":"web","labels":{"app":"web"}}}"#,
+        )
+        .expect("miss");
+        assert_eq!(miss.pod.expect("pod").labels["app"], "web");
     }
 }

@@ -98,6 +98,9 @@ pub struct NodeConfig {
     pub cri_proxy: Option<PathBuf>,
     /// containerd's socket, where the CRI proxy forwards.
     pub containerd: PathBuf,
+    /// This node's name in reports to the controller (the Kubernetes node name, which pull
+    /// reports are attributed to pods by) [default: the kernel's host name].
+    pub node_name: Option<String>,
 }
 
 /// How to reach the controller.
@@ -152,6 +155,7 @@ impl Default for NodeConfig {
             trace_window_secs: 10,
             cri_proxy: None,
             containerd: crate::cri_proxy::default_containerd_socket(),
+            node_name: None,
         }
     }
 }

@@ -15,7 +15,7 @@
 //! Every connection passes through an HTTP/2 front (`h2_front`) that replaces an `:authority`
 //! the HTTP/2 server would reject (the socket path kubelets before 1.26 send) with `localhost`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
@@ -47,18 +47,12 @@ const MAX_MESSAGE_SIZE: usize = 16 << 20;
 /// How many pulls the [`PullLog`] keeps.
 const PULL_LOG_LEN: usize = 256;
 
-/// The pod a kubelet pulled for (from `PullImageRequest.sandbox_config`).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PodRef {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-    /// UID.
-    pub uid: String,
-    /// The pod's labels.
-    pub labels: BTreeMap<String, String>,
-}
+/// The pod a kubelet pulled for (from `PullImageRequest.sandbox_config`), as the node API's
+/// reports carry it.
+pub use hermes_node_api::PodRef;
+
+/// How long after a pull its pod is taken as the one the pulled image's layers start for.
+const POD_OF_PULL_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// One `PullImage` the proxy saw. Holds no credential, only whether one came.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,15 +97,22 @@ impl PullLog {
         }
     }
 
-    /// The pod of the newest pull of `image` (same reference once both are normalized), if
-    /// the proxy saw one and the kubelet named the pod.
-    pub fn pod_for(&self, image: &Reference) -> Option<PodRef> {
+    /// The pod of the newest recent pull of `image` (the reference as containerd names the
+    /// image, compared with the one the kubelet asked for), if the kubelet said.
+    pub fn pod_for(&self, image: &str) -> Option<PodRef> {
+        let wanted = Reference::parse(image).ok();
         let pulls = self.pulls.lock().ok()?;
         pulls
             .iter()
             .rev()
-            .find(|p| Reference::parse(&p.image).is_ok_and(|r| &r == image))
-            .and_then(|p| p.pod.clone())
+            .filter(|p| p.at.elapsed().is_ok_and(|age| age < POD_OF_PULL_FOR))
+            .filter(|p| {
+                p.image == image
+                    || wanted
+                        .as_ref()
+                        .is_some_and(|w| Reference::parse(&p.image).ok().as_ref() == Some(w))
+            })
+            .find_map(|p| p.pod.clone())
     }
 
     /// The pulls kept, oldest first.
@@ -496,10 +497,13 @@ mod tests {
         log.push(pull("busybox", "first"));
         log.push(pull("registry.test/app:v1", "other"));
         log.push(pull("docker.io/library/busybox:latest", "second"));
-        let busybox = Reference::parse("docker.io/library/busybox:latest").unwrap();
-        assert_eq!(log.pod_for(&busybox).unwrap().namespace, "second");
-        let unseen = Reference::parse("registry.test/app:v2").unwrap();
-        assert_eq!(log.pod_for(&unseen), None);
+        assert_eq!(
+            log.pod_for("docker.io/library/busybox:latest")
+                .unwrap()
+                .namespace,
+            "second"
+        );
+        assert_eq!(log.pod_for("registry.test/app:v2"), None);
     }
 
     #[test]

@@ -42,13 +42,16 @@ impl Daemon {
         crate::private::private_dir(root).map_err(Error::io("create root", root))?;
         let store = Store::open(root.join("ztocs"))?;
         let pulls = PullLog::default();
-        let sources = IndexSources::new(
+        let mut sources = IndexSources::new(
             store,
             config.controller.as_ref(),
             config.soci_from_registry.then(|| client.clone()),
             tokio::runtime::Handle::current(),
         )?
         .with_pulls(pulls.clone());
+        if let Some(name) = &config.node_name {
+            sources = sources.with_node_name(name);
+        }
         let layers = Arc::new(NodeLayers::new(
             sources,
             NodeLayersOptions {
@@ -62,6 +65,7 @@ impl Daemon {
                     .then(|| std::time::Duration::from_secs(config.trace_window_secs)),
                 replay: config.controller.is_some() && config.trace_window_secs > 0,
                 pull_credentials: client.options().pull_credentials.clone(),
+                pull_log: pulls.clone(),
             },
         ));
         let snapshots = {
@@ -102,7 +106,11 @@ impl Daemon {
                 loop {
                     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                     let layers = layers.clone();
-                    let _ = tokio::task::spawn_blocking(move || layers.report_traces()).await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        layers.report_traces();
+                        layers.report_pulls();
+                    })
+                    .await;
                 }
             })
         };

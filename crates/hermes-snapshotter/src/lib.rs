@@ -13,6 +13,8 @@
 //!   (local store, controller, SOCI in the registry), [`NodeLayers`] serving each lazy layer
 //!   from a process of its own ([`layer_server`]) so mounts survive a daemon restart, and
 //!   Prometheus metrics.
+//! - [`pulls`]: per-pull reports (lazy / normal / fallback per layer, bytes fetched) that the
+//!   daemon sends the controller.
 //! - [`LazyLayers`] is the in-process variant of lazy layers (one process, for tests and tools).
 
 #![warn(missing_docs)]
@@ -27,6 +29,7 @@ mod lazy;
 mod metrics;
 mod node_layers;
 pub mod private;
+pub mod pulls;
 mod remote;
 mod server;
 mod snapshots;

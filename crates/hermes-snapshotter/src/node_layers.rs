@@ -18,11 +18,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use hermes_node_api::{LayerMode, PodRef};
 use hermes_oci::{Credential, Digest, PullCredentials, Reference, encode_handoff};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::cri_proxy::PullLog;
 use crate::layer_server::{LayerStats, write_atomic};
+use crate::pulls::PullTracker;
 use crate::remote::{RemoteError, RemoteLayer, RemoteLayers};
 use crate::sources::{Answer, IndexSources};
 use crate::{Error, Result, Snapshots};
@@ -118,6 +121,8 @@ pub struct NodeLayersOptions {
     /// Pods' registry credentials by repository (from the CRI proxy): a layer server of an
     /// image with one gets it on its stdin.
     pub pull_credentials: PullCredentials,
+    /// The pulls the CRI proxy saw: the pod a miss or a pull report names, when known.
+    pub pull_log: PullLog,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -155,11 +160,14 @@ pub struct NodeLayers {
     feeds: Mutex<Vec<CredentialFeed>>,
     misses: [AtomicU64; Miss::ALL.len()],
     mounts: AtomicU64,
+    /// How each pull's layers were provided, until reported.
+    pulls: PullTracker,
 }
 
 impl NodeLayers {
     /// Lazy layers found through `sources`.
     pub fn new(sources: IndexSources, opts: NodeLayersOptions) -> Self {
+        let tracing = opts.trace_window.is_some();
         Self {
             sources,
             opts,
@@ -167,6 +175,7 @@ impl NodeLayers {
             feeds: Mutex::new(Vec::new()),
             misses: Default::default(),
             mounts: AtomicU64::new(0),
+            pulls: PullTracker::new(tracing),
         }
     }
 
@@ -227,8 +236,19 @@ impl NodeLayers {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Mounts `layer` unless it is served already. `Ok(None)`: no zTOC, or no room.
-    fn ensure(&self, layer: &RemoteLayer) -> Result<Option<PathBuf>> {
+    /// The pod the layer's image was pulled for, if the CRI proxy saw the pull.
+    fn pod_of(&self, layer: &RemoteLayer) -> Option<PodRef> {
+        self.opts.pull_log.pod_for(layer.image_ref.as_deref()?)
+    }
+
+    /// Mounts `layer` unless it is served already. `Ok(None)`: no zTOC, or no room. Unless the
+    /// layer is served, `why` says how it is provided instead and why.
+    fn ensure(
+        &self,
+        layer: &RemoteLayer,
+        why: &mut Option<(LayerMode, String)>,
+    ) -> Result<Option<PathBuf>> {
+        let fallback = |reason: &str| Some((LayerMode::Fallback, reason.to_owned()));
         let digest = Digest::parse(&layer.layer_digest)?;
         let dir = self.layer_dir(digest.hex());
         let mnt = dir.join("mnt");
@@ -237,23 +257,30 @@ impl NodeLayers {
         }
         let Some(image) = &layer.image_ref else {
             self.miss(Miss::NoIndex);
+            *why = fallback("containerd named no image for the layer");
             return Ok(None);
         };
         let found = match self.sources.find(layer) {
             Ok(Answer::Ztoc(found)) => found,
             Ok(Answer::NotIndexed) => {
                 self.miss(Miss::NoIndex);
-                self.sources.report_miss(layer);
+                self.sources.report_miss(layer, self.pod_of(layer));
+                *why = fallback("no zTOC for the layer");
                 return Ok(None);
             }
             // Switched off on purpose: no miss to report.
-            Ok(Answer::Disabled(_)) => {
+            Ok(Answer::Disabled(reason)) => {
                 self.miss(Miss::Disabled);
+                *why = Some((LayerMode::Normal, format!("lazy starts are off: {reason}")));
                 return Ok(None);
             }
             Err(e) => {
                 self.miss(Miss::SourceFailed);
-                self.sources.report_miss(layer);
+                self.sources.report_miss(layer, self.pod_of(layer));
+                *why = fallback(&format!(
+                    "no index source answered: {}",
+                    hermes_node_api::error_chain(&e)
+                ));
                 return Err(e);
             }
         };
@@ -272,6 +299,7 @@ impl NodeLayers {
                 warn!(layer = %digest, used, size, budget = self.opts.cache_size,
                     "span cache budget used up; the layer is pulled normally");
                 self.miss(Miss::CacheFull);
+                *why = fallback("the span cache budget is used up");
                 return Ok(None);
             }
         }
@@ -297,6 +325,10 @@ impl NodeLayers {
             Ok(()) => Ok(Some(mnt)),
             Err(e) => {
                 self.miss(Miss::MountFailed);
+                *why = fallback(&format!(
+                    "the lazy mount failed: {}",
+                    hermes_node_api::error_chain(&e)
+                ));
                 Err(e)
             }
         }
@@ -544,6 +576,32 @@ impl NodeLayers {
         sent
     }
 
+    /// Sends a report of every pull that is over and whose start's reads are done (see
+    /// [`crate::pulls`]), naming this node and, if the CRI proxy saw the pull, the pod; in the
+    /// background, best effort. Returns how many were handed to the sender.
+    pub fn report_pulls(&self) -> usize {
+        let due = self.pulls.take_due(Instant::now(), |layer| {
+            LayerStats::load(&self.layer_dir(layer.hex()).join("stats.json"))
+        });
+        let count = due.len();
+        for mut report in due {
+            report.node = self.sources.node_name();
+            report.pod = self
+                .opts
+                .pull_log
+                .pod_for(&report.image)
+                .map(PodRef::bounded);
+            info!(
+                image = report.image,
+                layers = report.layers.len(),
+                bytes_fetched = report.bytes_fetched,
+                "reporting a pull"
+            );
+            self.sources.post_pull(report);
+        }
+        count
+    }
+
     /// Stops the server of the layer mounted at `mnt` and removes its directory.
     fn stop(&self, mnt: &Path) {
         let Some(dir) = mnt.parent().filter(|d| d.starts_with(&self.opts.dir)) else {
@@ -573,21 +631,40 @@ impl NodeLayers {
 
 impl RemoteLayers for NodeLayers {
     fn prepare(&self, layer: &RemoteLayer) -> Result<Option<PathBuf>, RemoteError> {
-        let mnt = {
+        let mut why = None;
+        let result = {
             let _one_at_a_time = self.lock();
-            self.ensure(layer)?
+            self.ensure(layer, &mut why)
         };
         // Outside the lock: other layers mount meanwhile.
-        match mnt {
-            Some(mnt) if !self.eager_done(&mnt) => {
+        let result = match result {
+            Ok(Some(mnt)) if !self.eager_done(&mnt) => {
                 // Broken while fetching: this layer is pulled normally.
                 let _one_at_a_time = self.lock();
                 self.stop(&mnt);
                 self.miss(Miss::MountFailed);
+                why = Some((
+                    LayerMode::Fallback,
+                    "the layer broke while its Eager fetch ran".to_owned(),
+                ));
                 Ok(None)
             }
-            mnt => Ok(mnt),
-        }
+            other => other,
+        };
+        let (mode, reason) = match (&result, why) {
+            (Ok(Some(_)), _) => (LayerMode::Lazy, None),
+            (_, Some((mode, reason))) => (mode, Some(reason)),
+            (Err(e), None) => (
+                LayerMode::Fallback,
+                Some(format!(
+                    "the lazy layer failed: {}",
+                    hermes_node_api::error_chain(e)
+                )),
+            ),
+            (Ok(None), None) => (LayerMode::Fallback, Some("not available lazily".into())),
+        };
+        self.pulls.record(layer, mode, reason, Instant::now());
+        Ok(result?)
     }
 
     fn release(&self, dir: &Path) {

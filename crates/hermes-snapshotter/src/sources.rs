@@ -18,12 +18,12 @@
 //! contract's client ([`hermes_node_api::Client`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hermes_node_api::{
-    ClientOptions, LayerBehaviour, Miss, TraceReport, ZtocAnswer, ZtocQuery, encode_labels,
-    error_chain,
+    ClientOptions, LayerBehaviour, Miss, PodRef, PullReport, TraceReport, ZtocAnswer, ZtocQuery,
+    encode_labels, error_chain,
 };
 use hermes_oci::manifest::{Manifest, media};
 use hermes_oci::soci::annotation;
@@ -37,6 +37,12 @@ use crate::config::{ControllerConfig, read_token_file};
 use crate::{Error, RemoteLayer, Result};
 
 pub use hermes_node_api::{MAX_PROFILE_SIZE, MAX_ZTOC_SIZE};
+
+/// Attempts to send one pull report (a controller replica that is not leading answers 503;
+/// the next attempt's new connection may reach the leader).
+pub const PULL_REPORT_ATTEMPTS: u32 = 8;
+/// Most pull reports being sent at once.
+pub const MAX_PULL_REPORTS_IN_FLIGHT: usize = 16;
 
 /// Where a zTOC came from (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -160,6 +166,8 @@ pub struct IndexSources {
     soci_indexes: Mutex<HashMap<Digest, Option<Manifest>>>,
     /// Manifests already reported as misses.
     reported: Mutex<HashSet<String>>,
+    /// Pull reports being sent.
+    pulls_in_flight: Arc<AtomicUsize>,
     counters: LookupCounters,
     /// The pulls the CRI proxy saw: the pod an image is pulled for, named in lookups.
     pulls: PullLog,
@@ -196,6 +204,7 @@ impl IndexSources {
             node,
             soci_indexes: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashSet::new()),
+            pulls_in_flight: Arc::default(),
             counters: LookupCounters::default(),
             pulls: PullLog::default(),
         })
@@ -205,6 +214,12 @@ impl IndexSources {
     /// lookups, so policies' namespace and pod selectors apply to them.
     pub fn with_pulls(mut self, pulls: PullLog) -> Self {
         self.pulls = pulls;
+        self
+    }
+
+    /// The same sources, naming this node `name` in reports (instead of the host name).
+    pub fn with_node_name(mut self, name: &str) -> Self {
+        name.trim().clone_into(&mut self.node);
         self
     }
 
@@ -333,8 +348,7 @@ impl IndexSources {
         let pod = remote
             .image_ref
             .as_deref()
-            .and_then(|i| Reference::parse(i).ok())
-            .and_then(|image| self.pulls.pod_for(&image));
+            .and_then(|image| self.pulls.pod_for(image));
         let query = ZtocQuery {
             image: remote.image_ref.clone(),
             manifest: remote.manifest_digest.clone(),
@@ -452,13 +466,13 @@ impl IndexSources {
     }
 
     /// This node's name for reports (none if the hostname is unknown).
-    fn node_name(&self) -> Option<String> {
+    pub fn node_name(&self) -> Option<String> {
         (!self.node.is_empty()).then(|| self.node.clone())
     }
 
     /// Tells the controller, once per manifest, that an image started without an index. Does
     /// not wait for the answer.
-    pub fn report_miss(&self, layer: &RemoteLayer) {
+    pub fn report_miss(&self, layer: &RemoteLayer, pod: Option<PodRef>) {
         let Some(c) = &self.controller else {
             return;
         };
@@ -487,6 +501,7 @@ impl IndexSources {
                 .as_deref()
                 .and_then(|d| Digest::parse(d).ok()),
             node: self.node_name(),
+            pod: pod.map(PodRef::bounded),
         };
         let c = c.clone();
         self.runtime.spawn(async move {
@@ -494,6 +509,52 @@ impl IndexSources {
                 Ok(()) => debug!(image = miss.image, "miss reported"),
                 Err(e) => debug!(image = miss.image, error = %error_chain(&e), "miss not reported"),
             }
+        });
+    }
+
+    /// Sends a pull report to the controller in the background, off the start's path: each
+    /// attempt has the client's deadline; a controller that is busy, down or not leading (503)
+    /// is tried again [`PULL_REPORT_ATTEMPTS`] times with growing pauses, then the report is
+    /// dropped. At most [`MAX_PULL_REPORTS_IN_FLIGHT`] are under way; more are dropped.
+    pub fn post_pull(&self, report: PullReport) {
+        let Some(c) = &self.controller else {
+            return;
+        };
+        if self.pulls_in_flight.fetch_add(1, Ordering::Relaxed) >= MAX_PULL_REPORTS_IN_FLIGHT {
+            self.pulls_in_flight.fetch_sub(1, Ordering::Relaxed);
+            debug!(
+                image = report.image,
+                "too many pull reports under way; dropped"
+            );
+            return;
+        }
+        let (c, in_flight) = (c.clone(), self.pulls_in_flight.clone());
+        self.runtime.spawn(async move {
+            let mut pause = std::time::Duration::from_millis(500);
+            for attempt in 1..=PULL_REPORT_ATTEMPTS {
+                match c.post_pull(&report).await {
+                    Ok(()) => {
+                        debug!(image = report.image, "pull reported");
+                        break;
+                    }
+                    Err(e) => {
+                        let retry = match &e {
+                            hermes_node_api::client::Error::Request { .. } => true,
+                            hermes_node_api::client::Error::Status { status, .. } => {
+                                status.is_server_error()
+                            }
+                            _ => false,
+                        };
+                        if !retry || attempt == PULL_REPORT_ATTEMPTS {
+                            debug!(image = report.image, error = %error_chain(&e), "pull not reported");
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(8));
+            }
+            in_flight.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }

@@ -350,6 +350,10 @@ pub async fn run_with(
         }
         builder = builder.with_mirror(mirror);
     }
+    // Nodes' pull reports count as starts of their image (with the pod a node names: no pod
+    // watch here to attribute them).
+    let (pulls_tx, mut pulls) = mpsc::channel(256);
+    node_api.set_pull_reports(hermes_controller::api::PullSink::To(pulls_tx));
     let mut engine = Engine::new(config.engine, builder, node_api.clone(), misses_rx, book)?;
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let addr = config.server.local_addr().ok();
@@ -403,6 +407,7 @@ pub async fn run_with(
         node_api.set_ready(true);
         tokio::select! {
             () = engine.run_for(config.poll_interval) => {}
+            Some(report) = pulls.recv() => record_start(&mut engine, &report),
             () = &mut shutdown => break,
         }
     }
@@ -410,6 +415,19 @@ pub async fn run_with(
     let _ = stop_server.send(());
     let _ = server.await;
     Ok(())
+}
+
+/// Count a node's pull as a start of its image, of the pod the node named if any.
+fn record_start(engine: &mut Engine, report: &hermes_controller::api::PullReport) {
+    let Some(manifest) = &report.manifest else {
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let pod = hermes_controller::starts::attribute(report, &[], |_| false);
+    let start = hermes_controller::starts::PodStart::new(report, pod.first(), now);
+    engine.record_start(manifest, start);
 }
 
 #[cfg(test)]

@@ -59,6 +59,10 @@ pub struct NodeArgs {
     /// containerd's socket, where the CRI proxy forwards [default: /run/containerd/containerd.sock].
     #[arg(long, value_name = "PATH")]
     containerd: Option<PathBuf>,
+    /// This node's name in reports to the controller: the Kubernetes node name, which pull
+    /// reports are attributed to pods by [default: the host name].
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    node_name: Option<String>,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -147,6 +151,9 @@ fn config(args: &NodeArgs) -> anyhow::Result<NodeConfig> {
     }
     if let Some(socket) = &args.containerd {
         config.containerd = socket.clone();
+    }
+    if let Some(name) = &args.node_name {
+        config.node_name = Some(name.clone());
     }
     Ok(config)
 }

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Args;
 use hermes_controller::reconcile::LayerState;
+use hermes_controller::starts::StartStats;
 use hermes_controller::status::{ImageReport, PolicyReport};
 use hermes_node_api::client::{Client, ClientOptions, Error as ApiError};
 use hermes_oci::Reference;
@@ -198,6 +199,7 @@ fn print_image(out: &mut impl Write, r: &ImageReport) -> std::io::Result<()> {
     if let Some(e) = &r.last_error {
         writeln!(out, "last error: {}", one_line(e))?;
     }
+    print_starts(out, &r.starts)?;
     for l in &s.layers {
         let state = match &l.state {
             LayerState::Indexed => "indexed".to_owned(),
@@ -215,6 +217,37 @@ fn print_image(out: &mut impl Write, r: &ImageReport) -> std::io::Result<()> {
             LayerState::Failed { reason } => format!("failed: {}", one_line(reason)),
         };
         writeln!(out, "  {} {:>10}  {state}", l.digest, human(l.size))?;
+    }
+    Ok(())
+}
+
+/// The image's pod starts: counters, then the last pods, newest first.
+fn print_starts(out: &mut impl Write, starts: &StartStats) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "starts:     {} lazy, {} fallbacks",
+        starts.lazy_starts, starts.fallbacks
+    )?;
+    for p in &starts.last_pods {
+        let pod = if p.name.is_empty() {
+            "(pod unknown)".to_owned()
+        } else {
+            format!("{}/{}", p.namespace, p.name)
+        };
+        let local = p
+            .fully_local_seconds
+            .map_or(String::new(), |s| format!(", fully local after {s:.1}s"));
+        let reason = p
+            .reason
+            .as_deref()
+            .map_or(String::new(), |r| format!(": {}", one_line(r)));
+        writeln!(
+            out,
+            "  {pod} on {}: {:?}, {} fetched{local}{reason}",
+            if p.node.is_empty() { "?" } else { &p.node },
+            p.mode,
+            human(p.bytes_fetched),
+        )?;
     }
     Ok(())
 }
@@ -252,4 +285,48 @@ fn print_policies(out: &mut impl Write, policies: &[PolicyReport]) -> std::io::R
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hermes_controller::starts::{PodStart, StartMode};
+
+    #[test]
+    fn an_image_shows_its_start_counters_and_last_pods() {
+        let mut starts = StartStats::default();
+        for (name, mode, reason) in [
+            (
+                "old",
+                StartMode::Fallback,
+                Some("1 of 1 layers pulled normally: no zTOC (1)"),
+            ),
+            ("new", StartMode::Lazy, None),
+        ] {
+            starts.record(PodStart {
+                namespace: "default".into(),
+                name: name.into(),
+                node: "node-1".into(),
+                mode,
+                bytes_fetched: 2048,
+                fully_local_seconds: None,
+                reason: reason.map(str::to_owned),
+                at_unix: 1,
+            });
+        }
+        let mut out = Vec::new();
+        print_starts(&mut out, &starts).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "starts:     1 lazy, 1 fallbacks", "{text}");
+        assert!(
+            lines[1].starts_with("  default/new on node-1: Lazy, "),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("  default/old on node-1: Fallback, ")
+                && lines[2].ends_with(": 1 of 1 layers pulled normally: no zTOC (1)"),
+            "{text}"
+        );
+    }
 }

@@ -318,14 +318,14 @@ fn a_controllers_ztoc_is_kept_then_confirmed_with_304_and_a_refusal_overrides_th
         sources.find(&unknown).expect("lookup"),
         Answer::NotIndexed
     ));
-    sources.report_miss(&unknown);
-    sources.report_miss(&unknown);
+    sources.report_miss(&unknown, None);
+    sources.report_miss(&unknown, None);
     let other = layer(
         "registry.test/other:v1",
         &Digest::of(b"m2").to_string(),
         l.as_str(),
     );
-    sources.report_miss(&other);
+    sources.report_miss(&other, None);
     poll("two misses", || locked(&contract.misses).len() >= 2);
     let misses = locked(&contract.misses).clone();
     let app: Vec<_> = misses

@@ -848,6 +848,22 @@ fn a_fresh_node_starts_the_image_lazily_from_the_controllers_artifacts_until_a_p
         node.logs()
     );
     assert_eq!(out, "hello from the controller's index\n");
+    // The node reports the start once its reads are done: `hermes status IMAGE` counts it.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let shown = loop {
+        let status = hermes(&["status", &image.reference, "--controller", &controller.url]);
+        let shown = text(&status.stdout);
+        if shown.contains("starts:     1 lazy, 0 fallbacks") {
+            break shown;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no start in hermes status:\n{shown}\nnode logs:\n{}",
+            node.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(shown.contains(": Lazy, "), "the last pods: {shown}");
     let m = node.metrics();
     assert_eq!(
         metric(&m, "hermes_node_lazy_mounts_total", &[]),

@@ -13,12 +13,14 @@ use hermes_containerd::{ContainerState, Cri, log_lines};
 use hermes_node_api::labels::{
     CRI_IMAGE_LAYERS, CRI_IMAGE_REF, CRI_LAYER_DIGEST, CRI_MANIFEST_DIGEST, SNAPSHOT_REF,
 };
+use hermes_node_api::{LayerMode, PullReport};
 use hermes_testkit::{
     Containerd, ContainerdBuilder, CriPull, FaultProxy, Flavour, HERMES_RUNTIME_HANDLER,
     PushedImage, Registry, busybox_image, sandbox_image,
 };
 
 use crate::node::{Node, free_port, index, metric, require_root};
+use crate::node_api::Controller;
 use crate::pull::message_image;
 
 /// A registry with the sandbox image, a `hermes node` and a CRI-enabled containerd using it.
@@ -218,6 +220,101 @@ async fn an_indexed_image_starts_through_cri_having_fetched_under_a_tenth_of_its
         "fetched {fetched} of {total} compressed bytes"
     );
 }
+}
+
+/// The next pull report the controller got (fails after `secs`).
+fn next_pull_report(controller: &Controller, secs: u64, logs: &dyn Fn() -> String) -> PullReport {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Ok(report) = controller.pulls.lock().expect("pulls").try_recv() {
+            return report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pull report in {secs} s\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn each_cri_pull_is_reported_with_its_lazy_layers_and_bytes_or_its_fallback_reason() {
+    require_root();
+    let registry = Registry::start().expect("registry");
+    let lazy = lazy_image(&registry, "cri/reported:v1", "reported lazily");
+    let plain = message_image(&registry, "cri/unindexed:v1", "reported normally");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctrl_store = dir.path().join("controller");
+    index(&lazy.reference, &ctrl_store);
+    let controller = Controller::start(&ctrl_store);
+    let cluster = Cluster::start(
+        Flavour::V1_6,
+        dir.path(),
+        &registry,
+        &[],
+        &[
+            "--plain-http",
+            "--no-background-fetch",
+            "--trace-window",
+            "1",
+            "--controller",
+            &controller.url,
+        ],
+    );
+    let logs = || cluster.diagnostics();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    assert_eq!(
+        rt.block_on(cluster.run(&lazy.reference, "lazy")),
+        vec!["reported lazily"]
+    );
+    let report = next_pull_report(&controller, 60, &logs);
+    assert_eq!(report.image, lazy.reference);
+    assert_eq!(
+        report.manifest.as_ref().map(|d| d.to_string()),
+        Some(lazy.manifest_digest.clone())
+    );
+    assert!(
+        report.node.as_deref().is_some_and(|n| !n.is_empty()),
+        "{report:?}"
+    );
+    assert_eq!(report.layers.len(), lazy.layers.len(), "{report:?}");
+    assert!(
+        report
+            .layers
+            .iter()
+            .all(|l| l.mode == LayerMode::Lazy && l.reason.is_none()),
+        "{report:?}"
+    );
+    let total: u64 = lazy.layers.iter().map(|l| l.size).sum();
+    assert!(
+        report.bytes_fetched > 0 && report.bytes_fetched * 10 < total,
+        "the start's reads fetched {} of {total} bytes",
+        report.bytes_fetched
+    );
+
+    assert_eq!(
+        rt.block_on(cluster.run(&plain.reference, "plain")),
+        vec!["reported normally"]
+    );
+    let report = next_pull_report(&controller, 60, &logs);
+    assert_eq!(report.image, plain.reference);
+    assert!(!report.layers.is_empty());
+    for layer in &report.layers {
+        assert_eq!(layer.mode, LayerMode::Fallback, "{report:?}");
+        assert_eq!(
+            layer.reason.as_deref(),
+            Some("no zTOC for the layer"),
+            "{report:?}"
+        );
+    }
+    assert_eq!(report.bytes_fetched, 0);
+    drop(cluster);
+    drop(controller.runtime);
 }
 
 on_each_containerd! {

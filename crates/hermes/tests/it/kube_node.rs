@@ -1,8 +1,10 @@
 //! Hermes in a real single-node Kubernetes cluster (`scripts/kube.sh`: etcd, API server,
 //! controller-manager, scheduler, a kubelet on containerd 1.6, a bridge pod network), installed
 //! from `deploy/` the way a user would, and driven with kubectl only: the controller sees pods
-//! through the real pod watch, the kubelet's second start of an indexed image is lazy, the node
-//! service restarts and upgrades under a running lazy pod, and `mode: "Off"` turns it all off.
+//! through the real pod watch, the kubelet's second start of an indexed image is lazy, each start
+//! shows on its pod (`HermesFallback` with the reason, `HermesLazyStart` with the bytes fetched,
+//! in `kubectl describe pod`) and in the image's counters, the node service restarts and
+//! upgrades under a running lazy pod, and `mode: "Off"` turns it all off.
 //! The memory-module webhook, installed from `deploy/modules/`, injects the installer into a
 //! selected pod; its modules load once, also when the kubelet re-runs the pod's init. Through
 //! the node's CRI image-service proxy, a pod whose image needs its `imagePullSecrets` starts
@@ -574,6 +576,21 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
             .then_some(())
     });
 
+    // Nothing was indexed when the first pod started: the node's pull report becomes the pod's
+    // HermesFallback, with the reason, and a fallback in the image's counters.
+    let describe_first = kube.wait("the first pod's HermesFallback event", 90, || {
+        let out = kube.kubectl(&["-n", "default", "describe", "pod", "first"]);
+        out.contains("HermesFallback").then_some(out)
+    });
+    assert!(
+        describe_first.contains("no zTOC for the layer"),
+        "the fallback's reason in kubectl describe pod:\n{describe_first}"
+    );
+    assert!(
+        !describe_first.contains("HermesLazyStart"),
+        "{describe_first}"
+    );
+
     // The image leaves the node; a second pod starts lazily.
     kube.delete_pod("first");
     kube.remove_image(&image, &layer_snapshots);
@@ -598,6 +615,51 @@ fn deploy_on_a_real_kubelet_indexes_a_running_image_and_starts_the_next_pod_lazi
     assert!(
         fetched * 10 < total,
         "fetched {fetched} of {total} compressed bytes"
+    );
+    // Once the start's reads are done (the node's 10 s trace window), the pod gets its
+    // HermesLazyStart with the bytes fetched, and the image counts one lazy start, one fallback.
+    let describe_second = kube.wait("the second pod's HermesLazyStart event", 90, || {
+        let out = kube.kubectl(&["-n", "default", "describe", "pod", "second"]);
+        out.contains("HermesLazyStart").then_some(out)
+    });
+    let reported: u64 = describe_second
+        .split_once(" bytes fetched on demand")
+        .and_then(|(before, _)| before.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes in the event:\n{describe_second}"));
+    eprintln!("HermesLazyStart reports {reported} bytes fetched on demand");
+    assert!(
+        reported > 0 && reported * 10 < total,
+        "{reported} of {total} bytes:\n{describe_second}"
+    );
+    assert!(
+        !describe_second.contains("HermesFallback"),
+        "{describe_second}"
+    );
+    let starts = kube.wait("the HermesImage counts both starts", 60, || {
+        let list = kube.json(&["get", "hermesimages"]);
+        let starts = hermes_image(&list, &repo)?["status"]["starts"].clone();
+        (starts["lazyStarts"] == 1 && starts["fallbacks"] == 1).then_some(starts)
+    });
+    let last: Vec<(&str, &str)> = starts["lastPods"]
+        .as_array()
+        .expect("lastPods")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or(""),
+                p["mode"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        last,
+        [("second", "Lazy"), ("first", "Fallback")],
+        "{starts:#}"
+    );
+    assert_eq!(starts["lastPods"][0]["node"], "hermes-kube", "{starts:#}");
+    assert_eq!(
+        starts["lastPods"][0]["bytesFetched"], reported,
+        "{starts:#}"
     );
 
     // The node service restarts, then upgrades, under the lazy pod: files it never read before

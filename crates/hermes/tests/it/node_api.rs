@@ -23,6 +23,8 @@ pub(crate) struct Controller {
     pub(crate) api: NodeApi,
     /// Misses the API accepted.
     pub(crate) misses: Mutex<tokio::sync::mpsc::Receiver<Miss>>,
+    /// Pull reports the API accepted.
+    pub(crate) pulls: Mutex<tokio::sync::mpsc::Receiver<hermes_node_api::PullReport>>,
     /// Multi-threaded, so the node's sources can `block_on` its handle from the test thread.
     pub(crate) runtime: tokio::runtime::Runtime,
 }
@@ -47,6 +49,8 @@ impl Controller {
             vec![256 << 10],
             tx,
         );
+        let (tx, pulls) = tokio::sync::mpsc::channel(16);
+        api.set_pull_reports(hermes_controller::api::PullSink::To(tx));
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .expect("bind");
@@ -60,6 +64,7 @@ impl Controller {
             url,
             api,
             misses: Mutex::new(misses),
+            pulls: Mutex::new(pulls),
             runtime,
         }
     }
@@ -169,18 +174,30 @@ fn a_ztoc_comes_from_the_controller_once_then_from_the_local_store() {
     );
     controller.api.set_active_policies(Vec::new());
 
-    // A layer the controller does not know: not found, and the image is reported once.
+    // A layer the controller does not know: not found, and the image is reported once, with
+    // its pod when the node knows it.
     let unknown = remote(&pushed, Digest::of(b"x").as_str());
     assert!(matches!(
         sources.find(&unknown).expect("lookup"),
         Answer::NotIndexed
     ));
-    sources.report_miss(&unknown);
-    sources.report_miss(&unknown);
+    let pod = hermes_node_api::PodRef {
+        namespace: "team".into(),
+        name: "web-1".into(),
+        uid: "u1".into(),
+        labels: [("app".to_owned(), "web".to_owned())].into(),
+    };
+    sources.report_miss(&unknown, Some(pod.clone()));
+    sources.report_miss(&unknown, None);
     let miss = controller
         .next_miss(Duration::from_secs(10))
         .expect("a miss arrives");
     assert_eq!(miss.image, pushed.reference);
+    assert_eq!(
+        miss.pod,
+        Some(pod),
+        "the namespace and labels reach the controller"
+    );
     assert_eq!(
         miss.digest.as_ref().map(Digest::as_str),
         Some(pushed.manifest_digest.as_str())
