@@ -662,7 +662,8 @@ def markdown(rep: dict) -> str:
     label = {"normal": "(a) containerd normal pull (overlayfs)", "lazy": "(b) Hermes lazy",
              "replay": "(c) Hermes record-and-replay (second start)", "fallback": "(d) Hermes, no index (fallback)",
              "eager": "(e) Hermes, policy mode Eager (pull before start)"}
-    read, read_note = bytes_read(rep)
+    # Read straight from the registry (no counting proxy): no byte counts to compare.
+    read, read_note = bytes_read(rep) if not rep.get("direct") else (None, "")
     workload = "the image's entrypoint" if rep["workload"] == "entrypoint" else f"`{' '.join(rep['command'][2:])}`"
     lines = [f"Image: {rep['image']['description']}; {rep['image_compressed_mib']} MiB compressed. "
              f"Container runs {workload}. "
