@@ -22,6 +22,9 @@ Modes:
             whose policy gives the image `mode: Eager` (and builds nothing: minLayerSize 1000Gi);
             each layer is fetched whole with parallel range requests and its spans decoded in
             parallel from their checkpoints before the container starts (pull before start)
+  deadline  the policy's `fullyLocalWithin` (--fully-local-within, default 60s) on a Lazy start:
+            the start (compare with lazy), when the layers are fully local, and then the registry
+            is stopped and a container reading every file of the image runs: it must succeed
   unpack    no container: the same layers' blobs, caches dropped, through `gzip -dc | tar -x`
             one after the other (what unpacking costs with no network); compare with eager's
             pull time at --rate-mbps 0
@@ -63,7 +66,7 @@ from stack import http_get, log  # noqa: E402
 from throttle_proxy import ThrottleProxy  # noqa: E402
 
 MODES = ("normal", "lazy", "replay", "fallback")
-ALL_MODES = MODES + ("eager", "unpack")
+ALL_MODES = MODES + ("eager", "deadline", "unpack")
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +220,7 @@ class Bench:
         containerd, node = self.containerd, self.node
         containerd.wipe()
         node.wipe(keep_store=False)
-        if mode in ("lazy", "replay", "eager"):
+        if mode in ("lazy", "replay", "eager", "deadline"):
             shutil.copytree(self.built, node.store)
         node.start()
         containerd.start()
@@ -312,6 +315,28 @@ class Bench:
         r["eager_layers"] = sum(1 for st in stats if st.get("mode") == "Eager")
         return r
 
+    def deadline(self, restart_registry) -> dict:
+        """The policy's fullyLocalWithin on a Lazy start: measured like lazy, waits until fully
+        local, then stops the registry and runs a container reading every file of the image."""
+        url = self.start_controller()
+        base = list(self.node.extra)
+        self.node.extra = base + ["--controller", url, "--trace-window", "0"]
+        r = self.start("deadline")
+        self.node.extra = base
+        log("deadline: fully local; stopping the registry and reading every file of the image")
+        self.procs.stop("registry")
+        try:
+            rr = stack.timed_start(self.containerd, ["true"], "hermes", self.ref, "bench-deadline-readall",
+                                   lambda: self.proxy.down, args=WORKLOADS["read-all"])
+            rr.pop("sampler")
+            r["read_all_without_registry"] = {"ok": True, "exited_s": rr["exited_s"]}
+        except RuntimeError as e:
+            r["read_all_without_registry"] = {"ok": False, "error": str(e)[-500:]}
+        finally:
+            restart_registry()
+        log(f"deadline: read every file with the registry down: {r['read_all_without_registry']}")
+        return r
+
     def unpack(self, layout_dir: str) -> dict:
         """`gzip -dc BLOB | tar -x` of every layer, in order, caches dropped: the local cost of
         an unpack with no network."""
@@ -340,11 +365,16 @@ class Bench:
         port = stack.free_port()
         policies = os.path.join(self.state, "controller", "policies")
         os.makedirs(policies, exist_ok=True)
+        repo = self.ref.rsplit(":", 1)[0]
         if "eager" in self.args.modes.split(","):
-            repo = self.ref.rsplit(":", 1)[0]
             with open(os.path.join(policies, "eager.yaml"), "w") as f:
                 f.write("apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {name: bench-eager}\n"
                         f"spec:\n  images: [\"{repo}\"]\n  mode: Eager\n  index: {{minLayerSize: 1000Gi}}\n")
+        if "deadline" in self.args.modes.split(","):
+            with open(os.path.join(policies, "deadline.yaml"), "w") as f:
+                f.write("apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {name: bench-deadline}\n"
+                        f"spec:\n  images: [\"{repo}\"]\n  fullyLocalWithin: {self.args.fully_local_within}\n"
+                        "  index: {minLayerSize: 1000Gi}\n")
         p = self.procs.start("controller", [
             self.hermes, "controller", "--standalone", "--policies", policies,
             "--data", os.path.join(self.state, "controller", "data"), "--listen", f"127.0.0.1:{port}",
@@ -466,6 +496,7 @@ def main() -> int:
     ap.add_argument("--hermes-build", default="",
                     help="how --hermes was built, for the results (default: from its path, e.g. target/release)")
     ap.add_argument("--rate-mbps", type=float, default=32.0, help="registry bandwidth cap, MB/s")
+    ap.add_argument("--fully-local-within", default="60s", help="the policy's fullyLocalWithin in mode deadline")
     ap.add_argument("--per-connection-mbps", type=float, default=0,
                     help="also cap each connection at this many MB/s (0: no per-connection cap)")
     ap.add_argument("--modes", default=",".join(MODES))
@@ -499,8 +530,8 @@ def main() -> int:
     unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
         sys.exit(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(ALL_MODES)}")
-    if "eager" in modes and "replay" in modes:
-        sys.exit("modes eager and replay need different controllers: run them separately")
+    if len({"eager", "replay", "deadline"} & set(modes)) > 1:
+        sys.exit("modes eager, replay and deadline need different controllers: run them separately")
 
     work = args.work
     state = os.path.join(work, "run")
@@ -567,6 +598,9 @@ def main() -> int:
                 results[mode] = bench.replay(results.get("lazy"))
             elif mode == "eager":
                 results[mode] = bench.eager()
+            elif mode == "deadline":
+                results[mode] = bench.deadline(
+                    lambda: stack.start_registry(procs, os.path.join(state, "registry"), reg_port))
             elif mode == "unpack":
                 unpack = bench.unpack(layout_dir)
                 continue
@@ -588,7 +622,7 @@ def main() -> int:
                     if line.startswith("model name")), platform.machine())
         mem = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal"))) >> 20
         report = {"image": meta, "workload": args.workload, "per_connection_mbps": args.per_connection_mbps,
-                  "direct": ref == direct,
+                  "direct": ref == direct, "fully_local_within": args.fully_local_within,
                   "unpack": unpack, "command": WORKLOADS[args.workload] or "entrypoint", "image_compressed_mib": round(compressed / 2**20), "rate_mbps": args.rate_mbps,
                   "index_build_s": index_s, "machine": f"{cpu}, {os.cpu_count()} cores, {mem} GiB RAM, "
                   f"kernel {platform.release()}, containerd {containerd.version()}",
@@ -661,7 +695,8 @@ def markdown(rep: dict) -> str:
     base = modes.get("normal")
     label = {"normal": "(a) containerd normal pull (overlayfs)", "lazy": "(b) Hermes lazy",
              "replay": "(c) Hermes record-and-replay (second start)", "fallback": "(d) Hermes, no index (fallback)",
-             "eager": "(e) Hermes, policy mode Eager (pull before start)"}
+             "eager": "(e) Hermes, policy mode Eager (pull before start)",
+             "deadline": "(f) Hermes, Lazy with fullyLocalWithin"}
     # Read straight from the registry (no counting proxy): no byte counts to compare.
     read, read_note = bytes_read(rep) if not rep.get("direct") else (None, "")
     workload = "the image's entrypoint" if rep["workload"] == "entrypoint" else f"`{' '.join(rep['command'][2:])}`"
@@ -704,6 +739,17 @@ def markdown(rep: dict) -> str:
                      f"ratio containerd/eager: {base['ready_s'] / eager['ready_s']:.2f} "
                      f"({eager.get('eager_layers', 0)} layer(s) served Eager; pulled, i.e. fully local, at "
                      f"{eager['pulled_s']:.2f} s).")
+    dl = modes.get("deadline")
+    if dl:
+        lazy = modes.get("lazy")
+        line = (f"fullyLocalWithin {rep.get('fully_local_within')}: fully local at "
+                f"{fmt_s(dl.get('fully_local_s'))} s from pull start")
+        if lazy and lazy.get("ready_s") and dl.get("ready_s"):
+            line += f"; ready {dl['ready_s']:.2f} s vs {lazy['ready_s']:.2f} s without it (ratio {dl['ready_s'] / lazy['ready_s']:.2f})"
+        rd = dl.get("read_all_without_registry", {})
+        line += ("; then, with the registry stopped, a container read every file of the image: "
+                 + ("OK" if rd.get("ok") else f"FAILED ({rd.get('error')})"))
+        lines.append(line + ".")
     if rep.get("unpack"):
         u = rep["unpack"]
         line = f"Unpack baseline: `gzip -dc | tar -x` of the {u['layers']} layer blob(s), caches dropped: {u['unpack_s']:.2f} s"
