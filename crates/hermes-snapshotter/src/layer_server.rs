@@ -242,7 +242,11 @@ pub fn serve_layer(
     } else {
         None
     };
-    let mut schedule = Schedule::new(opts.fully_local_within, ztoc.compressed_archive_size());
+    let mut schedule = Schedule::new(
+        opts.fully_local_within,
+        ztoc.compressed_archive_size(),
+        DEFAULT_FAST_PARALLEL,
+    );
     let mut fully_local_seconds = None;
     loop {
         let state = reader.state();
@@ -330,10 +334,12 @@ pub fn serve_layer(
     Ok(())
 }
 
-/// When a layer with a `fullyLocalWithin` deadline must stop yielding to reads. The fetch
-/// yields (a start's reads go first) while it can still finish in time at the fastest rate
-/// this layer has fetched at over a tick, with room to spare: it goes at full speed once half
-/// the time is gone, or once the rest would take more than half the time left at that rate.
+/// When a layer with a `fullyLocalWithin` deadline must stop yielding to reads. The gentle
+/// fetch (one range request at a time, pausing for reads) keeps going while the rest can still
+/// be fetched in time at full speed, taken as `parallel` times the fastest rate one request has
+/// fetched at over a tick (where the link, not each connection, is the limit, full speed is no
+/// faster than gentle once reads pause, so hurrying could not help anyway), with half again as
+/// much time to spare; and in any case once half the time is gone.
 #[derive(Debug)]
 struct Schedule {
     within: Option<Duration>,
@@ -342,16 +348,19 @@ struct Schedule {
     last: Option<(Duration, u64)>,
     /// The fastest rate seen over a tick (bytes per second).
     best_rate: f64,
+    /// Range requests in flight at full speed.
+    parallel: usize,
     missed: bool,
 }
 
 impl Schedule {
-    fn new(within: Option<Duration>, compressed: u64) -> Self {
+    fn new(within: Option<Duration>, compressed: u64, parallel: usize) -> Self {
         Self {
             within,
             compressed,
             last: None,
             best_rate: 0.0,
+            parallel: parallel.max(1),
             missed: false,
         }
     }
@@ -371,7 +380,8 @@ impl Schedule {
         self.last = Some((elapsed, fetched));
         let left = within.saturating_sub(elapsed).as_secs_f64();
         let remaining = self.compressed as f64 * (1.0 - present).max(0.0);
-        elapsed * 2 >= within || (self.best_rate > 0.0 && remaining / self.best_rate * 2.0 >= left)
+        let fast = self.best_rate * self.parallel as f64;
+        elapsed * 2 >= within || (fast > 0.0 && remaining / fast * 1.5 >= left)
     }
 
     /// Whether the deadline passed just now (true once).
@@ -415,18 +425,26 @@ mod tests {
     #[test]
     fn a_deadline_schedule_yields_while_it_can_finish_in_time_and_hurries_after() {
         // No deadline: never hurries.
-        let mut none = Schedule::new(None, 1 << 30);
+        let mut none = Schedule::new(None, 1 << 30, 4);
         assert!(!none.behind(S * 1000, 0, 0.0));
         assert!(!none.missed(S * 1000));
 
-        // 100 MB within 60 s, fetched at 10 MB/s over the first tick: 10 s needed, 59 left.
-        let mut s = Schedule::new(Some(S * 60), 100_000_000);
+        // 100 MB within 60 s, one request fetching 10 MB/s: 4 at once need 2.5 s, 59 s left.
+        let mut s = Schedule::new(Some(S * 60), 100_000_000, 4);
         assert!(!s.behind(S, 0, 0.0));
         assert!(!s.behind(S * 2, 10_000_000, 0.1));
-        // At 1 MB/s at best, the 90 MB left need 90 s: hurry long before half the time.
-        let mut slow = Schedule::new(Some(S * 60), 100_000_000);
+        // 1 GB, gently at 8 MB/s (one request): 4 at once would need 31 s at first. With half
+        // again to spare it yields while (1 GB - 8 MB/s × t) / 32 MB/s × 1.5 < 60 s - t, until
+        // about 21 s, then hurries (and finishes near 21 + 26 = 47 s).
+        let mut big = Schedule::new(Some(S * 60), 1_000_000_000, 4);
+        assert!(!big.behind(S, 0, 0.0));
+        assert!(!big.behind(S * 2, 8_000_000, 0.008));
+        assert!(!big.behind(S * 14, 104_000_000, 0.104));
+        assert!(big.behind(S * 22, 168_000_000, 0.168));
+        // At 0.5 MB/s per request, the 99.5 MB left need 50 s at full speed: hurry at once.
+        let mut slow = Schedule::new(Some(S * 60), 100_000_000, 4);
         assert!(!slow.behind(S, 0, 0.0));
-        assert!(slow.behind(S * 2, 1_000_000, 0.01));
+        assert!(slow.behind(S * 2, 500_000, 0.005));
         // Whatever the rate, half the time gone: hurry.
         assert!(s.behind(S * 30, 10_000_000, 0.1));
         // The deadline passes once.
