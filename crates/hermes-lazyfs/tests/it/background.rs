@@ -3,10 +3,10 @@
 use std::sync::Arc;
 
 use hermes_lazyfs::{
-    BackgroundFetcher, BrokenReason, Error, LayerDigest, LayerState, Outcome, Pace,
+    BackgroundFetcher, BrokenReason, Error, LayerDigest, LayerReader, LayerState, Outcome, Pace,
 };
 
-use crate::layer::{multi_span_layer, sha256, wait_until};
+use crate::layer::{Built, Source, multi_span_layer, sha256, wait_until};
 
 #[test]
 fn background_fetch_makes_the_layer_fully_local() {
@@ -183,28 +183,41 @@ fn background_fetch_of_a_tampered_span_breaks_the_layer() {
     assert!(matches!(reader.read(0, 10), Err(Error::Broken(_))));
 }
 
+/// A background fetcher at `pace`, paused behind a read of span 5 whose fetch `source` holds:
+/// the read's thread and the fetcher.
+fn paused_behind_a_held_read(
+    layer: &Built,
+    source: &Source,
+    reader: &Arc<LayerReader>,
+    pace: Pace,
+) -> (std::thread::JoinHandle<Vec<u8>>, BackgroundFetcher) {
+    let span = layer.ztoc.span(5).unwrap();
+    source.hold();
+    let read = std::thread::spawn({
+        let reader = Arc::clone(reader);
+        move || reader.read(span.uncompressed.start, 10).unwrap()
+    });
+    wait_until("the read's fetch", || source.blocked() == 1);
+    let fetcher = BackgroundFetcher::start_paced(
+        Arc::clone(reader),
+        layer.digest.clone(),
+        layer.blob.len() as u64,
+        pace,
+    )
+    .unwrap();
+    wait_until("the background fetcher to pause", || {
+        reader.stats().background_pauses == 1
+    });
+    (read, fetcher)
+}
+
 #[test]
 fn background_fetch_waits_while_a_read_is_fetching() {
     let layer = multi_span_layer();
     let dir = tempfile::tempdir().unwrap();
     let source = layer.source();
     let reader = Arc::new(layer.reader(dir.path(), &source));
-    let span = layer.ztoc.span(5).unwrap();
-    source.hold();
-    let read = std::thread::spawn({
-        let reader = Arc::clone(&reader);
-        move || reader.read(span.uncompressed.start, 10).unwrap()
-    });
-    wait_until("the read's fetch", || source.blocked() == 1);
-    let fetcher = BackgroundFetcher::start(
-        Arc::clone(&reader),
-        layer.digest.clone(),
-        layer.blob.len() as u64,
-    )
-    .unwrap();
-    wait_until("the background fetcher to pause", || {
-        reader.stats().background_pauses == 1
-    });
+    let (read, fetcher) = paused_behind_a_held_read(&layer, &source, &reader, Pace::gentle());
     assert_eq!(
         source.blocked(),
         1,
@@ -216,7 +229,7 @@ fn background_fetch_waits_while_a_read_is_fetching() {
     assert!(matches!(outcome, Outcome::FullyLocal), "{outcome:?}");
     assert_eq!(
         source.log()[0],
-        span.compressed,
+        layer.ztoc.span(5).unwrap().compressed,
         "the read's fetch goes first"
     );
 }
@@ -301,24 +314,8 @@ fn a_paused_background_fetch_told_to_hurry_goes_on_beside_the_read() {
     let dir = tempfile::tempdir().unwrap();
     let source = layer.source();
     let reader = Arc::new(layer.reader(dir.path(), &source));
-    let span = layer.ztoc.span(5).unwrap();
-    source.hold();
-    let read = std::thread::spawn({
-        let reader = Arc::clone(&reader);
-        move || reader.read(span.uncompressed.start, 10).unwrap()
-    });
-    wait_until("the read's fetch", || source.blocked() == 1);
     let pace = Pace::gentle();
-    let fetcher = BackgroundFetcher::start_paced(
-        Arc::clone(&reader),
-        layer.digest.clone(),
-        layer.blob.len() as u64,
-        pace.clone(),
-    )
-    .unwrap();
-    wait_until("the background fetcher to pause", || {
-        reader.stats().background_pauses == 1
-    });
+    let (read, fetcher) = paused_behind_a_held_read(&layer, &source, &reader, pace.clone());
     assert_eq!(source.blocked(), 1);
     pace.speed_up(2);
     wait_until("two background fetches beside the read", || {
