@@ -197,6 +197,31 @@ pub fn render(snapshots: &Snapshots, layers: &NodeLayers) -> String {
     }
     registry.register("layers", "Lazy layers served, by state", states);
 
+    // By the policy's mode (a layer served before modes existed counts as Lazy), and how many
+    // of them missed their fullyLocalWithin deadline.
+    let modes = Family::<Labels, Gauge>::default();
+    for mode in ["Lazy", "Prefetch", "Eager"] {
+        let n = stats
+            .iter()
+            .filter(|s| s.mode == mode || (mode == "Lazy" && s.mode.is_empty()))
+            .count();
+        modes
+            .get_or_create(&vec![("mode", mode.to_owned())])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    registry.register("layer_modes", "Lazy layers served, by policy mode", modes);
+    let missed = stats
+        .iter()
+        .filter(|s| s.fully_local_deadline_missed)
+        .count();
+    let deadline = Gauge::<i64>::default();
+    deadline.set(i64::try_from(missed).unwrap_or(i64::MAX));
+    registry.register(
+        "layers_fully_local_deadline_missed",
+        "Lazy layers served that were not fully local within their policy's fullyLocalWithin",
+        deadline,
+    );
+
     let fully_local = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     for s in &stats {
         if let Some(secs) = s.fully_local_seconds {

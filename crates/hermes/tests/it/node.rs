@@ -1215,6 +1215,25 @@ fn policy_modes_reach_the_node_eager_is_fully_local_before_the_start_and_a_deadl
     };
     assert_eq!(stats["fully_local_deadline_missed"], false);
     assert_eq!(stats["bytes_on_demand"], 0);
+    let metrics = node.metrics();
+    assert_eq!(
+        metric(&metrics, "hermes_node_layer_modes", &["mode=\"Eager\""]),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "hermes_node_layer_modes", &["mode=\"Lazy\""]),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "hermes_node_layers_fully_local_deadline_missed",
+            &[]
+        ),
+        0.0
+    );
     drop(node);
     drop(controller.runtime);
 }
