@@ -45,8 +45,13 @@ const ATTEMPTS: u32 = 3;
 pub(crate) const DIGEST_PASSES: u32 = 3;
 
 /// How long reads must have fetched nothing before the background fetcher goes on: it would
-/// otherwise take half the bandwidth between two bursts of a starting container's reads.
-pub const QUIET: Duration = Duration::from_millis(500);
+/// otherwise take half the bandwidth between two bursts of a starting container's reads. 2 s,
+/// not 500 ms: an import-heavy start (the quickstart's numpy/pandas image, 32 MB/s, release
+/// build, idle machine) pauses longer than 500 ms between bursts, and background spans fetched
+/// then slowed the next reads: ready 4.41–4.44 s at 500 ms, 3.90–3.98 s at 1 s, 3.66–3.69 s at
+/// 2 s, 3.62–3.72 s at 3–5 s, fully local 8.2 / 7.7 / 9.2 / 10.2–12.2 s
+/// (`bench/results/first-start.md`); the quick image's start is the same at 500 ms and 2 s.
+pub const QUIET: Duration = Duration::from_secs(2);
 
 /// Range requests a fetcher at full speed keeps in flight, unless told otherwise: enough to
 /// fill a link whose registry (or the object storage behind it) limits each connection, and
