@@ -47,8 +47,7 @@ impl Daemon {
             config.controller.as_ref(),
             config.soci_from_registry.then(|| client.clone()),
             tokio::runtime::Handle::current(),
-        )?
-        .with_pulls(pulls.clone());
+        )?;
         if let Some(name) = &config.node_name {
             sources = sources.with_node_name(name);
         }

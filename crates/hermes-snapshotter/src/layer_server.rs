@@ -250,8 +250,8 @@ pub fn serve_layer(
     let mut fully_local_seconds = None;
     loop {
         let state = reader.state();
+        let s = reader.stats();
         if state == LayerState::Lazy && !pace.is_fast() {
-            let s = reader.stats();
             let present =
                 f64::from(reader.cache().present_count()) / f64::from(ztoc.span_count().max(1));
             let fetched = s.bytes_fetched + s.background_bytes_fetched;
@@ -277,7 +277,6 @@ pub fn serve_layer(
             fully_local_seconds = Some(secs);
             info!(layer = %digest, seconds = secs, "layer is fully local");
         }
-        let s = reader.stats();
         let traced = reader.traced_bytes();
         let stats = LayerStats {
             layer: opts.layer.clone(),

@@ -260,11 +260,12 @@ impl NodeLayers {
             *why = fallback("containerd named no image for the layer");
             return Ok(None);
         };
-        let found = match self.sources.find(layer) {
+        let pod = self.pod_of(layer);
+        let found = match self.sources.find(layer, pod.as_ref()) {
             Ok(Answer::Ztoc(found)) => found,
             Ok(Answer::NotIndexed) => {
                 self.miss(Miss::NoIndex);
-                self.sources.report_miss(layer, self.pod_of(layer));
+                self.sources.report_miss(layer, pod);
                 *why = fallback("no zTOC for the layer");
                 return Ok(None);
             }
@@ -276,7 +277,7 @@ impl NodeLayers {
             }
             Err(e) => {
                 self.miss(Miss::SourceFailed);
-                self.sources.report_miss(layer, self.pod_of(layer));
+                self.sources.report_miss(layer, pod);
                 *why = fallback(&format!(
                     "no index source answered: {}",
                     hermes_node_api::error_chain(&e)

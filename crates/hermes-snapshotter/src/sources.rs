@@ -29,7 +29,6 @@ use hermes_oci::manifest::{Manifest, media};
 use hermes_oci::soci::annotation;
 use hermes_oci::{Client, Digest, Reference, Store};
 
-use crate::cri_proxy::PullLog;
 use tokio::runtime::Handle;
 use tracing::{debug, info, warn};
 
@@ -169,8 +168,6 @@ pub struct IndexSources {
     /// Pull reports being sent.
     pulls_in_flight: Arc<AtomicUsize>,
     counters: LookupCounters,
-    /// The pulls the CRI proxy saw: the pod an image is pulled for, named in lookups.
-    pulls: PullLog,
 }
 
 impl IndexSources {
@@ -206,15 +203,7 @@ impl IndexSources {
             reported: Mutex::new(HashSet::new()),
             pulls_in_flight: Arc::default(),
             counters: LookupCounters::default(),
-            pulls: PullLog::default(),
         })
-    }
-
-    /// Name the pod an image is pulled for (from the CRI proxy's `pulls`) in controller
-    /// lookups, so policies' namespace and pod selectors apply to them.
-    pub fn with_pulls(mut self, pulls: PullLog) -> Self {
-        self.pulls = pulls;
-        self
     }
 
     /// The same sources, naming this node `name` in reports (instead of the host name).
@@ -233,9 +222,10 @@ impl IndexSources {
         &self.store
     }
 
-    /// The zTOC for `layer`, from the first source that has one (see the module docs).
+    /// The zTOC for `layer`, from the first source that has one (see the module docs), for
+    /// `pod` if the node knows it (the controller then applies policies' selectors to it).
     /// Errors only when every source that was asked failed and there is no local copy.
-    pub fn find(&self, layer: &RemoteLayer) -> Result<Answer> {
+    pub fn find(&self, layer: &RemoteLayer, pod: Option<&PodRef>) -> Result<Answer> {
         let digest = Digest::parse(&layer.layer_digest)?;
         let local = self.local(&digest)?;
         // What the controller says of the image holds whichever source has the zTOC.
@@ -244,7 +234,7 @@ impl IndexSources {
         let mut answered = false;
         if self.controller.is_some() {
             let kept = local.as_ref().map(|f| &f.digest);
-            match self.ask_controller(layer, &digest, kept) {
+            match self.ask_controller(layer, &digest, kept, pod) {
                 Ok(ZtocAnswer::Disabled(reason)) => {
                     self.counters.count(Source::Controller, Lookup::Refused);
                     info!(layer = %digest, %reason, "the controller refuses a lazy start");
@@ -334,26 +324,24 @@ impl IndexSources {
         })
     }
 
-    /// Asks the controller for `layer`'s zTOC, naming the image (so it can refuse it) and the
-    /// copy `kept` locally, if any (so it can confirm it without sending it).
+    /// Asks the controller for `layer`'s zTOC, naming the image and the pod's namespace and
+    /// labels (so it can refuse it or give its mode) and the copy `kept` locally, if any (so it
+    /// can confirm it without sending it).
     fn ask_controller(
         &self,
         remote: &RemoteLayer,
         layer: &Digest,
         kept: Option<&Digest>,
+        pod: Option<&PodRef>,
     ) -> Result<ZtocAnswer> {
         let Some(c) = &self.controller else {
             return Ok(ZtocAnswer::NotFound(LayerBehaviour::default()));
         };
-        let pod = remote
-            .image_ref
-            .as_deref()
-            .and_then(|image| self.pulls.pod_for(image));
         let query = ZtocQuery {
             image: remote.image_ref.clone(),
             manifest: remote.manifest_digest.clone(),
-            labels: pod.as_ref().map(|p| encode_labels(&p.labels)),
-            namespace: pod.map(|p| p.namespace),
+            labels: pod.map(|p| encode_labels(&p.labels)),
+            namespace: pod.map(|p| p.namespace.clone()),
         };
         Ok(self.runtime.block_on(c.ztoc(layer, &query, kept))?)
     }

@@ -273,7 +273,7 @@ fn a_controllers_ztoc_is_kept_then_confirmed_with_304_and_a_refusal_overrides_th
     let wanted = layer("registry.test/app:v1", &manifest, l.as_str());
 
     let found = sources
-        .find(&wanted)
+        .find(&wanted, None)
         .expect("lookup")
         .into_ztoc()
         .expect("found");
@@ -283,7 +283,7 @@ fn a_controllers_ztoc_is_kept_then_confirmed_with_304_and_a_refusal_overrides_th
     );
     // The second lookup names the kept copy; the controller confirms it without sending it.
     let again = sources
-        .find(&wanted)
+        .find(&wanted, None)
         .expect("lookup")
         .into_ztoc()
         .expect("found");
@@ -302,7 +302,7 @@ fn a_controllers_ztoc_is_kept_then_confirmed_with_304_and_a_refusal_overrides_th
 
     // A refusal wins over the kept copy.
     *locked(&contract.refusal) = Some("policy stop has mode Off".into());
-    match sources.find(&wanted).expect("lookup") {
+    match sources.find(&wanted, None).expect("lookup") {
         Answer::Disabled(reason) => assert_eq!(reason, "policy stop has mode Off"),
         other => panic!("a refusal must disable the lazy start: {other:?}"),
     }
@@ -315,7 +315,7 @@ fn a_controllers_ztoc_is_kept_then_confirmed_with_304_and_a_refusal_overrides_th
     // A layer the controller does not know: not found, and the image is reported once.
     let unknown = layer("registry.test/app:v1", &manifest, Digest::of(b"x").as_str());
     assert!(matches!(
-        sources.find(&unknown).expect("lookup"),
+        sources.find(&unknown, None).expect("lookup"),
         Answer::NotIndexed
     ));
     sources.report_miss(&unknown, None);
@@ -369,7 +369,10 @@ fn a_wrong_token_is_a_failed_lookup_not_a_missing_ztoc() {
     let sources = node_sources(dir.path(), &with_token(dir.path(), &url, "wrong"), &rt).unwrap();
     let d = Digest::of(b"layer").to_string();
     let err = sources
-        .find(&layer("127.0.0.1:1/x:y", &Digest::of(b"m").to_string(), &d))
+        .find(
+            &layer("127.0.0.1:1/x:y", &Digest::of(b"m").to_string(), &d),
+            None,
+        )
         .expect_err("unauthorised");
     let failed = sources.counters().get(Source::Controller, Lookup::Failed);
     assert!(error_chain(&err).contains("401"), "{}", error_chain(&err));
@@ -387,11 +390,14 @@ fn a_ztoc_whose_body_is_not_the_digest_its_header_names_is_not_kept() {
     let url = contract.serve(&rt);
     let sources = node_sources(dir.path(), &ControllerConfig::new(url), &rt).unwrap();
     let err = sources
-        .find(&layer(
-            "registry.test/app:v1",
-            &Digest::of(b"m").to_string(),
-            l.as_str(),
-        ))
+        .find(
+            &layer(
+                "registry.test/app:v1",
+                &Digest::of(b"m").to_string(),
+                l.as_str(),
+            ),
+            None,
+        )
         .expect_err("a zTOC with the wrong digest");
     assert!(
         error_chain(&err).contains(Digest::of(b"other").as_str()),
@@ -450,7 +456,7 @@ fn ztocs_are_found_in_soci_v2_and_v1_indexes_in_the_registry() {
         .unwrap();
         let l = &pushed.layers[0];
         let found = sources
-            .find(&layer(&image, &manifest, &l.digest))
+            .find(&layer(&image, &manifest, &l.digest), None)
             .expect("lookup")
             .into_ztoc()
             .unwrap_or_else(|| panic!("{version:?}: no zTOC found"));
@@ -473,11 +479,14 @@ fn ztocs_are_found_in_soci_v2_and_v1_indexes_in_the_registry() {
             .expect("push");
         assert!(
             sources
-                .find(&layer(
-                    &plain.reference,
-                    &plain.manifest_digest,
-                    &plain.layers[0].digest
-                ))
+                .find(
+                    &layer(
+                        &plain.reference,
+                        &plain.manifest_digest,
+                        &plain.layers[0].digest
+                    ),
+                    None
+                )
                 .expect("lookup")
                 .into_ztoc()
                 .is_none()
@@ -526,7 +535,10 @@ fn a_controller_announcing_a_ztoc_beyond_the_cap_is_not_read() {
     let sources = node_sources(dir.path(), &controller, &rt).unwrap();
     let d = Digest::of(b"layer").to_string();
     let err = sources
-        .find(&layer("127.0.0.1:1/x:y", &Digest::of(b"m").to_string(), &d))
+        .find(
+            &layer("127.0.0.1:1/x:y", &Digest::of(b"m").to_string(), &d),
+            None,
+        )
         .expect_err("too large");
     let message = error_chain(&err);
     assert!(

@@ -145,7 +145,11 @@ fn a_ztoc_comes_from_the_controller_once_then_from_the_local_store() {
         .any_ztoc_for_layer(&Digest::parse(&l.digest).unwrap())
         .unwrap()
         .expect("controller has the zTOC");
-    let lookup = || sources.find(&remote(&pushed, &l.digest)).expect("lookup");
+    let lookup = || {
+        sources
+            .find(&remote(&pushed, &l.digest), None)
+            .expect("lookup")
+    };
     let found = lookup().into_ztoc().expect("found");
     assert_eq!((found.source, &found.digest), (Source::Controller, &want));
     let again = lookup().into_ztoc().expect("found");
@@ -172,13 +176,51 @@ fn a_ztoc_comes_from_the_controller_once_then_from_the_local_store() {
         sources.counters().get(Source::Controller, Lookup::Refused),
         1
     );
+    // Off for one namespace only: a lookup naming a pod there is refused, one naming a pod
+    // elsewhere or no pod is answered.
+    let batch_only = hermes_controller::policy::parse_policies(
+        &format!(
+            "apiVersion: hermes.dev/v1alpha1\nkind: HermesPolicy\nmetadata: {{name: stop-batch}}\n\
+             spec:\n  images: [\"{host}/src/**\"]\n  mode: Off\n  \
+             namespaceSelector: {{matchLabels: {{team: batch}}}}\n"
+        ),
+        "test",
+    )
+    .expect("policy");
+    controller.api.set_active_policies(batch_only);
+    controller.api.set_namespace_labels(
+        [(
+            "jobs".to_owned(),
+            [("team".to_owned(), "batch".to_owned())].into(),
+        )]
+        .into(),
+    );
+    let in_namespace = |namespace: &str| hermes_node_api::PodRef {
+        namespace: namespace.to_owned(),
+        name: "p".to_owned(),
+        ..Default::default()
+    };
+    let layer = remote(&pushed, &l.digest);
+    assert!(matches!(
+        sources
+            .find(&layer, Some(&in_namespace("jobs")))
+            .expect("lookup"),
+        Answer::Disabled(_)
+    ));
+    assert!(matches!(
+        sources
+            .find(&layer, Some(&in_namespace("shop")))
+            .expect("lookup"),
+        Answer::Ztoc(_)
+    ));
+    assert!(matches!(lookup(), Answer::Ztoc(_)));
     controller.api.set_active_policies(Vec::new());
 
     // A layer the controller does not know: not found, and the image is reported once, with
     // its pod when the node knows it.
     let unknown = remote(&pushed, Digest::of(b"x").as_str());
     assert!(matches!(
-        sources.find(&unknown).expect("lookup"),
+        sources.find(&unknown, None).expect("lookup"),
         Answer::NotIndexed
     ));
     let pod = hermes_node_api::PodRef {
@@ -222,7 +264,7 @@ fn a_wrong_token_is_a_failed_lookup_not_a_missing_ztoc() {
         layers: Vec::new(),
     };
     let err = sources
-        .find(&remote(&image, Digest::of(b"layer").as_str()))
+        .find(&remote(&image, Digest::of(b"layer").as_str()), None)
         .expect_err("unauthorised");
     let chain = hermes_node_api::error_chain(&err);
     assert!(chain.contains("401"), "{chain}");
