@@ -1,7 +1,9 @@
 //! The background fetcher: makes a layer fully local and checks its whole digest.
 //!
 //! One low-priority thread per layer walks the blob front to back in span-sized range reads,
-//! pausing whenever reads are fetching and until they have been quiet for [`QUIET`]. It hashes
+//! pausing whenever reads are fetching and until they have been quiet for [`QUIET`] (counted from
+//! the reader's creation before the first read: a mount comes just before its container reads,
+//! and a walk begun at mount would slow the first reads down). It hashes
 //! every compressed byte in order, verifies each span against the zTOC before using it,
 //! stores spans that are not cached yet, and when the
 //! walk is done compares the blob's digest and size with the layer's: a match marks the layer

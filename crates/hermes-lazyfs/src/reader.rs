@@ -261,7 +261,9 @@ struct Flight {
     fetching: HashSet<SpanId>,
     /// Foreground fetches (reads and open-time prefetch) in progress.
     foreground: usize,
-    /// When the last foreground fetch ended.
+    /// When the last foreground fetch ended; the reader's creation until one does (a layer is
+    /// mounted just before its container starts reading, and a fetch that starts at mount
+    /// takes the bandwidth the first reads need).
     last_foreground: Option<std::time::Instant>,
     state: LayerState,
 }
@@ -362,7 +364,7 @@ impl LayerReader {
             flight: Mutex::new(Flight {
                 fetching: HashSet::new(),
                 foreground: 0,
-                last_foreground: None,
+                last_foreground: Some(std::time::Instant::now()),
                 state: LayerState::Lazy,
             }),
             changed: Condvar::new(),
@@ -832,7 +834,7 @@ impl LayerReader {
     }
 
     /// How long reads (and open-time or profile prefetch) have fetched nothing: zero while one
-    /// fetches, [`std::time::Duration::MAX`] if none ever did.
+    /// fetches; since the reader was made if none did yet.
     pub fn quiet_for(&self) -> std::time::Duration {
         let flight = self.lock();
         if flight.foreground > 0 {

@@ -235,6 +235,59 @@ fn background_fetch_waits_while_a_read_is_fetching() {
 }
 
 #[test]
+fn a_gentle_background_fetch_waits_for_quiet_after_the_mount_before_any_read() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let made = std::time::Instant::now();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    let fetcher = BackgroundFetcher::start(
+        Arc::clone(&reader),
+        layer.digest.clone(),
+        layer.blob.len() as u64,
+    )
+    .unwrap();
+    // The container's first reads come just after the mount: the bandwidth is theirs.
+    std::thread::sleep(hermes_lazyfs::QUIET / 2);
+    assert_eq!(
+        source.requests(),
+        0,
+        "the background fetch started at mount"
+    );
+    assert!(reader.stats().background_pauses >= 1);
+    let outcome = fetcher.wait();
+    assert!(matches!(outcome, Outcome::FullyLocal), "{outcome:?}");
+    assert!(
+        made.elapsed() >= hermes_lazyfs::QUIET,
+        "fully local {:?} after the mount, before the quiet time",
+        made.elapsed()
+    );
+}
+
+#[test]
+fn a_fast_background_fetch_starts_at_mount() {
+    let layer = multi_span_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let source = layer.source();
+    let reader = Arc::new(layer.reader(dir.path(), &source));
+    let made = std::time::Instant::now();
+    let outcome = BackgroundFetcher::start_paced(
+        Arc::clone(&reader),
+        layer.digest.clone(),
+        layer.blob.len() as u64,
+        Pace::fast(2),
+    )
+    .unwrap()
+    .wait();
+    assert!(matches!(outcome, Outcome::FullyLocal), "{outcome:?}");
+    assert!(
+        made.elapsed() < hermes_lazyfs::QUIET,
+        "an Eager layer waited {:?} for reads that never came",
+        made.elapsed()
+    );
+}
+
+#[test]
 fn stopping_a_paused_background_fetch_ends_it() {
     let layer = multi_span_layer();
     let dir = tempfile::tempdir().unwrap();
