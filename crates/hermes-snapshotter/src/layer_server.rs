@@ -152,12 +152,10 @@ pub fn serve_layer(
         layer: opts.layer.clone(),
         message,
     };
-    // This process lives as long as the mount: the file's bytes are dropped once parsed, and
-    // the entries once the inode table is built from them.
-    let mut ztoc = hermes_ztoc::Ztoc::from_bytes(
-        &std::fs::read(&opts.ztoc).map_err(Error::io("read zTOC", &opts.ztoc))?,
-    )
-    .map_err(|source| Error::Ztoc {
+    // This process lives as long as the mount: the file's bytes are dropped once parsed, the
+    // gzip windows stay in the file (read when a span is decoded), and the entries are dropped
+    // once the inode table is built from them.
+    let mut ztoc = hermes_ztoc::Ztoc::open(&opts.ztoc).map_err(|source| Error::Ztoc {
         layer: opts.layer.clone(),
         source,
     })?;

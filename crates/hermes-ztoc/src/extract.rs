@@ -223,7 +223,8 @@ impl Ztoc {
             input = rest;
         }
         let zeros = [0u8; WINDOW_SIZE];
-        z.set_dictionary(self.window(span.id).unwrap_or(&zeros))
+        let window = self.window(span.id)?;
+        z.set_dictionary(window.as_deref().unwrap_or(&zeros))
             .map_err(|e| corrupt(e.to_string()))?;
         let mut out = Vec::new();
         let mut produced = 0;

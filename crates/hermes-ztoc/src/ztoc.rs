@@ -1,9 +1,13 @@
 //! The zTOC: SOCI's flatbuffer (spec §1), its validation, and its span geometry.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::Write;
+use std::fs::File;
+use std::io::{Read as _, Write};
 use std::ops::Range;
+use std::os::unix::fs::FileExt as _;
 use std::path::Path;
+use std::sync::Arc;
 
 use flatbuffers::{FlatBufferBuilder, WIPOffset};
 
@@ -44,8 +48,18 @@ pub struct Ztoc {
     entries: Vec<Entry>,
     compression: Compression,
     span_digests: Vec<String>,
+    /// The checkpoint blob; empty for a zTOC [`Ztoc::open`]ed with its windows left in the file.
     checkpoints: Vec<u8>,
     zinfo: Zinfo,
+    /// Where the gzip windows are read from when they are not in `checkpoints`.
+    windows: Option<Arc<WindowFile>>,
+}
+
+/// The zTOC file a zTOC was opened from: its checkpoint blob starts at byte `at`.
+#[derive(Debug)]
+struct WindowFile {
+    file: File,
+    at: u64,
 }
 
 /// The parts a builder hands over; [`Ztoc::from_parts`] validates them.
@@ -90,6 +104,7 @@ impl Ztoc {
             span_digests: parts.span_digests,
             checkpoints: parts.checkpoints,
             zinfo,
+            windows: None,
         };
         ztoc.validate()?;
         Ok(ztoc)
@@ -136,7 +151,8 @@ impl Ztoc {
     pub fn span_digests(&self) -> &[String] {
         &self.span_digests
     }
-    /// The raw checkpoint blob.
+    /// The raw checkpoint blob (empty for a zTOC [`Ztoc::open`]ed with its windows left in the
+    /// file).
     pub fn checkpoints(&self) -> &[u8] {
         &self.checkpoints
     }
@@ -169,10 +185,24 @@ impl Ztoc {
         &self.zinfo
     }
 
-    /// The gzip history window checkpoint `id` resumes with (`None`: all zeros).
-    pub(crate) fn window(&self, id: SpanId) -> Option<&[u8]> {
-        let at = self.zinfo.point(u64::from(id)).window?;
-        self.checkpoints.get(at..at + crate::zinfo::WINDOW_SIZE)
+    /// The gzip history window checkpoint `id` resumes with (`None`: all zeros), from memory or
+    /// from the file the zTOC was opened from.
+    pub(crate) fn window(&self, id: SpanId) -> Result<Option<Cow<'_, [u8]>>> {
+        let Some(at) = self.zinfo.point(u64::from(id)).window else {
+            return Ok(None);
+        };
+        let Some(windows) = &self.windows else {
+            return Ok(self
+                .checkpoints
+                .get(at..at + crate::zinfo::WINDOW_SIZE)
+                .map(Cow::Borrowed));
+        };
+        let mut window = vec![0; crate::zinfo::WINDOW_SIZE];
+        windows
+            .file
+            .read_exact_at(&mut window, windows.at + at as u64)
+            .map_err(Error::Io)?;
+        Ok(Some(Cow::Owned(window)))
     }
 
     /// Move the entries out, leaving none: for a server that has built its inode table from
@@ -273,6 +303,36 @@ impl Ztoc {
     /// bounded by a small multiple of the input size: a zTOC whose entries would take more than
     /// four times its size (they share tables or strings) is [`Error::DecodeTooLarge`].
     pub fn from_bytes(buf: &[u8]) -> Result<Self> {
+        Self::parse(buf, true)
+    }
+
+    /// Open a zTOC file for reading spans: parsed and validated as [`Ztoc::from_bytes`], but its
+    /// gzip windows (32 KiB per span, most of a zTOC of small spans) stay in the file and are
+    /// read from it when a span is decoded, so a mounted layer's memory does not grow with its
+    /// span count. The file is read through the handle that is kept, so the windows read later
+    /// are the ones validated, as long as nobody rewrites the file in place (stores replace
+    /// files by renaming). [`Ztoc::checkpoints`] is empty, and [`Ztoc::to_bytes`] must not be
+    /// used on it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(Error::Io)?;
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf).map_err(Error::Io)?;
+        let mut ztoc = Self::parse(&buf, false)?;
+        if ztoc.compression == Compression::Gzip {
+            let blob = Table::root(&buf)?
+                .table(5, "compression info")?
+                .ok_or(Error::Invalid {
+                    what: "no compression info",
+                    index: 0,
+                })?
+                .bytes(3, "checkpoints")?;
+            let at = (blob.as_ptr() as usize - buf.as_ptr() as usize) as u64;
+            ztoc.windows = Some(Arc::new(WindowFile { file, at }));
+        }
+        Ok(ztoc)
+    }
+
+    fn parse(buf: &[u8], keep_checkpoints: bool) -> Result<Self> {
         let mut budget = Budget::new(buf.len());
         let root = Table::root(buf)?;
         let version = utf8(budget.copy(root.bytes(0, "version")?)?, "version")?;
@@ -319,8 +379,15 @@ impl Ztoc {
         for i in 0..list.len() {
             span_digests.push(utf8(budget.copy(list.bytes(i)?)?, "span digest")?);
         }
-        let checkpoints = budget.copy(ci.bytes(3, "checkpoints")?)?;
-        let zinfo = Zinfo::parse(compression, &checkpoints)?;
+        let blob = ci.bytes(3, "checkpoints")?;
+        let zinfo = Zinfo::parse(compression, blob)?;
+        // A gzip blob's windows are only read through `window`; other blobs are small and read
+        // whole (a plain tar's or zstd's geometry is the blob itself).
+        let checkpoints = if keep_checkpoints || compression != Compression::Gzip {
+            budget.copy(blob)?
+        } else {
+            Vec::new()
+        };
         budget.reserve::<crate::zinfo::Point>(zinfo.stored_points())?;
         if i64::from(max_span_id) + 1 != zinfo.span_count() as i64 {
             return Err(Error::Invalid {
@@ -338,6 +405,7 @@ impl Ztoc {
             span_digests,
             checkpoints,
             zinfo,
+            windows: None,
         };
         ztoc.validate()?;
         Ok(ztoc)

@@ -2,7 +2,7 @@
 
 use hermes_ztoc::Ztoc;
 
-use crate::support::{check_every_file, decompress, options, read, streamed};
+use crate::support::{check_every_file, data, decompress, options, read, streamed};
 
 const GOLDENS: &[(&str, u64)] = &[
     ("pax.tar", 1 << 20),
@@ -87,4 +87,44 @@ fn every_file_extracts_through_socis_ztocs() {
         let (files, _) = check_every_file(&ztoc, &blob, &tar);
         assert!(files > 10, "{layer}: only {files} files");
     }
+}
+
+#[test]
+fn socis_ztocs_opened_with_their_windows_on_disk_decode_the_same() {
+    for &(layer, span) in GOLDENS {
+        let path = data(&format!("soci/{layer}.{span}.ztoc"));
+        let in_memory =
+            Ztoc::from_bytes(&read(&format!("soci/{layer}.{span}.ztoc"))).expect("parse");
+        let opened = Ztoc::open(&path).unwrap_or_else(|e| panic!("{layer}: {e}"));
+        if in_memory.compression() == hermes_ztoc::Compression::Gzip {
+            assert!(
+                opened.checkpoints().is_empty(),
+                "{layer}: windows copied into memory"
+            );
+        }
+        assert_eq!(opened.span_count(), in_memory.span_count(), "{layer}");
+        let blob = read(&format!("soci/{layer}"));
+        for span in in_memory.spans() {
+            let compressed = &blob[span.compressed.start as usize..span.compressed.end as usize];
+            assert!(
+                opened.decode_span(span.id, compressed).expect("decode")
+                    == in_memory.decode_span(span.id, compressed).expect("decode"),
+                "{layer}: span {} decodes differently",
+                span.id
+            );
+        }
+        let (files, _) = check_every_file(&opened, &blob, &decompress(&blob));
+        assert!(files > 10, "{layer}: only {files} files");
+    }
+}
+
+#[test]
+fn a_ztoc_file_cut_short_does_not_open() {
+    let (layer, span) = GOLDENS[0];
+    let bytes = read(&format!("soci/{layer}.{span}.ztoc"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("cut.ztoc");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("write");
+    assert!(Ztoc::open(&path).is_err());
+    assert!(Ztoc::open(&dir.path().join("missing.ztoc")).is_err());
 }
