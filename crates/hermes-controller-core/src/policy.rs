@@ -23,8 +23,8 @@ pub const API_VERSION: &str = "hermes.dev/v1alpha1";
 pub const KIND: &str = "HermesPolicy";
 /// Layers smaller than this are not indexed unless a policy says otherwise (10 MiB).
 pub const DEFAULT_MIN_LAYER_SIZE: u64 = hermes_oci_types::DEFAULT_MIN_LAYER_SIZE;
-/// Default span size (4 MiB).
-pub const DEFAULT_SPAN_SIZE: u64 = 4 << 20;
+/// Default smallest span size (512 KiB; large layers get larger spans).
+pub const DEFAULT_SPAN_SIZE: u64 = hermes_oci_types::DEFAULT_INDEX_SPAN_SIZE;
 /// Default length of the recorded startup window when `prefetch.record` is on.
 pub const DEFAULT_PREFETCH_WINDOW: Duration = Duration::from_secs(30);
 
@@ -108,7 +108,8 @@ pub struct IndexSpec {
     /// Layers smaller than this are not indexed (bytes, or a quantity like `10Mi`).
     #[serde(default = "default_min_layer_size")]
     pub min_layer_size: Quantity,
-    /// Uncompressed bytes per span (bytes, or a quantity like `4Mi`).
+    /// Smallest uncompressed bytes per span (bytes, or a quantity like `512Ki`); layers over
+    /// about 256 MiB get larger spans so their zTOC stays near 128 MiB or less.
     #[serde(default = "default_span_size")]
     pub span_size: Quantity,
     /// Whether and how to push a SOCI index to the image's registry.
@@ -295,7 +296,7 @@ impl Policy {
         if span_size < 64 << 10 {
             return Err(invalid(
                 "spec.index.spanSize",
-                format!("{span_size} bytes is too small; use at least 64Ki (default 4Mi)"),
+                format!("{span_size} bytes is too small; use at least 64Ki (default 512Ki)"),
             ));
         }
         let duration = |field: &str, text: &Option<String>| {
@@ -459,7 +460,7 @@ spec:
         let min = &p[1];
         assert_eq!(min.mode, Mode::Lazy);
         assert_eq!(min.min_layer_size, 10 << 20);
-        assert_eq!(min.span_size, 4 << 20);
+        assert_eq!(min.span_size, 512 << 10);
         assert_eq!(min.push, Push::None);
         assert!(!min.prefetch_record);
         assert_eq!(min.prefetch_window, DEFAULT_PREFETCH_WINDOW);

@@ -702,7 +702,7 @@ mod tests {
 
     const TAR_GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
     const MIB: u64 = 1 << 20;
-    const SPAN: u64 = 4 << 20;
+    const SPAN: u64 = crate::policy::DEFAULT_SPAN_SIZE;
 
     fn d(n: u8) -> String {
         digest(n).to_string()
@@ -986,7 +986,7 @@ mod tests {
         w.run("a", "prod", "registry.test/app:v1", 1);
         w.manifests
             .insert(digest(1), info(1, &[(10, 20 * MIB, TAR_GZ)]));
-        w.store.ztocs.insert(key(10)); // built with 4 MiB spans
+        w.store.ztocs.insert(key(10)); // built with the default spans
         w.store.images.insert(digest(1), record(1, &[10]));
         let out = w.reconcile(0);
         assert!(

@@ -26,7 +26,7 @@ pub struct IndexOptions {
     pub platform: Platform,
     /// Layers smaller than this (compressed) are skipped.
     pub min_layer_size: u64,
-    /// zTOC span size.
+    /// Smallest zTOC span size: a large layer gets larger spans ([`span_size_for_layer`]).
     pub span_size: u64,
     /// Build tool identifier stored in zTOCs and the index.
     pub build_tool_identifier: String,
@@ -39,11 +39,34 @@ impl Default for IndexOptions {
         Self {
             platform: Platform::host(),
             min_layer_size: DEFAULT_MIN_LAYER_SIZE,
-            span_size: hermes_ztoc::DEFAULT_SPAN_SIZE,
+            span_size: hermes_oci_types::DEFAULT_INDEX_SPAN_SIZE,
             build_tool_identifier: hermes_ztoc::SOCI_BUILD_TOOL_IDENTIFIER.to_owned(),
             concurrency: 2,
         }
     }
+}
+
+/// Spans a layer's zTOC may have before [`span_size_for_layer`] makes them larger: each holds a
+/// 32 KiB gzip window, so 4,096 spans keep a zTOC near 128 MiB, half the 256 MiB a node
+/// accepts (`hermes_node_api::MAX_ZTOC_SIZE`).
+pub const MAX_ESTIMATED_SPANS: u64 = 4096;
+
+/// Uncompressed bytes per compressed byte assumed when estimating a layer's spans (real layers:
+/// about 2 to 3).
+pub const ASSUMED_COMPRESSION_RATIO: u64 = 4;
+
+/// The span size a layer of `compressed_size` bytes is indexed with: `smallest`, doubled while
+/// the layer would have more than [`MAX_ESTIMATED_SPANS`] spans at [`ASSUMED_COMPRESSION_RATIO`].
+/// Small spans make a first start fetch fewer bytes per read; this keeps the zTOC of a large
+/// layer small enough to be stored, sent to every node and accepted there. A function of the
+/// request and the layer only, so the same layer is always built the same way.
+pub fn span_size_for_layer(smallest: u64, compressed_size: u64) -> u64 {
+    let estimated = compressed_size.saturating_mul(ASSUMED_COMPRESSION_RATIO);
+    let mut span = smallest.max(1);
+    while estimated / span > MAX_ESTIMATED_SPANS && span <= u64::MAX / 2 {
+        span *= 2;
+    }
+    span
 }
 
 /// The outcome of indexing one image.
@@ -181,7 +204,7 @@ pub fn assemble_index(
                 size: *ztoc_size,
                 layer: l.digest.clone(),
                 layer_media_type: l.media_type.clone(),
-                span_size,
+                span_size: span_size_for_layer(span_size, l.size),
             }),
             _ => None,
         })
@@ -284,7 +307,7 @@ pub async fn index_layer(
         failure: failure.clone(),
     };
     let build_options = BuildOptions {
-        span_size: options.span_size,
+        span_size: span_size_for_layer(options.span_size, size),
         build_tool_identifier: options.build_tool_identifier.clone(),
         compression: Some(match encoding {
             LayerEncoding::Gzip => Compression::Gzip,
@@ -508,5 +531,34 @@ pub async fn push_soci(
                 ztocs: result.soci_ztocs.len(),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod span_tests {
+    use super::*;
+
+    #[test]
+    fn small_layers_keep_the_requested_span_and_large_ones_stay_near_4096_spans() {
+        const KIB: u64 = 1 << 10;
+        const MIB: u64 = 1 << 20;
+        // A Python packages layer of 162 MB and a Debian base: the requested span.
+        assert_eq!(span_size_for_layer(512 * KIB, 162_000_000), 512 * KIB);
+        assert_eq!(span_size_for_layer(512 * KIB, 30_000_000), 512 * KIB);
+        assert_eq!(span_size_for_layer(512 * KIB, 0), 512 * KIB);
+        // A 2 GB CUDA layer: 2 MiB spans.
+        assert_eq!(span_size_for_layer(512 * KIB, 2_000_000_000), 2 * MIB);
+        // Never smaller than asked, and a larger request is kept.
+        assert_eq!(span_size_for_layer(4 * MIB, 2_000_000_000), 4 * MIB);
+        for size in [1u64, 10 * MIB, 700 * MIB, 3 << 30, 40 << 30, u64::MAX / 8] {
+            let span = span_size_for_layer(512 * KIB, size);
+            assert!(span >= 512 * KIB);
+            assert!(
+                size.saturating_mul(ASSUMED_COMPRESSION_RATIO) / span <= MAX_ESTIMATED_SPANS,
+                "{size} bytes: {span}-byte spans"
+            );
+        }
+        assert_eq!(span_size_for_layer(0, 1 << 20), 1024);
+        assert!(span_size_for_layer(1, u64::MAX) > 0);
     }
 }

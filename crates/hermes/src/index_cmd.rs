@@ -74,8 +74,10 @@ pub struct BuildArgs {
     /// Layers smaller than this (compressed) are not indexed; they are pulled whole.
     #[arg(long, default_value = "10MiB", value_parser = parse_size)]
     min_layer_size: u64,
-    /// zTOC span size: the unit of lazy fetching.
-    #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+    /// Smallest zTOC span size, the unit of lazy fetching: smaller spans fetch fewer bytes per
+    /// read but make a larger zTOC (32 KiB per span). Layers over about 256 MiB (compressed) get
+    /// larger spans, so a zTOC stays near 128 MiB or less. soci's default is 4MiB.
+    #[arg(long, default_value = "512KiB", value_parser = parse_size)]
     span_size: u64,
     /// Local artifact store.
     #[arg(long, env = "HERMES_STORE", default_value = "/var/lib/hermes/store")]
