@@ -280,7 +280,7 @@ pub async fn index_layer(
     {
         return Ok(indexed(
             layer,
-            &ztoc,
+            Counts::of(&ztoc),
             ztoc_digest,
             bytes.len() as u64,
             0.0,
@@ -316,15 +316,19 @@ pub async fn index_layer(
         }),
         ..BuildOptions::default()
     };
+    // The zTOC streams to a temp file in the store (entries and checkpoints spill there too), so
+    // indexing a layer holds the decoder's buffers, not the zTOC: small spans make large zTOCs.
+    let spill = store.tmp_dir()?;
+    let mut out = store.blob_writer()?;
     let built = tokio::task::spawn_blocking(move || {
         let mut reader = reader;
-        let built = hermes_ztoc::build(&mut reader, &build_options);
+        let built = hermes_ztoc::build_to(&mut reader, &build_options, &spill, &mut out);
         if built.is_err() {
             // A corrupt blob often breaks decoding before its digest can be checked: read the
             // rest so a digest mismatch is reported as what it is.
             let _ = std::io::copy(&mut reader, &mut std::io::sink());
         }
-        built
+        built.map(|b| (b, out))
     })
     .await;
     drop(feeder);
@@ -332,8 +336,12 @@ pub async fn index_layer(
     if let Some(e) = failure.lock().ok().and_then(|mut f| f.take()) {
         return Err(e);
     }
-    let ztoc = match built {
-        Ok(Ok(ztoc)) => ztoc,
+    let ztoc_err = |source| Error::Ztoc {
+        layer: layer.digest.clone(),
+        source,
+    };
+    let (built, out) = match built {
+        Ok(Ok(built)) => built,
         Ok(Err(hermes_ztoc::Error::ZstdNotSeekable)) => {
             return Ok(skipped(
                 layer,
@@ -344,41 +352,61 @@ pub async fn index_layer(
         Ok(Err(e @ hermes_ztoc::Error::NotIndexable { .. })) => {
             return Ok(skipped(layer, e.to_string()));
         }
+        // The store's disk, not the layer: an error, not a layer to skip.
+        Ok(Err(e @ (hermes_ztoc::Error::Output(_) | hermes_ztoc::Error::Spill { .. }))) => {
+            return Err(ztoc_err(e));
+        }
         Ok(Err(e)) => return Ok(skipped(layer, format!("layer cannot be indexed: {e}"))),
         Err(join) => {
-            return Err(Error::Ztoc {
-                layer: layer.digest.clone(),
-                source: hermes_ztoc::Error::Io(std::io::Error::other(join)),
-            });
+            return Err(ztoc_err(hermes_ztoc::Error::Io(std::io::Error::other(
+                join,
+            ))));
         }
     };
-    if ztoc.compressed_archive_size() != size {
-        return Err(Error::Ztoc {
-            layer: layer.digest.clone(),
-            source: hermes_ztoc::Error::Invalid {
-                what: "layer size differs from its descriptor",
-                index: 0,
-            },
-        });
+    if built.compressed_archive_size != size {
+        return Err(ztoc_err(hermes_ztoc::Error::Invalid {
+            what: "layer size differs from its descriptor",
+            index: 0,
+        }));
     }
-    let bytes = ztoc.to_bytes();
-    let ztoc_digest = store.put_blob(&bytes)?;
+    let ztoc_digest = out.commit()?;
     store.set_ztoc_for_layer(&layer.digest, options.span_size, &ztoc_digest)?;
     let seconds = started.elapsed().as_secs_f64();
-    info!(ztoc = %ztoc_digest, spans = ztoc.span_count(), seconds, "layer indexed");
+    info!(ztoc = %ztoc_digest, spans = built.span_count, seconds, "layer indexed");
     Ok(indexed(
         layer,
-        &ztoc,
+        Counts {
+            spans: built.span_count,
+            entries: built.entries,
+            soci_compatible: built.soci_compatible,
+        },
         ztoc_digest,
-        bytes.len() as u64,
+        built.ztoc_size,
         seconds,
         false,
     ))
 }
 
+/// What a layer record tells of its zTOC.
+struct Counts {
+    spans: u32,
+    entries: u64,
+    soci_compatible: bool,
+}
+
+impl Counts {
+    fn of(ztoc: &hermes_ztoc::Ztoc) -> Self {
+        Self {
+            spans: ztoc.span_count(),
+            entries: ztoc.entries().len() as u64,
+            soci_compatible: ztoc.is_soci_compatible(),
+        }
+    }
+}
+
 fn indexed(
     layer: &Descriptor,
-    ztoc: &hermes_ztoc::Ztoc,
+    counts: Counts,
     digest: Digest,
     ztoc_size: u64,
     seconds: f64,
@@ -391,11 +419,11 @@ fn indexed(
         outcome: LayerOutcome::Indexed {
             ztoc: digest,
             ztoc_size,
-            spans: ztoc.span_count(),
-            entries: ztoc.entries().len() as u64,
+            spans: counts.spans,
+            entries: counts.entries,
             seconds,
             reused,
-            soci_compatible: ztoc.is_soci_compatible(),
+            soci_compatible: counts.soci_compatible,
         },
     }
 }

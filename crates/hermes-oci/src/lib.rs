@@ -38,5 +38,6 @@ pub use pull_credentials::{
 };
 pub use range::RegistryRangeReader;
 pub use store::{
-    ImageRecord, LayerArtifact, LayerOutcome, LayerRecord, Store, StoredLayer, SweepSummary,
+    BlobWriter, ImageRecord, LayerArtifact, LayerOutcome, LayerRecord, Store, StoredLayer,
+    SweepSummary,
 };

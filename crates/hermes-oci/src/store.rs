@@ -62,6 +62,64 @@ fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(std::io::Erro
     }
 }
 
+/// A blob being written to the store ([`Store::blob_writer`]).
+#[derive(Debug)]
+pub struct BlobWriter {
+    store: Store,
+    file: Option<std::io::BufWriter<File>>,
+    hasher: crate::Hasher,
+    path: PathBuf,
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("blob already committed"))?;
+        let n = file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), Write::flush)
+    }
+}
+
+impl BlobWriter {
+    /// Sync the bytes written and store them under their digest (a blob already stored is
+    /// kept as it is).
+    pub fn commit(mut self) -> Result<Digest> {
+        let path = self.path.clone();
+        let file = self.file.take().expect("a blob writer commits once");
+        let file = file
+            .into_inner()
+            .map_err(|e| io_err(&path, "write temp blob")(e.into_error()))?;
+        file.sync_all().map_err(io_err(&path, "sync temp blob"))?;
+        drop(file);
+        let digest = std::mem::take(&mut self.hasher).finish();
+        let dest = self.store.blob_path(&digest);
+        if dest.exists() {
+            return Ok(digest);
+        }
+        let parent = dest.parent().expect("blob paths have a parent");
+        fs::create_dir_all(parent).map_err(io_err(parent, "create blob dir"))?;
+        fs::rename(&path, &dest).map_err(io_err(&dest, "store blob"))?;
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(parent, "sync blob dir"))?;
+        Ok(digest)
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // Committed blobs were renamed away; anything else is an abandoned write.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
 impl Store {
     /// A store at `root`. Nothing is created until the first write, so a failed run leaves
     /// nothing behind.
@@ -114,6 +172,36 @@ impl Store {
             self.write_atomic(&path, bytes)?;
         }
         Ok(digest)
+    }
+
+    /// A writer for a blob too large to build in memory: bytes go to a temp file and are hashed
+    /// on the way; [`BlobWriter::commit`] stores the blob under its digest. Dropped without a
+    /// commit, it leaves nothing behind.
+    pub fn blob_writer(&self) -> Result<BlobWriter> {
+        let dir = self.tmp_dir()?;
+        let path = dir.join(format!(
+            "blob.{}.{:?}.{}",
+            std::process::id(),
+            std::thread::current().id(),
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        let file = File::create(&path).map_err(io_err(&path, "create temp blob"))?;
+        Ok(BlobWriter {
+            store: self.clone(),
+            file: Some(std::io::BufWriter::with_capacity(256 << 10, file)),
+            hasher: crate::Hasher::new(),
+            path,
+        })
+    }
+
+    /// The store's directory for temporary files (created if missing), e.g. a builder's spill
+    /// files.
+    pub fn tmp_dir(&self) -> Result<PathBuf> {
+        let dir = self.root.join("tmp");
+        fs::create_dir_all(&dir).map_err(io_err(&dir, "create temp dir"))?;
+        Ok(dir)
     }
 
     /// A stored blob, verified against its digest (`None` if absent or damaged).
@@ -408,6 +496,36 @@ fn remove_if_present(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_streamed_blob_is_stored_under_its_digest_and_an_abandoned_one_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut w = store.blob_writer().unwrap();
+        for chunk in [&b"hello "[..], b"streamed ", b"world"] {
+            w.write_all(chunk).unwrap();
+        }
+        let d = w.commit().unwrap();
+        assert_eq!(d, Digest::of(b"hello streamed world"));
+        assert_eq!(
+            store.get_blob(&d).unwrap().as_deref(),
+            Some(&b"hello streamed world"[..])
+        );
+        // The same bytes again: the stored blob is kept.
+        let mut again = store.blob_writer().unwrap();
+        again.write_all(b"hello streamed world").unwrap();
+        assert_eq!(again.commit().unwrap(), d);
+        let mut abandoned = store.blob_writer().unwrap();
+        abandoned.write_all(b"half a zTOC").unwrap();
+        drop(abandoned);
+        let left: Vec<_> = fs::read_dir(store.tmp_dir().unwrap())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "temp files left: {left:?}");
+        assert!(!store.has_blob(&Digest::of(b"half a zTOC")));
+    }
 
     #[test]
     fn blobs_and_layer_records_round_trip() {

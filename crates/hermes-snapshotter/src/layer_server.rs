@@ -252,7 +252,10 @@ pub fn serve_layer(
         if state == LayerState::Lazy && !pace.is_fast() {
             let present =
                 f64::from(reader.cache().present_count()) / f64::from(ztoc.span_count().max(1));
-            let fetched = s.bytes_fetched + s.background_bytes_fetched;
+            // The link's speed is judged by the gentle walk alone (one request after another):
+            // what reads fetch is what they need, often much less than the link could carry,
+            // and a layer read only a little during the start would look slow and hurry.
+            let fetched = s.background_bytes_fetched;
             let profile_then_quiet = opts.mode == NodeMode::Prefetch
                 && profile_done.load(Ordering::Relaxed)
                 && reader.quiet_for() >= QUIET;
@@ -362,8 +365,9 @@ impl Schedule {
         }
     }
 
-    /// Whether to go at full speed now: `elapsed` since the mount, `fetched` bytes in all,
-    /// `present` the share of the layer local.
+    /// Whether to go at full speed now: `elapsed` since the mount, `fetched` bytes the gentle
+    /// walk fetched in all, `present` the share of the layer local. Until the walk has run, only
+    /// half the time gone hurries.
     fn behind(&mut self, elapsed: Duration, fetched: u64, present: f64) -> bool {
         let Some(within) = self.within else {
             return false;
@@ -442,6 +446,13 @@ mod tests {
         let mut slow = Schedule::new(Some(S * 60), 100_000_000, 4);
         assert!(!slow.behind(S, 0, 0.0));
         assert!(slow.behind(S * 2, 500_000, 0.005));
+        // A layer the start reads little of, whose walk has not run yet (no bytes): no rate,
+        // so no hurry before half the time, however little reads fetched.
+        let mut quiet = Schedule::new(Some(S * 60), 2_000_000_000, 4);
+        assert!(!quiet.behind(S, 0, 0.0));
+        assert!(!quiet.behind(S * 5, 0, 0.001));
+        assert!(!quiet.behind(S * 29, 0, 0.001));
+        assert!(quiet.behind(S * 30, 0, 0.001));
         // Whatever the rate, half the time gone: hurry.
         assert!(s.behind(S * 30, 10_000_000, 0.1));
         // The deadline passes once.
