@@ -264,7 +264,7 @@ struct Flight {
     /// When the last foreground fetch ended; the reader's creation until one does (a layer is
     /// mounted just before its container starts reading, and a fetch that starts at mount
     /// takes the bandwidth the first reads need).
-    last_foreground: Option<std::time::Instant>,
+    last_foreground: std::time::Instant,
     state: LayerState,
 }
 
@@ -364,7 +364,7 @@ impl LayerReader {
             flight: Mutex::new(Flight {
                 fetching: HashSet::new(),
                 foreground: 0,
-                last_foreground: Some(std::time::Instant::now()),
+                last_foreground: std::time::Instant::now(),
                 state: LayerState::Lazy,
             }),
             changed: Condvar::new(),
@@ -809,11 +809,7 @@ impl LayerReader {
         let mut flight = self.lock();
         let mut paused = false;
         while !stop.load(Ordering::Relaxed) && !hurry() {
-            let left = flight
-                .last_foreground
-                .map_or(std::time::Duration::ZERO, |t| {
-                    quiet.saturating_sub(t.elapsed())
-                });
+            let left = quiet.saturating_sub(flight.last_foreground.elapsed());
             if flight.foreground == 0 && left.is_zero() {
                 break;
             }
@@ -840,9 +836,7 @@ impl LayerReader {
         if flight.foreground > 0 {
             return std::time::Duration::ZERO;
         }
-        flight
-            .last_foreground
-            .map_or(std::time::Duration::MAX, |t| t.elapsed())
+        flight.last_foreground.elapsed()
     }
 
     /// Count a span whose bytes failed verification outside [`LayerReader::read`].
@@ -956,7 +950,7 @@ impl Drop for Claim<'_> {
         }
         if self.priority.is_foreground() {
             flight.foreground -= 1;
-            flight.last_foreground = Some(std::time::Instant::now());
+            flight.last_foreground = std::time::Instant::now();
         }
         if let Some(reason) = self.broken.take() {
             self.reader

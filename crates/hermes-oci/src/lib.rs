@@ -29,9 +29,8 @@ pub use hermes_oci_types::DEFAULT_INDEX_SPAN_SIZE;
 pub use hermes_oci_types::{DOCKER_HUB, Digest, Error as ParseError, Hasher, Reference};
 pub use hosts::RegistryHosts;
 pub use indexer::{
-    ASSUMED_COMPRESSION_RATIO, DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult,
-    MAX_ESTIMATED_SPANS, PushSummary, assemble_index, build_index, index_layer, push_soci,
-    span_size_for_layer,
+    DEFAULT_MIN_LAYER_SIZE, IndexOptions, IndexResult, PushSummary, assemble_index, build_index,
+    index_layer, push_soci, span_size_for_layer,
 };
 pub use pull_credentials::{
     MAX_HANDOFF_SIZE, PullCredentials, credential_from_auth_fields, decode_handoff, encode_handoff,

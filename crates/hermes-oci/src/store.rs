@@ -103,14 +103,22 @@ impl BlobWriter {
         if dest.exists() {
             return Ok(digest);
         }
-        let parent = dest.parent().expect("blob paths have a parent");
-        fs::create_dir_all(parent).map_err(io_err(parent, "create blob dir"))?;
-        fs::rename(&path, &dest).map_err(io_err(&dest, "store blob"))?;
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(parent, "sync blob dir"))?;
+        install(&path, &dest).map_err(io_err(&dest, "store blob"))?;
         Ok(digest)
     }
+}
+
+/// Move a synced temp file to `dest` (creating its directory) and sync the directory, so the
+/// file is there whole after a crash or not at all.
+fn install(tmp: &Path, dest: &Path) -> std::io::Result<()> {
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::rename(tmp, dest)?;
+    if let Some(parent) = dest.parent() {
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl Drop for BlobWriter {
@@ -149,14 +157,7 @@ impl Store {
             let mut f = File::create(&tmp)?;
             f.write_all(bytes)?;
             f.sync_all()?;
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            fs::rename(&tmp, path)?;
-            if let Some(parent) = path.parent() {
-                File::open(parent)?.sync_all()?;
-            }
-            Ok(())
+            install(&tmp, path)
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);

@@ -303,7 +303,7 @@ impl Ztoc {
     /// bounded by a small multiple of the input size: a zTOC whose entries would take more than
     /// four times its size (they share tables or strings) is [`Error::DecodeTooLarge`].
     pub fn from_bytes(buf: &[u8]) -> Result<Self> {
-        Self::parse(buf, true)
+        Self::parse(buf, None)
     }
 
     /// Open a zTOC file for reading spans: parsed and validated as [`Ztoc::from_bytes`], but its
@@ -317,22 +317,12 @@ impl Ztoc {
         let mut file = File::open(path).map_err(Error::Io)?;
         let mut buf = Vec::new();
         file.read_to_end(&mut buf).map_err(Error::Io)?;
-        let mut ztoc = Self::parse(&buf, false)?;
-        if ztoc.compression == Compression::Gzip {
-            let blob = Table::root(&buf)?
-                .table(5, "compression info")?
-                .ok_or(Error::Invalid {
-                    what: "no compression info",
-                    index: 0,
-                })?
-                .bytes(3, "checkpoints")?;
-            let at = (blob.as_ptr() as usize - buf.as_ptr() as usize) as u64;
-            ztoc.windows = Some(Arc::new(WindowFile { file, at }));
-        }
-        Ok(ztoc)
+        Self::parse(&buf, Some(file))
     }
 
-    fn parse(buf: &[u8], keep_checkpoints: bool) -> Result<Self> {
+    /// Parse `buf`; with `file` (the file `buf` was read from), a gzip zTOC's windows are left
+    /// in it instead of copied.
+    fn parse(buf: &[u8], file: Option<File>) -> Result<Self> {
         let mut budget = Budget::new(buf.len());
         let root = Table::root(buf)?;
         let version = utf8(budget.copy(root.bytes(0, "version")?)?, "version")?;
@@ -383,10 +373,12 @@ impl Ztoc {
         let zinfo = Zinfo::parse(compression, blob)?;
         // A gzip blob's windows are only read through `window`; other blobs are small and read
         // whole (a plain tar's or zstd's geometry is the blob itself).
-        let checkpoints = if keep_checkpoints || compression != Compression::Gzip {
-            budget.copy(blob)?
-        } else {
-            Vec::new()
+        let (checkpoints, windows) = match file {
+            Some(file) if compression == Compression::Gzip => {
+                let at = (blob.as_ptr() as usize - buf.as_ptr() as usize) as u64;
+                (Vec::new(), Some(Arc::new(WindowFile { file, at })))
+            }
+            _ => (budget.copy(blob)?, None),
         };
         budget.reserve::<crate::zinfo::Point>(zinfo.stored_points())?;
         if i64::from(max_span_id) + 1 != zinfo.span_count() as i64 {
@@ -405,7 +397,7 @@ impl Ztoc {
             span_digests,
             checkpoints,
             zinfo,
-            windows: None,
+            windows,
         };
         ztoc.validate()?;
         Ok(ztoc)
