@@ -66,6 +66,8 @@ fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(std::io::Erro
 #[derive(Debug)]
 pub struct BlobWriter {
     store: Store,
+    /// Created at the first write, so a long build that writes its blob at the end does not
+    /// leave an old temp file for [`Store::sweep`] to take meanwhile.
     file: Option<std::io::BufWriter<File>>,
     hasher: crate::Hasher,
     path: PathBuf,
@@ -73,11 +75,7 @@ pub struct BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| std::io::Error::other("blob already committed"))?;
-        let n = file.write(buf)?;
+        let n = self.file()?.write(buf)?;
         self.hasher.update(&buf[..n]);
         Ok(n)
     }
@@ -88,11 +86,20 @@ impl Write for BlobWriter {
 }
 
 impl BlobWriter {
+    fn file(&mut self) -> std::io::Result<&mut std::io::BufWriter<File>> {
+        if self.file.is_none() {
+            let file = File::create(&self.path)?;
+            self.file = Some(std::io::BufWriter::with_capacity(256 << 10, file));
+        }
+        Ok(self.file.as_mut().expect("just created"))
+    }
+
     /// Sync the bytes written and store them under their digest (a blob already stored is
     /// kept as it is).
     pub fn commit(mut self) -> Result<Digest> {
         let path = self.path.clone();
-        let file = self.file.take().expect("a blob writer commits once");
+        self.file().map_err(io_err(&path, "create temp blob"))?;
+        let file = self.file.take().expect("created above");
         let file = file
             .into_inner()
             .map_err(|e| io_err(&path, "write temp blob")(e.into_error()))?;
@@ -188,10 +195,9 @@ impl Store {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         ));
-        let file = File::create(&path).map_err(io_err(&path, "create temp blob"))?;
         Ok(BlobWriter {
             store: self.clone(),
-            file: Some(std::io::BufWriter::with_capacity(256 << 10, file)),
+            file: None,
             hasher: crate::Hasher::new(),
             path,
         })
@@ -526,6 +532,11 @@ mod tests {
             .collect();
         assert!(left.is_empty(), "temp files left: {left:?}");
         assert!(!store.has_blob(&Digest::of(b"half a zTOC")));
+        // Nothing is on disk before the first write (a sweep has nothing to take), and an
+        // empty blob still commits.
+        let waiting = store.blob_writer().unwrap();
+        assert_eq!(fs::read_dir(store.tmp_dir().unwrap()).unwrap().count(), 0);
+        assert_eq!(waiting.commit().unwrap(), Digest::of(b""));
     }
 
     #[test]
