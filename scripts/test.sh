@@ -12,6 +12,8 @@ for p in "$HOME/.cargo/bin" /usr/local/cargo/bin; do [ -d "$p" ] && PATH="$p:$PA
 export PATH
 
 export CARGO_TERM_COLOR=never RUST_BACKTRACE=1
+# A one-shot build gains nothing from incremental caches, which would double the target's size.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 # Property tests: a fixed, bounded number of cases in CI; more locally with PROPTEST_CASES=…
 export PROPTEST_CASES="${PROPTEST_CASES:-}"
 [ -z "$PROPTEST_CASES" ] && unset PROPTEST_CASES
