@@ -225,6 +225,32 @@ impl Store {
         }
     }
 
+    /// Put a stored blob at `to` as well, as a hard link (no copy; the blob was written with a
+    /// sync, and stores never rewrite a file in place). Replaces whatever `to` was. A link shares
+    /// the blob's mode, so a blob that other users could read (stored by another process under
+    /// a loose umask) is made private to its owner first. Fails if the blob is missing or `to`
+    /// is on another filesystem: callers then write a copy.
+    pub fn link_blob(&self, digest: &Digest, to: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let from = self.blob_path(digest);
+        let tmp = to.with_extension("link");
+        let _ = fs::remove_file(&tmp);
+        let result = fs::metadata(&from)
+            .and_then(|meta| {
+                let mode = meta.permissions().mode() & 0o7777;
+                if mode & 0o077 == 0 {
+                    return Ok(());
+                }
+                fs::set_permissions(&from, fs::Permissions::from_mode(mode & 0o700))
+            })
+            .and_then(|()| fs::hard_link(&from, &tmp))
+            .and_then(|()| fs::rename(&tmp, to));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(io_err(to, "link blob"))
+    }
+
     /// Whether a blob is stored.
     pub fn has_blob(&self, digest: &Digest) -> bool {
         self.blob_path(digest).exists()
@@ -537,6 +563,43 @@ mod tests {
         let waiting = store.blob_writer().unwrap();
         assert_eq!(fs::read_dir(store.tmp_dir().unwrap()).unwrap().count(), 0);
         assert_eq!(waiting.commit().unwrap(), Digest::of(b""));
+    }
+
+    #[test]
+    fn a_linked_blob_shares_the_stored_file_and_replaces_what_was_there() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let d = store.put_blob(b"a zTOC").unwrap();
+        // Stored by another process under umask 022.
+        fs::set_permissions(store.blob_path(&d), fs::Permissions::from_mode(0o644)).unwrap();
+        let to = dir.path().join("ztoc");
+        fs::write(&to, b"an older zTOC").unwrap();
+        store.link_blob(&d, &to).unwrap();
+        assert_eq!(fs::read(&to).unwrap(), b"a zTOC");
+        let stored = fs::metadata(store.blob_path(&d)).unwrap();
+        assert_eq!(
+            fs::metadata(&to).unwrap().ino(),
+            stored.ino(),
+            "a copy, not a link"
+        );
+        assert_eq!(
+            stored.mode() & 0o7777,
+            0o600,
+            "the link is readable by others"
+        );
+        // Deleting the link leaves the store's blob.
+        fs::remove_file(&to).unwrap();
+        assert_eq!(store.get_blob(&d).unwrap().as_deref(), Some(&b"a zTOC"[..]));
+        // A missing blob is an error, and leaves nothing at the target.
+        let missing = Digest::of(b"never stored");
+        assert!(store.link_blob(&missing, &to).is_err());
+        assert!(!to.exists());
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "only the store is left"
+        );
     }
 
     #[test]

@@ -261,6 +261,7 @@ impl NodeLayers {
             return Ok(None);
         };
         let pod = self.pod_of(layer);
+        let started = Instant::now();
         let found = match self.sources.find(layer, pod.as_ref()) {
             Ok(Answer::Ztoc(found)) => found,
             Ok(Answer::NotIndexed) => {
@@ -285,11 +286,15 @@ impl NodeLayers {
                 return Err(e);
             }
         };
-        let ztoc = hermes_ztoc::Ztoc::from_bytes(&found.bytes).map_err(|source| Error::Ztoc {
-            layer: digest.to_string(),
-            source,
+        let found_at = started.elapsed();
+        // The sources validated the zTOC when it was stored and verified its digest now; the
+        // layer server parses it again when it opens it. Only its size is needed here.
+        let size = hermes_ztoc::Ztoc::peek_uncompressed_size(&found.bytes).map_err(|source| {
+            Error::Ztoc {
+                layer: digest.to_string(),
+                source,
+            }
         })?;
-        let size = ztoc.uncompressed_archive_size();
         if self.opts.cache_size > 0 {
             let used: u64 = self
                 .served_layers()
@@ -306,7 +311,12 @@ impl NodeLayers {
         }
         std::fs::create_dir_all(&mnt).map_err(Error::io("create mountpoint", &mnt))?;
         let ztoc_path = dir.join("ztoc");
-        write_atomic(&ztoc_path, &found.bytes).map_err(Error::io("write zTOC", &ztoc_path))?;
+        // A hard link to the stored blob (no copy of a zTOC of tens of MB on the start's path);
+        // a copy if the store is on another filesystem.
+        if let Err(e) = self.sources.store().link_blob(&found.digest, &ztoc_path) {
+            tracing::debug!(error = %e, "zTOC not linked from the store; writing a copy");
+            write_atomic(&ztoc_path, &found.bytes).map_err(Error::io("write zTOC", &ztoc_path))?;
+        }
         let behaviour = found.behaviour;
         if (self.opts.replay || behaviour.mode == NodeMode::Prefetch)
             && let Some(profile) = self.sources.prefetch_profile(&digest)
@@ -314,6 +324,7 @@ impl NodeLayers {
             let path = dir.join("prefetch.json");
             write_atomic(&path, &profile).map_err(Error::io("write prefetch profile", &path))?;
         }
+        let prepared_at = started.elapsed();
         let served = ServedLayer {
             layer: digest.to_string(),
             image: image.clone(),
@@ -323,7 +334,14 @@ impl NodeLayers {
             fully_local_within_secs: behaviour.fully_local_within.map(|d| d.as_secs()),
         };
         match self.start_server(&dir, served) {
-            Ok(()) => Ok(Some(mnt)),
+            Ok(()) => {
+                info!(layer = %digest, ztoc_bytes = found.bytes.len(),
+                    find_ms = found_at.as_millis() as u64,
+                    prepare_ms = (prepared_at - found_at).as_millis() as u64,
+                    mount_ms = (started.elapsed() - prepared_at).as_millis() as u64,
+                    "lazy mount timings");
+                Ok(Some(mnt))
+            }
             Err(e) => {
                 self.miss(Miss::MountFailed);
                 *why = fallback(&format!(

@@ -306,6 +306,17 @@ impl Ztoc {
         Self::parse(buf, None)
     }
 
+    /// The uncompressed archive size a zTOC declares, read from its root table alone: for a
+    /// caller that only needs the size of a zTOC it validated before (or that a server will
+    /// validate when it opens it). Nothing else is checked; hostile input gives an error.
+    pub fn peek_uncompressed_size(buf: &[u8]) -> Result<u64> {
+        let root = Table::root(buf)?;
+        non_negative(
+            root.i64(3, 0, "uncompressed archive size")?,
+            "uncompressed archive size",
+        )
+    }
+
     /// Open a zTOC file for reading spans: parsed and validated as [`Ztoc::from_bytes`], but its
     /// gzip windows (32 KiB per span, most of a zTOC of small spans) stay in the file and are
     /// read from it when a span is decoded, so a mounted layer's memory does not grow with its

@@ -128,3 +128,19 @@ fn a_ztoc_file_cut_short_does_not_open() {
     assert!(Ztoc::open(&path).is_err());
     assert!(Ztoc::open(&dir.path().join("missing.ztoc")).is_err());
 }
+
+#[test]
+fn the_peeked_size_of_socis_ztocs_is_the_parsed_one_and_garbage_has_none() {
+    for &(layer, span) in GOLDENS {
+        let bytes = read(&format!("soci/{layer}.{span}.ztoc"));
+        let parsed = Ztoc::from_bytes(&bytes).expect("parse");
+        assert_eq!(
+            Ztoc::peek_uncompressed_size(&bytes).expect("peek"),
+            parsed.uncompressed_archive_size(),
+            "{layer}"
+        );
+        assert!(parsed.uncompressed_archive_size() > 0, "{layer}");
+    }
+    assert!(Ztoc::peek_uncompressed_size(b"").is_err());
+    assert!(Ztoc::peek_uncompressed_size(&[0xff; 64]).is_err());
+}
