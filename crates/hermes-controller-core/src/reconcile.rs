@@ -750,6 +750,7 @@ mod tests {
                         seconds: 0.0,
                         reused: false,
                         soci_compatible: true,
+                        span_size: 1 << 20,
                     },
                 })
                 .collect(),

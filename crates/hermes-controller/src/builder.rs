@@ -372,6 +372,7 @@ fn layer_records(
                 seconds: known.unwrap_or(0.0),
                 reused: known.is_none(),
                 soci_compatible: parsed.is_soci_compatible(),
+                span_size: parsed.span_size(),
             }
         };
         out.push(LayerRecord {

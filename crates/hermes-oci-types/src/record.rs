@@ -73,6 +73,10 @@ pub enum LayerOutcome {
         reused: bool,
         /// False for zTOCs only Hermes can serve (zstd layers, sparse files).
         soci_compatible: bool,
+        /// The zTOC's own span size (large layers get larger spans than the policy's); 0 in
+        /// records written before it was recorded.
+        #[serde(default)]
+        span_size: u64,
     },
     /// No zTOC, and why.
     Skipped {

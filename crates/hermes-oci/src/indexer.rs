@@ -191,24 +191,7 @@ pub fn assemble_index(
     layers: Vec<LayerRecord>,
     build_tool_identifier: &str,
 ) -> Result<IndexResult> {
-    let soci_ztocs: Vec<ZtocRef> = layers
-        .iter()
-        .filter_map(|l| match &l.outcome {
-            LayerOutcome::Indexed {
-                ztoc,
-                ztoc_size,
-                soci_compatible: true,
-                ..
-            } => Some(ZtocRef {
-                ztoc: ztoc.clone(),
-                size: *ztoc_size,
-                layer: l.digest.clone(),
-                layer_media_type: l.media_type.clone(),
-                span_size: span_size_for_layer(span_size, l.size),
-            }),
-            _ => None,
-        })
-        .collect();
+    let soci_ztocs = soci_refs(span_size, &layers);
     let soci_index = if soci_ztocs.is_empty() {
         None
     } else {
@@ -232,6 +215,35 @@ pub fn assemble_index(
         image,
         soci_ztocs,
     })
+}
+
+/// The SOCI index's entries: the layers with a zTOC soci can serve, each annotated with the span
+/// size its zTOC was built with (`span_size` scaled per layer for records that do not say).
+fn soci_refs(span_size: u64, layers: &[LayerRecord]) -> Vec<ZtocRef> {
+    layers
+        .iter()
+        .filter_map(|l| match &l.outcome {
+            LayerOutcome::Indexed {
+                ztoc,
+                ztoc_size,
+                soci_compatible: true,
+                span_size: built_with,
+                ..
+            } => Some(ZtocRef {
+                ztoc: ztoc.clone(),
+                size: *ztoc_size,
+                layer: l.digest.clone(),
+                layer_media_type: l.media_type.clone(),
+                // What the zTOC was built with (a reused zTOC may predate today's scaling).
+                span_size: if *built_with > 0 {
+                    *built_with
+                } else {
+                    span_size_for_layer(span_size, l.size)
+                },
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 fn skipped(layer: &Descriptor, reason: String) -> LayerRecord {
@@ -306,8 +318,9 @@ pub async fn index_layer(
         current: Bytes::new(),
         failure: failure.clone(),
     };
+    let layer_span_size = span_size_for_layer(options.span_size, size);
     let build_options = BuildOptions {
-        span_size: span_size_for_layer(options.span_size, size),
+        span_size: layer_span_size,
         build_tool_identifier: options.build_tool_identifier.clone(),
         compression: Some(match encoding {
             LayerEncoding::Gzip => Compression::Gzip,
@@ -379,6 +392,7 @@ pub async fn index_layer(
             spans: built.span_count,
             entries: built.entries,
             soci_compatible: built.soci_compatible,
+            span_size: layer_span_size,
         },
         ztoc_digest,
         built.ztoc_size,
@@ -392,6 +406,7 @@ struct Counts {
     spans: u32,
     entries: u64,
     soci_compatible: bool,
+    span_size: u64,
 }
 
 impl Counts {
@@ -400,6 +415,7 @@ impl Counts {
             spans: ztoc.span_count(),
             entries: ztoc.entries().len() as u64,
             soci_compatible: ztoc.is_soci_compatible(),
+            span_size: ztoc.span_size(),
         }
     }
 }
@@ -424,6 +440,7 @@ fn indexed(
             seconds,
             reused,
             soci_compatible: counts.soci_compatible,
+            span_size: counts.span_size,
         },
     }
 }
@@ -566,10 +583,54 @@ pub async fn push_soci(
 mod span_tests {
     use super::*;
 
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_soci_index_names_the_span_size_each_ztoc_was_built_with() {
+        let layer = |n: u8, size: u64, span_size: u64, soci_compatible: bool| LayerRecord {
+            digest: Digest::of(&[n]),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            size,
+            outcome: LayerOutcome::Indexed {
+                ztoc: Digest::of(&[n, n]),
+                ztoc_size: 10,
+                spans: 1,
+                entries: 1,
+                seconds: 0.0,
+                reused: true,
+                soci_compatible,
+                span_size,
+            },
+        };
+        let refs = soci_refs(
+            512 * KIB,
+            &[
+                // Reused from a build at another span size: its own.
+                layer(1, 2_000_000_000, 4 * MIB, true),
+                // A record that does not say: the span today's scaling gives the layer.
+                layer(2, 2_000_000_000, 0, true),
+                layer(3, 1_000_000, 0, true),
+                // Not servable by soci: not in its index.
+                layer(4, 1_000_000, 512 * KIB, false),
+            ],
+        );
+        let spans: Vec<(Digest, u64)> = refs
+            .iter()
+            .map(|r| (r.layer.clone(), r.span_size))
+            .collect();
+        assert_eq!(
+            spans,
+            vec![
+                (Digest::of(&[1]), 4 * MIB),
+                (Digest::of(&[2]), 2 * MIB),
+                (Digest::of(&[3]), 512 * KIB),
+            ]
+        );
+    }
+
     #[test]
     fn small_layers_keep_the_requested_span_and_large_ones_stay_near_4096_spans() {
-        const KIB: u64 = 1 << 10;
-        const MIB: u64 = 1 << 20;
         // A Python packages layer of 162 MB and a Debian base: the requested span.
         assert_eq!(span_size_for_layer(512 * KIB, 162_000_000), 512 * KIB);
         assert_eq!(span_size_for_layer(512 * KIB, 30_000_000), 512 * KIB);

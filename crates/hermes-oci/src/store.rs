@@ -648,6 +648,7 @@ mod tests {
                     seconds: 0.0,
                     reused: false,
                     soci_compatible: true,
+                    span_size: 4096,
                 },
             }],
             soci_index,
