@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n== %s (%(%H:%M:%S)T)\n' "$*" -1 >&2; }
+# Each step names the time and the disk left (a CI run once died of a full disk mid-link).
+step() { printf '\n== %s (%(%H:%M:%S)T, %s free)\n' "$*" -1 "$(df -h --output=avail . | tail -n 1 | tr -d ' ')" >&2; }
 
 step "dependencies"
 bash scripts/install-deps.sh
