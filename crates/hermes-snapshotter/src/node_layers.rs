@@ -31,6 +31,16 @@ use crate::sources::{Answer, IndexSources};
 use crate::{Error, Result, Snapshots};
 use hermes_node_api::NodeMode;
 
+/// How long a lazy mount's steps took before its server started (logged with the mount).
+#[derive(Debug, Clone, Copy)]
+struct MountTimings {
+    /// Finding and verifying the zTOC.
+    find: Duration,
+    /// Linking it into the layer's directory, writing the prefetch profile.
+    prepare: Duration,
+    ztoc_bytes: usize,
+}
+
 /// Why a layer was not mounted lazily (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Miss {
@@ -325,6 +335,11 @@ impl NodeLayers {
             write_atomic(&path, &profile).map_err(Error::io("write prefetch profile", &path))?;
         }
         let prepared_at = started.elapsed();
+        let timings = MountTimings {
+            find: found_at,
+            prepare: prepared_at - found_at,
+            ztoc_bytes: found.bytes.len(),
+        };
         let served = ServedLayer {
             layer: digest.to_string(),
             image: image.clone(),
@@ -333,15 +348,8 @@ impl NodeLayers {
             mode: behaviour.mode.as_str().to_owned(),
             fully_local_within_secs: behaviour.fully_local_within.map(|d| d.as_secs()),
         };
-        match self.start_server(&dir, served) {
-            Ok(()) => {
-                info!(layer = %digest, ztoc_bytes = found.bytes.len(),
-                    find_ms = found_at.as_millis() as u64,
-                    prepare_ms = (prepared_at - found_at).as_millis() as u64,
-                    mount_ms = (started.elapsed() - prepared_at).as_millis() as u64,
-                    "lazy mount timings");
-                Ok(Some(mnt))
-            }
+        match self.start_server(&dir, served, Some(timings)) {
+            Ok(()) => Ok(Some(mnt)),
             Err(e) => {
                 self.miss(Miss::MountFailed);
                 *why = fallback(&format!(
@@ -367,7 +375,15 @@ impl NodeLayers {
     }
 
     /// Starts a layer server for the layer in `dir` and waits until its mount is up.
-    fn start_server(&self, dir: &Path, mut served: ServedLayer) -> Result<()> {
+    /// Starts `served`'s layer server and waits for its mount; `timings` of the steps before it,
+    /// for the log (none for a re-mount).
+    fn start_server(
+        &self,
+        dir: &Path,
+        mut served: ServedLayer,
+        timings: Option<MountTimings>,
+    ) -> Result<()> {
+        let started = Instant::now();
         let mnt = dir.join("mnt");
         let fail = |message: String| Error::Mount {
             layer: served.layer.clone(),
@@ -479,7 +495,12 @@ impl NodeLayers {
             let _ = child.wait();
         });
         self.mounts.fetch_add(1, Ordering::Relaxed);
-        info!(layer = %served.layer, pid = served.pid, mount = %mnt.display(), "lazy layer served");
+        info!(layer = %served.layer, pid = served.pid, mount = %mnt.display(),
+            find_ms = timings.map(|t| t.find.as_millis() as u64),
+            prepare_ms = timings.map(|t| t.prepare.as_millis() as u64),
+            mount_ms = started.elapsed().as_millis() as u64,
+            ztoc_bytes = timings.map(|t| t.ztoc_bytes),
+            "lazy layer served");
         Ok(())
     }
 
@@ -539,7 +560,7 @@ impl NodeLayers {
                 continue;
             }
             let outcome = match read_state(&dir) {
-                Some(state) => self.start_server(&dir, state),
+                Some(state) => self.start_server(&dir, state, None),
                 None => Err(Error::Mount {
                     layer: dir.display().to_string(),
                     message: "no layer state to mount it again from".into(),

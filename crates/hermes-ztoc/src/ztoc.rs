@@ -310,11 +310,7 @@ impl Ztoc {
     /// caller that only needs the size of a zTOC it validated before (or that a server will
     /// validate when it opens it). Nothing else is checked; hostile input gives an error.
     pub fn peek_uncompressed_size(buf: &[u8]) -> Result<u64> {
-        let root = Table::root(buf)?;
-        non_negative(
-            root.i64(3, 0, "uncompressed archive size")?,
-            "uncompressed archive size",
-        )
+        uncompressed_size(&Table::root(buf)?)
     }
 
     /// Open a zTOC file for reading spans: parsed and validated as [`Ztoc::from_bytes`], but its
@@ -351,10 +347,7 @@ impl Ztoc {
             root.i64(2, 0, "compressed archive size")?,
             "compressed archive size",
         )?;
-        let uncompressed_archive_size = non_negative(
-            root.i64(3, 0, "uncompressed archive size")?,
-            "uncompressed archive size",
-        )?;
+        let uncompressed_archive_size = uncompressed_size(&root)?;
         let entries = match root.table(4, "toc")? {
             None => Vec::new(),
             Some(toc) => {
@@ -691,6 +684,14 @@ fn read_entry(t: &Table<'_>, index: usize, budget: &mut Budget) -> Result<Entry>
 
 fn utf8(b: Vec<u8>, what: &'static str) -> Result<String> {
     String::from_utf8(b).map_err(|_| Error::Malformed { at: 0, what })
+}
+
+/// The root table's uncompressed archive size (field 3).
+fn uncompressed_size(root: &Table<'_>) -> Result<u64> {
+    non_negative(
+        root.i64(3, 0, "uncompressed archive size")?,
+        "uncompressed archive size",
+    )
 }
 
 fn non_negative(v: i64, what: &'static str) -> Result<u64> {
